@@ -1,0 +1,5 @@
+import sys
+
+from cryptfs.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Local state in the cache directory: encrypted staging of dirty files (and its journal)."""

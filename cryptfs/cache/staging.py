@@ -1,0 +1,215 @@
+"""Encrypted staging of dirty files in the cache directory (docs/FORMAT.md §5).
+
+A dirty file lives in ``<cache>/staging/<file-id>.data`` until it is uploaded.  The data file is
+a sequence of fixed slots, one per plaintext chunk: ``nonce(12) ‖ AES-GCM(chunk) ‖ tag(16)``
+with a fresh random nonce on every write of a slot and AAD = file id ‖ slot index, under a key
+derived from the volume's cache key and a per-staging random salt.  A slot whose nonce is all
+zero is a hole (reads as zeros).  A stolen cache disk therefore reveals neither content nor
+names.  ``<file-id>.journal`` holds, sealed under the same key family, what is needed to finish
+the upload after a crash: path, attributes, wrapped data key, size and the ETag the upload
+expects to replace.
+
+Owns: the staging directory.  Synchronous local I/O only.
+Must not import: store, fs, fuse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cryptfs.crypto import GCM_NONCE, GCM_TAG, Aead, Secret, hkdf, random_bytes
+from cryptfs.errors import IntegrityError, NoSpace
+from cryptfs.format.names import b64d, b64e
+
+log = logging.getLogger(__name__)
+_SLOT_OVERHEAD = GCM_NONCE + GCM_TAG
+_ZERO_NONCE = bytes(GCM_NONCE)
+
+
+def _io(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace("cache directory is full") from None
+        raise
+
+
+class StagedFile:
+    """Random-access encrypted scratch file holding one dirty file's plaintext."""
+
+    def __init__(self, area: StagingArea, file_id: bytes, salt: bytes, size: int) -> None:
+        self.area = area
+        self.file_id = file_id
+        self.salt = salt
+        self.size = size
+        self.chunk = area.chunk
+        self._slot = self.chunk + _SLOT_OVERHEAD
+        self._aead = Aead(hkdf(area.key, file_id + salt, b"cryptfs/v1/staging"))
+        self.path = area.root / (file_id.hex() + ".data")
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        self._fd: int = _io(os.open, self.path, flags, 0o600)
+
+    def _aad(self, i: int) -> bytes:
+        return self.file_id + i.to_bytes(8, "big")
+
+    def read_chunk(self, i: int) -> bytes:
+        """Plaintext of chunk ``i`` (full chunk size, zero-padded past EOF)."""
+        raw = os.pread(self._fd, self._slot, i * self._slot)
+        if len(raw) < self._slot or raw[:GCM_NONCE] == _ZERO_NONCE:
+            return bytes(self.chunk)
+        try:
+            return self._aead.open(raw[:GCM_NONCE], raw[GCM_NONCE:], self._aad(i))
+        except IntegrityError:
+            raise IntegrityError(f"staged chunk {i} of {self.path.name} is corrupt") from None
+
+    def write_chunk(self, i: int, plaintext: bytes) -> None:
+        assert len(plaintext) == self.chunk
+        nonce = random_bytes(GCM_NONCE)
+        while nonce == _ZERO_NONCE:  # pragma: no cover - 2^-96
+            nonce = random_bytes(GCM_NONCE)
+        sealed = nonce + self._aead.seal(nonce, plaintext, self._aad(i))
+        n = _io(os.pwrite, self._fd, sealed, i * self._slot)
+        if n != len(sealed):
+            raise NoSpace("short write to the cache directory")
+
+    def read(self, offset: int, length: int) -> bytes:
+        end = min(self.size, offset + length)
+        if offset >= end:
+            return b""
+        c = self.chunk
+        out = bytearray()
+        for i in range(offset // c, (end - 1) // c + 1):
+            data = self.read_chunk(i)
+            lo = max(offset, i * c) - i * c
+            hi = min(end, (i + 1) * c) - i * c
+            out += data[lo:hi]
+        return bytes(out)
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        c = self.chunk
+        view = memoryview(data)
+        end = offset + len(view)
+        pos = offset
+        while pos < end:
+            i = pos // c
+            lo = pos - i * c
+            hi = min(c, end - i * c)
+            if lo == 0 and hi == c:
+                buf = bytes(view[pos - offset : pos - offset + c])
+            else:
+                cur = bytearray(self.read_chunk(i)) if i * c < self.size else bytearray(c)
+                cur[lo:hi] = view[pos - offset : pos - offset + (hi - lo)]
+                buf = bytes(cur)
+            self.write_chunk(i, buf)
+            pos = i * c + hi
+        self.size = max(self.size, end)
+
+    def truncate(self, size: int) -> None:
+        c = self.chunk
+        if size < self.size and size % c:
+            i = size // c
+            cur = bytearray(self.read_chunk(i))
+            cur[size - i * c :] = bytes(c - (size - i * c))
+            self.write_chunk(i, bytes(cur))
+        _io(os.ftruncate, self._fd, -(-size // c) * self._slot)
+        self.size = size
+
+    def iter_chunks(self) -> Iterator[bytes]:
+        """Plaintext chunks of the current size, the last one short."""
+        c = self.chunk
+        n = max(1, -(-self.size // c))
+        for i in range(n):
+            data = self.read_chunk(i)
+            yield data[: min(c, self.size - i * c)] if self.size else b""
+
+    def fsync(self) -> None:
+        _io(os.fsync, self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    # -- journal --------------------------------------------------------------------------
+
+    @property
+    def journal_path(self) -> Path:
+        return self.area.root / (self.file_id.hex() + ".journal")
+
+    def save_journal(self, record: dict[str, Any]) -> None:
+        """Atomically replace the journal (fsync of data, journal and directory)."""
+        record = dict(record, size=self.size, salt=b64e(self.salt))
+        blob = self.area.seal_journal(self.file_id, record)
+        tmp = self.journal_path.with_suffix(".tmp")
+        fd = _io(os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _io(os.write, fd, blob)
+            _io(os.fsync, fd)
+        finally:
+            os.close(fd)
+        self.fsync()
+        os.replace(tmp, self.journal_path)
+        self.area.fsync_dir()
+
+    def remove(self) -> None:
+        self.close()
+        for p in (self.path, self.journal_path):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
+class StagingArea:
+    def __init__(self, root: Path, cache_key: Secret, chunk: int) -> None:
+        self.root = root
+        self.key = cache_key
+        self.chunk = chunk
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(root, 0o700)
+        self._journal_aead = Aead(hkdf(cache_key, b"", b"cryptfs/v1/journal"))
+
+    def create(self, file_id: bytes) -> StagedFile:
+        sf = StagedFile(self, file_id, random_bytes(16), 0)
+        _io(os.ftruncate, sf._fd, 0)
+        return sf
+
+    def seal_journal(self, file_id: bytes, record: dict[str, Any]) -> bytes:
+        data = json.dumps(record, sort_keys=True).encode()
+        return self._journal_aead.seal_random(data, b"cryptfs/v1/journal\0" + file_id)
+
+    def fsync_dir(self) -> None:
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def recover(self) -> list[tuple[StagedFile, dict[str, Any]]]:
+        """Staged files left by an earlier run, with their journals; strays are removed."""
+        found = []
+        for jp in sorted(self.root.glob("*.journal")):
+            try:
+                file_id = bytes.fromhex(jp.stem)
+                rec = json.loads(
+                    self._journal_aead.open_random(
+                        jp.read_bytes(), b"cryptfs/v1/journal\0" + file_id
+                    )
+                )
+                sf = StagedFile(self, file_id, b64d(rec["salt"]), int(rec["size"]))
+            except (ValueError, KeyError, IntegrityError, OSError) as e:
+                log.error("staged file %s cannot be recovered (%s); kept for inspection", jp, e)
+                continue
+            found.append((sf, rec))
+        known = {sf.path for sf, _ in found} | {sf.journal_path for sf, _ in found}
+        for p in self.root.glob("*.data"):
+            if p not in known and not p.with_suffix(".journal").exists():
+                log.info("removing staged data %s that was never closed (no journal)", p.name)
+                p.unlink()
+        return found

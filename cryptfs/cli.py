@@ -1,0 +1,307 @@
+"""Command line: ``cryptfs init | mount | umount``.
+
+Secrets are never taken from the command line: keys and passphrases come from files (mode
+0600).  Errors print one line (no traceback) and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from cryptfs import __version__
+from cryptfs.errors import CryptfsError, UsageError
+from cryptfs.format.volume import (
+    KeySource,
+    create_key_file,
+    read_key_file,
+    read_passphrase_file,
+)
+
+log = logging.getLogger("cryptfs")
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().rstrip("ib").rstrip("b")
+    mult = units.get(t[-1:], 1)
+    if t[-1:] in units:
+        t = t[:-1]
+    try:
+        return int(t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
+    p.add_argument("--region", help="S3 region (default: from the AWS config, else us-east-1)")
+    p.add_argument("--ca-bundle", type=Path, help="CA bundle for a private TLS endpoint")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cryptfs", description="Client-side encrypted S3 mount")
+    ap.add_argument("--version", action="version", version=f"cryptfs {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("init", help="create an encrypted volume in a bucket")
+    p.add_argument("location", help="s3://BUCKET[/PREFIX]")
+    p.add_argument("--key-file", type=Path, help="key file (created with a new key if missing)")
+    p.add_argument("--passphrase-file", type=Path, help="file holding a passphrase")
+    p.add_argument("--chunk-size", type=_size, default=64 << 10, help="default 64K")
+    p.add_argument("--plaintext-names", action="store_true", help="do not encrypt names")
+    _common(p)
+
+    p = sub.add_parser("mount", help="mount a volume")
+    p.add_argument("location")
+    p.add_argument("mountpoint", type=Path)
+    p.add_argument("--key-file", type=Path)
+    p.add_argument("--passphrase-file", type=Path)
+    p.add_argument("--cache-dir", type=Path)
+    p.add_argument("--foreground", "-f", action="store_true")
+    p.add_argument("-o", dest="options", action="append", default=[], help="FUSE/mount options")
+    p.add_argument("--writeback-delay", type=float, default=2.0, help="seconds (default 2)")
+    p.add_argument("--metadata-ttl", type=float, default=10.0, help="seconds (default 10)")
+    p.add_argument("--log-file", type=Path, help="daemon log (default: in the cache dir)")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    _common(p)
+
+    p = sub.add_parser("umount", help="upload pending data, then unmount")
+    p.add_argument("mountpoint", type=Path)
+    p.add_argument("--timeout", type=float, default=3600.0)
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    return ap
+
+
+def _s3_options(args: Any) -> Any:
+    from cryptfs.store.s3 import S3Options
+
+    endpoint = args.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+    verify: bool | str = str(args.ca_bundle) if args.ca_bundle else True
+    return S3Options(endpoint_url=endpoint, region=args.region, verify=verify)
+
+
+def _key_source(args: Any, *, create: bool = False) -> KeySource:
+    src = KeySource()
+    if args.key_file is not None:
+        if create and not args.key_file.exists():
+            src.keyfile = create_key_file(args.key_file)
+            print(f"created new key file {args.key_file} (mode 0600) — back it up", file=sys.stderr)
+        else:
+            src.keyfile = read_key_file(args.key_file)
+    if args.passphrase_file is not None:
+        src.passphrase = read_passphrase_file(args.passphrase_file)
+    if src.keyfile is None and src.passphrase is None:
+        raise UsageError("give --key-file or --passphrase-file (keys are never taken from argv)")
+    return src
+
+
+def cmd_init(args: Any) -> int:
+    from cryptfs.format.volume import CONFIG_NAME
+    from cryptfs.fs.volume import Volume
+    from cryptfs.store.s3 import S3Location, open_s3_store
+
+    loc = S3Location.parse(args.location)
+    c = args.chunk_size
+    if c & (c - 1) or not 1 << 12 <= c <= 1 << 24:
+        raise UsageError("--chunk-size must be a power of two between 4K and 16M")
+    if args.key_file is None and args.passphrase_file is None:
+        raise UsageError("give --key-file or --passphrase-file (keys are never taken from argv)")
+    s3opts = _s3_options(args)
+
+    async def main() -> None:
+        async with open_s3_store(loc, s3opts) as store:
+            source = _key_source(args, create=True)
+            first = KeySource(keyfile=source.keyfile) if source.keyfile else source
+            vol, vmk = await Volume.create(
+                store, first, chunk_log2=c.bit_length() - 1, encrypt_names=not args.plaintext_names
+            )
+            if source.keyfile is not None and source.passphrase is not None:
+                _info = await store.head(CONFIG_NAME)
+                vol.config.add_slot(vmk, KeySource(passphrase=source.passphrase))
+                await store.put(CONFIG_NAME, vol.config.to_bytes(vmk), {}, if_match=_info.etag)
+        print(f"created cryptfs volume at {loc}")
+
+    trio.run(main)
+    return 0
+
+
+def _setup_logging(verbose: int, log_file: Path | None) -> None:
+    level = (
+        logging.DEBUG if verbose > 1 else logging.INFO if verbose or log_file else logging.WARNING
+    )
+    if os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(levelname)s %(name)s: %(message)s"
+    else:
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler: logging.Handler
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        handler = logging.FileHandler(log_file)
+        os.chmod(log_file, 0o600)
+    else:
+        handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("botocore", "aiobotocore", "urllib3", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_mount(args: Any) -> int:
+    from cryptfs.daemon import MountConfig, check_mountpoint, default_cache_dir, run_mount
+    from cryptfs.fs.filesystem import Options
+    from cryptfs.store.s3 import S3Location
+
+    loc = S3Location.parse(args.location)
+    mp = args.mountpoint.absolute()
+    cache_dir = (args.cache_dir or default_cache_dir()).absolute()
+    source = _key_source(args)  # validates key files before daemonising
+    check_mountpoint(mp)
+    opts = [o for group in args.options for o in group.split(",")]
+    if not args.foreground:
+        return _spawn_daemon(args, cache_dir)
+
+    ready_fd = args.ready_fd
+    cfg = MountConfig(
+        location=loc,
+        mountpoint=mp,
+        source=source,
+        s3=_s3_options(args),
+        cache_dir=cache_dir,
+        fuse_options=opts,
+        fs=Options(writeback_delay=args.writeback_delay, metadata_ttl=args.metadata_ttl),
+    )
+
+    def ready() -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, b"OK\n")
+            os.close(ready_fd)
+
+    try:
+        left = trio.run(run_mount, cfg, ready)
+    except CryptfsError as e:
+        if ready_fd is not None:
+            os.write(ready_fd, f"ERR {e}\n".encode())
+        raise
+    return 0 if left == 0 else 3
+
+
+def _spawn_daemon(args: Any, cache_dir: Path) -> int:
+    log_file = (args.log_file or cache_dir / "cryptfs.log").absolute()
+    argv = [sys.executable, "-m", "cryptfs", *sys.argv[1:], "--foreground"]
+    if args.log_file is None:
+        argv += ["--log-file", str(log_file)]
+    r, w = os.pipe()
+    argv += ["--ready-fd", str(w)]
+    cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    proc = subprocess.Popen(
+        argv,
+        pass_fds=(w,),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd="/",
+    )
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        msg = f.readline().decode(errors="replace").strip()
+    if msg == "OK":
+        print(f"mounted {args.location} at {args.mountpoint.absolute()} (pid {proc.pid})")
+        return 0
+    rc = proc.wait()
+    if msg.startswith("ERR "):
+        print(f"cryptfs: {msg[4:]}", file=sys.stderr)
+    else:
+        print(f"cryptfs: mount failed (daemon exit {rc}); see {log_file}", file=sys.stderr)
+    return 1
+
+
+def cmd_umount(args: Any) -> int:
+    import json
+
+    from cryptfs.daemon import state_file
+
+    mp = args.mountpoint.absolute()
+    pidfile = state_file(mp, "pid")
+    statusfile = state_file(mp, "status")
+    pid = None
+    if pidfile.exists():
+        try:
+            pid = int(pidfile.read_text().strip())
+        except ValueError:
+            pid = None
+    r = subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise UsageError(f"cannot unmount {mp}: {r.stderr.strip() or 'fusermount3 failed'}")
+    if pid is None:
+        return 0
+    deadline = time.monotonic() + args.timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise UsageError(f"daemon {pid} still uploading after {args.timeout:.0f} s")
+        _pause(0.05)
+    try:
+        status = json.loads(statusfile.read_text())
+    except (OSError, ValueError):
+        return 0
+    left = int(status.get("pending", 0))
+    if left:
+        print(
+            f"cryptfs: {left} file(s) could not be uploaded; they stay staged and are uploaded"
+            " at the next mount",
+            file=sys.stderr,
+        )
+        return 3
+    return 0
+
+
+def _pause(seconds: float) -> None:
+    trio.run(trio.sleep, seconds)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie of ours is not alive
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"
+    except OSError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log_file = getattr(args, "log_file", None) if getattr(args, "foreground", False) else None
+    _setup_logging(args.verbose, log_file)
+    try:
+        if args.cmd == "init":
+            return cmd_init(args)
+        if args.cmd == "mount":
+            return cmd_mount(args)
+        return cmd_umount(args)
+    except CryptfsError as e:
+        print(f"cryptfs: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The composition root of a mount: builds store, volume, filesystem and FUSE adapter, owns the
+trio nursery, handles signals and readiness.
+
+Resource handling:
+    The mount is torn down in ``finally`` (``pyfuse3.close``); after it, every dirty file is
+    uploaded (bounded by ``flush_timeout``); whatever could not be uploaded stays staged with a
+    journal and is uploaded by the next mount.
+Error handling:
+    A first SIGTERM/SIGINT unmounts gracefully and flushes; a second one abandons the flush
+    (staged data is kept) and exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from cryptfs.cache.staging import StagingArea
+from cryptfs.errors import UsageError
+from cryptfs.format.volume import KeySource
+from cryptfs.fs.filesystem import Filesystem, Options
+from cryptfs.fs.volume import Volume
+from cryptfs.fuse.ops import Operations, mount_options
+from cryptfs.store.s3 import S3Location, S3Options, open_s3_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MountConfig:
+    location: S3Location
+    mountpoint: Path
+    source: KeySource
+    s3: S3Options
+    cache_dir: Path
+    fuse_options: list[str] = field(default_factory=list)
+    fs: Options = field(default_factory=Options)
+    flush_timeout: float = 600.0
+
+
+def runtime_dir() -> Path:
+    if os.getuid() == 0:
+        return Path("/run/cryptfs")
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/cryptfs-{os.getuid()}"  # noqa: S108
+    return Path(base) / "cryptfs"
+
+
+def state_file(mountpoint: Path, suffix: str) -> Path:
+    digest = hashlib.sha256(str(mountpoint.resolve()).encode()).hexdigest()[:24]
+    return runtime_dir() / f"{digest}.{suffix}"
+
+
+def default_cache_dir() -> Path:
+    if os.getuid() == 0:
+        return Path("/var/cache/cryptfs")
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cryptfs"
+
+
+def check_mountpoint(mp: Path) -> None:
+    if not mp.exists():
+        raise UsageError(f"mount point {mp} does not exist")
+    if not mp.is_dir():
+        raise UsageError(f"mount point {mp} is not a directory")
+    if os.path.ismount(mp):
+        raise UsageError(f"{mp} is already a mount point")
+    if any(mp.iterdir()):
+        raise UsageError(f"mount point {mp} is not empty")
+
+
+def sd_notify(message: str) -> None:
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
+        s.sendto(message.encode(), addr)
+
+
+def _lock_cache(volume_dir: Path) -> int:
+    volume_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(volume_dir, 0o700)
+    fd = os.open(volume_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(
+            f"cache directory {volume_dir} is in use by another mount of this volume"
+        ) from None
+    return fd
+
+
+async def run_mount(cfg: MountConfig, ready: Callable[[], None]) -> int:
+    """Mount and serve until unmounted; returns the number of files left staged."""
+    check_mountpoint(cfg.mountpoint)
+    async with open_s3_store(cfg.location, cfg.s3) as store:
+        volume = await Volume.open(store, cfg.source)
+        vdir = cfg.cache_dir / volume.volume_id.hex()
+        cfg.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock_fd = _lock_cache(vdir)
+        try:
+            staging = StagingArea(vdir / "staging", volume.keys.cache, volume.chunk)
+            fs = Filesystem(volume, staging, cfg.fs, key_prefix=cfg.location.prefix)
+            await fs.ensure_root()
+            recovered = await fs.recover()
+            if recovered:
+                log.info("uploaded %d file(s) staged by an earlier run", recovered)
+            return await _serve(cfg, fs, ready)
+        finally:
+            os.close(lock_fd)
+
+
+async def _serve(cfg: MountConfig, fs: Filesystem, ready: Callable[[], None]) -> int:
+    ops = Operations(fs)
+    # never touch the mount point from this process once mounted: the kernel would ask us
+    # (the only FUSE server) before the main loop runs, and deadlock
+    pidfile = state_file(cfg.mountpoint, "pid")
+    statusfile = state_file(cfg.mountpoint, "status")
+    pidfile.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    statusfile.unlink(missing_ok=True)
+    pidfile.write_text(f"{os.getpid()}\n")
+    pyfuse3.init(ops, str(cfg.mountpoint), mount_options(str(cfg.location), cfg.fuse_options))
+    force = trio.CancelScope()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fs.serve_writeback)
+            nursery.start_soon(_watch_signals, force)
+            log.info("mounted %s at %s", cfg.location, cfg.mountpoint)
+            ready()
+            sd_notify("READY=1")
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel(reason="filesystem unmounted")
+    finally:
+        pyfuse3.close(unmount=True)
+    sd_notify("STOPPING=1")
+    pending = len(fs.pending())
+    left = pending
+    if pending:
+        log.info("unmounted; uploading %d pending file(s)", pending)
+        with force, trio.move_on_after(cfg.flush_timeout):
+            left = len(await fs.flush_all())
+    statusfile.write_text(json.dumps({"pending": left}) + "\n")
+    pidfile.unlink(missing_ok=True)
+    if left:
+        log.warning("%d file(s) not uploaded; kept staged, uploaded at the next mount", left)
+    else:
+        log.info("unmounted cleanly; nothing pending")
+    return left
+
+
+async def _watch_signals(force: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        count = 0
+        async for sig in signals:
+            count += 1
+            if count == 1:
+                log.info("signal %d: unmounting and flushing (again to abandon the flush)", sig)
+                pyfuse3.terminate()
+            else:
+                log.warning("second signal: abandoning the flush; staged data is kept")
+                force.cancel()
+                return

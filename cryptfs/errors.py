@@ -1,0 +1,145 @@
+"""The one exception tree of cryptfs.
+
+Lower layers raise these domain errors, never raw errno values; the FUSE adapter maps each
+leaf to exactly one errno (``cryptfs.fuse.ops.ERRNO_OF``, checked exhaustively by a test) and
+the CLI turns them into one-line messages.  Messages never contain key material.
+
+::
+
+    CryptfsError
+    ├── UsageError                 bad CLI input, missing files, wrong modes
+    ├── VolumeError
+    │   ├── VolumeNotFound         no volume config at that location
+    │   ├── VolumeExists           init over an existing volume
+    │   ├── WrongKey               no keyslot opens with the given key / passphrase
+    │   └── UnsupportedFormat      a newer or unknown format/suite/flag
+    ├── IntegrityError             authentication failed: tampered, truncated, foreign (EIO)
+    ├── StoreError                 the object store failed
+    │   ├── NotFound               object does not exist
+    │   ├── PreconditionFailed     conditional request lost (another writer)
+    │   ├── BucketNotFound
+    │   ├── AccessDenied           credentials missing or refused
+    │   ├── KeyTooLong             the server rejected the object key's length
+    │   └── StoreUnavailable       endpoint unreachable / timed out after retries
+    └── FsError                    POSIX-level refusals of the filesystem layer
+        ├── NoEntry, Exists, NotEmpty, NotDir, IsDir, NameTooLong,
+        ├── NotSupported, Invalid, NoSpace, CrossDevice, Busy, NotPermitted, NoAttr
+"""
+
+from __future__ import annotations
+
+
+class CryptfsError(Exception):
+    """Base of every error cryptfs raises on purpose."""
+
+
+class UsageError(CryptfsError):
+    """The user asked for something that cannot be done as asked."""
+
+
+class VolumeError(CryptfsError):
+    pass
+
+
+class VolumeNotFound(VolumeError):
+    pass
+
+
+class VolumeExists(VolumeError):
+    pass
+
+
+class WrongKey(VolumeError):
+    pass
+
+
+class UnsupportedFormat(VolumeError):
+    pass
+
+
+class IntegrityError(CryptfsError):
+    """Authentication of stored data failed. Final: never retried, never served partially."""
+
+
+class StoreError(CryptfsError):
+    pass
+
+
+class NotFound(StoreError):
+    pass
+
+
+class PreconditionFailed(StoreError):
+    pass
+
+
+class BucketNotFound(StoreError):
+    pass
+
+
+class AccessDenied(StoreError):
+    pass
+
+
+class KeyTooLong(StoreError):
+    pass
+
+
+class StoreUnavailable(StoreError):
+    pass
+
+
+class FsError(CryptfsError):
+    pass
+
+
+class NoEntry(FsError):
+    pass
+
+
+class Exists(FsError):
+    pass
+
+
+class NotEmpty(FsError):
+    pass
+
+
+class NotDir(FsError):
+    pass
+
+
+class IsDir(FsError):
+    pass
+
+
+class NameTooLong(FsError):
+    pass
+
+
+class NotSupported(FsError):
+    pass
+
+
+class Invalid(FsError):
+    pass
+
+
+class NoSpace(FsError):
+    pass
+
+
+class CrossDevice(FsError):
+    pass
+
+
+class Busy(FsError):
+    pass
+
+
+class NotPermitted(FsError):
+    """The operation is refused by design (hard links): EPERM."""
+
+
+class NoAttr(FsError):
+    """No such extended attribute."""

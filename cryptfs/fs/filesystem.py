@@ -1,0 +1,1431 @@
+"""The FUSE-independent filesystem: inodes, namespace, attributes, reads, writes, write-back.
+
+Owns: the inode table (a cache of the bucket's tree), open handles, the decrypted-chunk LRU,
+the write-back service and crash recovery of staged files.
+Must not import: pyfuse3 (the ``fuse`` package adapts this class to the kernel).
+
+Lock order (docs/CONCURRENCY.md): ``ns`` (shared, or exclusive for directory renames) before
+any ``Node.lock``; several node locks are taken in inode order.  Every S3 mutation of a node
+happens under its ``Node.lock``, so an upload never races a rename or unlink of that node.
+
+Error handling:
+    Store and integrity errors propagate as ``cryptfs.errors`` types; integrity failures are
+    logged here with the object key and never retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from cryptfs.cache.staging import StagedFile, StagingArea
+from cryptfs.crypto import Secret, random_bytes
+from cryptfs.errors import (
+    CryptfsError,
+    Exists,
+    IntegrityError,
+    Invalid,
+    IsDir,
+    KeyTooLong,
+    NameTooLong,
+    NoAttr,
+    NoEntry,
+    NotDir,
+    NotEmpty,
+    NotFound,
+    NotPermitted,
+    NotSupported,
+    PreconditionFailed,
+    StoreError,
+    UnsupportedFormat,
+)
+from cryptfs.format.body import (
+    HEADER_SIZE,
+    BodyCipher,
+    chunk_count,
+    chunk_span,
+    chunks_for_range,
+    plain_size,
+)
+from cryptfs.format.keys import LOCAL_KID, new_dek
+from cryptfs.format.meta import (
+    KIND_DIR,
+    KIND_FILE,
+    KIND_LINK,
+    Attrs,
+    ObjectMeta,
+    decode_meta,
+    encode_meta,
+)
+from cryptfs.format.names import b64d, b64e
+from cryptfs.format.volume import CONFIG_NAME
+from cryptfs.fs.locks import RWLock
+from cryptfs.fs.volume import MARKER, Volume
+from cryptfs.store.base import ObjectInfo
+
+log = logging.getLogger(__name__)
+
+ROOT_INO = 1
+MAX_KEY = 1024
+SYMLINK_MAX = 4095
+
+
+def _join(parent: bytes, name: bytes) -> bytes:
+    return (parent if parent != b"/" else b"") + b"/" + name
+
+
+def _now_ns() -> int:
+    return time.time_ns()
+
+
+@dataclass
+class Options:
+    writeback_delay: float = 2.0
+    metadata_ttl: float = 10.0
+    memory_cache_bytes: int = 64 << 20
+    max_readahead: int = 8 << 20
+    multipart_threshold: int = 16 << 20
+    part_size: int = 8 << 20
+    upload_concurrency: int = 4
+    meta_concurrency: int = 32
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+
+
+@dataclass(frozen=True)
+class Stat:
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    blksize: int
+
+
+@dataclass(eq=False)
+class Node:
+    ino: int
+    parent: Node | None
+    name: bytes
+    attrs: Attrs
+    file_id: bytes
+    wrapped_dek: bytes | None = None
+    remote_etag: str | None = None  # ETag of our object in S3, None if not there (yet)
+    children: dict[bytes, Node] | None = None  # directories: known entries
+    listed_at: float = -1e18  # trio time when ``children`` was last complete
+    refreshed_at: float = 0.0
+    lookups: int = 0
+    open_count: int = 0
+    writers: int = 0
+    stage: StagedFile | None = None
+    meta_dirty: bool = False
+    change: int = 0  # bumped on every local modification
+    unlinked: bool = False
+    dek: Secret | None = None
+    cipher: BodyCipher | None = None
+    cipher_etag: str | None = None
+    target: bytes | None = None  # symlinks
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    @property
+    def kind(self) -> str:
+        return self.attrs.kind
+
+    @property
+    def is_dir(self) -> bool:
+        return self.attrs.kind == KIND_DIR
+
+    @property
+    def dirty(self) -> bool:
+        return self.stage is not None or self.meta_dirty
+
+
+@dataclass
+class Handle:
+    fh: int
+    node: Node
+    writable: bool
+    next_offset: int = 0
+    window: int = 0
+
+
+class ChunkCache:
+    """Decrypted chunks in memory, LRU bounded by bytes, keyed by (file id, salt, index)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._d: OrderedDict[tuple[bytes, bytes, int], bytes] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[bytes, bytes, int]) -> bytes | None:
+        v = self._d.get(key)
+        if v is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._d.move_to_end(key)
+        return v
+
+    def put(self, key: tuple[bytes, bytes, int], value: bytes) -> None:
+        old = self._d.pop(key, None)
+        if old is not None:
+            self.used -= len(old)
+        self._d[key] = value
+        self.used += len(value)
+        while self.used > self.limit and self._d:
+            _, v = self._d.popitem(last=False)
+            self.used -= len(v)
+
+    def clear(self) -> None:
+        self._d.clear()
+        self.used = 0
+
+
+class Filesystem:
+    def __init__(
+        self,
+        volume: Volume,
+        staging: StagingArea,
+        options: Options | None = None,
+        *,
+        key_prefix: str = "",
+    ) -> None:
+        self.vol = volume
+        self._key_budget = MAX_KEY - len(key_prefix.encode())
+        self.store = volume.store
+        self.staging = staging
+        self.opt = options or Options()
+        self.chunk = volume.chunk
+        self.ns = RWLock()
+        self.cache = ChunkCache(self.opt.memory_cache_bytes)
+        self._meta_limit = trio.CapacityLimiter(self.opt.meta_concurrency)
+        self._upload_limit = trio.CapacityLimiter(self.opt.upload_concurrency)
+        self._next_ino = ROOT_INO + 1
+        self._next_fh = 1
+        self.handles: dict[int, Handle] = {}
+        self._due: dict[Node, float] = {}
+        self._wake = trio.Event()
+        self._retry: dict[Node, float] = {}
+        self.integrity_failures = 0
+        now = _now_ns()
+        root_attrs = Attrs(KIND_DIR, 0o755, self.opt.uid, self.opt.gid, now, now, now)
+        self.root = Node(ROOT_INO, None, b"", root_attrs, bytes(16))
+        self.root.children = {}
+        self.inodes: dict[int, Node] = {ROOT_INO: self.root}
+
+    # ------------------------------------------------------------------ paths and keys
+
+    def path(self, node: Node) -> bytes:
+        parts = []
+        n: Node | None = node
+        while n is not None and n.parent is not None:
+            parts.append(n.name)
+            n = n.parent
+        return b"/" + b"/".join(reversed(parts))
+
+    def _component(self, parent: Node, name: bytes) -> tuple[str, str | None]:
+        return self.vol.names.encode(self.path(parent), name)
+
+    def dir_prefix(self, node: Node) -> str:
+        if node.parent is None:
+            return ""
+        comp, _ = self._component(node.parent, node.name)
+        return self.dir_prefix(node.parent) + comp + "/"
+
+    def _key_for(self, parent: Node, name: bytes, kind: str) -> tuple[str, str | None]:
+        comp, long_name = self._component(parent, name)
+        key = self.dir_prefix(parent) + comp + ("/" + MARKER if kind == KIND_DIR else "")
+        if len(key.encode()) > self._key_budget:
+            raise NameTooLong("path too long for an S3 key once encrypted")
+        return key, long_name
+
+    def object_key(self, node: Node) -> tuple[str, str | None]:
+        if node.parent is None:
+            return MARKER, None
+        return self._key_for(node.parent, node.name, node.kind)
+
+    # ------------------------------------------------------------------ inode table
+
+    def _new_node(self, parent: Node, name: bytes, attrs: Attrs, file_id: bytes) -> Node:
+        node = Node(self._next_ino, parent, name, attrs, file_id)
+        self._next_ino += 1
+        self.inodes[node.ino] = node
+        if attrs.kind == KIND_DIR:
+            node.children = None
+        return node
+
+    def node(self, ino: int) -> Node:
+        try:
+            return self.inodes[ino]
+        except KeyError:
+            raise NoEntry(f"stale inode {ino}") from None
+
+    def stat(self, node: Node) -> Stat:
+        a = node.attrs
+        size = node.stage.size if node.stage is not None else a.size
+        if node.kind == KIND_LINK and node.target is not None:
+            size = len(node.target)
+        return Stat(
+            ino=node.ino,
+            mode=a.st_mode,
+            nlink=2 if node.is_dir else 1,
+            uid=a.uid,
+            gid=a.gid,
+            size=size,
+            atime_ns=a.atime_ns,
+            mtime_ns=a.mtime_ns,
+            ctime_ns=a.ctime_ns,
+            blksize=self.chunk,
+        )
+
+    def forget(self, items: Iterable[tuple[int, int]]) -> None:
+        for ino, n in items:
+            node = self.inodes.get(ino)
+            if node is None or ino == ROOT_INO:
+                continue
+            node.lookups = max(0, node.lookups - n)
+            self._maybe_drop(node)
+
+    def _maybe_drop(self, node: Node) -> None:
+        if node.lookups == 0 and node.open_count == 0 and node.unlinked:
+            self.inodes.pop(node.ino, None)
+            if node.stage is not None:
+                node.stage.remove()
+                node.stage = None
+
+    def _detach(self, node: Node) -> None:
+        """Remove from its parent's entries; forget when the kernel has no reference."""
+        if node.parent is not None and node.parent.children is not None:
+            cur = node.parent.children.get(node.name)
+            if cur is node:
+                del node.parent.children[node.name]
+        node.unlinked = True
+        self._due.pop(node, None)
+        self._maybe_drop(node)
+
+    # ------------------------------------------------------------------ metadata from S3
+
+    def _fresh(self, t: float) -> bool:
+        return trio.current_time() - t < self.opt.metadata_ttl
+
+    def _decode(self, path: bytes, info: ObjectInfo) -> ObjectMeta:
+        try:
+            return decode_meta(self.vol.keys, path, dict(info.metadata))
+        except (IntegrityError, UnsupportedFormat) as e:
+            self._integrity(info.key, str(e))
+            raise
+
+    def _integrity(self, key: str, why: str) -> None:
+        self.integrity_failures += 1
+        log.error("integrity failure: object %s: %s", key, why)
+
+    async def _head(self, key: str) -> ObjectInfo | None:
+        async with self._meta_limit:
+            try:
+                return await self.store.head(key)
+            except NotFound:
+                return None
+
+    def _adopt(self, parent: Node, name: bytes, info: ObjectInfo, existing: Node | None) -> Node:
+        """Create or refresh the node for ``parent/name`` from a HEAD result."""
+        path = self._child_path(parent, name)
+        meta = self._decode(path, info)
+        if existing is not None and existing.file_id == meta.file_id and not existing.dirty:
+            node = existing
+            if node.remote_etag != info.etag:
+                node.cipher = None
+                node.target = None
+            node.attrs = meta.attrs
+        elif existing is not None and existing.dirty:
+            return existing
+        else:
+            if existing is not None:
+                self._detach(existing)
+            node = self._new_node(parent, name, meta.attrs, meta.file_id)
+        node.wrapped_dek = meta.wrapped_dek
+        node.remote_etag = info.etag
+        node.refreshed_at = trio.current_time()
+        if not node.is_dir:
+            self._check_size(info, meta.attrs)
+        if parent.children is not None:
+            parent.children[name] = node
+        return node
+
+    def _check_size(self, info: ObjectInfo, attrs: Attrs) -> None:
+        try:
+            size = plain_size(info.size, self.chunk)
+        except IntegrityError as e:
+            self._integrity(info.key, str(e))
+            raise
+        if size != attrs.size:
+            self._integrity(info.key, f"length {info.size} does not match recorded size")
+            raise IntegrityError(f"{info.key}: object length does not match its metadata")
+
+    def _child_path(self, parent: Node, name: bytes) -> bytes:
+        return _join(self.path(parent), name)
+
+    async def _implicit_dir(self, prefix: str) -> bool:
+        async with self._meta_limit:
+            listing = await self.store.list(prefix, delimiter="/")
+        return bool(listing.objects or listing.prefixes)
+
+    def _synthetic_dir(self, parent: Node, name: bytes) -> Node:
+        now = _now_ns()
+        attrs = Attrs(KIND_DIR, 0o755, self.opt.uid, self.opt.gid, now, now, now)
+        node = self._new_node(parent, name, attrs, random_bytes(16))
+        node.refreshed_at = trio.current_time()
+        return node
+
+    async def _fetch_entry(self, parent: Node, name: bytes) -> Node | None:
+        """Look ``name`` up in S3 (file object, directory marker, or implicit directory)."""
+        fkey, _ = self._key_for(parent, name, KIND_FILE)
+        dkey, _ = self._key_for(parent, name, KIND_DIR)
+        results: dict[str, ObjectInfo | None] = {}
+
+        async def one(k: str) -> None:
+            results[k] = await self._head(k)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(one, fkey)
+            n.start_soon(one, dkey)
+        existing = parent.children.get(name) if parent.children is not None else None
+        info = results[fkey] or results[dkey]
+        if info is not None:
+            return self._adopt(parent, name, info, existing)
+        if await self._implicit_dir(dkey[: -len(MARKER)]):
+            node = existing if existing is not None and existing.is_dir else None
+            node = node or self._synthetic_dir(parent, name)
+            if parent.children is not None:
+                parent.children[name] = node
+            return node
+        return None
+
+    async def _refresh(self, node: Node) -> None:
+        """Revalidate a clean node's attributes after the metadata TTL (other writers)."""
+        if node.parent is None or node.dirty or self._fresh(node.refreshed_at):
+            return
+        if node.remote_etag is None:
+            return
+        key, _ = self.object_key(node)
+        info = await self._head(key)
+        if info is None:
+            if node.open_count == 0:
+                self._detach(node)
+                raise NoEntry("file was removed by another writer")
+            return
+        if info.etag != node.remote_etag:
+            self._adopt(node.parent, node.name, info, node)
+        node.refreshed_at = trio.current_time()
+
+    # ------------------------------------------------------------------ lookup and listing
+
+    def _check_parent(self, parent: Node) -> None:
+        if not parent.is_dir:
+            raise NotDir("not a directory")
+        if parent.unlinked:
+            raise NoEntry("directory was removed")
+
+    async def lookup(self, parent_ino: int, name: bytes) -> Node:
+        parent = self.node(parent_ino)
+        self._check_parent(parent)
+        if name == b".":
+            return parent
+        if name == b"..":
+            return parent.parent or parent
+        if len(name) > 255:
+            raise NameTooLong("name longer than 255 bytes")
+        node = await self._find(parent, name)
+        if node is None:
+            raise NoEntry(name.decode(errors="replace"))
+        return node
+
+    async def _find(self, parent: Node, name: bytes) -> Node | None:
+        children = parent.children
+        if children is not None:
+            node = children.get(name)
+            if node is not None:
+                await self._refresh(node)
+                return node if not node.unlinked else None
+            if self._fresh(parent.listed_at):
+                return None
+        return await self._fetch_entry(parent, name)
+
+    async def getattr(self, ino: int) -> Stat:
+        node = self.node(ino)
+        await self._refresh(node)
+        return self.stat(node)
+
+    async def readdir(self, ino: int) -> list[tuple[bytes, Node]]:
+        """All entries of a directory with fresh attributes (concurrent HEADs, bounded)."""
+        d = self.node(ino)
+        self._check_parent(d)
+        if d.children is not None and self._fresh(d.listed_at):
+            return sorted(d.children.items())
+        prefix = self.dir_prefix(d)
+        async with self._meta_limit:
+            listing = await self.store.list(prefix, delimiter="/")
+        old = dict(d.children or {})
+        new: dict[bytes, Node] = {}
+        dpath = self.path(d)
+        todo: list[tuple[str, str, str | None]] = []  # (component, key, etag or None for dirs)
+        for obj in listing.objects:
+            comp = obj.key[len(prefix) :]
+            if comp == MARKER or (d.parent is None and comp == CONFIG_NAME):
+                continue
+            todo.append((comp, obj.key, obj.etag))
+        for p in listing.prefixes:
+            comp = p[len(prefix) : -1]
+            todo.append((comp, p + MARKER, None))
+
+        async def load(comp: str, key: str, etag: str | None) -> None:
+            name: bytes | None = None
+            try:
+                if not self.vol.names.is_long(comp):
+                    name = self.vol.names.decode(dpath, comp)
+                    cur = old.get(name)
+                    if (
+                        cur is not None
+                        and etag is not None
+                        and cur.remote_etag == etag
+                        and not cur.unlinked
+                    ):
+                        new[name] = cur
+                        return
+                info = await self._head(key)
+                if info is None:
+                    if (
+                        etag is None
+                        and name is not None
+                        and await self._implicit_dir(key[: -len(MARKER)])
+                    ):
+                        cur = old.get(name)
+                        new[name] = (
+                            cur if cur is not None and cur.is_dir else self._synthetic_dir(d, name)
+                        )
+                    return
+                if name is None:
+                    name = self.vol.names.decode(dpath, comp, info.metadata.get("cfs-n"))
+                node = self._adopt(d, name, info, old.get(name))
+                new[name] = node
+            except IntegrityError as e:
+                self._integrity(key, f"entry skipped in listing: {e}")
+            except UnsupportedFormat as e:
+                log.warning("entry %s skipped: %s", key, e)
+
+        async with trio.open_nursery() as n:
+            for item in todo:
+                n.start_soon(load, *item)
+        # keep local entries that are not in S3 yet (dirty, never uploaded)
+        for name, node in old.items():
+            if name not in new:
+                if (node.remote_etag is None and node.dirty and not node.unlinked) or (
+                    node.is_dir and node.remote_etag is None and node.children is not None
+                ):
+                    new[name] = node
+                else:
+                    node.unlinked = True
+                    self._maybe_drop(node)
+        d.children = new
+        d.listed_at = trio.current_time()
+        return sorted(new.items())
+
+    # ------------------------------------------------------------------ creating entries
+
+    def _new_attrs(self, kind: str, mode: int, uid: int, gid: int) -> Attrs:
+        now = _now_ns()
+        return Attrs(kind, mode & 0o7777, uid, gid, now, now, now)
+
+    async def _require_absent(self, parent: Node, name: bytes) -> None:
+        self._check_parent(parent)
+        if await self._find(parent, name) is not None:
+            raise Exists(name.decode(errors="replace"))
+
+    def _insert(self, parent: Node, node: Node) -> None:
+        if parent.children is None:
+            parent.children = {}
+        parent.children[node.name] = node
+
+    async def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Node:
+        parent = self.node(parent_ino)
+        async with self.ns.shared():
+            await self._require_absent(parent, name)
+            node = self._new_node(
+                parent, name, self._new_attrs(KIND_DIR, mode, uid, gid), random_bytes(16)
+            )
+            try:
+                await self._put_marker(node, create=True)
+            except PreconditionFailed:
+                self.inodes.pop(node.ino, None)
+                raise Exists(name.decode(errors="replace")) from None
+            except BaseException:
+                self.inodes.pop(node.ino, None)
+                raise
+            node.children = {}
+            node.listed_at = trio.current_time()
+            self._insert(parent, node)
+            return node
+
+    async def _put_marker(self, node: Node, *, create: bool) -> None:
+        key, long_name = self.object_key(node)
+        meta = ObjectMeta(node.file_id, node.attrs, None, LOCAL_KID, long_name)
+        md = encode_meta(self.vol.keys, self.path(node), meta)
+        node.remote_etag = await self.store.put(
+            key,
+            b"",
+            md,
+            if_none_match=create and node.remote_etag is None,
+            if_match=None if create else node.remote_etag,
+        )
+        node.refreshed_at = trio.current_time()
+
+    async def ensure_root(self) -> None:
+        """Load (or create, on a fresh volume) the root directory's marker."""
+        info = await self._head(MARKER)
+        if info is None:
+            await self._put_marker(self.root, create=True)
+            return
+        meta = self._decode(b"/", info)
+        self.root.attrs = meta.attrs
+        self.root.file_id = meta.file_id
+        self.root.remote_etag = info.etag
+        self.root.refreshed_at = trio.current_time()
+
+    async def symlink(
+        self, parent_ino: int, name: bytes, target: bytes, uid: int, gid: int
+    ) -> Node:
+        if len(target) > SYMLINK_MAX:
+            raise NameTooLong("symlink target too long")
+        parent = self.node(parent_ino)
+        async with self.ns.shared():
+            await self._require_absent(parent, name)
+            dek = new_dek()
+            fid = random_bytes(16)
+            node = self._new_node(parent, name, self._new_attrs(KIND_LINK, 0o777, uid, gid), fid)
+            node.dek = dek
+            node.wrapped_dek = self.vol.keys.wrap_dek(dek, fid)
+            node.target = target
+            key, long_name = self.object_key(node)
+            try:
+                async with node.lock:
+                    try:
+                        res = await self._put_body(
+                            node, target, key, self.path(node), long_name, expect=None
+                        )
+                    except PreconditionFailed:
+                        raise Exists(name.decode(errors="replace")) from None
+                    self._uploaded(node, *res)
+            except BaseException:
+                self.inodes.pop(node.ino, None)
+                raise
+            self._insert(parent, node)
+            return node
+
+    async def readlink(self, ino: int) -> bytes:
+        node = self.node(ino)
+        if node.kind != KIND_LINK:
+            raise Invalid("not a symlink")
+        if node.target is None:
+            if node.stage is not None:
+                node.target = node.stage.read(0, node.stage.size)
+            else:
+                node.target = await self._read_remote(node, 0, node.attrs.size, None)
+        return node.target
+
+    async def create(
+        self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int
+    ) -> tuple[Node, Handle]:
+        parent = self.node(parent_ino)
+        self._check_parent(parent)
+        self.vol.names.encode(self.path(parent), name)  # validates the name early
+        await self._require_absent(parent, name)
+        fid = random_bytes(16)
+        node = self._new_node(parent, name, self._new_attrs(KIND_FILE, mode, uid, gid), fid)
+        node.dek = new_dek()
+        node.wrapped_dek = self.vol.keys.wrap_dek(node.dek, fid)
+        self._key_for(parent, name, KIND_FILE)  # ENAMETOOLONG before anything is staged
+        node.stage = self.staging.create(fid)
+        node.change += 1
+        self._insert(parent, node)
+        self._journal(node)
+        return node, self._open_handle(node, writable=True)
+
+    # ------------------------------------------------------------------ open, read, write
+
+    def _open_handle(self, node: Node, writable: bool) -> Handle:
+        h = Handle(self._next_fh, node, writable)
+        self._next_fh += 1
+        self.handles[h.fh] = h
+        node.open_count += 1
+        if writable:
+            node.writers += 1
+            self._due.pop(node, None)
+        return h
+
+    def handle(self, fh: int) -> Handle:
+        try:
+            return self.handles[fh]
+        except KeyError:
+            raise Invalid(f"bad file handle {fh}") from None
+
+    async def open(self, ino: int, flags: int) -> Handle:
+        node = self.node(ino)
+        if node.is_dir:
+            raise IsDir("is a directory")
+        await self._refresh(node)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        return self._open_handle(node, writable)
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        h = self.handle(fh)
+        node = h.node
+        if node.stage is not None:
+            return node.stage.read(offset, size)
+        end = min(offset + size, node.attrs.size)
+        if offset >= end:
+            return b""
+        # sequential access grows the read-ahead window; a seek resets it
+        if offset == h.next_offset:
+            h.window = min(max(h.window * 2, 2 * self.chunk), self.opt.max_readahead)
+        else:
+            h.window = 0
+        h.next_offset = end
+        return await self._read_remote(node, offset, end - offset, h.window)
+
+    async def _cipher(self, node: Node) -> BodyCipher:
+        if node.cipher is not None and node.cipher_etag == node.remote_etag:
+            return node.cipher
+        key, _ = self.object_key(node)
+        _info, header = await self.store.get(key, 0, HEADER_SIZE, if_match=node.remote_etag)
+        try:
+            if node.dek is None:
+                assert node.wrapped_dek is not None
+                node.dek = self.vol.keys.unwrap_dek(node.wrapped_dek, node.file_id, LOCAL_KID)
+            cipher = BodyCipher.open(node.dek, header)
+            if cipher.header.file_id != node.file_id or cipher.header.salt != node.attrs.salt:
+                raise IntegrityError("body header does not belong to this file's metadata")
+            if cipher.header.chunk_log2 != self.vol.chunk_log2:
+                raise IntegrityError("body chunk size differs from the volume's")
+        except (IntegrityError, UnsupportedFormat) as e:
+            self._integrity(key, str(e))
+            raise
+        node.cipher, node.cipher_etag = cipher, node.remote_etag
+        return cipher
+
+    async def _read_remote(self, node: Node, offset: int, length: int, window: int | None) -> bytes:
+        if length <= 0:
+            return b""
+        cipher = await self._cipher(node)
+        size = node.attrs.size
+        c = self.chunk
+        salt = node.attrs.salt
+        need = chunks_for_range(offset, length, c)
+        got: dict[int, bytes] = {}
+        missing = []
+        for i in need:
+            v = self.cache.get((node.file_id, salt, i))
+            if v is None:
+                missing.append(i)
+            else:
+                got[i] = v
+        if missing:
+            last = chunk_count(size, c) - 1
+            first_i = missing[0]
+            last_i = missing[-1]
+            if window:
+                last_i = min(last, max(last_i, (offset + window - 1) // c))
+            await self._fetch_chunks(node, cipher, first_i, last_i, got)
+        out = b"".join(got[i] for i in need)
+        lo = offset - need.start * c
+        return out[lo : lo + length]
+
+    async def _fetch_chunks(
+        self, node: Node, cipher: BodyCipher, first: int, last: int, got: dict[int, bytes]
+    ) -> None:
+        size = node.attrs.size
+        c = self.chunk
+        n = chunk_count(size, c)
+        start, _ = chunk_span(first, size, c)
+        lo, ln = chunk_span(last, size, c)
+        key, _ = self.object_key(node)
+        _info, data = await self.store.get(key, start, lo + ln, if_match=node.remote_etag)
+        if len(data) != lo + ln - start:
+            self._integrity(key, "short read")
+            raise IntegrityError(f"{key}: object shorter than its metadata says")
+        for i in range(first, last + 1):
+            off, ln_i = chunk_span(i, size, c)
+            try:
+                pt = cipher.open_chunk(
+                    i, i == n - 1, memoryview(data)[off - start : off - start + ln_i]
+                )
+            except IntegrityError as e:
+                self._integrity(key, str(e))
+                raise
+            self.cache.put((node.file_id, node.attrs.salt, i), pt)
+            got[i] = pt
+
+    async def _materialize(self, node: Node) -> StagedFile:
+        """Make ``node`` dirty: copy its current content into a new staged file."""
+        if node.stage is not None:
+            return node.stage
+        sf = self.staging.create(node.file_id)
+        try:
+            size = node.attrs.size
+            if size and node.remote_etag is not None:
+                step = max(1, self.opt.part_size // self.chunk)
+                n = chunk_count(size, self.chunk)
+                for first in range(0, n, step):
+                    last = min(n - 1, first + step - 1)
+                    got: dict[int, bytes] = {}
+                    await self._fetch_chunks(node, await self._cipher(node), first, last, got)
+                    for i in range(first, last + 1):
+                        data = got[i]
+                        sf.write_chunk(i, data + bytes(self.chunk - len(data)))
+                sf.size = size
+        except BaseException:
+            sf.remove()
+            raise
+        if node.stage is not None:  # someone else materialized meanwhile
+            sf.remove()
+            return node.stage
+        if node.dek is None and node.wrapped_dek is not None:
+            node.dek = self.vol.keys.unwrap_dek(node.wrapped_dek, node.file_id, LOCAL_KID)
+        node.stage = sf
+        return sf
+
+    def _touch(self, node: Node, *, data: bool) -> None:
+        now = _now_ns()
+        node.attrs = node.attrs.with_(ctime_ns=now, **({"mtime_ns": now} if data else {}))
+        node.change += 1
+
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        h = self.handle(fh)
+        node = h.node
+        sf = node.stage or await self._materialize(node)
+        sf.write(offset, data)
+        node.target = None
+        self._touch(node, data=True)
+        return len(data)
+
+    async def setattr(
+        self,
+        ino: int,
+        *,
+        size: int | None = None,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> Stat:
+        node = self.node(ino)
+        if size is not None:
+            if node.is_dir:
+                raise IsDir("is a directory")
+            if node.kind == KIND_LINK:
+                raise Invalid("cannot truncate a symlink")
+            if size < 0:
+                raise Invalid("negative size")
+            if node.stage is None and size == 0:
+                node.stage = self.staging.create(node.file_id)
+                if node.dek is None and node.wrapped_dek is not None:
+                    node.dek = self.vol.keys.unwrap_dek(node.wrapped_dek, node.file_id, LOCAL_KID)
+            sf = node.stage or await self._materialize(node)
+            sf.truncate(size)
+            self._touch(node, data=True)
+        changes: dict[str, Any] = {}
+        if mode is not None:
+            changes["mode"] = mode & 0o7777
+        if uid is not None:
+            changes["uid"] = uid
+        if gid is not None:
+            changes["gid"] = gid
+        if atime_ns is not None:
+            changes["atime_ns"] = atime_ns
+        if mtime_ns is not None:
+            changes["mtime_ns"] = mtime_ns
+        if changes:
+            changes["ctime_ns"] = _now_ns()
+            node.attrs = node.attrs.with_(**changes)
+            node.change += 1
+            if node.stage is None:
+                node.meta_dirty = True
+        if node.stage is not None:
+            self._journal(node)
+        if node.dirty and node.writers == 0:
+            self._schedule(node)
+        return self.stat(node)
+
+    async def flush(self, fh: int) -> None:
+        h = self.handle(fh)
+        if h.node.stage is not None and not h.node.unlinked:
+            self._journal(h.node)
+
+    async def release(self, fh: int) -> None:
+        h = self.handles.pop(fh, None)
+        if h is None:
+            return
+        node = h.node
+        node.open_count -= 1
+        if h.writable:
+            node.writers -= 1
+        if node.unlinked:
+            self._maybe_drop(node)
+        elif node.dirty and node.writers == 0:
+            self._journal(node)
+            self._schedule(node)
+
+    async def fsync(self, fh: int) -> None:
+        node = self.handle(fh).node
+        await self.sync_node(node)
+
+    def statfs(self) -> dict[str, int]:
+        blocks = 1 << 40  # S3 has no meaningful capacity; report 4 PiB in 4 KiB blocks
+        return {
+            "f_bsize": self.chunk,
+            "f_frsize": 4096,
+            "f_blocks": blocks,
+            "f_bfree": blocks,
+            "f_bavail": blocks,
+            "f_files": 1 << 32,
+            "f_ffree": 1 << 32,
+            "f_favail": 1 << 32,
+            "f_namemax": 255,
+        }
+
+    def link(self) -> None:
+        raise NotPermitted("hard links are not supported on cryptfs")
+
+    def getxattr(self) -> bytes:
+        raise NoAttr("no extended attributes")
+
+    def setxattr(self) -> None:
+        raise NotSupported("extended attributes are not supported")
+
+    # ------------------------------------------------------------------ removing entries
+
+    async def _keep_for_open_handles(self, node: Node) -> None:
+        """An unlinked file that is still open keeps its content readable until released."""
+        if node.open_count and node.stage is None and node.kind == KIND_FILE:
+            await self._materialize(node)
+
+    async def unlink(self, parent_ino: int, name: bytes) -> None:
+        parent = self.node(parent_ino)
+        async with self.ns.shared():
+            node = await self._find(parent, name)
+            if node is None:
+                raise NoEntry(name.decode(errors="replace"))
+            if node.is_dir:
+                raise IsDir("is a directory")
+            async with node.lock:
+                await self._keep_for_open_handles(node)
+                await self._delete_remote(node)
+                self._detach(node)
+                if node.stage is not None and node.open_count == 0:
+                    node.stage.remove()
+                    node.stage = None
+
+    async def _delete_remote(self, node: Node) -> None:
+        if node.remote_etag is not None:
+            key, _ = self.object_key(node)
+            await self.store.delete(key)
+            node.remote_etag = None
+
+    async def rmdir(self, parent_ino: int, name: bytes) -> None:
+        parent = self.node(parent_ino)
+        async with self.ns.shared():
+            node = await self._find(parent, name)
+            if node is None:
+                raise NoEntry(name.decode(errors="replace"))
+            if not node.is_dir:
+                raise NotDir("not a directory")
+            async with node.lock:
+                await self._check_empty(node)
+                await self._delete_remote(node)
+                self._detach(node)
+
+    async def _check_empty(self, d: Node) -> None:
+        if d.children and any(not c.unlinked for c in d.children.values()):
+            raise NotEmpty("directory not empty")
+        prefix = self.dir_prefix(d)
+        async with self._meta_limit:
+            listing = await self.store.list(prefix, delimiter=None)
+        if any(o.key != prefix + MARKER for o in listing.objects):
+            raise NotEmpty("directory not empty")
+
+    # ------------------------------------------------------------------ rename
+
+    async def rename(
+        self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int
+    ) -> None:
+        noreplace, exchange = 1, 2  # RENAME_NOREPLACE, RENAME_EXCHANGE
+        if flags & exchange:
+            raise Invalid("RENAME_EXCHANGE is not supported")
+        p1, p2 = self.node(old_parent), self.node(new_parent)
+        self._check_parent(p1)
+        self._check_parent(p2)
+        self.vol.names.encode(self.path(p2), new_name)
+        src = await self._find(p1, old_name)
+        if src is None:
+            raise NoEntry(old_name.decode(errors="replace"))
+        if src.is_dir:
+            a: Node | None = p2
+            while a is not None:
+                if a is src:
+                    raise Invalid("cannot move a directory into itself")
+                a = a.parent
+        lock = self.ns.exclusive() if src.is_dir else self.ns.shared()
+        async with lock:
+            dst = await self._find(p2, new_name)
+            if dst is src:
+                return
+            if dst is not None:
+                if flags & noreplace:
+                    raise Exists(new_name.decode(errors="replace"))
+                if dst.is_dir and not src.is_dir:
+                    raise IsDir("target is a directory")
+                if src.is_dir and not dst.is_dir:
+                    raise NotDir("target is not a directory")
+                if dst.is_dir:
+                    await self._check_empty(dst)
+            self._key_for(p2, new_name, src.kind)  # ENAMETOOLONG before anything moves
+            locked = sorted([n for n in (src, dst) if n is not None], key=lambda n: n.ino)
+            async with contextlib.AsyncExitStack() as stack:
+                for n in locked:
+                    await stack.enter_async_context(n.lock)
+                if src.is_dir:
+                    await self._rename_dir(src, p2, new_name, dst)
+                else:
+                    await self._rename_file(src, p2, new_name, dst)
+
+    def _move(self, node: Node, parent: Node, name: bytes) -> None:
+        assert node.parent is not None
+        if node.parent.children is not None and node.parent.children.get(node.name) is node:
+            del node.parent.children[node.name]
+        node.parent = parent
+        node.name = name
+        self._insert(parent, node)
+        node.attrs = node.attrs.with_(ctime_ns=_now_ns())
+
+    async def _displace(self, dst: Node) -> None:
+        await self._keep_for_open_handles(dst)
+        dst.remote_etag = None
+        self._detach(dst)
+        if dst.stage is not None and dst.open_count == 0:
+            dst.stage.remove()
+            dst.stage = None
+
+    async def _rename_file(self, src: Node, p2: Node, name: bytes, dst: Node | None) -> None:
+        dst_etag = dst.remote_etag if dst is not None else None
+        if dst is not None and dst.is_dir:
+            await self._delete_remote(dst)
+            dst_etag = None
+        old_key, _ = self.object_key(src)
+        new_key, long_name = self._key_for(p2, name, src.kind)
+        if src.stage is None and src.remote_etag is not None:
+            new_attrs = src.attrs.with_(ctime_ns=_now_ns())
+            meta = ObjectMeta(src.file_id, new_attrs, src.wrapped_dek, LOCAL_KID, long_name)
+            md = encode_meta(self.vol.keys, self._child_path(p2, name), meta)
+            etag = await self.store.copy(old_key, new_key, md, if_match=src.remote_etag)
+            await self.store.delete(old_key)
+            if dst is not None:
+                await self._displace(dst)
+            self._move(src, p2, name)
+            src.attrs = new_attrs
+            src.remote_etag = etag
+            src.meta_dirty = False
+        else:
+            # dirty: the pending upload will write the new key; drop the old object now
+            await self._delete_remote(src)
+            if dst is not None:
+                await self._displace(dst)
+            self._move(src, p2, name)
+            src.remote_etag = dst_etag
+            src.change += 1
+            if src.stage is not None:
+                self._journal(src)
+
+    async def _rename_dir(self, src: Node, p2: Node, name: bytes, dst: Node | None) -> None:
+        old_prefix = self.dir_prefix(src)
+        old_path = self.path(src)
+        new_comp, _ = self._component(p2, name)
+        new_prefix = self.dir_prefix(p2) + new_comp + "/"
+        new_path = self._child_path(p2, name)
+        # uploads are excluded (exclusive ns lock); objects of dirty nodes are not in S3
+        async with self._meta_limit:
+            listing = await self.store.list(old_prefix, delimiter=None)
+        keys = sorted((o.key for o in listing.objects), key=lambda k: k.count("/"))
+        dirs: dict[str, tuple[bytes, bytes, str]] = {old_prefix: (old_path, new_path, new_prefix)}
+
+        async def resolve(prefix: str) -> tuple[bytes, bytes, str]:
+            if prefix in dirs:
+                return dirs[prefix]
+            parent_prefix = prefix[: prefix.rstrip("/").rfind("/") + 1]
+            op, np, npre = await resolve(parent_prefix)
+            comp = prefix[len(parent_prefix) : -1]
+            long_name = None
+            if self.vol.names.is_long(comp):
+                info = await self._head(prefix + MARKER)
+                long_name = info.metadata.get("cfs-n") if info else None
+            plain = self.vol.names.decode(op, comp, long_name)
+            ncomp, _ = self.vol.names.encode(np, plain)
+            dirs[prefix] = (_join(op, plain), _join(np, plain), npre + ncomp + "/")
+            return dirs[prefix]
+
+        plan: list[tuple[str, str, dict[str, str]]] = []
+
+        async def prepare(key: str) -> None:
+            parent_prefix = key[: key.rfind("/") + 1]
+            op, np, npre = await resolve(parent_prefix)
+            comp = key[len(parent_prefix) :]
+            info = await self._head(key)
+            if info is None:
+                return
+            if comp == MARKER:
+                opath, npath, nkey, long_name = op, np, npre + MARKER, None
+                if parent_prefix != old_prefix:
+                    # a subdirectory's marker: its own (maybe long) name comes with it
+                    pp = parent_prefix[: parent_prefix.rstrip("/").rfind("/") + 1]
+                    _o, npp, _n = await resolve(pp)
+                    plain = npath.rsplit(b"/", 1)[1]
+                    long_name = self.vol.names.encode(npp, plain)[1]
+                else:
+                    long_name = self.vol.names.encode(self.path(p2), name)[1]
+            else:
+                plain = self.vol.names.decode(op, comp, info.metadata.get("cfs-n"))
+                opath, npath = _join(op, plain), _join(np, plain)
+                ncomp, long_name = self.vol.names.encode(np, plain)
+                nkey = npre + ncomp
+            meta = self._decode(opath, info)
+            meta = ObjectMeta(meta.file_id, meta.attrs, meta.wrapped_dek, meta.kid, long_name)
+            plan.append((key, nkey, encode_meta(self.vol.keys, npath, meta) | {"_etag": info.etag}))
+
+        async with trio.open_nursery() as n:
+            for k in keys:
+                n.start_soon(prepare, k)
+        for _, nkey, _md in plan:
+            if len(nkey.encode()) > self._key_budget:
+                raise NameTooLong("a path below the directory would be too long once encrypted")
+        copied: dict[str, str] = {}
+
+        async def copy(src_key: str, dst_key: str, md: dict[str, str]) -> None:
+            etag = md.pop("_etag")
+            async with self._meta_limit:
+                copied[dst_key] = await self.store.copy(src_key, dst_key, md, if_match=etag)
+
+        try:
+            async with trio.open_nursery() as n:
+                for item in plan:
+                    n.start_soon(copy, *item)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                for k in copied:
+                    with contextlib.suppress(StoreError):
+                        await self.store.delete(k)
+            raise
+        if dst is not None:
+            await self._delete_remote(dst)
+            self._detach(dst)
+
+        async def delete(k: str) -> None:
+            async with self._meta_limit:
+                await self.store.delete(k)
+
+        async with trio.open_nursery() as n:
+            for src_key, _, _ in plan:
+                n.start_soon(delete, src_key)
+        self._move(src, p2, name)
+        # loaded descendants now live under new keys
+        stack = [src]
+        while stack:
+            nd = stack.pop()
+            if nd.remote_etag is not None:
+                nd.remote_etag = copied.get(self.object_key(nd)[0], nd.remote_etag)
+            if nd.stage is not None:
+                self._journal(nd)
+            stack.extend((nd.children or {}).values())
+        if src.remote_etag is not None:
+            src.meta_dirty = True  # marker carries the new ctime
+            self._schedule(src)
+
+    # ------------------------------------------------------------------ write-back
+
+    def _journal(self, node: Node) -> None:
+        if node.stage is None:
+            return
+        rec = {
+            "path": b64e(self.path(node)),
+            "fid": b64e(node.file_id),
+            "wrapped": b64e(node.wrapped_dek or b""),
+            "attrs": b64e(node.attrs.to_json()),
+            "etag": node.remote_etag,
+        }
+        node.stage.save_journal(rec)
+
+    def _schedule(self, node: Node, delay: float | None = None) -> None:
+        when = trio.current_time() + (self.opt.writeback_delay if delay is None else delay)
+        self._due[node] = when
+        self._wake.set()
+
+    def pending(self) -> list[Node]:
+        seen = [n for n in self.inodes.values() if n.dirty and not n.unlinked]
+        return seen
+
+    async def serve_writeback(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Upload dirty files once their write-back delay has passed. Runs until cancelled."""
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            while True:
+                now = trio.current_time()
+                due = [n for n, t in self._due.items() if t <= now]
+                for node in due:
+                    del self._due[node]
+                    nursery.start_soon(self._background_sync, node)
+                wait = min(self._due.values(), default=now + 3600) - now
+                self._wake = trio.Event()
+                with trio.move_on_after(max(wait, 0.01)):
+                    await self._wake.wait()
+
+    async def _background_sync(self, node: Node) -> None:
+        try:
+            async with self._upload_limit:
+                await self.sync_node(node)
+            self._retry.pop(node, None)
+        except (StoreError, OSError) as e:
+            backoff = min(60.0, self._retry.get(node, 1.0) * 2)
+            self._retry[node] = backoff
+            log.warning(
+                "upload of %s failed (%s); staged locally, retrying in %.0f s",
+                self.path(node).decode(errors="replace"),
+                e,
+                backoff,
+            )
+            self._schedule(node, backoff)
+        except CryptfsError as e:
+            log.error("upload of %s failed permanently: %s", self.path(node), e)
+
+    async def sync_node(self, node: Node) -> None:
+        """Make ``node`` durable in S3; returns once everything written before is uploaded."""
+        for _ in range(100):
+            if not node.dirty or node.unlinked:
+                return
+            async with self.ns.shared(), node.lock:
+                if node.unlinked or not node.dirty:
+                    return
+                await self._sync_locked(node)
+        raise StoreError("file keeps changing during upload")
+
+    async def _sync_locked(self, node: Node) -> None:
+        change = node.change
+        if node.stage is not None:
+            await self._upload_stage(node)
+            if node.unlinked or node.stage is None:
+                return
+            if node.change == change:
+                node.stage.remove()
+                node.stage = None
+                node.meta_dirty = False
+            return
+        if node.is_dir:
+            if node.parent is None or node.remote_etag is not None:
+                await self._put_marker(node, create=node.remote_etag is None)
+            else:
+                await self._put_marker(node, create=True)
+        elif node.remote_etag is not None:
+            key, long_name = self.object_key(node)
+            meta = ObjectMeta(node.file_id, node.attrs, node.wrapped_dek, LOCAL_KID, long_name)
+            md = encode_meta(self.vol.keys, self.path(node), meta)
+            node.remote_etag = await self.store.copy(key, key, md, if_match=node.remote_etag)
+        if node.change == change:
+            node.meta_dirty = False
+
+    async def _upload_stage(self, node: Node) -> None:
+        sf = node.stage
+        assert sf is not None
+        key, long_name = self.object_key(node)
+        try:
+            etag, attrs, cipher = await self._put_body(
+                node, sf, key, self.path(node), long_name, expect=node.remote_etag
+            )
+        except PreconditionFailed:
+            await self._save_conflict(node, sf)
+            return
+        self._uploaded(node, etag, attrs, cipher)
+
+    async def _put_body(
+        self,
+        node: Node,
+        source: StagedFile | bytes,
+        key: str,
+        path: bytes,
+        long_name: str | None,
+        *,
+        expect: str | None,
+    ) -> tuple[str, Attrs, BodyCipher]:
+        """Seal ``source`` under a fresh salt and write it to ``key``.
+
+        ``expect`` is the ETag being replaced (If-Match) or None for a new object
+        (If-None-Match: *), so another writer's change is never silently overwritten.
+        """
+        if node.dek is None:
+            assert node.wrapped_dek is not None
+            node.dek = self.vol.keys.unwrap_dek(node.wrapped_dek, node.file_id, LOCAL_KID)
+        cipher = BodyCipher.new(node.dek, node.file_id, self.vol.chunk_log2)
+        size = len(source) if isinstance(source, bytes) else source.size
+        attrs = node.attrs.with_(size=size, salt=cipher.header.salt)
+        meta = ObjectMeta(node.file_id, attrs, node.wrapped_dek, LOCAL_KID, long_name)
+        md = encode_meta(self.vol.keys, path, meta)
+        cond: dict[str, Any] = {"if_none_match": expect is None, "if_match": expect}
+        try:
+            if isinstance(source, bytes) or size <= self.opt.multipart_threshold:
+                data = source if isinstance(source, bytes) else source.read(0, size)
+                etag = await self.store.put(key, cipher.seal_all(data), md, **cond)
+            else:
+                etag = await self._multipart(source, cipher, key, md, cond)
+        except KeyTooLong:
+            raise NameTooLong("the S3 server refused the encrypted path as too long") from None
+        return etag, attrs, cipher
+
+    def _uploaded(self, node: Node, etag: str, attrs: Attrs, cipher: BodyCipher) -> None:
+        node.remote_etag = etag
+        node.attrs = node.attrs.with_(size=attrs.size, salt=attrs.salt)
+        node.cipher, node.cipher_etag = cipher, etag
+        node.refreshed_at = trio.current_time()
+
+    async def _save_conflict(self, node: Node, sf: StagedFile) -> None:
+        """Another writer changed the object: keep both, ours under a conflict name."""
+        assert node.parent is not None
+        parent = node.parent
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        cname = node.name + f".conflict-{socket.gethostname()}-{stamp}".encode()
+        ckey, clong = self._key_for(parent, cname, node.kind)
+        await self._put_body(node, sf, ckey, self._child_path(parent, cname), clong, expect=None)
+        log.warning(
+            "conflict: %s was changed by another writer; this host's version was saved as %s",
+            self.path(node).decode(errors="replace"),
+            cname.decode(errors="replace"),
+        )
+        key, _ = self.object_key(node)
+        info = await self._head(key)
+        self._detach(node)
+        node.remote_etag = None
+        if node.open_count == 0:
+            sf.remove()
+            node.stage = None
+        if info is not None:
+            self._adopt(parent, node.name, info, None)
+
+    async def _multipart(
+        self,
+        sf: StagedFile,
+        cipher: BodyCipher,
+        key: str,
+        md: dict[str, str],
+        cond: dict[str, Any],
+    ) -> str:
+        size = sf.size
+        c = self.chunk
+        n = chunk_count(size, c)
+        per_part = max(self.opt.part_size // c, -(-n // 9000))
+        upload_id = await self.store.create_multipart(key, md)
+        parts = -(-n // per_part)
+        etags: list[str] = [""] * parts
+        limit = trio.CapacityLimiter(self.opt.upload_concurrency)
+
+        async def part(p: int) -> None:
+            async with limit:
+                pieces = [cipher.header_bytes] if p == 0 else []
+                for i in range(p * per_part, min(n, (p + 1) * per_part)):
+                    data = sf.read_chunk(i)[: min(c, size - i * c)]
+                    pieces.append(cipher.seal_chunk(i, i == n - 1, data))
+                etags[p] = await self.store.upload_part(key, upload_id, p + 1, b"".join(pieces))
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for p in range(parts):
+                    nursery.start_soon(part, p)
+            return await self.store.complete_multipart(key, upload_id, etags, **cond)
+        except BaseException:
+            with trio.CancelScope(shield=True), contextlib.suppress(StoreError):
+                await self.store.abort_multipart(key, upload_id)
+            raise
+
+    async def flush_all(self) -> list[Node]:
+        """Upload everything dirty now; returns the nodes that could not be uploaded."""
+        failed: list[Node] = []
+
+        async def one(node: Node) -> None:
+            try:
+                async with self._upload_limit:
+                    await self.sync_node(node)
+            except CryptfsError as e:
+                log.error(
+                    "could not upload %s: %s (kept staged for the next mount)",
+                    self.path(node).decode(errors="replace"),
+                    e,
+                )
+                failed.append(node)
+
+        async with trio.open_nursery() as n:
+            for node in self.pending():
+                self._due.pop(node, None)
+                n.start_soon(one, node)
+        return failed
+
+    # ------------------------------------------------------------------ crash recovery
+
+    async def recover(self) -> int:
+        """Upload files staged by an earlier run that ended before uploading them."""
+        count = 0
+        for sf, rec in self.staging.recover():
+            path = b64d(rec["path"])
+            try:
+                node = await self._recover_node(sf, rec, path)
+                async with self.ns.shared(), node.lock:
+                    await self._sync_locked(node)
+                count += 1
+                log.info("recovered staged file %s and uploaded it", path.decode(errors="replace"))
+            except (CryptfsError, OSError) as e:
+                log.error(
+                    "staged file for %s not uploaded yet: %s; will retry at next mount",
+                    path.decode(errors="replace"),
+                    e,
+                )
+                sf.close()
+        return count
+
+    async def _recover_node(self, sf: StagedFile, rec: dict[str, Any], path: bytes) -> Node:
+        parent = self.root
+        parts = [p for p in path.split(b"/") if p]
+        for comp in parts[:-1]:
+            child = await self._find(parent, comp)
+            if child is None:
+                child = await self.mkdir(parent.ino, comp, 0o755, self.opt.uid, self.opt.gid)
+            parent = child
+        attrs = Attrs.from_json(b64d(rec["attrs"]))
+        fid = b64d(rec["fid"])
+        existing = await self._find(parent, parts[-1])
+        node = self._new_node(parent, parts[-1], attrs, fid)
+        node.wrapped_dek = b64d(rec["wrapped"])
+        node.dek = self.vol.keys.unwrap_dek(node.wrapped_dek, fid, LOCAL_KID)
+        node.stage = sf
+        node.remote_etag = existing.remote_etag if existing is not None else None
+        if existing is not None:
+            self._detach(existing)
+        self._insert(parent, node)
+        node.change += 1
+        return node

@@ -1,0 +1,292 @@
+"""The pyfuse3 adapter: the only importer of pyfuse3.
+
+Owns: converting kernel requests into ``Filesystem`` calls and domain errors into errno.
+Only ``FUSEError`` may leave a handler: anything else would end ``pyfuse3.main()`` and strand
+the mount, so unexpected exceptions are logged and answered with EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from cryptfs import errors as E
+from cryptfs.fs.filesystem import Filesystem, Node, Stat
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: errno of every leaf of the exception tree (a test checks that none is missing)
+ERRNO_OF: dict[type[E.CryptfsError], int] = {
+    E.UsageError: errno.EINVAL,
+    E.VolumeNotFound: errno.EIO,
+    E.VolumeExists: errno.EEXIST,
+    E.WrongKey: errno.EACCES,
+    E.UnsupportedFormat: errno.EIO,
+    E.IntegrityError: errno.EIO,
+    E.NotFound: errno.ENOENT,
+    E.PreconditionFailed: errno.EIO,
+    E.BucketNotFound: errno.EIO,
+    E.AccessDenied: errno.EACCES,
+    E.KeyTooLong: errno.ENAMETOOLONG,
+    E.StoreUnavailable: errno.EIO,
+    E.NoEntry: errno.ENOENT,
+    E.Exists: errno.EEXIST,
+    E.NotEmpty: errno.ENOTEMPTY,
+    E.NotDir: errno.ENOTDIR,
+    E.IsDir: errno.EISDIR,
+    E.NameTooLong: errno.ENAMETOOLONG,
+    E.NotSupported: errno.EOPNOTSUPP,
+    E.Invalid: errno.EINVAL,
+    E.NoSpace: errno.ENOSPC,
+    E.CrossDevice: errno.EXDEV,
+    E.Busy: errno.EBUSY,
+    E.NotPermitted: errno.EPERM,
+    E.NoAttr: errno.ENODATA,
+}
+_QUIET = (E.NoEntry, E.Exists, E.NotEmpty, E.NoAttr, E.NotFound)
+
+
+def errno_of(exc: E.CryptfsError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in ERRNO_OF:
+            return ERRNO_OF[cls]  # type: ignore[index]
+    return errno.EIO
+
+
+async def _guard(what: str, fn: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return await fn()
+    except pyfuse3.FUSEError:
+        raise
+    except E.CryptfsError as e:
+        code = errno_of(e)
+        if isinstance(e, _QUIET):
+            log.debug("%s: %s", what, e)
+        elif code == errno.EIO:
+            log.error("%s failed: %s", what, e)
+        else:
+            log.info("%s: %s", what, e)
+        raise pyfuse3.FUSEError(code) from None
+    except OSError as e:
+        log.error("%s failed: %s", what, e)
+        raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+    except Exception:
+        log.exception("unexpected error in %s", what)
+        raise pyfuse3.FUSEError(errno.EIO) from None
+
+
+class Operations(pyfuse3.Operations):  # type: ignore[misc]
+    enable_writeback_cache = False
+
+    def __init__(self, fs: Filesystem, *, entry_timeout: float = 1.0) -> None:
+        super().__init__()
+        self.fs = fs
+        self.timeout = entry_timeout
+        self._dirs: dict[int, list[tuple[bytes, Node]]] = {}
+        self._next_dh = 1
+
+    def _entry(self, st: Stat) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = st.ino
+        a.generation = 0
+        a.entry_timeout = self.timeout
+        a.attr_timeout = self.timeout
+        a.st_mode = st.mode
+        a.st_nlink = st.nlink
+        a.st_uid = st.uid
+        a.st_gid = st.gid
+        a.st_rdev = 0
+        a.st_size = st.size
+        a.st_blksize = st.blksize
+        a.st_blocks = -(-st.size // 512)
+        a.st_atime_ns = st.atime_ns
+        a.st_mtime_ns = st.mtime_ns
+        a.st_ctime_ns = st.ctime_ns
+        return a
+
+    def _looked_up(self, node: Node) -> pyfuse3.EntryAttributes:
+        node.lookups += 1
+        return self._entry(self.fs.stat(node))
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> Any:
+        async def op() -> Any:
+            return self._looked_up(await self.fs.lookup(parent_inode, name))
+
+        return await _guard("lookup", op)
+
+    async def getattr(self, inode: int, ctx: Any) -> Any:
+        async def op() -> Any:
+            return self._entry(await self.fs.getattr(inode))
+
+        return await _guard("getattr", op)
+
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
+        async def op() -> Any:
+            kw: dict[str, int] = {}
+            if fields.update_size:
+                kw["size"] = attr.st_size
+            if fields.update_mode:
+                kw["mode"] = attr.st_mode
+            if fields.update_uid:
+                kw["uid"] = attr.st_uid
+            if fields.update_gid:
+                kw["gid"] = attr.st_gid
+            if fields.update_atime:
+                kw["atime_ns"] = attr.st_atime_ns
+            if fields.update_mtime:
+                kw["mtime_ns"] = attr.st_mtime_ns
+            return self._entry(await self.fs.setattr(inode, **kw))
+
+        return await _guard("setattr", op)
+
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        return await _guard("readlink", lambda: self.fs.readlink(inode))
+
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        async def op() -> int:
+            entries = await self.fs.readdir(inode)
+            dh = self._next_dh
+            self._next_dh += 1
+            self._dirs[dh] = entries
+            return dh
+
+        return await _guard("opendir", op)
+
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        async def op() -> None:
+            entries = self._dirs.get(fh, [])
+            for i in range(start_id, len(entries)):
+                name, node = entries[i]
+                if node.unlinked:
+                    continue
+                if not pyfuse3.readdir_reply(token, name, self._entry(self.fs.stat(node)), i + 1):
+                    return
+                node.lookups += 1
+
+        await _guard("readdir", op)
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+        async def op() -> Any:
+            node = await self.fs.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid)
+            return self._looked_up(node)
+
+        return await _guard("mkdir", op)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await _guard("rmdir", lambda: self.fs.rmdir(parent_inode, name))
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await _guard("unlink", lambda: self.fs.unlink(parent_inode, name))
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+        async def op() -> Any:
+            node = await self.fs.symlink(parent_inode, name, target, ctx.uid, ctx.gid)
+            return self._looked_up(node)
+
+        return await _guard("symlink", op)
+
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: Any,
+    ) -> None:
+        await _guard(
+            "rename",
+            lambda: self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags),
+        )
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
+        async def op() -> Any:
+            self.fs.link()
+
+        return await _guard("link", op)
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
+        async def op() -> Any:
+            raise E.NotPermitted("only regular files, directories and symlinks are supported")
+
+        return await _guard("mknod", op)
+
+    async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+        async def op() -> Any:
+            h = await self.fs.open(inode, flags)
+            # the kernel page cache stays valid while the object has not changed
+            return pyfuse3.FileInfo(fh=h.fh, keep_cache=not h.node.dirty)
+
+        return await _guard("open", op)
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
+        async def op() -> Any:
+            node, h = await self.fs.create(parent_inode, name, mode, ctx.uid, ctx.gid)
+            return pyfuse3.FileInfo(fh=h.fh), self._looked_up(node)
+
+        return await _guard("create", op)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await _guard("read", lambda: self.fs.read(fh, off, size))
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await _guard("write", lambda: self.fs.write(fh, off, buf))
+
+    async def flush(self, fh: int) -> None:
+        await _guard("flush", lambda: self.fs.flush(fh))
+
+    async def release(self, fh: int) -> None:
+        await _guard("release", lambda: self.fs.release(fh))
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await _guard("fsync", lambda: self.fs.fsync(fh))
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None
+
+    async def statfs(self, ctx: Any) -> Any:
+        st = pyfuse3.StatvfsData()
+        for k, v in self.fs.statfs().items():
+            setattr(st, k, v)
+        return st
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        self.fs.forget(inode_list)
+
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        async def op() -> bytes:
+            return self.fs.getxattr()
+
+        return await _guard("getxattr", op)
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        async def op() -> None:
+            self.fs.setxattr()
+
+        await _guard("setxattr", op)
+
+    async def listxattr(self, inode: int, ctx: Any) -> Sequence[bytes]:
+        return []
+
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+
+def mount_options(fsname: str, extra: Sequence[str]) -> set[str]:
+    opts = set(pyfuse3.default_options)
+    opts |= {f"fsname={fsname}", "subtype=cryptfs"}
+    for o in extra:
+        if o and o not in ("rw", "defaults", "_netdev", "auto", "noauto", "nofail", "user"):
+            opts.add(o)
+    if os.getuid() != 0:
+        opts.discard("allow_other")
+    return opts

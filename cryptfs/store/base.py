@@ -1,0 +1,78 @@
+"""The ``ObjectStore`` protocol every backend implements (S3, in-memory fake, fault injector).
+
+Keys are relative to the volume's prefix; backends add bucket and prefix.  Backends raise only
+``cryptfs.errors.StoreError`` subclasses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Listing:
+    objects: list[ObjectInfo]
+    prefixes: list[str]
+
+
+class ObjectStore(Protocol):
+    async def head(self, key: str) -> ObjectInfo: ...
+
+    async def get(
+        self,
+        key: str,
+        start: int | None = None,
+        end: int | None = None,
+        if_match: str | None = None,
+    ) -> tuple[ObjectInfo, bytes]:
+        """Bytes [start, end) (whole object when both are None) and the object's info.
+
+        ``info.size`` is always the full object size.
+        """
+        ...
+
+    async def put(
+        self,
+        key: str,
+        body: bytes,
+        metadata: Mapping[str, str],
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str: ...
+
+    async def create_multipart(self, key: str, metadata: Mapping[str, str]) -> str: ...
+
+    async def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str: ...
+
+    async def complete_multipart(
+        self,
+        key: str,
+        upload_id: str,
+        etags: list[str],
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str: ...
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None: ...
+
+    async def copy(
+        self, src: str, dst: str, metadata: Mapping[str, str], *, if_match: str | None = None
+    ) -> str: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def list(self, prefix: str, delimiter: str | None = "/") -> Listing: ...
+
+    async def aclose(self) -> None: ...

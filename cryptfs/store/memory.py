@@ -1,0 +1,143 @@
+"""In-memory ``ObjectStore`` for unit tests of the upper layers (never the only S3 test)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import trio
+
+from cryptfs.errors import NotFound, PreconditionFailed
+from cryptfs.store.base import Listing, ObjectInfo
+
+
+def _etag(data: bytes) -> str:
+    return '"' + hashlib.md5(data, usedforsecurity=False).hexdigest() + '"'
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self.objects: dict[str, tuple[bytes, dict[str, str], str]] = {}
+        self._uploads: dict[str, tuple[str, dict[str, str], dict[int, bytes]]] = {}
+        self._n = 0
+        self.calls: dict[str, int] = {}
+
+    def _count(self, op: str) -> None:
+        self.calls[op] = self.calls.get(op, 0) + 1
+
+    def _info(self, key: str) -> ObjectInfo:
+        try:
+            data, md, etag = self.objects[key]
+        except KeyError:
+            raise NotFound(key) from None
+        return ObjectInfo(key, len(data), etag, dict(md))
+
+    def _check(self, key: str, if_match: str | None, if_none_match: bool) -> None:
+        cur = self.objects.get(key)
+        if if_none_match and cur is not None:
+            raise PreconditionFailed(key)
+        if if_match is not None and (cur is None or cur[2] != if_match):
+            raise PreconditionFailed(key)
+
+    async def head(self, key: str) -> ObjectInfo:
+        self._count("head")
+        await trio.lowlevel.checkpoint()
+        return self._info(key)
+
+    async def get(
+        self,
+        key: str,
+        start: int | None = None,
+        end: int | None = None,
+        if_match: str | None = None,
+    ) -> tuple[ObjectInfo, bytes]:
+        self._count("get")
+        await trio.lowlevel.checkpoint()
+        info = self._info(key)
+        if if_match is not None and info.etag != if_match:
+            raise PreconditionFailed(key)
+        data = self.objects[key][0]
+        return info, data[start or 0 : end if end is not None else len(data)]
+
+    async def put(
+        self,
+        key: str,
+        body: bytes,
+        metadata: Mapping[str, str],
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str:
+        self._count("put")
+        await trio.lowlevel.checkpoint()
+        self._check(key, if_match, if_none_match)
+        etag = _etag(body)
+        self.objects[key] = (bytes(body), dict(metadata), etag)
+        return etag
+
+    async def create_multipart(self, key: str, metadata: Mapping[str, str]) -> str:
+        self._n += 1
+        uid = f"u{self._n}"
+        self._uploads[uid] = (key, dict(metadata), {})
+        return uid
+
+    async def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+        await trio.lowlevel.checkpoint()
+        self._uploads[upload_id][2][number] = bytes(data)
+        return _etag(data)
+
+    async def complete_multipart(
+        self,
+        key: str,
+        upload_id: str,
+        etags: list[str],
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str:
+        self._count("complete_multipart")
+        self._check(key, if_match, if_none_match)
+        k, md, parts = self._uploads.pop(upload_id)
+        body = b"".join(parts[i] for i in sorted(parts))
+        etag = _etag(body)[:-1] + f'-{len(parts)}"'
+        self.objects[k] = (body, md, etag)
+        return etag
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        self._uploads.pop(upload_id, None)
+
+    async def copy(
+        self, src: str, dst: str, metadata: Mapping[str, str], *, if_match: str | None = None
+    ) -> str:
+        self._count("copy")
+        await trio.lowlevel.checkpoint()
+        info = self._info(src)
+        if if_match is not None and info.etag != if_match:
+            raise PreconditionFailed(src)
+        data = self.objects[src][0]
+        self.objects[dst] = (data, dict(metadata), info.etag)
+        return info.etag
+
+    async def delete(self, key: str) -> None:
+        self._count("delete")
+        await trio.lowlevel.checkpoint()
+        self.objects.pop(key, None)
+
+    async def list(self, prefix: str, delimiter: str | None = "/") -> Listing:
+        self._count("list")
+        await trio.lowlevel.checkpoint()
+        objs: list[ObjectInfo] = []
+        prefixes: set[str] = set()
+        for key in sorted(self.objects):
+            if not key.startswith(prefix):
+                continue
+            rest = key[len(prefix) :]
+            if delimiter and delimiter in rest:
+                prefixes.add(prefix + rest.split(delimiter, 1)[0] + delimiter)
+            else:
+                data, _md, etag = self.objects[key]
+                objs.append(ObjectInfo(key, len(data), etag))
+        return Listing(objs, sorted(prefixes))
+
+    async def aclose(self) -> None:
+        pass

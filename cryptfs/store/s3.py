@@ -1,0 +1,341 @@
+"""``ObjectStore`` on S3 through aiobotocore, running on the bridge's asyncio loop thread.
+
+Owns: the aiobotocore client, its connection pool, request concurrency, and the one place where
+botocore errors are classified into ``cryptfs.errors``.
+Must not import: fs, fuse, format.
+
+Resource handling:
+    ``open_s3_store()`` creates the client on the loop thread and closes it there.  Response
+    bodies are read and closed inside the submitted coroutine; only bytes and dicts cross.
+Error handling:
+    botocore retries transient errors itself (standard mode, bounded attempts, with connect
+    and read timeouts so no call blocks forever); whatever is left is mapped by ``_classify``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import trio
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+)
+
+from cryptfs.errors import (
+    AccessDenied,
+    BucketNotFound,
+    KeyTooLong,
+    NotFound,
+    PreconditionFailed,
+    StoreError,
+    StoreUnavailable,
+    UsageError,
+)
+from cryptfs.store.base import Listing, ObjectInfo
+from cryptfs.store.bridge import AsyncioBridge, open_bridge
+
+log = logging.getLogger(__name__)
+
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
+_DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"}
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    prefix: str  # "" or ends with "/"
+
+    @classmethod
+    def parse(cls, url: str) -> S3Location:
+        u = urlparse(url)
+        if u.scheme != "s3" or not u.netloc:
+            raise UsageError(f"expected s3://BUCKET[/PREFIX], got {url!r}")
+        if len(u.netloc) < 3:
+            raise UsageError("bucket names have at least 3 characters")
+        prefix = u.path.strip("/")
+        return cls(u.netloc, prefix + "/" if prefix else "")
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
+@dataclass(frozen=True)
+class S3Options:
+    endpoint_url: str | None = None
+    region: str | None = None
+    max_concurrency: int = 32
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    max_attempts: int = 5
+    verify: bool | str = True  # False, True or a CA bundle path
+
+
+def _classify(exc: Exception, what: str) -> StoreError:
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        if code in _NOT_FOUND or (code == "" and status == "404"):
+            return NotFound(what)
+        if code in _PRECONDITION or status == "412":
+            return PreconditionFailed(what)
+        if code == "NoSuchBucket":
+            return BucketNotFound(f"bucket does not exist ({what})")
+        if code in _DENIED or status == "403":
+            return AccessDenied(f"access denied by the S3 server ({code or status}) for {what}")
+        if code == "KeyTooLongError":
+            return KeyTooLong(what)
+        if status.startswith("5") or code in ("SlowDown", "RequestTimeout"):
+            return StoreUnavailable(f"S3 server error {code or status} for {what}")
+        return StoreError(f"S3 error {code or status} for {what}")
+    if isinstance(exc, NoCredentialsError):
+        return AccessDenied("no S3 credentials found (set AWS_ACCESS_KEY_ID/… or a profile)")
+    if isinstance(exc, EndpointConnectionError | ConnectTimeoutError | ReadTimeoutError):
+        return StoreUnavailable(f"S3 endpoint unreachable: {exc}")
+    if isinstance(exc, BotoCoreError | OSError):
+        return StoreUnavailable(f"S3 request failed: {type(exc).__name__}: {exc}")
+    raise exc
+
+
+class S3Store:
+    def __init__(self, bridge: AsyncioBridge, client: Any, loc: S3Location, limit: int) -> None:
+        self._bridge = bridge
+        self._client = client
+        self.loc = loc
+        self._limiter = trio.CapacityLimiter(limit)
+        self.requests = 0
+
+    def _k(self, key: str) -> str:
+        return self.loc.prefix + key
+
+    async def _call(self, what: str, fn: Any, *args: Any) -> Any:
+        async with self._limiter:
+            self.requests += 1
+            try:
+                return await self._bridge.run(fn, *args)
+            except (ClientError, BotoCoreError, OSError) as e:
+                raise _classify(e, what) from None
+
+    async def head(self, key: str) -> ObjectInfo:
+        async def op() -> ObjectInfo:
+            r = await self._client.head_object(Bucket=self.loc.bucket, Key=self._k(key))
+            return ObjectInfo(key, int(r["ContentLength"]), r["ETag"], r.get("Metadata", {}))
+
+        return await self._call(key, op)  # type: ignore[no-any-return]
+
+    async def get(
+        self,
+        key: str,
+        start: int | None = None,
+        end: int | None = None,
+        if_match: str | None = None,
+    ) -> tuple[ObjectInfo, bytes]:
+        async def op() -> tuple[ObjectInfo, bytes]:
+            kw: dict[str, Any] = {"Bucket": self.loc.bucket, "Key": self._k(key)}
+            if start is not None or end is not None:
+                kw["Range"] = f"bytes={start or 0}-{'' if end is None else end - 1}"
+            if if_match is not None:
+                kw["IfMatch"] = if_match
+            r = await self._client.get_object(**kw)
+            async with r["Body"] as body:
+                data = await body.read()
+            size = int(r["ContentLength"])
+            cr = r.get("ContentRange")
+            if cr:
+                size = int(cr.rsplit("/", 1)[1])
+            return ObjectInfo(key, size, r["ETag"], r.get("Metadata", {})), data
+
+        return await self._call(key, op)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _cond(kw: dict[str, Any], if_match: str | None, if_none_match: bool) -> None:
+        if if_match is not None:
+            kw["IfMatch"] = if_match
+        if if_none_match:
+            kw["IfNoneMatch"] = "*"
+
+    async def put(
+        self,
+        key: str,
+        body: bytes,
+        metadata: Mapping[str, str],
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str:
+        async def op() -> str:
+            kw: dict[str, Any] = {
+                "Bucket": self.loc.bucket,
+                "Key": self._k(key),
+                "Body": body,
+                "Metadata": dict(metadata),
+                "ContentType": "application/octet-stream",
+            }
+            self._cond(kw, if_match, if_none_match)
+            r = await self._client.put_object(**kw)
+            return str(r["ETag"])
+
+        return await self._call(key, op)  # type: ignore[no-any-return]
+
+    async def create_multipart(self, key: str, metadata: Mapping[str, str]) -> str:
+        async def op() -> str:
+            r = await self._client.create_multipart_upload(
+                Bucket=self.loc.bucket,
+                Key=self._k(key),
+                Metadata=dict(metadata),
+                ContentType="application/octet-stream",
+            )
+            return str(r["UploadId"])
+
+        return await self._call(key, op)  # type: ignore[no-any-return]
+
+    async def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+        async def op() -> str:
+            r = await self._client.upload_part(
+                Bucket=self.loc.bucket,
+                Key=self._k(key),
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=data,
+            )
+            return str(r["ETag"])
+
+        return await self._call(f"{key} part {number}", op)  # type: ignore[no-any-return]
+
+    async def complete_multipart(
+        self,
+        key: str,
+        upload_id: str,
+        etags: list[str],
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str:
+        async def op() -> str:
+            kw: dict[str, Any] = {
+                "Bucket": self.loc.bucket,
+                "Key": self._k(key),
+                "UploadId": upload_id,
+                "MultipartUpload": {
+                    "Parts": [{"PartNumber": i + 1, "ETag": e} for i, e in enumerate(etags)]
+                },
+            }
+            self._cond(kw, if_match, if_none_match)
+            r = await self._client.complete_multipart_upload(**kw)
+            return str(r["ETag"])
+
+        return await self._call(key, op)  # type: ignore[no-any-return]
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        async def op() -> None:
+            await self._client.abort_multipart_upload(
+                Bucket=self.loc.bucket, Key=self._k(key), UploadId=upload_id
+            )
+
+        await self._call(key, op)
+
+    async def copy(
+        self, src: str, dst: str, metadata: Mapping[str, str], *, if_match: str | None = None
+    ) -> str:
+        async def op() -> str:
+            kw: dict[str, Any] = {
+                "Bucket": self.loc.bucket,
+                "Key": self._k(dst),
+                "CopySource": {"Bucket": self.loc.bucket, "Key": self._k(src)},
+                "MetadataDirective": "REPLACE",
+                "Metadata": dict(metadata),
+                "ContentType": "application/octet-stream",
+            }
+            if if_match is not None:
+                kw["CopySourceIfMatch"] = if_match
+            r = await self._client.copy_object(**kw)
+            return str(r["CopyObjectResult"]["ETag"])
+
+        return await self._call(f"{src} -> {dst}", op)  # type: ignore[no-any-return]
+
+    async def delete(self, key: str) -> None:
+        async def op() -> None:
+            await self._client.delete_object(Bucket=self.loc.bucket, Key=self._k(key))
+
+        await self._call(key, op)
+
+    async def list(self, prefix: str, delimiter: str | None = "/") -> Listing:
+        plen = len(self.loc.prefix)
+
+        async def op() -> Listing:
+            objs: list[ObjectInfo] = []
+            prefixes: list[str] = []
+            kw: dict[str, Any] = {"Bucket": self.loc.bucket, "Prefix": self._k(prefix)}
+            if delimiter:
+                kw["Delimiter"] = delimiter
+            while True:
+                r = await self._client.list_objects_v2(**kw)
+                for o in r.get("Contents", []):
+                    objs.append(ObjectInfo(o["Key"][plen:], int(o["Size"]), o.get("ETag", "")))
+                prefixes.extend(p["Prefix"][plen:] for p in r.get("CommonPrefixes", []))
+                if not r.get("IsTruncated"):
+                    return Listing(objs, prefixes)
+                kw["ContinuationToken"] = r["NextContinuationToken"]
+
+        return await self._call(prefix or "/", op)  # type: ignore[no-any-return]
+
+    async def bucket_exists(self) -> None:
+        async def op() -> None:
+            await self._client.head_bucket(Bucket=self.loc.bucket)
+
+        try:
+            await self._call(self.loc.bucket, op)
+        except NotFound:
+            raise BucketNotFound(f"bucket {self.loc.bucket!r} does not exist") from None
+
+    async def aclose(self) -> None:
+        pass
+
+
+def make_config(opts: S3Options) -> AioConfig:
+    return AioConfig(
+        max_pool_connections=opts.max_concurrency,
+        connect_timeout=opts.connect_timeout,
+        read_timeout=opts.read_timeout,
+        retries={"mode": "standard", "max_attempts": opts.max_attempts},
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        s3={"addressing_style": "path", "payload_signing_enabled": False},
+    )
+
+
+@asynccontextmanager
+async def open_s3_store(loc: S3Location, opts: S3Options) -> AsyncIterator[S3Store]:
+    """An S3 store on its own loop thread; checks the bucket is reachable before yielding."""
+    async with open_bridge() as bridge:
+        stack = AsyncExitStack()
+
+        async def create() -> Any:
+            session = get_session()
+            kw: dict[str, Any] = {"config": make_config(opts), "verify": opts.verify}
+            if opts.endpoint_url:
+                kw["endpoint_url"] = opts.endpoint_url
+            kw["region_name"] = opts.region or session.get_config_variable("region") or "us-east-1"
+            return await stack.enter_async_context(session.create_client("s3", **kw))
+
+        client = await bridge.run(create)
+        try:
+            store = S3Store(bridge, client, loc, opts.max_concurrency)
+            await store.bucket_exists()
+            yield store
+        finally:
+            with trio.CancelScope(shield=True):
+                await bridge.run(stack.aclose)
