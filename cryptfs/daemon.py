@@ -137,12 +137,14 @@ async def _serve(cfg: MountConfig, fs: Filesystem, ready: Callable[[], None]) ->
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(fs.serve_writeback)
-            nursery.start_soon(_watch_signals, force)
+            watcher = trio.CancelScope()
+            nursery.start_soon(_watch_signals, force, watcher)
             log.info("mounted %s at %s", cfg.location, cfg.mountpoint)
             ready()
             sd_notify("READY=1")
             await pyfuse3.main()
-            nursery.cancel_scope.cancel(reason="filesystem unmounted")
+            watcher.cancel()
+            fs.stop_writeback()
     finally:
         pyfuse3.close(unmount=True)
     sd_notify("STOPPING=1")
@@ -161,8 +163,8 @@ async def _serve(cfg: MountConfig, fs: Filesystem, ready: Callable[[], None]) ->
     return left
 
 
-async def _watch_signals(force: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def _watch_signals(force: trio.CancelScope, scope: trio.CancelScope) -> None:
+    with scope, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         count = 0
         async for sig in signals:
             count += 1

@@ -138,6 +138,7 @@ class Node:
     cipher: BodyCipher | None = None
     cipher_etag: str | None = None
     target: bytes | None = None  # symlinks
+    own_salts: set[bytes] = field(default_factory=set)  # generations this mount wrote
     lock: trio.Lock = field(default_factory=trio.Lock)
 
     @property
@@ -220,6 +221,7 @@ class Filesystem:
         self.handles: dict[int, Handle] = {}
         self._due: dict[Node, float] = {}
         self._wake = trio.Event()
+        self._stopping = False
         self._retry: dict[Node, float] = {}
         self.integrity_failures = 0
         now = _now_ns()
@@ -380,9 +382,14 @@ class Filesystem:
         return _join(self.path(parent), name)
 
     async def _implicit_dir(self, prefix: str) -> bool:
+        """A prefix without a marker is a directory only if objects live below it.
+
+        (SeaweedFS keeps emptied prefixes as "directories" in listings; they must not
+        resurrect removed or renamed directories.)
+        """
         async with self._meta_limit:
-            listing = await self.store.list(prefix, delimiter="/")
-        return bool(listing.objects or listing.prefixes)
+            listing = await self.store.list(prefix, delimiter=None, max_keys=1)
+        return bool(listing.objects)
 
     def _synthetic_dir(self, parent: Node, name: bytes) -> Node:
         now = _now_ns()
@@ -1189,7 +1196,7 @@ class Filesystem:
         """Upload dirty files once their write-back delay has passed. Runs until cancelled."""
         task_status.started()
         async with trio.open_nursery() as nursery:
-            while True:
+            while not self._stopping:
                 now = trio.current_time()
                 due = [n for n, t in self._due.items() if t <= now]
                 for node in due:
@@ -1199,6 +1206,13 @@ class Filesystem:
                 self._wake = trio.Event()
                 with trio.move_on_after(max(wait, 0.01)):
                     await self._wake.wait()
+            # leaving the nursery waits for in-flight uploads: a cancelled PUT may still
+            # land on the server without us learning its ETag
+
+    def stop_writeback(self) -> None:
+        """Let ``serve_writeback`` return once the uploads it started have finished."""
+        self._stopping = True
+        self._wake.set()
 
     async def _background_sync(self, node: Node) -> None:
         try:
@@ -1257,14 +1271,35 @@ class Filesystem:
         sf = node.stage
         assert sf is not None
         key, long_name = self.object_key(node)
-        try:
-            etag, attrs, cipher = await self._put_body(
-                node, sf, key, self.path(node), long_name, expect=node.remote_etag
-            )
-        except PreconditionFailed:
-            await self._save_conflict(node, sf)
-            return
+        for attempt in range(2):
+            try:
+                etag, attrs, cipher = await self._put_body(
+                    node, sf, key, self.path(node), long_name, expect=node.remote_etag
+                )
+                break
+            except PreconditionFailed:
+                # Our own earlier request may have landed although we never saw its
+                # answer (timeout, retry, cancellation): then the object holds one of our
+                # generations and replacing it is no conflict.
+                mine = await self._own_generation(node, key)
+                if attempt == 0 and mine is not None:
+                    node.remote_etag = mine
+                    continue
+                await self._save_conflict(node, sf)
+                return
         self._uploaded(node, etag, attrs, cipher)
+
+    async def _own_generation(self, node: Node, key: str) -> str | None:
+        info = await self._head(key)
+        if info is None:
+            return None
+        try:
+            meta = decode_meta(self.vol.keys, self.path(node), dict(info.metadata))
+        except (IntegrityError, UnsupportedFormat):
+            return None
+        if meta.file_id == node.file_id and meta.attrs.salt in node.own_salts:
+            return info.etag
+        return None
 
     async def _put_body(
         self,
@@ -1285,6 +1320,7 @@ class Filesystem:
             assert node.wrapped_dek is not None
             node.dek = self.vol.keys.unwrap_dek(node.wrapped_dek, node.file_id, LOCAL_KID)
         cipher = BodyCipher.new(node.dek, node.file_id, self.vol.chunk_log2)
+        node.own_salts.add(cipher.header.salt)
         size = len(source) if isinstance(source, bytes) else source.size
         attrs = node.attrs.with_(size=size, salt=cipher.header.salt)
         meta = ObjectMeta(node.file_id, attrs, node.wrapped_dek, LOCAL_KID, long_name)

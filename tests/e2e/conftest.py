@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import S3Server
+
+
+def cryptfs(
+    *args: str, check: bool = True, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(
+        [sys.executable, "-m", "cryptfs", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    if check and r.returncode != 0:
+        raise AssertionError(f"cryptfs {' '.join(args)} failed ({r.returncode}):\n{r.stderr}")
+    return r
+
+
+@dataclass
+class Volume:
+    url: str
+    endpoint: str
+    key: Path
+    mnt: Path
+    cache: Path
+    bucket: str
+    server: S3Server
+    mounted: bool = field(default=False)
+
+    def mount(self, *extra: str) -> subprocess.CompletedProcess[str]:
+        r = cryptfs(
+            "mount",
+            self.url,
+            str(self.mnt),
+            "--key-file",
+            str(self.key),
+            "--endpoint-url",
+            self.endpoint,
+            "--cache-dir",
+            str(self.cache),
+            "--writeback-delay",
+            "0.5",
+            *extra,
+        )
+        self.mounted = True
+        return r
+
+    def umount(self) -> None:
+        cryptfs("umount", str(self.mnt))
+        self.mounted = False
+
+    @property
+    def log(self) -> str:
+        p = self.cache / "cryptfs.log"
+        return p.read_text() if p.exists() else ""
+
+    def raw_keys(self) -> list[str]:
+        c = self.server.client()
+        keys = []
+        for page in c.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
+            keys += [o["Key"] for o in page.get("Contents", [])]
+        return keys
+
+
+@pytest.fixture
+def volume(s3server: S3Server, bucket: str, tmp_path: Path) -> Iterator[Volume]:
+    key = tmp_path / "vol.key"
+    url = f"s3://{bucket}/data"
+    cryptfs(
+        "init",
+        url,
+        "--key-file",
+        str(key),
+        "--endpoint-url",
+        s3server.endpoint,
+        "--chunk-size",
+        "64K",
+    )
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    v = Volume(url, s3server.endpoint, key, mnt, tmp_path / "cache", bucket, s3server)
+    try:
+        yield v
+    finally:
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+            if os.path.ismount(mnt):
+                subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
+        log = v.log
+        assert "Traceback" not in log, log[-4000:]

@@ -1,0 +1,252 @@
+"""Real mounts in a subprocess driven by real tools."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import Volume, cryptfs
+
+pytestmark = pytest.mark.e2e
+MARKER = b"PLAINTEXT-MARKER-7f3a"
+
+
+def sh(*cmd: str, cwd: Path | None = None) -> str:
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, check=False)
+    assert r.returncode == 0, f"{cmd} failed: {r.stderr}"
+    return r.stdout
+
+
+def make_tree(root: Path) -> None:
+    (root / "docs/deep/er").mkdir(parents=True)
+    (root / "empty-dir").mkdir()
+    (root / "secret-name-report.txt").write_bytes(MARKER * 10)
+    (root / "docs/big.bin").write_bytes(os.urandom(3 * 65536 + 1234))
+    (root / "docs/deep/er/small").write_text("small\n")
+    (root / "docs/empty").write_bytes(b"")
+    (root / ("ü" * 100)).write_text("unicode long name")
+    (root / ("L" * 255)).write_text("longest name")
+    os.symlink("../secret-name-report.txt", root / "docs/link")
+    os.symlink("/nonexistent/target", root / "dangling")
+    os.chmod(root / "docs/deep/er/small", 0o600)
+    os.chmod(root / "docs/deep", 0o750)
+    os.utime(root / "docs/big.bin", ns=(1_000_000_000_123_456_789, 1_000_000_000_123_456_789))
+    os.utime(root / "docs/deep", ns=(1_200_000_000_000_000_001, 1_200_000_000_000_000_001))
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int, int, str]]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = Path(dirpath) / n
+            st = p.lstat()
+            content = (
+                os.readlink(p)
+                if p.is_symlink()
+                else ("" if p.is_dir() else p.read_bytes().hex()[:64])
+            )
+            mtime = st.st_mtime_ns if not p.is_symlink() else 0
+            out[str(p.relative_to(root))] = (
+                st.st_mode,
+                mtime,
+                st.st_size if p.is_file() else 0,
+                content,
+            )
+    return out
+
+
+def test_cp_rsync_diff_remount_and_no_plaintext(volume: Volume, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    volume.mount()
+    m = volume.mnt
+    sh("cp", "-a", str(src), str(m / "cp"))
+    sh("rsync", "-a", f"{src}/", f"{m}/rs/")
+    sh("diff", "-r", "--no-dereference", str(src), str(m / "cp"))
+    sh("diff", "-r", "--no-dereference", str(src), str(m / "rs"))
+    assert snapshot(m / "cp") == snapshot(src)
+    assert snapshot(m / "rs") == snapshot(src)
+    assert sh("rsync", "-ai", f"{src}/", f"{m}/rs/") == ""  # no-op second pass
+    volume.umount()
+    assert not os.path.ismount(m)
+    volume.mount()
+    assert snapshot(m / "cp") == snapshot(src)
+    assert snapshot(m / "rs") == snapshot(src)
+    sh("diff", "-r", "--no-dereference", str(src), str(m / "rs"))
+    assert sh("rsync", "-ai", f"{src}/", f"{m}/rs/") == ""
+    volume.umount()
+    # the raw bucket holds neither plaintext content nor names
+    c = volume.server.client()
+    keys = volume.raw_keys()
+    assert len(keys) > 20
+    for k in keys:
+        assert "secret" not in k and "docs" not in k and "L" * 50 not in k
+        body = c.get_object(Bucket=volume.bucket, Key=k)["Body"].read()
+        assert MARKER not in body and b"secret-name" not in body
+        md = c.head_object(Bucket=volume.bucket, Key=k)["Metadata"]
+        assert "secret" not in str(md)
+
+
+def test_posix_operations(volume: Volume) -> None:
+    volume.mount()
+    m = volume.mnt
+    f = m / "f"
+    sh("dd", "if=/dev/urandom", f"of={f}", "bs=64k", "count=10", "status=none")
+    ref = bytearray(f.read_bytes())
+    # random writes and append
+    with open(f, "r+b") as fh:
+        fh.seek(100_000)
+        fh.write(b"Z" * 5000)
+        ref[100_000:105_000] = b"Z" * 5000
+    with open(f, "ab") as fh:
+        fh.write(b"appended")
+    ref += b"appended"
+    assert f.read_bytes() == ref
+    os.truncate(f, 70_000)
+    del ref[70_000:]
+    os.truncate(f, 80_000)
+    ref += bytes(10_000)
+    assert f.read_bytes() == ref
+    # rename over an existing file, NOREPLACE via mv -n, directory rename
+    (m / "g").write_text("old")
+    sh("mv", str(f), str(m / "g"))
+    assert (m / "g").read_bytes() == ref and not f.exists()
+    (m / "d1/sub").mkdir(parents=True)
+    (m / "d1/sub/x").write_text("x")
+    (m / "d1/y").write_text("y")
+    sh("mv", str(m / "d1"), str(m / "d2"))
+    assert (m / "d2/sub/x").read_text() == "x" and not (m / "d1").exists()
+    with pytest.raises(OSError) as ei:
+        os.rmdir(m / "d2")
+    assert ei.value.errno == 39  # ENOTEMPTY
+    sh("chmod", "751", str(m / "d2"))
+    sh("touch", "-d", "2003-04-05 06:07:08.123456789", str(m / "d2/y"))
+    os.chown(m / "d2/y", 1234, 5678)
+    sh("ln", "-s", "d2/y", str(m / "sym"))
+    with pytest.raises(OSError) as ei:
+        os.link(m / "d2/y", m / "hard")
+    assert ei.value.errno == 1  # EPERM: hard links are not supported
+    with pytest.raises(OSError) as ei:
+        (m / ("n" * 256)).write_text("x")
+    assert ei.value.errno == 36  # ENAMETOOLONG
+    with open(m / "synced", "wb") as fh:
+        fh.write(b"durable")
+        fh.flush()
+        os.fsync(fh.fileno())
+    # fsync returned: the object is in S3 already
+    assert any(k.endswith(".cryptfs.json") for k in volume.raw_keys())
+    st = os.statvfs(m)
+    assert st.f_namemax == 255
+    volume.umount()
+    volume.mount()
+    assert (m / "g").read_bytes() == ref
+    st = (m / "d2/y").stat()
+    assert st.st_mtime_ns == 1049522828123456789 and (st.st_uid, st.st_gid) == (1234, 5678)
+    assert oct((m / "d2").stat().st_mode & 0o777) == "0o751"
+    assert os.readlink(m / "sym") == "d2/y" and (m / "sym").read_text() == "y"
+    assert (m / "synced").read_bytes() == b"durable"
+    shutil.rmtree(m / "d2")
+    os.unlink(m / "g")
+    assert sorted(os.listdir(m)) == ["sym", "synced"]
+    volume.umount()
+
+
+@pytest.mark.allow_error_logs
+def test_tampered_object_reads_eio_others_fine(volume: Volume) -> None:
+    volume.mount()
+    (volume.mnt / "victim").write_bytes(b"v" * 200_000)
+    (volume.mnt / "other").write_bytes(b"o" * 1000)
+    volume.umount()
+    c = volume.server.client()
+    sizes = {
+        k: c.head_object(Bucket=volume.bucket, Key=k)["ContentLength"] for k in volume.raw_keys()
+    }
+    victim = next(k for k, s in sizes.items() if s > 150_000)
+    obj = c.get_object(Bucket=volume.bucket, Key=victim)
+    body = bytearray(obj["Body"].read())
+    body[150_000] ^= 0x40
+    c.put_object(Bucket=volume.bucket, Key=victim, Body=bytes(body), Metadata=obj["Metadata"])
+    volume.mount()
+    with pytest.raises(OSError) as ei:
+        (volume.mnt / "victim").read_bytes()
+    assert ei.value.errno == 5  # EIO
+    assert (volume.mnt / "other").read_bytes() == b"o" * 1000
+    volume.umount()
+    assert "integrity failure" in volume.log and victim.split("/", 1)[1] in volume.log
+
+
+def test_wrong_key_and_bad_input_are_one_clear_line(volume: Volume, tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong.key"
+    wrong.write_text("A" * 43 + "\n")
+    os.chmod(wrong, 0o600)
+    r = cryptfs(
+        "mount",
+        volume.url,
+        str(volume.mnt),
+        "--key-file",
+        str(wrong),
+        "--endpoint-url",
+        volume.endpoint,
+        "--cache-dir",
+        str(volume.cache),
+        check=False,
+    )
+    assert r.returncode != 0 and "wrong key" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not os.path.ismount(volume.mnt)
+    os.chmod(wrong, 0o644)
+    r = cryptfs("mount", volume.url, str(volume.mnt), "--key-file", str(wrong), check=False)
+    assert r.returncode != 0 and "chmod 600" in r.stderr
+    (volume.mnt / "junk").write_text("x")
+    r = cryptfs(
+        "mount",
+        volume.url,
+        str(volume.mnt),
+        "--key-file",
+        str(volume.key),
+        "--endpoint-url",
+        volume.endpoint,
+        check=False,
+    )
+    assert r.returncode != 0 and "not empty" in r.stderr
+    (volume.mnt / "junk").unlink()
+    r = cryptfs(
+        "mount",
+        f"s3://missing-bucket-{os.getpid()}/x",
+        str(volume.mnt),
+        "--key-file",
+        str(volume.key),
+        "--endpoint-url",
+        volume.endpoint,
+        check=False,
+    )
+    assert r.returncode != 0 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = cryptfs(
+        "init",
+        volume.url,
+        "--key-file",
+        str(volume.key),
+        "--endpoint-url",
+        volume.endpoint,
+        check=False,
+    )
+    assert r.returncode != 0 and "already exists" in r.stderr
+
+
+def test_fusermount_unmount_keeps_pending_data(volume: Volume) -> None:
+    volume.mount("--writeback-delay", "3600")
+    (volume.mnt / "late").write_bytes(b"written just before unmount")
+    subprocess.run(["fusermount3", "-u", str(volume.mnt)], check=True)
+    deadline = time.monotonic() + 60
+    while "unmounted cleanly" not in volume.log and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "unmounted cleanly" in volume.log
+    volume.mount()
+    assert (volume.mnt / "late").read_bytes() == b"written just before unmount"
+    volume.umount()

@@ -1,0 +1,188 @@
+"""Filesystem logic over the in-memory store: no sockets, no FUSE."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from cryptfs.cache.staging import StagingArea
+from cryptfs.errors import Exists, IntegrityError, NoEntry, NotEmpty, NotPermitted
+from cryptfs.format.volume import KeySource
+from cryptfs.crypto import Secret
+from cryptfs.fs.filesystem import ROOT_INO, Filesystem, Options
+from cryptfs.fs.volume import Volume
+from cryptfs.store.memory import MemoryStore
+
+
+async def make_fs(
+    tmp_path: Path, store: MemoryStore | None = None, chunk_log2: int = 12
+) -> Filesystem:
+    store = store or MemoryStore()
+    src = KeySource(keyfile=Secret(b"k" * 32))
+    try:
+        vol = await Volume.open(store, src)
+    except Exception:
+        vol, _ = await Volume.create(store, src, chunk_log2=chunk_log2, encrypt_names=True)
+    staging = StagingArea(tmp_path / vol.volume_id.hex(), vol.keys.cache, vol.chunk)
+    fs = Filesystem(vol, staging, Options(writeback_delay=0.1, metadata_ttl=0))
+    await fs.ensure_root()
+    return fs
+
+
+async def write_file(fs: Filesystem, parent: int, name: bytes, data: bytes) -> int:
+    node, h = await fs.create(parent, name, 0o644, 0, 0)
+    await fs.write(h.fh, 0, data)
+    await fs.release(h.fh)
+    await fs.sync_node(node)
+    return node.ino
+
+
+async def read_file(fs: Filesystem, ino: int) -> bytes:
+    h = await fs.open(ino, os.O_RDONLY)
+    try:
+        return await fs.read(h.fh, 0, 1 << 30)
+    finally:
+        await fs.release(h.fh)
+
+
+async def test_write_read_across_remount(tmp_path: Path) -> None:
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    data = os.urandom(3 * 4096 + 100)
+    await write_file(fs, ROOT_INO, b"f", data)
+    fs2 = await make_fs(tmp_path / "2", store)
+    node = await fs2.lookup(ROOT_INO, b"f")
+    assert await read_file(fs2, node.ino) == data
+    h = await fs2.open(node.ino, os.O_RDONLY)
+    assert await fs2.read(h.fh, 4000, 200) == data[4000:4200]
+    store.calls.clear()
+    assert await fs2.read(h.fh, 4100, 10) == data[4100:4110]  # cached chunk, no GET
+    assert store.calls.get("get", 0) == 0
+
+
+async def test_random_write_truncate_append(tmp_path: Path) -> None:
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    ref = bytearray(os.urandom(10000))
+    ino = await write_file(fs, ROOT_INO, b"f", bytes(ref))
+    h = await fs.open(ino, os.O_RDWR)
+    await fs.write(h.fh, 5000, b"X" * 3000)
+    ref[5000:8000] = b"X" * 3000
+    await fs.write(h.fh, 20000, b"tail")  # sparse extension
+    ref += bytes(20000 - len(ref)) + b"tail"
+    await fs.release(h.fh)
+    await fs.setattr(ino, size=15000)
+    del ref[15000:]
+    await fs.sync_node(fs.node(ino))
+    fs2 = await make_fs(tmp_path / "2", store)
+    node = await fs2.lookup(ROOT_INO, b"f")
+    assert await read_file(fs2, node.ino) == bytes(ref)
+
+
+async def test_namespace_operations(tmp_path: Path) -> None:
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    d = await fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    sub = await fs.mkdir(d.ino, b"sub", 0o700, 0, 0)
+    await write_file(fs, sub.ino, b"x", b"xx")
+    await write_file(fs, d.ino, b"y", b"yy")
+    with pytest.raises(Exists):
+        await fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    with pytest.raises(NotEmpty):
+        await fs.rmdir(ROOT_INO, b"d")
+    await fs.rename(ROOT_INO, b"d", ROOT_INO, b"e", 0)
+    with pytest.raises(Exists):
+        await fs.rename(d.ino, b"y", d.ino, b"sub", 1)  # RENAME_NOREPLACE
+    fs2 = await make_fs(tmp_path / "2", store)
+    e = await fs2.lookup(ROOT_INO, b"e")
+    names = [n for n, _ in await fs2.readdir(e.ino)]
+    assert names == [b"sub", b"y"]
+    sub2 = await fs2.lookup(e.ino, b"sub")
+    assert (await fs2.getattr(sub2.ino)).mode & 0o777 == 0o700
+    x = await fs2.lookup(sub2.ino, b"x")
+    assert await read_file(fs2, x.ino) == b"xx"
+    with pytest.raises(NoEntry):
+        await fs2.lookup(ROOT_INO, b"d")
+    await fs2.unlink(sub2.ino, b"x")
+    await fs2.rmdir(e.ino, b"sub")
+    with pytest.raises(NotPermitted):
+        fs2.link()
+
+
+async def test_rename_before_upload_is_one_upload(tmp_path: Path) -> None:
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    node, h = await fs.create(ROOT_INO, b".tmp123", 0o600, 0, 0)
+    await fs.write(h.fh, 0, b"data")
+    await fs.release(h.fh)
+    await fs.rename(ROOT_INO, b".tmp123", ROOT_INO, b"final", 0)
+    await fs.setattr(node.ino, mtime_ns=123_000_000_007)
+    store.calls.clear()
+    await fs.sync_node(node)
+    assert store.calls == {"put": 1}
+    fs2 = await make_fs(tmp_path / "2", store)
+    st = await fs2.getattr((await fs2.lookup(ROOT_INO, b"final")).ino)
+    assert st.mtime_ns == 123_000_000_007 and st.mode & 0o777 == 0o600
+
+
+@pytest.mark.allow_error_logs
+async def test_swapped_object_reads_as_integrity_error(tmp_path: Path) -> None:
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    a = await write_file(fs, ROOT_INO, b"a", b"AAAA")
+    b = await write_file(fs, ROOT_INO, b"b", b"BBBB")
+    ka, _ = fs.object_key(fs.node(a))
+    kb, _ = fs.object_key(fs.node(b))
+    store.objects[kb] = store.objects[ka]
+    fs2 = await make_fs(tmp_path / "2", store)
+    with pytest.raises(IntegrityError):
+        await fs2.lookup(ROOT_INO, b"b")
+    node = await fs2.lookup(ROOT_INO, b"a")
+    assert await read_file(fs2, node.ino) == b"AAAA"
+
+
+async def test_writeback_service_uploads_after_delay(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    async with trio.open_nursery() as n:
+        await n.start(fs.serve_writeback)
+        node, h = await fs.create(ROOT_INO, b"f", 0o644, 0, 0)
+        await fs.write(h.fh, 0, b"hello")
+        await fs.release(h.fh)
+        assert node.dirty
+        await trio.sleep(1)
+        assert not node.dirty and node.remote_etag is not None
+        n.cancel_scope.cancel()
+
+
+async def test_crash_recovery_uploads_staged_files(tmp_path: Path) -> None:
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    d = await fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    node, h = await fs.create(d.ino, b"f", 0o644, 0, 0)
+    await fs.write(h.fh, 0, b"survives")
+    await fs.release(h.fh)  # closed, not uploaded: the process "dies" here
+    staging_root = fs.staging.root
+    fs2 = await make_fs(tmp_path, store)  # same cache dir
+    assert fs2.staging.root == staging_root
+    assert await fs2.recover() == 1
+    fs3 = await make_fs(tmp_path / "3", store)
+    d3 = await fs3.lookup(ROOT_INO, b"d")
+    f3 = await fs3.lookup(d3.ino, b"f")
+    assert await read_file(fs3, f3.ino) == b"survives"
+    assert not list(staging_root.glob("*.data"))
+
+
+async def test_staging_is_encrypted_at_rest(tmp_path: Path) -> None:
+    fs = await make_fs(tmp_path)
+    node, h = await fs.create(ROOT_INO, b"plainname", 0o644, 0, 0)
+    await fs.write(h.fh, 0, b"PLAINTEXTMARKER" * 100)
+    await fs.release(h.fh)
+    for p in fs.staging.root.iterdir():
+        raw = p.read_bytes()
+        assert b"PLAINTEXTMARKER" not in raw and b"plainname" not in raw

@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import errno
+import inspect
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cryptfs import errors as E
+from cryptfs.crypto import Secret
+from cryptfs.errors import IntegrityError, Invalid, NameTooLong, WrongKey
+from cryptfs.format.keys import VolumeKeys
+from cryptfs.format.meta import KIND_FILE, Attrs, ObjectMeta, decode_meta, encode_meta
+from cryptfs.format.names import MAX_COMPONENT, NameCodec
+from cryptfs.format.volume import KeySource, VolumeConfig
+from cryptfs.fuse.ops import ERRNO_OF
+
+VOL = b"V" * 16
+KEYS = VolumeKeys.derive(Secret(b"m" * 32), VOL)
+
+
+@given(
+    st.binary(min_size=1, max_size=255).filter(
+        lambda n: b"/" not in n and b"\0" not in n and n not in (b".", b"..")
+    )
+)
+def test_name_roundtrip(name: bytes) -> None:
+    codec = NameCodec(KEYS.names, VOL)
+    comp, long_name = codec.encode(b"/dir", name)
+    assert len(comp) <= MAX_COMPONENT
+    assert "/" not in comp
+    assert codec.decode(b"/dir", comp, long_name) == name
+
+
+def test_same_name_differs_between_directories_and_is_authenticated() -> None:
+    codec = NameCodec(KEYS.names, VOL)
+    a, _ = codec.encode(b"/a", b"report.pdf")
+    b, _ = codec.encode(b"/b", b"report.pdf")
+    assert a != b
+    with pytest.raises(IntegrityError):
+        codec.decode(b"/b", a)
+
+
+def test_long_names_use_hashed_component() -> None:
+    codec = NameCodec(KEYS.names, VOL)
+    comp, long_name = codec.encode(b"/", b"x" * 255)
+    assert comp.startswith("~") and long_name is not None
+    with pytest.raises(IntegrityError):
+        codec.decode(b"/", comp, long_name[:-2] + "AA")
+
+
+def test_name_limits() -> None:
+    codec = NameCodec(KEYS.names, VOL)
+    with pytest.raises(NameTooLong):
+        codec.encode(b"/", b"x" * 256)
+    with pytest.raises(Invalid):
+        NameCodec(None, VOL).encode(b"/", b".cryptfs.dir")
+
+
+def _attrs() -> Attrs:
+    return Attrs(KIND_FILE, 0o640, 1, 2, 10**18 + 123, 5, 6, size=7, salt=b"s" * 32)
+
+
+def test_meta_roundtrip_and_path_binding() -> None:
+    meta = ObjectMeta(b"F" * 16, _attrs(), b"w" * 60, "vmk")
+    md = encode_meta(KEYS, b"/a/b", meta)
+    assert decode_meta(KEYS, b"/a/b", md) == meta
+    with pytest.raises(IntegrityError):
+        decode_meta(KEYS, b"/a/c", md)  # object moved to another path
+    md2 = dict(
+        md,
+        **{
+            "cfs-f": encode_meta(KEYS, b"/a/b", ObjectMeta(b"G" * 16, _attrs(), b"", "vmk"))[
+                "cfs-f"
+            ]
+        },
+    )
+    with pytest.raises(IntegrityError):
+        decode_meta(KEYS, b"/a/b", md2)  # attributes of another file
+    with pytest.raises(IntegrityError):
+        decode_meta(KEYS, b"/a/b", {})  # foreign object
+
+
+def test_dek_wrap_bound_to_file() -> None:
+    dek = Secret(b"d" * 32)
+    blob = KEYS.wrap_dek(dek, b"F" * 16)
+    assert KEYS.unwrap_dek(blob, b"F" * 16, "vmk") == dek
+    with pytest.raises(IntegrityError):
+        KEYS.unwrap_dek(blob, b"G" * 16, "vmk")
+
+
+def test_volume_config_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRYPTFS_TEST_FAST_KDF", "1")
+    cfg, vmk = VolumeConfig.create(16, True)
+    cfg.add_slot(vmk, KeySource(keyfile=Secret(b"k" * 32)))
+    cfg.add_slot(vmk, KeySource(passphrase=Secret(b"correct horse")))
+    data = cfg.to_bytes(vmk)
+    assert b"k" * 8 not in data and b"correct horse" not in data
+    loaded = VolumeConfig.from_bytes(data)
+    assert loaded.unlock(KeySource(keyfile=Secret(b"k" * 32))) == vmk
+    assert loaded.unlock(KeySource(passphrase=Secret(b"correct horse"))) == vmk
+    with pytest.raises(WrongKey):
+        loaded.unlock(KeySource(keyfile=Secret(b"z" * 32)))
+    with pytest.raises(WrongKey):
+        loaded.unlock(KeySource(passphrase=Secret(b"wrong")))
+    tampered = VolumeConfig.from_bytes(data.replace(b'"aes-siv"', b'"plain"'))
+    with pytest.raises(IntegrityError):
+        tampered.unlock(KeySource(keyfile=Secret(b"k" * 32)))
+
+
+def test_secret_repr_hides_bytes() -> None:
+    s = Secret(b"supersecret")
+    assert "supersecret" not in repr(s) and "supersecret" not in str(s)
+    assert "supersecret" not in repr(KEYS)
+
+
+def test_every_error_leaf_has_an_errno() -> None:
+    leaves = [
+        c
+        for _, c in inspect.getmembers(E, inspect.isclass)
+        if issubclass(c, E.CryptfsError) and not c.__subclasses__()
+    ]
+    assert leaves
+    missing = [c.__name__ for c in leaves if c not in ERRNO_OF]
+    assert not missing, missing
+    assert ERRNO_OF[E.IntegrityError] == errno.EIO
