@@ -66,7 +66,7 @@ class Secret:
     def __hash__(self) -> int:  # pragma: no cover - secrets are never dict keys
         raise TypeError("Secret is not hashable")
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> str:
         raise TypeError("Secret must not be pickled")
 
 

@@ -55,7 +55,7 @@ _QUIET = (E.NoEntry, E.Exists, E.NotEmpty, E.NoAttr, E.NotFound)
 def errno_of(exc: E.CryptfsError) -> int:
     for cls in type(exc).__mro__:
         if cls in ERRNO_OF:
-            return ERRNO_OF[cls]  # type: ignore[index]
+            return ERRNO_OF[cls]
     return errno.EIO
 
 
@@ -81,7 +81,7 @@ async def _guard(what: str, fn: Callable[[], Awaitable[T]]) -> T:
         raise pyfuse3.FUSEError(errno.EIO) from None
 
 
-class Operations(pyfuse3.Operations):  # type: ignore[misc]
+class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, fs: Filesystem, *, entry_timeout: float = 1.0) -> None:

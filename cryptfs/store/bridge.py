@@ -75,7 +75,7 @@ class AsyncioBridge:
                 token.run_sync_soon(trio.lowlevel.reschedule, task, result)
 
         def start() -> None:  # loop thread
-            atask = self._loop.create_task(fn(*args))  # type: ignore[arg-type]
+            atask: asyncio.Task[T] = self._loop.create_task(fn(*args))  # type: ignore[arg-type]
             state["task"] = atask
             atask.add_done_callback(deliver)
 

@@ -1,0 +1,38 @@
+# cryptfs — the two commands: `make demo` and `make test` (both do all set-up themselves).
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: test demo demo-stop install system-deps lint clean
+
+system-deps:
+	@if command -v apt-get >/dev/null 2>&1; then \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    fuse3 libfuse3-dev pkg-config rsync gcc python3-dev >/dev/null; \
+	else echo "non-Debian system: install fuse3, libfuse3-dev, pkg-config, rsync yourself"; fi
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+install: system-deps $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+
+lint: install
+	$(BIN)/ruff check cryptfs tests
+	$(BIN)/ruff format --check cryptfs tests
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest -p no:cacheprovider tests
+
+demo: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh start
+
+demo-stop:
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh stop
+
+clean:
+	rm -rf $(VENV) .demo *.egg-info
