@@ -108,7 +108,7 @@ def start_seaweed(workdir: Path) -> S3Server:
             c.put_object(Bucket=name, Key="x", Body=b"1")
             c.delete_object(Bucket=name, Key="x")
             return server
-        except Exception as e:  # noqa: BLE001 - server still starting
+        except Exception as e:
             last = e
             time.sleep(0.3)
     stop_seaweed(server)

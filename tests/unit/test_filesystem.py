@@ -9,9 +9,9 @@ import pytest
 import trio
 
 from cryptfs.cache.staging import StagingArea
+from cryptfs.crypto import Secret
 from cryptfs.errors import Exists, IntegrityError, NoEntry, NotEmpty, NotPermitted
 from cryptfs.format.volume import KeySource
-from cryptfs.crypto import Secret
 from cryptfs.fs.filesystem import ROOT_INO, Filesystem, Options
 from cryptfs.fs.volume import Volume
 from cryptfs.store.memory import MemoryStore
@@ -164,7 +164,7 @@ async def test_crash_recovery_uploads_staged_files(tmp_path: Path) -> None:
     store = MemoryStore()
     fs = await make_fs(tmp_path, store)
     d = await fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
-    node, h = await fs.create(d.ino, b"f", 0o644, 0, 0)
+    _node, h = await fs.create(d.ino, b"f", 0o644, 0, 0)
     await fs.write(h.fh, 0, b"survives")
     await fs.release(h.fh)  # closed, not uploaded: the process "dies" here
     staging_root = fs.staging.root
@@ -180,7 +180,7 @@ async def test_crash_recovery_uploads_staged_files(tmp_path: Path) -> None:
 
 async def test_staging_is_encrypted_at_rest(tmp_path: Path) -> None:
     fs = await make_fs(tmp_path)
-    node, h = await fs.create(ROOT_INO, b"plainname", 0o644, 0, 0)
+    _node, h = await fs.create(ROOT_INO, b"plainname", 0o644, 0, 0)
     await fs.write(h.fh, 0, b"PLAINTEXTMARKER" * 100)
     await fs.release(h.fh)
     for p in fs.staging.root.iterdir():
