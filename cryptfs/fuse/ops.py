@@ -49,7 +49,7 @@ ERRNO_OF: dict[type[E.CryptfsError], int] = {
     E.NotPermitted: errno.EPERM,
     E.NoAttr: errno.ENODATA,
 }
-_QUIET = (E.NoEntry, E.Exists, E.NotEmpty, E.NoAttr, E.NotFound)
+_QUIET = (E.NoEntry, E.Exists, E.NotEmpty, E.NoAttr, E.NotFound, E.NotSupported)
 
 
 def errno_of(exc: E.CryptfsError) -> int:
