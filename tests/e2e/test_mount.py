@@ -250,3 +250,110 @@ def test_fusermount_unmount_keeps_pending_data(volume: Volume) -> None:
     volume.mount()
     assert (volume.mnt / "late").read_bytes() == b"written just before unmount"
     volume.umount()
+
+
+def test_passphrase_slot_and_missing_credentials(s3server, bucket: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    key, pw = tmp_path / "k", tmp_path / "pw"
+    pw.write_text("correct horse battery staple\n")
+    os.chmod(pw, 0o600)
+    env = dict(os.environ, CRYPTFS_TEST_FAST_KDF="1")
+    url = f"s3://{bucket}/pp"
+    cryptfs(
+        "init",
+        url,
+        "--key-file",
+        str(key),
+        "--passphrase-file",
+        str(pw),
+        "--endpoint-url",
+        s3server.endpoint,
+        env=env,
+    )
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    v = Volume(url, s3server.endpoint, key, mnt, tmp_path / "cache", bucket, s3server)
+    cryptfs(
+        "mount",
+        url,
+        str(mnt),
+        "--passphrase-file",
+        str(pw),
+        "--endpoint-url",
+        s3server.endpoint,
+        "--cache-dir",
+        str(v.cache),
+    )
+    try:
+        (mnt / "f").write_text("via passphrase")
+    finally:
+        v.umount()
+    cryptfs(
+        "mount",
+        url,
+        str(mnt),
+        "--key-file",
+        str(key),
+        "--endpoint-url",
+        s3server.endpoint,
+        "--cache-dir",
+        str(v.cache),
+    )
+    try:
+        assert (mnt / "f").read_text() == "via passphrase"
+    finally:
+        v.umount()
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    bare["HOME"] = str(tmp_path)
+    r = cryptfs(
+        "mount",
+        url,
+        str(mnt),
+        "--key-file",
+        str(key),
+        "--endpoint-url",
+        s3server.endpoint,
+        "--cache-dir",
+        str(v.cache),
+        env=bare,
+        check=False,
+    )
+    assert r.returncode == 1
+    assert "credentials" in r.stderr or "access denied" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not os.path.ismount(mnt)
+    pw.write_text("wrong passphrase\n")
+    r = cryptfs(
+        "mount",
+        url,
+        str(mnt),
+        "--passphrase-file",
+        str(pw),
+        "--endpoint-url",
+        s3server.endpoint,
+        "--cache-dir",
+        str(v.cache),
+        check=False,
+    )
+    assert r.returncode == 1
+    assert "wrong key or passphrase" in r.stderr
+
+
+def test_unreachable_endpoint_is_one_clear_line(volume: Volume) -> None:
+    from tests.conftest import free_ports
+
+    port = free_ports(1)[0]
+    r = cryptfs(
+        "mount",
+        volume.url,
+        str(volume.mnt),
+        "--key-file",
+        str(volume.key),
+        "--endpoint-url",
+        f"http://127.0.0.1:{port}",
+        "--cache-dir",
+        str(volume.cache),
+        check=False,
+    )
+    assert r.returncode == 1
+    assert "unreachable" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
