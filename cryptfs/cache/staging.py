@@ -159,6 +159,10 @@ class StagedFile:
         os.replace(tmp, self.journal_path)
         self.area.fsync_dir()
 
+    def drop_journal(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.journal_path.unlink()
+
     def remove(self) -> None:
         self.close()
         for p in (self.path, self.journal_path):

@@ -318,6 +318,8 @@ class Filesystem:
                 del node.parent.children[node.name]
         node.unlinked = True
         self._due.pop(node, None)
+        if node.stage is not None:
+            node.stage.drop_journal()  # a crash must not resurrect a removed file
         self._maybe_drop(node)
 
     # ------------------------------------------------------------------ metadata from S3
@@ -537,7 +539,12 @@ class Filesystem:
         async with trio.open_nursery() as n:
             for item in todo:
                 n.start_soon(load, *item)
-        # keep local entries that are not in S3 yet (dirty, never uploaded)
+        # keep local entries that are not in S3 yet (dirty, never uploaded), and entries that
+        # were created while the listing was in flight
+        current = d.children or {}
+        for name, node in current.items():
+            if name not in old and name not in new and not node.unlinked:
+                new[name] = node
         for name, node in old.items():
             if name not in new:
                 if (node.remote_etag is None and node.dirty and not node.unlinked) or (
@@ -547,9 +554,9 @@ class Filesystem:
                 else:
                     node.unlinked = True
                     self._maybe_drop(node)
-        d.children = new
+        d.children = {n: c for n, c in new.items() if not c.unlinked}
         d.listed_at = trio.current_time()
-        return sorted(new.items())
+        return sorted(d.children.items())
 
     # ------------------------------------------------------------------ creating entries
 
@@ -1172,7 +1179,7 @@ class Filesystem:
     # ------------------------------------------------------------------ write-back
 
     def _journal(self, node: Node) -> None:
-        if node.stage is None:
+        if node.stage is None or node.unlinked:
             return
         rec = {
             "path": b64e(self.path(node)),

@@ -186,3 +186,31 @@ async def test_staging_is_encrypted_at_rest(tmp_path: Path) -> None:
     for p in fs.staging.root.iterdir():
         raw = p.read_bytes()
         assert b"PLAINTEXTMARKER" not in raw and b"plainname" not in raw
+
+
+async def test_unlinked_file_is_not_resurrected_by_recovery(tmp_path: Path) -> None:
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    node, h = await fs.create(ROOT_INO, b"gone", 0o644, 0, 0)
+    await fs.write(h.fh, 0, b"data")
+    await fs.flush(h.fh)  # journal written
+    await fs.unlink(ROOT_INO, b"gone")  # still open
+    assert await fs.read(h.fh, 0, 10) == b"data"  # open handle keeps reading
+    fs2 = await make_fs(tmp_path, store)  # the daemon "crashed" with the file open
+    assert await fs2.recover() == 0
+    with pytest.raises(NoEntry):
+        await fs2.lookup(ROOT_INO, b"gone")
+    assert node.unlinked
+
+
+async def test_entries_created_during_listing_survive(tmp_path: Path) -> None:
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    for i in range(20):
+        await write_file(fs, ROOT_INO, f"f{i}".encode(), b"x")
+    fs2 = await make_fs(tmp_path / "2", store)
+    async with trio.open_nursery() as n:
+        n.start_soon(fs2.readdir, ROOT_INO)
+        await trio.sleep(0)
+        await fs2.create(ROOT_INO, b"new", 0o644, 0, 0)
+    assert b"new" in [name for name, _ in await fs2.readdir(ROOT_INO)]
