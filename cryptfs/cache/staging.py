@@ -144,20 +144,27 @@ class StagedFile:
     def journal_path(self) -> Path:
         return self.area.root / (self.file_id.hex() + ".journal")
 
-    def save_journal(self, record: dict[str, Any]) -> None:
-        """Atomically replace the journal (fsync of data, journal and directory)."""
+    def save_journal(self, record: dict[str, Any], *, durable: bool = False) -> None:
+        """Atomically replace the journal.
+
+        ``durable`` also fsyncs data, journal and directory (power-loss safe); without it the
+        journal survives a crash of the process, which is what ``close`` promises.
+        """
         record = dict(record, size=self.size, salt=b64e(self.salt))
         blob = self.area.seal_journal(self.file_id, record)
         tmp = self.journal_path.with_suffix(".tmp")
         fd = _io(os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             _io(os.write, fd, blob)
-            _io(os.fsync, fd)
+            if durable:
+                _io(os.fsync, fd)
         finally:
             os.close(fd)
-        self.fsync()
+        if durable:
+            self.fsync()
         os.replace(tmp, self.journal_path)
-        self.area.fsync_dir()
+        if durable:
+            self.area.fsync_dir()
 
     def drop_journal(self) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -125,7 +125,7 @@ class Node:
     wrapped_dek: bytes | None = None
     remote_etag: str | None = None  # ETag of our object in S3, None if not there (yet)
     children: dict[bytes, Node] | None = None  # directories: known entries
-    listed_at: float = -1e18  # trio time when ``children`` was last complete
+    listed_at: float = -1.0  # trio time when ``children`` was last complete (<0: never)
     refreshed_at: float = 0.0
     lookups: int = 0
     open_count: int = 0
@@ -139,6 +139,7 @@ class Node:
     cipher_etag: str | None = None
     target: bytes | None = None  # symlinks
     own_salts: set[bytes] = field(default_factory=set)  # generations this mount wrote
+    journaled: int = -1  # value of ``change`` when the journal was last written
     lock: trio.Lock = field(default_factory=trio.Lock)
 
     @property
@@ -472,6 +473,12 @@ class Filesystem:
                 return node if not node.unlinked else None
             if self._fresh(parent.listed_at):
                 return None
+            if parent.listed_at > 0:
+                # we knew the whole directory once: one LIST refreshes it (HEADs only for
+                # entries that changed) instead of three requests per missing name
+                await self.readdir(parent.ino)
+                node = (parent.children or {}).get(name)
+                return node if node is not None and not node.unlinked else None
         return await self._fetch_entry(parent, name)
 
     async def getattr(self, ino: int) -> Stat:
@@ -675,7 +682,6 @@ class Filesystem:
         node.stage = self.staging.create(fid)
         node.change += 1
         self._insert(parent, node)
-        self._journal(node)
         return node, self._open_handle(node, writable=True)
 
     # ------------------------------------------------------------------ open, read, write
@@ -720,11 +726,18 @@ class Filesystem:
         h.next_offset = end
         return await self._read_remote(node, offset, end - offset, h.window)
 
-    async def _cipher(self, node: Node) -> BodyCipher:
+    def _known_cipher(self, node: Node) -> BodyCipher | None:
         if node.cipher is not None and node.cipher_etag == node.remote_etag:
             return node.cipher
+        return None
+
+    async def _cipher(self, node: Node, header: bytes | None = None) -> BodyCipher:
+        known = self._known_cipher(node)
+        if known is not None:
+            return known
         key, _ = self.object_key(node)
-        _info, header = await self.store.get(key, 0, HEADER_SIZE, if_match=node.remote_etag)
+        if header is None:
+            _info, header = await self.store.get(key, 0, HEADER_SIZE, if_match=node.remote_etag)
         try:
             if node.dek is None:
                 assert node.wrapped_dek is not None
@@ -743,7 +756,6 @@ class Filesystem:
     async def _read_remote(self, node: Node, offset: int, length: int, window: int | None) -> bytes:
         if length <= 0:
             return b""
-        cipher = await self._cipher(node)
         size = node.attrs.size
         c = self.chunk
         salt = node.attrs.salt
@@ -762,21 +774,31 @@ class Filesystem:
             last_i = missing[-1]
             if window:
                 last_i = min(last, max(last_i, (offset + window - 1) // c))
-            await self._fetch_chunks(node, cipher, first_i, last_i, got)
+            await self._fetch_chunks(node, first_i, last_i, got)
         out = b"".join(got[i] for i in need)
         lo = offset - need.start * c
         return out[lo : lo + length]
 
-    async def _fetch_chunks(
-        self, node: Node, cipher: BodyCipher, first: int, last: int, got: dict[int, bytes]
-    ) -> None:
+    async def _fetch_chunks(self, node: Node, first: int, last: int, got: dict[int, bytes]) -> None:
+        """Fetch chunks [first, last] with one ranged GET, authenticate, cache them.
+
+        When the body's header is not known yet and the run starts at chunk 0, the header
+        comes with the same request.
+        """
         size = node.attrs.size
         c = self.chunk
         n = chunk_count(size, c)
         start, _ = chunk_span(first, size, c)
         lo, ln = chunk_span(last, size, c)
         key, _ = self.object_key(node)
-        _info, data = await self.store.get(key, start, lo + ln, if_match=node.remote_etag)
+        cipher = self._known_cipher(node)
+        header = None
+        if cipher is None and first == 0:
+            _info, data = await self.store.get(key, 0, lo + ln, if_match=node.remote_etag)
+            header, data = data[:HEADER_SIZE], data[HEADER_SIZE:]
+        else:
+            _info, data = await self.store.get(key, start, lo + ln, if_match=node.remote_etag)
+        cipher = await self._cipher(node, header)
         if len(data) != lo + ln - start:
             self._integrity(key, "short read")
             raise IntegrityError(f"{key}: object shorter than its metadata says")
@@ -805,7 +827,7 @@ class Filesystem:
                 for first in range(0, n, step):
                     last = min(n - 1, first + step - 1)
                     got: dict[int, bytes] = {}
-                    await self._fetch_chunks(node, await self._cipher(node), first, last, got)
+                    await self._fetch_chunks(node, first, last, got)
                     for i in range(first, last + 1):
                         data = got[i]
                         sf.write_chunk(i, data + bytes(self.chunk - len(data)))
@@ -878,8 +900,8 @@ class Filesystem:
             node.change += 1
             if node.stage is None:
                 node.meta_dirty = True
-        if node.stage is not None:
-            self._journal(node)
+        if node.stage is not None and node.open_count == 0:
+            self._journal(node)  # an open file is journaled when it is closed
         if node.dirty and node.writers == 0:
             self._schedule(node)
         return self.stat(node)
@@ -905,6 +927,7 @@ class Filesystem:
 
     async def fsync(self, fh: int) -> None:
         node = self.handle(fh).node
+        self._journal(node, durable=True)  # power-loss safe even if S3 is unreachable now
         await self.sync_node(node)
 
     def statfs(self) -> dict[str, int]:
@@ -1178,8 +1201,10 @@ class Filesystem:
 
     # ------------------------------------------------------------------ write-back
 
-    def _journal(self, node: Node) -> None:
+    def _journal(self, node: Node, *, durable: bool = False) -> None:
         if node.stage is None or node.unlinked:
+            return
+        if node.journaled == node.change and not durable:
             return
         rec = {
             "path": b64e(self.path(node)),
@@ -1188,7 +1213,8 @@ class Filesystem:
             "attrs": b64e(node.attrs.to_json()),
             "etag": node.remote_etag,
         }
-        node.stage.save_journal(rec)
+        node.stage.save_journal(rec, durable=durable)
+        node.journaled = node.change
 
     def _schedule(self, node: Node, delay: float | None = None) -> None:
         when = trio.current_time() + (self.opt.writeback_delay if delay is None else delay)
