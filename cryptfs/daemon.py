@@ -24,7 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyfuse3
 import trio
 
 from cryptfs.cache.staging import StagingArea
@@ -32,7 +31,7 @@ from cryptfs.errors import UsageError
 from cryptfs.format.volume import KeySource
 from cryptfs.fs.filesystem import Filesystem, Options
 from cryptfs.fs.volume import Volume
-from cryptfs.fuse.ops import Operations, mount_options
+from cryptfs.fuse.ops import Operations, mount_options, mounted, request_unmount, serve
 from cryptfs.store.s3 import S3Location, S3Options, open_s3_store
 
 log = logging.getLogger(__name__)
@@ -132,9 +131,9 @@ async def _serve(cfg: MountConfig, fs: Filesystem, ready: Callable[[], None]) ->
     pidfile.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     statusfile.unlink(missing_ok=True)
     pidfile.write_text(f"{os.getpid()}\n")
-    pyfuse3.init(ops, str(cfg.mountpoint), mount_options(str(cfg.location), cfg.fuse_options))
+    options = mount_options(str(cfg.location), cfg.fuse_options)
     force = trio.CancelScope()
-    try:
+    with mounted(ops, str(cfg.mountpoint), options):
         async with trio.open_nursery() as nursery:
             await nursery.start(fs.serve_writeback)
             watcher = trio.CancelScope()
@@ -142,11 +141,9 @@ async def _serve(cfg: MountConfig, fs: Filesystem, ready: Callable[[], None]) ->
             log.info("mounted %s at %s", cfg.location, cfg.mountpoint)
             ready()
             sd_notify("READY=1")
-            await pyfuse3.main()
+            await serve()
             watcher.cancel()
             fs.stop_writeback()
-    finally:
-        pyfuse3.close(unmount=True)
     sd_notify("STOPPING=1")
     pending = len(fs.pending())
     left = pending
@@ -170,7 +167,7 @@ async def _watch_signals(force: trio.CancelScope, scope: trio.CancelScope) -> No
             count += 1
             if count == 1:
                 log.info("signal %d: unmounting and flushing (again to abandon the flush)", sig)
-                pyfuse3.terminate()
+                request_unmount()
             else:
                 log.warning("second signal: abandoning the flush; staged data is kept")
                 force.cancel()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -287,6 +287,23 @@ def mount_options(fsname: str, extra: Sequence[str]) -> set[str]:
     for o in extra:
         if o and o not in ("rw", "defaults", "_netdev", "auto", "noauto", "nofail", "user"):
             opts.add(o)
-    if os.getuid() != 0:
-        opts.discard("allow_other")
     return opts
+
+
+@contextmanager
+def mounted(ops: Operations, mountpoint: str, options: set[str]) -> Iterator[None]:
+    """Mount ``ops`` at ``mountpoint``; unmount on exit (a no-op if already unmounted)."""
+    pyfuse3.init(ops, mountpoint, options)
+    try:
+        yield
+    finally:
+        pyfuse3.close(unmount=True)
+
+
+async def serve() -> None:
+    """Answer kernel requests until the file system is unmounted or ``request_unmount``."""
+    await pyfuse3.main()
+
+
+def request_unmount() -> None:
+    pyfuse3.terminate()

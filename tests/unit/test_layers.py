@@ -1,0 +1,57 @@
+"""Third-party libraries stay confined to their layer (STYLE.md "Layers, one direction")."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[2] / "cryptfs"
+
+ALLOWED = {
+    "cryptography": {"crypto/__init__.py"},
+    "pyfuse3": {"fuse/ops.py"},
+    "aiobotocore": {"store/s3.py"},
+    "botocore": {"store/s3.py"},
+    "asyncio": {"store/bridge.py"},
+}
+# lower layers must not import upper ones
+FORBIDDEN = {
+    "crypto": {"cryptfs.format", "cryptfs.store", "cryptfs.fs", "cryptfs.fuse", "cryptfs.cache"},
+    "format": {"cryptfs.store", "cryptfs.fs", "cryptfs.fuse", "cryptfs.cache"},
+    "store": {"cryptfs.format", "cryptfs.fs", "cryptfs.fuse", "cryptfs.cache"},
+    "cache": {"cryptfs.store", "cryptfs.fs", "cryptfs.fuse"},
+    "fs": {"cryptfs.fuse", "cryptfs.daemon", "cryptfs.cli"},
+}
+
+
+def _imports(path: Path) -> set[str]:
+    mods: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            mods |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            mods.add(node.module)
+    return mods
+
+
+def test_third_party_confined() -> None:
+    files = list(PKG.rglob("*.py"))
+    assert len(files) > 10
+    bad = []
+    for f in files:
+        rel = str(f.relative_to(PKG))
+        for mod in _imports(f):
+            top = mod.split(".")[0]
+            if top in ALLOWED and rel not in ALLOWED[top]:
+                bad.append(f"{rel} imports {mod}")
+    assert not bad, bad
+
+
+def test_layers_point_down() -> None:
+    bad = []
+    for layer, forbidden in FORBIDDEN.items():
+        for f in (PKG / layer).rglob("*.py"):
+            for mod in _imports(f):
+                if any(mod == x or mod.startswith(x + ".") for x in forbidden):
+                    bad.append(f"{f.relative_to(PKG)} imports {mod}")
+    assert not bad, bad
