@@ -350,6 +350,8 @@ class Filesystem:
         """Create or refresh the node for ``parent/name`` from a HEAD result."""
         path = self._child_path(parent, name)
         meta = self._decode(path, info)
+        if meta.attrs.kind != KIND_DIR:
+            self._check_size(info, meta.attrs)
         if existing is not None and existing.file_id == meta.file_id and not existing.dirty:
             node = existing
             if node.remote_etag != info.etag:
@@ -365,8 +367,6 @@ class Filesystem:
         node.wrapped_dek = meta.wrapped_dek
         node.remote_etag = info.etag
         node.refreshed_at = trio.current_time()
-        if not node.is_dir:
-            self._check_size(info, meta.attrs)
         if parent.children is not None:
             parent.children[name] = node
         return node
@@ -473,7 +473,7 @@ class Filesystem:
                 return node if not node.unlinked else None
             if self._fresh(parent.listed_at):
                 return None
-            if parent.listed_at > 0:
+            if parent.listed_at >= 0:
                 # we knew the whole directory once: one LIST refreshes it (HEADs only for
                 # entries that changed) instead of three requests per missing name
                 await self.readdir(parent.ino)
@@ -724,7 +724,14 @@ class Filesystem:
         else:
             h.window = 0
         h.next_offset = end
-        return await self._read_remote(node, offset, end - offset, h.window)
+        try:
+            return await self._read_remote(node, offset, end - offset, h.window)
+        except PreconditionFailed:
+            # the object was replaced by another writer since we looked: reload and retry
+            node.refreshed_at = -1e18
+            await self._refresh(node)
+            end = min(offset + size, node.attrs.size)
+            return await self._read_remote(node, offset, max(0, end - offset), h.window)
 
     def _known_cipher(self, node: Node) -> BodyCipher | None:
         if node.cipher is not None and node.cipher_etag == node.remote_etag:

@@ -214,3 +214,44 @@ async def test_entries_created_during_listing_survive(tmp_path: Path) -> None:
         await trio.sleep(0)
         await fs2.create(ROOT_INO, b"new", 0o644, 0, 0)
     assert b"new" in [name for name, _ in await fs2.readdir(ROOT_INO)]
+
+
+async def test_reader_follows_a_replaced_object(tmp_path: Path) -> None:
+    store = MemoryStore()
+    writer = await make_fs(tmp_path, store)
+    ino = await write_file(writer, ROOT_INO, b"f", b"version one")
+    reader = await make_fs(tmp_path / "r", store)
+    rnode = await reader.lookup(ROOT_INO, b"f")
+    h = await reader.open(rnode.ino, os.O_RDONLY)
+    assert await reader.read(h.fh, 0, 100) == b"version one"
+    wh = await writer.open(ino, os.O_WRONLY)
+    await writer.setattr(ino, size=0)
+    await writer.write(wh.fh, 0, b"version two!")
+    await writer.release(wh.fh)
+    await writer.sync_node(writer.node(ino))
+    reader.cache.clear()
+    assert await reader.read(h.fh, 0, 100) == b"version two!"
+
+
+async def test_directory_rename_with_long_names_and_nesting(tmp_path: Path) -> None:
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    long_dir = b"D" * 200
+    d = await fs.mkdir(ROOT_INO, long_dir, 0o755, 0, 0)
+    inner = await fs.mkdir(d.ino, b"I" * 240, 0o711, 0, 0)
+    await write_file(fs, inner.ino, b"F" * 255, b"deep")
+    await write_file(fs, d.ino, b"short", b"s")
+    empty = await fs.mkdir(d.ino, b"empty", 0o700, 0, 0)
+    assert empty.remote_etag
+    await fs.rename(ROOT_INO, long_dir, ROOT_INO, b"N" * 190, 0)
+    fs2 = await make_fs(tmp_path / "2", store)
+    n = await fs2.lookup(ROOT_INO, b"N" * 190)
+    assert sorted(x for x, _ in await fs2.readdir(n.ino)) == [b"I" * 240, b"empty", b"short"]
+    i2 = await fs2.lookup(n.ino, b"I" * 240)
+    assert (await fs2.getattr(i2.ino)).mode & 0o777 == 0o711
+    f = await fs2.lookup(i2.ino, b"F" * 255)
+    assert await read_file(fs2, f.ino) == b"deep"
+    with pytest.raises(NoEntry):
+        await fs2.lookup(ROOT_INO, long_dir)
+    # nothing is left under the old name
+    assert len(store.objects) == 7  # config, root, dir, inner, empty, 2 files
