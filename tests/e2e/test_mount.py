@@ -357,3 +357,80 @@ def test_unreachable_endpoint_is_one_clear_line(volume: Volume) -> None:
     assert r.returncode == 1
     assert "unreachable" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_tar_find_dd_and_editor_save(volume: Volume, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    archive = tmp_path / "a.tar"
+    sh("tar", "--format=posix", "-cf", str(archive), "-C", str(src), ".")
+    volume.mount()
+    m = volume.mnt
+    (m / "x").mkdir()
+    sh("tar", "-xpf", str(archive), "-C", str(m / "x"))
+    assert snapshot(m / "x") == snapshot(src)
+    sh("tar", "--format=posix", "-cf", str(tmp_path / "b.tar"), "-C", str(m / "x"), ".")
+    out = tmp_path / "out"
+    out.mkdir()
+    sh("tar", "-xpf", str(tmp_path / "b.tar"), "-C", str(out))
+    assert snapshot(out) == snapshot(src)
+    found = sorted(sh("find", str(m / "x"), "-type", "f", "-size", "+100k").split())
+    assert found == [str(m / "x/docs/big.bin")]
+    # dd with seek: an in-place random write of one block, no truncation
+    f = m / "x/docs/big.bin"
+    ref = bytearray(f.read_bytes())
+    sh(
+        "dd",
+        "if=/dev/zero",
+        f"of={f}",
+        "bs=4096",
+        "seek=10",
+        "count=1",
+        "conv=notrunc",
+        "status=none",
+    )
+    ref[40960:45056] = bytes(4096)
+    assert f.read_bytes() == ref
+    # an editor's save: write a temp file, fsync, rename over the original
+    doc = m / "x/doc.txt"
+    doc.write_text("first draft\n")
+    tmp = m / "x/.doc.txt.swp"
+    with open(tmp, "w") as fh:
+        fh.write("final text\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, doc)
+    sh("mv", str(m / "x/docs/deep"), str(m / "moved-deep"))
+    volume.umount()
+    volume.mount()
+    assert doc.read_text() == "final text\n"
+    assert not tmp.exists()
+    assert (m / "moved-deep/er/small").read_text() == "small\n"
+    assert f.read_bytes() == ref
+    volume.umount()
+
+
+def test_kill_9_after_close_loses_nothing(volume: Volume) -> None:
+    volume.mount("--writeback-delay", "3600")
+    data = os.urandom(300_000)
+    (volume.mnt / "d").mkdir()
+    (volume.mnt / "d/closed").write_bytes(data)
+    pid = int(volume.log.split("(pid ")[-1].split(")")[0]) if "(pid " in volume.log else None
+    r = subprocess.run(
+        ["pgrep", "-f", f"cryptfs mount .*{volume.mnt}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    pids = [int(p) for p in r.stdout.split()]
+    assert pids, "daemon not found"
+    del pid
+    for p in pids:
+        os.kill(p, 9)
+    time.sleep(0.5)
+    subprocess.run(["fusermount3", "-uz", str(volume.mnt)], check=False)
+    volume.mount()
+    assert (volume.mnt / "d/closed").read_bytes() == data
+    assert "recovered staged file" in volume.log
+    volume.umount()
