@@ -416,7 +416,6 @@ def test_kill_9_after_close_loses_nothing(volume: Volume) -> None:
     data = os.urandom(300_000)
     (volume.mnt / "d").mkdir()
     (volume.mnt / "d/closed").write_bytes(data)
-    pid = int(volume.log.split("(pid ")[-1].split(")")[0]) if "(pid " in volume.log else None
     r = subprocess.run(
         ["pgrep", "-f", f"cryptfs mount .*{volume.mnt}"],
         capture_output=True,
@@ -425,7 +424,6 @@ def test_kill_9_after_close_loses_nothing(volume: Volume) -> None:
     )
     pids = [int(p) for p in r.stdout.split()]
     assert pids, "daemon not found"
-    del pid
     for p in pids:
         os.kill(p, 9)
     time.sleep(0.5)
