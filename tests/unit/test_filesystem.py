@@ -10,7 +10,7 @@ import trio
 
 from cryptfs.cache.staging import StagingArea
 from cryptfs.crypto import Secret
-from cryptfs.errors import Exists, IntegrityError, NoEntry, NotEmpty, NotPermitted
+from cryptfs.errors import Exists, IntegrityError, Invalid, NoEntry, NotEmpty, NotPermitted
 from cryptfs.format.volume import KeySource
 from cryptfs.fs.filesystem import ROOT_INO, Filesystem, Options
 from cryptfs.fs.volume import Volume
@@ -255,3 +255,50 @@ async def test_directory_rename_with_long_names_and_nesting(tmp_path: Path) -> N
         await fs2.lookup(ROOT_INO, long_dir)
     # nothing is left under the old name
     assert len(store.objects) == 7  # config, root, dir, inner, empty, 2 files
+
+
+async def test_golden_volume_v1_stays_readable(tmp_path: Path) -> None:
+    """A whole volume written by cryptfs 0.1 (format v1) must stay mountable."""
+    import json
+
+    from cryptfs.format.names import b64d
+
+    golden = json.loads((Path(__file__).parent.parent / "data/golden_volume_v1.json").read_text())
+    store = MemoryStore()
+    for key, obj in golden["objects"].items():
+        await store.put(key, bytes.fromhex(obj["body"]), obj["metadata"])
+    vol = await Volume.open(store, KeySource(keyfile=Secret(b64d(golden["key_file"]))))
+    fs = Filesystem(vol, StagingArea(tmp_path, vol.keys.cache, vol.chunk))
+    await fs.ensure_root()
+    for path, data in golden["files"].items():
+        parent = ROOT_INO
+        parts = path.encode().strip(b"/").split(b"/")
+        for comp in parts[:-1]:
+            parent = (await fs.lookup(parent, comp)).ino
+        node = await fs.lookup(parent, parts[-1])
+        assert await read_file(fs, node.ino) == bytes.fromhex(data)
+        st = fs.stat(node)
+        assert (st.mode & 0o777, st.uid, st.mtime_ns) == (0o640, 1000, 1_700_000_000_123_456_789)
+    link = await fs.lookup(ROOT_INO, b"link")
+    assert await fs.readlink(link.ino) == b"docs/report.pdf"
+    docs = await fs.lookup(ROOT_INO, b"docs")
+    assert fs.stat(docs).mode & 0o777 == 0o750
+
+
+async def test_plaintext_names_volume(tmp_path: Path) -> None:
+    store = MemoryStore()
+    src = KeySource(keyfile=Secret(b"p" * 32))
+    vol, _ = await Volume.create(store, src, chunk_log2=12, encrypt_names=False)
+    fs = Filesystem(vol, StagingArea(tmp_path, vol.keys.cache, vol.chunk))
+    await fs.ensure_root()
+    d = await fs.mkdir(ROOT_INO, b"photos", 0o755, 0, 0)
+    await write_file(fs, d.ino, b"cat.jpg", b"meow")
+    assert "photos/cat.jpg" in store.objects
+    assert b"meow" not in store.objects["photos/cat.jpg"][0]  # content still encrypted
+    with pytest.raises(Invalid):
+        await fs.create(ROOT_INO, b".cryptfs.json", 0o644, 0, 0)
+    fs2 = Filesystem(
+        await Volume.open(store, src), StagingArea(tmp_path / "2", vol.keys.cache, vol.chunk)
+    )
+    d2 = await fs2.lookup(ROOT_INO, b"photos")
+    assert await read_file(fs2, (await fs2.lookup(d2.ino, b"cat.jpg")).ino) == b"meow"
