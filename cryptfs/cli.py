@@ -199,9 +199,26 @@ def cmd_mount(args: Any) -> int:
 
 def _spawn_daemon(args: Any, cache_dir: Path) -> int:
     log_file = (args.log_file or cache_dir / "cryptfs.log").absolute()
-    argv = [sys.executable, "-m", "cryptfs", *sys.argv[1:], "--foreground"]
-    if args.log_file is None:
-        argv += ["--log-file", str(log_file)]
+    # the daemon runs in "/" so it keeps no directory busy: hand it absolute paths only
+    argv = [
+        sys.executable, "-m", "cryptfs", "mount", args.location,
+        str(args.mountpoint.absolute()), "--foreground", "--cache-dir", str(cache_dir),
+        "--log-file", str(log_file), "--writeback-delay", str(args.writeback_delay),
+        "--metadata-ttl", str(args.metadata_ttl),
+    ]  # fmt: skip
+    for flag, value in (
+        ("--key-file", args.key_file),
+        ("--passphrase-file", args.passphrase_file),
+        ("--ca-bundle", args.ca_bundle),
+    ):
+        if value is not None:
+            argv += [flag, str(value.absolute())]
+    for flag, text in (("--endpoint-url", args.endpoint_url), ("--region", args.region)):
+        if text:
+            argv += [flag, text]
+    for o in args.options:
+        argv += ["-o", o]
+    argv += ["-v"] * args.verbose
     r, w = os.pipe()
     argv += ["--ready-fd", str(w)]
     cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
