@@ -101,3 +101,7 @@ def volume(s3server: S3Server, bucket: str, tmp_path: Path) -> Iterator[Volume]:
                 subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
         log = v.log
         assert "Traceback" not in log, log[-4000:]
+        secret = key.read_text().strip() if key.exists() else ""
+        assert not secret or secret not in log, "key material in the daemon log"
+        if log:
+            assert (v.cache / "cryptfs.log").stat().st_mode & 0o077 == 0
