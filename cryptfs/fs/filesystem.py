@@ -520,6 +520,7 @@ class Filesystem:
                         and cur.remote_etag == etag
                         and not cur.unlinked
                     ):
+                        cur.refreshed_at = trio.current_time()  # the listing revalidated it
                         new[name] = cur
                         return
                 info = await self._head(key)
