@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test demo demo-stop install system-deps lint clean
+.PHONY: test demo demo-stop install system-deps lint clean bench
 
 system-deps:
 	@if command -v apt-get >/dev/null 2>&1; then \
@@ -27,6 +27,9 @@ lint: install
 
 test: lint
 	$(BIN)/pytest -p no:cacheprovider tests
+
+bench: install
+	$(BIN)/python benchmarks/bench.py
 
 demo: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh start
