@@ -133,24 +133,28 @@ async def _serve(cfg: MountConfig, fs: Filesystem, ready: Callable[[], None]) ->
     pidfile.write_text(f"{os.getpid()}\n")
     options = mount_options(str(cfg.location), cfg.fuse_options)
     force = trio.CancelScope()
-    with mounted(ops, str(cfg.mountpoint), options):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(fs.serve_writeback)
-            watcher = trio.CancelScope()
-            nursery.start_soon(_watch_signals, force, watcher)
-            log.info("mounted %s at %s", cfg.location, cfg.mountpoint)
-            ready()
-            sd_notify("READY=1")
-            await serve()
-            watcher.cancel()
-            fs.stop_writeback()
-    sd_notify("STOPPING=1")
-    pending = len(fs.pending())
-    left = pending
-    if pending:
-        log.info("unmounted; uploading %d pending file(s)", pending)
-        with force, trio.move_on_after(cfg.flush_timeout):
-            left = len(await fs.flush_all())
+    state = {"mounted": True}
+    left = 0
+    async with trio.open_nursery() as outer:
+        watcher = trio.CancelScope()
+        outer.start_soon(_watch_signals, force, watcher, state)
+        with mounted(ops, str(cfg.mountpoint), options):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(fs.serve_writeback)
+                log.info("mounted %s at %s", cfg.location, cfg.mountpoint)
+                ready()
+                sd_notify("READY=1")
+                await serve()
+                fs.stop_writeback()
+        state["mounted"] = False
+        sd_notify("STOPPING=1")
+        left = len(fs.pending())
+        if left:
+            log.info("unmounted; uploading %d pending file(s)", left)
+            with force, trio.move_on_after(cfg.flush_timeout):
+                await fs.flush_all()
+            left = len(fs.pending())
+        watcher.cancel()
     statusfile.write_text(json.dumps({"pending": left}) + "\n")
     pidfile.unlink(missing_ok=True)
     if left:
@@ -160,15 +164,16 @@ async def _serve(cfg: MountConfig, fs: Filesystem, ready: Callable[[], None]) ->
     return left
 
 
-async def _watch_signals(force: trio.CancelScope, scope: trio.CancelScope) -> None:
+async def _watch_signals(
+    force: trio.CancelScope, scope: trio.CancelScope, state: dict[str, bool]
+) -> None:
+    """First SIGTERM/SIGINT: unmount gracefully (then flush). Next one: abandon the flush."""
     with scope, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        count = 0
         async for sig in signals:
-            count += 1
-            if count == 1:
+            if state["mounted"]:
                 log.info("signal %d: unmounting and flushing (again to abandon the flush)", sig)
+                state["mounted"] = False
                 request_unmount()
             else:
-                log.warning("second signal: abandoning the flush; staged data is kept")
+                log.warning("signal %d: abandoning the flush; staged data is kept", sig)
                 force.cancel()
-                return

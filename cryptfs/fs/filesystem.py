@@ -431,6 +431,16 @@ class Filesystem:
             return
         if node.remote_etag is None:
             return
+        parent = node.parent
+        if parent.children is not None and parent.listed_at >= 0:
+            # one LIST revalidates every unchanged entry of the directory (by ETag): an
+            # rsync or find over many files costs a LIST per directory, not a HEAD per file
+            if not self._fresh(parent.listed_at):
+                await self.readdir(parent.ino)
+            if node.unlinked:
+                raise NoEntry("file was removed by another writer")
+            if self._fresh(node.refreshed_at) or node.is_dir:
+                return
         key, _ = self.object_key(node)
         info = await self._head(key)
         if info is None:

@@ -16,6 +16,13 @@ pytestmark = pytest.mark.e2e
 MARKER = b"PLAINTEXT-MARKER-7f3a"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
+    except OSError:
+        return False
+
+
 def sh(*cmd: str, cwd: Path | None = None) -> str:
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, check=False)
     assert r.returncode == 0, f"{cmd} failed: {r.stderr}"
@@ -431,4 +438,22 @@ def test_kill_9_after_close_loses_nothing(volume: Volume) -> None:
     volume.mount()
     assert (volume.mnt / "d/closed").read_bytes() == data
     assert "recovered staged file" in volume.log
+    volume.umount()
+
+
+def test_sigterm_unmounts_and_uploads(volume: Volume) -> None:
+    out = volume.mount("--writeback-delay", "3600").stdout
+    pid = int(out.rsplit("(pid ", 1)[1].split(")")[0])
+    (volume.mnt / "pending").write_bytes(b"uploaded on SIGTERM")
+    os.kill(pid, 15)
+    deadline = time.monotonic() + 60
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid)
+    assert not os.path.ismount(volume.mnt)
+    assert "unmounted cleanly" in volume.log
+    staged = list(volume.cache.glob("*/staging/*.data"))
+    assert staged == []
+    volume.mount()
+    assert (volume.mnt / "pending").read_bytes() == b"uploaded on SIGTERM"
     volume.umount()
