@@ -744,6 +744,14 @@ class Filesystem:
             end = min(offset + size, node.attrs.size)
             return await self._read_remote(node, offset, max(0, end - offset), h.window)
 
+    def _dek(self, node: Node) -> Secret:
+        """The node's data key, unwrapped once and kept in memory."""
+        if node.dek is None:
+            if node.wrapped_dek is None:
+                raise IntegrityError("object has no data key")
+            node.dek = self.vol.keys.unwrap_dek(node.wrapped_dek, node.file_id, LOCAL_KID)
+        return node.dek
+
     def _known_cipher(self, node: Node) -> BodyCipher | None:
         if node.cipher is not None and node.cipher_etag == node.remote_etag:
             return node.cipher
@@ -757,10 +765,7 @@ class Filesystem:
         if header is None:
             _info, header = await self.store.get(key, 0, HEADER_SIZE, if_match=node.remote_etag)
         try:
-            if node.dek is None:
-                assert node.wrapped_dek is not None
-                node.dek = self.vol.keys.unwrap_dek(node.wrapped_dek, node.file_id, LOCAL_KID)
-            cipher = BodyCipher.open(node.dek, header)
+            cipher = BodyCipher.open(self._dek(node), header)
             if cipher.header.file_id != node.file_id or cipher.header.salt != node.attrs.salt:
                 raise IntegrityError("body header does not belong to this file's metadata")
             if cipher.header.chunk_log2 != self.vol.chunk_log2:
@@ -856,8 +861,6 @@ class Filesystem:
         if node.stage is not None:  # someone else materialized meanwhile
             sf.remove()
             return node.stage
-        if node.dek is None and node.wrapped_dek is not None:
-            node.dek = self.vol.keys.unwrap_dek(node.wrapped_dek, node.file_id, LOCAL_KID)
         node.stage = sf
         return sf
 
@@ -895,9 +898,7 @@ class Filesystem:
             if size < 0:
                 raise Invalid("negative size")
             if node.stage is None and size == 0:
-                node.stage = self.staging.create(node.file_id)
-                if node.dek is None and node.wrapped_dek is not None:
-                    node.dek = self.vol.keys.unwrap_dek(node.wrapped_dek, node.file_id, LOCAL_KID)
+                node.stage = self.staging.create(node.file_id)  # nothing to download
             sf = node.stage or await self._materialize(node)
             sf.truncate(size)
             self._touch(node, data=True)
@@ -1367,10 +1368,7 @@ class Filesystem:
         ``expect`` is the ETag being replaced (If-Match) or None for a new object
         (If-None-Match: *), so another writer's change is never silently overwritten.
         """
-        if node.dek is None:
-            assert node.wrapped_dek is not None
-            node.dek = self.vol.keys.unwrap_dek(node.wrapped_dek, node.file_id, LOCAL_KID)
-        cipher = BodyCipher.new(node.dek, node.file_id, self.vol.chunk_log2)
+        cipher = BodyCipher.new(self._dek(node), node.file_id, self.vol.chunk_log2)
         node.own_salts.add(cipher.header.salt)
         size = len(source) if isinstance(source, bytes) else source.size
         attrs = node.attrs.with_(size=size, salt=cipher.header.salt)
@@ -1508,7 +1506,7 @@ class Filesystem:
         existing = await self._find(parent, parts[-1])
         node = self._new_node(parent, parts[-1], attrs, fid)
         node.wrapped_dek = b64d(rec["wrapped"])
-        node.dek = self.vol.keys.unwrap_dek(node.wrapped_dek, fid, LOCAL_KID)
+        self._dek(node)  # a journal whose data key does not unwrap is refused here
         node.stage = sf
         node.remote_etag = existing.remote_etag if existing is not None else None
         if existing is not None:
