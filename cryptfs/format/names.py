@@ -27,10 +27,14 @@ def b64e(data: bytes) -> str:
 
 
 def b64d(text: str) -> bytes:
+    """Strict unpadded base64url: only the canonical encoding of some bytes is accepted."""
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (ValueError, TypeError):
         raise IntegrityError("malformed base64") from None
+    if b64e(raw) != text:
+        raise IntegrityError("non-canonical base64")
+    return raw
 
 
 def _pad(name: bytes) -> bytes:
