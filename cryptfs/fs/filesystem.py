@@ -140,6 +140,7 @@ class Node:
     target: bytes | None = None  # symlinks
     own_salts: set[bytes] = field(default_factory=set)  # generations this mount wrote
     journaled: int = -1  # value of ``change`` when the journal was last written
+    kernel_etag: str | None = None  # object version whose pages the kernel may cache
     lock: trio.Lock = field(default_factory=trio.Lock)
 
     @property
@@ -160,6 +161,7 @@ class Handle:
     fh: int
     node: Node
     writable: bool
+    keep_cache: bool = False  # the kernel's cached pages of this file are still valid
     next_offset: int = 0
     window: int = 0
 
@@ -719,7 +721,12 @@ class Filesystem:
             raise IsDir("is a directory")
         await self._refresh(node)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        return self._open_handle(node, writable)
+        h = self._open_handle(node, writable)
+        # pages cached by the kernel stay valid only while the object is the one they came
+        # from (another writer, a conflict or a remount changes the ETag)
+        h.keep_cache = not node.dirty and node.kernel_etag == node.remote_etag
+        node.kernel_etag = None if node.dirty else node.remote_etag
+        return h
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         h = self.handle(fh)

@@ -223,8 +223,7 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
         async def op() -> Any:
             h = await self.fs.open(inode, flags)
-            # the kernel page cache stays valid while the object has not changed
-            return pyfuse3.FileInfo(fh=h.fh, keep_cache=not h.node.dirty)
+            return pyfuse3.FileInfo(fh=h.fh, keep_cache=h.keep_cache)
 
         return await _guard("open", op)
 

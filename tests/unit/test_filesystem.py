@@ -302,3 +302,21 @@ async def test_plaintext_names_volume(tmp_path: Path) -> None:
     )
     d2 = await fs2.lookup(ROOT_INO, b"photos")
     assert await read_file(fs2, (await fs2.lookup(d2.ino, b"cat.jpg")).ino) == b"meow"
+
+
+async def test_kernel_page_cache_kept_only_while_object_unchanged(tmp_path: Path) -> None:
+    store = MemoryStore()
+    writer = await make_fs(tmp_path, store)
+    ino = await write_file(writer, ROOT_INO, b"f", b"one")
+    reader = await make_fs(tmp_path / "r", store)
+    rino = (await reader.lookup(ROOT_INO, b"f")).ino
+    h1 = await reader.open(rino, os.O_RDONLY)
+    h2 = await reader.open(rino, os.O_RDONLY)
+    assert (h1.keep_cache, h2.keep_cache) == (False, True)
+    wh = await writer.open(ino, os.O_WRONLY)
+    await writer.write(wh.fh, 0, b"two")
+    await writer.release(wh.fh)
+    await writer.sync_node(writer.node(ino))
+    h3 = await reader.open(rino, os.O_RDONLY)  # metadata TTL is 0 here: revalidated
+    assert not h3.keep_cache
+    assert await reader.read(h3.fh, 0, 10) == b"two"
