@@ -75,6 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     _common(p)
 
+    for name, helptext in (
+        ("ls", "list decrypted names of a volume path (no mount needed)"),
+        ("decrypt", "decrypt a file or a whole tree to a local directory (no mount needed)"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("location", help="s3://BUCKET/PREFIX[/PATH/IN/VOLUME]")
+        if name == "decrypt":
+            p.add_argument("dest", type=Path)
+        else:
+            p.add_argument("-l", dest="long", action="store_true", help="long listing")
+        p.add_argument("--key-file", type=Path)
+        p.add_argument("--passphrase-file", type=Path)
+        _common(p)
+
     p = sub.add_parser("umount", help="upload pending data, then unmount")
     p.add_argument("mountpoint", type=Path)
     p.add_argument("--timeout", type=float, default=3600.0)
@@ -130,6 +144,30 @@ def cmd_init(args: Any) -> int:
                 vol.config.add_slot(vmk, KeySource(passphrase=source.passphrase))
                 await store.put(CONFIG_NAME, vol.config.to_bytes(vmk), {}, if_match=_info.etag)
         print(f"created cryptfs volume at {loc}")
+
+    trio.run(main)
+    return 0
+
+
+def cmd_offline(args: Any) -> int:
+    from cryptfs.offline import decrypt_tree, list_entries, open_offline
+
+    source = _key_source(args)
+    opts = _s3_options(args)
+
+    async def main() -> None:
+        async with open_offline(args.location, source, opts) as (fs, node):
+            if args.cmd == "ls":
+                for line in await list_entries(fs, node, args.long):
+                    print(line)
+                return
+            dest = args.dest
+            if node.is_dir or not dest.is_dir():
+                target = dest
+            else:
+                target = dest / node.name.decode(errors="surrogateescape")
+            files, total = await decrypt_tree(fs, node, target)
+            print(f"decrypted {files} file(s), {total} bytes, to {target}", file=sys.stderr)
 
     trio.run(main)
     return 0
@@ -312,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_init(args)
         if args.cmd == "mount":
             return cmd_mount(args)
+        if args.cmd in ("ls", "decrypt"):
+            return cmd_offline(args)
         return cmd_umount(args)
     except CryptfsError as e:
         print(f"cryptfs: {e}", file=sys.stderr)

@@ -118,6 +118,12 @@ class S3Store:
         self._limiter = trio.CapacityLimiter(limit)
         self.requests = 0
 
+    def with_prefix(self, prefix: str) -> S3Store:
+        """The same client and loop, rooted at another prefix of the bucket."""
+        p = prefix.strip("/")
+        loc = S3Location(self.loc.bucket, p + "/" if p else "")
+        return S3Store(self._bridge, self._client, loc, int(self._limiter.total_tokens))
+
     def _k(self, key: str) -> str:
         return self.loc.prefix + key
 

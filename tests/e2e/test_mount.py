@@ -457,3 +457,28 @@ def test_sigterm_unmounts_and_uploads(volume: Volume) -> None:
     volume.mount()
     assert (volume.mnt / "pending").read_bytes() == b"uploaded on SIGTERM"
     volume.umount()
+
+
+def test_offline_ls_and_decrypt_without_fuse(volume: Volume, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    volume.mount()
+    sh("cp", "-a", f"{src}/.", str(volume.mnt))
+    volume.umount()
+    common = ["--key-file", str(volume.key), "--endpoint-url", volume.endpoint]
+    listing = cryptfs("ls", volume.url, *common).stdout.splitlines()
+    assert "secret-name-report.txt" in listing
+    assert "dangling -> /nonexistent/target" in listing
+    long_listing = cryptfs("ls", f"{volume.url}/docs", "-l", *common).stdout
+    assert "big.bin" in long_listing and "-rw-r--r--" in long_listing
+    out = tmp_path / "out"
+    cryptfs("decrypt", volume.url, str(out), *common)
+    assert snapshot(out) == snapshot(src)
+    one = tmp_path / "one"
+    one.mkdir()
+    cryptfs("decrypt", f"{volume.url}/docs/big.bin", str(one), *common)
+    assert (one / "big.bin").read_bytes() == (src / "docs/big.bin").read_bytes()
+    r = cryptfs("ls", f"{volume.url}/no/such", *common, check=False)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr

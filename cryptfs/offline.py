@@ -1,0 +1,126 @@
+"""``cryptfs ls`` and ``cryptfs decrypt``: read a volume without FUSE (the escape hatch).
+
+Uses the same ``Filesystem`` code path as a mount (so every byte is authenticated), with a
+throw-away staging directory.  Owns nothing persistent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from cryptfs.cache.staging import StagingArea
+from cryptfs.errors import NotFound, VolumeNotFound
+from cryptfs.format.meta import KIND_DIR, KIND_LINK
+from cryptfs.format.volume import CONFIG_NAME, KeySource
+from cryptfs.fs.filesystem import ROOT_INO, Filesystem, Node
+from cryptfs.fs.volume import Volume
+from cryptfs.store.s3 import S3Location, S3Options, open_s3_store
+
+log = logging.getLogger(__name__)
+_READ = 8 << 20
+
+
+@asynccontextmanager
+async def open_offline(
+    url: str, source: KeySource, opts: S3Options
+) -> AsyncIterator[tuple[Filesystem, Node]]:
+    """The volume containing ``url`` and the node ``url`` names inside it."""
+    loc = S3Location.parse(url)
+    parts = [p for p in loc.prefix.split("/") if p]
+    async with open_s3_store(S3Location(loc.bucket, ""), opts) as bucket_store:
+        for cut in range(len(parts), -1, -1):
+            candidate = "/".join(parts[:cut])
+            try:
+                await bucket_store.head((candidate + "/" if candidate else "") + CONFIG_NAME)
+            except NotFound:
+                continue
+            store = bucket_store.with_prefix(candidate)
+            inner = parts[cut:]
+            break
+        else:
+            raise VolumeNotFound(f"no cryptfs volume at or above {url}")
+        volume = await Volume.open(store, source)
+        with tempfile.TemporaryDirectory(prefix="cryptfs-offline-") as tmp:
+            fs = Filesystem(
+                volume,
+                StagingArea(Path(tmp), volume.keys.cache, volume.chunk),
+                key_prefix=store.loc.prefix,
+            )
+            await fs.ensure_root()
+            node = fs.root
+            for comp in inner:
+                node = await fs.lookup(node.ino, comp.encode())
+            yield fs, node
+
+
+def _mode_string(st_mode: int) -> str:
+    return stat.filemode(st_mode)
+
+
+async def list_entries(fs: Filesystem, node: Node, long: bool) -> list[str]:
+    if node.kind != KIND_DIR:
+        entries = [(node.name, node)]
+    else:
+        entries = await fs.readdir(node.ino)
+    out = []
+    for name, child in entries:
+        text = name.decode(errors="surrogateescape")
+        if child.kind == KIND_LINK:
+            target = await fs.readlink(child.ino)
+            text += " -> " + target.decode(errors="surrogateescape")
+        if long:
+            st = fs.stat(child)
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(st.mtime_ns / 1e9))
+            text = f"{_mode_string(st.mode)} {st.uid:>5} {st.gid:>5} {st.size:>12} {when} {text}"
+        out.append(text)
+    return out
+
+
+async def decrypt_tree(fs: Filesystem, node: Node, dest: Path) -> tuple[int, int]:
+    """Write ``node`` (file, symlink or whole directory) to ``dest``; (files, bytes)."""
+    files = total = 0
+    st = fs.stat(node)
+    if node.kind == KIND_DIR:
+        os.makedirs(dest, exist_ok=True)  # offline CLI: local I/O inline is fine
+        for name, child in await fs.readdir(node.ino):
+            f, b = await decrypt_tree(fs, child, dest / os.fsdecode(name))
+            files += f
+            total += b
+    elif node.kind == KIND_LINK:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(dest)
+        os.symlink(await fs.readlink(node.ino), dest)
+    else:
+        h = await fs.open(node.ino, os.O_RDONLY)
+        try:
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                off = 0
+                while True:
+                    data = await fs.read(h.fh, off, _READ)
+                    if not data:
+                        break
+                    os.write(fd, data)
+                    off += len(data)
+            finally:
+                os.close(fd)
+        finally:
+            await fs.release(h.fh)
+        files, total = 1, off
+    if os.geteuid() == 0:
+        os.lchown(dest, st.uid, st.gid)
+    if node.kind != KIND_LINK:
+        os.chmod(dest, stat.S_IMODE(st.mode))
+    os.utime(dest, ns=(st.atime_ns, st.mtime_ns), follow_symlinks=False)
+    return files, total
+
+
+__all__ = ["ROOT_INO", "decrypt_tree", "list_entries", "open_offline"]
