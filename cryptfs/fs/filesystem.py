@@ -1314,10 +1314,7 @@ class Filesystem:
                 node.meta_dirty = False
             return
         if node.is_dir:
-            if node.parent is None or node.remote_etag is not None:
-                await self._put_marker(node, create=node.remote_etag is None)
-            else:
-                await self._put_marker(node, create=True)
+            await self._put_marker(node, create=node.remote_etag is None)
         elif node.remote_etag is not None:
             key, long_name = self.object_key(node)
             meta = ObjectMeta(node.file_id, node.attrs, node.wrapped_dek, LOCAL_KID, long_name)
