@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlparse
 
@@ -302,15 +302,6 @@ class S3Store:
 
         return await self._call(prefix or "/", op)  # type: ignore[no-any-return]
 
-    async def bucket_exists(self) -> None:
-        async def op() -> None:
-            await self._client.head_bucket(Bucket=self.loc.bucket)
-
-        try:
-            await self._call(self.loc.bucket, op)
-        except NotFound:
-            raise BucketNotFound(f"bucket {self.loc.bucket!r} does not exist") from None
-
     async def aclose(self) -> None:
         pass
 
@@ -329,22 +320,39 @@ def make_config(opts: S3Options) -> AioConfig:
 
 @asynccontextmanager
 async def open_s3_store(loc: S3Location, opts: S3Options) -> AsyncIterator[S3Store]:
-    """An S3 store on its own loop thread; checks the bucket is reachable before yielding."""
+    """An S3 store on its own loop thread; checks the bucket is reachable before yielding.
+
+    The check uses a client with one retry and a short connect timeout, so a wrong or dead
+    endpoint is reported in seconds; the store itself keeps the patient retry policy.
+    """
     async with open_bridge() as bridge:
         stack = AsyncExitStack()
 
-        async def create() -> Any:
+        def client_kw(o: S3Options) -> dict[str, Any]:
             session = get_session()
-            kw: dict[str, Any] = {"config": make_config(opts), "verify": opts.verify}
-            if opts.endpoint_url:
-                kw["endpoint_url"] = opts.endpoint_url
-            kw["region_name"] = opts.region or session.get_config_variable("region") or "us-east-1"
-            return await stack.enter_async_context(session.create_client("s3", **kw))
+            kw: dict[str, Any] = {"config": make_config(o), "verify": o.verify}
+            if o.endpoint_url:
+                kw["endpoint_url"] = o.endpoint_url
+            kw["region_name"] = o.region or session.get_config_variable("region") or "us-east-1"
+            return kw
+
+        async def create() -> Any:
+            return await stack.enter_async_context(
+                get_session().create_client("s3", **client_kw(opts))
+            )
+
+        async def probe() -> None:
+            quick = replace(opts, max_attempts=2, connect_timeout=min(5.0, opts.connect_timeout))
+            async with get_session().create_client("s3", **client_kw(quick)) as c:
+                await c.head_bucket(Bucket=loc.bucket)
 
         client = await bridge.run(create)
         try:
             store = S3Store(bridge, client, loc, opts.max_concurrency)
-            await store.bucket_exists()
+            try:
+                await store._call(loc.bucket, probe)
+            except NotFound:
+                raise BucketNotFound(f"bucket {loc.bucket!r} does not exist") from None
             yield store
         finally:
             with trio.CancelScope(shield=True):
