@@ -39,20 +39,26 @@ class Volume:
     server: S3Server
     mounted: bool = field(default=False)
 
-    def mount(self, *extra: str) -> subprocess.CompletedProcess[str]:
-        r = cryptfs(
+    def try_mount(
+        self, *key_args: str, env: dict[str, str] | None = None, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        """Mount with explicit key arguments (a key file or a passphrase file)."""
+        return cryptfs(
             "mount",
             self.url,
             str(self.mnt),
-            "--key-file",
-            str(self.key),
+            *key_args,
             "--endpoint-url",
             self.endpoint,
             "--cache-dir",
             str(self.cache),
-            "--writeback-delay",
-            "0.5",
-            *extra,
+            env=env,
+            check=check,
+        )
+
+    def mount(self, *extra: str) -> subprocess.CompletedProcess[str]:
+        r = self.try_mount(
+            "--key-file", str(self.key), "--writeback-delay", "0.5", *extra, check=True
         )
         self.mounted = True
         return r

@@ -192,18 +192,7 @@ def test_wrong_key_and_bad_input_are_one_clear_line(volume: Volume, tmp_path: Pa
     wrong = tmp_path / "wrong.key"
     wrong.write_text("A" * 43 + "\n")
     os.chmod(wrong, 0o600)
-    r = cryptfs(
-        "mount",
-        volume.url,
-        str(volume.mnt),
-        "--key-file",
-        str(wrong),
-        "--endpoint-url",
-        volume.endpoint,
-        "--cache-dir",
-        str(volume.cache),
-        check=False,
-    )
+    r = volume.try_mount("--key-file", str(wrong))
     assert r.returncode != 0 and "wrong key" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not os.path.ismount(volume.mnt)
@@ -279,68 +268,25 @@ def test_passphrase_slot_and_missing_credentials(s3server, bucket: str, tmp_path
     mnt = tmp_path / "m"
     mnt.mkdir()
     v = Volume(url, s3server.endpoint, key, mnt, tmp_path / "cache", bucket, s3server)
-    cryptfs(
-        "mount",
-        url,
-        str(mnt),
-        "--passphrase-file",
-        str(pw),
-        "--endpoint-url",
-        s3server.endpoint,
-        "--cache-dir",
-        str(v.cache),
-    )
+    v.try_mount("--passphrase-file", str(pw), check=True)
     try:
         (mnt / "f").write_text("via passphrase")
     finally:
         v.umount()
-    cryptfs(
-        "mount",
-        url,
-        str(mnt),
-        "--key-file",
-        str(key),
-        "--endpoint-url",
-        s3server.endpoint,
-        "--cache-dir",
-        str(v.cache),
-    )
+    v.try_mount("--key-file", str(key), check=True)
     try:
         assert (mnt / "f").read_text() == "via passphrase"
     finally:
         v.umount()
-    bare = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    bare = {k: val for k, val in os.environ.items() if not k.startswith("AWS_")}
     bare["HOME"] = str(tmp_path)
-    r = cryptfs(
-        "mount",
-        url,
-        str(mnt),
-        "--key-file",
-        str(key),
-        "--endpoint-url",
-        s3server.endpoint,
-        "--cache-dir",
-        str(v.cache),
-        env=bare,
-        check=False,
-    )
+    r = v.try_mount("--key-file", str(key), env=bare)
     assert r.returncode == 1
     assert "credentials" in r.stderr or "access denied" in r.stderr
     assert "Traceback" not in r.stderr
     assert not os.path.ismount(mnt)
     pw.write_text("wrong passphrase\n")
-    r = cryptfs(
-        "mount",
-        url,
-        str(mnt),
-        "--passphrase-file",
-        str(pw),
-        "--endpoint-url",
-        s3server.endpoint,
-        "--cache-dir",
-        str(v.cache),
-        check=False,
-    )
+    r = v.try_mount("--passphrase-file", str(pw))
     assert r.returncode == 1
     assert "wrong key or passphrase" in r.stderr
 
