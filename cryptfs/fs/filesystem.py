@@ -95,6 +95,8 @@ class Options:
     max_readahead: int = 8 << 20
     multipart_threshold: int = 16 << 20
     part_size: int = 8 << 20
+    fetch_unit: int = 2 << 20  # bytes per ranged GET when reading a long run
+    offload_bytes: int = 256 << 10  # decrypt runs at least this long in a worker thread
     upload_concurrency: int = 4
     meta_concurrency: int = 32
     uid: int = field(default_factory=os.getuid)
@@ -219,6 +221,7 @@ class Filesystem:
         self.cache = ChunkCache(self.opt.memory_cache_bytes)
         self._meta_limit = trio.CapacityLimiter(self.opt.meta_concurrency)
         self._upload_limit = trio.CapacityLimiter(self.opt.upload_concurrency)
+        self._crypto_limit = trio.CapacityLimiter(2)
         self._next_ino = ROOT_INO + 1
         self._next_fh = 1
         self.handles: dict[int, Handle] = {}
@@ -810,11 +813,25 @@ class Filesystem:
         return out[lo : lo + length]
 
     async def _fetch_chunks(self, node: Node, first: int, last: int, got: dict[int, bytes]) -> None:
-        """Fetch chunks [first, last] with one ranged GET, authenticate, cache them.
+        """Fetch, authenticate and cache chunks [first, last].
 
-        When the body's header is not known yet and the run starts at chunk 0, the header
-        comes with the same request.
+        A long run is split into ``fetch_unit`` pieces fetched concurrently (S3 serves
+        parallel ranged GETs faster than one long one).  When the body's header is not known
+        yet, the first piece (from chunk 0) brings it along.
         """
+        unit = max(1, self.opt.fetch_unit // self.chunk)
+        runs = [(f, min(last, f + unit - 1)) for f in range(first, last + 1, unit)]
+        if self._known_cipher(node) is None:
+            await self._fetch_run(node, *runs.pop(0), got)
+        if len(runs) == 1:
+            await self._fetch_run(node, *runs[0], got)
+        elif runs:
+            async with trio.open_nursery() as nursery:
+                for f, la in runs:
+                    nursery.start_soon(self._fetch_run, node, f, la, got)
+
+    async def _fetch_run(self, node: Node, first: int, last: int, got: dict[int, bytes]) -> None:
+        """One ranged GET for chunks [first, last]."""
         size = node.attrs.size
         c = self.chunk
         n = chunk_count(size, c)
@@ -832,15 +849,25 @@ class Filesystem:
         if len(data) != lo + ln - start:
             self._integrity(key, "short read")
             raise IntegrityError(f"{key}: object shorter than its metadata says")
-        for i in range(first, last + 1):
-            off, ln_i = chunk_span(i, size, c)
-            try:
-                pt = cipher.open_chunk(
-                    i, i == n - 1, memoryview(data)[off - start : off - start + ln_i]
-                )
-            except IntegrityError as e:
-                self._integrity(key, str(e))
-                raise
+
+        def open_all() -> list[bytes]:
+            view = memoryview(data)
+            out = []
+            for i in range(first, last + 1):
+                off, ln_i = chunk_span(i, size, c)
+                out.append(cipher.open_chunk(i, i == n - 1, view[off - start : off - start + ln_i]))
+            return out
+
+        try:
+            if len(data) >= self.opt.offload_bytes:
+                # AES-GCM releases the GIL: keep the trio thread free for FUSE requests
+                plain = await trio.to_thread.run_sync(open_all, limiter=self._crypto_limit)
+            else:
+                plain = open_all()
+        except IntegrityError as e:
+            self._integrity(key, str(e))
+            raise
+        for i, pt in zip(range(first, last + 1), plain, strict=True):
             self.cache.put((node.file_id, node.attrs.salt, i), pt)
             got[i] = pt
 
