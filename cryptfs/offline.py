@@ -61,10 +61,6 @@ async def open_offline(
             yield fs, node
 
 
-def _mode_string(st_mode: int) -> str:
-    return stat.filemode(st_mode)
-
-
 async def list_entries(fs: Filesystem, node: Node, long: bool) -> list[str]:
     if node.kind != KIND_DIR:
         entries = [(node.name, node)]
@@ -79,7 +75,7 @@ async def list_entries(fs: Filesystem, node: Node, long: bool) -> list[str]:
         if long:
             st = fs.stat(child)
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(st.mtime_ns / 1e9))
-            text = f"{_mode_string(st.mode)} {st.uid:>5} {st.gid:>5} {st.size:>12} {when} {text}"
+            text = f"{stat.filemode(st.mode)} {st.uid:>5} {st.gid:>5} {st.size:>12} {when} {text}"
         out.append(text)
     return out
 

@@ -20,7 +20,6 @@ import errno
 import json
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,14 +120,6 @@ class StagedFile:
             self.write_chunk(i, bytes(cur))
         _io(os.ftruncate, self._fd, -(-size // c) * self._slot)
         self.size = size
-
-    def iter_chunks(self) -> Iterator[bytes]:
-        """Plaintext chunks of the current size, the last one short."""
-        c = self.chunk
-        n = max(1, -(-self.size // c))
-        for i in range(n):
-            data = self.read_chunk(i)
-            yield data[: min(c, self.size - i * c)] if self.size else b""
 
     def fsync(self) -> None:
         _io(os.fsync, self._fd)

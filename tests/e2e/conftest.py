@@ -40,21 +40,17 @@ class Volume:
     mounted: bool = field(default=False)
 
     def try_mount(
-        self, *key_args: str, env: dict[str, str] | None = None, check: bool = False
+        self,
+        *key_args: str,
+        env: dict[str, str] | None = None,
+        check: bool = False,
+        endpoint: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Mount with explicit key arguments (a key file or a passphrase file)."""
         return cryptfs(
-            "mount",
-            self.url,
-            str(self.mnt),
-            *key_args,
-            "--endpoint-url",
-            self.endpoint,
-            "--cache-dir",
-            str(self.cache),
-            env=env,
-            check=check,
-        )
+            "mount", self.url, str(self.mnt), *key_args, "--endpoint-url",
+            endpoint or self.endpoint, "--cache-dir", str(self.cache), env=env, check=check,
+        )  # fmt: skip
 
     def mount(self, *extra: str) -> subprocess.CompletedProcess[str]:
         r = self.try_mount(
