@@ -1,4 +1,4 @@
-"""Command line: ``cryptfs init | mount | umount``.
+"""Command line: ``cryptfs init | mount | umount | ls | decrypt | key | rotate``.
 
 Secrets are never taken from the command line: keys and passphrases come from files (mode
 0600).  Errors print one line (no traceback) and exit non-zero.
@@ -18,7 +18,8 @@ from typing import Any
 import trio
 
 from cryptfs import __version__
-from cryptfs.errors import CryptfsError, UsageError
+from cryptfs.crypto import Secret
+from cryptfs.errors import CryptfsError, UsageError, WrongKey
 from cryptfs.format.volume import (
     KeySource,
     create_key_file,
@@ -44,8 +45,18 @@ def _size(text: str) -> int:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
     p.add_argument("--region", help="S3 region (default: from the AWS config, else us-east-1)")
-    p.add_argument("--ca-bundle", type=Path, help="CA bundle for a private TLS endpoint")
+    p.add_argument("--ca-bundle", type=Path, help="CA bundle for private TLS endpoints")
+    p.add_argument("--kms-endpoint-url", help="AWS KMS endpoint (default: AWS)")
+    p.add_argument(
+        "--sse-c-key-file", type=Path, help="SSE-C customer key file (volumes with --sse c)"
+    )
     p.add_argument("-v", "--verbose", action="count", default=0)
+
+
+def _keys(p: argparse.ArgumentParser) -> None:
+    """How to open a volume: a key file, a passphrase file, or (neither) its KMS keyslot."""
+    p.add_argument("--key-file", type=Path)
+    p.add_argument("--passphrase-file", type=Path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,15 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("location", help="s3://BUCKET[/PREFIX]")
     p.add_argument("--key-file", type=Path, help="key file (created with a new key if missing)")
     p.add_argument("--passphrase-file", type=Path, help="file holding a passphrase")
+    p.add_argument("--kms-key-id", help="AWS KMS key (id, ARN or alias) for per-file data keys")
     p.add_argument("--chunk-size", type=_size, default=64 << 10, help="default 64K")
     p.add_argument("--plaintext-names", action="store_true", help="do not encrypt names")
+    p.add_argument("--sse", choices=("s3", "kms", "c"), help="also use S3 server-side encryption")
+    p.add_argument("--sse-kms-key-id", help="KMS key for --sse kms (default: the AWS one)")
     _common(p)
 
     p = sub.add_parser("mount", help="mount a volume")
     p.add_argument("location")
     p.add_argument("mountpoint", type=Path)
-    p.add_argument("--key-file", type=Path)
-    p.add_argument("--passphrase-file", type=Path)
+    _keys(p)
     p.add_argument("--cache-dir", type=Path)
     p.add_argument("--foreground", "-f", action="store_true")
     p.add_argument("-o", dest="options", action="append", default=[], help="FUSE/mount options")
@@ -85,9 +98,36 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("dest", type=Path)
         else:
             p.add_argument("-l", dest="long", action="store_true", help="long listing")
-        p.add_argument("--key-file", type=Path)
-        p.add_argument("--passphrase-file", type=Path)
+        _keys(p)
         _common(p)
+
+    p = sub.add_parser("key", help="list, add or remove the keyslots of a volume")
+    ksub = p.add_subparsers(dest="key_cmd", required=True)
+    for name, helptext in (
+        ("list", "show the keyslots"),
+        ("add", "add a key file, passphrase or KMS key that opens the volume"),
+        ("remove", "remove a keyslot (never the last)"),
+    ):
+        kp = ksub.add_parser(name, help=helptext)
+        kp.add_argument("location", help="s3://BUCKET[/PREFIX]")
+        if name == "add":
+            g = kp.add_mutually_exclusive_group(required=True)
+            g.add_argument("--new-key-file", type=Path, help="created if missing")
+            g.add_argument("--new-passphrase-file", type=Path)
+            g.add_argument("--new-kms-key-id")
+        elif name == "remove":
+            kp.add_argument("slot", help="keyslot id (see 'cryptfs key list')")
+        _keys(kp)
+        _common(kp)
+
+    p = sub.add_parser("rotate", help="new master key: rewrap every data key, server-side")
+    p.add_argument("location", help="s3://BUCKET[/PREFIX]")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--to-key-file", type=Path, help="the new key file (created if missing)")
+    g.add_argument("--to-kms-key-id", help="the new AWS KMS key")
+    p.add_argument("--concurrency", type=int, default=32)
+    _keys(p)
+    _common(p)
 
     p = sub.add_parser("umount", help="upload pending data, then unmount")
     p.add_argument("mountpoint", type=Path)
@@ -96,67 +136,210 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _s3_options(args: Any) -> Any:
+def _remote(args: Any) -> Any:
+    from cryptfs.session import Remote
+    from cryptfs.store.kms import KmsOptions
     from cryptfs.store.s3 import S3Options
 
     endpoint = args.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
     verify: bool | str = str(args.ca_bundle) if args.ca_bundle else True
-    return S3Options(endpoint_url=endpoint, region=args.region, verify=verify)
+    kms_endpoint = args.kms_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_KMS") or None
+    sse_c = None
+    if args.sse_c_key_file is not None:
+        sse_c = _read_or_create_key(args.sse_c_key_file, getattr(args, "cmd", "") == "init")
+    return Remote(
+        S3Options(endpoint_url=endpoint, region=args.region, verify=verify),
+        KmsOptions(endpoint_url=kms_endpoint, region=args.region, verify=verify),
+        sse_c,
+    )
+
+
+def _read_or_create_key(path: Path, create: bool) -> Secret:
+    if create and not path.exists():
+        key = create_key_file(path)
+        print(f"created new key file {path} (mode 0600) — back it up", file=sys.stderr)
+        return key
+    return read_key_file(path)
 
 
 def _key_source(args: Any, *, create: bool = False) -> KeySource:
+    """The keys offered to open (or, with ``create``, to protect) a volume.  With neither a
+    key file nor a passphrase, the volume's KMS keyslot is tried."""
     src = KeySource()
     if args.key_file is not None:
-        if create and not args.key_file.exists():
-            src.keyfile = create_key_file(args.key_file)
-            print(f"created new key file {args.key_file} (mode 0600) — back it up", file=sys.stderr)
-        else:
-            src.keyfile = read_key_file(args.key_file)
+        src.keyfile = _read_or_create_key(args.key_file, create)
     if args.passphrase_file is not None:
         src.passphrase = read_passphrase_file(args.passphrase_file)
-    if src.keyfile is None and src.passphrase is None:
-        raise UsageError("give --key-file or --passphrase-file (keys are never taken from argv)")
+    src.kms = not src.local
     return src
 
 
 def cmd_init(args: Any) -> int:
-    from cryptfs.format.volume import CONFIG_NAME
     from cryptfs.fs.volume import Volume
-    from cryptfs.store.s3 import S3Location, open_s3_store
+    from cryptfs.session import open_remote, sse_from_config
+    from cryptfs.store.s3 import S3Location
 
     loc = S3Location.parse(args.location)
     c = args.chunk_size
     if c & (c - 1) or not 1 << 12 <= c <= 1 << 24:
         raise UsageError("--chunk-size must be a power of two between 4K and 16M")
-    if args.key_file is None and args.passphrase_file is None:
-        raise UsageError("give --key-file or --passphrase-file (keys are never taken from argv)")
-    s3opts = _s3_options(args)
+    if args.key_file is None and args.passphrase_file is None and args.kms_key_id is None:
+        raise UsageError(
+            "give --key-file, --passphrase-file or --kms-key-id (keys never come from argv)"
+        )
+    sse: dict[str, str] | None = None
+    if args.sse is not None:
+        sse = {"mode": args.sse}
+        if args.sse == "kms" and args.sse_kms_key_id:
+            sse["key_id"] = args.sse_kms_key_id
+        if args.sse == "c" and args.sse_c_key_file is None:
+            raise UsageError("--sse c needs --sse-c-key-file (created if missing)")
+    if args.sse != "c" and args.sse_c_key_file is not None:
+        raise UsageError("--sse-c-key-file goes with --sse c")
+    if args.sse_kms_key_id and args.sse != "kms":
+        raise UsageError("--sse-kms-key-id goes with --sse kms")
+    remote = _remote(args)
 
     async def main() -> None:
-        async with open_s3_store(loc, s3opts) as store:
+        async with open_remote(loc, remote) as (store, kms):
+            store.set_sse(sse_from_config(sse, remote.sse_c_key))
             source = _key_source(args, create=True)
-            first = KeySource(keyfile=source.keyfile) if source.keyfile else source
-            vol, vmk = await Volume.create(
-                store, first, chunk_log2=c.bit_length() - 1, encrypt_names=not args.plaintext_names
+            vol = await Volume.create(
+                store,
+                source,
+                chunk_log2=c.bit_length() - 1,
+                encrypt_names=not args.plaintext_names,
+                kms=kms,
+                kms_key_id=args.kms_key_id,
+                sse=sse,
             )
-            if source.keyfile is not None and source.passphrase is not None:
-                _info = await store.head(CONFIG_NAME)
-                vol.config.add_slot(vmk, KeySource(passphrase=source.passphrase))
-                await store.put(CONFIG_NAME, vol.config.to_bytes(vmk), {}, if_match=_info.etag)
-        print(f"created cryptfs volume at {loc}")
+            vol.keyring.close()
+        extra = f", server-side encryption SSE-{args.sse.upper()}" if args.sse else ""
+        print(f"created cryptfs volume at {loc}{extra}")
 
     trio.run(main)
     return 0
+
+
+def cmd_key(args: Any) -> int:
+    from cryptfs.keyadmin import add_slot, describe_slots, remove_slot
+    from cryptfs.session import open_remote, open_volume
+    from cryptfs.store.s3 import S3Location
+
+    loc = S3Location.parse(args.location)
+    source = _key_source(args)
+    remote = _remote(args)
+
+    async def main() -> None:
+        async with open_remote(loc, remote) as (store, kms):
+            vol = await open_volume(store, kms, source)
+            try:
+                if args.key_cmd == "list":
+                    for line in describe_slots(vol):
+                        print(line)
+                elif args.key_cmd == "add":
+                    new = KeySource()
+                    if args.new_key_file is not None:
+                        new.keyfile = _read_or_create_key(args.new_key_file, True)
+                    if args.new_passphrase_file is not None:
+                        new.passphrase = read_passphrase_file(args.new_passphrase_file)
+                    slot = await add_slot(vol, new, args.new_kms_key_id)
+                    print(f"added keyslot {slot}")
+                else:
+                    if args.slot == vol.slot_id:
+                        print(
+                            f"note: removing {args.slot}, the slot you opened with", file=sys.stderr
+                        )
+                    await remove_slot(vol, args.slot)
+                    print(f"removed keyslot {args.slot}")
+            finally:
+                vol.keyring.close()
+
+    trio.run(main)
+    return 0
+
+
+def cmd_rotate(args: Any) -> int:
+    from cryptfs.keyadmin import rotate
+    from cryptfs.session import open_remote, open_volume
+    from cryptfs.store.s3 import S3Location
+
+    loc = S3Location.parse(args.location)
+    source = _key_source(args)
+    to_source: KeySource | None = None
+    if args.to_key_file is not None:
+        to_source = KeySource(keyfile=_read_or_create_key(args.to_key_file, True))
+    remote = _remote(args)
+    bar = _Progress("rewrapping")
+
+    async def main() -> None:
+        async with open_remote(loc, remote) as (store, kms):
+            resume = False
+            try:
+                vol = await open_volume(store, kms, source)
+            except WrongKey:
+                # an interrupted rotation already replaced the old slot: go on with the new key
+                vol = await open_volume(store, kms, to_source or KeySource(kms=True))
+                resume = True
+                print("resuming an interrupted rotation", file=sys.stderr)
+            try:
+                report = await rotate(
+                    vol,
+                    to_source=to_source,
+                    to_kms_key_id=args.to_kms_key_id,
+                    resume=resume,
+                    concurrency=args.concurrency,
+                    progress=bar.update,
+                )
+            finally:
+                vol.keyring.close()
+                bar.close()
+        print(report.summary())
+        if not report.finished:
+            raise SystemExit(3)
+
+    trio.run(main)
+    return 0
+
+
+class _Progress:
+    """A one-line progress bar on a terminal; a log line every 10 % otherwise."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.tty = sys.stderr.isatty()
+        self.last = -1.0
+        self.shown = False
+
+    def update(self, done: int, total: int) -> None:
+        frac = done / total if total else 1.0
+        now = time.monotonic()
+        if self.tty:
+            if now - self.last < 0.1 and done != total:
+                return
+            self.last = now
+            width = 30
+            fill = int(frac * width)
+            sys.stderr.write(f"\r{self.what} [{'#' * fill}{'.' * (width - fill)}] {done}/{total}")
+            sys.stderr.flush()
+            self.shown = True
+        elif int(frac * 10) > self.last:
+            self.last = int(frac * 10)
+            log.info("%s: %d/%d", self.what, done, total)
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
 
 
 def cmd_offline(args: Any) -> int:
     from cryptfs.offline import decrypt_tree, list_entries, open_offline
 
     source = _key_source(args)
-    opts = _s3_options(args)
+    remote = _remote(args)
 
     async def main() -> None:
-        async with open_offline(args.location, source, opts) as (fs, node):
+        async with open_offline(args.location, source, remote) as (fs, node):
             if args.cmd == "ls":
                 for line in await list_entries(fs, node, args.long):
                     print(line)
@@ -215,7 +398,7 @@ def cmd_mount(args: Any) -> int:
         location=loc,
         mountpoint=mp,
         source=source,
-        s3=_s3_options(args),
+        remote=_remote(args),
         cache_dir=cache_dir,
         fuse_options=opts,
         fs=Options(writeback_delay=args.writeback_delay, metadata_ttl=args.metadata_ttl),
@@ -248,10 +431,15 @@ def _spawn_daemon(args: Any, cache_dir: Path) -> int:
         ("--key-file", args.key_file),
         ("--passphrase-file", args.passphrase_file),
         ("--ca-bundle", args.ca_bundle),
+        ("--sse-c-key-file", args.sse_c_key_file),
     ):
         if value is not None:
             argv += [flag, str(value.absolute())]
-    for flag, text in (("--endpoint-url", args.endpoint_url), ("--region", args.region)):
+    for flag, text in (
+        ("--endpoint-url", args.endpoint_url),
+        ("--region", args.region),
+        ("--kms-endpoint-url", args.kms_endpoint_url),
+    ):
         if text:
             argv += [flag, text]
     for o in args.options:
@@ -352,6 +540,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_mount(args)
         if args.cmd in ("ls", "decrypt"):
             return cmd_offline(args)
+        if args.cmd == "key":
+            return cmd_key(args)
+        if args.cmd == "rotate":
+            return cmd_rotate(args)
         return cmd_umount(args)
     except CryptfsError as e:
         print(f"cryptfs: {e}", file=sys.stderr)

@@ -30,9 +30,9 @@ from cryptfs.cache.staging import StagingArea
 from cryptfs.errors import UsageError
 from cryptfs.format.volume import KeySource
 from cryptfs.fs.filesystem import Filesystem, Options
-from cryptfs.fs.volume import Volume
 from cryptfs.fuse.ops import Operations, mount_options, mounted, request_unmount, serve
-from cryptfs.store.s3 import S3Location, S3Options, open_s3_store
+from cryptfs.session import Remote, open_remote, open_volume
+from cryptfs.store.s3 import S3Location
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class MountConfig:
     location: S3Location
     mountpoint: Path
     source: KeySource
-    s3: S3Options
+    remote: Remote
     cache_dir: Path
     fuse_options: list[str] = field(default_factory=list)
     fs: Options = field(default_factory=Options)
@@ -105,8 +105,8 @@ def _lock_cache(volume_dir: Path) -> int:
 async def run_mount(cfg: MountConfig, ready: Callable[[], None]) -> int:
     """Mount and serve until unmounted; returns the number of files left staged."""
     check_mountpoint(cfg.mountpoint)
-    async with open_s3_store(cfg.location, cfg.s3) as store:
-        volume = await Volume.open(store, cfg.source)
+    async with open_remote(cfg.location, cfg.remote) as (store, kms):
+        volume = await open_volume(store, kms, cfg.source)
         vdir = cfg.cache_dir / volume.volume_id.hex()
         cfg.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         lock_fd = _lock_cache(vdir)
@@ -119,6 +119,7 @@ async def run_mount(cfg: MountConfig, ready: Callable[[], None]) -> int:
                 log.info("uploaded %d file(s) staged by an earlier run", recovered)
             return await _serve(cfg, fs, ready)
         finally:
+            volume.keyring.close()  # unwrapped data keys leave memory with the mount
             os.close(lock_fd)
 
 

@@ -89,6 +89,23 @@ class StoreUnavailable(StoreError):
     pass
 
 
+class SseMismatch(StoreError):
+    """An object lacks the server-side encryption the volume requires, or the server did
+    not apply it to a write."""
+
+
+class KeyServiceError(CryptfsError):
+    """AWS KMS refused or failed a request."""
+
+
+class KeyAccessDenied(KeyServiceError):
+    """Final: access denied, key disabled, pending deletion or not found."""
+
+
+class KeyServiceUnavailable(KeyServiceError):
+    """Transient (throttling, network) after the retries were used up."""
+
+
 class FsError(CryptfsError):
     pass
 

@@ -21,8 +21,8 @@ from cryptfs.errors import NotFound, VolumeNotFound
 from cryptfs.format.meta import KIND_DIR, KIND_LINK
 from cryptfs.format.volume import CONFIG_NAME, KeySource
 from cryptfs.fs.filesystem import ROOT_INO, Filesystem, Node
-from cryptfs.fs.volume import Volume
-from cryptfs.store.s3 import S3Location, S3Options, open_s3_store
+from cryptfs.session import Remote, open_remote, open_volume
+from cryptfs.store.s3 import S3Location
 
 log = logging.getLogger(__name__)
 _READ = 8 << 20
@@ -30,12 +30,12 @@ _READ = 8 << 20
 
 @asynccontextmanager
 async def open_offline(
-    url: str, source: KeySource, opts: S3Options
+    url: str, source: KeySource, remote: Remote
 ) -> AsyncIterator[tuple[Filesystem, Node]]:
     """The volume containing ``url`` and the node ``url`` names inside it."""
     loc = S3Location.parse(url)
     parts = [p for p in loc.prefix.split("/") if p]
-    async with open_s3_store(S3Location(loc.bucket, ""), opts) as bucket_store:
+    async with open_remote(S3Location(loc.bucket, ""), remote) as (bucket_store, kms):
         for cut in range(len(parts), -1, -1):
             candidate = "/".join(parts[:cut])
             try:
@@ -47,7 +47,7 @@ async def open_offline(
             break
         else:
             raise VolumeNotFound(f"no cryptfs volume at or above {url}")
-        volume = await Volume.open(store, source)
+        volume = await open_volume(store, kms, source)
         with tempfile.TemporaryDirectory(prefix="cryptfs-offline-") as tmp:
             fs = Filesystem(
                 volume,

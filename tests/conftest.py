@@ -45,6 +45,7 @@ class S3Server:
     endpoint: str
     proc: subprocess.Popen[bytes]
     log: Path
+    https_endpoint: str | None = None
 
     def client(self):  # type: ignore[no-untyped-def]
         import botocore.config
@@ -64,7 +65,8 @@ class S3Server:
         )
 
 
-def start_seaweed(workdir: Path) -> S3Server:
+def start_seaweed(workdir: Path, tls: tuple[Path, Path] | None = None) -> S3Server:
+    """``weed mini`` on free loopback ports; with ``tls=(cert, key)`` S3 speaks HTTPS only."""
     p = free_ports(12)
     data = workdir / "weed"
     data.mkdir(parents=True, exist_ok=True)
@@ -91,11 +93,15 @@ def start_seaweed(workdir: Path) -> S3Server:
         "-webdav=false",
         "-master.telemetry=false",
     ]
+    if tls is not None:
+        argv += [f"-s3.cert.file={tls[0]}", f"-s3.key.file={tls[1]}", f"-s3.port.https={p[11]}"]
     with open(log, "wb") as f:
         proc = subprocess.Popen(
             argv, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
     server = S3Server(f"http://127.0.0.1:{p[0]}", proc, log)
+    if tls is not None:
+        server.https_endpoint = f"https://127.0.0.1:{p[11]}"
     deadline = time.monotonic() + 60
     last: Exception | None = None
     while time.monotonic() < deadline:
@@ -140,6 +146,101 @@ def s3server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def make_self_signed(directory: Path, name: str = "cryptfs-test") -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (it is its own CA): (cert.pem, key.pem)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="session")
+def tls_s3server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A second SeaweedFS whose S3 API also listens on HTTPS with a self-signed certificate
+    (``server.https_endpoint``; the CA bundle is ``tls_ca``)."""
+    base = tmp_path_factory.mktemp("s3tls")
+    server = start_seaweed(base, tls=make_self_signed(base / "tls"))
+    try:
+        yield server
+    finally:
+        stop_seaweed(server)
+
+
+@pytest.fixture(scope="session")
+def tls_ca(tls_s3server: S3Server) -> Path:
+    return Path(tls_s3server.log.parent / "tls" / "cryptfs-test.pem")
+
+
+@dataclass
+class KmsServer:
+    endpoint: str
+
+    def client(self):  # type: ignore[no-untyped-def]
+        import botocore.session
+
+        return botocore.session.get_session().create_client(
+            "kms",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+        )
+
+    def new_key(self) -> str:
+        return str(self.client().create_key()["KeyMetadata"]["Arn"])
+
+
+@pytest.fixture(scope="session")
+def kms_server() -> Iterator[KmsServer]:
+    """moto's server mode on a free loopback port: the AWS KMS (and SSE-KMS S3) stand-in."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    port = free_ports(1)[0]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield KmsServer(f"http://127.0.0.1:{port}")
+    finally:
+        server.stop()
 
 
 @pytest.fixture

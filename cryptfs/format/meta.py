@@ -5,8 +5,8 @@ Every object (file, symlink, directory marker) carries:
 =========  =================================================================
 ``cfs``    format marker ``"1"``
 ``cfs-f``  base64url(file_id), 16 bytes
-``cfs-w``  data-key wrapping: ``"gcm"`` (volume key); directories: ``"-"``
-``cfs-kid`` wrapping key id (``"vmk"`` for the volume key)
+``cfs-w``  data-key wrapping: ``"gcm"`` (local master key) or ``"kms"``; directories ``"-"``
+``cfs-kid`` wrapping key id: ``"vmk"`` (legacy), ``"mk-…"`` (local) or a KMS key ARN
 ``cfs-k``  base64url(wrapped data key) (absent on directory markers)
 ``cfs-a``  base64url(nonce ‖ AES-GCM(K_attrs, attributes JSON, AAD))
 ``cfs-n``  full encrypted name, only for long names
@@ -26,7 +26,7 @@ import stat
 from dataclasses import dataclass, replace
 
 from cryptfs.errors import IntegrityError, UnsupportedFormat
-from cryptfs.format.keys import VolumeKeys
+from cryptfs.format.keys import SCHEME_KMS, SCHEME_LOCAL, VolumeKeys, WrappedKey
 from cryptfs.format.names import b64d, b64e
 
 FORMAT = "1"
@@ -96,8 +96,7 @@ class Attrs:
 class ObjectMeta:
     file_id: bytes
     attrs: Attrs
-    wrapped_dek: bytes | None  # None for directory markers
-    kid: str
+    dek: WrappedKey | None  # None for directory markers
     long_name: str | None = None
 
 
@@ -109,14 +108,14 @@ def encode_meta(keys: VolumeKeys, path: bytes, meta: ObjectMeta) -> dict[str, st
     md = {
         "cfs": FORMAT,
         "cfs-f": b64e(meta.file_id),
-        "cfs-w": "gcm" if meta.wrapped_dek is not None else "-",
-        "cfs-kid": meta.kid,
+        "cfs-w": meta.dek.scheme if meta.dek is not None else "-",
+        "cfs-kid": meta.dek.kid if meta.dek is not None else "-",
         "cfs-a": b64e(
             keys.attrs.seal_random(meta.attrs.to_json(), _attr_aad(keys, meta.file_id, path))
         ),
     }
-    if meta.wrapped_dek is not None:
-        md["cfs-k"] = b64e(meta.wrapped_dek)
+    if meta.dek is not None:
+        md["cfs-k"] = b64e(meta.dek.blob)
     if meta.long_name is not None:
         md["cfs-n"] = meta.long_name
     return md
@@ -141,11 +140,11 @@ def decode_meta(keys: VolumeKeys, path: bytes, md: dict[str, str]) -> ObjectMeta
         attrs = Attrs.from_json(keys.attrs.open_random(sealed, _attr_aad(keys, file_id, path)))
     except IntegrityError:
         raise IntegrityError("attributes do not authenticate for this path") from None
-    wrapped: bytes | None
+    wrapped: WrappedKey | None
     if attrs.kind == KIND_DIR:
         wrapped = None
-    elif wrap == "gcm" and "cfs-k" in md:
-        wrapped = b64d(md["cfs-k"])
+    elif wrap in (SCHEME_LOCAL, SCHEME_KMS) and "cfs-k" in md:
+        wrapped = WrappedKey(wrap, kid, b64d(md["cfs-k"]))
     else:
         raise UnsupportedFormat(f"data-key wrapping {wrap!r} not supported")
-    return ObjectMeta(file_id, attrs, wrapped, kid, md.get("cfs-n"))
+    return ObjectMeta(file_id, attrs, wrapped, md.get("cfs-n"))

@@ -54,9 +54,10 @@ from cryptfs.format.body import (
     chunk_count,
     chunk_span,
     chunks_for_range,
+    cipher_size,
     plain_size,
 )
-from cryptfs.format.keys import LOCAL_KID, new_dek
+from cryptfs.format.keys import LOCAL_KID, SCHEME_LOCAL, WrappedKey
 from cryptfs.format.meta import (
     KIND_DIR,
     KIND_FILE,
@@ -124,7 +125,7 @@ class Node:
     name: bytes
     attrs: Attrs
     file_id: bytes
-    wrapped_dek: bytes | None = None
+    wrapped: WrappedKey | None = None
     remote_etag: str | None = None  # ETag of our object in S3, None if not there (yet)
     children: dict[bytes, Node] | None = None  # directories: known entries
     listed_at: float = -1.0  # trio time when ``children`` was last complete (<0: never)
@@ -136,7 +137,6 @@ class Node:
     meta_dirty: bool = False
     change: int = 0  # bumped on every local modification
     unlinked: bool = False
-    dek: Secret | None = None
     cipher: BodyCipher | None = None
     cipher_etag: str | None = None
     target: bytes | None = None  # symlinks
@@ -369,7 +369,7 @@ class Filesystem:
             if existing is not None:
                 self._detach(existing)
             node = self._new_node(parent, name, meta.attrs, meta.file_id)
-        node.wrapped_dek = meta.wrapped_dek
+        node.wrapped = meta.dek
         node.remote_etag = info.etag
         node.refreshed_at = trio.current_time()
         if parent.children is not None:
@@ -619,7 +619,7 @@ class Filesystem:
 
     async def _put_marker(self, node: Node, *, create: bool) -> None:
         key, long_name = self.object_key(node)
-        meta = ObjectMeta(node.file_id, node.attrs, None, LOCAL_KID, long_name)
+        meta = ObjectMeta(node.file_id, node.attrs, None, long_name)
         md = encode_meta(self.vol.keys, self.path(node), meta)
         node.remote_etag = await self.store.put(
             key,
@@ -650,11 +650,10 @@ class Filesystem:
         parent = self.node(parent_ino)
         async with self.ns.shared():
             await self._require_absent(parent, name)
-            dek = new_dek()
             fid = random_bytes(16)
+            _dek, wrapped = await self.vol.keyring.new_dek(fid)
             node = self._new_node(parent, name, self._new_attrs(KIND_LINK, 0o777, uid, gid), fid)
-            node.dek = dek
-            node.wrapped_dek = self.vol.keys.wrap_dek(dek, fid)
+            node.wrapped = wrapped
             node.target = target
             key, long_name = self.object_key(node)
             try:
@@ -692,8 +691,7 @@ class Filesystem:
         await self._require_absent(parent, name)
         fid = random_bytes(16)
         node = self._new_node(parent, name, self._new_attrs(KIND_FILE, mode, uid, gid), fid)
-        node.dek = new_dek()
-        node.wrapped_dek = self.vol.keys.wrap_dek(node.dek, fid)
+        _dek, node.wrapped = await self.vol.keyring.new_dek(fid)
         self._key_for(parent, name, KIND_FILE)  # ENAMETOOLONG before anything is staged
         node.stage = self.staging.create(fid)
         node.change += 1
@@ -754,13 +752,15 @@ class Filesystem:
             end = min(offset + size, node.attrs.size)
             return await self._read_remote(node, offset, max(0, end - offset), h.window)
 
-    def _dek(self, node: Node) -> Secret:
-        """The node's data key, unwrapped once and kept in memory."""
-        if node.dek is None:
-            if node.wrapped_dek is None:
-                raise IntegrityError("object has no data key")
-            node.dek = self.vol.keys.unwrap_dek(node.wrapped_dek, node.file_id, LOCAL_KID)
-        return node.dek
+    def _stored_size(self, node: Node) -> int:
+        """Size of the node's object in S3 (0 for directory markers)."""
+        return 0 if node.is_dir else cipher_size(node.attrs.size, self.chunk)
+
+    async def _dek(self, node: Node) -> Secret:
+        """The node's data key, from the keyring's bounded, expiring cache."""
+        if node.wrapped is None:
+            raise IntegrityError("object has no data key")
+        return await self.vol.keyring.unwrap(node.wrapped, node.file_id)
 
     def _known_cipher(self, node: Node) -> BodyCipher | None:
         if node.cipher is not None and node.cipher_etag == node.remote_etag:
@@ -775,7 +775,7 @@ class Filesystem:
         if header is None:
             _info, header = await self.store.get(key, 0, HEADER_SIZE, if_match=node.remote_etag)
         try:
-            cipher = BodyCipher.open(self._dek(node), header)
+            cipher = BodyCipher.open(await self._dek(node), header)
             if cipher.header.file_id != node.file_id or cipher.header.salt != node.attrs.salt:
                 raise IntegrityError("body header does not belong to this file's metadata")
             if cipher.header.chunk_log2 != self.vol.chunk_log2:
@@ -1128,9 +1128,11 @@ class Filesystem:
         new_key, long_name = self._key_for(p2, name, src.kind)
         if src.stage is None and src.remote_etag is not None:
             new_attrs = src.attrs.with_(ctime_ns=_now_ns())
-            meta = ObjectMeta(src.file_id, new_attrs, src.wrapped_dek, LOCAL_KID, long_name)
+            meta = ObjectMeta(src.file_id, new_attrs, src.wrapped, long_name)
             md = encode_meta(self.vol.keys, self._child_path(p2, name), meta)
-            etag = await self.store.copy(old_key, new_key, md, if_match=src.remote_etag)
+            etag = await self.store.copy(
+                old_key, new_key, md, if_match=src.remote_etag, size=self._stored_size(src)
+            )
             await self.store.delete(old_key)
             if dst is not None:
                 await self._displace(dst)
@@ -1201,8 +1203,9 @@ class Filesystem:
                 ncomp, long_name = self.vol.names.encode(np, plain)
                 nkey = npre + ncomp
             meta = self._decode(opath, info)
-            meta = ObjectMeta(meta.file_id, meta.attrs, meta.wrapped_dek, meta.kid, long_name)
-            plan.append((key, nkey, encode_meta(self.vol.keys, npath, meta) | {"_etag": info.etag}))
+            meta = ObjectMeta(meta.file_id, meta.attrs, meta.dek, long_name)
+            extra = {"_etag": info.etag, "_size": str(info.size)}
+            plan.append((key, nkey, encode_meta(self.vol.keys, npath, meta) | extra))
 
         async with trio.open_nursery() as n:
             for k in keys:
@@ -1213,9 +1216,11 @@ class Filesystem:
         copied: dict[str, str] = {}
 
         async def copy(src_key: str, dst_key: str, md: dict[str, str]) -> None:
-            etag = md.pop("_etag")
+            etag, size = md.pop("_etag"), int(md.pop("_size"))
             async with self._meta_limit:
-                copied[dst_key] = await self.store.copy(src_key, dst_key, md, if_match=etag)
+                copied[dst_key] = await self.store.copy(
+                    src_key, dst_key, md, if_match=etag, size=size
+                )
 
         try:
             async with trio.open_nursery() as n:
@@ -1262,7 +1267,9 @@ class Filesystem:
         rec = {
             "path": b64e(self.path(node)),
             "fid": b64e(node.file_id),
-            "wrapped": b64e(node.wrapped_dek or b""),
+            "wrapped": b64e(node.wrapped.blob if node.wrapped else b""),
+            "scheme": node.wrapped.scheme if node.wrapped else SCHEME_LOCAL,
+            "kid": node.wrapped.kid if node.wrapped else LOCAL_KID,
             "attrs": b64e(node.attrs.to_json()),
             "etag": node.remote_etag,
         }
@@ -1344,9 +1351,11 @@ class Filesystem:
             await self._put_marker(node, create=node.remote_etag is None)
         elif node.remote_etag is not None:
             key, long_name = self.object_key(node)
-            meta = ObjectMeta(node.file_id, node.attrs, node.wrapped_dek, LOCAL_KID, long_name)
+            meta = ObjectMeta(node.file_id, node.attrs, node.wrapped, long_name)
             md = encode_meta(self.vol.keys, self.path(node), meta)
-            node.remote_etag = await self.store.copy(key, key, md, if_match=node.remote_etag)
+            node.remote_etag = await self.store.copy(
+                key, key, md, if_match=node.remote_etag, size=self._stored_size(node)
+            )
         if node.change == change:
             node.meta_dirty = False
 
@@ -1399,11 +1408,11 @@ class Filesystem:
         ``expect`` is the ETag being replaced (If-Match) or None for a new object
         (If-None-Match: *), so another writer's change is never silently overwritten.
         """
-        cipher = BodyCipher.new(self._dek(node), node.file_id, self.vol.chunk_log2)
+        cipher = BodyCipher.new(await self._dek(node), node.file_id, self.vol.chunk_log2)
         node.own_salts.add(cipher.header.salt)
         size = len(source) if isinstance(source, bytes) else source.size
         attrs = node.attrs.with_(size=size, salt=cipher.header.salt)
-        meta = ObjectMeta(node.file_id, attrs, node.wrapped_dek, LOCAL_KID, long_name)
+        meta = ObjectMeta(node.file_id, attrs, node.wrapped, long_name)
         md = encode_meta(self.vol.keys, path, meta)
         cond: dict[str, Any] = {"if_none_match": expect is None, "if_match": expect}
         try:
@@ -1536,8 +1545,9 @@ class Filesystem:
         fid = b64d(rec["fid"])
         existing = await self._find(parent, parts[-1])
         node = self._new_node(parent, parts[-1], attrs, fid)
-        node.wrapped_dek = b64d(rec["wrapped"])
-        self._dek(node)  # a journal whose data key does not unwrap is refused here
+        scheme, kid = str(rec.get("scheme", SCHEME_LOCAL)), str(rec.get("kid", LOCAL_KID))
+        node.wrapped = WrappedKey(scheme, kid, b64d(rec["wrapped"]))
+        await self._dek(node)  # a journal whose data key does not unwrap is refused here
         node.stage = sf
         node.remote_etag = existing.remote_etag if existing is not None else None
         if existing is not None:

@@ -68,7 +68,13 @@ class ObjectStore(Protocol):
     async def abort_multipart(self, key: str, upload_id: str) -> None: ...
 
     async def copy(
-        self, src: str, dst: str, metadata: Mapping[str, str], *, if_match: str | None = None
+        self,
+        src: str,
+        dst: str,
+        metadata: Mapping[str, str],
+        *,
+        if_match: str | None = None,
+        size: int | None = None,
     ) -> str: ...
 
     async def delete(self, key: str) -> None: ...

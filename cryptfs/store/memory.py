@@ -107,7 +107,13 @@ class MemoryStore:
         self._uploads.pop(upload_id, None)
 
     async def copy(
-        self, src: str, dst: str, metadata: Mapping[str, str], *, if_match: str | None = None
+        self,
+        src: str,
+        dst: str,
+        metadata: Mapping[str, str],
+        *,
+        if_match: str | None = None,
+        size: int | None = None,
     ) -> str:
         self._count("copy")
         await trio.lowlevel.checkpoint()

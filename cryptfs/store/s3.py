@@ -14,6 +14,7 @@ Error handling:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -33,12 +34,14 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from cryptfs.crypto import Secret
 from cryptfs.errors import (
     AccessDenied,
     BucketNotFound,
     KeyTooLong,
     NotFound,
     PreconditionFailed,
+    SseMismatch,
     StoreError,
     StoreUnavailable,
     UsageError,
@@ -83,6 +86,65 @@ class S3Options:
     verify: bool | str = True  # False, True or a CA bundle path
 
 
+_SSE_HEADER = {"s3": "AES256", "kms": "aws:kms"}
+
+
+@dataclass(frozen=True, repr=False)
+class Sse:
+    """Server-side encryption applied to every object call (on top of client-side).
+
+    ``s3``: SSE-S3 (AES256); ``kms``: SSE-KMS with ``kms_key_id`` (else the bucket's default
+    AWS managed key); ``c``: SSE-C with ``customer_key``, sent on every PUT, GET, HEAD, COPY
+    and multipart call.  Responses to reads are checked: an object stored without the
+    required encryption is an ``SseMismatch``, never silently accepted.
+    """
+
+    mode: str
+    kms_key_id: str | None = None
+    customer_key: Secret | None = None
+
+    def __repr__(self) -> str:
+        return f"<Sse {self.mode}{' ' + self.kms_key_id if self.kms_key_id else ''}>"
+
+    def _customer(self, prefix: str = "") -> dict[str, Any]:
+        assert self.customer_key is not None
+        # botocore base64-encodes the key and adds its MD5 header itself
+        return {
+            f"{prefix}SSECustomerAlgorithm": "AES256",
+            f"{prefix}SSECustomerKey": self.customer_key.reveal(),
+        }
+
+    def create_kw(self) -> dict[str, Any]:
+        """For PutObject, CreateMultipartUpload and the destination of CopyObject."""
+        if self.mode == "c":
+            return self._customer()
+        kw: dict[str, Any] = {"ServerSideEncryption": _SSE_HEADER[self.mode]}
+        if self.mode == "kms" and self.kms_key_id:
+            kw["SSEKMSKeyId"] = self.kms_key_id
+        return kw
+
+    def access_kw(self) -> dict[str, Any]:
+        """For GetObject, HeadObject, UploadPart and CompleteMultipartUpload."""
+        return self._customer() if self.mode == "c" else {}
+
+    def copy_source_kw(self) -> dict[str, Any]:
+        return self._customer("CopySource") if self.mode == "c" else {}
+
+    def check(self, resp: Mapping[str, Any], what: str) -> None:
+        if self.mode == "c":
+            ok = resp.get("SSECustomerAlgorithm") == "AES256"
+        else:
+            ok = resp.get("ServerSideEncryption") == _SSE_HEADER[self.mode]
+            if ok and self.mode == "kms" and self.kms_key_id and resp.get("SSEKMSKeyId"):
+                got = str(resp["SSEKMSKeyId"])
+                ok = got == self.kms_key_id or got.endswith(self.kms_key_id.split(":")[-1])
+        if not ok:
+            raise SseMismatch(
+                f"{what}: stored without the volume's required server-side encryption "
+                f"(SSE-{self.mode.upper()})"
+            )
+
+
 def _classify(exc: Exception, what: str) -> StoreError:
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
@@ -96,6 +158,9 @@ def _classify(exc: Exception, what: str) -> StoreError:
             return BucketNotFound(f"bucket does not exist ({what})")
         if code in _DENIED or status == "403":
             return AccessDenied(f"access denied by the S3 server ({code or status}) for {what}")
+        msg = str(err.get("Message", ""))
+        if "customer" in msg.lower() and ("key" in msg.lower()):
+            return SseMismatch(f"{what}: {msg} (this volume needs --sse-c-key-file)")
         if code == "KeyTooLongError":
             return KeyTooLong(what)
         if status.startswith("5") or code in ("SlowDown", "RequestTimeout"):
@@ -111,18 +176,55 @@ def _classify(exc: Exception, what: str) -> StoreError:
 
 
 class S3Store:
-    def __init__(self, bridge: AsyncioBridge, client: Any, loc: S3Location, limit: int) -> None:
+    def __init__(
+        self,
+        bridge: AsyncioBridge,
+        client: Any,
+        loc: S3Location,
+        limit: int,
+        sse: Sse | None = None,
+    ) -> None:
         self._bridge = bridge
         self._client = client
         self.loc = loc
         self._limiter = trio.CapacityLimiter(limit)
         self.requests = 0
+        self.sse = sse
+        self.secure = True  # https (or the AWS default endpoint)
+        self.copy_max = 5 << 30  # CopyObject's limit
+        self.copy_part = 1 << 30
+        self.bytes_in = 0  # body bytes downloaded
+
+    @property
+    def bridge(self) -> AsyncioBridge:
+        return self._bridge
 
     def with_prefix(self, prefix: str) -> S3Store:
         """The same client and loop, rooted at another prefix of the bucket."""
         p = prefix.strip("/")
         loc = S3Location(self.loc.bucket, p + "/" if p else "")
-        return S3Store(self._bridge, self._client, loc, int(self._limiter.total_tokens))
+        other = S3Store(self._bridge, self._client, loc, int(self._limiter.total_tokens), self.sse)
+        other.secure = self.secure
+        return other
+
+    def set_sse(self, sse: Sse | None) -> None:
+        """Apply server-side encryption to every later call; SSE-C needs HTTPS."""
+        if sse is not None and sse.mode == "c" and not self.secure:
+            raise UsageError(
+                "SSE-C needs an https:// endpoint: over http the customer key would cross "
+                "the network in clear"
+            )
+        self.sse = sse
+
+    def _create_kw(self) -> dict[str, Any]:
+        return self.sse.create_kw() if self.sse else {}
+
+    def _access_kw(self) -> dict[str, Any]:
+        return self.sse.access_kw() if self.sse else {}
+
+    def _check(self, resp: Mapping[str, Any], what: str) -> None:
+        if self.sse is not None:
+            self.sse.check(resp, what)
 
     def _k(self, key: str) -> str:
         return self.loc.prefix + key
@@ -137,7 +239,10 @@ class S3Store:
 
     async def head(self, key: str) -> ObjectInfo:
         async def op() -> ObjectInfo:
-            r = await self._client.head_object(Bucket=self.loc.bucket, Key=self._k(key))
+            r = await self._client.head_object(
+                Bucket=self.loc.bucket, Key=self._k(key), **self._access_kw()
+            )
+            self._check(r, key)
             return ObjectInfo(key, int(r["ContentLength"]), r["ETag"], r.get("Metadata", {}))
 
         return await self._call(key, op)  # type: ignore[no-any-return]
@@ -151,13 +256,16 @@ class S3Store:
     ) -> tuple[ObjectInfo, bytes]:
         async def op() -> tuple[ObjectInfo, bytes]:
             kw: dict[str, Any] = {"Bucket": self.loc.bucket, "Key": self._k(key)}
+            kw.update(self._access_kw())
             if start is not None or end is not None:
                 kw["Range"] = f"bytes={start or 0}-{'' if end is None else end - 1}"
             if if_match is not None:
                 kw["IfMatch"] = if_match
             r = await self._client.get_object(**kw)
             async with r["Body"] as body:
+                self._check(r, key)
                 data = await body.read()
+            self.bytes_in += len(data)
             size = int(r["ContentLength"])
             cr = r.get("ContentRange")
             if cr:
@@ -189,9 +297,11 @@ class S3Store:
                 "Body": body,
                 "Metadata": dict(metadata),
                 "ContentType": "application/octet-stream",
+                **self._create_kw(),
             }
             self._cond(kw, if_match, if_none_match)
             r = await self._client.put_object(**kw)
+            self._check(r, key)
             return str(r["ETag"])
 
         return await self._call(key, op)  # type: ignore[no-any-return]
@@ -203,6 +313,7 @@ class S3Store:
                 Key=self._k(key),
                 Metadata=dict(metadata),
                 ContentType="application/octet-stream",
+                **self._create_kw(),
             )
             return str(r["UploadId"])
 
@@ -216,6 +327,7 @@ class S3Store:
                 UploadId=upload_id,
                 PartNumber=number,
                 Body=data,
+                **self._access_kw(),
             )
             return str(r["ETag"])
 
@@ -238,6 +350,7 @@ class S3Store:
                 "MultipartUpload": {
                     "Parts": [{"PartNumber": i + 1, "ETag": e} for i, e in enumerate(etags)]
                 },
+                **self._access_kw(),
             }
             self._cond(kw, if_match, if_none_match)
             r = await self._client.complete_multipart_upload(**kw)
@@ -254,8 +367,19 @@ class S3Store:
         await self._call(key, op)
 
     async def copy(
-        self, src: str, dst: str, metadata: Mapping[str, str], *, if_match: str | None = None
+        self,
+        src: str,
+        dst: str,
+        metadata: Mapping[str, str],
+        *,
+        if_match: str | None = None,
+        size: int | None = None,
     ) -> str:
+        """Server-side copy with new metadata; objects over ``copy_max`` (5 GiB, the limit of
+        CopyObject) are copied part by part with UploadPartCopy (needs ``size``)."""
+        if size is not None and size > self.copy_max:
+            return await self._multipart_copy(src, dst, metadata, if_match, size)
+
         async def op() -> str:
             kw: dict[str, Any] = {
                 "Bucket": self.loc.bucket,
@@ -264,13 +388,56 @@ class S3Store:
                 "MetadataDirective": "REPLACE",
                 "Metadata": dict(metadata),
                 "ContentType": "application/octet-stream",
+                **self._create_kw(),
             }
+            if self.sse is not None:
+                kw.update(self.sse.copy_source_kw())
             if if_match is not None:
                 kw["CopySourceIfMatch"] = if_match
             r = await self._client.copy_object(**kw)
             return str(r["CopyObjectResult"]["ETag"])
 
         return await self._call(f"{src} -> {dst}", op)  # type: ignore[no-any-return]
+
+    async def _multipart_copy(
+        self, src: str, dst: str, metadata: Mapping[str, str], if_match: str | None, size: int
+    ) -> str:
+        upload_id = await self.create_multipart(dst, metadata)
+        try:
+            ranges = [(a, min(a + self.copy_part, size)) for a in range(0, size, self.copy_part)]
+            etags: list[str] = [""] * len(ranges)
+
+            async def part(i: int, a: int, b: int) -> None:
+                async def op() -> str:
+                    kw: dict[str, Any] = {
+                        "Bucket": self.loc.bucket,
+                        "Key": self._k(dst),
+                        "UploadId": upload_id,
+                        "PartNumber": i + 1,
+                        "CopySource": {"Bucket": self.loc.bucket, "Key": self._k(src)},
+                        "CopySourceRange": f"bytes={a}-{b - 1}",
+                        **self._access_kw(),
+                    }
+                    if self.sse is not None:
+                        kw.update(self.sse.copy_source_kw())
+                    if if_match is not None:
+                        kw["CopySourceIfMatch"] = if_match
+                    r = await self._client.upload_part_copy(**kw)
+                    return str(r["CopyPartResult"]["ETag"])
+
+                etags[i] = await self._call(f"{src} -> {dst} part {i + 1}", op)
+
+            async with trio.open_nursery() as nursery:
+                for i, (a, b) in enumerate(ranges):
+                    nursery.start_soon(part, i, a, b)
+            # in place: the object must still be the one whose parts were copied
+            return await self.complete_multipart(
+                dst, upload_id, etags, if_match=if_match if src == dst else None
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True), contextlib.suppress(StoreError):
+                await self.abort_multipart(dst, upload_id)
+            raise
 
     async def delete(self, key: str) -> None:
         async def op() -> None:
@@ -349,6 +516,7 @@ async def open_s3_store(loc: S3Location, opts: S3Options) -> AsyncIterator[S3Sto
         client = await bridge.run(create)
         try:
             store = S3Store(bridge, client, loc, opts.max_concurrency)
+            store.secure = not opts.endpoint_url or opts.endpoint_url.lower().startswith("https:")
             try:
                 await store._call(loc.bucket, probe)
             except NotFound:

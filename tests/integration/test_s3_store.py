@@ -74,7 +74,7 @@ async def test_filesystem_over_s3_large_file_multipart(
     src = KeySource(keyfile=Secret(os.urandom(32)))
     data = os.urandom((20 << 20) + 12345)
     async with open_s3_store(loc, S3Options(endpoint_url=s3server.endpoint)) as store:
-        vol, _ = await Volume.create(store, src, chunk_log2=16, encrypt_names=True)
+        vol = await Volume.create(store, src, chunk_log2=16, encrypt_names=True)
         staging = StagingArea(tmp_path / "st", vol.keys.cache, vol.chunk)
         fs = Filesystem(
             vol,

@@ -25,7 +25,7 @@ async def make_fs(
     try:
         vol = await Volume.open(store, src)
     except Exception:
-        vol, _ = await Volume.create(store, src, chunk_log2=chunk_log2, encrypt_names=True)
+        vol = await Volume.create(store, src, chunk_log2=chunk_log2, encrypt_names=True)
     staging = StagingArea(tmp_path / vol.volume_id.hex(), vol.keys.cache, vol.chunk)
     fs = Filesystem(vol, staging, Options(writeback_delay=0.1, metadata_ttl=0))
     await fs.ensure_root()
@@ -288,7 +288,7 @@ async def test_golden_volume_v1_stays_readable(tmp_path: Path) -> None:
 async def test_plaintext_names_volume(tmp_path: Path) -> None:
     store = MemoryStore()
     src = KeySource(keyfile=Secret(b"p" * 32))
-    vol, _ = await Volume.create(store, src, chunk_log2=12, encrypt_names=False)
+    vol = await Volume.create(store, src, chunk_log2=12, encrypt_names=False)
     fs = Filesystem(vol, StagingArea(tmp_path, vol.keys.cache, vol.chunk))
     await fs.ensure_root()
     d = await fs.mkdir(ROOT_INO, b"photos", 0o755, 0, 0)

@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 from cryptfs import errors as E
 from cryptfs.crypto import Secret
 from cryptfs.errors import IntegrityError, Invalid, NameTooLong, WrongKey
-from cryptfs.format.keys import VolumeKeys
+from cryptfs.format.keys import VolumeKeys, WrappedKey
 from cryptfs.format.meta import KIND_FILE, Attrs, ObjectMeta, decode_meta, encode_meta
 from cryptfs.format.names import MAX_COMPONENT, NameCodec
-from cryptfs.format.volume import KeySource, VolumeConfig
+from cryptfs.format.volume import KeySource, SlotPayload, VolumeConfig
 from cryptfs.fuse.ops import ERRNO_OF
 
 VOL = b"V" * 16
@@ -63,7 +63,7 @@ def _attrs() -> Attrs:
 
 
 def test_meta_roundtrip_and_path_binding() -> None:
-    meta = ObjectMeta(b"F" * 16, _attrs(), b"w" * 60, "vmk")
+    meta = ObjectMeta(b"F" * 16, _attrs(), WrappedKey("gcm", "vmk", b"w" * 60))
     md = encode_meta(KEYS, b"/a/b", meta)
     assert decode_meta(KEYS, b"/a/b", md) == meta
     with pytest.raises(IntegrityError):
@@ -71,9 +71,9 @@ def test_meta_roundtrip_and_path_binding() -> None:
     md2 = dict(
         md,
         **{
-            "cfs-f": encode_meta(KEYS, b"/a/b", ObjectMeta(b"G" * 16, _attrs(), b"", "vmk"))[
-                "cfs-f"
-            ]
+            "cfs-f": encode_meta(
+                KEYS, b"/a/b", ObjectMeta(b"G" * 16, _attrs(), WrappedKey("gcm", "vmk", b""))
+            )["cfs-f"]
         },
     )
     with pytest.raises(IntegrityError):
@@ -93,8 +93,9 @@ def test_dek_wrap_bound_to_file() -> None:
 def test_volume_config_slots(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CRYPTFS_TEST_FAST_KDF", "1")
     cfg, vmk = VolumeConfig.create(16, True)
-    cfg.add_slot(vmk, KeySource(keyfile=Secret(b"k" * 32)))
-    cfg.add_slot(vmk, KeySource(passphrase=Secret(b"correct horse")))
+    payload = SlotPayload(vmk, {"mk-1": Secret(b"m" * 32)})
+    cfg.add_slot(payload, KeySource(keyfile=Secret(b"k" * 32)))
+    cfg.add_slot(payload, KeySource(passphrase=Secret(b"correct horse")))
     data = cfg.to_bytes(vmk)
     assert b"k" * 8 not in data and b"correct horse" not in data
     loaded = VolumeConfig.from_bytes(data)

@@ -1,0 +1,212 @@
+"""The keyring of an opened volume: makes, unwraps and rewraps per-file data keys.
+
+Owns: the data-key cache (unwrapped DEKs, in memory only, bounded count and TTL, cleared on
+close), the choice of wrapping for new files (the volume config's ``dek`` target) and the
+unlocking of keyslots, including KMS slots.
+
+Error handling:
+    A data key that does not unwrap is an ``IntegrityError`` (tampered metadata, wrong
+    context); KMS refusals are ``KeyAccessDenied``; both reach the reader as EIO with the
+    reason logged by the filesystem.  Transient KMS errors are retried inside ``store.kms``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from cryptfs.crypto import Aead, Secret
+from cryptfs.errors import IntegrityError, KeyAccessDenied, UsageError, WrongKey
+from cryptfs.format.keys import (
+    SCHEME_KMS,
+    SCHEME_LOCAL,
+    VolumeKeys,
+    WrappedKey,
+    kms_file_context,
+    kms_slot_context,
+    new_dek,
+)
+from cryptfs.format.names import b64d
+from cryptfs.format.volume import KeySource, SlotPayload, VolumeConfig
+from cryptfs.store.kms import KmsClient
+
+log = logging.getLogger(__name__)
+
+
+class DekCache:
+    """Unwrapped data keys by (file id, wrapped blob): LRU-bounded, each entry lives ``ttl``."""
+
+    def __init__(self, max_entries: int = 4096, ttl: float = 300.0) -> None:
+        self.max_entries = max_entries
+        self.ttl = ttl
+        self._d: OrderedDict[tuple[bytes, bytes], tuple[Secret, float]] = OrderedDict()
+
+    def get(self, file_id: bytes, blob: bytes) -> Secret | None:
+        k = (file_id, blob)
+        hit = self._d.get(k)
+        if hit is None:
+            return None
+        if hit[1] < time.monotonic():
+            del self._d[k]
+            return None
+        self._d.move_to_end(k)
+        return hit[0]
+
+    def put(self, file_id: bytes, blob: bytes, dek: Secret) -> None:
+        self._d[(file_id, blob)] = (dek, time.monotonic() + self.ttl)
+        self._d.move_to_end((file_id, blob))
+        while len(self._d) > self.max_entries:
+            self._d.popitem(last=False)
+
+    def clear(self) -> None:
+        self._d.clear()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+@dataclass(frozen=True)
+class Target:
+    """How new data keys are wrapped: ``gcm`` under local master key ``kid``, or ``kms``."""
+
+    scheme: str
+    kid: str
+
+    @classmethod
+    def of(cls, cfg: VolumeConfig) -> Target:
+        return cls(cfg.dek["scheme"], cfg.dek["kid"])
+
+
+class Keyring:
+    def __init__(
+        self,
+        keys: VolumeKeys,
+        payload: SlotPayload,
+        target: Target,
+        kms: KmsClient | None,
+        cache: DekCache | None = None,
+    ) -> None:
+        self.keys = keys
+        self.payload = payload
+        self.target = target
+        self.kms = kms
+        self.cache = cache or DekCache()
+        self._keks: dict[str, Aead] = {}
+
+    def __repr__(self) -> str:
+        return f"<Keyring target={self.target}>"
+
+    def _kek(self, kid: str) -> Aead:
+        kek = self._keks.get(kid)
+        if kek is None:
+            kek = self.keys.local_kek(kid, self.payload.mks.get(kid))
+            self._keks[kid] = kek
+        return kek
+
+    def _need_kms(self) -> KmsClient:
+        if self.kms is None:
+            raise KeyAccessDenied(
+                "this volume's data keys are wrapped by AWS KMS: mount with KMS access "
+                "(credentials, and --kms-endpoint-url if not AWS)"
+            )
+        return self.kms
+
+    async def wrap(self, dek: Secret, file_id: bytes, target: Target | None = None) -> WrappedKey:
+        t = target or self.target
+        if t.scheme == SCHEME_LOCAL:
+            return self.keys.wrap_local(self._kek(t.kid), t.kid, dek, file_id)
+        ctx = kms_file_context(self.keys.volume_id, file_id)
+        blob, arn = await self._need_kms().encrypt(t.kid, dek, ctx)
+        return WrappedKey(SCHEME_KMS, arn, blob)
+
+    async def new_dek(self, file_id: bytes) -> tuple[Secret, WrappedKey]:
+        if self.target.scheme == SCHEME_KMS:
+            ctx = kms_file_context(self.keys.volume_id, file_id)
+            dek, blob, arn = await self._need_kms().generate_data_key(self.target.kid, ctx)
+            if len(dek) != 32:
+                raise IntegrityError("AWS KMS returned a data key of the wrong size")
+            wk = WrappedKey(SCHEME_KMS, arn, blob)
+        else:
+            dek = new_dek()
+            wk = await self.wrap(dek, file_id)
+        self.cache.put(file_id, wk.blob, dek)
+        return dek, wk
+
+    async def unwrap(self, wk: WrappedKey, file_id: bytes) -> Secret:
+        dek = self.cache.get(file_id, wk.blob)
+        if dek is not None:
+            return dek
+        if wk.scheme == SCHEME_LOCAL:
+            dek = self.keys.unwrap_local(self._kek(wk.kid), wk, file_id)
+        elif wk.scheme == SCHEME_KMS:
+            ctx = kms_file_context(self.keys.volume_id, file_id)
+            dek, _arn = await self._need_kms().decrypt(wk.blob, ctx, wk.kid)
+            if len(dek) != 32:
+                raise IntegrityError("AWS KMS returned a data key of the wrong size")
+        else:
+            raise IntegrityError(f"unknown data-key scheme {wk.scheme!r}")
+        self.cache.put(file_id, wk.blob, dek)
+        return dek
+
+    def on_target(self, wk: WrappedKey, target: Target | None = None) -> bool:
+        t = target or self.target
+        return wk.scheme == t.scheme and wk.kid == t.kid
+
+    async def rewrap(self, wk: WrappedKey, file_id: bytes, target: Target) -> WrappedKey:
+        """The same data key wrapped for ``target``; KMS to KMS stays inside KMS."""
+        if wk.scheme == SCHEME_KMS and target.scheme == SCHEME_KMS:
+            ctx = kms_file_context(self.keys.volume_id, file_id)
+            blob, arn = await self._need_kms().re_encrypt(wk.blob, ctx, wk.kid, target.kid)
+            return WrappedKey(SCHEME_KMS, arn, blob)
+        return await self.wrap(await self.unwrap(wk, file_id), file_id, target)
+
+    def close(self) -> None:
+        self.cache.clear()
+        self._keks.clear()
+
+
+# -- keyslots --------------------------------------------------------------------------------
+
+
+async def unlock(
+    cfg: VolumeConfig, source: KeySource, kms: KmsClient | None
+) -> tuple[SlotPayload, str]:
+    """Open a keyslot with what the user offers; returns the payload and the slot's id."""
+    if source.local:
+        return cfg.unlock_local(source)
+    slots = cfg.kms_slots()
+    if not source.kms or kms is None:
+        raise UsageError("give --key-file, --passphrase-file or --kms (keys never come from argv)")
+    if not slots:
+        kinds = sorted({s["type"] for s in cfg.keyslots})
+        raise WrongKey(f"this volume has no KMS keyslot (it has: {kinds})")
+    last: Exception | None = None
+    for slot in slots:
+        ctx = kms_slot_context(cfg.volume_id, slot["id"])
+        try:
+            raw, _arn = await kms.decrypt(
+                b64d(slot["blob"]), ctx, slot["key_id"], what=f"keyslot {slot['id']}"
+            )
+        except (KeyAccessDenied, IntegrityError) as e:
+            last = e
+            continue
+        payload = SlotPayload.from_bytes(raw.reveal())
+        cfg.verify(payload)
+        return payload, str(slot["id"])
+    assert last is not None
+    raise last
+
+
+async def add_kms_slot(cfg: VolumeConfig, kms: KmsClient, key_id: str, payload: SlotPayload) -> str:
+    arn = await kms.key_arn(key_id)
+    slot_id = cfg.new_slot_id("kms")
+    blob, arn = await kms.encrypt(
+        arn,
+        Secret(payload.to_bytes()),
+        kms_slot_context(cfg.volume_id, slot_id),
+        what=f"keyslot {slot_id}",
+    )
+    cfg.add_kms_slot(slot_id, arn, blob)
+    return slot_id
