@@ -134,13 +134,21 @@ def stop_seaweed(server: S3Server) -> None:
 @pytest.fixture(scope="session")
 def s3server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     server = start_seaweed(tmp_path_factory.mktemp("s3"))
-    old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    os.environ["AWS_ACCESS_KEY_ID"] = ACCESS_KEY
-    os.environ["AWS_SECRET_ACCESS_KEY"] = SECRET_KEY
     try:
         yield server
     finally:
         stop_seaweed(server)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _test_credentials() -> Iterator[None]:
+    """The test servers' credentials in the environment, as a user would export them."""
+    old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ["AWS_ACCESS_KEY_ID"] = ACCESS_KEY
+    os.environ["AWS_SECRET_ACCESS_KEY"] = SECRET_KEY
+    try:
+        yield
+    finally:
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -337,3 +337,33 @@ async def test_rotate_local_to_kms_then_kms_to_kms_multipart_copy(
         v2 = await open_volume(store, kms, KeySource(kms=True))
         assert [s["key_id"] for s in v2.config.keyslots] == [k2]
         assert await read_files(v2, tmp_path, loc.prefix) == files
+
+
+THROTTLED = (
+    b'{"__type":"ThrottlingException","message":"Rate exceeded"}',
+    {"Content-Type": "application/x-amz-json-1.1", "x-amzn-ErrorType": "ThrottlingException"},
+)
+
+
+async def test_kms_throttling_is_retried_then_reported(kms_server: KmsServer) -> None:
+    from cryptfs.errors import KeyServiceUnavailable
+    from cryptfs.store.bridge import open_bridge
+    from cryptfs.store.kms import open_kms
+    from tests.faults import FaultProxy
+
+    key = kms_server.new_key()
+    ctx = {"cryptfs:volume": "v", "cryptfs:file": "f"}
+    with FaultProxy(kms_server.endpoint).running() as proxy:
+        opts = KmsOptions(endpoint_url=proxy.endpoint, max_attempts=2)
+        async with open_bridge() as bridge, open_kms(bridge, opts) as kms:
+            proxy.fail_next(2, 400, *THROTTLED)
+            dek, blob, arn = await kms.generate_data_key(key, ctx)
+            assert proxy.requests == 3 and arn == key and len(dek) == 32  # two retries
+            # botocore's max_attempts counts retries: 1 + 2 requests, then a clear error
+            proxy.fail_next(3, 400, *THROTTLED)
+            with pytest.raises(KeyServiceUnavailable, match="ThrottlingException"):
+                await kms.decrypt(blob, ctx, key)
+            assert proxy.requests == 6
+            proxy.fail_next(1, 503, b"")
+            got, _ = await kms.decrypt(blob, ctx, key)  # a 5xx is retried too
+            assert got == dek

@@ -257,13 +257,20 @@ async def test_directory_rename_with_long_names_and_nesting(tmp_path: Path) -> N
     assert len(store.objects) == 7  # config, root, dir, inner, empty, 2 files
 
 
-async def test_golden_volume_v1_stays_readable(tmp_path: Path) -> None:
-    """A whole volume written by cryptfs 0.1 (format v1) must stay mountable."""
+@pytest.mark.parametrize(
+    "name",
+    [
+        "golden_volume_v1.json",  # cryptfs 0.1: DEKs wrapped under a VMK-derived key ("vmk")
+        "golden_volume_v1_mk.json",  # local master key in the slot payload ("mk-…")
+    ],
+)
+async def test_golden_volume_v1_stays_readable(tmp_path: Path, name: str) -> None:
+    """Whole volumes written by earlier cryptfs versions must stay mountable."""
     import json
 
     from cryptfs.format.names import b64d
 
-    golden = json.loads((Path(__file__).parent.parent / "data/golden_volume_v1.json").read_text())
+    golden = json.loads((Path(__file__).parent.parent / "data" / name).read_text())
     store = MemoryStore()
     for key, obj in golden["objects"].items():
         await store.put(key, bytes.fromhex(obj["body"]), obj["metadata"])

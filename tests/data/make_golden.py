@@ -1,0 +1,64 @@
+"""Write a golden volume for the format tests: ``python -m tests.data.make_golden OUT.json``.
+
+Run once per format change and commit the result; tests must keep reading every golden file
+ever committed (a later cryptfs must mount volumes written by an earlier one).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import trio
+
+from cryptfs.cache.staging import StagingArea
+from cryptfs.crypto import Secret
+from cryptfs.format.names import b64e
+from cryptfs.format.volume import KeySource
+from cryptfs.fs.filesystem import ROOT_INO, Filesystem, Options
+from cryptfs.fs.volume import Volume
+from cryptfs.store.memory import MemoryStore
+
+KEY = bytes(range(32))
+MTIME = 1_700_000_000_123_456_789
+FILES = {
+    "/hello.txt": b"hello, golden world\n",
+    "/empty": b"",
+    "/docs/report.pdf": bytes(range(256)) * 300,
+    "/docs/" + "L" * 200: b"long name\n",
+}
+
+
+async def build() -> dict[str, object]:
+    store = MemoryStore()
+    vol = await Volume.create(
+        store, KeySource(keyfile=Secret(KEY)), chunk_log2=12, encrypt_names=True
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        fs = Filesystem(vol, StagingArea(Path(tmp), vol.keys.cache, vol.chunk), Options())
+        await fs.ensure_root()
+        docs = await fs.mkdir(ROOT_INO, b"docs", 0o750, 1000, 1000)
+        for path, data in FILES.items():
+            parent = docs.ino if path.startswith("/docs/") else ROOT_INO
+            node, h = await fs.create(parent, path.rsplit("/", 1)[1].encode(), 0o640, 1000, 1000)
+            await fs.write(h.fh, 0, data)
+            await fs.release(h.fh)
+            await fs.setattr(node.ino, mtime_ns=MTIME)
+            await fs.sync_node(node)
+        await fs.symlink(ROOT_INO, b"link", b"docs/report.pdf", 1000, 1000)
+        await fs.flush_all()
+    return {
+        "key_file": b64e(KEY),
+        "files": {p: d.hex() for p, d in FILES.items()},
+        "objects": {
+            k: {"body": body.hex(), "metadata": dict(md)}
+            for k, (body, md, _e) in store.objects.items()
+        },
+    }
+
+
+if __name__ == "__main__":
+    out = json.dumps(trio.run(build), indent=1, sort_keys=True)
+    Path(sys.argv[1]).write_text(out + "\n")
