@@ -27,7 +27,7 @@ from pathlib import Path
 import trio
 
 from cryptfs.cache.staging import StagingArea
-from cryptfs.errors import UsageError
+from cryptfs.errors import CryptfsError, UsageError
 from cryptfs.format.volume import KeySource
 from cryptfs.fs.filesystem import Filesystem, Options
 from cryptfs.fuse.ops import Operations, mount_options, mounted, request_unmount, serve
@@ -47,6 +47,7 @@ class MountConfig:
     fuse_options: list[str] = field(default_factory=list)
     fs: Options = field(default_factory=Options)
     flush_timeout: float = 600.0
+    config_interval: float = 30.0  # re-read the volume config (keyslots, rotation) this often
 
 
 def runtime_dir() -> Path:
@@ -139,6 +140,8 @@ async def _serve(cfg: MountConfig, fs: Filesystem, ready: Callable[[], None]) ->
     async with trio.open_nursery() as outer:
         watcher = trio.CancelScope()
         outer.start_soon(_watch_signals, force, watcher, state)
+        config_watch = trio.CancelScope()
+        outer.start_soon(_watch_config, fs, cfg.config_interval, config_watch)
         with mounted(ops, str(cfg.mountpoint), options):
             async with trio.open_nursery() as nursery:
                 await nursery.start(fs.serve_writeback)
@@ -156,6 +159,7 @@ async def _serve(cfg: MountConfig, fs: Filesystem, ready: Callable[[], None]) ->
                 await fs.flush_all()
             left = len(fs.pending())
         watcher.cancel()
+        config_watch.cancel()
     statusfile.write_text(json.dumps({"pending": left}) + "\n")
     pidfile.unlink(missing_ok=True)
     if left:
@@ -163,6 +167,18 @@ async def _serve(cfg: MountConfig, fs: Filesystem, ready: Callable[[], None]) ->
     else:
         log.info("unmounted cleanly; nothing pending")
     return left
+
+
+async def _watch_config(fs: Filesystem, interval: float, scope: trio.CancelScope) -> None:
+    """Follow config changes made elsewhere: a rotation there must not leave this mount
+    wrapping new files under a retired key (see docs/OPERATIONS.md, rotation)."""
+    with scope:
+        while True:
+            await trio.sleep(interval)
+            try:
+                await fs.vol.reload_config()
+            except CryptfsError as e:
+                log.warning("could not re-read the volume config: %s", e)
 
 
 async def _watch_signals(

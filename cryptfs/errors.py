@@ -158,5 +158,9 @@ class NotPermitted(FsError):
     """The operation is refused by design (hard links): EPERM."""
 
 
+class ReadOnly(FsError):
+    """The volume cannot take new files now (e.g. its master key was rotated elsewhere)."""
+
+
 class NoAttr(FsError):
     """No such extended attribute."""

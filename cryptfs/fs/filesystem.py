@@ -35,6 +35,7 @@ from cryptfs.errors import (
     IntegrityError,
     Invalid,
     IsDir,
+    KeyServiceError,
     KeyTooLong,
     NameTooLong,
     NoAttr,
@@ -45,6 +46,7 @@ from cryptfs.errors import (
     NotPermitted,
     NotSupported,
     PreconditionFailed,
+    ReadOnly,
     StoreError,
     UnsupportedFormat,
 )
@@ -139,6 +141,9 @@ class Node:
     unlinked: bool = False
     cipher: BodyCipher | None = None
     cipher_etag: str | None = None
+    # the data key of a staged file, journaled with it (sealed by the cache key) so that
+    # recovery does not depend on a master key that a rotation may have retired meanwhile
+    stage_dek: Secret | None = None
     target: bytes | None = None  # symlinks
     own_salts: set[bytes] = field(default_factory=set)  # generations this mount wrote
     journaled: int = -1  # value of ``change`` when the journal was last written
@@ -691,7 +696,7 @@ class Filesystem:
         await self._require_absent(parent, name)
         fid = random_bytes(16)
         node = self._new_node(parent, name, self._new_attrs(KIND_FILE, mode, uid, gid), fid)
-        _dek, node.wrapped = await self.vol.keyring.new_dek(fid)
+        node.stage_dek, node.wrapped = await self.vol.keyring.new_dek(fid)
         self._key_for(parent, name, KIND_FILE)  # ENAMETOOLONG before anything is staged
         node.stage = self.staging.create(fid)
         node.change += 1
@@ -895,6 +900,7 @@ class Filesystem:
         if node.stage is not None:  # someone else materialized meanwhile
             sf.remove()
             return node.stage
+        node.stage_dek = await self._dek(node)
         node.stage = sf
         return sf
 
@@ -932,7 +938,10 @@ class Filesystem:
             if size < 0:
                 raise Invalid("negative size")
             if node.stage is None and size == 0:
-                node.stage = self.staging.create(node.file_id)  # nothing to download
+                dek = await self._dek(node)
+                if node.stage is None:
+                    node.stage_dek = dek
+                    node.stage = self.staging.create(node.file_id)  # nothing to download
             sf = node.stage or await self._materialize(node)
             sf.truncate(size)
             self._touch(node, data=True)
@@ -1270,6 +1279,7 @@ class Filesystem:
             "wrapped": b64e(node.wrapped.blob if node.wrapped else b""),
             "scheme": node.wrapped.scheme if node.wrapped else SCHEME_LOCAL,
             "kid": node.wrapped.kid if node.wrapped else LOCAL_KID,
+            "dek": b64e(node.stage_dek.reveal()) if node.stage_dek else "",
             "attrs": b64e(node.attrs.to_json()),
             "etag": node.remote_etag,
         }
@@ -1390,8 +1400,28 @@ class Filesystem:
         except (IntegrityError, UnsupportedFormat):
             return None
         if meta.file_id == node.file_id and meta.attrs.salt in node.own_salts:
+            await self._adopt_wrapping(node, meta.dek)
             return info.etag
         return None
+
+    async def _current_wrapping(self, node: Node) -> None:
+        """Every upload wraps the data key under the volume's current key: a file staged
+        before a rotation must not land under the master key the rotation retires."""
+        keyring = self.vol.keyring
+        if node.wrapped is None or keyring.on_target(node.wrapped):
+            return
+        if keyring.stale is not None:
+            raise ReadOnly(keyring.stale)
+        node.wrapped = await keyring.wrap(await self._dek(node), node.file_id)
+
+    async def _adopt_wrapping(self, node: Node, remote: WrappedKey | None) -> None:
+        """Keep a data key rewrapped meanwhile by ``cryptfs rotate`` (same key, new wrapping):
+        writing our old wrapping back would tie the file to a retired master key."""
+        if remote is None or remote == node.wrapped or node.wrapped is None:
+            return
+        mine = await self._dek(node)
+        if await self.vol.keyring.unwrap(remote, node.file_id) == mine:
+            node.wrapped = remote
 
     async def _put_body(
         self,
@@ -1408,6 +1438,7 @@ class Filesystem:
         ``expect`` is the ETag being replaced (If-Match) or None for a new object
         (If-None-Match: *), so another writer's change is never silently overwritten.
         """
+        await self._current_wrapping(node)
         cipher = BodyCipher.new(await self._dek(node), node.file_id, self.vol.chunk_log2)
         node.own_salts.add(cipher.header.salt)
         size = len(source) if isinstance(source, bytes) else source.size
@@ -1547,7 +1578,16 @@ class Filesystem:
         node = self._new_node(parent, parts[-1], attrs, fid)
         scheme, kid = str(rec.get("scheme", SCHEME_LOCAL)), str(rec.get("kid", LOCAL_KID))
         node.wrapped = WrappedKey(scheme, kid, b64d(rec["wrapped"]))
-        await self._dek(node)  # a journal whose data key does not unwrap is refused here
+        try:
+            node.stage_dek = await self._dek(node)
+        except (IntegrityError, KeyServiceError):
+            # wrapped under a master key retired since (rotation): the journal, sealed by
+            # the cache key, carries the data key itself; wrap it anew under today's key
+            if not rec.get("dek"):
+                raise
+            node.stage_dek = Secret(b64d(rec["dek"]))
+            node.wrapped = await self.vol.keyring.wrap(node.stage_dek, fid)
+            log.info("staged file %r: data key rewrapped under %s", path, node.wrapped.kid)
         node.stage = sf
         node.remote_etag = existing.remote_etag if existing is not None else None
         if existing is not None:

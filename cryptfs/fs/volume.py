@@ -9,7 +9,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from cryptfs.errors import NotFound, PreconditionFailed, UsageError, VolumeExists, VolumeNotFound
+from cryptfs.errors import (
+    IntegrityError,
+    NotFound,
+    PreconditionFailed,
+    UsageError,
+    VolumeExists,
+    VolumeNotFound,
+)
 from cryptfs.format.keys import SCHEME_KMS, SCHEME_LOCAL, VolumeKeys, new_master_key
 from cryptfs.format.names import NameCodec
 from cryptfs.format.volume import CONFIG_NAME, KeySource, SlotPayload, VolumeConfig
@@ -123,6 +130,24 @@ class Volume:
         cfg, etag = await cls.load_config(store)
         payload, slot_id = await unlock(cfg, source, kms)
         return cls._assemble(store, cfg, payload, kms, etag, slot_id)
+
+    async def reload_config(self) -> bool:
+        """Pick up a config changed by another host (keyslots, rotation); True if it changed.
+
+        A config that does not authenticate under this volume's key is ignored (and logged).
+        """
+        info = await self.store.head(CONFIG_NAME)
+        if info.etag == self.config_etag:
+            return False
+        cfg, etag = await self.load_config(self.store)
+        try:
+            cfg.verify(self.payload)
+        except IntegrityError as e:
+            log.error("ignoring a changed volume config: %s", e)
+            return False
+        self.config, self.config_etag = cfg, etag
+        self.keyring.follow(Target.of(cfg))
+        return True
 
     async def save_config(self) -> None:
         """Write the (changed) config back, only over the version this volume read."""

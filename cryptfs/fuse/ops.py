@@ -51,6 +51,7 @@ ERRNO_OF: dict[type[E.CryptfsError], int] = {
     E.Busy: errno.EBUSY,
     E.NotPermitted: errno.EPERM,
     E.NoAttr: errno.ENODATA,
+    E.ReadOnly: errno.EROFS,
 }
 _QUIET = (E.NoEntry, E.Exists, E.NotEmpty, E.NoAttr, E.NotFound, E.NotSupported)
 

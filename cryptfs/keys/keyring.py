@@ -18,7 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from cryptfs.crypto import Aead, Secret
-from cryptfs.errors import IntegrityError, KeyAccessDenied, UsageError, WrongKey
+from cryptfs.errors import IntegrityError, KeyAccessDenied, ReadOnly, UsageError, WrongKey
 from cryptfs.format.keys import (
     SCHEME_KMS,
     SCHEME_LOCAL,
@@ -94,6 +94,9 @@ class Keyring:
         self.kms = kms
         self.cache = cache or DekCache()
         self._keks: dict[str, Aead] = {}
+        # set when the config names a wrapping key this keyring does not hold (rotated
+        # elsewhere): new files are refused rather than tied to a retired key
+        self.stale: str | None = None
 
     def __repr__(self) -> str:
         return f"<Keyring target={self.target}>"
@@ -122,6 +125,8 @@ class Keyring:
         return WrappedKey(SCHEME_KMS, arn, blob)
 
     async def new_dek(self, file_id: bytes) -> tuple[Secret, WrappedKey]:
+        if self.stale is not None:
+            raise ReadOnly(self.stale)
         if self.target.scheme == SCHEME_KMS:
             ctx = kms_file_context(self.keys.volume_id, file_id)
             dek, blob, arn = await self._need_kms().generate_data_key(self.target.kid, ctx)
@@ -149,6 +154,21 @@ class Keyring:
             raise IntegrityError(f"unknown data-key scheme {wk.scheme!r}")
         self.cache.put(file_id, wk.blob, dek)
         return dek
+
+    def follow(self, target: Target) -> None:
+        """The volume config now names ``target`` for new data keys."""
+        if target == self.target:
+            return
+        self.target = target
+        if target.scheme == SCHEME_LOCAL and target.kid not in self.payload.mks:
+            self.stale = (
+                f"the volume's master key was rotated to {target.kid} elsewhere; new files "
+                "are refused until this mount is restarted with the new key"
+            )
+            log.error("%s", self.stale)
+            return
+        log.info("new files' data keys now wrapped by %s (changed elsewhere)", target.kid)
+        self.stale = None
 
     def on_target(self, wk: WrappedKey, target: Target | None = None) -> bool:
         t = target or self.target

@@ -327,3 +327,44 @@ async def test_kernel_page_cache_kept_only_while_object_unchanged(tmp_path: Path
     h3 = await reader.open(rino, os.O_RDONLY)  # metadata TTL is 0 here: revalidated
     assert not h3.keep_cache
     assert await reader.read(h3.fh, 0, 10) == b"two"
+
+
+@pytest.mark.allow_error_logs
+async def test_rotation_elsewhere_seen_by_running_mount_and_staged_data_kept(
+    tmp_path: Path,
+) -> None:
+    from cryptfs.errors import ReadOnly
+    from cryptfs.keyadmin import rotate
+
+    store = MemoryStore()
+    fs_a = await make_fs(tmp_path / "a", store)
+    await write_file(fs_a, ROOT_INO, b"f", b"uploaded")
+    # a file closed but not uploaded yet (the daemon then dies): only its journal remains
+    node, h = await fs_a.create(ROOT_INO, b"staged", 0o644, 0, 0)
+    await fs_a.write(h.fh, 0, b"pending bytes")
+    await fs_a.release(h.fh)
+
+    other = await Volume.open(store, KeySource(keyfile=Secret(b"k" * 32)))
+    report = await rotate(other, to_source=KeySource(keyfile=Secret(b"n" * 32)))
+    assert report.finished and report.rewrapped == 1
+
+    # the running mount notices: no new file gets a data key under the retired master key
+    assert await fs_a.vol.reload_config()
+    with pytest.raises(ReadOnly, match="rotated"):
+        await fs_a.create(ROOT_INO, b"new", 0o644, 0, 0)
+    # nor does a file staged before the rotation get uploaded under it: it stays staged
+    with pytest.raises(ReadOnly):
+        await fs_a.sync_node(node)
+    assert node.stage is not None
+
+    # the next mount (new key, same cache dir) uploads the staged file: its data key comes
+    # from the sealed journal and is wrapped under the new master key
+    vol = await Volume.open(store, KeySource(keyfile=Secret(b"n" * 32)))
+    staging = StagingArea(tmp_path / "a" / vol.volume_id.hex(), vol.keys.cache, vol.chunk)
+    fs_n = Filesystem(vol, staging, Options(writeback_delay=0.1, metadata_ttl=0))
+    await fs_n.ensure_root()
+    assert await fs_n.recover() == 1
+    for name, data in ((b"f", b"uploaded"), (b"staged", b"pending bytes")):
+        assert await read_file(fs_n, (await fs_n.lookup(ROOT_INO, name)).ino) == data
+    kids = {md.get("cfs-kid") for _b, md, _e in store.objects.values() if "cfs-k" in md}
+    assert kids == {vol.config.dek["kid"]}
