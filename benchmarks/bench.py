@@ -159,6 +159,18 @@ async def raw_s3(endpoint: str, bucket: str, size: int, files: int, conc: int) -
         t = time.perf_counter()
         await asyncio.gather(*(get_small(i) for i in range(files)))
         res["small_get_s"] = time.perf_counter() - t
+
+        async def rewrap_small(i: int) -> None:  # what a rotation does per object
+            async with sem32:
+                k = f"raw/small/{i:05d}"
+                h = await c.head_object(Bucket=bucket, Key=k)
+                await c.copy_object(Bucket=bucket, Key=k, CopySource={"Bucket": bucket, "Key": k},
+                                    MetadataDirective="REPLACE", Metadata={"x": str(i)},
+                                    CopySourceIfMatch=h["ETag"])
+
+        t = time.perf_counter()
+        await asyncio.gather(*(rewrap_small(i) for i in range(files)))
+        res["small_rewrap_per_s"] = files / (time.perf_counter() - t)
     return res
 
 
@@ -261,6 +273,17 @@ def main() -> int:
         rows.append((f"rename a directory of {args.rename_files} files", f"{t_ren:.2f} s", "—",
                      "—"))
         m.umount()
+
+        # master-key rotation of everything above: server-side rewrap, nothing downloaded
+        out = m.cli("rotate", m.url, "--key-file", str(m.key), "--to-key-file",
+                    str(work / "new.key"), "--endpoint-url", m.endpoint)
+        line = next(x for x in out.splitlines() if x.startswith("data keys rewrapped"))
+        n_rot, rate = line.split(":")[1].split()[0], float(line.split("(")[1].split("/s")[0])
+        dl = next(x for x in out.splitlines() if x.startswith("bytes downloaded")).split()[-1]
+        ceil = raw["small_rewrap_per_s"]
+        rows.append((f"rotate: rewrap {n_rot} objects (bytes downloaded: {dl})",
+                     f"{rate:.0f} obj/s", f"{ceil:.0f} obj/s (HEAD+COPY ×32)",
+                     f"{rate / ceil:.2f}"))
     finally:
         subprocess.run(["fusermount3", "-uz", str(work / "mnt")], check=False,
                        stderr=subprocess.DEVNULL)

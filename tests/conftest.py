@@ -40,6 +40,27 @@ def _weed() -> str:
     return exe
 
 
+def botocore_client(service: str, endpoint: str, verify: str | bool | None = None):  # type: ignore[no-untyped-def]
+    """A plain (synchronous) botocore client with the test credentials: the "raw" view used
+    to check what the servers really stored."""
+    import botocore.config
+    import botocore.session
+
+    return botocore.session.get_session().create_client(
+        service,
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+        verify=verify,
+        config=botocore.config.Config(
+            s3={"addressing_style": "path"},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        ),
+    )
+
+
 @dataclass
 class S3Server:
     endpoint: str
@@ -48,21 +69,7 @@ class S3Server:
     https_endpoint: str | None = None
 
     def client(self):  # type: ignore[no-untyped-def]
-        import botocore.config
-        import botocore.session
-
-        return botocore.session.get_session().create_client(
-            "s3",
-            endpoint_url=self.endpoint,
-            region_name="us-east-1",
-            aws_access_key_id=ACCESS_KEY,
-            aws_secret_access_key=SECRET_KEY,
-            config=botocore.config.Config(
-                s3={"addressing_style": "path"},
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            ),
-        )
+        return botocore_client("s3", self.endpoint)
 
 
 def start_seaweed(workdir: Path, tls: tuple[Path, Path] | None = None) -> S3Server:
@@ -222,15 +229,7 @@ class KmsServer:
     endpoint: str
 
     def client(self):  # type: ignore[no-untyped-def]
-        import botocore.session
-
-        return botocore.session.get_session().create_client(
-            "kms",
-            endpoint_url=self.endpoint,
-            region_name="us-east-1",
-            aws_access_key_id=ACCESS_KEY,
-            aws_secret_access_key=SECRET_KEY,
-        )
+        return botocore_client("kms", self.endpoint)
 
     def new_key(self) -> str:
         return str(self.client().create_key()["KeyMetadata"]["Arn"])

@@ -201,7 +201,10 @@ async def unlock(
         raise UsageError("give --key-file, --passphrase-file or --kms (keys never come from argv)")
     if not slots:
         kinds = sorted({s["type"] for s in cfg.keyslots})
-        raise WrongKey(f"this volume has no KMS keyslot (it has: {kinds})")
+        raise UsageError(
+            "give --key-file or --passphrase-file (this volume has no KMS keyslot; "
+            f"it has: {kinds})"
+        )
     last: Exception | None = None
     for slot in slots:
         ctx = kms_slot_context(cfg.volume_id, slot["id"])

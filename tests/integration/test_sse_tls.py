@@ -22,26 +22,11 @@ from cryptfs.fs.volume import Volume
 from cryptfs.session import Remote, open_remote, open_volume, sse_from_config
 from cryptfs.store.kms import KmsOptions
 from cryptfs.store.s3 import S3Location, S3Options, Sse, open_s3_store
-from tests.conftest import ACCESS_KEY, SECRET_KEY, KmsServer, S3Server, make_self_signed
+from tests.conftest import KmsServer, S3Server, botocore_client, make_self_signed
 
 pytestmark = pytest.mark.integration
 
 BIG = os.urandom(11 << 20)
-
-
-def _client(endpoint: str, verify: str | bool | None = None):  # type: ignore[no-untyped-def]
-    import botocore.config
-    import botocore.session
-
-    return botocore.session.get_session().create_client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=SECRET_KEY,
-        verify=verify,
-        config=botocore.config.Config(s3={"addressing_style": "path"}),
-    )
 
 
 async def _exercise(vol: Volume, tmp: Path, prefix: str) -> None:
@@ -112,7 +97,7 @@ async def test_sse_c_over_https_end_to_end(
     tls_s3server: S3Server, tls_ca: Path, tmp_path: Path
 ) -> None:
     assert tls_s3server.https_endpoint is not None
-    raw = _client(tls_s3server.https_endpoint, str(tls_ca))
+    raw = botocore_client("s3", tls_s3server.https_endpoint, str(tls_ca))
     raw.create_bucket(Bucket="ssec")
     loc = S3Location.parse("s3://ssec/vol")
     customer = Secret(os.urandom(32))
@@ -165,7 +150,7 @@ async def test_tls_wrong_ca_refused(tls_s3server: S3Server, tmp_path: Path) -> N
 
 async def test_sse_kms_headers_against_moto_s3(kms_server: KmsServer) -> None:
     key = kms_server.new_key()
-    raw = _client(kms_server.endpoint)
+    raw = botocore_client("s3", kms_server.endpoint)
     raw.create_bucket(Bucket="ssekms")
     loc = S3Location.parse("s3://ssekms/v")
     remote = Remote(
