@@ -169,6 +169,16 @@ async def test_kms_denied_file_reads_eio_others_fine(
         assert ok == len(FILES) - 1
         assert len(denied) == 1 and "AccessDenied" in denied[0]
 
+        # a KMS slot whose key KMS refuses: the volume does not open, with KMS's reason
+        import json
+
+        cfg_key = f"deny/{CONFIG_NAME}"
+        cfg = json.loads(c.get_object(Bucket=bucket, Key=cfg_key)["Body"].read())
+        cfg["keyslots"][0]["key_id"] = other
+        c.put_object(Bucket=bucket, Key=cfg_key, Body=json.dumps(cfg).encode())
+        with pytest.raises(KeyAccessDenied, match=r"refused keyslot .*AccessDenied"):
+            await open_volume(store, kms, KeySource(kms=True))
+
 
 async def test_kms_unknown_key_refused_at_init(
     s3server: S3Server, kms_server: KmsServer, bucket: str
