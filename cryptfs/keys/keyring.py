@@ -18,7 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from cryptfs.crypto import Aead, Secret
-from cryptfs.errors import IntegrityError, KeyAccessDenied, ReadOnly, UsageError, WrongKey
+from cryptfs.errors import IntegrityError, KeyAccessDenied, ReadOnly, UsageError
 from cryptfs.format.keys import (
     SCHEME_KMS,
     SCHEME_LOCAL,
