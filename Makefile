@@ -10,7 +10,7 @@ system-deps:
 	@if command -v apt-get >/dev/null 2>&1; then \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    fuse3 libfuse3-dev pkg-config rsync gcc python3-dev >/dev/null; \
+	    fuse3 libfuse3-dev pkg-config rsync gcc python3-dev systemd >/dev/null; \
 	else echo "non-Debian system: install fuse3, libfuse3-dev, pkg-config, rsync yourself"; fi
 
 $(BIN)/python:

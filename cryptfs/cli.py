@@ -51,6 +51,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--sse-c-key-file", type=Path, help="SSE-C customer key file (volumes with --sse c)"
     )
     p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("--config", help="TOML settings: NAME (/etc/cryptfs/NAME.toml) or a path")
 
 
 def _keys(p: argparse.ArgumentParser) -> None:
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("init", help="create an encrypted volume in a bucket")
-    p.add_argument("location", help="s3://BUCKET[/PREFIX]")
+    p.add_argument("location", nargs="?", help="s3://BUCKET[/PREFIX]")
     p.add_argument("--key-file", type=Path, help="key file (created with a new key if missing)")
     p.add_argument("--passphrase-file", type=Path, help="file holding a passphrase")
     p.add_argument("--kms-key-id", help="AWS KMS key (id, ARN or alias) for per-file data keys")
@@ -76,15 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("mount", help="mount a volume")
-    p.add_argument("location")
-    p.add_argument("mountpoint", type=Path)
+    p.add_argument("location", nargs="?")
+    p.add_argument("mountpoint", nargs="?", type=Path)
     _keys(p)
     p.add_argument("--cache-dir", type=Path)
     p.add_argument("--foreground", "-f", action="store_true")
-    p.add_argument("-o", dest="options", action="append", default=[], help="FUSE/mount options")
-    p.add_argument("--writeback-delay", type=float, default=2.0, help="seconds (default 2)")
-    p.add_argument("--metadata-ttl", type=float, default=10.0, help="seconds (default 10)")
+    p.add_argument("-o", dest="options", action="append", help="FUSE/mount options")
+    p.add_argument("--writeback-delay", type=float, help="seconds (default 2)")
+    p.add_argument("--metadata-ttl", type=float, help="seconds (default 10)")
     p.add_argument("--log-file", type=Path, help="daemon log (default: in the cache dir)")
+    p.add_argument("--metrics-address", help="serve Prometheus metrics on HOST:PORT")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     _common(p)
 
@@ -93,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("decrypt", "decrypt a file or a whole tree to a local directory (no mount needed)"),
     ):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("location", help="s3://BUCKET/PREFIX[/PATH/IN/VOLUME]")
+        p.add_argument("location", nargs="?", help="s3://BUCKET/PREFIX[/PATH/IN/VOLUME]")
         if name == "decrypt":
             p.add_argument("dest", type=Path)
         else:
@@ -109,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("remove", "remove a keyslot (never the last)"),
     ):
         kp = ksub.add_parser(name, help=helptext)
-        kp.add_argument("location", help="s3://BUCKET[/PREFIX]")
+        kp.add_argument("location", nargs="?", help="s3://BUCKET[/PREFIX]")
         if name == "add":
             g = kp.add_mutually_exclusive_group(required=True)
             g.add_argument("--new-key-file", type=Path, help="created if missing")
@@ -121,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         _common(kp)
 
     p = sub.add_parser("rotate", help="new master key: rewrap every data key, server-side")
-    p.add_argument("location", help="s3://BUCKET[/PREFIX]")
+    p.add_argument("location", nargs="?", help="s3://BUCKET[/PREFIX]")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--to-key-file", type=Path, help="the new key file (created if missing)")
     g.add_argument("--to-kms-key-id", help="the new AWS KMS key")
@@ -132,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("umount", help="upload pending data, then unmount")
     p.add_argument("mountpoint", type=Path)
     p.add_argument("--timeout", type=float, default=3600.0)
+    p.add_argument("-v", "--verbose", action="count", default=0)
+
+    p = sub.add_parser("stats", help="what a running mount is doing (uploads, cache, S3)")
+    p.add_argument("mountpoint", type=Path)
+    p.add_argument("--json", action="store_true", help="machine-readable")
     p.add_argument("-v", "--verbose", action="count", default=0)
     return ap
 
@@ -402,6 +409,7 @@ def cmd_mount(args: Any) -> int:
         cache_dir=cache_dir,
         fuse_options=opts,
         fs=Options(writeback_delay=args.writeback_delay, metadata_ttl=args.metadata_ttl),
+        metrics_address=args.metrics_address,
     )
 
     def ready() -> None:
@@ -439,6 +447,7 @@ def _spawn_daemon(args: Any, cache_dir: Path) -> int:
         ("--endpoint-url", args.endpoint_url),
         ("--region", args.region),
         ("--kms-endpoint-url", args.kms_endpoint_url),
+        ("--metrics-address", args.metrics_address),
     ):
         if text:
             argv += [flag, text]
@@ -491,10 +500,19 @@ def cmd_umount(args: Any) -> int:
     if pid is None:
         return 0
     deadline = time.monotonic() + args.timeout
-    while _alive(pid):
-        if time.monotonic() > deadline:
-            raise UsageError(f"daemon {pid} still uploading after {args.timeout:.0f} s")
-        _pause(0.05)
+    bar = _Progress("uploading")
+    first: int | None = None
+    try:
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise UsageError(f"daemon {pid} still uploading after {args.timeout:.0f} s")
+            left = _pending(mp)
+            if left is not None and left > 0:
+                first = max(first or 0, left)
+                bar.update(first - left, first)
+            _pause(0.1)
+    finally:
+        bar.close()
     try:
         status = json.loads(statusfile.read_text())
     except (OSError, ValueError):
@@ -507,6 +525,34 @@ def cmd_umount(args: Any) -> int:
             file=sys.stderr,
         )
         return 3
+    return 0
+
+
+def _pending(mp: Path) -> int | None:
+    """Files the daemon of ``mp`` still has to upload (None if it does not answer)."""
+    from cryptfs.daemon import state_file
+    from cryptfs.stats import read_socket
+
+    try:
+        return int(read_socket(state_file(mp, "sock"), timeout=1.0)["pending_files"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def cmd_stats(args: Any) -> int:
+    import json
+
+    from cryptfs.daemon import state_file
+    from cryptfs.stats import human_text, read_socket
+
+    mp = args.mountpoint.absolute()
+    try:
+        snap = read_socket(state_file(mp, "sock"))
+    except OSError:
+        raise UsageError(f"no cryptfs mount answers at {mp}") from None
+    print(json.dumps(snap, indent=1, sort_keys=True) if args.json else human_text(snap), end="")
+    if args.json:
+        print()
     return 0
 
 
@@ -529,8 +575,28 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _apply_config(args: Any) -> None:
+    """Fill every option the command line left out from CRYPTFS_* / the config file /
+    defaults (cryptfs.config), then check the positional ones are there."""
+    from cryptfs.config import OPTIONS, resolve
+
+    given = {o.name: getattr(args, o.name, None) for o in OPTIONS}
+    for name, value in resolve(given, args.config).items():
+        setattr(args, name, value)
+    if args.location is None:
+        raise UsageError("give the volume, s3://BUCKET[/PREFIX] (argument or config 'location')")
+    if args.cmd == "mount" and args.mountpoint is None:
+        raise UsageError("give a mount point (argument or config 'mountpoint')")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        if hasattr(args, "config"):
+            _apply_config(args)
+    except CryptfsError as e:
+        print(f"cryptfs: {e}", file=sys.stderr)
+        return 1
     log_file = getattr(args, "log_file", None) if getattr(args, "foreground", False) else None
     _setup_logging(args.verbose, log_file)
     try:
@@ -544,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_key(args)
         if args.cmd == "rotate":
             return cmd_rotate(args)
+        if args.cmd == "stats":
+            return cmd_stats(args)
         return cmd_umount(args)
     except CryptfsError as e:
         print(f"cryptfs: {e}", file=sys.stderr)

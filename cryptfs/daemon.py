@@ -20,9 +20,11 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -32,6 +34,7 @@ from cryptfs.format.volume import KeySource
 from cryptfs.fs.filesystem import Filesystem, Options
 from cryptfs.fuse.ops import Operations, mount_options, mounted, request_unmount, serve
 from cryptfs.session import Remote, open_remote, open_volume
+from cryptfs.stats import Rates, serve_metrics, serve_socket
 from cryptfs.store.s3 import S3Location
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,7 @@ class MountConfig:
     fs: Options = field(default_factory=Options)
     flush_timeout: float = 600.0
     config_interval: float = 30.0  # re-read the volume config (keyslots, rotation) this often
+    metrics_address: str | None = None  # HOST:PORT for Prometheus, off by default
 
 
 def runtime_dir() -> Path:
@@ -124,6 +128,50 @@ async def run_mount(cfg: MountConfig, ready: Callable[[], None]) -> int:
             os.close(lock_fd)
 
 
+def _snapshot_fn(cfg: MountConfig, fs: Filesystem, rates: Rates) -> Callable[[], dict[str, Any]]:
+    started = time.monotonic()
+    store: Any = fs.store
+    kms = fs.vol.keyring.kms
+
+    def snapshot() -> dict[str, Any]:
+        snap: dict[str, Any] = fs.counters()
+        rate_in, rate_out = rates.current()
+        snap.update(
+            location=str(cfg.location),
+            mountpoint=str(cfg.mountpoint),
+            pid=os.getpid(),
+            uptime_seconds=int(time.monotonic() - started),
+            staging_bytes=fs.staging.disk_bytes(),
+            s3_requests=store.requests,
+            s3_errors=store.errors,
+            s3_bytes_in=store.bytes_in,
+            s3_bytes_out=store.bytes_out,
+            kms_requests=kms.calls if kms is not None else 0,
+            dek_cache_entries=len(fs.vol.keyring.cache),
+            rate_in=rate_in,
+            rate_out=rate_out,
+        )
+        return snap
+
+    return snapshot
+
+
+async def _sample_rates(fs: Filesystem, rates: Rates) -> None:
+    store: Any = fs.store
+    while True:
+        rates.sample(store.bytes_in, store.bytes_out)
+        await trio.sleep(2)
+
+
+async def _announce_when_live(cfg: MountConfig, ready: Callable[[], None]) -> None:
+    """READY only once the mount answers: a worker thread stats the mount point, which
+    returns only when our FUSE loop serves requests (never do this from the trio thread)."""
+    await trio.to_thread.run_sync(os.stat, cfg.mountpoint, abandon_on_cancel=True)
+    log.info("mounted %s at %s", cfg.location, cfg.mountpoint)
+    ready()
+    sd_notify("READY=1")
+
+
 async def _serve(cfg: MountConfig, fs: Filesystem, ready: Callable[[], None]) -> int:
     ops = Operations(fs)
     # never touch the mount point from this process once mounted: the kernel would ask us
@@ -137,18 +185,25 @@ async def _serve(cfg: MountConfig, fs: Filesystem, ready: Callable[[], None]) ->
     force = trio.CancelScope()
     state = {"mounted": True}
     left = 0
+    rates = Rates()
+    snapshot = _snapshot_fn(cfg, fs, rates)
     async with trio.open_nursery() as outer:
         watcher = trio.CancelScope()
         outer.start_soon(_watch_signals, force, watcher, state)
-        config_watch = trio.CancelScope()
-        outer.start_soon(_watch_config, fs, cfg.config_interval, config_watch)
+        # helpers that live through the final flush (stats show its progress)
+        helpers = await outer.start(_helpers, cfg, fs, rates, snapshot)
         with mounted(ops, str(cfg.mountpoint), options):
             async with trio.open_nursery() as nursery:
                 await nursery.start(fs.serve_writeback)
-                log.info("mounted %s at %s", cfg.location, cfg.mountpoint)
-                ready()
-                sd_notify("READY=1")
+                announce = trio.CancelScope()
+
+                async def announce_task() -> None:
+                    with announce:
+                        await _announce_when_live(cfg, ready)
+
+                nursery.start_soon(announce_task)
                 await serve()
+                announce.cancel()
                 fs.stop_writeback()
         state["mounted"] = False
         sd_notify("STOPPING=1")
@@ -159,7 +214,7 @@ async def _serve(cfg: MountConfig, fs: Filesystem, ready: Callable[[], None]) ->
                 await fs.flush_all()
             left = len(fs.pending())
         watcher.cancel()
-        config_watch.cancel()
+        helpers.cancel()
     statusfile.write_text(json.dumps({"pending": left}) + "\n")
     pidfile.unlink(missing_ok=True)
     if left:
@@ -169,16 +224,35 @@ async def _serve(cfg: MountConfig, fs: Filesystem, ready: Callable[[], None]) ->
     return left
 
 
-async def _watch_config(fs: Filesystem, interval: float, scope: trio.CancelScope) -> None:
+async def _helpers(
+    cfg: MountConfig,
+    fs: Filesystem,
+    rates: Rates,
+    snapshot: Callable[[], dict[str, Any]],
+    *,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Config watch, stats socket, metrics endpoint, rate sampling; cancelled via the scope
+    handed back through ``task_status``."""
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as n:
+            n.start_soon(_watch_config, fs, cfg.config_interval)
+            n.start_soon(_sample_rates, fs, rates)
+            await n.start(serve_socket, state_file(cfg.mountpoint, "sock"), snapshot)
+            if cfg.metrics_address:
+                await n.start(serve_metrics, cfg.metrics_address, snapshot)
+            task_status.started(scope)
+
+
+async def _watch_config(fs: Filesystem, interval: float) -> None:
     """Follow config changes made elsewhere: a rotation there must not leave this mount
     wrapping new files under a retired key (see docs/OPERATIONS.md, rotation)."""
-    with scope:
-        while True:
-            await trio.sleep(interval)
-            try:
-                await fs.vol.reload_config()
-            except CryptfsError as e:
-                log.warning("could not re-read the volume config: %s", e)
+    while True:
+        await trio.sleep(interval)
+        try:
+            await fs.vol.reload_config()
+        except CryptfsError as e:
+            log.warning("could not re-read the volume config: %s", e)
 
 
 async def _watch_signals(

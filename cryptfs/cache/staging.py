@@ -177,6 +177,15 @@ class StagingArea:
         os.chmod(root, 0o700)
         self._journal_aead = Aead(hkdf(cache_key, b"", b"cryptfs/v1/journal"))
 
+    def disk_bytes(self) -> int:
+        """Space the staging files take on the cache disk (allocated blocks)."""
+        total = 0
+        with os.scandir(self.root) as it:
+            for e in it:
+                with contextlib.suppress(OSError):
+                    total += e.stat(follow_symlinks=False).st_blocks * 512
+        return total
+
     def create(self, file_id: bytes) -> StagedFile:
         sf = StagedFile(self, file_id, random_bytes(16), 0)
         _io(os.ftruncate, sf._fd, 0)

@@ -235,6 +235,10 @@ class Filesystem:
         self._stopping = False
         self._retry: dict[Node, float] = {}
         self.integrity_failures = 0
+        self.uploads = 0  # file bodies uploaded
+        self.upload_bytes = 0  # their plaintext bytes
+        self.upload_failures = 0  # failed attempts (retried while transient)
+        self.conflicts = 0  # conflict copies saved
         now = _now_ns()
         root_attrs = Attrs(KIND_DIR, 0o755, self.opt.uid, self.opt.gid, now, now, now)
         self.root = Node(ROOT_INO, None, b"", root_attrs, bytes(16))
@@ -1295,6 +1299,25 @@ class Filesystem:
         seen = [n for n in self.inodes.values() if n.dirty and not n.unlinked]
         return seen
 
+    def counters(self) -> dict[str, int]:
+        """What ``cryptfs stats`` and the metrics endpoint report of the file system."""
+        pending = self.pending()
+        return {
+            "pending_files": len(pending),
+            "pending_bytes": sum(n.stage.size for n in pending if n.stage is not None),
+            "uploads": self.uploads,
+            "upload_bytes": self.upload_bytes,
+            "upload_failures": self.upload_failures,
+            "conflicts": self.conflicts,
+            "integrity_failures": self.integrity_failures,
+            "cache_bytes": self.cache.used,
+            "cache_limit_bytes": self.cache.limit,
+            "cache_hits": self.cache.hits,
+            "cache_misses": self.cache.misses,
+            "open_files": len(self.handles),
+            "inodes": len(self.inodes),
+        }
+
     async def serve_writeback(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Upload dirty files once their write-back delay has passed. Runs until cancelled."""
         task_status.started()
@@ -1323,6 +1346,7 @@ class Filesystem:
                 await self.sync_node(node)
             self._retry.pop(node, None)
         except (StoreError, OSError) as e:
+            self.upload_failures += 1
             backoff = min(60.0, self._retry.get(node, 1.0) * 2)
             self._retry[node] = backoff
             log.warning(
@@ -1333,6 +1357,7 @@ class Filesystem:
             )
             self._schedule(node, backoff)
         except CryptfsError as e:
+            self.upload_failures += 1
             log.error("upload of %s failed permanently: %s", self.path(node), e)
 
     async def sync_node(self, node: Node) -> None:
@@ -1457,6 +1482,8 @@ class Filesystem:
         return etag, attrs, cipher
 
     def _uploaded(self, node: Node, etag: str, attrs: Attrs, cipher: BodyCipher) -> None:
+        self.uploads += 1
+        self.upload_bytes += attrs.size
         node.remote_etag = etag
         node.attrs = node.attrs.with_(size=attrs.size, salt=attrs.salt)
         node.cipher, node.cipher_etag = cipher, etag
@@ -1464,6 +1491,7 @@ class Filesystem:
 
     async def _save_conflict(self, node: Node, sf: StagedFile) -> None:
         """Another writer changed the object: keep both, ours under a conflict name."""
+        self.conflicts += 1
         assert node.parent is not None
         parent = node.parent
         stamp = time.strftime("%Y%m%d-%H%M%S")

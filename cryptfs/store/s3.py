@@ -194,6 +194,8 @@ class S3Store:
         self.copy_max = 5 << 30  # CopyObject's limit
         self.copy_part = 1 << 30
         self.bytes_in = 0  # body bytes downloaded
+        self.bytes_out = 0  # body bytes uploaded
+        self.errors = 0  # failed requests (after botocore's retries), 404/412 excluded
 
     @property
     def bridge(self) -> AsyncioBridge:
@@ -235,7 +237,10 @@ class S3Store:
             try:
                 return await self._bridge.run(fn, *args)
             except (ClientError, BotoCoreError, OSError) as e:
-                raise _classify(e, what) from None
+                err = _classify(e, what)
+                if not isinstance(err, NotFound | PreconditionFailed):
+                    self.errors += 1  # answers that are part of the protocol are not errors
+                raise err from None
 
     async def head(self, key: str) -> ObjectInfo:
         async def op() -> ObjectInfo:
@@ -302,6 +307,7 @@ class S3Store:
             self._cond(kw, if_match, if_none_match)
             r = await self._client.put_object(**kw)
             self._check(r, key)
+            self.bytes_out += len(body)
             return str(r["ETag"])
 
         return await self._call(key, op)  # type: ignore[no-any-return]
@@ -329,6 +335,7 @@ class S3Store:
                 Body=data,
                 **self._access_kw(),
             )
+            self.bytes_out += len(data)
             return str(r["ETag"])
 
         return await self._call(f"{key} part {number}", op)  # type: ignore[no-any-return]

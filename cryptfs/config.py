@@ -1,0 +1,158 @@
+"""Settings: one table of every option, resolved as command line > environment > TOML file >
+default (docs/CONFIGURATION.md is generated from ``OPTIONS`` and checked by a test).
+
+A config file is ``/etc/cryptfs/NAME.toml`` (``--config NAME``) or any path (``--config
+PATH``).  Unknown keys and wrongly typed values are refused with the key's name.  Relative
+paths in a file are relative to the file.  Secrets are never values here: only paths to files
+(mode 0600), or systemd credentials (``$CREDENTIALS_DIRECTORY/key``, ``…/passphrase``,
+``…/sse-c-key``) when no path is given.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptfs.errors import UsageError
+
+CONFIG_DIR = Path("/etc/cryptfs")
+
+
+@dataclass(frozen=True)
+class Opt:
+    name: str  # key in the file; --name-with-dashes on the command line; CRYPTFS_NAME in env
+    kind: type  # str, Path, float, int, bool, list
+    default: Any
+    help: str
+
+    @property
+    def env(self) -> str:
+        return "CRYPTFS_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+OPTIONS: list[Opt] = [
+    Opt("location", str, None, "the volume, s3://BUCKET[/PREFIX]"),
+    Opt("mountpoint", Path, None, "where to mount (mount only)"),
+    Opt("key_file", Path, None, "key file that opens the volume (mode 0600)"),
+    Opt("passphrase_file", Path, None, "file holding a passphrase (mode 0600)"),
+    Opt("endpoint_url", str, None, "S3 endpoint; default AWS_ENDPOINT_URL, else AWS"),
+    Opt("region", str, None, "S3/KMS region; default from the AWS config, else us-east-1"),
+    Opt("ca_bundle", Path, None, "CA bundle for private TLS endpoints (S3 and KMS)"),
+    Opt("kms_endpoint_url", str, None, "AWS KMS endpoint; default AWS_ENDPOINT_URL_KMS, else AWS"),
+    Opt("sse_c_key_file", Path, None, "SSE-C customer key file (volumes made with --sse c)"),
+    Opt("cache_dir", Path, None, "staging/cache directory; default /var/cache/cryptfs (root)"),
+    Opt("log_file", Path, None, "daemon log; default CACHE_DIR/cryptfs.log when daemonised"),
+    Opt("writeback_delay", float, 2.0, "seconds a closed file waits before its upload"),
+    Opt("metadata_ttl", float, 10.0, "seconds attributes and listings are trusted"),
+    Opt("options", list, [], 'FUSE mount options, e.g. ["allow_other"] (-o on the CLI)'),
+    Opt("metrics_address", str, None, "serve Prometheus metrics on HOST:PORT"),
+    Opt("verbose", int, 0, "log detail: 0 warnings, 1 info, 2 debug (-v, -vv)"),
+]
+BY_NAME = {o.name: o for o in OPTIONS}
+
+
+def config_path(name_or_path: str) -> Path:
+    if "/" in name_or_path or name_or_path.endswith(".toml"):
+        return Path(name_or_path)
+    return CONFIG_DIR / f"{name_or_path}.toml"
+
+
+def _convert(opt: Opt, value: Any, origin: str, base: Path | None) -> Any:
+    where = f"{origin}: {opt.name}"
+    if opt.kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):
+            return value.lower() in ("1", "true", "yes")
+        raise UsageError(f"{where} must be true or false")
+    if opt.kind is list:
+        if isinstance(value, str):
+            return [v for v in value.split(",") if v]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise UsageError(f"{where} must be a list of strings")
+    if opt.kind in (int, float):
+        if isinstance(value, bool):
+            raise UsageError(f"{where} must be a number")
+        try:
+            v = opt.kind(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{where} must be a number, not {value!r}") from None
+        if v < 0:
+            raise UsageError(f"{where} must not be negative")
+        return v
+    if not isinstance(value, str) or not value:
+        raise UsageError(f"{where} must be a non-empty string")
+    if opt.kind is Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() or base is None else base / p
+    return value
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"config file {path}: {e}") from None
+    unknown = sorted(set(data) - set(BY_NAME))
+    if unknown:
+        raise UsageError(
+            f"config file {path}: unknown key(s) {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(BY_NAME))})"
+        )
+    base = path.parent.absolute()
+    return {k: _convert(BY_NAME[k], v, str(path), base) for k, v in data.items()}
+
+
+def resolve(
+    cli: dict[str, Any], config: str | None, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Every option's value: ``cli`` (None = not given) > CRYPTFS_* > file > default."""
+    env = dict(os.environ) if env is None else env
+    from_file = load_file(config_path(config)) if config else {}
+    out: dict[str, Any] = {}
+    for opt in OPTIONS:
+        value = cli.get(opt.name)
+        if value is not None and value != [] and not (opt.kind is int and value == 0):
+            out[opt.name] = value
+        elif env.get(opt.env):
+            out[opt.name] = _convert(opt, env[opt.env], opt.env, None)
+        elif opt.name in from_file:
+            out[opt.name] = from_file[opt.name]
+        else:
+            out[opt.name] = opt.default
+    creds = env.get("CREDENTIALS_DIRECTORY")
+    if creds and out["key_file"] is None and out["passphrase_file"] is None:
+        for name, key in (("key", "key_file"), ("passphrase", "passphrase_file")):
+            if (Path(creds) / name).exists():
+                out[key] = Path(creds) / name
+    if creds and out["sse_c_key_file"] is None and (Path(creds) / "sse-c-key").exists():
+        out["sse_c_key_file"] = Path(creds) / "sse-c-key"
+    return out
+
+
+def markdown_table() -> str:
+    rows = [
+        "| key (file) | command line | environment | default | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for o in OPTIONS:
+        default = "—" if o.default in (None, []) else f"`{o.default}`"
+        flag = {"location": "positional", "mountpoint": "positional", "options": "`-o`",
+                "verbose": "`-v`"}.get(o.name, f"`{o.flag}`")  # fmt: skip
+        rows.append(f"| `{o.name}` | {flag} | `{o.env}` | {default} | {o.help} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # regenerate the table in docs/CONFIGURATION.md
+    print(markdown_table(), end="")

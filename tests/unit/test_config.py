@@ -1,0 +1,68 @@
+"""Settings resolution: command line > CRYPTFS_* environment > TOML file > default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cryptfs.config import OPTIONS, markdown_table, resolve
+from cryptfs.errors import UsageError
+
+DOCS = Path(__file__).resolve().parents[2] / "docs/CONFIGURATION.md"
+
+
+def _file(tmp_path: Path, text: str) -> str:
+    p = tmp_path / "vol.toml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_precedence_and_relative_paths(tmp_path: Path) -> None:
+    conf = _file(
+        tmp_path,
+        'location = "s3://b/p"\nkey_file = "keys/k"\nwriteback_delay = 5\nmetadata_ttl = 7.5\n'
+        'options = ["allow_other"]\nregion = "eu-west-1"\n',
+    )
+    env = {"CRYPTFS_WRITEBACK_DELAY": "3", "CRYPTFS_REGION": "us-west-2"}
+    got = resolve({"region": "ap-south-1"}, conf, env)
+    assert got["region"] == "ap-south-1"  # command line wins
+    assert got["writeback_delay"] == 3.0  # environment beats the file
+    assert got["metadata_ttl"] == 7.5  # the file beats the default
+    assert got["key_file"] == tmp_path / "keys/k"  # relative to the file
+    assert got["options"] == ["allow_other"]
+    assert got["cache_dir"] is None and got["verbose"] == 0  # defaults
+    assert resolve({}, None, {})["writeback_delay"] == 2.0
+
+
+def test_bad_files_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"unknown key.*writeback_dealy"):
+        resolve({}, _file(tmp_path, "writeback_dealy = 1\n"), {})
+    with pytest.raises(UsageError, match="metadata_ttl must be a number"):
+        resolve({}, _file(tmp_path, 'metadata_ttl = "soon"\n'), {})
+    with pytest.raises(UsageError, match="options must be a list"):
+        resolve({}, _file(tmp_path, "options = 3\n"), {})
+    with pytest.raises(UsageError, match="writeback_delay must not be negative"):
+        resolve({}, _file(tmp_path, "writeback_delay = -1\n"), {})
+    with pytest.raises(UsageError, match="does not exist"):
+        resolve({}, str(tmp_path / "missing.toml"), {})
+    with pytest.raises(UsageError, match=r"vol\.toml"):
+        resolve({}, _file(tmp_path, "location = \n"), {})  # not TOML
+
+
+def test_systemd_credentials_supply_key_files(tmp_path: Path) -> None:
+    (tmp_path / "key").write_text("x")
+    (tmp_path / "sse-c-key").write_text("y")
+    got = resolve({}, None, {"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert got["key_file"] == tmp_path / "key"
+    assert got["sse_c_key_file"] == tmp_path / "sse-c-key"
+    # an explicit choice is never overridden
+    got = resolve({"passphrase_file": Path("/p")}, None, {"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert got["key_file"] is None and got["passphrase_file"] == Path("/p")
+
+
+def test_every_option_is_documented() -> None:
+    text = DOCS.read_text()
+    assert markdown_table() in text, "regenerate the table: python -m cryptfs.config"
+    for o in OPTIONS:
+        assert f"`{o.name}`" in text
