@@ -312,8 +312,9 @@ def cmd_rotate(args: Any) -> int:
 class _Progress:
     """A one-line progress bar on a terminal; a log line every 10 % otherwise."""
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, unit: str = "") -> None:
         self.what = what
+        self.unit = unit
         self.tty = sys.stderr.isatty()
         self.last = -1.0
         self.shown = False
@@ -327,7 +328,11 @@ class _Progress:
             self.last = now
             width = 30
             fill = int(frac * width)
-            sys.stderr.write(f"\r{self.what} [{'#' * fill}{'.' * (width - fill)}] {done}/{total}")
+            if self.unit == "bytes" and total == done:  # size unknown (a tree): a counter
+                text = f"\r{self.what}: {done / 2**20:.1f} MiB"
+            else:
+                text = f"\r{self.what} [{'#' * fill}{'.' * (width - fill)}] {done}/{total}"
+            sys.stderr.write(text)
             sys.stderr.flush()
             self.shown = True
         elif int(frac * 10) > self.last:
@@ -356,21 +361,45 @@ def cmd_offline(args: Any) -> int:
                 target = dest
             else:
                 target = dest / node.name.decode(errors="surrogateescape")
-            files, total = await decrypt_tree(fs, node, target)
+            size = fs.stat(node).size if not node.is_dir else 0
+            bar = _Progress("decrypting", unit="bytes")
+            done = 0
+
+            def tick(n: int) -> None:
+                nonlocal done
+                done += n
+                bar.update(done, max(size, done))
+
+            try:
+                files, total = await decrypt_tree(fs, node, target, tick)
+            finally:
+                bar.close()
             print(f"decrypted {files} file(s), {total} bytes, to {target}", file=sys.stderr)
 
     trio.run(main)
     return 0
 
 
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3}
+
+
+class _JournalFormatter(logging.Formatter):
+    """``<priority>`` prefixes (sd-daemon(3)), which journald turns into log priorities."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = _PRIORITY.get(record.levelno, 2 if record.levelno > logging.ERROR else 6)
+        return f"<{prio}>" + super().format(record)
+
+
 def _setup_logging(verbose: int, log_file: Path | None) -> None:
+    journal = bool(os.environ.get("JOURNAL_STREAM")) and log_file is None
     level = (
-        logging.DEBUG if verbose > 1 else logging.INFO if verbose or log_file else logging.WARNING
+        logging.DEBUG
+        if verbose > 1
+        else logging.INFO
+        if verbose or log_file or journal
+        else logging.WARNING
     )
-    if os.environ.get("JOURNAL_STREAM"):
-        fmt = "%(levelname)s %(name)s: %(message)s"
-    else:
-        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     handler: logging.Handler
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -378,7 +407,10 @@ def _setup_logging(verbose: int, log_file: Path | None) -> None:
         os.chmod(log_file, 0o600)
     else:
         handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(fmt))
+    if journal:  # journald adds the time; one line per event
+        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -12,7 +12,7 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -80,14 +80,21 @@ async def list_entries(fs: Filesystem, node: Node, long: bool) -> list[str]:
     return out
 
 
-async def decrypt_tree(fs: Filesystem, node: Node, dest: Path) -> tuple[int, int]:
-    """Write ``node`` (file, symlink or whole directory) to ``dest``; (files, bytes)."""
+async def decrypt_tree(
+    fs: Filesystem,
+    node: Node,
+    dest: Path,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[int, int]:
+    """Write ``node`` (file, symlink or whole directory) to ``dest``; (files, bytes).
+
+    ``progress`` is told every chunk of bytes written."""
     files = total = 0
     st = fs.stat(node)
     if node.kind == KIND_DIR:
         os.makedirs(dest, exist_ok=True)  # offline CLI: local I/O inline is fine
         for name, child in await fs.readdir(node.ino):
-            f, b = await decrypt_tree(fs, child, dest / os.fsdecode(name))
+            f, b = await decrypt_tree(fs, child, dest / os.fsdecode(name), progress)
             files += f
             total += b
     elif node.kind == KIND_LINK:
@@ -106,6 +113,8 @@ async def decrypt_tree(fs: Filesystem, node: Node, dest: Path) -> tuple[int, int
                         break
                     os.write(fd, data)
                     off += len(data)
+                    if progress is not None:
+                        progress(len(data))
             finally:
                 os.close(fd)
         finally:

@@ -45,7 +45,7 @@ def test_sd_notify_ready_only_when_live_and_sigterm_flushes(volume: Volume, tmp_
     path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))
-    env = dict(os.environ, NOTIFY_SOCKET=str(path))
+    env = dict(os.environ, NOTIFY_SOCKET=str(path), JOURNAL_STREAM="9:12345")
     errlog = tmp_path / "stderr.log"
     with open(errlog, "wb") as err:
         proc = subprocess.Popen(
@@ -74,6 +74,11 @@ def test_sd_notify_ready_only_when_live_and_sigterm_flushes(volume: Volume, tmp_
     assert not os.path.ismount(volume.mnt)
     r = cryptfs("ls", volume.url, "--key-file", str(volume.key), "--endpoint-url", volume.endpoint)
     assert "late.txt" in r.stdout.split()
+    # under systemd (JOURNAL_STREAM) every log line carries a journald priority, no secret
+    lines = errlog.read_text().splitlines()
+    assert "<6>cryptfs.daemon: mounted" in "\n".join(lines)
+    assert lines and all(line[:1] == "<" and line[2:3] == ">" for line in lines), lines
+    assert volume.key.read_text().strip() not in errlog.read_text()
 
 
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
