@@ -21,6 +21,11 @@ ACCESS_KEY = "cryptfs-test"
 SECRET_KEY = "cryptfs-test-secret"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fsx-ops", default="500", help="operations of the fsx-style test")
+    parser.addoption("--fsx-seed", default=None, help="replay the fsx-style test with a seed")
+
+
 def free_ports(n: int) -> list[int]:
     socks, ports = [], []
     for _ in range(n):
