@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -72,6 +72,8 @@ class S3Server:
     proc: subprocess.Popen[bytes]
     log: Path
     https_endpoint: str | None = None
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
     def client(self):  # type: ignore[no-untyped-def]
         return botocore_client("s3", self.endpoint)
@@ -107,30 +109,45 @@ def start_seaweed(workdir: Path, tls: tuple[Path, Path] | None = None) -> S3Serv
     ]
     if tls is not None:
         argv += [f"-s3.cert.file={tls[0]}", f"-s3.key.file={tls[1]}", f"-s3.port.https={p[11]}"]
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(
-            argv, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    server = S3Server(f"http://127.0.0.1:{p[0]}", proc, log)
+    server = S3Server(f"http://127.0.0.1:{p[0]}", _launch(argv, env, log), log)
+    server.argv, server.env = argv, env
     if tls is not None:
         server.https_endpoint = f"https://127.0.0.1:{p[11]}"
+    _wait_ready(server)
+    return server
+
+
+def _launch(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as f:
+        return subprocess.Popen(
+            argv, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+
+def _wait_ready(server: S3Server) -> None:
     deadline = time.monotonic() + 60
     last: Exception | None = None
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("SeaweedFS exited:\n" + log.read_text()[-3000:])
+        if server.proc.poll() is not None:
+            raise RuntimeError("SeaweedFS exited:\n" + server.log.read_text()[-3000:])
         try:
             c = server.client()
             name = "probe-" + uuid.uuid4().hex[:8]
             c.create_bucket(Bucket=name)
             c.put_object(Bucket=name, Key="x", Body=b"1")
             c.delete_object(Bucket=name, Key="x")
-            return server
+            return
         except Exception as e:
             last = e
             time.sleep(0.3)
     stop_seaweed(server)
     raise RuntimeError(f"SeaweedFS did not become ready: {last}")
+
+
+def restart_seaweed(server: S3Server) -> None:
+    """Start a stopped server again on the same ports and data (an outage that ends)."""
+    server.proc = _launch(server.argv, server.env, server.log)
+    _wait_ready(server)
 
 
 def stop_seaweed(server: S3Server) -> None:
