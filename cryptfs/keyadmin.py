@@ -42,6 +42,7 @@ from cryptfs.format.volume import CONFIG_NAME, KeySource, SlotPayload
 from cryptfs.fs.volume import Volume
 from cryptfs.keys.keyring import Target, add_kms_slot
 from cryptfs.store.base import ObjectInfo
+from cryptfs.tasks import open_tasks
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +231,7 @@ async def _rewrap_all(
             if progress is not None:
                 progress(done, len(objs))
 
-    async with trio.open_nursery() as nursery:
+    async with open_tasks() as nursery:
         for _ in range(max(1, concurrency)):
             nursery.start_soon(worker)
         async with send:

@@ -7,11 +7,18 @@
 from __future__ import annotations
 
 import http.client
+import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import urlparse
+
+import trio
+
+from cryptfs.errors import StoreUnavailable
+from cryptfs.store.base import ObjectInfo
 
 
 class FaultProxy:
@@ -78,3 +85,56 @@ class FaultProxy:
         finally:
             self._server.shutdown()
             self._server.server_close()
+
+
+class FaultyStore:
+    """An ``ObjectStore`` wrapper that injects what real networks do: errors before a request
+    reaches the server, errors *after* it took effect (the answer lost), latency, short
+    (truncated) GET bodies and flipped bits in them.  ``rate`` is the probability per call;
+    ``rng`` a seeded ``random.Random`` so that a failure can be replayed."""
+
+    def __init__(self, inner: Any, rng: random.Random, rate: float = 0.2) -> None:
+        self.inner = inner
+        self.rng = rng
+        self.rate = rate
+        self.injected: dict[str, int] = {}
+
+    def _note(self, what: str) -> None:
+        self.injected[what] = self.injected.get(what, 0) + 1
+
+    async def _around(self, name: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        if self.rng.random() < self.rate / 3:
+            await trio.sleep(self.rng.random() * 0.02)
+            self._note("latency")
+        if self.rng.random() < self.rate:
+            self._note(f"{name}: reset before")
+            raise StoreUnavailable(f"injected: connection reset before {name}")
+        result = await call()
+        if name != "get" and self.rng.random() < self.rate / 2:
+            self._note(f"{name}: answer lost")
+            raise StoreUnavailable(f"injected: {name} done, answer lost")
+        return result
+
+    async def get(self, key: str, start: int | None = None, end: int | None = None,
+                  if_match: str | None = None) -> tuple[ObjectInfo, bytes]:  # fmt: skip
+        info, data = await self._around("get", lambda: self.inner.get(key, start, end, if_match))
+        roll = self.rng.random()
+        if data and roll < self.rate / 2:
+            self._note("get: truncated body")
+            data = data[: self.rng.randrange(len(data))]
+        elif data and roll < self.rate:
+            self._note("get: flipped bit")
+            i = self.rng.randrange(len(data))
+            data = data[:i] + bytes([data[i] ^ (1 << self.rng.randrange(8))]) + data[i + 1 :]
+        return info, data
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.inner, name)
+        if name in ("head", "put", "create_multipart", "upload_part", "complete_multipart",
+                    "abort_multipart", "copy", "delete", "list", "list_uploads"):  # fmt: skip
+
+            async def wrapped(*a: Any, **kw: Any) -> Any:
+                return await self._around(name, lambda: method(*a, **kw))
+
+            return wrapped
+        return method

@@ -202,6 +202,41 @@ class StagingArea:
         finally:
             os.close(fd)
 
+    # -- multipart uploads in flight (so that a crash's leftovers can be aborted) -------
+
+    def _uploads_path(self) -> Path:
+        return self.root / "uploads.json"
+
+    def _read_uploads(self) -> dict[str, str]:
+        try:
+            data = json.loads(self._uploads_path().read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+    def _write_uploads(self, uploads: dict[str, str]) -> None:
+        tmp = self._uploads_path().with_suffix(".tmp")
+        fd = _io(os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _io(os.write, fd, json.dumps(uploads).encode())
+            _io(os.fsync, fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self._uploads_path())
+
+    def note_upload(self, upload_id: str, key: str) -> None:
+        """Remember a multipart upload before its first part (durably)."""
+        self._write_uploads(self._read_uploads() | {upload_id: key})
+
+    def forget_upload(self, upload_id: str) -> None:
+        uploads = self._read_uploads()
+        if uploads.pop(upload_id, None) is not None:
+            self._write_uploads(uploads)
+
+    def leftover_uploads(self) -> dict[str, str]:
+        """Multipart uploads (id -> object key) an earlier run started and never ended."""
+        return self._read_uploads()
+
     def recover(self) -> list[tuple[StagedFile, dict[str, Any]]]:
         """Staged files left by an earlier run, with their journals; strays are removed."""
         found = []

@@ -74,6 +74,7 @@ from cryptfs.format.volume import CONFIG_NAME
 from cryptfs.fs.locks import RWLock
 from cryptfs.fs.volume import MARKER, Volume
 from cryptfs.store.base import ObjectInfo
+from cryptfs.tasks import open_tasks
 
 log = logging.getLogger(__name__)
 
@@ -424,7 +425,7 @@ class Filesystem:
         async def one(k: str) -> None:
             results[k] = await self._head(k)
 
-        async with trio.open_nursery() as n:
+        async with open_tasks() as n:
             n.start_soon(one, fkey)
             n.start_soon(one, dkey)
         existing = parent.children.get(name) if parent.children is not None else None
@@ -568,7 +569,7 @@ class Filesystem:
             except UnsupportedFormat as e:
                 log.warning("entry %s skipped: %s", key, e)
 
-        async with trio.open_nursery() as n:
+        async with open_tasks() as n:
             for item in todo:
                 n.start_soon(load, *item)
         # keep local entries that are not in S3 yet (dirty, never uploaded), and entries that
@@ -835,7 +836,7 @@ class Filesystem:
         if len(runs) == 1:
             await self._fetch_run(node, *runs[0], got)
         elif runs:
-            async with trio.open_nursery() as nursery:
+            async with open_tasks() as nursery:
                 for f, la in runs:
                     nursery.start_soon(self._fetch_run, node, f, la, got)
 
@@ -1220,7 +1221,7 @@ class Filesystem:
             extra = {"_etag": info.etag, "_size": str(info.size)}
             plan.append((key, nkey, encode_meta(self.vol.keys, npath, meta) | extra))
 
-        async with trio.open_nursery() as n:
+        async with open_tasks() as n:
             for k in keys:
                 n.start_soon(prepare, k)
         for _, nkey, _md in plan:
@@ -1236,7 +1237,7 @@ class Filesystem:
                 )
 
         try:
-            async with trio.open_nursery() as n:
+            async with open_tasks() as n:
                 for item in plan:
                     n.start_soon(copy, *item)
         except BaseException:
@@ -1253,7 +1254,7 @@ class Filesystem:
             async with self._meta_limit:
                 await self.store.delete(k)
 
-        async with trio.open_nursery() as n:
+        async with open_tasks() as n:
             for src_key, _, _ in plan:
                 n.start_soon(delete, src_key)
         self._move(src, p2, name)
@@ -1321,7 +1322,7 @@ class Filesystem:
     async def serve_writeback(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Upload dirty files once their write-back delay has passed. Runs until cancelled."""
         task_status.started()
-        async with trio.open_nursery() as nursery:
+        async with open_tasks() as nursery:
             while not self._stopping:
                 now = trio.current_time()
                 due = [n for n, t in self._due.items() if t <= now]
@@ -1526,6 +1527,7 @@ class Filesystem:
         n = chunk_count(size, c)
         per_part = max(self.opt.part_size // c, -(-n // 9000))
         upload_id = await self.store.create_multipart(key, md)
+        self.staging.note_upload(upload_id, key)  # a crash leaves it for the next mount
         parts = -(-n // per_part)
         etags: list[str] = [""] * parts
         limit = trio.CapacityLimiter(self.opt.upload_concurrency)
@@ -1539,14 +1541,17 @@ class Filesystem:
                 etags[p] = await self.store.upload_part(key, upload_id, p + 1, b"".join(pieces))
 
         try:
-            async with trio.open_nursery() as nursery:
+            async with open_tasks() as nursery:
                 for p in range(parts):
                     nursery.start_soon(part, p)
-            return await self.store.complete_multipart(key, upload_id, etags, **cond)
+            etag = await self.store.complete_multipart(key, upload_id, etags, **cond)
         except BaseException:
             with trio.CancelScope(shield=True), contextlib.suppress(StoreError):
                 await self.store.abort_multipart(key, upload_id)
+                self.staging.forget_upload(upload_id)
             raise
+        self.staging.forget_upload(upload_id)
+        return etag
 
     async def flush_all(self) -> list[Node]:
         """Upload everything dirty now; returns the nodes that could not be uploaded."""
@@ -1564,7 +1569,7 @@ class Filesystem:
                 )
                 failed.append(node)
 
-        async with trio.open_nursery() as n:
+        async with open_tasks() as n:
             for node in self.pending():
                 self._due.pop(node, None)
                 n.start_soon(one, node)
@@ -1573,7 +1578,18 @@ class Filesystem:
     # ------------------------------------------------------------------ crash recovery
 
     async def recover(self) -> int:
-        """Upload files staged by an earlier run that ended before uploading them."""
+        """Upload files staged by an earlier run that ended before uploading them, and abort
+        the multipart uploads it left behind."""
+        for upload_id, key in self.staging.leftover_uploads().items():
+            try:
+                await self.store.abort_multipart(key, upload_id)
+                log.info("aborted multipart upload %s left by an earlier run", upload_id[:16])
+            except NotFound:
+                pass  # completed or aborted meanwhile
+            except StoreError as e:
+                log.warning("could not abort leftover multipart upload %s: %s", upload_id, e)
+                continue
+            self.staging.forget_upload(upload_id)
         count = 0
         for sf, rec in self.staging.recover():
             path = b64d(rec["path"])

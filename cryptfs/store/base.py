@@ -67,6 +67,10 @@ class ObjectStore(Protocol):
 
     async def abort_multipart(self, key: str, upload_id: str) -> None: ...
 
+    async def list_uploads(self, prefix: str) -> list[tuple[str, str, float]]:
+        """Multipart uploads in progress under ``prefix``: (key, upload id, started, epoch s)."""
+        ...
+
     async def copy(
         self,
         src: str,

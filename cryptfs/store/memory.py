@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Mapping
 
 import trio
@@ -20,6 +21,7 @@ class MemoryStore:
         self.objects: dict[str, tuple[bytes, dict[str, str], str]] = {}
         self._uploads: dict[str, tuple[str, dict[str, str], dict[int, bytes]]] = {}
         self._n = 0
+        self._started: dict[str, float] = {}
         self.calls: dict[str, int] = {}
 
     def _count(self, op: str) -> None:
@@ -79,6 +81,7 @@ class MemoryStore:
         self._n += 1
         uid = f"u{self._n}"
         self._uploads[uid] = (key, dict(metadata), {})
+        self._started[uid] = time.time()
         return uid
 
     async def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
@@ -105,6 +108,14 @@ class MemoryStore:
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
         self._uploads.pop(upload_id, None)
+
+    async def list_uploads(self, prefix: str) -> list[tuple[str, str, float]]:
+        await trio.lowlevel.checkpoint()
+        return [
+            (k, uid, self._started.get(uid, 0.0))
+            for uid, (k, _md, _parts) in self._uploads.items()
+            if k.startswith(prefix)
+        ]
 
     async def copy(
         self,

@@ -48,10 +48,11 @@ from cryptfs.errors import (
 )
 from cryptfs.store.base import Listing, ObjectInfo
 from cryptfs.store.bridge import AsyncioBridge, open_bridge
+from cryptfs.tasks import open_tasks
 
 log = logging.getLogger(__name__)
 
-_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
 _PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
 _DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"}
 
@@ -373,6 +374,25 @@ class S3Store:
 
         await self._call(key, op)
 
+    async def list_uploads(self, prefix: str) -> list[tuple[str, str, float]]:
+        plen = len(self.loc.prefix)
+
+        async def op() -> list[tuple[str, str, float]]:
+            out: list[tuple[str, str, float]] = []
+            kw: dict[str, Any] = {"Bucket": self.loc.bucket, "Prefix": self._k(prefix)}
+            while True:
+                r = await self._client.list_multipart_uploads(**kw)
+                for u in r.get("Uploads", []):
+                    started = u.get("Initiated")
+                    when = started.timestamp() if started is not None else 0.0
+                    out.append((u["Key"][plen:], u["UploadId"], when))
+                if not r.get("IsTruncated"):
+                    return out
+                kw["KeyMarker"] = r.get("NextKeyMarker", "")
+                kw["UploadIdMarker"] = r.get("NextUploadIdMarker", "")
+
+        return await self._call(f"uploads under {prefix or '/'}", op)  # type: ignore[no-any-return]
+
     async def copy(
         self,
         src: str,
@@ -434,7 +454,7 @@ class S3Store:
 
                 etags[i] = await self._call(f"{src} -> {dst} part {i + 1}", op)
 
-            async with trio.open_nursery() as nursery:
+            async with open_tasks() as nursery:
                 for i, (a, b) in enumerate(ranges):
                     nursery.start_soon(part, i, a, b)
             # in place: the object must still be the one whose parts were copied
