@@ -131,6 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     _keys(p)
     _common(p)
 
+    p = sub.add_parser("fsck", help="check (and with --repair fix what is safe) a volume")
+    p.add_argument("location", nargs="?", help="s3://BUCKET[/PREFIX]")
+    p.add_argument("--full", action="store_true", help="also read and authenticate all content")
+    p.add_argument("--repair", action="store_true", help="abort stale uploads, write markers")
+    p.add_argument(
+        "--upload-age", type=float, default=3600.0, help="multipart uploads older are stale (s)"
+    )
+    p.add_argument("--cache-dir", type=Path, help="also report what is staged here")
+    _keys(p)
+    _common(p)
+
     p = sub.add_parser("umount", help="upload pending data, then unmount")
     p.add_argument("mountpoint", type=Path)
     p.add_argument("--timeout", type=float, default=3600.0)
@@ -571,6 +582,42 @@ def _pending(mp: Path) -> int | None:
         return None
 
 
+def cmd_fsck(args: Any) -> int:
+    from cryptfs.daemon import default_cache_dir
+    from cryptfs.fsck import EXIT_ERROR, fsck
+    from cryptfs.session import open_remote, open_volume
+    from cryptfs.store.s3 import S3Location
+
+    bar = _Progress("checking")
+
+    async def main() -> int:
+        loc = S3Location.parse(args.location)
+        source = _key_source(args)
+        async with open_remote(loc, _remote(args)) as (store, kms):
+            vol = await open_volume(store, kms, source)
+            try:
+                report = await fsck(
+                    vol,
+                    key_prefix=loc.prefix,
+                    full=args.full,
+                    repair=args.repair,
+                    upload_age=args.upload_age,
+                    cache_dir=args.cache_dir or default_cache_dir(),
+                    progress=bar.update,
+                )
+            finally:
+                vol.keyring.close()
+                bar.close()
+        print(report.summary())
+        return report.exit_code()
+
+    try:
+        return trio.run(main)
+    except CryptfsError as e:
+        print(f"cryptfs: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
 def cmd_stats(args: Any) -> int:
     import json
 
@@ -644,6 +691,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_rotate(args)
         if args.cmd == "stats":
             return cmd_stats(args)
+        if args.cmd == "fsck":
+            return cmd_fsck(args)
         return cmd_umount(args)
     except CryptfsError as e:
         print(f"cryptfs: {e}", file=sys.stderr)

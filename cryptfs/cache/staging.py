@@ -237,6 +237,19 @@ class StagingArea:
         """Multipart uploads (id -> object key) an earlier run started and never ended."""
         return self._read_uploads()
 
+    def journals(self) -> list[dict[str, Any]]:
+        """The journals of staged files, read-only (for fsck); unreadable ones as {}."""
+        out: list[dict[str, Any]] = []
+        for jp in sorted(self.root.glob("*.journal")):
+            try:
+                blob = self._journal_aead.open_random(
+                    jp.read_bytes(), b"cryptfs/v1/journal\0" + bytes.fromhex(jp.stem)
+                )
+                out.append(json.loads(blob))
+            except (ValueError, IntegrityError, OSError):
+                out.append({})
+        return out
+
     def recover(self) -> list[tuple[StagedFile, dict[str, Any]]]:
         """Staged files left by an earlier run, with their journals; strays are removed."""
         found = []

@@ -236,6 +236,7 @@ class Filesystem:
         self._stopping = False
         self._retry: dict[Node, float] = {}
         self.integrity_failures = 0
+        self.integrity_log: list[tuple[str, str]] = []  # (object key, reason), for fsck
         self.uploads = 0  # file bodies uploaded
         self.upload_bytes = 0  # their plaintext bytes
         self.upload_failures = 0  # failed attempts (retried while transient)
@@ -352,6 +353,8 @@ class Filesystem:
 
     def _integrity(self, key: str, why: str) -> None:
         self.integrity_failures += 1
+        if len(self.integrity_log) < 10_000:
+            self.integrity_log.append((key, why))
         log.error("integrity failure: object %s: %s", key, why)
 
     async def _head(self, key: str) -> ObjectInfo | None:

@@ -181,3 +181,8 @@ def test_s3_outage_mid_copy_loses_nothing(own_server: S3Server, tmp_path: Path) 
         assert (mnt / "before").read_bytes() == b"uploaded before the outage"
     finally:
         vol.umount()
+    # and the volume checks clean, content included (no leftovers of the outage)
+    opts = ["--key-file", str(key), "--endpoint-url", own_server.endpoint]
+    r = cryptfs("fsck", url, "--full", "--upload-age", "0", "--cache-dir", str(vol.cache), *opts)
+    assert r.returncode == 0 and r.stdout.strip().endswith("clean"), r.stdout
+    assert "files: 41" in r.stdout
