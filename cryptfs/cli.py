@@ -50,6 +50,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sse-c-key-file", type=Path, help="SSE-C customer key file (volumes with --sse c)"
     )
+    p.add_argument("--s3-attempts", type=int, help="attempts per S3 request (default 5)")
+    p.add_argument("--s3-timeout", type=float, help="seconds per S3 answer (default 60)")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("--config", help="TOML settings: NAME (/etc/cryptfs/NAME.toml) or a path")
 
@@ -166,7 +168,14 @@ def _remote(args: Any) -> Any:
     if args.sse_c_key_file is not None:
         sse_c = _read_or_create_key(args.sse_c_key_file, getattr(args, "cmd", "") == "init")
     return Remote(
-        S3Options(endpoint_url=endpoint, region=args.region, verify=verify),
+        S3Options(
+            endpoint_url=endpoint,
+            region=args.region,
+            verify=verify,
+            max_attempts=max(1, args.s3_attempts),
+            read_timeout=args.s3_timeout,
+            connect_timeout=min(10.0, args.s3_timeout),
+        ),
         KmsOptions(endpoint_url=kms_endpoint, region=args.region, verify=verify),
         sse_c,
     )
@@ -491,6 +500,8 @@ def _spawn_daemon(args: Any, cache_dir: Path) -> int:
         ("--region", args.region),
         ("--kms-endpoint-url", args.kms_endpoint_url),
         ("--metrics-address", args.metrics_address),
+        ("--s3-attempts", str(args.s3_attempts)),
+        ("--s3-timeout", str(args.s3_timeout)),
     ):
         if text:
             argv += [flag, text]

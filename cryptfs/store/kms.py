@@ -161,7 +161,7 @@ async def open_kms(bridge: AsyncioBridge, opts: KmsOptions) -> AsyncIterator[Kms
                 max_pool_connections=opts.max_concurrency,
                 connect_timeout=opts.connect_timeout,
                 read_timeout=opts.read_timeout,
-                retries={"mode": "standard", "max_attempts": opts.max_attempts},
+                retries={"mode": "standard", "total_max_attempts": opts.max_attempts},
             ),
             "verify": opts.verify,
             "region_name": opts.region or session.get_config_variable("region") or "us-east-1",

@@ -505,7 +505,7 @@ def make_config(opts: S3Options) -> AioConfig:
         max_pool_connections=opts.max_concurrency,
         connect_timeout=opts.connect_timeout,
         read_timeout=opts.read_timeout,
-        retries={"mode": "standard", "max_attempts": opts.max_attempts},
+        retries={"mode": "standard", "total_max_attempts": opts.max_attempts},
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
         s3={"addressing_style": "path", "payload_signing_enabled": False},

@@ -157,11 +157,17 @@ def test_s3_outage_mid_copy_loses_nothing(own_server: S3Server, tmp_path: Path) 
     try:
         (mnt / "before").write_bytes(b"uploaded before the outage")
         _wait_for(lambda: _pending(mnt) == 0, 30, "the first upload")
-        cp = subprocess.Popen(["cp", "-a", f"{src}/.", str(mnt / "tree")])
-        time.sleep(0.3)
+        (mnt / "tree").mkdir()
+        names = sorted(os.listdir(src))
+        first, second = names[:20], names[20:]
+        subprocess.run(["cp", "-a", *(str(src / n) for n in first), str(mnt / "tree")], check=True)
+        _wait_for(lambda: _pending(mnt) == 0, 30, "the first half to upload")
         stop_seaweed(own_server)  # the server goes away in the middle of the copy
-        assert cp.wait(120) == 0  # writes are staged locally: cp itself never notices
-        assert _pending(mnt) > 0
+        # the rest of the copy: writes are staged locally, cp itself never notices
+        subprocess.run(["cp", "-a", *(str(src / n) for n in second), str(mnt / "tree")],
+                       check=True, timeout=120)  # fmt: skip
+        time.sleep(1)  # past the write-back delay: the uploads are failing now
+        assert _pending(mnt) >= len(second)
         # a read that needs S3 fails with EIO in bounded time, it does not hang
         with contextlib.suppress(OSError):
             Path("/proc/sys/vm/drop_caches").write_text("3\n")

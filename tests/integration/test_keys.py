@@ -364,12 +364,12 @@ async def test_kms_throttling_is_retried_then_reported(kms_server: KmsServer) ->
     key = kms_server.new_key()
     ctx = {"cryptfs:volume": "v", "cryptfs:file": "f"}
     with FaultProxy(kms_server.endpoint).running() as proxy:
-        opts = KmsOptions(endpoint_url=proxy.endpoint, max_attempts=2)
+        opts = KmsOptions(endpoint_url=proxy.endpoint, max_attempts=3)
         async with open_bridge() as bridge, open_kms(bridge, opts) as kms:
             proxy.fail_next(2, 400, *THROTTLED)
             dek, blob, arn = await kms.generate_data_key(key, ctx)
             assert proxy.requests == 3 and arn == key and len(dek) == 32  # two retries
-            # botocore's max_attempts counts retries: 1 + 2 requests, then a clear error
+            # all three attempts throttled: a clear error, after exactly three requests
             proxy.fail_next(3, 400, *THROTTLED)
             with pytest.raises(KeyServiceUnavailable, match="ThrottlingException"):
                 await kms.decrypt(blob, ctx, key)

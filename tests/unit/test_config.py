@@ -66,3 +66,15 @@ def test_every_option_is_documented() -> None:
     assert markdown_table() in text, "regenerate the table: python -m cryptfs.config"
     for o in OPTIONS:
         assert f"`{o.name}`" in text
+
+
+def test_every_option_has_its_flag_on_mount() -> None:
+    from cryptfs.cli import build_parser
+
+    sample = {str: "x", float: "1.5", int: "3"}
+    for o in OPTIONS:
+        if o.name in ("location", "mountpoint", "options", "verbose"):
+            continue
+        value = sample.get(o.kind, "/some/path")
+        args = build_parser().parse_args(["mount", "s3://b/p", "/m", o.flag, value])
+        assert getattr(args, o.name) is not None, o.flag
