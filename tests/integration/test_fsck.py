@@ -16,16 +16,9 @@ from cryptfs.fsck import EXIT_CLEAN, EXIT_LEFT, fsck
 from cryptfs.session import Remote, open_remote
 from cryptfs.store.s3 import S3Location, S3Options
 from tests.conftest import S3Server
+from tests.fsutil import write_file
 
 pytestmark = pytest.mark.integration
-
-
-async def _write(fs: Filesystem, parent: int, name: bytes, data: bytes, sync: bool = True) -> None:
-    node, h = await fs.create(parent, name, 0o644, 0, 0)
-    await fs.write(h.fh, 0, data)
-    await fs.release(h.fh)
-    if sync:
-        await fs.sync_node(node)
 
 
 @pytest.mark.allow_error_logs
@@ -44,9 +37,9 @@ async def test_fsck_clean_then_every_kind_of_damage(
         d = await fs.mkdir(ROOT_INO, b"docs", 0o755, 0, 0)
         sub = await fs.mkdir(d.ino, b"sub", 0o755, 0, 0)
         for i in range(4):
-            await _write(fs, d.ino, f"f{i}".encode(), os.urandom(10_000 + i))
-        await _write(fs, sub.ino, b"L" * 200, b"long name")
-        await _write(fs, sub.ino, b"x", b"in sub")
+            await write_file(fs, d.ino, f"f{i}".encode(), os.urandom(10_000 + i))
+        await write_file(fs, sub.ino, b"L" * 200, b"long name")
+        await write_file(fs, sub.ino, b"x", b"in sub")
         await fs.symlink(ROOT_INO, b"link", b"docs/f0", 0, 0)
 
         report = await fsck(vol, key_prefix=loc.prefix, full=True, cache_dir=cache)
@@ -78,7 +71,7 @@ async def test_fsck_clean_then_every_kind_of_damage(
         raw.delete_object(Bucket=bucket, Key=loc.prefix + fs.dir_prefix(sub) + MARKER)
         # 6. a multipart upload nobody finishes, 7. a file closed but not uploaded yet
         await store.create_multipart("docs-upload", {})
-        await _write(fs, d.ino, b"pending", b"staged only", sync=False)
+        await write_file(fs, d.ino, b"pending", b"staged only", sync=False)
 
         vol2 = await Volume.open(store, src)
         quick = await fsck(vol2, key_prefix=loc.prefix, upload_age=0, cache_dir=cache)

@@ -15,6 +15,7 @@ from cryptfs.format.volume import KeySource
 from cryptfs.fs.filesystem import ROOT_INO, Filesystem, Options
 from cryptfs.fs.volume import Volume
 from cryptfs.store.memory import MemoryStore
+from tests.fsutil import read_file, write_file
 
 
 async def make_fs(
@@ -30,22 +31,6 @@ async def make_fs(
     fs = Filesystem(vol, staging, Options(writeback_delay=0.1, metadata_ttl=0))
     await fs.ensure_root()
     return fs
-
-
-async def write_file(fs: Filesystem, parent: int, name: bytes, data: bytes) -> int:
-    node, h = await fs.create(parent, name, 0o644, 0, 0)
-    await fs.write(h.fh, 0, data)
-    await fs.release(h.fh)
-    await fs.sync_node(node)
-    return node.ino
-
-
-async def read_file(fs: Filesystem, ino: int) -> bytes:
-    h = await fs.open(ino, os.O_RDONLY)
-    try:
-        return await fs.read(h.fh, 0, 1 << 30)
-    finally:
-        await fs.release(h.fh)
 
 
 async def test_write_read_across_remount(tmp_path: Path) -> None:
