@@ -152,7 +152,9 @@ def test_s3_outage_mid_copy_loses_nothing(own_server: S3Server, tmp_path: Path) 
     src.mkdir()
     for i in range(40):
         (src / f"f{i:02d}").write_bytes(os.urandom(50_000 + i))
-    vol.try_mount("--key-file", str(key), "--writeback-delay", "0.1", check=True)
+    # few attempts per request keep the outage part of this test short
+    vol.try_mount("--key-file", str(key), "--writeback-delay", "0.1", "--s3-attempts", "2",
+                  check=True)  # fmt: skip
     vol.mounted = True
     try:
         (mnt / "before").write_bytes(b"uploaded before the outage")
@@ -175,12 +177,19 @@ def test_s3_outage_mid_copy_loses_nothing(own_server: S3Server, tmp_path: Path) 
         with pytest.raises(OSError) as exc:
             (mnt / "before").read_bytes()
         assert exc.value.errno == errno.EIO and time.monotonic() - t < 120
+        # unmounting during the outage: a clear report, exit 3, everything kept staged
+        r = cryptfs("umount", str(mnt), check=False, timeout=300)
+        vol.mounted = False
+        assert r.returncode == 3 and "stay staged" in r.stderr, r.stderr
+        assert not os.path.ismount(mnt)
         restart_seaweed(own_server)
     finally:
         if own_server.proc.poll() is not None:
             restart_seaweed(own_server)
-        vol.umount()  # uploads everything pending now that the server is back
-    vol.mount()
+        if vol.mounted:
+            vol.umount()
+    vol.mount()  # the next mount uploads what the outage left staged, before it answers
+    assert vol.log.count("recovered staged file") >= len(second)
     try:
         r = subprocess.run(["diff", "-r", str(src), str(mnt / "tree")], capture_output=True)
         assert r.returncode == 0, r.stdout[-2000:]
@@ -192,3 +201,37 @@ def test_s3_outage_mid_copy_loses_nothing(own_server: S3Server, tmp_path: Path) 
     r = cryptfs("fsck", url, "--full", "--upload-age", "0", "--cache-dir", str(vol.cache), *opts)
     assert r.returncode == 0 and r.stdout.strip().endswith("clean"), r.stdout
     assert "files: 41" in r.stdout
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_memory_stays_bounded_with_many_open_files(volume: Volume) -> None:
+    r = volume.mount()
+    pid = int(r.stdout.rsplit("(pid ", 1)[1].split(")")[0])
+    try:
+        d = volume.mnt / "many"
+        d.mkdir()
+        for i in range(600):
+            (d / f"f{i:04d}").write_bytes(os.urandom(400_000))
+        _wait_for(lambda: _pending(volume.mnt) == 0, 120, "the uploads")
+        with contextlib.suppress(OSError):
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        before = _rss_mib(pid)
+        fds = [os.open(d / f"f{i:04d}", os.O_RDONLY) for i in range(600)]
+        try:
+            for fd in fds:  # every file open at once, all read from S3
+                assert len(os.read(fd, 500_000)) == 400_000
+            during = _rss_mib(pid)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        # 240 MB were read: the decrypted-chunk cache is bounded (64 MiB), the rest is
+        # per-file bookkeeping; RSS must not grow with the bytes read
+        assert during - before < 110, (before, during)
+    finally:
+        volume.umount()
