@@ -1,0 +1,233 @@
+"""An independent decryptor for cryptfs format v1, written from docs/FORMAT.md alone.
+
+It imports nothing from ``cryptfs``: only the standard library and ``cryptography``.  If it
+decrypts the golden data in tests/data, the document — not the implementation — is the spec.
+Supports key-file slots and local (``gcm``) data-key wrapping; KMS-wrapped keys need AWS.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import stat
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
+
+
+class Invalid(Exception):
+    """Anything that does not authenticate or parse (a reader reports EIO)."""
+
+
+def b64u(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def hkdf(ikm: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
+    return HKDF(hashes.SHA256(), length, salt, info).derive(ikm)
+
+
+def canonical(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+def gcm_open(key: bytes, blob: bytes, aad: bytes) -> bytes:
+    """``nonce(12) ‖ ciphertext ‖ tag``."""
+    try:
+        return AESGCM(key).decrypt(blob[:12], blob[12:], aad)
+    except Exception as e:  # InvalidTag, bad lengths
+        raise Invalid(f"AES-GCM: {type(e).__name__}") from None
+
+
+# -- §1 volume config --------------------------------------------------------------------------
+
+
+@dataclass
+class Keys:
+    volume_id: bytes
+    vmk: bytes
+    mks: dict[str, bytes]
+    names: bytes
+    attrs: bytes
+    encrypt_names: bool
+    chunk_log2: int
+
+    def purpose(self, label: str, n: int = 32) -> bytes:
+        return hkdf(self.vmk, self.volume_id, b"cryptfs/v1/" + label.encode(), n)
+
+
+def unlock_with_keyfile(config: bytes, keyfile: bytes) -> Keys:
+    cfg = json.loads(config)
+    volume_id = b64u(cfg["volume_id"])
+    for slot in cfg["keyslots"]:
+        if slot["type"] != "keyfile":
+            continue
+        kek = hkdf(keyfile, b64u(slot["salt"]), b"cryptfs/v1/keyfile")
+        params = {k: v for k, v in slot.items() if k != "wrapped"}
+        aad = b"cryptfs/v1/keyslot\0" + volume_id + canonical(params)
+        try:
+            payload = gcm_open(kek, b64u(slot["wrapped"]), aad)
+        except Invalid:
+            continue
+        break
+    else:
+        raise Invalid("no key-file slot opens with this key")
+    vmk, mks = _payload(payload)
+    names = hkdf(vmk, volume_id, b"cryptfs/v1/names", 64)
+    keys = Keys(volume_id, vmk, mks, names, b"", cfg["names"] == "aes-siv", cfg["chunk_log2"])
+    keys.attrs = keys.purpose("attrs")
+    body = {k: cfg[k] for k in ("cryptfs", "volume_id", "chunk_log2", "names", "suite")}
+    for optional in ("dek", "sse"):
+        if optional in cfg:
+            body[optional] = cfg[optional]
+    mac = hmac.new(keys.purpose("config"), b"cryptfs/v1/config\0" + canonical(body), "sha256")
+    if not hmac.compare_digest(mac.digest(), b64u(cfg["mac"])):
+        raise Invalid("config MAC does not verify")
+    return keys
+
+
+def _payload(data: bytes) -> tuple[bytes, dict[str, bytes]]:
+    if len(data) == 32:
+        return data, {}
+    if data[0] != 1:
+        raise Invalid("payload version")
+    vmk, mks, i = data[1:33], {}, 33
+    while i < len(data):
+        n = data[i]
+        kid = data[i + 1 : i + 1 + n].decode()
+        mks[kid] = data[i + 1 + n : i + 1 + n + 32]
+        i += 1 + n + 32
+    return vmk, mks
+
+
+def unwrap_dek(keys: Keys, md: dict[str, str]) -> bytes:
+    if md["cfs-w"] != "gcm":
+        raise Invalid(f"wrapping {md['cfs-w']!r} needs AWS KMS")
+    kid = md["cfs-kid"]
+    file_id = b64u(md["cfs-f"])
+    if kid == "vmk":
+        kek = keys.purpose("kek")
+    else:
+        kek = hkdf(keys.mks[kid], keys.volume_id, b"cryptfs/v1/mk-kek\0" + kid.encode())
+    aad = b"cryptfs/v1/wrap\0" + keys.volume_id + file_id + kid.encode()
+    return gcm_open(kek, b64u(md["cfs-k"]), aad)
+
+
+# -- §2 body -----------------------------------------------------------------------------------
+
+
+def decrypt_body(body: bytes, dek: bytes, chunk_log2: int) -> tuple[bytes, bytes, bytes]:
+    """(plaintext, file_id, salt) of a whole body."""
+    header = body[:92]
+    if header[:7] != b"CRYPTFS" or header[7] != 1 or header[8] != 1 or header[10:12] != b"\0\0":
+        raise Invalid("header")
+    if header[9] != chunk_log2:
+        raise Invalid("chunk size differs from the volume's")
+    file_id, salt, commitment = header[12:28], header[28:60], header[60:92]
+    prk = hmac.new(salt, dek, "sha256").digest()
+    info_base = b"cryptfs/v1" + bytes([1, chunk_log2]) + file_id
+    k_content = HKDFExpand(hashes.SHA256(), 32, info_base + b"/content").derive(prk)
+    commit = HKDFExpand(hashes.SHA256(), 32, info_base + b"/commit").derive(prk)
+    if not hmac.compare_digest(commit, commitment):
+        raise Invalid("key commitment")
+    c = 1 << chunk_log2
+    rest = body[92:]
+    if len(rest) < 16 or (len(rest) != 16 and len(rest) % (c + 16) in range(1, 17)):
+        raise Invalid("body length")
+    n = max(1, -(-len(rest) // (c + 16)))
+    out = bytearray()
+    for i in range(n):
+        piece = rest[i * (c + 16) : (i + 1) * (c + 16)]
+        nonce = i.to_bytes(11, "big") + (b"\x01" if i == n - 1 else b"\x00")
+        try:
+            out += AESGCM(k_content).decrypt(nonce, piece, header)
+        except Exception:
+            raise Invalid(f"chunk {i}") from None
+    return bytes(out), file_id, salt
+
+
+# -- §3 metadata, §4 names ---------------------------------------------------------------------
+
+
+def decrypt_attrs(keys: Keys, md: dict[str, str], path: bytes) -> dict[str, Any]:
+    if md.get("cfs") != "1":
+        raise Invalid("not a cryptfs object")
+    file_id = b64u(md["cfs-f"])
+    aad = b"cryptfs/v1/attrs\0" + keys.volume_id + file_id + path
+    result: dict[str, Any] = json.loads(gcm_open(keys.attrs, b64u(md["cfs-a"]), aad))
+    return result
+
+
+def decrypt_name(keys: Keys, parent: bytes, component: str, long_name: str | None) -> bytes:
+    if not keys.encrypt_names:
+        return component.encode()
+    encoding = component
+    if component.startswith("~"):
+        if (
+            long_name is None
+            or base64.urlsafe_b64encode(hashlib.sha256(long_name.encode()).digest())
+            .rstrip(b"=")
+            .decode()
+            != component[1:]
+        ):
+            raise Invalid("long name does not match its hash")
+        encoding = long_name
+    try:
+        padded = AESSIV(keys.names).decrypt(
+            b64u(encoding), [b"cryptfs/v1/name", keys.volume_id, parent]
+        )
+    except Exception:
+        raise Invalid("name does not authenticate") from None
+    pad = padded[-1]
+    if not 1 <= pad <= 16 or padded[-pad:] != bytes([pad]) * pad:
+        raise Invalid("name padding")
+    return padded[:-pad]
+
+
+def _join(parent: bytes, name: bytes) -> bytes:
+    return (parent.rstrip(b"/") + b"/" + name) if parent != b"/" else b"/" + name
+
+
+def decrypt_volume(
+    objects: dict[str, tuple[bytes, dict[str, str]]], keyfile: bytes
+) -> dict[bytes, dict[str, Any]]:
+    """Every file, symlink and directory of a volume: path -> {attrs, data}."""
+    keys = unlock_with_keyfile(objects[".cryptfs.json"][0], keyfile)
+    marker = ".cryptfs.dir"
+    out: dict[bytes, dict[str, Any]] = {}
+
+    def path_of(prefix_parts: list[str]) -> bytes:
+        path = b"/"
+        for depth, comp in enumerate(prefix_parts):
+            marker_md = objects["/".join(prefix_parts[: depth + 1]) + "/" + marker][1]
+            path = _join(path, decrypt_name(keys, path, comp, marker_md.get("cfs-n")))
+        return path
+
+    for key, (body, md) in sorted(objects.items()):
+        if key == ".cryptfs.json":
+            continue
+        parts = key.split("/")
+        if parts[-1] == marker:
+            path = path_of(parts[:-1])
+        else:
+            parent = path_of(parts[:-1])
+            path = _join(parent, decrypt_name(keys, parent, parts[-1], md.get("cfs-n")))
+        attrs = decrypt_attrs(keys, md, path)
+        entry: dict[str, Any] = {"attrs": attrs}
+        if attrs["t"] != "d":
+            data, file_id, salt = decrypt_body(body, unwrap_dek(keys, md), keys.chunk_log2)
+            if file_id != b64u(md["cfs-f"]) or salt != b64u(attrs["gen"]):
+                raise Invalid("body does not belong to this metadata")
+            if len(data) != attrs["sz"]:
+                raise Invalid("size")
+            entry["data"] = data
+        entry["mode"] = {"f": stat.S_IFREG, "d": stat.S_IFDIR, "l": stat.S_IFLNK}[
+            attrs["t"]
+        ] | attrs["m"]
+        out[path] = entry
+    return out
