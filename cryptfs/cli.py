@@ -144,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     _keys(p)
     _common(p)
 
+    p = sub.add_parser(
+        "import", help="convert AWS S3 Encryption Client objects in the volume to cryptfs files"
+    )
+    p.add_argument("location", nargs="?", help="s3://BUCKET[/PREFIX]")
+    p.add_argument("--max-size", type=_size, default=1 << 30, help="largest object (default 1G)")
+    _keys(p)
+    _common(p)
+
     p = sub.add_parser("umount", help="upload pending data, then unmount")
     p.add_argument("mountpoint", type=Path)
     p.add_argument("--timeout", type=float, default=3600.0)
@@ -629,6 +637,32 @@ def cmd_fsck(args: Any) -> int:
         return EXIT_ERROR
 
 
+def cmd_import(args: Any) -> int:
+    from cryptfs.importer import import_s3ec
+    from cryptfs.session import open_remote, open_volume
+    from cryptfs.store.s3 import S3Location
+
+    loc = S3Location.parse(args.location)
+    source = _key_source(args)
+    remote = _remote(args)
+    bar = _Progress("importing")
+
+    async def main() -> int:
+        async with open_remote(loc, remote) as (store, kms):
+            vol = await open_volume(store, kms, source)
+            try:
+                report = await import_s3ec(
+                    vol, key_prefix=loc.prefix, max_size=args.max_size, progress=bar.update
+                )
+            finally:
+                vol.keyring.close()
+                bar.close()
+        print(report.summary())
+        return 3 if report.failed else 0
+
+    return trio.run(main)
+
+
 def cmd_stats(args: Any) -> int:
     import json
 
@@ -704,6 +738,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_stats(args)
         if args.cmd == "fsck":
             return cmd_fsck(args)
+        if args.cmd == "import":
+            return cmd_import(args)
         return cmd_umount(args)
     except CryptfsError as e:
         print(f"cryptfs: {e}", file=sys.stderr)

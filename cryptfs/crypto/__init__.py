@@ -105,6 +105,13 @@ def hkdf(ikm: Secret, salt: bytes, info: bytes, length: int = 32) -> Secret:
     return hkdf_expand(hkdf_extract(salt, ikm), info, length)
 
 
+def hkdf_sha512(ikm: Secret, salt: bytes, info: bytes, length: int) -> Secret:
+    """RFC 5869 HKDF with SHA-512 (the AWS S3 Encryption Client's v3 key derivation)."""
+    h = _chmac.HMAC(salt, hashes.SHA512())
+    h.update(ikm.reveal())
+    return Secret(HKDFExpand(hashes.SHA512(), length, info).derive(h.finalize()))
+
+
 def argon2id(password: bytes, salt: bytes, *, t: int, m_kib: int, p: int) -> Secret:
     kdf = Argon2id(salt=salt, length=32, iterations=t, lanes=p, memory_cost=m_kib)
     return Secret(kdf.derive(password))

@@ -1,0 +1,142 @@
+"""Objects written by the official AWS S3 Encryption Client (the test oracle: the
+``amazon-s3-encryption-client-python`` package, synchronous boto3, run in a worker thread)
+against SeaweedFS with a KMS keyring on moto: ``cryptfs import`` turns them into native files
+that read back byte for byte; tampered ones are refused and left alone."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from cryptfs.crypto import Secret
+from cryptfs.errors import IntegrityError, UnsupportedFormat
+from cryptfs.format import s3ec
+from cryptfs.format.volume import KeySource
+from cryptfs.fs.filesystem import ROOT_INO
+from cryptfs.fs.volume import Volume
+from cryptfs.importer import import_s3ec
+from cryptfs.session import Remote, open_remote, open_volume
+from cryptfs.store.kms import KmsOptions
+from cryptfs.store.s3 import S3Location, S3Options
+from tests.conftest import ACCESS_KEY, SECRET_KEY, KmsServer, S3Server
+from tests.fsutil import read_file
+
+pytestmark = pytest.mark.integration
+
+OBJECTS = {
+    "v3/hello.txt": (3, b"hello from the S3 Encryption Client v3\n"),
+    "v3/deep/er/data.bin": (3, os.urandom(300_000)),
+    "v3/empty": (3, b""),
+    "v2/legacy.txt": (2, b"a v2 (non-committing) object\n"),
+}
+
+
+def _write_with_official_client(
+    s3: S3Server, kms: KmsServer, key_arn: str, bucket: str, prefix: str
+) -> None:
+    import boto3
+    from s3_encryption import (
+        AlgorithmSuite,
+        CommitmentPolicy,
+        S3EncryptionClient,
+        S3EncryptionClientConfig,
+    )
+    from s3_encryption.materials.kms_keyring import KmsKeyring
+
+    def client(service: str, endpoint: str) -> Any:
+        return boto3.client(
+            service, endpoint_url=endpoint, region_name="us-east-1",
+            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+        )  # fmt: skip
+
+    keyring = KmsKeyring(client("kms", kms.endpoint), key_arn)
+    # one boto3 S3 client per S3EC client: each registers its own event hooks
+    v3 = S3EncryptionClient(client("s3", s3.endpoint), S3EncryptionClientConfig(keyring=keyring))
+    v2 = S3EncryptionClient(
+        client("s3", s3.endpoint),
+        S3EncryptionClientConfig(
+            keyring=keyring,
+            encryption_algorithm=AlgorithmSuite.ALG_AES_256_GCM_IV12_TAG16_NO_KDF,
+            commitment_policy=CommitmentPolicy.FORBID_ENCRYPT_ALLOW_DECRYPT,
+        ),
+    )
+    for key, (version, data) in OBJECTS.items():
+        (v3 if version == 3 else v2).put_object(Bucket=bucket, Key=prefix + key, Body=data)
+
+
+@pytest.mark.allow_error_logs
+async def test_import_objects_of_the_official_client(
+    s3server: S3Server, kms_server: KmsServer, bucket: str, tmp_path: Path
+) -> None:
+    key_arn = kms_server.new_key()
+    await trio.to_thread.run_sync(
+        _write_with_official_client, s3server, kms_server, key_arn, bucket, "vol/"
+    )
+    raw = s3server.client()
+    # their formats, as their client wrote them
+    md3 = raw.head_object(Bucket=bucket, Key="vol/v3/hello.txt")["Metadata"]
+    md2 = raw.head_object(Bucket=bucket, Key="vol/v2/legacy.txt")["Metadata"]
+    assert md3["x-amz-c"] == "115" and "x-amz-d" in md3 and "x-amz-key-v2" not in md3
+    assert md2["x-amz-cek-alg"] == "AES/GCM/NoPadding" and "x-amz-3" not in md2
+    # tamper with copies: a flipped body bit, and a v3 commitment from another object
+    for name, src in (("v3/flipped", "vol/v3/hello.txt"), ("v3/swapped", "vol/v3/empty")):
+        obj = raw.get_object(Bucket=bucket, Key=src)
+        body, md = bytearray(obj["Body"].read()), dict(obj["Metadata"])
+        if name.endswith("flipped"):
+            body[3] ^= 0x40
+        else:
+            md["x-amz-d"] = md3["x-amz-d"]
+        raw.put_object(Bucket=bucket, Key="vol/" + name, Body=bytes(body), Metadata=md)
+
+    loc = S3Location.parse(f"s3://{bucket}/vol")
+    src = KeySource(keyfile=Secret(os.urandom(32)))
+    remote = Remote(
+        S3Options(endpoint_url=s3server.endpoint), KmsOptions(endpoint_url=kms_server.endpoint)
+    )
+    async with open_remote(loc, remote) as (store, kms):
+        vol = await Volume.create(store, src, chunk_log2=16, encrypt_names=True, kms=kms)
+        report = await import_s3ec(vol, key_prefix=loc.prefix)
+        assert report.found == len(OBJECTS) + 2 and report.imported == len(OBJECTS), report
+        assert sorted(k for k, _ in report.failed) == ["v3/flipped", "v3/swapped"]
+        # the failures stay untouched; the imported originals are gone
+        left = {o["Key"] for o in raw.list_objects_v2(Bucket=bucket, Prefix="vol/v")["Contents"]}
+        assert left == {"vol/v3/flipped", "vol/v3/swapped"}
+
+        again = await import_s3ec(await open_volume(store, kms, src), key_prefix=loc.prefix)
+        assert again.imported == 0 and len(again.failed) == 2  # resumable, nothing twice
+
+        from cryptfs.cache.staging import StagingArea
+        from cryptfs.fs.filesystem import Filesystem
+
+        v = await open_volume(store, kms, src)
+        fs = Filesystem(
+            v, StagingArea(tmp_path / "st", v.keys.cache, v.chunk), key_prefix=loc.prefix
+        )
+        await fs.ensure_root()
+        for key, (_version, data) in OBJECTS.items():
+            node = fs.root
+            for comp in key.split("/"):
+                node = await fs.lookup(node.ino, comp.encode())
+            assert await read_file(fs, node.ino) == data, key
+        assert (await fs.lookup(ROOT_INO, b"v3")).is_dir
+
+
+def test_parse_refuses_what_it_cannot_read_safely() -> None:
+    v3 = {
+        "x-amz-3": "AAAA", "x-amz-c": "115", "x-amz-d": "AAAA", "x-amz-i": "AAAA",
+        "x-amz-t": '{"aws:x-amz-cek-alg": "115"}', "x-amz-w": "12",
+    }  # fmt: skip
+    assert s3ec.parse(v3).version == 3
+    with pytest.raises(UnsupportedFormat, match="wrapping"):
+        s3ec.parse(v3 | {"x-amz-w": "22"})
+    with pytest.raises(IntegrityError, match="content algorithm"):
+        s3ec.parse(v3 | {"x-amz-t": '{"aws:x-amz-cek-alg": "AES/GCM/NoPadding"}'})
+    with pytest.raises(IntegrityError, match="mixes"):
+        s3ec.parse(v3 | {"x-amz-key-v2": "AAAA"})
+    with pytest.raises(UnsupportedFormat, match="v1"):
+        s3ec.parse({"x-amz-key": "AAAA", "x-amz-iv": "AAAA", "x-amz-matdesc": "{}"})
+    assert not s3ec.is_s3ec({"cfs": "1"})
