@@ -158,6 +158,10 @@ class NotPermitted(FsError):
     """The operation is refused by design (hard links): EPERM."""
 
 
+class FileTooBig(FsError):
+    """An object too large for what the operation must hold in memory."""
+
+
 class ReadOnly(FsError):
     """The volume cannot take new files now (e.g. its master key was rotated elsewhere)."""
 

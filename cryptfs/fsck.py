@@ -47,6 +47,7 @@ class FsckReport:
     files: int = 0
     directories: int = 0
     symlinks: int = 0
+    s3ec: int = 0  # AWS S3 Encryption Client objects (shown read-only; see cryptfs import)
     bytes: int = 0
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     orphans: list[tuple[str, str]] = field(default_factory=list)
@@ -74,6 +75,10 @@ class FsckReport:
             f"objects: {self.objects}  files: {self.files}  directories: {self.directories}  "
             f"symlinks: {self.symlinks}  plaintext bytes: {self.bytes}",
         ]
+        if self.s3ec:
+            lines.append(
+                f"S3 Encryption Client objects (read-only; 'cryptfs import' converts): {self.s3ec}"
+            )
         for title, items in (
             ("do not authenticate (read as EIO)", [f"{k}: {w}" for k, w in self.unreadable]),
             ("orphaned (not reachable from the root)", [f"{k}: {w}" for k, w in self.orphans]),
@@ -186,6 +191,19 @@ async def fsck(
 
 
 async def _check_file(fs: Filesystem, node: Node, key: str, full: bool, report: FsckReport) -> None:
+    if node.foreign is not None:  # an S3 Encryption Client object: read-only, not ours
+        report.s3ec += 1
+        report.bytes += node.attrs.size
+        if full:
+            try:
+                h = await fs.open(node.ino, os.O_RDONLY)
+                try:
+                    await fs.read(h.fh, 0, 1)  # reads and authenticates the whole object
+                finally:
+                    await fs.release(h.fh)
+            except CryptfsError as e:
+                report.unreadable.append((key, str(e)))
+        return
     if node.kind == KIND_FILE:
         report.files += 1
         report.bytes += node.attrs.size

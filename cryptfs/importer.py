@@ -67,7 +67,8 @@ async def import_s3ec(
         fs = Filesystem(
             vol,
             StagingArea(Path(tmp), vol.keys.cache, vol.chunk),
-            Options(writeback_delay=3600.0),
+            # native entries only: the S3EC originals must never be mistaken for the copies
+            Options(writeback_delay=3600.0, show_foreign=False),
             key_prefix=key_prefix,
         )
         await fs.ensure_root()

@@ -28,10 +28,11 @@ from typing import Any
 import trio
 
 from cryptfs.cache.staging import StagedFile, StagingArea
-from cryptfs.crypto import Secret, random_bytes
+from cryptfs.crypto import Secret, random_bytes, sha256
 from cryptfs.errors import (
     CryptfsError,
     Exists,
+    FileTooBig,
     IntegrityError,
     Invalid,
     IsDir,
@@ -50,6 +51,7 @@ from cryptfs.errors import (
     StoreError,
     UnsupportedFormat,
 )
+from cryptfs.format import s3ec
 from cryptfs.format.body import (
     HEADER_SIZE,
     BodyCipher,
@@ -70,6 +72,7 @@ from cryptfs.format.meta import (
     encode_meta,
 )
 from cryptfs.format.names import b64d, b64e
+from cryptfs.format.s3ec import S3ecObject
 from cryptfs.format.volume import CONFIG_NAME
 from cryptfs.fs.locks import RWLock
 from cryptfs.fs.volume import MARKER, Volume
@@ -103,6 +106,8 @@ class Options:
     offload_bytes: int = 256 << 10  # decrypt runs at least this long in a worker thread
     upload_concurrency: int = 4
     meta_concurrency: int = 32
+    foreign_max_bytes: int = 256 << 20  # largest S3 Encryption Client object read whole
+    show_foreign: bool = True  # show S3 Encryption Client objects (read-only)
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
 
@@ -145,6 +150,12 @@ class Node:
     # the data key of a staged file, journaled with it (sealed by the cache key) so that
     # recovery does not depend on a master key that a rotation may have retired meanwhile
     stage_dek: Secret | None = None
+    # objects of the AWS S3 Encryption Client, shown read-only under their own key names
+    foreign: S3ecObject | None = None
+    foreign_key: str | None = None  # its object key (relative to the volume's prefix)
+    raw_prefix: str | None = None  # a directory of such objects: its key prefix
+    plain: bytes | None = None  # a foreign file's authenticated plaintext, while open
+    plain_etag: str | None = None
     target: bytes | None = None  # symlinks
     own_salts: set[bytes] = field(default_factory=set)  # generations this mount wrote
     journaled: int = -1  # value of ``change`` when the journal was last written
@@ -261,12 +272,17 @@ class Filesystem:
         return self.vol.names.encode(self.path(parent), name)
 
     def dir_prefix(self, node: Node) -> str:
+        if node.raw_prefix is not None:
+            return node.raw_prefix
         if node.parent is None:
             return ""
         comp, _ = self._component(node.parent, node.name)
         return self.dir_prefix(node.parent) + comp + "/"
 
     def _key_for(self, parent: Node, name: bytes, kind: str) -> tuple[str, str | None]:
+        if parent.raw_prefix is not None:  # inside a directory of S3EC objects: raw names
+            comp = name.decode(errors="surrogateescape")
+            return parent.raw_prefix + comp + ("/" + MARKER if kind == KIND_DIR else ""), None
         comp, long_name = self._component(parent, name)
         key = self.dir_prefix(parent) + comp + ("/" + MARKER if kind == KIND_DIR else "")
         if len(key.encode()) > self._key_budget:
@@ -274,6 +290,8 @@ class Filesystem:
         return key, long_name
 
     def object_key(self, node: Node) -> tuple[str, str | None]:
+        if node.foreign_key is not None:
+            return node.foreign_key, None
         if node.parent is None:
             return MARKER, None
         return self._key_for(node.parent, node.name, node.kind)
@@ -366,6 +384,8 @@ class Filesystem:
 
     def _adopt(self, parent: Node, name: bytes, info: ObjectInfo, existing: Node | None) -> Node:
         """Create or refresh the node for ``parent/name`` from a HEAD result."""
+        if s3ec.is_s3ec(info.metadata) and self.opt.show_foreign:
+            return self._adopt_foreign(parent, name, info, existing)
         path = self._child_path(parent, name)
         meta = self._decode(path, info)
         if meta.attrs.kind != KIND_DIR:
@@ -412,12 +432,111 @@ class Filesystem:
             listing = await self.store.list(prefix, delimiter=None, max_keys=1)
         return bool(listing.objects)
 
-    def _synthetic_dir(self, parent: Node, name: bytes) -> Node:
+    def _synthetic_dir(self, parent: Node, name: bytes, raw_prefix: str | None = None) -> Node:
         now = _now_ns()
-        attrs = Attrs(KIND_DIR, 0o755, self.opt.uid, self.opt.gid, now, now, now)
+        if parent.raw_prefix is not None and raw_prefix is None:
+            raw_prefix = parent.raw_prefix + name.decode(errors="surrogateescape") + "/"
+        mode = 0o755 if raw_prefix is None else 0o555
+        attrs = Attrs(KIND_DIR, mode, self.opt.uid, self.opt.gid, now, now, now)
         node = self._new_node(parent, name, attrs, random_bytes(16))
+        node.raw_prefix = raw_prefix
         node.refreshed_at = trio.current_time()
         return node
+
+    def _adopt_foreign(
+        self, parent: Node, name: bytes, info: ObjectInfo, existing: Node | None
+    ) -> Node:
+        """An S3 Encryption Client object: read-only, under its own key name."""
+        env = s3ec.parse(info.metadata)  # IntegrityError / UnsupportedFormat: skipped
+        if existing is not None and existing.foreign is not None:
+            node = existing
+            if node.remote_etag != info.etag:
+                node.plain = None
+        else:
+            if existing is not None:
+                self._detach(existing)
+            ns = int(info.modified * 1e9)
+            attrs = Attrs(KIND_FILE, 0o444, self.opt.uid, self.opt.gid, ns, ns, ns)
+            node = self._new_node(parent, name, attrs, sha256(info.key.encode())[:16])
+        node.foreign, node.foreign_key = env, info.key
+        node.attrs = node.attrs.with_(size=env.plain_size(info.size))
+        node.remote_etag = info.etag
+        node.refreshed_at = trio.current_time()
+        if parent.children is not None:
+            parent.children[name] = node
+        return node
+
+    async def _foreign_entry(
+        self,
+        d: Node,
+        comp: str,
+        key: str,
+        etag: str | None,
+        old: dict[bytes, Node],
+        new: dict[bytes, Node],
+    ) -> bool:
+        """A listing entry whose name is not one of ours: an S3 Encryption Client object or
+        a prefix of them is shown under its own name; anything else is not ours."""
+        name = comp.encode(errors="surrogateescape")
+        if etag is not None:
+            info = await self._head(key)
+            if info is None or not s3ec.is_s3ec(info.metadata):
+                return False
+            try:
+                new[name] = self._adopt_foreign(d, name, info, old.get(name))
+            except (IntegrityError, UnsupportedFormat) as e:
+                log.warning("S3 Encryption Client object %s not shown: %s", key, e)
+            return True
+        prefix = key[: -len(MARKER)]
+        if not await self._foreign_prefix(prefix):
+            return False
+        cur = old.get(name)
+        new[name] = (
+            cur if cur is not None and cur.raw_prefix == prefix
+            else self._synthetic_dir(d, name, raw_prefix=prefix)
+        )  # fmt: skip
+        return True
+
+    async def _foreign_prefix(self, prefix: str) -> bool:
+        """Does ``prefix`` (whose name is not one of ours) hold S3 Encryption Client objects?"""
+        listing = await self.store.list(prefix, delimiter=None, max_keys=1)
+        if not listing.objects:
+            return False
+        info = await self._head(listing.objects[0].key)
+        return info is not None and s3ec.is_s3ec(info.metadata)
+
+    async def _read_foreign(self, node: Node, offset: int, size: int) -> bytes:
+        """Whole object, authenticated as a whole, kept while the file is open."""
+        assert node.foreign is not None
+        assert node.foreign_key is not None
+        if node.plain is None or node.plain_etag != node.remote_etag:
+            if node.attrs.size > self.opt.foreign_max_bytes:
+                raise FileTooBig(
+                    f"S3 Encryption Client object of {node.attrs.size} bytes is over the "
+                    f"{self.opt.foreign_max_bytes}-byte limit (one GCM tag covers it all: it "
+                    "must be read whole); use 'cryptfs import'"
+                )
+            kms = self.vol.keyring.kms
+            if kms is None:
+                raise ReadOnly("S3 Encryption Client data keys need AWS KMS access")
+            key = node.foreign_key
+            _info, body = await self.store.get(key, if_match=node.remote_etag)
+            env = node.foreign
+            try:
+                data_key, _arn = await kms.decrypt(
+                    env.encrypted_key, env.context, what=f"S3EC data key of {key}"
+                )
+                plain = s3ec.decrypt(env, data_key, body)
+            except IntegrityError as e:
+                self._integrity(key, str(e))
+                raise
+            node.plain, node.plain_etag = plain, node.remote_etag
+        return node.plain[offset : offset + size]
+
+    @staticmethod
+    def _writable(node: Node) -> None:
+        if node.foreign is not None or node.raw_prefix is not None:
+            raise ReadOnly("objects of the AWS S3 Encryption Client are read-only here")
 
     async def _fetch_entry(self, parent: Node, name: bytes) -> Node | None:
         """Look ``name`` up in S3 (file object, directory marker, or implicit directory)."""
@@ -428,16 +547,36 @@ class Filesystem:
         async def one(k: str) -> None:
             results[k] = await self._head(k)
 
+        # an object of the AWS S3 Encryption Client keeps its own (plaintext) key name
+        raw = None
+        if (
+            self.opt.show_foreign
+            and parent.raw_prefix is None
+            and self.vol.config.encrypt_names
+            and b"/" not in name
+        ):
+            raw = self.dir_prefix(parent) + name.decode(errors="surrogateescape")
+
         async with open_tasks() as n:
             n.start_soon(one, fkey)
             n.start_soon(one, dkey)
+            if raw is not None:
+                n.start_soon(one, raw)
         existing = parent.children.get(name) if parent.children is not None else None
         info = results[fkey] or results[dkey]
         if info is not None:
             return self._adopt(parent, name, info, existing)
+        found = results.get(raw) if raw is not None else None
+        if found is not None and s3ec.is_s3ec(found.metadata):
+            return self._adopt_foreign(parent, name, found, existing)
         if await self._implicit_dir(dkey[: -len(MARKER)]):
             node = existing if existing is not None and existing.is_dir else None
             node = node or self._synthetic_dir(parent, name)
+            if parent.children is not None:
+                parent.children[name] = node
+            return node
+        if raw is not None and await self._foreign_prefix(raw + "/"):
+            node = self._synthetic_dir(parent, name, raw_prefix=raw + "/")
             if parent.children is not None:
                 parent.children[name] = node
             return node
@@ -539,7 +678,9 @@ class Filesystem:
         async def load(comp: str, key: str, etag: str | None) -> None:
             name: bytes | None = None
             try:
-                if not self.vol.names.is_long(comp):
+                if d.raw_prefix is not None:
+                    name = comp.encode(errors="surrogateescape")
+                elif not self.vol.names.is_long(comp):
                     name = self.vol.names.decode(dpath, comp)
                     cur = old.get(name)
                     if (
@@ -568,6 +709,12 @@ class Filesystem:
                 node = self._adopt(d, name, info, old.get(name))
                 new[name] = node
             except IntegrityError as e:
+                if (
+                    name is None
+                    and self.opt.show_foreign
+                    and await self._foreign_entry(d, comp, key, etag, old, new)
+                ):
+                    return
                 self._integrity(key, f"entry skipped in listing: {e}")
             except UnsupportedFormat as e:
                 log.warning("entry %s skipped: %s", key, e)
@@ -612,6 +759,7 @@ class Filesystem:
 
     async def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Node:
         parent = self.node(parent_ino)
+        self._writable(parent)
         async with self.ns.shared():
             await self._require_absent(parent, name)
             node = self._new_node(
@@ -661,6 +809,7 @@ class Filesystem:
         if len(target) > SYMLINK_MAX:
             raise NameTooLong("symlink target too long")
         parent = self.node(parent_ino)
+        self._writable(parent)
         async with self.ns.shared():
             await self._require_absent(parent, name)
             fid = random_bytes(16)
@@ -700,6 +849,7 @@ class Filesystem:
     ) -> tuple[Node, Handle]:
         parent = self.node(parent_ino)
         self._check_parent(parent)
+        self._writable(parent)
         self.vol.names.encode(self.path(parent), name)  # validates the name early
         await self._require_absent(parent, name)
         fid = random_bytes(16)
@@ -735,6 +885,8 @@ class Filesystem:
             raise IsDir("is a directory")
         await self._refresh(node)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if writable or flags & os.O_TRUNC:
+            self._writable(node)
         h = self._open_handle(node, writable)
         # pages cached by the kernel stay valid only while the object is the one they came
         # from (another writer, a conflict or a remount changes the ETag)
@@ -745,6 +897,8 @@ class Filesystem:
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         h = self.handle(fh)
         node = h.node
+        if node.foreign is not None:
+            return await self._read_foreign(node, offset, size)
         if node.stage is not None:
             return node.stage.read(offset, size)
         end = min(offset + size, node.attrs.size)
@@ -938,6 +1092,7 @@ class Filesystem:
         mtime_ns: int | None = None,
     ) -> Stat:
         node = self.node(ino)
+        self._writable(node)
         if size is not None:
             if node.is_dir:
                 raise IsDir("is a directory")
@@ -987,6 +1142,8 @@ class Filesystem:
             return
         node = h.node
         node.open_count -= 1
+        if node.open_count == 0:
+            node.plain = None  # a foreign file's plaintext lives only while it is open
         if h.writable:
             node.writers -= 1
         if node.unlinked:
@@ -1036,6 +1193,7 @@ class Filesystem:
             node = await self._find(parent, name)
             if node is None:
                 raise NoEntry(name.decode(errors="replace"))
+            self._writable(node)
             if node.is_dir:
                 raise IsDir("is a directory")
             async with node.lock:
@@ -1058,6 +1216,7 @@ class Filesystem:
             node = await self._find(parent, name)
             if node is None:
                 raise NoEntry(name.decode(errors="replace"))
+            self._writable(node)
             if not node.is_dir:
                 raise NotDir("not a directory")
             async with node.lock:
@@ -1085,10 +1244,13 @@ class Filesystem:
         p1, p2 = self.node(old_parent), self.node(new_parent)
         self._check_parent(p1)
         self._check_parent(p2)
+        self._writable(p1)
+        self._writable(p2)
         self.vol.names.encode(self.path(p2), new_name)
         src = await self._find(p1, old_name)
         if src is None:
             raise NoEntry(old_name.decode(errors="replace"))
+        self._writable(src)
         if src.is_dir:
             a: Node | None = p2
             while a is not None:

@@ -52,6 +52,7 @@ ERRNO_OF: dict[type[E.CryptfsError], int] = {
     E.NotPermitted: errno.EPERM,
     E.NoAttr: errno.ENODATA,
     E.ReadOnly: errno.EROFS,
+    E.FileTooBig: errno.EFBIG,
 }
 _QUIET = (E.NoEntry, E.Exists, E.NotEmpty, E.NoAttr, E.NotFound, E.NotSupported)
 

@@ -17,6 +17,7 @@ class ObjectInfo:
     size: int
     etag: str
     metadata: Mapping[str, str] = field(default_factory=dict)
+    modified: float = 0.0  # Last-Modified, epoch seconds (HEAD/GET; 0 when unknown)
 
 
 @dataclass(frozen=True)

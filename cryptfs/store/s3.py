@@ -249,7 +249,14 @@ class S3Store:
                 Bucket=self.loc.bucket, Key=self._k(key), **self._access_kw()
             )
             self._check(r, key)
-            return ObjectInfo(key, int(r["ContentLength"]), r["ETag"], r.get("Metadata", {}))
+            lm = r.get("LastModified")
+            return ObjectInfo(
+                key,
+                int(r["ContentLength"]),
+                r["ETag"],
+                r.get("Metadata", {}),
+                lm.timestamp() if lm is not None else 0.0,
+            )
 
         return await self._call(key, op)  # type: ignore[no-any-return]
 

@@ -140,3 +140,66 @@ def test_parse_refuses_what_it_cannot_read_safely() -> None:
     with pytest.raises(UnsupportedFormat, match="v1"):
         s3ec.parse({"x-amz-key": "AAAA", "x-amz-iv": "AAAA", "x-amz-matdesc": "{}"})
     assert not s3ec.is_s3ec({"cfs": "1"})
+
+
+@pytest.mark.allow_error_logs
+async def test_mount_shows_them_read_only_under_their_own_names(
+    s3server: S3Server, kms_server: KmsServer, bucket: str, tmp_path: Path
+) -> None:
+    from cryptfs.cache.staging import StagingArea
+    from cryptfs.errors import FileTooBig, ReadOnly
+    from cryptfs.fs.filesystem import Filesystem, Options
+
+    key_arn = kms_server.new_key()
+    await trio.to_thread.run_sync(
+        _write_with_official_client, s3server, kms_server, key_arn, bucket, "m/"
+    )
+    raw = s3server.client()
+    obj = raw.get_object(Bucket=bucket, Key="m/v3/hello.txt")
+    body = bytearray(obj["Body"].read())
+    body[-1] ^= 1  # the GCM tag
+    raw.put_object(Bucket=bucket, Key="m/v3/tampered", Body=bytes(body), Metadata=obj["Metadata"])
+
+    loc = S3Location.parse(f"s3://{bucket}/m")
+    src = KeySource(keyfile=Secret(os.urandom(32)))
+    remote = Remote(
+        S3Options(endpoint_url=s3server.endpoint), KmsOptions(endpoint_url=kms_server.endpoint)
+    )
+    async with open_remote(loc, remote) as (store, kms):
+        vol = await Volume.create(store, src, chunk_log2=16, encrypt_names=True, kms=kms)
+        fs = Filesystem(
+            vol,
+            StagingArea(tmp_path / "st", vol.keys.cache, vol.chunk),
+            Options(foreign_max_bytes=200_000),
+            key_prefix=loc.prefix,
+        )
+        await fs.ensure_root()
+        await fs.mkdir(ROOT_INO, b"native", 0o755, 0, 0)  # our own files live beside them
+        names = [n for n, _ in await fs.readdir(ROOT_INO)]
+        assert names == [b"native", b"v2", b"v3"]
+        for key, (_v, data) in OBJECTS.items():
+            node = fs.root
+            for comp in key.split("/"):
+                node = await fs.lookup(node.ino, comp.encode())
+            st = fs.stat(node)
+            assert st.size == len(data) and st.mode & 0o777 == 0o444, key
+            if len(data) > 200_000:
+                with pytest.raises(FileTooBig):
+                    await read_file(fs, node.ino)
+                continue
+            assert await read_file(fs, node.ino) == data, key
+        v3 = await fs.lookup(ROOT_INO, b"v3")
+        bad = await fs.lookup(v3.ino, b"tampered")
+        with pytest.raises(IntegrityError):
+            await read_file(fs, bad.ino)
+        assert fs.integrity_failures == 1
+        hello = await fs.lookup(v3.ino, b"hello.txt")
+        with pytest.raises(ReadOnly):
+            await fs.open(hello.ino, os.O_RDWR)
+        with pytest.raises(ReadOnly):
+            await fs.create(v3.ino, b"new", 0o644, 0, 0)
+        with pytest.raises(ReadOnly):
+            await fs.unlink(v3.ino, b"hello.txt")
+        with pytest.raises(ReadOnly):
+            await fs.rename(v3.ino, b"hello.txt", ROOT_INO, b"moved", 0)
+        assert raw.head_object(Bucket=bucket, Key="m/v3/hello.txt")  # untouched
