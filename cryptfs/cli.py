@@ -50,6 +50,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sse-c-key-file", type=Path, help="SSE-C customer key file (volumes with --sse c)"
     )
+    p.add_argument(
+        "--s3ec-key-file", type=Path, help="raw AES key of AWS S3 Encryption Client objects"
+    )
     p.add_argument("--s3-attempts", type=int, help="attempts per S3 request (default 5)")
     p.add_argument("--s3-timeout", type=float, help="seconds per S3 answer (default 60)")
     p.add_argument("-v", "--verbose", action="count", default=0)
@@ -175,6 +178,7 @@ def _remote(args: Any) -> Any:
     sse_c = None
     if args.sse_c_key_file is not None:
         sse_c = _read_or_create_key(args.sse_c_key_file, getattr(args, "cmd", "") == "init")
+    s3ec_keys = (read_key_file(args.s3ec_key_file),) if args.s3ec_key_file else ()
     return Remote(
         S3Options(
             endpoint_url=endpoint,
@@ -186,6 +190,7 @@ def _remote(args: Any) -> Any:
         ),
         KmsOptions(endpoint_url=kms_endpoint, region=args.region, verify=verify),
         sse_c,
+        s3ec_keys,
     )
 
 
@@ -500,6 +505,7 @@ def _spawn_daemon(args: Any, cache_dir: Path) -> int:
         ("--passphrase-file", args.passphrase_file),
         ("--ca-bundle", args.ca_bundle),
         ("--sse-c-key-file", args.sse_c_key_file),
+        ("--s3ec-key-file", args.s3ec_key_file),
     ):
         if value is not None:
             argv += [flag, str(value.absolute())]
@@ -612,8 +618,9 @@ def cmd_fsck(args: Any) -> int:
     async def main() -> int:
         loc = S3Location.parse(args.location)
         source = _key_source(args)
-        async with open_remote(loc, _remote(args)) as (store, kms):
-            vol = await open_volume(store, kms, source)
+        remote = _remote(args)
+        async with open_remote(loc, remote) as (store, kms):
+            vol = await open_volume(store, kms, source, remote)
             try:
                 report = await fsck(
                     vol,
@@ -649,7 +656,7 @@ def cmd_import(args: Any) -> int:
 
     async def main() -> int:
         async with open_remote(loc, remote) as (store, kms):
-            vol = await open_volume(store, kms, source)
+            vol = await open_volume(store, kms, source, remote)
             try:
                 report = await import_s3ec(
                     vol, key_prefix=loc.prefix, max_size=args.max_size, progress=bar.update

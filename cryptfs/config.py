@@ -49,6 +49,7 @@ OPTIONS: list[Opt] = [
     Opt("sse_c_key_file", Path, None, "SSE-C customer key file (volumes made with --sse c)"),
     Opt("s3_attempts", int, 5, "attempts per S3 request (exponential backoff with jitter)"),
     Opt("s3_timeout", float, 60.0, "seconds to wait for an S3 answer (connect: at most 10)"),
+    Opt("s3ec_key_file", Path, None, "raw AES key (key-file format) of S3EC objects"),
     Opt("cache_dir", Path, None, "staging/cache directory; default /var/cache/cryptfs (root)"),
     Opt("log_file", Path, None, "daemon log; default CACHE_DIR/cryptfs.log when daemonised"),
     Opt("writeback_delay", float, 2.0, "seconds a closed file waits before its upload"),

@@ -111,7 +111,7 @@ async def run_mount(cfg: MountConfig, ready: Callable[[], None]) -> int:
     """Mount and serve until unmounted; returns the number of files left staged."""
     check_mountpoint(cfg.mountpoint)
     async with open_remote(cfg.location, cfg.remote) as (store, kms):
-        volume = await open_volume(store, kms, cfg.source)
+        volume = await open_volume(store, kms, cfg.source, cfg.remote)
         vdir = cfg.cache_dir / volume.volume_id.hex()
         cfg.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         lock_fd = _lock_cache(vdir)

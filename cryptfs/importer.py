@@ -57,7 +57,6 @@ async def import_s3ec(
 ) -> ImportReport:
     if not vol.config.encrypt_names:
         raise UsageError("import needs a volume with encrypted names (native keys differ)")
-    kms = vol.keyring.kms
     store = vol.store
     report = ImportReport()
     listing = await store.list("", delimiter=None)
@@ -84,7 +83,7 @@ async def import_s3ec(
                 continue
             report.found += 1
             try:
-                size = await _import_one(fs, key, info.size, dict(info.metadata), max_size, kms)
+                size = await _import_one(fs, key, info.size, dict(info.metadata), max_size)
             except CryptfsError as e:
                 log.error("import of %s failed: %s", key, e)
                 report.failed.append((key, str(e)))
@@ -95,7 +94,7 @@ async def import_s3ec(
 
 
 async def _import_one(
-    fs: Filesystem, key: str, size: int, md: dict[str, str], max_size: int, kms: object
+    fs: Filesystem, key: str, size: int, md: dict[str, str], max_size: int
 ) -> int:
     env = s3ec.parse(md)
     plain_size = env.plain_size(size)
@@ -107,12 +106,8 @@ async def _import_one(
     parent = await _mkdir_p(fs, parts[:-1])
     existing = await fs._find(parent, parts[-1])
     if existing is None or existing.attrs.size != plain_size:
-        if kms is None:
-            raise UsageError("S3EC data keys are unwrapped by AWS KMS: give KMS access")
         _info, body = await fs.store.get(key)
-        data_key, _arn = await kms.decrypt(  # type: ignore[attr-defined]
-            env.encrypted_key, env.context, what=f"S3EC data key of {key}"
-        )
+        data_key = await fs.vol.keyring.unwrap_s3ec(env, key)
         plain = s3ec.decrypt(env, data_key, body)  # authenticated as a whole
         if existing is not None:
             raise Exists(f"{key}: a different native file already has this name")

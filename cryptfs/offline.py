@@ -47,7 +47,7 @@ async def open_offline(
             break
         else:
             raise VolumeNotFound(f"no cryptfs volume at or above {url}")
-        volume = await open_volume(store, kms, source)
+        volume = await open_volume(store, kms, source, remote)
         with tempfile.TemporaryDirectory(prefix="cryptfs-offline-") as tmp:
             fs = Filesystem(
                 volume,

@@ -33,6 +33,7 @@ class Remote:
     s3: S3Options = field(default_factory=S3Options)
     kms: KmsOptions = field(default_factory=KmsOptions)
     sse_c_key: Secret | None = None
+    s3ec_keys: tuple[Secret, ...] = ()  # raw AES keys of the AWS S3 Encryption Client
 
     def __repr__(self) -> str:
         return f"<Remote s3={self.s3.endpoint_url} kms={self.kms.endpoint_url}>"
@@ -55,7 +56,9 @@ def sse_from_config(sse: dict[str, str] | None, customer_key: Secret | None) -> 
     return Sse(sse["mode"], kms_key_id=sse.get("key_id"))
 
 
-async def open_volume(store: S3Store, kms: KmsClient, source: KeySource) -> Volume:
+async def open_volume(
+    store: S3Store, kms: KmsClient, source: KeySource, remote: Remote | None = None
+) -> Volume:
     """Load the config, unlock it, and switch the store to the volume's SSE settings."""
     given_c = store.sse is not None and store.sse.mode == "c"
     try:
@@ -74,4 +77,6 @@ async def open_volume(store: S3Store, kms: KmsClient, source: KeySource) -> Volu
     if given_c and (sse is None or sse["mode"] != "c"):
         raise UsageError("this volume does not use SSE-C: drop --sse-c-key-file")
     store.set_sse(sse_from_config(sse, store.sse.customer_key if store.sse else None))
+    if remote is not None:
+        vol.keyring.s3ec_keys = list(remote.s3ec_keys)
     return vol

@@ -118,15 +118,36 @@ def parse(md: Mapping[str, str]) -> S3ecObject:
         expected_alg = CEK_V2
     else:
         raise UnsupportedFormat("not an S3 Encryption Client object")
+    if obj.wrap == "AES/GCM":
+        return obj  # a raw AES key: the material description is informational only
     if obj.wrap != "kms+context":
         raise UnsupportedFormat(
-            f"S3EC key wrapping {obj.wrap!r} is not supported (cryptfs reads kms+context)"
+            f"S3EC key wrapping {obj.wrap!r} is not supported (cryptfs reads kms+context "
+            "and AES/GCM)"
         )
     # as their client: the context names the content algorithm, so a downgrade of the
     # algorithm in the metadata fails at KMS (the context is bound to the data key)
     if obj.context.get("aws:x-amz-cek-alg") != expected_alg:
         raise IntegrityError("S3EC encryption context does not name the content algorithm")
     return obj
+
+
+# AES/GCM wrapping of the data key, as the Java client's AesKeyring does it:
+# iv(12) ‖ AES-256-GCM(wrapping key, iv, data key, AAD = "AES/GCM/NoPadding")
+_AES_GCM_WRAP_AAD = CEK_V2.encode()
+
+
+def unwrap_aes_gcm(wrapping_key: Secret, encrypted_key: bytes) -> Secret:
+    if len(encrypted_key) != 12 + 32 + TAG:
+        raise IntegrityError("S3EC AES/GCM-wrapped data key has the wrong length")
+    return Secret(
+        Aead(wrapping_key).open(encrypted_key[:12], encrypted_key[12:], _AES_GCM_WRAP_AAD)
+    )
+
+
+def wrap_aes_gcm(wrapping_key: Secret, data_key: Secret, iv: bytes) -> bytes:
+    """The inverse (for test vectors)."""
+    return iv + Aead(wrapping_key).seal(iv, data_key.reveal(), _AES_GCM_WRAP_AAD)
 
 
 def decrypt(obj: S3ecObject, data_key: Secret, body: bytes) -> bytes:

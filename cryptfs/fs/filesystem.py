@@ -516,16 +516,11 @@ class Filesystem:
                     f"{self.opt.foreign_max_bytes}-byte limit (one GCM tag covers it all: it "
                     "must be read whole); use 'cryptfs import'"
                 )
-            kms = self.vol.keyring.kms
-            if kms is None:
-                raise ReadOnly("S3 Encryption Client data keys need AWS KMS access")
             key = node.foreign_key
             _info, body = await self.store.get(key, if_match=node.remote_etag)
             env = node.foreign
             try:
-                data_key, _arn = await kms.decrypt(
-                    env.encrypted_key, env.context, what=f"S3EC data key of {key}"
-                )
+                data_key = await self.vol.keyring.unwrap_s3ec(env, key)
                 plain = s3ec.decrypt(env, data_key, body)
             except IntegrityError as e:
                 self._integrity(key, str(e))

@@ -29,6 +29,7 @@ from cryptfs.format.keys import (
     new_dek,
 )
 from cryptfs.format.names import b64d
+from cryptfs.format.s3ec import S3ecObject, unwrap_aes_gcm
 from cryptfs.format.volume import KeySource, SlotPayload, VolumeConfig
 from cryptfs.store.kms import KmsClient
 
@@ -97,6 +98,8 @@ class Keyring:
         # set when the config names a wrapping key this keyring does not hold (rotated
         # elsewhere): new files are refused rather than tied to a retired key
         self.stale: str | None = None
+        # raw AES keys of the AWS S3 Encryption Client (AES/GCM wrapping), if given
+        self.s3ec_keys: list[Secret] = []
 
     def __repr__(self) -> str:
         return f"<Keyring target={self.target}>"
@@ -181,6 +184,24 @@ class Keyring:
             blob, arn = await self._need_kms().re_encrypt(wk.blob, ctx, wk.kid, target.kid)
             return WrappedKey(SCHEME_KMS, arn, blob)
         return await self.wrap(await self.unwrap(wk, file_id), file_id, target)
+
+    async def unwrap_s3ec(self, env: S3ecObject, what: str) -> Secret:
+        """The data key of an S3 Encryption Client object (KMS or a raw AES key)."""
+        if env.wrap == "kms+context":
+            data_key, _arn = await self._need_kms().decrypt(
+                env.encrypted_key, env.context, what=f"S3EC data key of {what}"
+            )
+            return data_key
+        if not self.s3ec_keys:
+            raise KeyAccessDenied(
+                f"{what}: its data key is wrapped by a raw AES key: give --s3ec-key-file"
+            )
+        for key in self.s3ec_keys:
+            try:
+                return unwrap_aes_gcm(key, env.encrypted_key)
+            except IntegrityError:
+                continue
+        raise IntegrityError(f"{what}: no given AES key unwraps its data key")
 
     def close(self) -> None:
         self.cache.clear()

@@ -203,3 +203,74 @@ async def test_mount_shows_them_read_only_under_their_own_names(
         with pytest.raises(ReadOnly):
             await fs.rename(v3.ino, b"hello.txt", ROOT_INO, b"moved", 0)
         assert raw.head_object(Bucket=bucket, Key="m/v3/hello.txt")  # untouched
+
+
+def _aes_wrapped_object(version: int, wrapping: Secret, plaintext: bytes) -> tuple[bytes, dict]:  # type: ignore[type-arg]
+    """An S3EC object with an AES/GCM-wrapped data key, built from their specification
+    (the Python client has no AES keyring to serve as an oracle here)."""
+    import base64
+    import hashlib
+    import hmac
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+
+    data_key = os.urandom(32)
+    edk = s3ec.wrap_aes_gcm(wrapping, Secret(data_key), os.urandom(12))
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    if version == 2:
+        iv = os.urandom(12)
+        body = AESGCM(data_key).encrypt(iv, plaintext, None)
+        md = {"x-amz-key-v2": b64(edk), "x-amz-cek-alg": "AES/GCM/NoPadding",
+              "x-amz-iv": b64(iv), "x-amz-wrap-alg": "AES/GCM", "x-amz-tag-len": "128",
+              "x-amz-matdesc": "{}"}  # fmt: skip
+        return body, md
+    message_id = os.urandom(28)
+    prk = hmac.new(message_id, data_key, hashlib.sha512).digest()
+    key = HKDFExpand(hashes.SHA512(), 32, b"\x00\x73DERIVEKEY").derive(prk)
+    commit = HKDFExpand(hashes.SHA512(), 28, b"\x00\x73COMMITKEY").derive(prk)
+    body = AESGCM(key).encrypt(b"\x01" * 12, plaintext, b"\x00\x73")
+    md = {"x-amz-3": b64(edk), "x-amz-c": "115", "x-amz-w": "02", "x-amz-m": "{}",
+          "x-amz-d": b64(commit), "x-amz-i": b64(message_id)}  # fmt: skip
+    return body, md
+
+
+@pytest.mark.allow_error_logs
+async def test_aes_gcm_wrapped_objects_need_their_key(
+    s3server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    from cryptfs.cache.staging import StagingArea
+    from cryptfs.errors import KeyAccessDenied
+    from cryptfs.fs.filesystem import Filesystem
+
+    wrapping = Secret(os.urandom(32))
+    raw = s3server.client()
+    for v in (2, 3):
+        body, md = _aes_wrapped_object(v, wrapping, f"raw AES, v{v}\n".encode())
+        raw.put_object(Bucket=bucket, Key=f"a/aes-v{v}.txt", Body=body, Metadata=md)
+    loc = S3Location.parse(f"s3://{bucket}/a")
+    src = KeySource(keyfile=Secret(os.urandom(32)))
+    async with open_remote(loc, Remote(S3Options(endpoint_url=s3server.endpoint))) as (store, k):
+        vol = await Volume.create(store, src, chunk_log2=16, encrypt_names=True, kms=k)
+
+        async def read_all(keys: list[Secret]) -> dict[bytes, Any]:
+            v = await open_volume(store, k, src, Remote(s3ec_keys=tuple(keys)))
+            fs = Filesystem(v, StagingArea(tmp_path / os.urandom(4).hex(), v.keys.cache, v.chunk),
+                            key_prefix=loc.prefix)  # fmt: skip
+            await fs.ensure_root()
+            out: dict[bytes, Any] = {}
+            for name, node in await fs.readdir(ROOT_INO):
+                try:
+                    out[name] = await read_file(fs, node.ino)
+                except (KeyAccessDenied, IntegrityError) as e:
+                    out[name] = type(e)
+            return out
+
+        assert await read_all([Secret(os.urandom(32)), wrapping]) == {
+            b"aes-v2.txt": b"raw AES, v2\n",
+            b"aes-v3.txt": b"raw AES, v3\n",
+        }
+        assert set((await read_all([])).values()) == {KeyAccessDenied}
+        assert set((await read_all([Secret(os.urandom(32))])).values()) == {IntegrityError}
+        assert vol is not None
