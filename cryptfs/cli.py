@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metadata-ttl", type=float, help="seconds (default 10)")
     p.add_argument("--log-file", type=Path, help="daemon log (default: in the cache dir)")
     p.add_argument("--metrics-address", help="serve Prometheus metrics on HOST:PORT")
+    p.add_argument(
+        "--s3ec-max-size", type=_size, help="largest S3 Encryption Client object read (256M)"
+    )
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     _common(p)
 
@@ -473,7 +476,11 @@ def cmd_mount(args: Any) -> int:
         remote=_remote(args),
         cache_dir=cache_dir,
         fuse_options=opts,
-        fs=Options(writeback_delay=args.writeback_delay, metadata_ttl=args.metadata_ttl),
+        fs=Options(
+            writeback_delay=args.writeback_delay,
+            metadata_ttl=args.metadata_ttl,
+            foreign_max_bytes=args.s3ec_max_size,
+        ),
         metrics_address=args.metrics_address,
     )
 
@@ -515,6 +522,7 @@ def _spawn_daemon(args: Any, cache_dir: Path) -> int:
         ("--kms-endpoint-url", args.kms_endpoint_url),
         ("--metrics-address", args.metrics_address),
         ("--s3-attempts", str(args.s3_attempts)),
+        ("--s3ec-max-size", str(args.s3ec_max_size)),
         ("--s3-timeout", str(args.s3_timeout)),
     ):
         if text:

@@ -50,6 +50,7 @@ OPTIONS: list[Opt] = [
     Opt("s3_attempts", int, 5, "attempts per S3 request (exponential backoff with jitter)"),
     Opt("s3_timeout", float, 60.0, "seconds to wait for an S3 answer (connect: at most 10)"),
     Opt("s3ec_key_file", Path, None, "raw AES key (key-file format) of S3EC objects"),
+    Opt("s3ec_max_size", int, 256 << 20, "largest S3EC object a mount reads (bytes, read whole)"),
     Opt("cache_dir", Path, None, "staging/cache directory; default /var/cache/cryptfs (root)"),
     Opt("log_file", Path, None, "daemon log; default CACHE_DIR/cryptfs.log when daemonised"),
     Opt("writeback_delay", float, 2.0, "seconds a closed file waits before its upload"),
