@@ -248,6 +248,7 @@ class Filesystem:
         self._retry: dict[Node, float] = {}
         self.integrity_failures = 0
         self.integrity_log: list[tuple[str, str]] = []  # (object key, reason), for fsck
+        self._foreign_held: OrderedDict[Node, int] = OrderedDict()  # S3EC plaintexts in memory
         self.uploads = 0  # file bodies uploaded
         self.upload_bytes = 0  # their plaintext bytes
         self.upload_failures = 0  # failed attempts (retried while transient)
@@ -452,6 +453,7 @@ class Filesystem:
             node = existing
             if node.remote_etag != info.etag:
                 node.plain = None
+                self._foreign_held.pop(node, None)
         else:
             if existing is not None:
                 self._detach(existing)
@@ -526,7 +528,21 @@ class Filesystem:
                 self._integrity(key, str(e))
                 raise
             node.plain, node.plain_etag = plain, node.remote_etag
+            self._hold_foreign(node)
+        else:
+            self._foreign_held.move_to_end(node)
         return node.plain[offset : offset + size]
+
+    def _hold_foreign(self, node: Node) -> None:
+        """Foreign plaintexts held in memory stay within ``foreign_max_bytes`` in total:
+        the least recently read are dropped (and downloaded again if read again)."""
+        self._foreign_held[node] = len(node.plain or b"")
+        self._foreign_held.move_to_end(node)
+        total = sum(self._foreign_held.values())
+        while total > self.opt.foreign_max_bytes and len(self._foreign_held) > 1:
+            old, n = self._foreign_held.popitem(last=False)
+            old.plain = None
+            total -= n
 
     @staticmethod
     def _writable(node: Node) -> None:
@@ -1137,8 +1153,9 @@ class Filesystem:
             return
         node = h.node
         node.open_count -= 1
-        if node.open_count == 0:
+        if node.open_count == 0 and node.plain is not None:
             node.plain = None  # a foreign file's plaintext lives only while it is open
+            self._foreign_held.pop(node, None)
         if h.writable:
             node.writers -= 1
         if node.unlinked:
