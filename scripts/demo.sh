@@ -9,7 +9,14 @@ export AWS_ENDPOINT_URL="http://127.0.0.1:$S3PORT"
 
 stop() {
   if mountpoint -q "$D/mnt" 2>/dev/null; then cryptfs umount "$D/mnt" || fusermount3 -uz "$D/mnt"; fi
-  if [ -f "$D/weed.pid" ]; then kill "$(cat "$D/weed.pid")" 2>/dev/null || true; rm -f "$D/weed.pid"; fi
+  if [ -f "$D/weed.pid" ]; then
+    pid=$(cat "$D/weed.pid")
+    kill "$pid" 2>/dev/null || true
+    # weed mini can take a while to stop; do not leave it behind
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -9 "$pid" 2>/dev/null || true
+    rm -f "$D/weed.pid"
+  fi
   echo "demo stopped (data kept in $D; rm -rf $D to forget it)"
 }
 
