@@ -81,15 +81,6 @@ class VolumeKeys:
             raise IntegrityError("wrapped data key has the wrong size")
         return Secret(dek)
 
-    # legacy helpers (kid "vmk"), kept for the golden-volume tests and tools
-    def wrap_dek(self, dek: Secret, file_id: bytes) -> bytes:
-        return self.wrap_local(self.wrap, LOCAL_KID, dek, file_id).blob
-
-    def unwrap_dek(self, blob: bytes, file_id: bytes, kid: str) -> Secret:
-        if kid != LOCAL_KID:
-            raise IntegrityError(f"unknown data-key wrapping key id {kid!r}")
-        return self.unwrap_local(self.wrap, WrappedKey(SCHEME_LOCAL, kid, blob), file_id)
-
 
 def kms_file_context(volume_id: bytes, file_id: bytes) -> dict[str, str]:
     """Encryption context of a file's KMS data key: volume and file id, never the path

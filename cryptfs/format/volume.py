@@ -259,9 +259,6 @@ class VolumeConfig:
             raise WrongKey(f"this volume has no keyslot of the given kind (it has: {kinds})")
         raise WrongKey("wrong key or passphrase: no keyslot of this volume opens with it")
 
-    def unlock(self, source: KeySource) -> Secret:
-        return self.unlock_local(source)[0].vmk
-
     def verify(self, payload: SlotPayload) -> None:
         """The config authenticates under the payload's VMK (else it was tampered with)."""
         self._check_mac(VolumeKeys.derive(payload.vmk, self.volume_id))

@@ -31,6 +31,7 @@ from cryptfs.session import Remote, open_remote, open_volume
 from cryptfs.store.kms import KmsOptions
 from cryptfs.store.s3 import S3Location, S3Options
 from tests.conftest import KmsServer, S3Server
+from tests.fsutil import write_file
 
 pytestmark = pytest.mark.integration
 
@@ -57,10 +58,7 @@ async def write_files(vol: Volume, tmp: Path, prefix: str, files: dict[bytes, by
     await fs.ensure_root()
     d = await fs.mkdir(ROOT_INO, b"dir", 0o755, 0, 0)
     for name, data in files.items():
-        node, h = await fs.create(d.ino, name, 0o644, 0, 0)
-        await fs.write(h.fh, 0, data)
-        await fs.release(h.fh)
-        await fs.sync_node(node)
+        await write_file(fs, d.ino, name, data)
 
 
 async def read_files(vol: Volume, tmp: Path, prefix: str) -> dict[bytes, bytes]:

@@ -23,6 +23,7 @@ from cryptfs.session import Remote, open_remote, open_volume, sse_from_config
 from cryptfs.store.kms import KmsOptions
 from cryptfs.store.s3 import S3Location, S3Options, Sse, open_s3_store
 from tests.conftest import KmsServer, S3Server, botocore_client, make_self_signed
+from tests.fsutil import read_file, write_file
 
 pytestmark = pytest.mark.integration
 
@@ -40,17 +41,12 @@ async def _exercise(vol: Volume, tmp: Path, prefix: str) -> None:
     await fs.ensure_root()
     d = await fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
     for name, data in ((b"small", b"hello"), (b"big", BIG)):
-        node, h = await fs.create(d.ino, name, 0o644, 0, 0)
-        await fs.write(h.fh, 0, data)
-        await fs.release(h.fh)
-        await fs.sync_node(node)
+        await write_file(fs, d.ino, name, data)
     await fs.rename(ROOT_INO, b"d", ROOT_INO, b"e", 0)
     await fs.flush_all()
     e = await fs.lookup(ROOT_INO, b"e")
     big = await fs.lookup(e.ino, b"big")
-    h = await fs.open(big.ino, os.O_RDONLY)
-    assert await fs.read(h.fh, 0, 1 << 24) == BIG
-    await fs.release(h.fh)
+    assert await read_file(fs, big.ino) == BIG
 
 
 def _all_keys(client, bucket: str, prefix: str) -> list[str]:  # type: ignore[no-untyped-def]

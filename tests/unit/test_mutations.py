@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from cryptfs.crypto import Secret
 from cryptfs.errors import IntegrityError, UnsupportedFormat
 from cryptfs.format.body import HEADER_SIZE, BodyCipher
-from cryptfs.format.keys import VolumeKeys, WrappedKey
+from cryptfs.format.keys import VolumeKeys
 from cryptfs.format.meta import KIND_FILE, Attrs, ObjectMeta, decode_meta, encode_meta
 
 KEYS = VolumeKeys.derive(Secret(b"v" * 32), b"I" * 16)
@@ -23,7 +23,7 @@ META = encode_meta(
     ObjectMeta(
         FID,
         Attrs(KIND_FILE, 0o644, 1, 1, 2, 3, 4, len(PLAIN), CIPHER.header.salt),
-        WrappedKey("gcm", "vmk", KEYS.wrap_dek(DEK, FID)),
+        KEYS.wrap_local(KEYS.local_kek("vmk", None), "vmk", DEK, FID),
     ),
 )
 
@@ -32,7 +32,7 @@ def read_object(body: bytes, md: dict[str, str], path: bytes = b"/dir/file") -> 
     """What the filesystem does on a read, minus I/O."""
     meta = decode_meta(KEYS, path, md)
     assert meta.dek is not None
-    dek = KEYS.unwrap_dek(meta.dek.blob, meta.file_id, meta.dek.kid)
+    dek = KEYS.unwrap_local(KEYS.local_kek(meta.dek.kid, None), meta.dek, meta.file_id)
     cipher = BodyCipher.open(dek, body[:HEADER_SIZE])
     if cipher.header.file_id != meta.file_id or cipher.header.salt != meta.attrs.salt:
         raise IntegrityError("header/metadata mismatch")

@@ -84,10 +84,11 @@ def test_meta_roundtrip_and_path_binding() -> None:
 
 def test_dek_wrap_bound_to_file() -> None:
     dek = Secret(b"d" * 32)
-    blob = KEYS.wrap_dek(dek, b"F" * 16)
-    assert KEYS.unwrap_dek(blob, b"F" * 16, "vmk") == dek
+    kek = KEYS.local_kek("vmk", None)
+    wrapped = KEYS.wrap_local(kek, "vmk", dek, b"F" * 16)
+    assert KEYS.unwrap_local(kek, wrapped, b"F" * 16) == dek
     with pytest.raises(IntegrityError):
-        KEYS.unwrap_dek(blob, b"G" * 16, "vmk")
+        KEYS.unwrap_local(kek, wrapped, b"G" * 16)
 
 
 def test_volume_config_slots(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -99,15 +100,19 @@ def test_volume_config_slots(monkeypatch: pytest.MonkeyPatch) -> None:
     data = cfg.to_bytes(vmk)
     assert b"k" * 8 not in data and b"correct horse" not in data
     loaded = VolumeConfig.from_bytes(data)
-    assert loaded.unlock(KeySource(keyfile=Secret(b"k" * 32))) == vmk
-    assert loaded.unlock(KeySource(passphrase=Secret(b"correct horse"))) == vmk
+    for src in (
+        KeySource(keyfile=Secret(b"k" * 32)),
+        KeySource(passphrase=Secret(b"correct horse")),
+    ):
+        got, _slot = loaded.unlock_local(src)
+        assert got.vmk == vmk and got.mks["mk-1"] == Secret(b"m" * 32)
     with pytest.raises(WrongKey):
-        loaded.unlock(KeySource(keyfile=Secret(b"z" * 32)))
+        loaded.unlock_local(KeySource(keyfile=Secret(b"z" * 32)))
     with pytest.raises(WrongKey):
-        loaded.unlock(KeySource(passphrase=Secret(b"wrong")))
+        loaded.unlock_local(KeySource(passphrase=Secret(b"wrong")))
     tampered = VolumeConfig.from_bytes(data.replace(b'"aes-siv"', b'"plain"'))
     with pytest.raises(IntegrityError):
-        tampered.unlock(KeySource(keyfile=Secret(b"k" * 32)))
+        tampered.unlock_local(KeySource(keyfile=Secret(b"k" * 32)))
 
 
 def test_secret_repr_hides_bytes() -> None:
