@@ -1,12 +1,14 @@
 """``cryptfs import``: convert AWS S3 Encryption Client objects in a volume's prefix to the
 native format (random access, encrypted names, path-bound attributes), in place.
 
-For each object under the volume's prefix that carries S3EC v2/v3 metadata: the whole object
+For each object under the volume's prefix that carries S3EC v2/v3 metadata (on the object or
+in its instruction file, ``<key>.instruction``): the whole object
 is downloaded (at most ``max_size``), its data key unwrapped by AWS KMS with the encryption
 context stored in the object, the whole body authenticated, and only then is the plaintext
 written as a native file at the same path (directories created as needed) and the original
-deleted.  A rerun skips what is done (resumable): an original whose native copy already
-exists with the same size is only deleted.  Objects that fail stay as they are and are listed.
+deleted (then its instruction file, if it had one).  A rerun skips what is done (resumable):
+an original whose native copy already exists with the same size is only deleted.  Objects
+that fail stay as they are and are listed.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from cryptfs.cache.staging import StagingArea
 from cryptfs.errors import CryptfsError, Exists, IntegrityError, UsageError
 from cryptfs.format import s3ec
 from cryptfs.format.meta import KIND_DIR
+from cryptfs.format.s3ec import S3ecObject
 from cryptfs.format.volume import CONFIG_NAME
-from cryptfs.fs.filesystem import ROOT_INO, Filesystem, Node, Options
+from cryptfs.fs.filesystem import ROOT_INO, Filesystem, Node, Options, s3ec_envelope
 from cryptfs.fs.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -60,7 +63,15 @@ async def import_s3ec(
     store = vol.store
     report = ImportReport()
     listing = await store.list("", delimiter=None)
-    keys = [o.key for o in listing.objects if o.key != CONFIG_NAME]
+    every = {o.key for o in listing.objects}
+    keys = [
+        o.key
+        for o in listing.objects
+        if o.key != CONFIG_NAME
+        and not (
+            s3ec.is_instruction_key(o.key) and o.key[: -len(s3ec.INSTRUCTION_SUFFIX)] in every
+        )  # part of its object
+    ]
     report.scanned = len(keys)
     with tempfile.TemporaryDirectory(prefix="cryptfs-import-") as tmp:
         fs = Filesystem(
@@ -76,14 +87,19 @@ async def import_s3ec(
                 progress(i + 1, len(keys))
             try:
                 info = await store.head(key)
+                if "cfs" in info.metadata:
+                    continue  # one of ours
+                env = await s3ec_envelope(
+                    store, key, dict(info.metadata), key + s3ec.INSTRUCTION_SUFFIX in every
+                )
             except CryptfsError as e:
                 report.failed.append((key, str(e)))
                 continue
-            if not s3ec.is_s3ec(info.metadata):
+            if env is None:
                 continue
             report.found += 1
             try:
-                size = await _import_one(fs, key, info.size, dict(info.metadata), max_size)
+                size = await _import_one(fs, key, info.size, env, max_size)
             except CryptfsError as e:
                 log.error("import of %s failed: %s", key, e)
                 report.failed.append((key, str(e)))
@@ -93,10 +109,7 @@ async def import_s3ec(
     return report
 
 
-async def _import_one(
-    fs: Filesystem, key: str, size: int, md: dict[str, str], max_size: int
-) -> int:
-    env = s3ec.parse(md)
+async def _import_one(fs: Filesystem, key: str, size: int, env: S3ecObject, max_size: int) -> int:
     plain_size = env.plain_size(size)
     if size > max_size:
         raise UsageError(f"{size} bytes is over --max-size ({max_size}); not downloaded")
@@ -118,6 +131,8 @@ async def _import_one(
         if node.attrs.size != plain_size:
             raise IntegrityError("imported size differs")
     await fs.store.delete(key)
+    if env.instruction:
+        await fs.store.delete(key + s3ec.INSTRUCTION_SUFFIX)
     log.info("imported %s (%d bytes, S3EC v%d)", key, plain_size, env.version)
     return plain_size
 

@@ -13,6 +13,12 @@ encryption context stored in the object, exactly as their client does.
   equal ``x-amz-d``; body = AES-256-GCM(key, IV = 0x01×12, AAD = 0x0073).
 
 One GCM tag covers the whole object: nothing is served before the whole body authenticates.
+
+Instruction files (their metadata strategy "instruction file"): the envelope lives in a
+second object, ``<key>.instruction``, whose body is a JSON object of S3EC metadata keys and
+nothing else.  v1/v2: all content metadata is in it and none on the object; v3: ``x-amz-c``,
+``x-amz-d`` and ``x-amz-i`` stay on the object and must not appear in the instruction file.
+Object metadata wins over the instruction file where both name a key (as their client merges).
 Must not import: store, fs, fuse.
 """
 
@@ -34,6 +40,13 @@ SUITE_V3 = "115"
 _SUITE_V3_ID = b"\x00\x73"
 _V3_WRAP = {"02": "AES/GCM", "12": "kms+context", "22": "RSA-OAEP-SHA1"}
 TAG = 16
+INSTRUCTION_SUFFIX = ".instruction"
+METADATA_KEYS = frozenset(
+    V2_KEYS + V3_KEYS
+    + ("x-amz-key", "x-amz-matdesc", "x-amz-tag-len", "x-amz-crypto-instr-file")
+    + ("x-amz-m", "x-amz-t", "x-amz-w")
+)  # fmt: skip
+_V3_OBJECT_ONLY = frozenset(("x-amz-c", "x-amz-d", "x-amz-i"))
 
 
 @dataclass(frozen=True)
@@ -45,6 +58,7 @@ class S3ecObject:
     iv: bytes = b""
     message_id: bytes = b""
     commitment: bytes = b""
+    instruction: bool = False  # its key material came from ``<key>.instruction``
 
     def plain_size(self, object_size: int) -> int:
         if object_size < TAG:
@@ -54,6 +68,37 @@ class S3ecObject:
 
 def is_s3ec(md: Mapping[str, str]) -> bool:
     return any(k in md for k in V2_KEYS + V3_KEYS + ("x-amz-key",))
+
+
+def needs_instruction(md: Mapping[str, str]) -> bool:
+    """v3 content metadata on the object but its data key elsewhere: an instruction file."""
+    return any(k in md for k in _V3_OBJECT_ONLY) and "x-amz-3" not in md
+
+
+def is_instruction_key(key: str) -> bool:
+    return key.endswith(INSTRUCTION_SUFFIX)
+
+
+def merge_instruction(md: Mapping[str, str], body: bytes) -> dict[str, str]:
+    """The envelope of an object whose key material is in an instruction file, checked as
+    their client checks it (IntegrityError for anything else)."""
+    try:
+        inst = json.loads(body)
+    except ValueError:
+        raise IntegrityError("S3EC instruction file is not JSON") from None
+    if not isinstance(inst, dict) or not all(isinstance(v, str) for v in inst.values()):
+        raise IntegrityError("S3EC instruction file is not a JSON object of strings")
+    if not inst or set(inst) - METADATA_KEYS:
+        raise IntegrityError("S3EC instruction file holds keys that are not S3EC metadata")
+    if set(inst) & _V3_OBJECT_ONLY:
+        raise IntegrityError("S3EC instruction file holds object-only v3 keys (tampered?)")
+    merged = dict(inst)
+    merged.update(md)
+    if "x-amz-3" not in merged and any(
+        k in md for k in ("x-amz-cek-alg", "x-amz-iv", "x-amz-wrap-alg")
+    ):
+        raise IntegrityError("S3EC v1/v2 content metadata on the object and in an instruction file")
+    return merged
 
 
 def _b64(md: Mapping[str, str], key: str) -> bytes:

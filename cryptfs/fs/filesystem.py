@@ -16,12 +16,13 @@ Error handling:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,7 +77,7 @@ from cryptfs.format.s3ec import S3ecObject
 from cryptfs.format.volume import CONFIG_NAME
 from cryptfs.fs.locks import RWLock
 from cryptfs.fs.volume import MARKER, Volume
-from cryptfs.store.base import ObjectInfo
+from cryptfs.store.base import ObjectInfo, ObjectStore
 from cryptfs.tasks import open_tasks
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,39 @@ log = logging.getLogger(__name__)
 ROOT_INO = 1
 MAX_KEY = 1024
 SYMLINK_MAX = 4095
+
+
+async def s3ec_envelope(
+    store: ObjectStore, key: str, md: Mapping[str, str], instruction: bool | None
+) -> S3ecObject | None:
+    """The S3 Encryption Client envelope of object ``key`` (user metadata ``md``), from the
+    object itself or from its instruction file; None if it is not such an object.
+
+    ``instruction`` says whether ``key.instruction`` exists (None: not known, ask S3).
+    IntegrityError / UnsupportedFormat for an envelope cryptfs must not or cannot use.
+    """
+    if s3ec.is_s3ec(md) and not s3ec.needs_instruction(md):
+        return s3ec.parse(md)
+    needed = s3ec.needs_instruction(md)
+    if instruction is False and not needed:
+        return None
+    ikey = key + s3ec.INSTRUCTION_SUFFIX
+    try:
+        info, body = await store.get(ikey, 0, _INSTRUCTION_MAX)
+    except NotFound:
+        if needed:
+            raise IntegrityError(f"S3EC instruction file {ikey} is missing") from None
+        return None
+    except StoreError as e:
+        if type(e) is not StoreError:  # unavailable, denied…: not a verdict on the file
+            raise
+        raise IntegrityError(f"S3EC instruction file {ikey} is unreadable: {e}") from None
+    if info.size > _INSTRUCTION_MAX:
+        raise IntegrityError(f"S3EC instruction file {ikey} is too large")
+    return dataclasses.replace(s3ec.parse(s3ec.merge_instruction(md, body)), instruction=True)
+
+
+_INSTRUCTION_MAX = 64 << 10
 
 
 def _join(parent: bytes, name: bytes) -> bytes:
@@ -385,8 +419,9 @@ class Filesystem:
 
     def _adopt(self, parent: Node, name: bytes, info: ObjectInfo, existing: Node | None) -> Node:
         """Create or refresh the node for ``parent/name`` from a HEAD result."""
-        if s3ec.is_s3ec(info.metadata) and self.opt.show_foreign:
-            return self._adopt_foreign(parent, name, info, existing)
+        md = info.metadata
+        if self.opt.show_foreign and s3ec.is_s3ec(md) and not s3ec.needs_instruction(md):
+            return self._adopt_foreign(parent, name, info, existing, s3ec.parse(md))
         path = self._child_path(parent, name)
         meta = self._decode(path, info)
         if meta.attrs.kind != KIND_DIR:
@@ -445,10 +480,9 @@ class Filesystem:
         return node
 
     def _adopt_foreign(
-        self, parent: Node, name: bytes, info: ObjectInfo, existing: Node | None
+        self, parent: Node, name: bytes, info: ObjectInfo, existing: Node | None, env: S3ecObject
     ) -> Node:
         """An S3 Encryption Client object: read-only, under its own key name."""
-        env = s3ec.parse(info.metadata)  # IntegrityError / UnsupportedFormat: skipped
         if existing is not None and existing.foreign is not None:
             node = existing
             if node.remote_etag != info.etag:
@@ -476,16 +510,26 @@ class Filesystem:
         etag: str | None,
         old: dict[bytes, Node],
         new: dict[bytes, Node],
+        here: set[str],
+        info: ObjectInfo | None = None,
     ) -> bool:
-        """A listing entry whose name is not one of ours: an S3 Encryption Client object or
-        a prefix of them is shown under its own name; anything else is not ours."""
+        """A listing entry that is not one of ours: an S3 Encryption Client object or a
+        prefix of them is shown under its own name (an instruction file beside its object is
+        part of that object); anything else is not ours.  ``here``: the listing's keys."""
         name = comp.encode(errors="surrogateescape")
         if etag is not None:
-            info = await self._head(key)
-            if info is None or not s3ec.is_s3ec(info.metadata):
+            if s3ec.is_instruction_key(key) and key[: -len(s3ec.INSTRUCTION_SUFFIX)] in here:
+                return True
+            info = info or await self._head(key)
+            if info is None:
                 return False
             try:
-                new[name] = self._adopt_foreign(d, name, info, old.get(name))
+                env = await s3ec_envelope(
+                    self.store, key, info.metadata, key + s3ec.INSTRUCTION_SUFFIX in here
+                )
+                if env is None:
+                    return False
+                new[name] = self._adopt_foreign(d, name, info, old.get(name), env)
             except (IntegrityError, UnsupportedFormat) as e:
                 log.warning("S3 Encryption Client object %s not shown: %s", key, e)
             return True
@@ -501,11 +545,15 @@ class Filesystem:
 
     async def _foreign_prefix(self, prefix: str) -> bool:
         """Does ``prefix`` (whose name is not one of ours) hold S3 Encryption Client objects?"""
-        listing = await self.store.list(prefix, delimiter=None, max_keys=1)
-        if not listing.objects:
+        listing = await self.store.list(prefix, delimiter=None, max_keys=8)
+        keys = [o.key for o in listing.objects]
+        first = next((k for k in keys if not s3ec.is_instruction_key(k)), None)
+        if first is None:
             return False
-        info = await self._head(listing.objects[0].key)
-        return info is not None and s3ec.is_s3ec(info.metadata)
+        info = await self._head(first)
+        return info is not None and (
+            s3ec.is_s3ec(info.metadata) or first + s3ec.INSTRUCTION_SUFFIX in keys
+        )
 
     async def _read_foreign(self, node: Node, offset: int, size: int) -> bytes:
         """Whole object, authenticated as a whole, kept while the file is open."""
@@ -519,9 +567,13 @@ class Filesystem:
                     "must be read whole); use 'cryptfs import'"
                 )
             key = node.foreign_key
-            _info, body = await self.store.get(key, if_match=node.remote_etag)
+            info, body = await self.store.get(key, if_match=node.remote_etag)
             env = node.foreign
             try:
+                if env.instruction:  # re-read: its data key may have been re-wrapped since
+                    fresh = await s3ec_envelope(self.store, key, info.metadata, True)
+                    assert fresh is not None
+                    env = fresh
                 data_key = await self.vol.keyring.unwrap_s3ec(env, key)
                 plain = s3ec.decrypt(env, data_key, body)
             except IntegrityError as e:
@@ -576,10 +628,18 @@ class Filesystem:
         existing = parent.children.get(name) if parent.children is not None else None
         info = results[fkey] or results[dkey]
         if info is not None:
+            if "cfs" not in info.metadata and self.opt.show_foreign and info.key == fkey:
+                env = await s3ec_envelope(self.store, fkey, info.metadata, None)
+                if env is not None:
+                    return self._adopt_foreign(parent, name, info, existing, env)
+                if s3ec.is_instruction_key(fkey):
+                    return None  # part of its object, as in listings
             return self._adopt(parent, name, info, existing)
         found = results.get(raw) if raw is not None else None
-        if found is not None and s3ec.is_s3ec(found.metadata):
-            return self._adopt_foreign(parent, name, found, existing)
+        if found is not None and raw is not None and "cfs" not in found.metadata:
+            env = await s3ec_envelope(self.store, raw, found.metadata, None)
+            if env is not None:
+                return self._adopt_foreign(parent, name, found, existing, env)
         if await self._implicit_dir(dkey[: -len(MARKER)]):
             node = existing if existing is not None and existing.is_dir else None
             node = node or self._synthetic_dir(parent, name)
@@ -617,7 +677,13 @@ class Filesystem:
                 raise NoEntry("file was removed by another writer")
             return
         if info.etag != node.remote_etag:
-            self._adopt(node.parent, node.name, info, node)
+            if node.foreign is not None:
+                env = await s3ec_envelope(self.store, key, info.metadata, None)
+                if env is None:
+                    raise NoEntry("no longer an S3 Encryption Client object")
+                self._adopt_foreign(node.parent, node.name, info, node, env)
+            else:
+                self._adopt(node.parent, node.name, info, node)
         node.refreshed_at = trio.current_time()
 
     # ------------------------------------------------------------------ lookup and listing
@@ -677,6 +743,7 @@ class Filesystem:
         new: dict[bytes, Node] = {}
         dpath = self.path(d)
         todo: list[tuple[str, str, str | None]] = []  # (component, key, etag or None for dirs)
+        here = {obj.key for obj in listing.objects}
         for obj in listing.objects:
             comp = obj.key[len(prefix) :]
             if comp == MARKER or (d.parent is None and comp == CONFIG_NAME):
@@ -715,6 +782,12 @@ class Filesystem:
                             cur if cur is not None and cur.is_dir else self._synthetic_dir(d, name)
                         )
                     return
+                if (
+                    "cfs" not in info.metadata
+                    and self.opt.show_foreign
+                    and await self._foreign_entry(d, comp, key, etag, old, new, here, info)
+                ):
+                    return
                 if name is None:
                     name = self.vol.names.decode(dpath, comp, info.metadata.get("cfs-n"))
                 node = self._adopt(d, name, info, old.get(name))
@@ -723,7 +796,7 @@ class Filesystem:
                 if (
                     name is None
                     and self.opt.show_foreign
-                    and await self._foreign_entry(d, comp, key, etag, old, new)
+                    and await self._foreign_entry(d, comp, key, etag, old, new, here)
                 ):
                     return
                 self._integrity(key, f"entry skipped in listing: {e}")

@@ -11,7 +11,11 @@ import pytest
 
 from tests.conftest import KmsServer, S3Server
 from tests.e2e.conftest import Volume, cryptfs
-from tests.integration.test_s3ec import OBJECTS, _write_with_official_client
+from tests.integration.test_s3ec import (
+    OBJECTS,
+    _move_to_instruction_file,
+    _write_with_official_client,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -21,6 +25,7 @@ def test_s3ec_objects_in_a_mount_and_cryptfs_import(
     s3server: S3Server, kms_server: KmsServer, bucket: str, tmp_path: Path
 ) -> None:
     _write_with_official_client(s3server, kms_server, kms_server.new_key(), bucket, "data/")
+    _move_to_instruction_file(s3server.client(), bucket, "data/v3/hello.txt", {})
     key = tmp_path / "k"
     url = f"s3://{bucket}/data"
     common = ["--endpoint-url", s3server.endpoint, "--kms-endpoint-url", kms_server.endpoint]
@@ -35,6 +40,7 @@ def test_s3ec_objects_in_a_mount_and_cryptfs_import(
             assert (mnt / name).read_bytes() == data, name
         out = subprocess.run(["ls", "-l", str(mnt / "v3")], capture_output=True, text=True)
         assert "hello.txt" in out.stdout and "r--r--r--" in out.stdout
+        assert sorted(os.listdir(mnt / "v3")) == ["deep", "empty", "hello.txt"]  # no .instruction
         with pytest.raises(OSError) as exc:
             (mnt / "v3" / "hello.txt").write_text("no")
         assert exc.value.errno == errno.EROFS
@@ -55,4 +61,5 @@ def test_s3ec_objects_in_a_mount_and_cryptfs_import(
         assert (mnt / "mine.txt").read_text() == "native files live beside them\n"
     finally:
         vol.umount()
-    assert not any(k.endswith("hello.txt") for k in vol.raw_keys())  # names encrypted now
+    keys = vol.raw_keys()
+    assert not any(k.endswith(("hello.txt", ".instruction")) for k in keys)  # names encrypted

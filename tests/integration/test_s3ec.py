@@ -5,6 +5,7 @@ that read back byte for byte; tampered ones are refused and left alone."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,8 @@ OBJECTS = {
 }
 
 
-def _write_with_official_client(
-    s3: S3Server, kms: KmsServer, key_arn: str, bucket: str, prefix: str
-) -> None:
+def _official_clients(s3: S3Server, kms: KmsServer, key_arn: str) -> tuple[Any, Any]:
+    """The official client, for v3 and for v2 objects (KMS keyring on moto)."""
     import boto3
     from s3_encryption import (
         AlgorithmSuite,
@@ -64,8 +64,32 @@ def _write_with_official_client(
             commitment_policy=CommitmentPolicy.FORBID_ENCRYPT_ALLOW_DECRYPT,
         ),
     )
+    return v3, v2
+
+
+def _write_with_official_client(
+    s3: S3Server, kms: KmsServer, key_arn: str, bucket: str, prefix: str
+) -> None:
+    v3, v2 = _official_clients(s3, kms, key_arn)
     for key, (version, data) in OBJECTS.items():
         (v3 if version == 3 else v2).put_object(Bucket=bucket, Key=prefix + key, Body=data)
+
+
+_V3_ON_OBJECT = ("x-amz-c", "x-amz-d", "x-amz-i")
+
+
+def _move_to_instruction_file(raw: Any, bucket: str, key: str, extra: dict[str, str]) -> None:
+    """Rewrite an object in their instruction-file layout: the envelope moves to
+    ``key.instruction`` (v3: all but x-amz-c/d/i, which stay on the object), plus ``extra``."""
+    import json
+
+    obj = raw.get_object(Bucket=bucket, Key=key)
+    body, md = obj["Body"].read(), dict(obj["Metadata"])
+    v3 = "x-amz-c" in md
+    stay = {k: v for k, v in md.items() if v3 and k in _V3_ON_OBJECT}
+    moved = {k: v for k, v in md.items() if k not in stay} | extra
+    raw.put_object(Bucket=bucket, Key=key, Body=body, Metadata=stay)
+    raw.put_object(Bucket=bucket, Key=key + ".instruction", Body=json.dumps(moved).encode())
 
 
 @pytest.mark.allow_error_logs
@@ -296,3 +320,110 @@ async def test_aes_gcm_wrapped_objects_need_their_key(
         assert set((await read_all([])).values()) == {KeyAccessDenied}
         assert set((await read_all([Secret(os.urandom(32))])).values()) == {IntegrityError}
         assert vol is not None
+
+
+@pytest.mark.allow_error_logs
+async def test_instruction_files(
+    s3server: S3Server, kms_server: KmsServer, bucket: str, tmp_path: Path
+) -> None:
+    """Objects whose envelope is in an instruction file: the official client reads them back
+    (so the layout is theirs), then a mount shows and reads them and import converts them."""
+    from cryptfs.cache.staging import StagingArea
+    from cryptfs.fs.filesystem import Filesystem
+
+    key_arn = kms_server.new_key()
+    await trio.to_thread.run_sync(
+        _write_with_official_client, s3server, kms_server, key_arn, bucket, "i/"
+    )
+    raw = s3server.client()
+    moved = ["i/v3/hello.txt", "i/v2/legacy.txt", "i/v3/empty"]
+    for key in moved:
+        _move_to_instruction_file(raw, bucket, key, {})
+    # tampered: object-only v3 keys must not come from the instruction file
+    raw.copy_object(Bucket=bucket, Key="i/v3/bad", CopySource=f"{bucket}/i/v3/hello.txt")
+    _move_to_instruction_file(raw, bucket, "i/v3/bad", {})
+    inst = raw.get_object(Bucket=bucket, Key="i/v3/hello.txt.instruction")["Body"].read()
+    md = raw.head_object(Bucket=bucket, Key="i/v3/hello.txt")["Metadata"]
+    assert "x-amz-3" not in md and b"x-amz-3" in inst and b"x-amz-d" not in inst
+    raw.put_object(
+        Bucket=bucket, Key="i/v3/bad", Body=raw.get_object(Bucket=bucket, Key="i/v3/hello.txt")[
+            "Body"].read(), Metadata={"x-amz-c": md["x-amz-c"]},
+    )  # fmt: skip
+    raw.put_object(
+        Bucket=bucket, Key="i/v3/bad.instruction",
+        Body=inst[:-1] + f', "x-amz-d": "{md["x-amz-d"]}", "x-amz-i": "{md["x-amz-i"]}"}}'.encode(),
+    )  # fmt: skip
+
+    def oracle() -> dict[str, bytes]:
+        v3, v2 = _official_clients(s3server, kms_server, key_arn)
+        out = {}
+        for key in moved:
+            c = v3 if "/v3/" in key else v2
+            out[key] = c.get_object(Bucket=bucket, Key=key)["Body"].read()
+        return out
+
+    assert await trio.to_thread.run_sync(oracle) == {
+        k: OBJECTS[k[2:]][1] for k in moved
+    }  # their client reads this layout
+
+    loc = S3Location.parse(f"s3://{bucket}/i")
+    src = KeySource(keyfile=Secret(os.urandom(32)))
+    remote = Remote(
+        S3Options(endpoint_url=s3server.endpoint), KmsOptions(endpoint_url=kms_server.endpoint)
+    )
+    async with open_remote(loc, remote) as (store, kms):
+        vol = await Volume.create(store, src, chunk_log2=16, encrypt_names=True, kms=kms)
+
+        def new_fs() -> Filesystem:
+            return Filesystem(
+                vol, StagingArea(tmp_path / os.urandom(4).hex(), vol.keys.cache, vol.chunk),
+                key_prefix=loc.prefix,
+            )  # fmt: skip
+
+        fs = new_fs()
+        await fs.ensure_root()
+        v3 = await fs.lookup(ROOT_INO, b"v3")
+        names = [n for n, _ in await fs.readdir(v3.ino)]
+        assert names == [b"deep", b"empty", b"hello.txt"]  # no .instruction, no tampered one
+        for key in moved:
+            node = fs.root
+            for comp in key[2:].split("/"):
+                node = await fs.lookup(node.ino, comp.encode())
+            assert fs.stat(node).size == len(OBJECTS[key[2:]][1])
+            assert await read_file(fs, node.ino) == OBJECTS[key[2:]][1], key
+        # found by lookup alone, in a directory never listed
+        fs2 = new_fs()
+        await fs2.ensure_root()
+        v2 = await fs2.lookup(ROOT_INO, b"v2")
+        legacy = await fs2.lookup(v2.ino, b"legacy.txt")
+        assert await read_file(fs2, legacy.ino) == OBJECTS["v2/legacy.txt"][1]
+        with pytest.raises(IntegrityError, match="object-only"):
+            await fs2.lookup((await fs2.lookup(ROOT_INO, b"v3")).ino, b"bad")
+
+        report = await import_s3ec(vol, key_prefix=loc.prefix)
+        assert report.imported == len(OBJECTS), report.summary()
+        assert [k for k, _ in report.failed] == ["v3/bad"]
+        left = {o["Key"] for o in raw.list_objects_v2(Bucket=bucket, Prefix="i/v")["Contents"]}
+        assert left == {"i/v3/bad", "i/v3/bad.instruction"}  # instruction files went too
+        fs3 = new_fs()
+        await fs3.ensure_root()
+        for key, (_v, data) in OBJECTS.items():
+            node = fs3.root
+            for comp in key.split("/"):
+                node = await fs3.lookup(node.ino, comp.encode())
+            assert node.foreign is None and await read_file(fs3, node.ino) == data, key
+
+
+def test_instruction_file_rules() -> None:
+    obj = {"x-amz-c": "115", "x-amz-d": "AAAA", "x-amz-i": "AAAA"}
+    inst = {"x-amz-3": "AAAA", "x-amz-w": "12", "x-amz-t": '{"aws:x-amz-cek-alg": "115"}'}
+    assert s3ec.needs_instruction(obj) and not s3ec.needs_instruction(obj | inst)
+    merged = s3ec.merge_instruction(obj, json.dumps(inst).encode())
+    assert s3ec.parse(merged).version == 3
+    for bad in (b"[]", b"{}", b"not json", json.dumps(inst | {"other": "x"}).encode(),
+                json.dumps(inst | {"x-amz-d": "AAAA"}).encode()):  # fmt: skip
+        with pytest.raises(IntegrityError):
+            s3ec.merge_instruction(obj, bad)
+    v2 = {"x-amz-key-v2": "AAAA", "x-amz-cek-alg": "AES/GCM/NoPadding", "x-amz-iv": "AAAA"}
+    with pytest.raises(IntegrityError, match="v1/v2"):
+        s3ec.merge_instruction({"x-amz-iv": "AAAA"}, json.dumps(v2).encode())
