@@ -29,6 +29,8 @@ test: lint
 	$(BIN)/pytest -p no:cacheprovider tests
 
 bench: install
+	@if ! command -v rclone >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rclone >/dev/null; fi
 	$(BIN)/python benchmarks/bench.py
 
 demo: install
