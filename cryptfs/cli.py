@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metadata-ttl", type=float, help="seconds (default 10)")
     p.add_argument("--log-file", type=Path, help="daemon log (default: in the cache dir)")
     p.add_argument("--metrics-address", help="serve Prometheus metrics on HOST:PORT")
+    p.add_argument("--read-ahead-kb", type=int, help="kernel read-ahead in KiB (default 4096)")
     p.add_argument(
         "--s3ec-max-size", type=_size, help="largest S3 Encryption Client object read (256M)"
     )
@@ -482,6 +483,7 @@ def cmd_mount(args: Any) -> int:
             foreign_max_bytes=args.s3ec_max_size,
         ),
         metrics_address=args.metrics_address,
+        read_ahead_kb=args.read_ahead_kb,
     )
 
     def ready() -> None:
@@ -523,6 +525,7 @@ def _spawn_daemon(args: Any, cache_dir: Path) -> int:
         ("--metrics-address", args.metrics_address),
         ("--s3-attempts", str(args.s3_attempts)),
         ("--s3ec-max-size", str(args.s3ec_max_size)),
+        ("--read-ahead-kb", str(args.read_ahead_kb)),
         ("--s3-timeout", str(args.s3_timeout)),
     ):
         if text:

@@ -52,6 +52,7 @@ class MountConfig:
     flush_timeout: float = 600.0
     config_interval: float = 30.0  # re-read the volume config (keyslots, rotation) this often
     metrics_address: str | None = None  # HOST:PORT for Prometheus, off by default
+    read_ahead_kb: int = 4096  # the kernel's read-ahead for this mount (0: leave it)
 
 
 def runtime_dir() -> Path:
@@ -163,10 +164,23 @@ async def _sample_rates(fs: Filesystem, rates: Rates) -> None:
         await trio.sleep(2)
 
 
+def _set_read_ahead(dev: int, kb: int) -> None:
+    """The kernel reads ahead 128 KiB on a FUSE mount by default, in 128 KiB requests; a
+    larger window makes it ask for up to 1 MiB per request, several in flight, which is what
+    S3 needs.  Needs root (sysfs); otherwise the kernel's default stays."""
+    path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    try:
+        path.write_text(f"{kb}\n")
+    except OSError as e:
+        log.info("kernel read-ahead left at its default (%s: %s)", path, e.strerror)
+
+
 async def _announce_when_live(cfg: MountConfig, ready: Callable[[], None]) -> None:
     """READY only once the mount answers: a worker thread stats the mount point, which
     returns only when our FUSE loop serves requests (never do this from the trio thread)."""
-    await trio.to_thread.run_sync(os.stat, cfg.mountpoint, abandon_on_cancel=True)
+    st = await trio.to_thread.run_sync(os.stat, cfg.mountpoint, abandon_on_cancel=True)
+    if cfg.read_ahead_kb > 0:
+        _set_read_ahead(st.st_dev, cfg.read_ahead_kb)
     log.info("mounted %s at %s", cfg.location, cfg.mountpoint)
     ready()
     sd_notify("READY=1")

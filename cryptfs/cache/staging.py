@@ -20,6 +20,7 @@ import errno
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,9 @@ class StagedFile:
         self._slot = self.chunk + _SLOT_OVERHEAD
         self._aead = Aead(hkdf(area.key, file_id + salt, b"cryptfs/v1/staging"))
         self.path = area.root / (file_id.hex() + ".data")
+        # slots are read by upload workers while the trio thread writes: each pread/pwrite of
+        # a slot is atomic with respect to the others (never a torn, unauthenticatable slot)
+        self._io_lock = threading.Lock()
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
         self._fd: int = _io(os.open, self.path, flags, 0o600)
 
@@ -61,7 +65,8 @@ class StagedFile:
 
     def read_chunk(self, i: int) -> bytes:
         """Plaintext of chunk ``i`` (full chunk size, zero-padded past EOF)."""
-        raw = os.pread(self._fd, self._slot, i * self._slot)
+        with self._io_lock:
+            raw = os.pread(self._fd, self._slot, i * self._slot)
         if len(raw) < self._slot or raw[:GCM_NONCE] == _ZERO_NONCE:
             return bytes(self.chunk)
         try:
@@ -75,7 +80,8 @@ class StagedFile:
         while nonce == _ZERO_NONCE:  # pragma: no cover - 2^-96
             nonce = random_bytes(GCM_NONCE)
         sealed = nonce + self._aead.seal(nonce, plaintext, self._aad(i))
-        n = _io(os.pwrite, self._fd, sealed, i * self._slot)
+        with self._io_lock:
+            n = _io(os.pwrite, self._fd, sealed, i * self._slot)
         if n != len(sealed):
             raise NoSpace("short write to the cache directory")
 

@@ -120,6 +120,9 @@ async def s3ec_envelope(
 _INSTRUCTION_MAX = 64 << 10
 
 
+_SEQ_SLACK = 1 << 20  # reads this close to where the last one ended count as sequential
+
+
 def _join(parent: bytes, name: bytes) -> bytes:
     return (parent if parent != b"/" else b"") + b"/" + name
 
@@ -133,13 +136,16 @@ class Options:
     writeback_delay: float = 2.0
     metadata_ttl: float = 10.0
     memory_cache_bytes: int = 64 << 20
-    max_readahead: int = 8 << 20
+    max_readahead: int = 16 << 20
     multipart_threshold: int = 16 << 20
     part_size: int = 8 << 20
-    fetch_unit: int = 2 << 20  # bytes per ranged GET when reading a long run
+    fetch_unit: int = 4 << 20  # bytes per ranged GET when reading a long run
     offload_bytes: int = 256 << 10  # decrypt runs at least this long in a worker thread
-    upload_concurrency: int = 4
+    upload_concurrency: int = 4  # large files at once (each with this many parts in flight)
+    small_upload_concurrency: int = 32  # files up to small_upload_bytes at once
+    small_upload_bytes: int = 1 << 20
     meta_concurrency: int = 32
+    prefetch_concurrency: int = 6  # read-ahead GETs in flight, all files together
     foreign_max_bytes: int = 256 << 20  # largest S3 Encryption Client object read whole
     show_foreign: bool = True  # show S3 Encryption Client objects (read-only)
     uid: int = field(default_factory=os.getuid)
@@ -194,6 +200,8 @@ class Node:
     own_salts: set[bytes] = field(default_factory=set)  # generations this mount wrote
     journaled: int = -1  # value of ``change`` when the journal was last written
     kernel_etag: str | None = None  # object version whose pages the kernel may cache
+    # chunks being fetched by read-ahead: index -> event set when the fetch ended
+    inflight: dict[int, trio.Event] = field(default_factory=dict)
     lock: trio.Lock = field(default_factory=trio.Lock)
 
     @property
@@ -217,6 +225,7 @@ class Handle:
     keep_cache: bool = False  # the kernel's cached pages of this file are still valid
     next_offset: int = 0
     window: int = 0
+    ra_next: int = 0  # first chunk the read-ahead has not scheduled yet
 
 
 class ChunkCache:
@@ -248,6 +257,13 @@ class ChunkCache:
             _, v = self._d.popitem(last=False)
             self.used -= len(v)
 
+    def peek(self, key: tuple[bytes, bytes, int]) -> bytes | None:
+        """Like ``get``, without counting a hit or miss."""
+        v = self._d.get(key)
+        if v is not None:
+            self._d.move_to_end(key)
+        return v
+
     def clear(self) -> None:
         self._d.clear()
         self.used = 0
@@ -272,7 +288,12 @@ class Filesystem:
         self.cache = ChunkCache(self.opt.memory_cache_bytes)
         self._meta_limit = trio.CapacityLimiter(self.opt.meta_concurrency)
         self._upload_limit = trio.CapacityLimiter(self.opt.upload_concurrency)
+        # small files are latency-bound: many in flight; their bodies are in memory, so the
+        # bound is small_upload_bytes × small_upload_concurrency
+        self._small_upload_limit = trio.CapacityLimiter(self.opt.small_upload_concurrency)
         self._crypto_limit = trio.CapacityLimiter(2)
+        self._prefetch_limit = trio.CapacityLimiter(self.opt.prefetch_concurrency)
+        self._background: trio.Nursery | None = None  # read-ahead tasks (serve_writeback's)
         self._next_ino = ROOT_INO + 1
         self._next_fh = 1
         self.handles: dict[int, Handle] = {}
@@ -988,20 +1009,23 @@ class Filesystem:
         end = min(offset + size, node.attrs.size)
         if offset >= end:
             return b""
-        # sequential access grows the read-ahead window; a seek resets it
-        if offset == h.next_offset:
+        # sequential access grows the read-ahead window; a seek resets it.  The kernel has
+        # several reads of one stream in flight, so they may arrive slightly out of order.
+        if abs(offset - h.next_offset) <= _SEQ_SLACK:
             h.window = min(max(h.window * 2, 2 * self.chunk), self.opt.max_readahead)
+            h.next_offset = max(h.next_offset, end)
         else:
             h.window = 0
-        h.next_offset = end
+            h.ra_next = 0
+            h.next_offset = end
         try:
-            return await self._read_remote(node, offset, end - offset, h.window)
+            return await self._read_remote(node, offset, end - offset, h)
         except PreconditionFailed:
             # the object was replaced by another writer since we looked: reload and retry
             node.refreshed_at = -1e18
             await self._refresh(node)
             end = min(offset + size, node.attrs.size)
-            return await self._read_remote(node, offset, max(0, end - offset), h.window)
+            return await self._read_remote(node, offset, max(0, end - offset), h)
 
     def _stored_size(self, node: Node) -> int:
         """Size of the node's object in S3 (0 for directory markers)."""
@@ -1037,7 +1061,9 @@ class Filesystem:
         node.cipher, node.cipher_etag = cipher, node.remote_etag
         return cipher
 
-    async def _read_remote(self, node: Node, offset: int, length: int, window: int | None) -> bytes:
+    async def _read_remote(
+        self, node: Node, offset: int, length: int, h: Handle | None = None
+    ) -> bytes:
         if length <= 0:
             return b""
         size = node.attrs.size
@@ -1052,16 +1078,73 @@ class Filesystem:
                 missing.append(i)
             else:
                 got[i] = v
-        if missing:
+        if missing and node.inflight:
+            # read-ahead is already fetching them: wait for it rather than fetch twice
+            for i in missing:
+                ev = node.inflight.get(i)
+                if ev is not None:
+                    await ev.wait()
+            still = []
+            for i in missing:
+                v = self.cache.peek((node.file_id, salt, i))
+                if v is None:
+                    still.append(i)
+                else:
+                    got[i] = v
+            missing = still
+        if h is not None and h.window:
             last = chunk_count(size, c) - 1
-            first_i = missing[0]
-            last_i = missing[-1]
-            if window:
-                last_i = min(last, max(last_i, (offset + window - 1) // c))
-            await self._fetch_chunks(node, first_i, last_i, got)
+            self._read_ahead(node, h, need.stop, min(last, (offset + h.window - 1) // c))
+        if missing:
+            await self._fetch_chunks(node, missing[0], missing[-1], got)
+        if len(need) == 1:
+            lo = offset - need.start * c
+            return got[need.start][lo : lo + length]
         out = b"".join(got[i] for i in need)
         lo = offset - need.start * c
         return out[lo : lo + length]
+
+    def _read_ahead(self, node: Node, h: Handle, first: int, last: int) -> None:
+        """Fetch chunks [first, last] in the background, ``fetch_unit`` per GET, so that the
+        next reads of a sequential stream find them cached (or in flight)."""
+        nursery = self._background
+        if nursery is None:
+            return
+        unit = max(1, self.opt.fetch_unit // self.chunk)
+        start = max(first, h.ra_next)
+        if last < start or (
+            last - start + 1 < unit and last != chunk_count(node.attrs.size, self.chunk) - 1
+        ):
+            return  # wait until a whole unit can be scheduled
+        key = (node.file_id, node.attrs.salt)
+        i = start
+        while i <= last:
+            j = min(last, i + unit - 1)
+            if all(self.cache.peek((*key, k)) is not None or k in node.inflight
+                   for k in range(i, j + 1)):  # fmt: skip
+                i = j + 1
+                continue
+            ev = trio.Event()
+            for k in range(i, j + 1):
+                node.inflight.setdefault(k, ev)
+            nursery.start_soon(self._prefetch, node, i, j, node.remote_etag, ev)
+            i = j + 1
+        h.ra_next = last + 1
+
+    async def _prefetch(
+        self, node: Node, first: int, last: int, etag: str | None, ev: trio.Event
+    ) -> None:
+        try:
+            async with self._prefetch_limit:
+                if node.remote_etag == etag and not node.unlinked and node.stage is None:
+                    await self._fetch_run(node, first, last, {})
+        except Exception as e:  # the reader fetches again and reports it
+            log.debug("read-ahead of %s failed: %s", self.path(node), e)
+        finally:
+            for k in range(first, last + 1):
+                if node.inflight.get(k) is ev:
+                    del node.inflight[k]
+            ev.set()
 
     async def _fetch_chunks(self, node: Node, first: int, last: int, got: dict[int, bytes]) -> None:
         """Fetch, authenticate and cache chunks [first, last].
@@ -1573,6 +1656,7 @@ class Filesystem:
         """Upload dirty files once their write-back delay has passed. Runs until cancelled."""
         task_status.started()
         async with open_tasks() as nursery:
+            self._background = nursery
             while not self._stopping:
                 now = trio.current_time()
                 due = [n for n, t in self._due.items() if t <= now]
@@ -1583,6 +1667,7 @@ class Filesystem:
                 self._wake = trio.Event()
                 with trio.move_on_after(max(wait, 0.01)):
                     await self._wake.wait()
+            self._background = None
             # leaving the nursery waits for in-flight uploads: a cancelled PUT may still
             # land on the server without us learning its ETag
 
@@ -1591,9 +1676,13 @@ class Filesystem:
         self._stopping = True
         self._wake.set()
 
+    def _limit_for(self, node: Node) -> trio.CapacityLimiter:
+        small = node.stage is None or node.stage.size <= self.opt.small_upload_bytes
+        return self._small_upload_limit if small else self._upload_limit
+
     async def _background_sync(self, node: Node) -> None:
         try:
-            async with self._upload_limit:
+            async with self._limit_for(node):
                 await self.sync_node(node)
             self._retry.pop(node, None)
         except (StoreError, OSError) as e:
@@ -1629,9 +1718,11 @@ class Filesystem:
             if node.unlinked or node.stage is None:
                 return
             if node.change == change:
-                node.stage.remove()
-                node.stage = None
+                sf, node.stage = node.stage, None
                 node.meta_dirty = False
+                sf.close()
+                # unlinking costs the disk's journal a write: not on the trio thread
+                await trio.to_thread.run_sync(sf.remove)
             return
         if node.is_dir:
             await self._put_marker(node, create=node.remote_etag is None)
@@ -1782,13 +1873,18 @@ class Filesystem:
         etags: list[str] = [""] * parts
         limit = trio.CapacityLimiter(self.opt.upload_concurrency)
 
+        def build(p: int) -> bytes:
+            pieces = [cipher.header_bytes] if p == 0 else []
+            for i in range(p * per_part, min(n, (p + 1) * per_part)):
+                data = sf.read_chunk(i)[: min(c, size - i * c)]
+                pieces.append(cipher.seal_chunk(i, i == n - 1, data))
+            return b"".join(pieces)
+
         async def part(p: int) -> None:
             async with limit:
-                pieces = [cipher.header_bytes] if p == 0 else []
-                for i in range(p * per_part, min(n, (p + 1) * per_part)):
-                    data = sf.read_chunk(i)[: min(c, size - i * c)]
-                    pieces.append(cipher.seal_chunk(i, i == n - 1, data))
-                etags[p] = await self.store.upload_part(key, upload_id, p + 1, b"".join(pieces))
+                # staging reads and AES-GCM release the GIL: the trio thread stays free
+                body = await trio.to_thread.run_sync(build, p, limiter=self._crypto_limit)
+                etags[p] = await self.store.upload_part(key, upload_id, p + 1, body)
 
         try:
             async with open_tasks() as nursery:
@@ -1809,7 +1905,7 @@ class Filesystem:
 
         async def one(node: Node) -> None:
             try:
-                async with self._upload_limit:
+                async with self._limit_for(node):
                     await self.sync_node(node)
             except CryptfsError as e:
                 log.error(

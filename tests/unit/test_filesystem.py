@@ -353,3 +353,95 @@ async def test_rotation_elsewhere_seen_by_running_mount_and_staged_data_kept(
         assert await read_file(fs_n, (await fs_n.lookup(ROOT_INO, name)).ino) == data
     kids = {md.get("cfs-kid") for _b, md, _e in store.objects.values() if "cfs-k" in md}
     assert kids == {vol.config.dek["kid"]}
+
+
+async def test_sequential_reads_are_served_by_read_ahead(tmp_path: Path) -> None:
+    """A sequential reader finds later chunks fetched in the background (few, large GETs,
+    never one chunk twice); a seek far away fetches only what it needs."""
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    data = os.urandom(3 << 20)
+    await write_file(fs, ROOT_INO, b"f", data)
+    fs2 = await make_fs(tmp_path / "2", store)
+    fs2.opt.fetch_unit = 256 << 10
+    fs2.opt.max_readahead = 1 << 20
+    async with trio.open_nursery() as n:
+        await n.start(fs2.serve_writeback)
+        node = await fs2.lookup(ROOT_INO, b"f")
+        h = await fs2.open(node.ino, os.O_RDONLY)
+        store.calls.clear()
+        got = bytearray()
+        for off in range(0, len(data), 64 << 10):
+            got += await fs2.read(h.fh, off, 64 << 10)
+            await trio.sleep(0)  # let read-ahead run, as the kernel's pauses would
+        assert got == data
+        gets = store.calls.get("get", 0)
+        assert gets < len(data) // (64 << 10) // 2, gets  # mostly served by read-ahead
+        assert fs2.cache.misses < len(data) // fs2.chunk // 3 and not node.inflight
+        # a far seek: no read-ahead of its neighbourhood yet (random access)
+        fs2.cache.clear()
+        store.calls.clear()
+        assert await fs2.read(h.fh, 2 << 20, 4096) == data[2 << 20 : (2 << 20) + 4096]
+        await trio.sleep(0.1)
+        assert store.calls.get("get", 0) == 1 and not node.inflight
+        await fs2.release(h.fh)
+        fs2.stop_writeback()
+
+
+async def test_reads_wait_for_read_ahead_in_flight(tmp_path: Path) -> None:
+    """A read of a chunk being read ahead waits for that fetch instead of a second GET;
+    a failed read-ahead leaves the reader to fetch (and report) it itself."""
+    from cryptfs.errors import StoreUnavailable
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    data = os.urandom(1 << 20)
+    await write_file(fs, ROOT_INO, b"f", data)
+    fs2 = await make_fs(tmp_path / "2", store)
+    fs2.opt.fetch_unit = 128 << 10
+    fs2.opt.max_readahead = 512 << 10
+    real_get = store.get
+    failing = {"on": False}
+
+    async def get(key: str, *a: object, **kw: object) -> object:
+        if failing["on"]:
+            raise StoreUnavailable("injected")
+        return await real_get(key, *a, **kw)  # type: ignore[arg-type]
+
+    store.get = get  # type: ignore[method-assign]
+
+    async def grow(fh: int) -> None:  # grow the window, with no pause for read-ahead
+        for off in range(0, 256 << 10, 32 << 10):
+            assert await fs2.read(fh, off, 32 << 10) == data[off : off + (32 << 10)]
+
+    async with trio.open_nursery() as n:
+        await n.start(fs2.serve_writeback)
+        node = await fs2.lookup(ROOT_INO, b"f")
+        h = await fs2.open(node.ino, os.O_RDONLY)
+        await grow(h.fh)
+        assert node.inflight  # read-ahead scheduled, not run yet
+        t = min(node.inflight)
+        ev = node.inflight[t]
+        off = t * fs2.chunk
+        misses = fs2.cache.misses
+        assert await fs2.read(h.fh, off, 4096) == data[off : off + 4096]
+        assert ev.is_set() and node.inflight.get(t) is not ev  # it waited for that fetch
+        assert await fs2.read(h.fh, off + 4096, 4096) == data[off + 4096 : off + 8192]
+        assert fs2.cache.misses == misses + 1  # and the next chunk came with it
+
+        # read-ahead fails: the reader fetches itself, and reports the error if it persists
+        fs2.cache.clear()
+        h2 = await fs2.open(node.ino, os.O_RDONLY)
+        await grow(h2.fh)
+        assert node.inflight
+        off = max(node.inflight) * fs2.chunk
+        failing["on"] = True
+        await trio.sleep(0.1)  # every read-ahead in flight fails
+        assert not node.inflight
+        with pytest.raises(StoreUnavailable):
+            await fs2.read(h2.fh, off, 4096)
+        failing["on"] = False
+        assert await fs2.read(h2.fh, off, 4096) == data[off : off + 4096]
+        await fs2.release(h.fh)
+        await fs2.release(h2.fh)
+        fs2.stop_writeback()
