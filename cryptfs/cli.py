@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-address", help="serve Prometheus metrics on HOST:PORT")
     p.add_argument("--read-ahead-kb", type=int, help="kernel read-ahead in KiB (default 4096)")
     p.add_argument(
+        "--writeback-cache", action="store_true", default=None,
+        help="kernel batches small writes; then other hosts' changes of a file's size or "
+        "mtime are not seen by this mount: single-host volumes only",
+    )  # fmt: skip
+    p.add_argument(
         "--s3ec-max-size", type=_size, help="largest S3 Encryption Client object read (256M)"
     )
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -484,6 +489,7 @@ def cmd_mount(args: Any) -> int:
         ),
         metrics_address=args.metrics_address,
         read_ahead_kb=args.read_ahead_kb,
+        writeback_cache=bool(args.writeback_cache),
     )
 
     def ready() -> None:
@@ -530,6 +536,8 @@ def _spawn_daemon(args: Any, cache_dir: Path) -> int:
     ):
         if text:
             argv += [flag, text]
+    if args.writeback_cache:
+        argv.append("--writeback-cache")
     for o in args.options:
         argv += ["-o", o]
     argv += ["-v"] * args.verbose

@@ -57,6 +57,12 @@ OPTIONS: list[Opt] = [
     Opt("metadata_ttl", float, 10.0, "seconds attributes and listings are trusted"),
     Opt("options", list, [], 'FUSE mount options, e.g. ["allow_other"] (-o on the CLI)'),
     Opt("metrics_address", str, None, "serve Prometheus metrics on HOST:PORT"),
+    Opt(
+        "writeback_cache",
+        bool,
+        False,
+        "kernel batches small writes (much faster); single-host volumes only",
+    ),
     Opt("read_ahead_kb", int, 4096, "kernel read-ahead of the mount, KiB (kernel default: 128)"),
     Opt("verbose", int, 0, "log detail: 0 warnings, 1 info, 2 debug (-v, -vv)"),
 ]

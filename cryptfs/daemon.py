@@ -53,6 +53,7 @@ class MountConfig:
     config_interval: float = 30.0  # re-read the volume config (keyslots, rotation) this often
     metrics_address: str | None = None  # HOST:PORT for Prometheus, off by default
     read_ahead_kb: int = 4096  # the kernel's read-ahead for this mount (0: leave it)
+    writeback_cache: bool = False  # kernel write-back caching (single-host volumes only)
 
 
 def runtime_dir() -> Path:
@@ -187,7 +188,7 @@ async def _announce_when_live(cfg: MountConfig, ready: Callable[[], None]) -> No
 
 
 async def _serve(cfg: MountConfig, fs: Filesystem, ready: Callable[[], None]) -> int:
-    ops = Operations(fs)
+    ops = Operations(fs, writeback_cache=cfg.writeback_cache)
     # never touch the mount point from this process once mounted: the kernel would ask us
     # (the only FUSE server) before the main loop runs, and deadlock
     pidfile = state_file(cfg.mountpoint, "pid")

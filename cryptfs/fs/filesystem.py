@@ -200,6 +200,7 @@ class Node:
     own_salts: set[bytes] = field(default_factory=set)  # generations this mount wrote
     journaled: int = -1  # value of ``change`` when the journal was last written
     kernel_etag: str | None = None  # object version whose pages the kernel may cache
+    materializing: trio.Event | None = None  # set when a staged file being made is ready
     # chunks being fetched by read-ahead: index -> event set when the fetch ended
     inflight: dict[int, trio.Event] = field(default_factory=dict)
     lock: trio.Lock = field(default_factory=trio.Lock)
@@ -1206,9 +1207,24 @@ class Filesystem:
             got[i] = pt
 
     async def _materialize(self, node: Node) -> StagedFile:
-        """Make ``node`` dirty: copy its current content into a new staged file."""
+        """Make ``node`` dirty: copy its current content into a new staged file.
+
+        One at a time per node: a staged file's paths derive from the file id, so a second,
+        concurrent one (two writers, or the kernel's parallel write-back) would truncate and
+        overwrite the first under another key.
+        """
+        while node.materializing is not None:
+            await node.materializing.wait()
         if node.stage is not None:
             return node.stage
+        node.materializing = trio.Event()
+        try:
+            return await self._materialize_one(node)
+        finally:
+            node.materializing.set()
+            node.materializing = None
+
+    async def _materialize_one(self, node: Node) -> StagedFile:
         sf = self.staging.create(node.file_id)
         try:
             size = node.attrs.size
@@ -1223,13 +1239,10 @@ class Filesystem:
                         data = got[i]
                         sf.write_chunk(i, data + bytes(self.chunk - len(data)))
                 sf.size = size
+            node.stage_dek = await self._dek(node)
         except BaseException:
             sf.remove()
             raise
-        if node.stage is not None:  # someone else materialized meanwhile
-            sf.remove()
-            return node.stage
-        node.stage_dek = await self._dek(node)
         node.stage = sf
         return sf
 
@@ -1267,9 +1280,9 @@ class Filesystem:
                 raise Invalid("cannot truncate a symlink")
             if size < 0:
                 raise Invalid("negative size")
-            if node.stage is None and size == 0:
+            if node.stage is None and size == 0 and node.materializing is None:
                 dek = await self._dek(node)
-                if node.stage is None:
+                if node.stage is None and node.materializing is None:
                     node.stage_dek = dek
                     node.stage = self.staging.create(node.file_id)  # nothing to download
             sf = node.stage or await self._materialize(node)
@@ -1718,11 +1731,10 @@ class Filesystem:
             if node.unlinked or node.stage is None:
                 return
             if node.change == change:
-                sf, node.stage = node.stage, None
+                # synchronously: a new staged file of this node reuses the same paths
+                node.stage.remove()
+                node.stage = None
                 node.meta_dirty = False
-                sf.close()
-                # unlinking costs the disk's journal a write: not on the trio thread
-                await trio.to_thread.run_sync(sf.remove)
             return
         if node.is_dir:
             await self._put_marker(node, create=node.remote_etag is None)

@@ -89,8 +89,14 @@ async def _guard(what: str, fn: Callable[[], Awaitable[T]]) -> T:
 class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
 
-    def __init__(self, fs: Filesystem, *, entry_timeout: float = 1.0) -> None:
+    def __init__(
+        self, fs: Filesystem, *, entry_timeout: float = 1.0, writeback_cache: bool = False
+    ) -> None:
         super().__init__()
+        # The kernel's write-back cache batches small writes into large ones, but then it
+        # keeps its own size and mtime of every regular file and never takes them from us
+        # (fuse_get_cache_mask): another host's change of a file would go unseen.  Opt-in.
+        self.enable_writeback_cache = writeback_cache
         self.fs = fs
         self.timeout = entry_timeout
         self._dirs: dict[int, list[tuple[bytes, Node]]] = {}

@@ -49,8 +49,9 @@ def _compare(mnt: Path, ref: Path, why: str) -> None:
             raise AssertionError(f"{why}: {n} differs from byte {first}")
 
 
+@pytest.mark.parametrize("extra", [[], ["--writeback-cache"]], ids=["plain", "writeback-cache"])
 def test_fsx_random_operations(
-    volume: Volume, tmp_path: Path, request: pytest.FixtureRequest
+    volume: Volume, tmp_path: Path, request: pytest.FixtureRequest, extra: list[str]
 ) -> None:
     ops = int(request.config.getoption("--fsx-ops"))
     seed_opt = request.config.getoption("--fsx-seed")
@@ -58,7 +59,7 @@ def test_fsx_random_operations(
     rng = random.Random(seed)
     ref = tmp_path / "ref"
     ref.mkdir()
-    volume.mount()
+    volume.mount(*extra)
     mnt = volume.mnt
     open_files: dict[str, Pair] = {}
     counts: dict[str, int] = {}
@@ -118,12 +119,12 @@ def test_fsx_random_operations(
             elif op == "remount":
                 close_all()
                 volume.umount()
-                volume.mount()
+                volume.mount(*extra)
                 _compare(mnt, ref, where)
         close_all()
         _compare(mnt, ref, f"seed {seed}, end")
         volume.umount()
-        volume.mount()
+        volume.mount(*extra)
         _compare(mnt, ref, f"seed {seed}, after the final remount")
     finally:
         close_all()

@@ -445,3 +445,28 @@ async def test_reads_wait_for_read_ahead_in_flight(tmp_path: Path) -> None:
         await fs2.release(h.fh)
         await fs2.release(h2.fh)
         fs2.stop_writeback()
+
+
+async def test_concurrent_first_writes_share_one_staged_file(tmp_path: Path) -> None:
+    """Two writes racing to make a clean file dirty (two writers, or the kernel's parallel
+    write-back) must end in one staged file holding both, not two fighting over its path."""
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    data = bytearray(os.urandom(64 << 10))
+    await write_file(fs, ROOT_INO, b"f", bytes(data))
+    fs2 = await make_fs(tmp_path / "2", store)
+    node = await fs2.lookup(ROOT_INO, b"f")
+    h1 = await fs2.open(node.ino, os.O_RDWR)
+    h2 = await fs2.open(node.ino, os.O_RDWR)
+    async with trio.open_nursery() as n:
+        n.start_soon(fs2.write, h1.fh, 0, b"A" * 5000)
+        n.start_soon(fs2.write, h2.fh, 40000, b"B" * 5000)
+        n.start_soon(fs2.setattr, node.ino)  # a metadata-only change in between
+    data[0:5000] = b"A" * 5000
+    data[40000:45000] = b"B" * 5000
+    assert await fs2.read(h1.fh, 0, len(data)) == bytes(data)
+    await fs2.release(h1.fh)
+    await fs2.release(h2.fh)
+    await fs2.sync_node(node)
+    fs3 = await make_fs(tmp_path / "3", store)
+    assert await read_file(fs3, (await fs3.lookup(ROOT_INO, b"f")).ino) == bytes(data)
