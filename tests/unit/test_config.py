@@ -75,6 +75,6 @@ def test_every_option_has_its_flag_on_mount() -> None:
     for o in OPTIONS:
         if o.name in ("location", "mountpoint", "options", "verbose"):
             continue
-        value = sample.get(o.kind, "/some/path")
-        args = build_parser().parse_args(["mount", "s3://b/p", "/m", o.flag, value])
+        value = [] if o.kind is bool else [sample.get(o.kind, "/some/path")]
+        args = build_parser().parse_args(["mount", "s3://b/p", "/m", o.flag, *value])
         assert getattr(args, o.name) is not None, o.flag
