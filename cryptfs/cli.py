@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-address", help="serve Prometheus metrics on HOST:PORT")
     p.add_argument("--read-ahead-kb", type=int, help="kernel read-ahead in KiB (default 4096)")
     p.add_argument(
+        "--cache-size", type=_size, help="encrypted chunks kept on the cache disk (default 2G)"
+    )
+    p.add_argument(
         "--writeback-cache", action="store_true", default=None,
         help="kernel batches small writes; then other hosts' changes of a file's size or "
         "mtime are not seen by this mount: single-host volumes only",
@@ -490,6 +493,7 @@ def cmd_mount(args: Any) -> int:
         metrics_address=args.metrics_address,
         read_ahead_kb=args.read_ahead_kb,
         writeback_cache=bool(args.writeback_cache),
+        cache_size=args.cache_size,
     )
 
     def ready() -> None:
@@ -532,6 +536,7 @@ def _spawn_daemon(args: Any, cache_dir: Path) -> int:
         ("--s3-attempts", str(args.s3_attempts)),
         ("--s3ec-max-size", str(args.s3ec_max_size)),
         ("--read-ahead-kb", str(args.read_ahead_kb)),
+        ("--cache-size", str(args.cache_size)),
         ("--s3-timeout", str(args.s3_timeout)),
     ):
         if text:

@@ -63,7 +63,8 @@ OPTIONS: list[Opt] = [
         False,
         "kernel batches small writes (much faster); single-host volumes only",
     ),
-    Opt("read_ahead_kb", int, 4096, "kernel read-ahead of the mount, KiB (kernel default: 128)"),
+    Opt("cache_size", int, 2 << 30, "encrypted chunks kept on the cache disk, bytes (0: none)"),
+    Opt("read_ahead_kb", int, 4096, "kernel read-ahead of the mount, KiB (0: the kernel.s 128)"),
     Opt("verbose", int, 0, "log detail: 0 warnings, 1 info, 2 debug (-v, -vv)"),
 ]
 BY_NAME = {o.name: o for o in OPTIONS}
@@ -134,7 +135,8 @@ def resolve(
     out: dict[str, Any] = {}
     for opt in OPTIONS:
         value = cli.get(opt.name)
-        if value is not None and value != [] and not (opt.kind is int and value == 0):
+        # (-v counts from 0: zero means "not given" there)
+        if value is not None and value != [] and not (opt.name == "verbose" and value == 0):
             out[opt.name] = value
         elif env.get(opt.env):
             out[opt.name] = _convert(opt, env[opt.env], opt.env, None)

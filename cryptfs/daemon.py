@@ -28,6 +28,7 @@ from typing import Any
 
 import trio
 
+from cryptfs.cache.blocks import BlockCache
 from cryptfs.cache.staging import StagingArea
 from cryptfs.errors import CryptfsError, UsageError
 from cryptfs.format.volume import KeySource
@@ -54,6 +55,7 @@ class MountConfig:
     metrics_address: str | None = None  # HOST:PORT for Prometheus, off by default
     read_ahead_kb: int = 4096  # the kernel's read-ahead for this mount (0: leave it)
     writeback_cache: bool = False  # kernel write-back caching (single-host volumes only)
+    cache_size: int = 2 << 30  # encrypted chunks kept on the cache disk (0: none)
 
 
 def runtime_dir() -> Path:
@@ -119,7 +121,10 @@ async def run_mount(cfg: MountConfig, ready: Callable[[], None]) -> int:
         lock_fd = _lock_cache(vdir)
         try:
             staging = StagingArea(vdir / "staging", volume.keys.cache, volume.chunk)
-            fs = Filesystem(volume, staging, cfg.fs, key_prefix=cfg.location.prefix)
+            blocks = None
+            if cfg.cache_size > 0:
+                blocks = BlockCache(vdir / "blocks", cfg.cache_size, volume.chunk)
+            fs = Filesystem(volume, staging, cfg.fs, key_prefix=cfg.location.prefix, blocks=blocks)
             await fs.ensure_root()
             recovered = await fs.recover()
             if recovered:

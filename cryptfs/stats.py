@@ -40,6 +40,9 @@ METRICS = [
     ("cache_hits", "counter", "Chunk cache hits"),
     ("cache_misses", "counter", "Chunk cache misses"),
     ("staging_bytes", "gauge", "Encrypted staging files on the cache disk"),
+    ("disk_cache_bytes", "gauge", "Encrypted chunks kept on the cache disk"),
+    ("disk_cache_limit_bytes", "gauge", "Their bound (--cache-size)"),
+    ("disk_cache_hits", "counter", "Chunks read from the cache disk instead of S3"),
     ("s3_requests", "counter", "S3 requests"),
     ("s3_errors", "counter", "S3 requests failed after retries"),
     ("s3_bytes_in", "counter", "Bytes downloaded from S3"),
@@ -98,6 +101,9 @@ def human_text(s: dict[str, Any]) -> str:
         ("uploaded", f"{s['uploads']} file(s), {_size(s['upload_bytes'])}; "
                      f"{s['upload_failures']} failed attempt(s), {s['conflicts']} conflict(s)"),
         ("staging (disk)", _size(s["staging_bytes"])),
+        ("block cache (disk)", f"{_size(s['disk_cache_bytes'])} of "
+                              f"{_size(s['disk_cache_limit_bytes'])}, "
+                              f"{s['disk_cache_hits']} chunk(s) served"),
         ("memory cache", f"{_size(s['cache_bytes'])} of {_size(s['cache_limit_bytes'])}, "
                          f"hit rate {hit}"),
         ("S3", f"{s['s3_requests']} requests, {s['s3_errors']} errors, "

@@ -28,6 +28,7 @@ from typing import Any
 
 import trio
 
+from cryptfs.cache.blocks import BlockCache
 from cryptfs.cache.staging import StagedFile, StagingArea
 from cryptfs.crypto import Secret, random_bytes, sha256
 from cryptfs.errors import (
@@ -278,8 +279,10 @@ class Filesystem:
         options: Options | None = None,
         *,
         key_prefix: str = "",
+        blocks: BlockCache | None = None,
     ) -> None:
         self.vol = volume
+        self.blocks = blocks  # encrypted chunks on local disk (None: not kept)
         self._key_budget = MAX_KEY - len(key_prefix.encode())
         self.store = volume.store
         self.staging = staging
@@ -1138,9 +1141,9 @@ class Filesystem:
         try:
             async with self._prefetch_limit:
                 if node.remote_etag == etag and not node.unlinked and node.stage is None:
-                    await self._fetch_run(node, first, last, {})
+                    await self._fetch_chunks(node, first, last, {})
         except Exception as e:  # the reader fetches again and reports it
-            log.debug("read-ahead of %s failed: %s", self.path(node), e)
+            log.debug("read-ahead of %s failed: %s", self.path(node).decode(errors="replace"), e)
         finally:
             for k in range(first, last + 1):
                 if node.inflight.get(k) is ev:
@@ -1155,7 +1158,17 @@ class Filesystem:
         yet, the first piece (from chunk 0) brings it along.
         """
         unit = max(1, self.opt.fetch_unit // self.chunk)
-        runs = [(f, min(last, f + unit - 1)) for f in range(first, last + 1, unit)]
+        todo = list(range(first, last + 1))
+        if self.blocks is not None and self.blocks.has(node.file_id, node.attrs.salt):
+            todo = await self._from_disk(node, first, last, got)
+        runs: list[tuple[int, int]] = []
+        for i in todo:  # consecutive missing chunks, at most ``unit`` per GET
+            if runs and runs[-1][1] == i - 1 and i - runs[-1][0] < unit:
+                runs[-1] = (runs[-1][0], i)
+            else:
+                runs.append((i, i))
+        if not runs:
+            return
         if self._known_cipher(node) is None:
             await self._fetch_run(node, *runs.pop(0), got)
         if len(runs) == 1:
@@ -1185,12 +1198,19 @@ class Filesystem:
             self._integrity(key, "short read")
             raise IntegrityError(f"{key}: object shorter than its metadata says")
 
+        blocks = self.blocks
+        fid, salt = node.file_id, node.attrs.salt
+
         def open_all() -> list[bytes]:
             view = memoryview(data)
             out = []
+            sealed = {}
             for i in range(first, last + 1):
                 off, ln_i = chunk_span(i, size, c)
-                out.append(cipher.open_chunk(i, i == n - 1, view[off - start : off - start + ln_i]))
+                sealed[i] = view[off - start : off - start + ln_i]
+                out.append(cipher.open_chunk(i, i == n - 1, sealed[i]))
+            if blocks is not None:  # authenticated: worth keeping on disk
+                blocks.put(fid, salt, header, sealed)
             return out
 
         try:
@@ -1205,6 +1225,44 @@ class Filesystem:
         for i, pt in zip(range(first, last + 1), plain, strict=True):
             self.cache.put((node.file_id, node.attrs.salt, i), pt)
             got[i] = pt
+
+    async def _from_disk(
+        self, node: Node, first: int, last: int, got: dict[int, bytes]
+    ) -> list[int]:
+        """Chunks [first, last] found in the block cache go to ``got`` (authenticated like
+        any download); returns the indexes still to fetch.  A cached chunk that fails
+        authentication drops the cached version: S3 is asked again, nothing is reported."""
+        blocks = self.blocks
+        assert blocks is not None
+        fid, salt = node.file_id, node.attrs.salt
+        header, sealed = await trio.to_thread.run_sync(blocks.get, fid, salt, first, last)
+        if not sealed:
+            return list(range(first, last + 1))
+        try:
+            cipher = self._known_cipher(node) or await self._cipher(node, header)
+        except IntegrityError:
+            blocks.drop(fid, salt)
+            return list(range(first, last + 1))
+        size = node.attrs.size
+        n = chunk_count(size, self.chunk)
+
+        def open_all() -> dict[int, bytes]:
+            return {i: cipher.open_chunk(i, i == n - 1, ct) for i, ct in sealed.items()}
+
+        try:
+            if len(sealed) * self.chunk >= self.opt.offload_bytes:
+                plain = await trio.to_thread.run_sync(open_all, limiter=self._crypto_limit)
+            else:
+                plain = open_all()
+        except IntegrityError as e:
+            where = self.path(node).decode(errors="replace")
+            log.warning("block cache: %s: %s; fetching it again", where, e)
+            blocks.drop(fid, salt)
+            return list(range(first, last + 1))
+        for i, pt in plain.items():
+            self.cache.put((fid, salt, i), pt)
+            got[i] = pt
+        return [i for i in range(first, last + 1) if i not in plain]
 
     async def _materialize(self, node: Node) -> StagedFile:
         """Make ``node`` dirty: copy its current content into a new staged file.
@@ -1661,6 +1719,9 @@ class Filesystem:
             "cache_limit_bytes": self.cache.limit,
             "cache_hits": self.cache.hits,
             "cache_misses": self.cache.misses,
+            "disk_cache_bytes": self.blocks.used if self.blocks else 0,
+            "disk_cache_limit_bytes": self.blocks.limit if self.blocks else 0,
+            "disk_cache_hits": self.blocks.hits if self.blocks else 0,
             "open_files": len(self.handles),
             "inodes": len(self.inodes),
         }
