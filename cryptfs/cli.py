@@ -464,8 +464,9 @@ def _setup_logging(verbose: int, log_file: Path | None) -> None:
 
 
 def cmd_mount(args: Any) -> int:
-    from cryptfs.daemon import MountConfig, check_mountpoint, default_cache_dir, run_mount
+    from cryptfs.daemon import MountConfig, check_mountpoint, run_mount
     from cryptfs.fs.filesystem import Options
+    from cryptfs.runstate import default_cache_dir
     from cryptfs.store.s3 import S3Location
 
     loc = S3Location.parse(args.location)
@@ -575,7 +576,7 @@ def _spawn_daemon(args: Any, cache_dir: Path) -> int:
 def cmd_umount(args: Any) -> int:
     import json
 
-    from cryptfs.daemon import state_file
+    from cryptfs.runstate import state_file
 
     mp = args.mountpoint.absolute()
     pidfile = state_file(mp, "pid")
@@ -622,7 +623,7 @@ def cmd_umount(args: Any) -> int:
 
 def _pending(mp: Path) -> int | None:
     """Files the daemon of ``mp`` still has to upload (None if it does not answer)."""
-    from cryptfs.daemon import state_file
+    from cryptfs.runstate import state_file
     from cryptfs.stats import read_socket
 
     try:
@@ -632,8 +633,8 @@ def _pending(mp: Path) -> int | None:
 
 
 def cmd_fsck(args: Any) -> int:
-    from cryptfs.daemon import default_cache_dir
     from cryptfs.fsck import EXIT_ERROR, fsck
+    from cryptfs.runstate import default_cache_dir
     from cryptfs.session import open_remote, open_volume
     from cryptfs.store.s3 import S3Location
 
@@ -697,7 +698,7 @@ def cmd_import(args: Any) -> int:
 def cmd_stats(args: Any) -> int:
     import json
 
-    from cryptfs.daemon import state_file
+    from cryptfs.runstate import state_file
     from cryptfs.stats import human_text, read_socket
 
     mp = args.mountpoint.absolute()

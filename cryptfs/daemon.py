@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from cryptfs.errors import CryptfsError, UsageError
 from cryptfs.format.volume import KeySource
 from cryptfs.fs.filesystem import Filesystem, Options
 from cryptfs.fuse.ops import Operations, mount_options, mounted, request_unmount, serve
+from cryptfs.runstate import state_file
 from cryptfs.session import Remote, open_remote, open_volume
 from cryptfs.stats import Rates, serve_metrics, serve_socket
 from cryptfs.store.s3 import S3Location
@@ -56,24 +56,6 @@ class MountConfig:
     read_ahead_kb: int = 4096  # the kernel's read-ahead for this mount (0: leave it)
     writeback_cache: bool = False  # kernel write-back caching (single-host volumes only)
     cache_size: int = 2 << 30  # encrypted chunks kept on the cache disk (0: none)
-
-
-def runtime_dir() -> Path:
-    if os.getuid() == 0:
-        return Path("/run/cryptfs")
-    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/cryptfs-{os.getuid()}"  # noqa: S108
-    return Path(base) / "cryptfs"
-
-
-def state_file(mountpoint: Path, suffix: str) -> Path:
-    digest = hashlib.sha256(str(mountpoint.resolve()).encode()).hexdigest()[:24]
-    return runtime_dir() / f"{digest}.{suffix}"
-
-
-def default_cache_dir() -> Path:
-    if os.getuid() == 0:
-        return Path("/var/cache/cryptfs")
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cryptfs"
 
 
 def check_mountpoint(mp: Path) -> None:
