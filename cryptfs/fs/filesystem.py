@@ -51,6 +51,7 @@ from cryptfs.errors import (
     PreconditionFailed,
     ReadOnly,
     StoreError,
+    StoreUnavailable,
     UnsupportedFormat,
 )
 from cryptfs.format import s3ec
@@ -176,6 +177,10 @@ class Node:
     file_id: bytes
     wrapped: WrappedKey | None = None
     remote_etag: str | None = None  # ETag of our object in S3, None if not there (yet)
+    # its Last-Modified, valid while ``modified_etag == remote_etag``: a metadata-only change
+    # (CopyObject onto itself: chmod, chown, touch) keeps the ETag and changes only this
+    remote_modified: float = 0.0
+    modified_etag: str | None = None
     children: dict[bytes, Node] | None = None  # directories: known entries
     listed_at: float = -1.0  # trio time when ``children`` was last complete (<0: never)
     refreshed_at: float = 0.0
@@ -465,10 +470,22 @@ class Filesystem:
             node = self._new_node(parent, name, meta.attrs, meta.file_id)
         node.wrapped = meta.dek
         node.remote_etag = info.etag
+        node.remote_modified, node.modified_etag = info.modified, info.etag
         node.refreshed_at = trio.current_time()
         if parent.children is not None:
             parent.children[name] = node
         return node
+
+    @staticmethod
+    def _same_version(node: Node, etag: str, modified: float) -> bool:
+        """Is (ETag, Last-Modified) seen in S3 the version ``node`` holds?  The first sight of
+        an object we wrote ourselves (Last-Modified not known yet) is taken as ours."""
+        if node.remote_etag != etag:
+            return False
+        if node.modified_etag != etag or not node.remote_modified or not modified:
+            node.remote_modified, node.modified_etag = modified, etag
+            return True
+        return node.remote_modified == modified
 
     def _check_size(self, info: ObjectInfo, attrs: Attrs) -> None:
         try:
@@ -522,6 +539,7 @@ class Filesystem:
         node.foreign, node.foreign_key = env, info.key
         node.attrs = node.attrs.with_(size=env.plain_size(info.size))
         node.remote_etag = info.etag
+        node.remote_modified, node.modified_etag = info.modified, info.etag
         node.refreshed_at = trio.current_time()
         if parent.children is not None:
             parent.children[name] = node
@@ -679,12 +697,25 @@ class Filesystem:
         return None
 
     async def _refresh(self, node: Node) -> None:
-        """Revalidate a clean node's attributes after the metadata TTL (other writers)."""
+        """Revalidate a clean node's attributes after the metadata TTL (other writers).
+
+        When S3 cannot be reached the cached attributes are served (stale, as an NFS client
+        would): a ``stat`` or the path walk of a writer must not fail during an outage that
+        its writes, staged locally, do not even notice.  Reads of data still fail with EIO.
+        """
         if node.parent is None or node.dirty or self._fresh(node.refreshed_at):
             return
         if node.remote_etag is None:
             return
+        try:
+            await self._revalidate(node)
+        except StoreUnavailable as e:
+            log.info("S3 unreachable, serving cached attributes of %s: %s",
+                     self.path(node).decode(errors="replace"), e)  # fmt: skip
+
+    async def _revalidate(self, node: Node) -> None:
         parent = node.parent
+        assert parent is not None
         if parent.children is not None and parent.listed_at >= 0:
             # one LIST revalidates every unchanged entry of the directory (by ETag): an
             # rsync or find over many files costs a LIST per directory, not a HEAD per file
@@ -701,14 +732,14 @@ class Filesystem:
                 self._detach(node)
                 raise NoEntry("file was removed by another writer")
             return
-        if info.etag != node.remote_etag:
+        if not self._same_version(node, info.etag, info.modified):
             if node.foreign is not None:
                 env = await s3ec_envelope(self.store, key, info.metadata, None)
                 if env is None:
                     raise NoEntry("no longer an S3 Encryption Client object")
-                self._adopt_foreign(node.parent, node.name, info, node, env)
+                self._adopt_foreign(parent, node.name, info, node, env)
             else:
-                self._adopt(node.parent, node.name, info, node)
+                self._adopt(parent, node.name, info, node)
         node.refreshed_at = trio.current_time()
 
     # ------------------------------------------------------------------ lookup and listing
@@ -767,18 +798,19 @@ class Filesystem:
         old = dict(d.children or {})
         new: dict[bytes, Node] = {}
         dpath = self.path(d)
-        todo: list[tuple[str, str, str | None]] = []  # (component, key, etag or None for dirs)
+        # (component, key, etag or None for dirs, Last-Modified)
+        todo: list[tuple[str, str, str | None, float]] = []
         here = {obj.key for obj in listing.objects}
         for obj in listing.objects:
             comp = obj.key[len(prefix) :]
             if comp == MARKER or (d.parent is None and comp == CONFIG_NAME):
                 continue
-            todo.append((comp, obj.key, obj.etag))
+            todo.append((comp, obj.key, obj.etag, obj.modified))
         for p in listing.prefixes:
             comp = p[len(prefix) : -1]
-            todo.append((comp, p + MARKER, None))
+            todo.append((comp, p + MARKER, None, 0.0))
 
-        async def load(comp: str, key: str, etag: str | None) -> None:
+        async def load(comp: str, key: str, etag: str | None, modified: float) -> None:
             name: bytes | None = None
             try:
                 if d.raw_prefix is not None:
@@ -789,7 +821,7 @@ class Filesystem:
                     if (
                         cur is not None
                         and etag is not None
-                        and cur.remote_etag == etag
+                        and self._same_version(cur, etag, modified)
                         and not cur.unlinked
                     ):
                         cur.refreshed_at = trio.current_time()  # the listing revalidated it

@@ -23,6 +23,13 @@ class MemoryStore:
         self._n = 0
         self._started: dict[str, float] = {}
         self.calls: dict[str, int] = {}
+        # Last-Modified: a logical clock (S3's has one-second resolution; tests need order)
+        self.modified: dict[str, float] = {}
+        self._tick = 1_000_000.0
+
+    def _touch(self, key: str) -> None:
+        self._tick += 1.0
+        self.modified[key] = self._tick
 
     def _count(self, op: str) -> None:
         self.calls[op] = self.calls.get(op, 0) + 1
@@ -32,7 +39,7 @@ class MemoryStore:
             data, md, etag = self.objects[key]
         except KeyError:
             raise NotFound(key) from None
-        return ObjectInfo(key, len(data), etag, dict(md))
+        return ObjectInfo(key, len(data), etag, dict(md), self.modified.get(key, 0.0))
 
     def _check(self, key: str, if_match: str | None, if_none_match: bool) -> None:
         cur = self.objects.get(key)
@@ -75,6 +82,7 @@ class MemoryStore:
         self._check(key, if_match, if_none_match)
         etag = _etag(body)
         self.objects[key] = (bytes(body), dict(metadata), etag)
+        self._touch(key)
         return etag
 
     async def create_multipart(self, key: str, metadata: Mapping[str, str]) -> str:
@@ -104,6 +112,7 @@ class MemoryStore:
         body = b"".join(parts[i] for i in sorted(parts))
         etag = _etag(body)[:-1] + f'-{len(parts)}"'
         self.objects[k] = (body, md, etag)
+        self._touch(k)
         return etag
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
@@ -132,7 +141,8 @@ class MemoryStore:
         if if_match is not None and info.etag != if_match:
             raise PreconditionFailed(src)
         data = self.objects[src][0]
-        self.objects[dst] = (data, dict(metadata), info.etag)
+        self.objects[dst] = (data, dict(metadata), info.etag)  # as S3: same body, same ETag
+        self._touch(dst)
         return info.etag
 
     async def delete(self, key: str) -> None:
@@ -155,7 +165,7 @@ class MemoryStore:
                 prefixes.add(prefix + rest.split(delimiter, 1)[0] + delimiter)
             else:
                 data, _md, etag = self.objects[key]
-                objs.append(ObjectInfo(key, len(data), etag))
+                objs.append(ObjectInfo(key, len(data), etag, {}, self.modified.get(key, 0.0)))
                 if max_keys is not None and len(objs) >= max_keys:
                     break
         return Listing(objs, sorted(prefixes))

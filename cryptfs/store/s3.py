@@ -495,7 +495,16 @@ class S3Store:
             while True:
                 r = await self._client.list_objects_v2(**kw)
                 for o in r.get("Contents", []):
-                    objs.append(ObjectInfo(o["Key"][plen:], int(o["Size"]), o.get("ETag", "")))
+                    lm = o.get("LastModified")
+                    objs.append(
+                        ObjectInfo(
+                            o["Key"][plen:],
+                            int(o["Size"]),
+                            o.get("ETag", ""),
+                            {},
+                            lm.timestamp() if lm is not None else 0.0,
+                        )
+                    )
                 prefixes.extend(p["Prefix"][plen:] for p in r.get("CommonPrefixes", []))
                 if not r.get("IsTruncated") or (max_keys is not None and len(objs) >= max_keys):
                     return Listing(objs, prefixes)

@@ -470,3 +470,28 @@ async def test_concurrent_first_writes_share_one_staged_file(tmp_path: Path) -> 
     await fs2.sync_node(node)
     fs3 = await make_fs(tmp_path / "3", store)
     assert await read_file(fs3, (await fs3.lookup(ROOT_INO, b"f")).ino) == bytes(data)
+
+
+async def test_metadata_only_change_elsewhere_is_seen(tmp_path: Path) -> None:
+    """chmod/touch by another mount rewrite only the metadata (CopyObject onto itself): the
+    ETag stays, Last-Modified moves; both lookups and listings must notice."""
+    store = MemoryStore()
+    a = await make_fs(tmp_path / "a", store)
+    ino = await write_file(a, ROOT_INO, b"f", b"data")
+    b = await make_fs(tmp_path / "b", store)
+    assert [n for n, _ in await b.readdir(ROOT_INO)] == [b"f"]
+    fb = await b.lookup(ROOT_INO, b"f")
+    assert fb.attrs.mode & 0o777 == 0o644
+    etag = fb.remote_etag
+    await a.setattr(ino, mode=0o600, mtime_ns=123_000_000_000)
+    await a.sync_node(a.node(ino))
+    assert a.node(ino).remote_etag == etag  # same body, same ETag
+    assert (await b.getattr(fb.ino)).mode & 0o777 == 0o600  # by HEAD
+    c = await make_fs(tmp_path / "c", store)
+    await c.readdir(ROOT_INO)
+    fc = await c.lookup(ROOT_INO, b"f")
+    await a.setattr(ino, mode=0o640)
+    await a.sync_node(a.node(ino))
+    listed = dict(await c.readdir(ROOT_INO))  # by listing (metadata TTL 0)
+    assert listed[b"f"] is fc and fc.attrs.mode & 0o777 == 0o640
+    assert fc.attrs.mtime_ns == 123_000_000_000
