@@ -13,6 +13,7 @@ Error handling:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import json
 import logging
@@ -93,9 +94,23 @@ def _lock_cache(volume_dir: Path) -> int:
     return fd
 
 
+def _tune_malloc() -> None:
+    """glibc raises its mmap threshold after large frees and gives every thread an arena, so
+    the multi-MiB buffers of downloads and uploads (freed by worker threads) stay in the
+    process: 30 % more peak RSS in a 512 MiB read.  A fixed threshold returns such buffers
+    to the system at once; two arenas are plenty for one trio and one asyncio thread."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 async def run_mount(cfg: MountConfig, ready: Callable[[], None]) -> int:
     """Mount and serve until unmounted; returns the number of files left staged."""
     check_mountpoint(cfg.mountpoint)
+    _tune_malloc()
     async with open_remote(cfg.location, cfg.remote) as (store, kms):
         volume = await open_volume(store, kms, cfg.source, cfg.remote)
         vdir = cfg.cache_dir / volume.volume_id.hex()
