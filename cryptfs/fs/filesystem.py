@@ -207,6 +207,10 @@ class Node:
     journaled: int = -1  # value of ``change`` when the journal was last written
     kernel_etag: str | None = None  # object version whose pages the kernel may cache
     materializing: trio.Event | None = None  # set when a staged file being made is ready
+    # keys below this directory in S3 as of ``keyset_at`` (lookups without a full listing)
+    keyset: set[str] | None = None
+    keyset_at: float = -1e18
+    keyset_loading: trio.Event | None = None
     # chunks being fetched by read-ahead: index -> event set when the fetch ended
     inflight: dict[int, trio.Event] = field(default_factory=dict)
     lock: trio.Lock = field(default_factory=trio.Lock)
@@ -644,14 +648,46 @@ class Filesystem:
         if node.foreign is not None or node.raw_prefix is not None:
             raise ReadOnly("objects of the AWS S3 Encryption Client are read-only here")
 
+    async def _keyset(self, d: Node) -> set[str]:
+        """The keys and prefixes directly below ``d`` in S3, from one LIST per metadata TTL:
+        lookups in a directory never listed ask S3 only about names that exist."""
+        while True:
+            if d.keyset is not None and self._fresh(d.keyset_at):
+                return d.keyset
+            if d.keyset_loading is None:
+                break
+            await d.keyset_loading.wait()
+            if d.keyset is not None and not self._fresh(d.keyset_at):
+                return d.keyset  # just loaded (metadata TTL 0): use it once
+        d.keyset_loading = trio.Event()
+        try:
+            async with self._meta_limit:
+                listing = await self.store.list(self.dir_prefix(d), delimiter="/")
+            d.keyset = {o.key for o in listing.objects} | set(listing.prefixes)
+            d.keyset_at = trio.current_time()
+            return d.keyset
+        finally:
+            d.keyset_loading.set()
+            d.keyset_loading = None
+
     async def _fetch_entry(self, parent: Node, name: bytes) -> Node | None:
         """Look ``name`` up in S3 (file object, directory marker, or implicit directory)."""
+        node = await self._fetch_entry_uncached(parent, name)
+        if node is not None and parent.children is None:
+            parent.children = {}  # partial (listed_at < 0): a later lookup finds it here
+        if node is not None and parent.children is not None:
+            parent.children[name] = node
+        return node
+
+    async def _fetch_entry_uncached(self, parent: Node, name: bytes) -> Node | None:
         fkey, _ = self._key_for(parent, name, KIND_FILE)
         dkey, _ = self._key_for(parent, name, KIND_DIR)
+        dprefix = dkey[: -len(MARKER)]
         results: dict[str, ObjectInfo | None] = {}
+        keys = await self._keyset(parent)
 
         async def one(k: str) -> None:
-            results[k] = await self._head(k)
+            results[k] = await self._head(k) if k in keys or k == dkey else None
 
         # an object of the AWS S3 Encryption Client keeps its own (plaintext) key name
         raw = None
@@ -663,9 +699,18 @@ class Filesystem:
         ):
             raw = self.dir_prefix(parent) + name.decode(errors="surrogateescape")
 
+        if not (
+            fkey in keys
+            or dprefix in keys
+            or (raw is not None and (raw in keys or raw + "/" in keys))
+        ):
+            return None  # not in the directory's listing (as of the metadata TTL)
         async with open_tasks() as n:
             n.start_soon(one, fkey)
-            n.start_soon(one, dkey)
+            if dprefix in keys:
+                n.start_soon(one, dkey)
+            else:
+                results[dkey] = None
             if raw is not None:
                 n.start_soon(one, raw)
         existing = parent.children.get(name) if parent.children is not None else None
@@ -683,13 +728,13 @@ class Filesystem:
             env = await s3ec_envelope(self.store, raw, found.metadata, None)
             if env is not None:
                 return self._adopt_foreign(parent, name, found, existing, env)
-        if await self._implicit_dir(dkey[: -len(MARKER)]):
+        if dprefix in keys and await self._implicit_dir(dprefix):
             node = existing if existing is not None and existing.is_dir else None
             node = node or self._synthetic_dir(parent, name)
             if parent.children is not None:
                 parent.children[name] = node
             return node
-        if raw is not None and await self._foreign_prefix(raw + "/"):
+        if raw is not None and raw + "/" in keys and await self._foreign_prefix(raw + "/"):
             node = self._synthetic_dir(parent, name, raw_prefix=raw + "/")
             if parent.children is not None:
                 parent.children[name] = node
@@ -773,12 +818,21 @@ class Filesystem:
                 return node if not node.unlinked else None
             if self._fresh(parent.listed_at):
                 return None
-            if parent.listed_at >= 0:
-                # we knew the whole directory once: one LIST refreshes it (HEADs only for
-                # entries that changed) instead of three requests per missing name
-                await self.readdir(parent.ino)
-                node = (parent.children or {}).get(name)
-                return node if node is not None and not node.unlinked else None
+            try:
+                if parent.listed_at >= 0:
+                    # we knew the whole directory once: one LIST refreshes it (HEADs only
+                    # for entries that changed) instead of requests per missing name
+                    await self.readdir(parent.ino)
+                    node = (parent.children or {}).get(name)
+                    return node if node is not None and not node.unlinked else None
+                return await self._fetch_entry(parent, name)
+            except StoreUnavailable as e:
+                # S3 is down: a name this mount does not know is taken as absent, so that
+                # writers carry on (staged); should another host have created it meanwhile,
+                # the upload's If-None-Match keeps both versions (a conflict copy)
+                log.info("S3 unreachable, %s taken as absent: %s",
+                         _join(self.path(parent), name).decode(errors="replace"), e)  # fmt: skip
+                return None
         return await self._fetch_entry(parent, name)
 
     async def getattr(self, ino: int) -> Stat:
@@ -801,9 +855,14 @@ class Filesystem:
         # (component, key, etag or None for dirs, Last-Modified)
         todo: list[tuple[str, str, str | None, float]] = []
         here = {obj.key for obj in listing.objects}
+        d.keyset, d.keyset_at = here | set(listing.prefixes), trio.current_time()
+        own_marker: ObjectInfo | None = None
         for obj in listing.objects:
             comp = obj.key[len(prefix) :]
-            if comp == MARKER or (d.parent is None and comp == CONFIG_NAME):
+            if comp == MARKER:
+                own_marker = obj
+                continue
+            if d.parent is None and comp == CONFIG_NAME:
                 continue
             todo.append((comp, obj.key, obj.etag, obj.modified))
         for p in listing.prefixes:
@@ -825,6 +884,11 @@ class Filesystem:
                         and not cur.unlinked
                     ):
                         cur.refreshed_at = trio.current_time()  # the listing revalidated it
+                        new[name] = cur
+                        return
+                    if cur is not None and etag is None and cur.is_dir and not cur.unlinked:
+                        # a known subdirectory: its attributes are revalidated by its own
+                        # listing (its marker is in there), not by a HEAD per listing here
                         new[name] = cur
                         return
                 info = await self._head(key)
@@ -863,6 +927,18 @@ class Filesystem:
         async with open_tasks() as n:
             for item in todo:
                 n.start_soon(load, *item)
+        if (
+            own_marker is not None
+            and d.parent is not None
+            and d.remote_etag is not None
+            and not d.dirty
+            and not self._same_version(d, own_marker.etag, own_marker.modified)
+        ):
+            # the directory's own attributes changed elsewhere (chmod, chown, utimes)
+            info = await self._head(own_marker.key)
+            if info is not None:
+                with contextlib.suppress(IntegrityError, UnsupportedFormat):
+                    self._adopt(d.parent, d.name, info, d)
         # keep local entries that are not in S3 yet (dirty, never uploaded), and entries that
         # were created while the listing was in flight
         current = d.children or {}

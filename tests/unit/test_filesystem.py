@@ -495,3 +495,51 @@ async def test_metadata_only_change_elsewhere_is_seen(tmp_path: Path) -> None:
     listed = dict(await c.readdir(ROOT_INO))  # by listing (metadata TTL 0)
     assert listed[b"f"] is fc and fc.attrs.mode & 0o777 == 0o640
     assert fc.attrs.mtime_ns == 123_000_000_000
+
+
+async def test_directory_attributes_revalidated_by_its_own_listing(tmp_path: Path) -> None:
+    """Relisting a parent does not HEAD every known subdirectory; a subdirectory's attributes
+    changed elsewhere are picked up when it is listed itself (its marker is in its listing)."""
+    store = MemoryStore()
+    a = await make_fs(tmp_path / "a", store)
+    d = await a.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    for i in range(5):
+        await a.mkdir(d.ino, f"s{i}".encode(), 0o755, 0, 0)
+    for n in list(a.inodes.values()):
+        await a.sync_node(n)
+    b = await make_fs(tmp_path / "b", store)
+    bd = await b.lookup(ROOT_INO, b"d")
+    await b.readdir(bd.ino)
+    store.calls.clear()
+    await b.readdir(bd.ino)  # metadata TTL 0: a new LIST, but no HEAD of s0..s4
+    assert store.calls.get("head", 0) == 0 and store.calls["list"] == 1
+    await a.setattr(d.ino, mode=0o700)
+    await a.sync_node(d)
+    await b.readdir(bd.ino)
+    assert bd.attrs.mode & 0o777 == 0o700
+
+
+async def test_lookups_in_an_unlisted_directory_ask_only_about_names_that_exist(
+    tmp_path: Path,
+) -> None:
+    """A directory never listed: one LIST per metadata TTL tells which names exist, so a
+    missing name costs no request and an existing one one HEAD (not three)."""
+    store = MemoryStore()
+    a = await make_fs(tmp_path / "a", store)
+    d = await a.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    await a.sync_node(d)
+    for i in range(20):
+        await write_file(a, d.ino, f"f{i}".encode(), b"x" * i)
+    b = await make_fs(tmp_path / "b", store)
+    b.opt.metadata_ttl = 60
+    bd = await b.lookup(ROOT_INO, b"d")
+    store.calls.clear()
+    for i in range(20):
+        node = await b.lookup(bd.ino, f"f{i}".encode())
+        assert node.attrs.size == i
+    with pytest.raises(NoEntry):
+        await b.lookup(bd.ino, b"missing")
+    assert store.calls == {"list": 1, "head": 20}, store.calls
+    store.calls.clear()
+    assert (await b.lookup(bd.ino, b"f3")).attrs.size == 3  # remembered: no request
+    assert store.calls == {}
