@@ -147,6 +147,7 @@ class Options:
     small_upload_concurrency: int = 32  # files up to small_upload_bytes at once
     small_upload_bytes: int = 1 << 20
     meta_concurrency: int = 32
+    list_ahead_max: int = 5000  # list a looked-up directory whole up to this many entries
     prefetch_concurrency: int = 6  # read-ahead GETs in flight, all files together
     foreign_max_bytes: int = 256 << 20  # largest S3 Encryption Client object read whole
     show_foreign: bool = True  # show S3 Encryption Client objects (read-only)
@@ -810,6 +811,17 @@ class Filesystem:
         return node
 
     async def _find(self, parent: Node, name: bytes) -> Node | None:
+        if (
+            parent.listed_at < 0
+            and parent.keyset is not None
+            and 0 < len(parent.keyset) <= self.opt.list_ahead_max
+            and (parent.children is None or name not in parent.children)
+        ):
+            # a second name looked up in a directory never listed (rsync, find, ls -l,
+            # cat *): list it whole, its entries' HEADs in parallel, instead of one HEAD
+            # after the other for each name the program asks for
+            with contextlib.suppress(StoreUnavailable):
+                await self.readdir(parent.ino)
         children = parent.children
         if children is not None:
             node = children.get(name)

@@ -523,7 +523,8 @@ async def test_lookups_in_an_unlisted_directory_ask_only_about_names_that_exist(
     tmp_path: Path,
 ) -> None:
     """A directory never listed: one LIST per metadata TTL tells which names exist, so a
-    missing name costs no request and an existing one one HEAD (not three)."""
+    missing name costs no request and an existing one one HEAD (not three); from the second
+    name on, the directory is listed whole (HEADs in parallel) instead of one by one."""
     store = MemoryStore()
     a = await make_fs(tmp_path / "a", store)
     d = await a.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
@@ -539,7 +540,16 @@ async def test_lookups_in_an_unlisted_directory_ask_only_about_names_that_exist(
         assert node.attrs.size == i
     with pytest.raises(NoEntry):
         await b.lookup(bd.ino, b"missing")
-    assert store.calls == {"list": 1, "head": 20}, store.calls
+    assert store.calls == {"list": 2, "head": 20}, store.calls
     store.calls.clear()
     assert (await b.lookup(bd.ino, b"f3")).attrs.size == 3  # remembered: no request
     assert store.calls == {}
+    c = await make_fs(tmp_path / "c", store)
+    c.opt.metadata_ttl, c.opt.list_ahead_max = 60, 0  # as if huge: one HEAD per name
+    cd = await c.lookup(ROOT_INO, b"d")
+    store.calls.clear()
+    for i in range(5):
+        assert (await c.lookup(cd.ino, f"f{i}".encode())).attrs.size == i
+    with pytest.raises(NoEntry):
+        await c.lookup(cd.ino, b"missing")
+    assert store.calls == {"list": 1, "head": 5}, store.calls
