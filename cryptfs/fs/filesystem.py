@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import heapq
+import itertools
 import logging
 import os
 import socket
@@ -311,7 +313,11 @@ class Filesystem:
         self._next_ino = ROOT_INO + 1
         self._next_fh = 1
         self.handles: dict[int, Handle] = {}
-        self._due: dict[Node, float] = {}
+        self._due: dict[Node, float] = {}  # node -> when its upload is due
+        # the same as a heap (stale entries are skipped): no scan of every pending file on
+        # each wake-up, which made thousands of small files quadratic
+        self._due_heap: list[tuple[float, int, Node]] = []
+        self._due_seq = itertools.count()
         self._wake = trio.Event()
         self._stopping = False
         self._retry: dict[Node, float] = {}
@@ -1192,30 +1198,16 @@ class Filesystem:
             return b""
         size = node.attrs.size
         c = self.chunk
-        salt = node.attrs.salt
         need = chunks_for_range(offset, length, c)
         got: dict[int, bytes] = {}
-        missing = []
-        for i in need:
-            v = self.cache.get((node.file_id, salt, i))
-            if v is None:
-                missing.append(i)
-            else:
-                got[i] = v
+        missing = self._from_memory(node, need, got, count=True)
         if missing and node.inflight:
             # read-ahead is already fetching them: wait for it rather than fetch twice
             for i in missing:
                 ev = node.inflight.get(i)
                 if ev is not None:
                     await ev.wait()
-            still = []
-            for i in missing:
-                v = self.cache.peek((node.file_id, salt, i))
-                if v is None:
-                    still.append(i)
-                else:
-                    got[i] = v
-            missing = still
+            missing = self._from_memory(node, missing, got, count=False)
         if h is not None and h.window:
             last = chunk_count(size, c) - 1
             self._read_ahead(node, h, need.stop, min(last, (offset + h.window - 1) // c))
@@ -1227,6 +1219,21 @@ class Filesystem:
         out = b"".join(got[i] for i in need)
         lo = offset - need.start * c
         return out[lo : lo + length]
+
+    def _from_memory(
+        self, node: Node, indexes: Iterable[int], got: dict[int, bytes], *, count: bool
+    ) -> list[int]:
+        """Chunks of ``indexes`` in the memory cache go to ``got``; returns the others
+        (``count``: as hits and misses in the statistics)."""
+        lookup = self.cache.get if count else self.cache.peek
+        missing = []
+        for i in indexes:
+            v = lookup((node.file_id, node.attrs.salt, i))
+            if v is None:
+                missing.append(i)
+            else:
+                got[i] = v
+        return missing
 
     def _read_ahead(self, node: Node, h: Handle, first: int, last: int) -> None:
         """Fetch chunks [first, last] in the background, ``fetch_unit`` per GET, so that the
@@ -1817,8 +1824,11 @@ class Filesystem:
 
     def _schedule(self, node: Node, delay: float | None = None) -> None:
         when = trio.current_time() + (self.opt.writeback_delay if delay is None else delay)
+        earliest = self._due_heap[0][0] if self._due_heap else None
         self._due[node] = when
-        self._wake.set()
+        heapq.heappush(self._due_heap, (when, next(self._due_seq), node))
+        if earliest is None or when < earliest:
+            self._wake.set()
 
     def pending(self) -> list[Node]:
         seen = [n for n in self.inodes.values() if n.dirty and not n.unlinked]
@@ -1853,11 +1863,13 @@ class Filesystem:
             self._background = nursery
             while not self._stopping:
                 now = trio.current_time()
-                due = [n for n, t in self._due.items() if t <= now]
-                for node in due:
-                    del self._due[node]
-                    nursery.start_soon(self._background_sync, node)
-                wait = min(self._due.values(), default=now + 3600) - now
+                heap = self._due_heap
+                while heap and heap[0][0] <= now:
+                    when, _, node = heapq.heappop(heap)
+                    if self._due.get(node) == when:  # else rescheduled or done meanwhile
+                        del self._due[node]
+                        nursery.start_soon(self._background_sync, node)
+                wait = (heap[0][0] if heap else now + 3600) - now
                 self._wake = trio.Event()
                 with trio.move_on_after(max(wait, 0.01)):
                     await self._wake.wait()

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +70,31 @@ def _official_clients(s3: S3Server, kms: KmsServer, key_arn: str) -> tuple[Any, 
     return v3, v2
 
 
+@dataclass
+class Opened:
+    """A new volume (encrypted names) over a prefix that holds S3EC objects."""
+
+    loc: S3Location
+    src: KeySource
+    store: Any
+    kms: Any
+    vol: Volume
+
+
+@asynccontextmanager
+async def _new_volume(
+    s3: S3Server, kms_server: KmsServer | None, bucket: str, prefix: str
+) -> AsyncIterator[Opened]:
+    loc = S3Location.parse(f"s3://{bucket}/{prefix}")
+    src = KeySource(keyfile=Secret(os.urandom(32)))
+    remote = Remote(S3Options(endpoint_url=s3.endpoint))
+    if kms_server is not None:
+        remote = Remote(remote.s3, KmsOptions(endpoint_url=kms_server.endpoint))
+    async with open_remote(loc, remote) as (store, kms):
+        vol = await Volume.create(store, src, chunk_log2=16, encrypt_names=True, kms=kms)
+        yield Opened(loc, src, store, kms, vol)
+
+
 def _write_with_official_client(
     s3: S3Server, kms: KmsServer, key_arn: str, bucket: str, prefix: str
 ) -> None:
@@ -116,13 +144,8 @@ async def test_import_objects_of_the_official_client(
             md["x-amz-d"] = md3["x-amz-d"]
         raw.put_object(Bucket=bucket, Key="vol/" + name, Body=bytes(body), Metadata=md)
 
-    loc = S3Location.parse(f"s3://{bucket}/vol")
-    src = KeySource(keyfile=Secret(os.urandom(32)))
-    remote = Remote(
-        S3Options(endpoint_url=s3server.endpoint), KmsOptions(endpoint_url=kms_server.endpoint)
-    )
-    async with open_remote(loc, remote) as (store, kms):
-        vol = await Volume.create(store, src, chunk_log2=16, encrypt_names=True, kms=kms)
+    async with _new_volume(s3server, kms_server, bucket, "vol") as o:
+        loc, src, store, kms, vol = o.loc, o.src, o.store, o.kms, o.vol
         report = await import_s3ec(vol, key_prefix=loc.prefix)
         assert report.found == len(OBJECTS) + 2 and report.imported == len(OBJECTS), report
         assert sorted(k for k, _ in report.failed) == ["v3/flipped", "v3/swapped"]
@@ -185,13 +208,8 @@ async def test_mount_shows_them_read_only_under_their_own_names(
     body[-1] ^= 1  # the GCM tag
     raw.put_object(Bucket=bucket, Key="m/v3/tampered", Body=bytes(body), Metadata=obj["Metadata"])
 
-    loc = S3Location.parse(f"s3://{bucket}/m")
-    src = KeySource(keyfile=Secret(os.urandom(32)))
-    remote = Remote(
-        S3Options(endpoint_url=s3server.endpoint), KmsOptions(endpoint_url=kms_server.endpoint)
-    )
-    async with open_remote(loc, remote) as (store, kms):
-        vol = await Volume.create(store, src, chunk_log2=16, encrypt_names=True, kms=kms)
+    async with _new_volume(s3server, kms_server, bucket, "m") as o:
+        loc, vol = o.loc, o.vol
         fs = Filesystem(
             vol,
             StagingArea(tmp_path / "st", vol.keys.cache, vol.chunk),
@@ -295,10 +313,8 @@ async def test_aes_gcm_wrapped_objects_need_their_key(
     for v in (2, 3):
         body, md = _aes_wrapped_object(v, wrapping, f"raw AES, v{v}\n".encode())
         raw.put_object(Bucket=bucket, Key=f"a/aes-v{v}.txt", Body=body, Metadata=md)
-    loc = S3Location.parse(f"s3://{bucket}/a")
-    src = KeySource(keyfile=Secret(os.urandom(32)))
-    async with open_remote(loc, Remote(S3Options(endpoint_url=s3server.endpoint))) as (store, k):
-        vol = await Volume.create(store, src, chunk_log2=16, encrypt_names=True, kms=k)
+    async with _new_volume(s3server, None, bucket, "a") as o:
+        loc, src, store, k, vol = o.loc, o.src, o.store, o.kms, o.vol
 
         async def read_all(keys: list[Secret]) -> dict[bytes, Any]:
             v = await open_volume(store, k, src, Remote(s3ec_keys=tuple(keys)))
@@ -366,13 +382,8 @@ async def test_instruction_files(
         k: OBJECTS[k[2:]][1] for k in moved
     }  # their client reads this layout
 
-    loc = S3Location.parse(f"s3://{bucket}/i")
-    src = KeySource(keyfile=Secret(os.urandom(32)))
-    remote = Remote(
-        S3Options(endpoint_url=s3server.endpoint), KmsOptions(endpoint_url=kms_server.endpoint)
-    )
-    async with open_remote(loc, remote) as (store, kms):
-        vol = await Volume.create(store, src, chunk_log2=16, encrypt_names=True, kms=kms)
+    async with _new_volume(s3server, kms_server, bucket, "i") as o:
+        loc, vol = o.loc, o.vol
 
         def new_fs() -> Filesystem:
             return Filesystem(
