@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -182,14 +183,21 @@ class StagingArea:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(root, 0o700)
         self._journal_aead = Aead(hkdf(cache_key, b"", b"cryptfs/v1/journal"))
+        self._disk_bytes, self._disk_bytes_at = 0, -1e9
 
     def disk_bytes(self) -> int:
-        """Space the staging files take on the cache disk (allocated blocks)."""
+        """Space the staging files take on the cache disk (allocated blocks), at most 2 s
+        old: it stats every staging file, and ``cryptfs umount`` asks for it while thousands
+        of small files are being uploaded."""
+        now = time.monotonic()
+        if now - self._disk_bytes_at < 2.0:
+            return self._disk_bytes
         total = 0
         with os.scandir(self.root) as it:
             for e in it:
                 with contextlib.suppress(OSError):
                     total += e.stat(follow_symlinks=False).st_blocks * 512
+        self._disk_bytes, self._disk_bytes_at = total, time.monotonic()
         return total
 
     def create(self, file_id: bytes) -> StagedFile:
