@@ -64,7 +64,7 @@ OPTIONS: list[Opt] = [
         "kernel batches small writes (much faster); single-host volumes only",
     ),
     Opt("cache_size", int, 2 << 30, "encrypted chunks kept on the cache disk, bytes (0: none)"),
-    Opt("read_ahead_kb", int, 4096, "kernel read-ahead of the mount, KiB (0: the kernel.s 128)"),
+    Opt("read_ahead_kb", int, 4096, "kernel read-ahead of the mount, KiB (0: the kernel's 128)"),
     Opt("verbose", int, 0, "log detail: 0 warnings, 1 info, 2 debug (-v, -vv)"),
 ]
 BY_NAME = {o.name: o for o in OPTIONS}
