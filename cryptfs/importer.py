@@ -68,9 +68,7 @@ async def import_s3ec(
         o.key
         for o in listing.objects
         if o.key != CONFIG_NAME
-        and not (
-            s3ec.is_instruction_key(o.key) and o.key[: -len(s3ec.INSTRUCTION_SUFFIX)] in every
-        )  # part of its object
+        and not s3ec.is_instruction_of_listed(o.key, every)  # part of its object
     ]
     report.scanned = len(keys)
     with tempfile.TemporaryDirectory(prefix="cryptfs-import-") as tmp:
@@ -90,7 +88,7 @@ async def import_s3ec(
                 if "cfs" in info.metadata:
                     continue  # one of ours
                 env = await s3ec_envelope(
-                    store, key, dict(info.metadata), key + s3ec.INSTRUCTION_SUFFIX in every
+                    store, key, dict(info.metadata), s3ec.has_instruction(key, every)
                 )
             except CryptfsError as e:
                 report.failed.append((key, str(e)))

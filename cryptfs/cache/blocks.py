@@ -76,9 +76,10 @@ class BlockCache:
             return self._name(file_id, salt) in self._files
 
     def get(
-        self, file_id: bytes, salt: bytes, first: int, last: int
+        self, file_id: bytes, salt: bytes, first: int, last: int, *, header: bool = True
     ) -> tuple[bytes | None, dict[int, bytes]]:
-        """The cached header (or None) and ciphertext chunks among [first, last]."""
+        """The cached header (None if not cached or not asked for) and ciphertext chunks
+        among [first, last]."""
         name = self._name(file_id, salt)
         with self._lock:
             if name not in self._files:
@@ -90,7 +91,7 @@ class BlockCache:
             self._forget(name)
             return None, {}
         try:
-            head = os.pread(fd, self._base, 0)
+            head = os.pread(fd, self._base, 0) if header else b""
             start = self._offset(first)
             raw = os.pread(fd, (last - first + 1) * self._rec, start)
         except OSError as e:
@@ -98,9 +99,9 @@ class BlockCache:
             return None, {}
         finally:
             os.close(fd)
-        header = None
+        cached = None
         if len(head) == self._base and _LEN.unpack_from(head)[0] == HEADER_SIZE:
-            header = head[_LEN.size :]
+            cached = head[_LEN.size :]
         out: dict[int, bytes] = {}
         view = memoryview(raw)
         for k in range(last - first + 1):
@@ -112,7 +113,7 @@ class BlockCache:
                 out[first + k] = bytes(rec[_LEN.size : _LEN.size + n])
         with self._lock:
             self.hits += len(out)
-        return header, out
+        return cached, out
 
     def put(
         self,

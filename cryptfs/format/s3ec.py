@@ -27,7 +27,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 
 from cryptfs.crypto import Aead, Secret, constant_time_eq, hkdf_sha512
@@ -77,6 +77,16 @@ def needs_instruction(md: Mapping[str, str]) -> bool:
 
 def is_instruction_key(key: str) -> bool:
     return key.endswith(INSTRUCTION_SUFFIX)
+
+
+def has_instruction(key: str, listed: Container[str]) -> bool:
+    """Does a listing (``listed``: its keys) hold an instruction file for ``key``?"""
+    return key + INSTRUCTION_SUFFIX in listed
+
+
+def is_instruction_of_listed(key: str, listed: Container[str]) -> bool:
+    """Is ``key`` the instruction file of an object in the same listing (part of it)?"""
+    return is_instruction_key(key) and key[: -len(INSTRUCTION_SUFFIX)] in listed
 
 
 def merge_instruction(md: Mapping[str, str], body: bytes) -> dict[str, str]:

@@ -24,9 +24,9 @@ import os
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -85,6 +85,7 @@ from cryptfs.store.base import ObjectInfo, ObjectStore
 from cryptfs.tasks import open_tasks
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ROOT_INO = 1
 MAX_KEY = 1024
@@ -480,6 +481,10 @@ class Filesystem:
                 self._detach(existing)
             node = self._new_node(parent, name, meta.attrs, meta.file_id)
         node.wrapped = meta.dek
+        return self._seen(parent, name, node, info)
+
+    def _seen(self, parent: Node, name: bytes, node: Node, info: ObjectInfo) -> Node:
+        """``node`` now holds the version ``info`` of ``parent/name`` that S3 just showed."""
         node.remote_etag = info.etag
         node.remote_modified, node.modified_etag = info.modified, info.etag
         node.refreshed_at = trio.current_time()
@@ -549,12 +554,7 @@ class Filesystem:
             node = self._new_node(parent, name, attrs, sha256(info.key.encode())[:16])
         node.foreign, node.foreign_key = env, info.key
         node.attrs = node.attrs.with_(size=env.plain_size(info.size))
-        node.remote_etag = info.etag
-        node.remote_modified, node.modified_etag = info.modified, info.etag
-        node.refreshed_at = trio.current_time()
-        if parent.children is not None:
-            parent.children[name] = node
-        return node
+        return self._seen(parent, name, node, info)
 
     async def _foreign_entry(
         self,
@@ -572,14 +572,14 @@ class Filesystem:
         part of that object); anything else is not ours.  ``here``: the listing's keys."""
         name = comp.encode(errors="surrogateescape")
         if etag is not None:
-            if s3ec.is_instruction_key(key) and key[: -len(s3ec.INSTRUCTION_SUFFIX)] in here:
+            if s3ec.is_instruction_of_listed(key, here):
                 return True
             info = info or await self._head(key)
             if info is None:
                 return False
             try:
                 env = await s3ec_envelope(
-                    self.store, key, info.metadata, key + s3ec.INSTRUCTION_SUFFIX in here
+                    self.store, key, info.metadata, s3ec.has_instruction(key, here)
                 )
                 if env is None:
                     return False
@@ -606,7 +606,7 @@ class Filesystem:
             return False
         info = await self._head(first)
         return info is not None and (
-            s3ec.is_s3ec(info.metadata) or first + s3ec.INSTRUCTION_SUFFIX in keys
+            s3ec.is_s3ec(info.metadata) or s3ec.has_instruction(first, keys)
         )
 
     async def _read_foreign(self, node: Node, offset: int, size: int) -> bytes:
@@ -680,10 +680,9 @@ class Filesystem:
     async def _fetch_entry(self, parent: Node, name: bytes) -> Node | None:
         """Look ``name`` up in S3 (file object, directory marker, or implicit directory)."""
         node = await self._fetch_entry_uncached(parent, name)
-        if node is not None and parent.children is None:
-            parent.children = {}  # partial (listed_at < 0): a later lookup finds it here
-        if node is not None and parent.children is not None:
-            parent.children[name] = node
+        if node is not None:
+            # into ``children`` even if partial (listed_at < 0): a later lookup finds it here
+            self._insert(parent, node)
         return node
 
     async def _fetch_entry_uncached(self, parent: Node, name: bytes) -> Node | None:
@@ -694,7 +693,7 @@ class Filesystem:
         keys = await self._keyset(parent)
 
         async def one(k: str) -> None:
-            results[k] = await self._head(k) if k in keys or k == dkey else None
+            results[k] = await self._head(k)
 
         # an object of the AWS S3 Encryption Client keeps its own (plaintext) key name
         raw = None
@@ -706,22 +705,17 @@ class Filesystem:
         ):
             raw = self.dir_prefix(parent) + name.decode(errors="surrogateescape")
 
-        if not (
-            fkey in keys
-            or dprefix in keys
-            or (raw is not None and (raw in keys or raw + "/" in keys))
-        ):
-            return None  # not in the directory's listing (as of the metadata TTL)
+        # only what the directory's listing (as of the metadata TTL) says exists is asked for
+        heads = [k for k in (fkey, raw) if k is not None and k in keys]
+        if dprefix in keys:
+            heads.append(dkey)
+        if not heads and not (raw is not None and raw + "/" in keys):
+            return None
         async with open_tasks() as n:
-            n.start_soon(one, fkey)
-            if dprefix in keys:
-                n.start_soon(one, dkey)
-            else:
-                results[dkey] = None
-            if raw is not None:
-                n.start_soon(one, raw)
+            for k in heads:
+                n.start_soon(one, k)
         existing = parent.children.get(name) if parent.children is not None else None
-        info = results[fkey] or results[dkey]
+        info = results.get(fkey) or results.get(dkey)
         if info is not None:
             if "cfs" not in info.metadata and self.opt.show_foreign and info.key == fkey:
                 env = await s3ec_envelope(self.store, fkey, info.metadata, None)
@@ -737,15 +731,9 @@ class Filesystem:
                 return self._adopt_foreign(parent, name, found, existing, env)
         if dprefix in keys and await self._implicit_dir(dprefix):
             node = existing if existing is not None and existing.is_dir else None
-            node = node or self._synthetic_dir(parent, name)
-            if parent.children is not None:
-                parent.children[name] = node
-            return node
+            return node or self._synthetic_dir(parent, name)
         if raw is not None and raw + "/" in keys and await self._foreign_prefix(raw + "/"):
-            node = self._synthetic_dir(parent, name, raw_prefix=raw + "/")
-            if parent.children is not None:
-                parent.children[name] = node
-            return node
+            return self._synthetic_dir(parent, name, raw_prefix=raw + "/")
         return None
 
     async def _refresh(self, node: Node) -> None:
@@ -1341,17 +1329,20 @@ class Filesystem:
             return out
 
         try:
-            if len(data) >= self.opt.offload_bytes:
-                # AES-GCM releases the GIL: keep the trio thread free for FUSE requests
-                plain = await trio.to_thread.run_sync(open_all, limiter=self._crypto_limit)
-            else:
-                plain = open_all()
+            plain = await self._crypto(open_all, len(data))
         except IntegrityError as e:
             self._integrity(key, str(e))
             raise
         for i, pt in zip(range(first, last + 1), plain, strict=True):
             self.cache.put((node.file_id, node.attrs.salt, i), pt)
             got[i] = pt
+
+    async def _crypto(self, fn: Callable[[], T], nbytes: int) -> T:
+        """Run ``fn`` (AES-GCM over ``nbytes``) here if small, else in a worker thread:
+        AES-GCM releases the GIL, and the trio thread stays free for FUSE requests."""
+        if nbytes >= self.opt.offload_bytes:
+            return await trio.to_thread.run_sync(fn, limiter=self._crypto_limit)
+        return fn()
 
     async def _from_disk(
         self, node: Node, first: int, last: int, got: dict[int, bytes]
@@ -1362,11 +1353,16 @@ class Filesystem:
         blocks = self.blocks
         assert blocks is not None
         fid, salt = node.file_id, node.attrs.salt
-        header, sealed = await trio.to_thread.run_sync(blocks.get, fid, salt, first, last)
+        known = self._known_cipher(node)
+
+        def load() -> tuple[bytes | None, dict[int, bytes]]:
+            return blocks.get(fid, salt, first, last, header=known is None)
+
+        header, sealed = await trio.to_thread.run_sync(load)
         if not sealed:
             return list(range(first, last + 1))
         try:
-            cipher = self._known_cipher(node) or await self._cipher(node, header)
+            cipher = known or await self._cipher(node, header)
         except IntegrityError:
             blocks.drop(fid, salt)
             return list(range(first, last + 1))
@@ -1377,10 +1373,7 @@ class Filesystem:
             return {i: cipher.open_chunk(i, i == n - 1, ct) for i, ct in sealed.items()}
 
         try:
-            if len(sealed) * self.chunk >= self.opt.offload_bytes:
-                plain = await trio.to_thread.run_sync(open_all, limiter=self._crypto_limit)
-            else:
-                plain = open_all()
+            plain = await self._crypto(open_all, len(sealed) * self.chunk)
         except IntegrityError as e:
             where = self.path(node).decode(errors="replace")
             log.warning("block cache: %s: %s; fetching it again", where, e)

@@ -20,7 +20,7 @@ from cryptfs.crypto import Secret
 from cryptfs.errors import IntegrityError, UnsupportedFormat
 from cryptfs.format import s3ec
 from cryptfs.format.volume import KeySource
-from cryptfs.fs.filesystem import ROOT_INO
+from cryptfs.fs.filesystem import ROOT_INO, Filesystem, Node
 from cryptfs.fs.volume import Volume
 from cryptfs.importer import import_s3ec
 from cryptfs.session import Remote, open_remote, open_volume
@@ -103,6 +103,20 @@ def _write_with_official_client(
         (v3 if version == 3 else v2).put_object(Bucket=bucket, Key=prefix + key, Body=data)
 
 
+async def _official_objects(s3: S3Server, kms: KmsServer, bucket: str, prefix: str) -> str:
+    """The official client writes OBJECTS below ``prefix``; returns its KMS key's ARN."""
+    key_arn = kms.new_key()
+    await trio.to_thread.run_sync(_write_with_official_client, s3, kms, key_arn, bucket, prefix)
+    return key_arn
+
+
+async def _walk(fs: Filesystem, path: str) -> Node:
+    node = fs.root
+    for comp in path.split("/"):
+        node = await fs.lookup(node.ino, comp.encode())
+    return node
+
+
 _V3_ON_OBJECT = ("x-amz-c", "x-amz-d", "x-amz-i")
 
 
@@ -124,10 +138,7 @@ def _move_to_instruction_file(raw: Any, bucket: str, key: str, extra: dict[str, 
 async def test_import_objects_of_the_official_client(
     s3server: S3Server, kms_server: KmsServer, bucket: str, tmp_path: Path
 ) -> None:
-    key_arn = kms_server.new_key()
-    await trio.to_thread.run_sync(
-        _write_with_official_client, s3server, kms_server, key_arn, bucket, "vol/"
-    )
+    await _official_objects(s3server, kms_server, bucket, "vol/")
     raw = s3server.client()
     # their formats, as their client wrote them
     md3 = raw.head_object(Bucket=bucket, Key="vol/v3/hello.txt")["Metadata"]
@@ -158,7 +169,6 @@ async def test_import_objects_of_the_official_client(
         assert again.imported == 0 and len(again.failed) == 2  # resumable, nothing twice
 
         from cryptfs.cache.staging import StagingArea
-        from cryptfs.fs.filesystem import Filesystem
 
         v = await open_volume(store, kms, src)
         fs = Filesystem(
@@ -166,9 +176,7 @@ async def test_import_objects_of_the_official_client(
         )
         await fs.ensure_root()
         for key, (_version, data) in OBJECTS.items():
-            node = fs.root
-            for comp in key.split("/"):
-                node = await fs.lookup(node.ino, comp.encode())
+            node = await _walk(fs, key)
             assert await read_file(fs, node.ino) == data, key
         assert (await fs.lookup(ROOT_INO, b"v3")).is_dir
 
@@ -196,12 +204,9 @@ async def test_mount_shows_them_read_only_under_their_own_names(
 ) -> None:
     from cryptfs.cache.staging import StagingArea
     from cryptfs.errors import FileTooBig, ReadOnly
-    from cryptfs.fs.filesystem import Filesystem, Options
+    from cryptfs.fs.filesystem import Options
 
-    key_arn = kms_server.new_key()
-    await trio.to_thread.run_sync(
-        _write_with_official_client, s3server, kms_server, key_arn, bucket, "m/"
-    )
+    await _official_objects(s3server, kms_server, bucket, "m/")
     raw = s3server.client()
     obj = raw.get_object(Bucket=bucket, Key="m/v3/hello.txt")
     body = bytearray(obj["Body"].read())
@@ -221,9 +226,7 @@ async def test_mount_shows_them_read_only_under_their_own_names(
         names = [n for n, _ in await fs.readdir(ROOT_INO)]
         assert names == [b"native", b"v2", b"v3"]
         for key, (_v, data) in OBJECTS.items():
-            node = fs.root
-            for comp in key.split("/"):
-                node = await fs.lookup(node.ino, comp.encode())
+            node = await _walk(fs, key)
             st = fs.stat(node)
             assert st.size == len(data) and st.mode & 0o777 == 0o444, key
             if len(data) > 200_000:
@@ -306,7 +309,6 @@ async def test_aes_gcm_wrapped_objects_need_their_key(
 ) -> None:
     from cryptfs.cache.staging import StagingArea
     from cryptfs.errors import KeyAccessDenied
-    from cryptfs.fs.filesystem import Filesystem
 
     wrapping = Secret(os.urandom(32))
     raw = s3server.client()
@@ -345,12 +347,8 @@ async def test_instruction_files(
     """Objects whose envelope is in an instruction file: the official client reads them back
     (so the layout is theirs), then a mount shows and reads them and import converts them."""
     from cryptfs.cache.staging import StagingArea
-    from cryptfs.fs.filesystem import Filesystem
 
-    key_arn = kms_server.new_key()
-    await trio.to_thread.run_sync(
-        _write_with_official_client, s3server, kms_server, key_arn, bucket, "i/"
-    )
+    key_arn = await _official_objects(s3server, kms_server, bucket, "i/")
     raw = s3server.client()
     moved = ["i/v3/hello.txt", "i/v2/legacy.txt", "i/v3/empty"]
     for key in moved:
@@ -397,9 +395,7 @@ async def test_instruction_files(
         names = [n for n, _ in await fs.readdir(v3.ino)]
         assert names == [b"deep", b"empty", b"hello.txt"]  # no .instruction, no tampered one
         for key in moved:
-            node = fs.root
-            for comp in key[2:].split("/"):
-                node = await fs.lookup(node.ino, comp.encode())
+            node = await _walk(fs, key[2:])
             assert fs.stat(node).size == len(OBJECTS[key[2:]][1])
             assert await read_file(fs, node.ino) == OBJECTS[key[2:]][1], key
         # found by lookup alone, in a directory never listed
@@ -419,9 +415,7 @@ async def test_instruction_files(
         fs3 = new_fs()
         await fs3.ensure_root()
         for key, (_v, data) in OBJECTS.items():
-            node = fs3.root
-            for comp in key.split("/"):
-                node = await fs3.lookup(node.ino, comp.encode())
+            node = await _walk(fs3, key)
             assert node.foreign is None and await read_file(fs3, node.ino) == data, key
 
 

@@ -355,16 +355,31 @@ async def test_rotation_elsewhere_seen_by_running_mount_and_staged_data_kept(
     assert kids == {vol.config.dek["kid"]}
 
 
+async def _written_elsewhere(
+    tmp_path: Path,
+    store: MemoryStore,
+    data: bytes,
+    *,
+    fetch_unit: int | None = None,
+    readahead: int | None = None,
+) -> Filesystem:
+    """``/f`` holding ``data``, written by one mount; returns a second mount that has not
+    read it yet (with the read-ahead bounds given)."""
+    await write_file(await make_fs(tmp_path, store), ROOT_INO, b"f", data)
+    fs2 = await make_fs(tmp_path / "2", store)
+    if fetch_unit is not None:
+        fs2.opt.fetch_unit = fetch_unit
+    if readahead is not None:
+        fs2.opt.max_readahead = readahead
+    return fs2
+
+
 async def test_sequential_reads_are_served_by_read_ahead(tmp_path: Path) -> None:
     """A sequential reader finds later chunks fetched in the background (few, large GETs,
     never one chunk twice); a seek far away fetches only what it needs."""
     store = MemoryStore()
-    fs = await make_fs(tmp_path, store)
     data = os.urandom(3 << 20)
-    await write_file(fs, ROOT_INO, b"f", data)
-    fs2 = await make_fs(tmp_path / "2", store)
-    fs2.opt.fetch_unit = 256 << 10
-    fs2.opt.max_readahead = 1 << 20
+    fs2 = await _written_elsewhere(tmp_path, store, data, fetch_unit=256 << 10, readahead=1 << 20)
     async with trio.open_nursery() as n:
         await n.start(fs2.serve_writeback)
         node = await fs2.lookup(ROOT_INO, b"f")
@@ -394,12 +409,8 @@ async def test_reads_wait_for_read_ahead_in_flight(tmp_path: Path) -> None:
     from cryptfs.errors import StoreUnavailable
 
     store = MemoryStore()
-    fs = await make_fs(tmp_path, store)
     data = os.urandom(1 << 20)
-    await write_file(fs, ROOT_INO, b"f", data)
-    fs2 = await make_fs(tmp_path / "2", store)
-    fs2.opt.fetch_unit = 128 << 10
-    fs2.opt.max_readahead = 512 << 10
+    fs2 = await _written_elsewhere(tmp_path, store, data, fetch_unit=128 << 10, readahead=512 << 10)
     real_get = store.get
     failing = {"on": False}
 
@@ -451,10 +462,8 @@ async def test_concurrent_first_writes_share_one_staged_file(tmp_path: Path) -> 
     """Two writes racing to make a clean file dirty (two writers, or the kernel's parallel
     write-back) must end in one staged file holding both, not two fighting over its path."""
     store = MemoryStore()
-    fs = await make_fs(tmp_path, store)
     data = bytearray(os.urandom(64 << 10))
-    await write_file(fs, ROOT_INO, b"f", bytes(data))
-    fs2 = await make_fs(tmp_path / "2", store)
+    fs2 = await _written_elsewhere(tmp_path, store, bytes(data))
     node = await fs2.lookup(ROOT_INO, b"f")
     h1 = await fs2.open(node.ino, os.O_RDWR)
     h2 = await fs2.open(node.ino, os.O_RDWR)
