@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlparse
 
+import aiohttp
 import trio
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
@@ -48,6 +49,7 @@ from cryptfs.errors import (
 )
 from cryptfs.store.base import Listing, ObjectInfo
 from cryptfs.store.bridge import AsyncioBridge, open_bridge
+from cryptfs.store.lean import LeanS3, http_date, sse_customer_headers
 from cryptfs.tasks import open_tasks
 
 log = logging.getLogger(__name__)
@@ -131,6 +133,22 @@ class Sse:
     def copy_source_kw(self) -> dict[str, Any]:
         return self._customer("CopySource") if self.mode == "c" else {}
 
+    def create_headers(self) -> dict[str, str]:
+        """``create_kw`` as HTTP headers, for the lean path (``store.lean``)."""
+        if self.mode == "c":
+            return self.access_headers()
+        h = {"x-amz-server-side-encryption": _SSE_HEADER[self.mode]}
+        if self.mode == "kms" and self.kms_key_id:
+            h["x-amz-server-side-encryption-aws-kms-key-id"] = self.kms_key_id
+        return h
+
+    def access_headers(self) -> dict[str, str]:
+        """``access_kw`` as HTTP headers."""
+        if self.mode != "c":
+            return {}
+        assert self.customer_key is not None
+        return sse_customer_headers(self.customer_key.reveal())
+
     def check(self, resp: Mapping[str, Any], what: str) -> None:
         if self.mode == "c":
             ok = resp.get("SSECustomerAlgorithm") == "AES256"
@@ -171,7 +189,7 @@ def _classify(exc: Exception, what: str) -> StoreError:
         return AccessDenied("no S3 credentials found (set AWS_ACCESS_KEY_ID/… or a profile)")
     if isinstance(exc, EndpointConnectionError | ConnectTimeoutError | ReadTimeoutError):
         return StoreUnavailable(f"S3 endpoint unreachable: {exc}")
-    if isinstance(exc, BotoCoreError | OSError):
+    if isinstance(exc, BotoCoreError | OSError | aiohttp.ClientError):
         return StoreUnavailable(f"S3 request failed: {type(exc).__name__}: {exc}")
     raise exc
 
@@ -183,10 +201,12 @@ class S3Store:
         client: Any,
         loc: S3Location,
         limit: int,
+        lean: LeanS3,
         sse: Sse | None = None,
     ) -> None:
         self._bridge = bridge
         self._client = client
+        self._lean = lean  # HEAD, GET and PUT: without botocore's per-request cost
         self.loc = loc
         self._limiter = trio.CapacityLimiter(limit)
         self.requests = 0
@@ -206,7 +226,9 @@ class S3Store:
         """The same client and loop, rooted at another prefix of the bucket."""
         p = prefix.strip("/")
         loc = S3Location(self.loc.bucket, p + "/" if p else "")
-        other = S3Store(self._bridge, self._client, loc, int(self._limiter.total_tokens), self.sse)
+        other = S3Store(
+            self._bridge, self._client, loc, int(self._limiter.total_tokens), self._lean, self.sse
+        )
         other.secure = self.secure
         return other
 
@@ -237,25 +259,30 @@ class S3Store:
             self.requests += 1
             try:
                 return await self._bridge.run(fn, *args)
-            except (ClientError, BotoCoreError, OSError) as e:
+            except (ClientError, BotoCoreError, OSError, aiohttp.ClientError) as e:
                 err = _classify(e, what)
                 if not isinstance(err, NotFound | PreconditionFailed):
                     self.errors += 1  # answers that are part of the protocol are not errors
                 raise err from None
 
+    def _sse_headers(self, create: bool) -> dict[str, str]:
+        if self.sse is None:
+            return {}
+        return self.sse.create_headers() if create else self.sse.access_headers()
+
     async def head(self, key: str) -> ObjectInfo:
         async def op() -> ObjectInfo:
-            r = await self._client.head_object(
-                Bucket=self.loc.bucket, Key=self._k(key), **self._access_kw()
+            a = await self._lean.request(
+                "HEAD", self.loc.bucket, self._k(key), self._sse_headers(False)
             )
-            self._check(r, key)
-            lm = r.get("LastModified")
+            self._check(a.sse(), key)
+            h = a.headers
             return ObjectInfo(
                 key,
-                int(r["ContentLength"]),
-                r["ETag"],
-                r.get("Metadata", {}),
-                lm.timestamp() if lm is not None else 0.0,
+                int(h["Content-Length"]),
+                h["ETag"],
+                a.metadata(),
+                http_date(h.get("Last-Modified", "")),
             )
 
         return await self._call(key, op)  # type: ignore[no-any-return]
@@ -267,23 +294,28 @@ class S3Store:
         end: int | None = None,
         if_match: str | None = None,
     ) -> tuple[ObjectInfo, bytes]:
+        rng = None
+        if start is not None or end is not None:
+            rng = f"bytes={start or 0}-{'' if end is None else end - 1}"
+
         async def op() -> tuple[ObjectInfo, bytes]:
-            kw: dict[str, Any] = {"Bucket": self.loc.bucket, "Key": self._k(key)}
-            kw.update(self._access_kw())
-            if start is not None or end is not None:
-                kw["Range"] = f"bytes={start or 0}-{'' if end is None else end - 1}"
+            hdr = self._sse_headers(False)
+            if rng is not None:
+                hdr["Range"] = rng
             if if_match is not None:
-                kw["IfMatch"] = if_match
-            r = await self._client.get_object(**kw)
-            async with r["Body"] as body:
-                self._check(r, key)
-                data = await body.read()
+                hdr["If-Match"] = if_match
+            a = await self._lean.request("GET", self.loc.bucket, self._k(key), hdr)
+            self._check(a.sse(), key)
+            data = a.body
+            h = a.headers
+            size = int(h.get("Content-Length", len(data)))
+            if len(data) != size:  # aiohttp reads to EOF: a cut body must not pass as whole
+                raise StoreUnavailable(f"S3 body of {key} truncated ({len(data)} of {size})")
             self.bytes_in += len(data)
-            size = int(r["ContentLength"])
-            cr = r.get("ContentRange")
+            cr = h.get("Content-Range")
             if cr:
                 size = int(cr.rsplit("/", 1)[1])
-            return ObjectInfo(key, size, r["ETag"], r.get("Metadata", {})), data
+            return ObjectInfo(key, size, h["ETag"], a.metadata()), data
 
         return await self._call(key, op)  # type: ignore[no-any-return]
 
@@ -304,19 +336,17 @@ class S3Store:
         if_none_match: bool = False,
     ) -> str:
         async def op() -> str:
-            kw: dict[str, Any] = {
-                "Bucket": self.loc.bucket,
-                "Key": self._k(key),
-                "Body": body,
-                "Metadata": dict(metadata),
-                "ContentType": "application/octet-stream",
-                **self._create_kw(),
-            }
-            self._cond(kw, if_match, if_none_match)
-            r = await self._client.put_object(**kw)
-            self._check(r, key)
+            hdr = {f"x-amz-meta-{k}": v for k, v in metadata.items()}
+            hdr["Content-Type"] = "application/octet-stream"
+            hdr.update(self._sse_headers(True))
+            if if_match is not None:
+                hdr["If-Match"] = if_match
+            if if_none_match:
+                hdr["If-None-Match"] = "*"
+            a = await self._lean.request("PUT", self.loc.bucket, self._k(key), hdr, body)
+            self._check(a.sse(), key)
             self.bytes_out += len(body)
-            return str(r["ETag"])
+            return a.headers["ETag"]
 
         return await self._call(key, op)  # type: ignore[no-any-return]
 
@@ -546,19 +576,32 @@ async def open_s3_store(loc: S3Location, opts: S3Options) -> AsyncIterator[S3Sto
             kw["region_name"] = o.region or session.get_config_variable("region") or "us-east-1"
             return kw
 
-        async def create() -> Any:
-            return await stack.enter_async_context(
-                get_session().create_client("s3", **client_kw(opts))
+        session = get_session()
+
+        async def create() -> tuple[Any, LeanS3]:
+            client = await stack.enter_async_context(session.create_client("s3", **client_kw(opts)))
+            lean = LeanS3(
+                session,
+                client.meta.endpoint_url,
+                client.meta.region_name,
+                limit=opts.max_concurrency,
+                connect_timeout=opts.connect_timeout,
+                read_timeout=opts.read_timeout,
+                attempts=opts.max_attempts,
+                verify=opts.verify,
             )
+            await lean.open()
+            stack.push_async_callback(lean.aclose)
+            return client, lean
 
         async def probe() -> None:
             quick = replace(opts, max_attempts=2, connect_timeout=min(5.0, opts.connect_timeout))
             async with get_session().create_client("s3", **client_kw(quick)) as c:
                 await c.head_bucket(Bucket=loc.bucket)
 
-        client = await bridge.run(create)
         try:
-            store = S3Store(bridge, client, loc, opts.max_concurrency)
+            client, lean = await bridge.run(create)
+            store = S3Store(bridge, client, loc, opts.max_concurrency, lean)
             store.secure = not opts.endpoint_url or opts.endpoint_url.lower().startswith("https:")
             try:
                 await store._call(loc.bucket, probe)

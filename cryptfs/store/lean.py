@@ -1,0 +1,339 @@
+"""A lean request path for the object calls every small file pays for: HEAD, GET and PUT.
+
+Owns: AWS Signature Version 4 for those requests (``SigV4``), their aiohttp session and
+connection pool, and their retries (``LeanS3``).  Runs on the bridge's asyncio loop thread,
+inside the coroutines ``store.s3.S3Store`` submits; only ``store.s3`` uses it.
+Must not import: fs, fuse, format.
+
+Why beside aiobotocore rather than through it: botocore spends 1.0–1.3 ms of CPU on every
+request here (event hooks, parameter validation, endpoint rules, user-agent assembly, model-
+driven serialising and parsing, dateutil), against 0.2–0.3 ms for the same signed request
+built directly (docs/PERFORMANCE.md has the measurement).  On two cores shared with the S3
+server that is most of a small file's cost.  Everything else stays with aiobotocore: the
+credential chain (this module asks the same botocore session for credentials on every
+request, so refreshable credentials refresh), LIST, multipart, copy, delete, KMS and the
+bucket probe at mount.
+
+Error handling:
+    A non-2xx answer becomes a botocore ``ClientError`` carrying the S3 error code and HTTP
+    status, the shape ``store.s3._classify`` already maps; transport errors (connection reset,
+    timeout, truncated body) and answers S3 documents as transient (500, 502, 503, 504, 429,
+    ``SlowDown``, ``RequestTimeout`` …) are retried like botocore's "standard" mode: at most
+    ``attempts`` tries in all, exponential backoff with full jitter, capped at 20 s.  What is
+    left is raised unchanged for ``_classify``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import hashlib
+import hmac
+import io
+import re
+import secrets
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+from botocore.exceptions import ClientError, NoCredentialsError
+from botocore.httpsession import create_urllib3_context, get_cert_path
+from yarl import URL
+
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+_TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+# botocore's standard retry mode: transient and throttling error codes
+_TRANSIENT_CODES = frozenset(
+    {
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "PriorRequestNotComplete",
+        "InternalError",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "RequestThrottled",
+        "EC2ThrottledException",
+        "TransactionInProgressException",
+    }
+)
+_MAX_BACKOFF = 20.0
+_META = "x-amz-meta-"
+_CODE = re.compile(rb"<Code>([^<]{1,200})</Code>")
+_MESSAGE = re.compile(rb"<Message>([^<]{0,1000})</Message>")
+_MONTHS = {
+    m: i
+    for i, m in enumerate(
+        ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1
+    )
+}
+
+
+class FrozenCredentials(Protocol):
+    access_key: str
+    secret_key: str
+    token: str | None
+
+
+def _hmac(key: bytes, msg: str) -> bytes:
+    return hmac.new(key, msg.encode(), hashlib.sha256).digest()
+
+
+class SigV4:
+    """Signs S3 requests with an unsigned payload (AES-GCM authenticates every body byte).
+
+    Every header passed in is signed, with ``host``, ``x-amz-date``,
+    ``x-amz-content-sha256`` and (temporary credentials) ``x-amz-security-token`` added.
+    The derived signing key is kept per secret and day.
+    """
+
+    def __init__(self, region: str, service: str = "s3") -> None:
+        self.region = region
+        self.service = service
+        self._key: tuple[str, str, bytes] | None = None  # (secret, day, signing key)
+
+    def _signing_key(self, secret: str, day: str) -> bytes:
+        if self._key is None or self._key[0] != secret or self._key[1] != day:
+            k = _hmac(("AWS4" + secret).encode(), day)
+            k = _hmac(_hmac(_hmac(k, self.region), self.service), "aws4_request")
+            self._key = (secret, day, k)
+        return self._key[2]
+
+    def sign(
+        self,
+        method: str,
+        host: str,
+        path: str,
+        headers: dict[str, str],
+        creds: FrozenCredentials,
+        now: datetime.datetime,
+    ) -> dict[str, str]:
+        """``path`` is already URI-encoded (each byte once, as S3 wants); no query string.
+
+        Returns the headers to send, ``Authorization`` included; ``headers`` is not changed.
+        """
+        amz_date = now.strftime("%Y%m%dT%H%M%SZ")
+        day = amz_date[:8]
+        out = dict(headers)
+        out["x-amz-date"] = amz_date
+        out["x-amz-content-sha256"] = UNSIGNED_PAYLOAD
+        if creds.token:
+            out["x-amz-security-token"] = creds.token
+        canon = {k.lower(): " ".join(str(v).split()) for k, v in out.items()}
+        canon["host"] = host
+        names = sorted(canon)
+        signed = ";".join(names)
+        request = "\n".join(
+            (
+                method,
+                path,
+                "",
+                "".join(f"{n}:{canon[n]}\n" for n in names),
+                signed,
+                UNSIGNED_PAYLOAD,
+            )
+        )
+        scope = f"{day}/{self.region}/{self.service}/aws4_request"
+        to_sign = "\n".join(
+            ("AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(request.encode()).hexdigest())
+        )
+        sig = hmac.new(
+            self._signing_key(creds.secret_key, day), to_sign.encode(), hashlib.sha256
+        ).hexdigest()
+        out["Authorization"] = (
+            f"AWS4-HMAC-SHA256 Credential={creds.access_key}/{scope}, "
+            f"SignedHeaders={signed}, Signature={sig}"
+        )
+        out["Host"] = host
+        return out
+
+
+def http_date(value: str) -> float:
+    """Epoch seconds of an RFC 7231 date (``Tue, 01 Dec 2026 17:46:54 GMT``); 0.0 if not one."""
+    try:
+        if len(value) == 29 and value.endswith(" GMT"):
+            return datetime.datetime(
+                int(value[12:16]),
+                _MONTHS[value[8:11]],
+                int(value[5:7]),
+                int(value[17:19]),
+                int(value[20:22]),
+                int(value[23:25]),
+                tzinfo=datetime.UTC,
+            ).timestamp()
+    except (KeyError, ValueError):
+        pass
+    return 0.0
+
+
+def sse_customer_headers(key: bytes, prefix: str = "") -> dict[str, str]:
+    """SSE-C headers (``prefix``: ``copy-source-`` for the source of a copy)."""
+    p = f"x-amz-{prefix}server-side-encryption-customer-"
+    return {
+        p + "algorithm": "AES256",
+        p + "key": base64.b64encode(key).decode(),
+        p + "key-MD5": base64.b64encode(hashlib.md5(key).digest()).decode(),  # noqa: S324 - S3's key checksum
+    }
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A 2xx answer: its status, headers (case-insensitive) and body."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def metadata(self) -> dict[str, str]:
+        """User metadata, names lower-cased as S3 stores them."""
+        n = len(_META)
+        return {k[n:].lower(): v for k, v in self.headers.items() if k.lower().startswith(_META)}
+
+    def sse(self) -> dict[str, str]:
+        """The server-side encryption the answer reports, under botocore's response names."""
+        h = self.headers
+        out = {}
+        for name, header in (
+            ("ServerSideEncryption", "x-amz-server-side-encryption"),
+            ("SSEKMSKeyId", "x-amz-server-side-encryption-aws-kms-key-id"),
+            ("SSECustomerAlgorithm", "x-amz-server-side-encryption-customer-algorithm"),
+        ):
+            if header in h:
+                out[name] = h[header]
+        return out
+
+
+def _ssl_context(verify: bool | str, ca_bundle: str | None) -> ssl.SSLContext | bool:
+    """The TLS settings aiobotocore would use for the same ``verify`` (and ``AWS_CA_BUNDLE``
+    or the profile's ``ca_bundle``)."""
+    if verify is False:
+        return False
+    ctx: ssl.SSLContext = create_urllib3_context()
+    ctx.check_hostname = True
+    cert = get_cert_path(verify if isinstance(verify, str) else (ca_bundle or True))
+    if cert:
+        ctx.load_verify_locations(cert, None, None)
+    return ctx
+
+
+class LeanS3:
+    """HEAD, GET and PUT of objects, signed here, sent with aiohttp.  Loop-thread only."""
+
+    def __init__(
+        self,
+        session: Any,  # aiobotocore session: the credential chain
+        endpoint_url: str,
+        region: str,
+        *,
+        limit: int,
+        connect_timeout: float,
+        read_timeout: float,
+        attempts: int,
+        verify: bool | str,
+    ) -> None:
+        self._botocore = session
+        u = urlsplit(endpoint_url)
+        self._origin = f"{u.scheme}://{u.netloc}"
+        self._path_base = quote(u.path.rstrip("/"), safe="/~")
+        self.host = u.netloc.lower()
+        if (u.scheme, u.port) in (("https", 443), ("http", 80)):
+            self.host = self.host.rsplit(":", 1)[0]
+        self.signer = SigV4(region)
+        self.attempts = max(1, attempts)
+        self._limit = limit
+        self._timeout = aiohttp.ClientTimeout(sock_connect=connect_timeout, sock_read=read_timeout)
+        self._verify = verify
+        self._http: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        ctx = _ssl_context(self._verify, self._botocore.get_config_variable("ca_bundle"))
+        self._http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self._limit, ssl=ctx, keepalive_timeout=12),
+            timeout=self._timeout,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+            trust_env=True,  # HTTP(S)_PROXY / NO_PROXY, as botocore honours them
+        )
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    async def request(
+        self,
+        method: str,
+        bucket: str,
+        key: str,
+        headers: dict[str, str],
+        body: bytes | None = None,
+    ) -> Answer:
+        """One S3 object request, retried while the failure is transient."""
+        assert self._http is not None
+        path = f"{self._path_base}/{bucket}/{quote(key, safe='/~')}"
+        url = URL(self._origin + path, encoded=True)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                creds = await self._credentials()
+                signed = self.signer.sign(
+                    method, self.host, path, headers, creds, datetime.datetime.now(datetime.UTC)
+                )
+                # a file object, streamed in pieces (aiohttp refuses bytes over 1 MiB), made
+                # anew for each attempt; BytesIO shares the buffer of ``body``, no copy
+                payload = None if body is None else io.BytesIO(body)
+                async with self._http.request(method, url, headers=signed, data=payload) as r:
+                    data = await r.read()
+                    status, got = r.status, r.headers
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                if attempt >= self.attempts:
+                    raise
+                await self._backoff(attempt)
+                continue
+            if status < 300:
+                return Answer(status, got, data)
+            code, message = _error_of(status, data)
+            transient = status in _TRANSIENT_STATUS or code in _TRANSIENT_CODES
+            if attempt < self.attempts and transient:
+                await self._backoff(attempt)
+                continue
+            raise ClientError(
+                {
+                    "Error": {"Code": code, "Message": message},
+                    "ResponseMetadata": {"HTTPStatusCode": status},
+                },
+                method,
+            )
+
+    async def _credentials(self) -> FrozenCredentials:
+        creds = await self._botocore.get_credentials()
+        if creds is None:
+            raise NoCredentialsError()
+        return await creds.get_frozen_credentials()  # type: ignore[no-any-return]
+
+    @staticmethod
+    async def _backoff(attempt: int) -> None:
+        # full jitter over an exponential base, as botocore's standard mode
+        cap = min(_MAX_BACKOFF, 2.0 ** (attempt - 1))
+        await asyncio.sleep(cap * secrets.randbelow(1 << 16) / (1 << 16))
+
+
+def _error_of(status: int, body: bytes) -> tuple[str, str]:
+    """S3's error code and message from an XML error body; HEAD answers have no body, so
+    their code is the status (as botocore reports them)."""
+    code = _CODE.search(body)
+    message = _MESSAGE.search(body)
+    return (
+        code.group(1).decode("utf-8", "replace") if code else str(status),
+        message.group(1).decode("utf-8", "replace") if message else "",
+    )
