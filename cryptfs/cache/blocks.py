@@ -146,10 +146,11 @@ class BlockCache:
                 os.pwrite(fd, _LEN.pack(len(header)) + header, 0)
             for i, data in _runs(chunks):
                 iov: list[bytes | memoryview] = []
-                for d in data:  # no copies: the kernel gathers the pieces
+                # no copies: the kernel gathers the pieces.  Only an object's final chunk
+                # can be short, and nothing follows it: no padding (a small file takes a
+                # few KiB of the cache disk, not a whole record)
+                for d in data:
                     iov += [_LEN.pack(len(d)), d]
-                    if len(d) < self._rec - _LEN.size:
-                        iov.append(bytes(self._rec - _LEN.size - len(d)))
                 for k in range(0, len(iov), 512):  # below IOV_MAX
                     os.pwritev(fd, iov[k : k + 512], self._offset(i) + sum(map(len, iov[:k])))
             after = os.fstat(fd).st_blocks * 512

@@ -38,6 +38,10 @@ def test_put_get_and_lru_bound(tmp_path: Path) -> None:
     assert again.has(b, salt) and again.used == c.used
     assert again.get(b, salt, 0, 0)[1].keys() == {0}
     assert oct((tmp_path / "b").stat().st_mode & 0o777) == "0o700"
+    # a small object takes what its bytes need, not a whole chunk record (no padding)
+    small = BlockCache(tmp_path / "s", 300 << 10, 64 << 10)
+    small.put(a, salt, b"H" * 92, {0: os.urandom(4096 + 16)})
+    assert small.get(a, salt, 0, 0)[1][0] and small.used <= 12 << 10
 
 
 async def test_remount_reads_from_disk_and_a_bad_copy_is_fetched_again(tmp_path: Path) -> None:
