@@ -30,16 +30,17 @@ import base64
 import datetime
 import hashlib
 import hmac
-import io
 import re
 import secrets
 import ssl
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
 
 import aiohttp
+import aiohttp.payload
 from botocore.exceptions import ClientError, NoCredentialsError
 from botocore.httpsession import create_urllib3_context, get_cert_path
 from yarl import URL
@@ -116,8 +117,10 @@ class SigV4:
         headers: dict[str, str],
         creds: FrozenCredentials,
         now: datetime.datetime,
+        query: str = "",
     ) -> dict[str, str]:
-        """``path`` is already URI-encoded (each byte once, as S3 wants); no query string.
+        """``path`` is already URI-encoded (each byte once, as S3 wants); ``query`` is the
+        canonical query string (``canonical_query``).
 
         Returns the headers to send, ``Authorization`` included; ``headers`` is not changed.
         """
@@ -136,7 +139,7 @@ class SigV4:
             (
                 method,
                 path,
-                "",
+                query,
                 "".join(f"{n}:{canon[n]}\n" for n in names),
                 signed,
                 UNSIGNED_PAYLOAD,
@@ -155,6 +158,31 @@ class SigV4:
         )
         out["Host"] = host
         return out
+
+
+def canonical_query(params: Mapping[str, str]) -> str:
+    """The query string as SigV4 signs it (and as it is sent): sorted, each part encoded."""
+    return "&".join(
+        f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(params.items())
+    )
+
+
+class _Body(aiohttp.payload.Payload):
+    """A request body of bytes, handed to the transport in 1 MiB views: no copies (aiohttp's
+    own payloads for bytes warn above 1 MiB, and for BytesIO copy it 64 KiB at a time with a
+    loop wake-up each, 20 % of the loop thread's time while uploading parts)."""
+
+    def __init__(self, value: bytes) -> None:
+        super().__init__(value, content_type="application/octet-stream")
+        self._size = len(value)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        raise TypeError("a binary body")
+
+    async def write(self, writer: Any) -> None:
+        view = memoryview(self._value)
+        for i in range(0, len(view), 1 << 20):
+            await writer.write(view[i : i + (1 << 20)])
 
 
 def http_date(value: str) -> float:
@@ -253,6 +281,7 @@ class LeanS3:
         self._timeout = aiohttp.ClientTimeout(sock_connect=connect_timeout, sock_read=read_timeout)
         self._verify = verify
         self._http: aiohttp.ClientSession | None = None
+        self._proxy: str | None = None
 
     async def open(self) -> None:
         ctx = _ssl_context(self._verify, self._botocore.get_config_variable("ca_bundle"))
@@ -261,8 +290,11 @@ class LeanS3:
             timeout=self._timeout,
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
-            trust_env=True,  # HTTP(S)_PROXY / NO_PROXY, as botocore honours them
+            # trust_env would read ~/.netrc and the proxy variables again on every request
+            # (in an executor thread): the proxy is resolved once, below
+            trust_env=False,
         )
+        self._proxy = _env_proxy(self._origin)
 
     async def aclose(self) -> None:
         if self._http is not None:
@@ -276,23 +308,24 @@ class LeanS3:
         key: str,
         headers: dict[str, str],
         body: bytes | None = None,
+        query: Mapping[str, str] | None = None,
     ) -> Answer:
         """One S3 object request, retried while the failure is transient."""
         assert self._http is not None
         path = f"{self._path_base}/{bucket}/{quote(key, safe='/~')}"
-        url = URL(self._origin + path, encoded=True)
+        qs = canonical_query(query) if query else ""
+        url = URL(self._origin + path + (f"?{qs}" if qs else ""), encoded=True)
         attempt = 0
         while True:
             attempt += 1
             try:
                 creds = await self._credentials()
-                signed = self.signer.sign(
-                    method, self.host, path, headers, creds, datetime.datetime.now(datetime.UTC)
-                )
-                # a file object, streamed in pieces (aiohttp refuses bytes over 1 MiB), made
-                # anew for each attempt; BytesIO shares the buffer of ``body``, no copy
-                payload = None if body is None else io.BytesIO(body)
-                async with self._http.request(method, url, headers=signed, data=payload) as r:
+                now = datetime.datetime.now(datetime.UTC)
+                signed = self.signer.sign(method, self.host, path, headers, creds, now, qs)
+                payload = None if body is None else _Body(body)
+                async with self._http.request(
+                    method, url, headers=signed, data=payload, proxy=self._proxy
+                ) as r:
                     data = await r.read()
                     status, got = r.status, r.headers
             except (aiohttp.ClientError, TimeoutError, OSError):
@@ -326,6 +359,14 @@ class LeanS3:
         # full jitter over an exponential base, as botocore's standard mode
         cap = min(_MAX_BACKOFF, 2.0 ** (attempt - 1))
         await asyncio.sleep(cap * secrets.randbelow(1 << 16) / (1 << 16))
+
+
+def _env_proxy(origin: str) -> str | None:
+    """The proxy for ``origin`` from HTTP(S)_PROXY / NO_PROXY, as botocore would use it."""
+    u = urlsplit(origin)
+    if urllib.request.proxy_bypass_environment(u.hostname or ""):  # type: ignore[attr-defined]
+        return None
+    return urllib.request.getproxies_environment().get(u.scheme)
 
 
 def _error_of(status: int, body: bytes) -> tuple[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -150,6 +151,14 @@ def test_posix_operations(volume: Volume) -> None:
     assert any(k.endswith(".cryptfs.json") for k in volume.raw_keys())
     st = os.statvfs(m)
     assert st.f_namemax == 255
+    for _ in range(2):  # extended attributes: not supported, the same answer every time
+        with pytest.raises(OSError) as ei:
+            os.getxattr(m / "synced", "user.x")
+        assert ei.value.errno == errno.EOPNOTSUPP
+    with pytest.raises(OSError) as ei:
+        os.setxattr(m / "synced", "user.x", b"v")
+    assert ei.value.errno == errno.EOPNOTSUPP
+    assert os.listxattr(m / "synced") == []
     volume.umount()
     volume.mount()
     assert (m / "g").read_bytes() == ref

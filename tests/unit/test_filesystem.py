@@ -12,7 +12,7 @@ from cryptfs.cache.staging import StagingArea
 from cryptfs.crypto import Secret
 from cryptfs.errors import Exists, IntegrityError, Invalid, NoEntry, NotEmpty, NotPermitted
 from cryptfs.format.volume import KeySource
-from cryptfs.fs.filesystem import ROOT_INO, Filesystem, Options
+from cryptfs.fs.filesystem import ROOT_INO, Filesystem, Node, Options
 from cryptfs.fs.volume import Volume
 from cryptfs.store.memory import MemoryStore
 from tests.fsutil import read_file, write_file
@@ -562,3 +562,73 @@ async def test_lookups_in_an_unlisted_directory_ask_only_about_names_that_exist(
     with pytest.raises(NoEntry):
         await c.lookup(cd.ino, b"missing")
     assert store.calls == {"list": 1, "head": 5}, store.calls
+
+
+async def test_fsync_uploads_and_syncs_the_cache_disk_only_when_the_upload_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cryptfs.cache.staging import StagedFile
+    from cryptfs.errors import StoreUnavailable
+
+    synced: list[bool] = []  # the ``durable`` flag of every journal write
+    save = StagedFile.save_journal
+
+    def recording(self: StagedFile, record: dict[str, object], *, durable: bool = False) -> None:
+        synced.append(durable)
+        save(self, record, durable=durable)
+
+    monkeypatch.setattr(StagedFile, "save_journal", recording)
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    node, h = await fs.create(ROOT_INO, b"ok", 0o644, 0, 0)
+    await fs.write(h.fh, 0, b"in S3 when fsync returns")
+    await fs.fsync(h.fh)
+    assert node.remote_etag is not None and True not in synced  # no local sync on success
+    await fs.release(h.fh)
+
+    node, h = await fs.create(ROOT_INO, b"down", 0o644, 0, 0)
+    await fs.write(h.fh, 0, b"kept for the next mount")
+
+    async def unreachable(*a: object, **kw: object) -> str:
+        raise StoreUnavailable("injected: S3 down")
+
+    monkeypatch.setattr(store, "put", unreachable)
+    synced.clear()
+    with pytest.raises(StoreUnavailable):
+        await fs.fsync(h.fh)
+    assert synced[-1] is True  # the failed upload left it synced to the cache disk
+    await fs.release(h.fh)
+    monkeypatch.undo()
+    fs2 = await make_fs(tmp_path, store)
+    assert await fs2.recover() == 1
+    fs3 = await make_fs(tmp_path / "3", store)
+    assert await read_file(fs3, (await fs3.lookup(ROOT_INO, b"down")).ino) == (
+        b"kept for the next mount"
+    )
+
+
+async def test_memoised_object_keys_follow_renames(tmp_path: Path) -> None:
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    d = await fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    sub = await fs.mkdir(d.ino, b"sub", 0o755, 0, 0)
+    f = fs.node(await write_file(fs, sub.ino, b"f", b"content"))
+    g = fs.node(await write_file(fs, sub.ino, b"g", b"other"))
+    before = {n.ino: fs.object_key(n)[0] for n in (sub, f, g)}  # memoised now
+    await fs.rename(ROOT_INO, b"d", ROOT_INO, b"e", 0)  # a directory: all below move
+    await fs.rename(sub.ino, b"g", sub.ino, b"h", 0)  # a file: only its own key
+
+    def fresh(n: Node) -> str:
+        for m in (d, sub, f, g):
+            m.key_memo = m.prefix_memo = None
+        return fs.object_key(n)[0]
+
+    memos = {n.ino: fs.object_key(n)[0] for n in (sub, f, g)}
+    for n in (sub, f, g):
+        assert memos[n.ino] != before[n.ino] and memos[n.ino] == fresh(n)
+    assert set(store.objects) >= {fs.object_key(f)[0], fs.object_key(g)[0]}
+    fs2 = await make_fs(tmp_path / "2", store)
+    e = await fs2.lookup(ROOT_INO, b"e")
+    s2 = await fs2.lookup(e.ino, b"sub")
+    assert await read_file(fs2, (await fs2.lookup(s2.ino, b"h")).ino) == b"other"
+    assert await read_file(fs2, (await fs2.lookup(s2.ino, b"f")).ino) == b"content"

@@ -11,7 +11,13 @@ from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
 
-from cryptfs.store.lean import SigV4, _error_of, http_date, sse_customer_headers
+from cryptfs.store.lean import (
+    SigV4,
+    _error_of,
+    canonical_query,
+    http_date,
+    sse_customer_headers,
+)
 
 NOW = datetime.datetime(2026, 12, 1, 17, 46, 54, tzinfo=datetime.UTC)
 
@@ -87,3 +93,14 @@ def test_http_date_and_errors() -> None:
         "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
     )
     assert h["x-amz-server-side-encryption-customer-key-MD5"] == "tP/LI3N87DFaSk0aoqYgzg=="
+
+
+def test_query_signature_matches_botocore() -> None:
+    """UploadPart: the query (an upload id with characters that must be encoded) is signed."""
+    creds = Credentials("AKIDEXAMPLE", "secret")
+    qs = canonical_query({"uploadId": "2~x/y+z=AB c", "partNumber": "12"})
+    assert qs == "partNumber=12&uploadId=2~x%2Fy%2Bz%3DAB%20c"
+    host, path = "s3.example:9000", "/bucket/k"
+    ours = SigV4("us-east-1").sign("PUT", host, path, {}, creds.get_frozen_credentials(), NOW, qs)
+    theirs = botocore_authorization("PUT", f"http://{host}{path}?{qs}", {}, creds, "us-east-1")
+    assert ours["Authorization"] == theirs
