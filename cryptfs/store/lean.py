@@ -30,6 +30,7 @@ import base64
 import datetime
 import hashlib
 import hmac
+import html
 import re
 import secrets
 import ssl
@@ -37,7 +38,8 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote_plus, urlsplit
+from xml.etree import ElementTree
 
 import aiohttp
 import aiohttp.payload
@@ -70,6 +72,7 @@ _TRANSIENT_CODES = frozenset(
 _MAX_BACKOFF = 20.0
 _META = "x-amz-meta-"
 _CODE = re.compile(rb"<Code>([^<]{1,200})</Code>")
+_ETAG = re.compile(rb"<ETag>([^<]{1,200})</ETag>")
 _MESSAGE = re.compile(rb"<Message>([^<]{0,1000})</Message>")
 _MONTHS = {
     m: i
@@ -309,10 +312,12 @@ class LeanS3:
         headers: dict[str, str],
         body: bytes | None = None,
         query: Mapping[str, str] | None = None,
+        *,
+        error_in_200: bool = False,
     ) -> Answer:
         """One S3 object request, retried while the failure is transient."""
         assert self._http is not None
-        path = f"{self._path_base}/{bucket}/{quote(key, safe='/~')}"
+        path = f"{self._path_base}/{bucket}" + (f"/{quote(key, safe='/~')}" if key else "")
         qs = canonical_query(query) if query else ""
         url = URL(self._origin + path + (f"?{qs}" if qs else ""), encoded=True)
         attempt = 0
@@ -333,7 +338,8 @@ class LeanS3:
                     raise
                 await self._backoff(attempt)
                 continue
-            if status < 300:
+            # CopyObject can fail after its 200 status line: the error is then the body
+            if status < 300 and not (error_in_200 and b"<Error>" in data[:512]):
                 return Answer(status, got, data)
             code, message = _error_of(status, data)
             transient = status in _TRANSIENT_STATUS or code in _TRANSIENT_CODES
@@ -359,6 +365,58 @@ class LeanS3:
         # full jitter over an exponential base, as botocore's standard mode
         cap = min(_MAX_BACKOFF, 2.0 ** (attempt - 1))
         await asyncio.sleep(cap * secrets.randbelow(1 << 16) / (1 << 16))
+
+
+@dataclass(frozen=True)
+class ListPage:
+    """One page of ListObjectsV2 (keys decoded): (key, size, etag, modified) per object."""
+
+    objects: list[tuple[str, int, str, float]]
+    prefixes: list[str]
+    next_token: str | None  # None: the last page
+
+
+def parse_list_page(body: bytes) -> ListPage:
+    """A ListObjectsV2 answer asked with ``encoding-type=url`` (keys are %-encoded, so that
+    any byte of a key survives XML)."""
+    # the S3 server's own answer; expat (Python >= 3.11) refuses entity expansion attacks
+    root = ElementTree.fromstring(body)  # noqa: S314
+    ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+    encoded = root.findtext(f"{ns}EncodingType") == "url"
+
+    def name(v: str | None) -> str:
+        return unquote_plus(v or "") if encoded else (v or "")
+
+    objects = [
+        (
+            name(c.findtext(f"{ns}Key")),
+            int(c.findtext(f"{ns}Size") or 0),
+            c.findtext(f"{ns}ETag") or "",
+            iso_date(c.findtext(f"{ns}LastModified") or ""),
+        )
+        for c in root.iter(f"{ns}Contents")
+    ]
+    prefixes = [name(p.findtext(f"{ns}Prefix")) for p in root.iter(f"{ns}CommonPrefixes")]
+    truncated = (root.findtext(f"{ns}IsTruncated") or "").lower() == "true"
+    return ListPage(
+        objects, prefixes, root.findtext(f"{ns}NextContinuationToken") if truncated else None
+    )
+
+
+def copy_etag(body: bytes) -> str:
+    """The new object's ETag from a CopyObject answer."""
+    m = _ETAG.search(body)
+    if m is None:
+        raise ClientError({"Error": {"Code": "InvalidCopyAnswer"}}, "CopyObject")
+    return html.unescape(m.group(1).decode())
+
+
+def iso_date(value: str) -> float:
+    """Epoch seconds of an ISO 8601 time as listings give it; 0.0 if not one."""
+    try:
+        return datetime.datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def _env_proxy(origin: str) -> str | None:

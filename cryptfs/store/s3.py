@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 import aiohttp
 import trio
@@ -49,7 +49,13 @@ from cryptfs.errors import (
 )
 from cryptfs.store.base import Listing, ObjectInfo
 from cryptfs.store.bridge import AsyncioBridge, open_bridge
-from cryptfs.store.lean import LeanS3, http_date, sse_customer_headers
+from cryptfs.store.lean import (
+    LeanS3,
+    copy_etag,
+    http_date,
+    parse_list_page,
+    sse_customer_headers,
+)
 from cryptfs.tasks import open_tasks
 
 log = logging.getLogger(__name__)
@@ -265,6 +271,13 @@ class S3Store:
                     self.errors += 1  # answers that are part of the protocol are not errors
                 raise err from None
 
+    def _meta_headers(self, metadata: Mapping[str, str]) -> dict[str, str]:
+        """Headers of a new object (PUT, destination of a copy): metadata, type, SSE."""
+        hdr = {f"x-amz-meta-{k}": v for k, v in metadata.items()}
+        hdr["Content-Type"] = "application/octet-stream"
+        hdr.update(self._sse_headers(True))
+        return hdr
+
     def _sse_headers(self, create: bool) -> dict[str, str]:
         if self.sse is None:
             return {}
@@ -336,9 +349,7 @@ class S3Store:
         if_none_match: bool = False,
     ) -> str:
         async def op() -> str:
-            hdr = {f"x-amz-meta-{k}": v for k, v in metadata.items()}
-            hdr["Content-Type"] = "application/octet-stream"
-            hdr.update(self._sse_headers(True))
+            hdr = self._meta_headers(metadata)
             if if_match is not None:
                 hdr["If-Match"] = if_match
             if if_none_match:
@@ -445,21 +456,18 @@ class S3Store:
             return await self._multipart_copy(src, dst, metadata, if_match, size)
 
         async def op() -> str:
-            kw: dict[str, Any] = {
-                "Bucket": self.loc.bucket,
-                "Key": self._k(dst),
-                "CopySource": {"Bucket": self.loc.bucket, "Key": self._k(src)},
-                "MetadataDirective": "REPLACE",
-                "Metadata": dict(metadata),
-                "ContentType": "application/octet-stream",
-                **self._create_kw(),
-            }
-            if self.sse is not None:
-                kw.update(self.sse.copy_source_kw())
+            hdr = self._meta_headers(metadata)
+            hdr["x-amz-copy-source"] = quote(f"{self.loc.bucket}/{self._k(src)}", safe="/~")
+            hdr["x-amz-metadata-directive"] = "REPLACE"
+            if self.sse is not None and self.sse.mode == "c":
+                assert self.sse.customer_key is not None
+                hdr.update(sse_customer_headers(self.sse.customer_key.reveal(), "copy-source-"))
             if if_match is not None:
-                kw["CopySourceIfMatch"] = if_match
-            r = await self._client.copy_object(**kw)
-            return str(r["CopyObjectResult"]["ETag"])
+                hdr["x-amz-copy-source-if-match"] = if_match
+            a = await self._lean.request(
+                "PUT", self.loc.bucket, self._k(dst), hdr, error_in_200=True
+            )
+            return copy_etag(a.body)
 
         return await self._call(f"{src} -> {dst}", op)  # type: ignore[no-any-return]
 
@@ -505,7 +513,7 @@ class S3Store:
 
     async def delete(self, key: str) -> None:
         async def op() -> None:
-            await self._client.delete_object(Bucket=self.loc.bucket, Key=self._k(key))
+            await self._lean.request("DELETE", self.loc.bucket, self._k(key), {})
 
         await self._call(key, op)
 
@@ -517,28 +525,19 @@ class S3Store:
         async def op() -> Listing:
             objs: list[ObjectInfo] = []
             prefixes: list[str] = []
-            kw: dict[str, Any] = {"Bucket": self.loc.bucket, "Prefix": self._k(prefix)}
+            q = {"list-type": "2", "prefix": self._k(prefix), "encoding-type": "url"}
             if delimiter:
-                kw["Delimiter"] = delimiter
+                q["delimiter"] = delimiter
             if max_keys is not None:
-                kw["MaxKeys"] = max_keys
+                q["max-keys"] = str(max_keys)
             while True:
-                r = await self._client.list_objects_v2(**kw)
-                for o in r.get("Contents", []):
-                    lm = o.get("LastModified")
-                    objs.append(
-                        ObjectInfo(
-                            o["Key"][plen:],
-                            int(o["Size"]),
-                            o.get("ETag", ""),
-                            {},
-                            lm.timestamp() if lm is not None else 0.0,
-                        )
-                    )
-                prefixes.extend(p["Prefix"][plen:] for p in r.get("CommonPrefixes", []))
-                if not r.get("IsTruncated") or (max_keys is not None and len(objs) >= max_keys):
+                a = await self._lean.request("GET", self.loc.bucket, "", {}, query=q)
+                page = parse_list_page(a.body)
+                objs.extend(ObjectInfo(k[plen:], n, e, {}, m) for k, n, e, m in page.objects)
+                prefixes.extend(p[plen:] for p in page.prefixes)
+                if page.next_token is None or (max_keys is not None and len(objs) >= max_keys):
                     return Listing(objs, prefixes)
-                kw["ContinuationToken"] = r["NextContinuationToken"]
+                q["continuation-token"] = page.next_token
 
         return await self._call(prefix or "/", op)  # type: ignore[no-any-return]
 

@@ -50,6 +50,20 @@ async def test_store_semantics(s3server: S3Server, bucket: str) -> None:
             await s.head("a/b")
         raw = s3server.client().head_object(Bucket=bucket, Key="pre/fix/a/c")
         assert raw["ContentLength"] == 10
+        # keys that must be encoded (signing, URLs, the copy source, url-encoded listings)
+        odd = "odd/we ird+%20=é~!*'();:@&$,?#[]"
+        await s.put(odd, b"v", {"cfs": "1"})
+        await s.copy(odd, odd + " copy", {"cfs": "3"})
+        assert [o.key for o in (await s.list("odd/")).objects] == [odd, odd + " copy"]
+        assert (await s.get(odd + " copy"))[1] == b"v"
+        await s.delete(odd)
+        assert [o.key for o in (await s.list("odd/", delimiter=None)).objects] == [odd + " copy"]
+        # max_keys bounds a listing
+        for i in range(7):
+            await s.put(f"many/{i}", b"", {})
+        assert len((await s.list("many/", max_keys=3)).objects) == 3
+        s_all = await s.list("many/")
+        assert [o.key for o in s_all.objects] == [f"many/{i}" for i in range(7)]
 
 
 async def test_missing_bucket_and_unreachable_endpoint(s3server: S3Server) -> None:

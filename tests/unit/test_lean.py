@@ -15,7 +15,9 @@ from cryptfs.store.lean import (
     SigV4,
     _error_of,
     canonical_query,
+    copy_etag,
     http_date,
+    parse_list_page,
     sse_customer_headers,
 )
 
@@ -104,3 +106,26 @@ def test_query_signature_matches_botocore() -> None:
     ours = SigV4("us-east-1").sign("PUT", host, path, {}, creds.get_frozen_credentials(), NOW, qs)
     theirs = botocore_authorization("PUT", f"http://{host}{path}?{qs}", {}, creds, "us-east-1")
     assert ours["Authorization"] == theirs
+
+
+def test_list_page_and_copy_answer_parsing() -> None:
+    body = (
+        b'<?xml version="1.0" encoding="UTF-8"?>\n'
+        b'<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+        b"<Name>b</Name><Prefix>p%2F</Prefix><KeyCount>2</KeyCount><MaxKeys>1000</MaxKeys>"
+        b"<EncodingType>url</EncodingType><IsTruncated>true</IsTruncated>"
+        b"<NextContinuationToken>tok/+=</NextContinuationToken>"
+        b"<Contents><Key>p/a+b%C3%A9%0A</Key><LastModified>2026-12-01T17:46:54.000Z"
+        b"</LastModified><ETag>&quot;0123&quot;</ETag><Size>42</Size></Contents>"
+        b"<CommonPrefixes><Prefix>p/sub%2F</Prefix></CommonPrefixes></ListBucketResult>"
+    )
+    page = parse_list_page(body)
+    assert page.objects == [("p/a b\u00e9\n", 42, '"0123"', NOW.timestamp())]
+    assert page.prefixes == ["p/sub/"] and page.next_token == "tok/+="
+    last = body.replace(b"<IsTruncated>true", b"<IsTruncated>false")
+    assert parse_list_page(last).next_token is None
+    copied = (
+        b'<?xml version="1.0" encoding="UTF-8"?><CopyObjectResult><LastModified>'
+        b"2026-12-01T17:46:54.000Z</LastModified><ETag>&#34;abc&#34;</ETag></CopyObjectResult>"
+    )
+    assert copy_etag(copied) == '"abc"'
