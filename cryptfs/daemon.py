@@ -18,6 +18,7 @@ import fcntl
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -107,10 +108,23 @@ def _tune_malloc() -> None:
         pass
 
 
+def _raise_open_file_limit() -> None:
+    """Every staged file (dirty, waiting for its upload) holds a descriptor: ``cp -r`` of a
+    few thousand small files has as many staged at once.  systemd starts services with a
+    soft limit of 1024 (and a hard one of 524288), which would make the 1025th create fail
+    with EMFILE: raise the soft limit to the hard one, as Go programs (rclone) do."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 async def run_mount(cfg: MountConfig, ready: Callable[[], None]) -> int:
     """Mount and serve until unmounted; returns the number of files left staged."""
     check_mountpoint(cfg.mountpoint)
     _tune_malloc()
+    _raise_open_file_limit()
     async with open_remote(cfg.location, cfg.remote) as (store, kms):
         volume = await open_volume(store, kms, cfg.source, cfg.remote)
         vdir = cfg.cache_dir / volume.volume_id.hex()

@@ -32,6 +32,10 @@ from cryptfs.format.names import b64d, b64e
 log = logging.getLogger(__name__)
 _SLOT_OVERHEAD = GCM_NONCE + GCM_TAG
 _ZERO_NONCE = bytes(GCM_NONCE)
+# the journal: two slots, each ``magic ‖ uint32_be(n) ‖ n bytes of sealed record``; a record
+# is written in place into the slot that does not hold the latest one (docs/FORMAT.md §5)
+_JMAGIC = b"CFJ2"
+_JSLOT = 16 << 10
 
 
 def _io(fn: Any, *args: Any) -> Any:
@@ -55,6 +59,7 @@ class StagedFile:
         self._slot = self.chunk + _SLOT_OVERHEAD
         self._aead = Aead(hkdf(area.key, file_id + salt, b"cryptfs/v1/staging"))
         self.path = area.root / (file_id.hex() + ".data")
+        self._jseq = 0  # sequence number of the last journal record this process wrote
         # slots are read by upload workers while the trio thread writes: each pread/pwrite of
         # a slot is atomic with respect to the others (never a torn, unauthenticatable slot)
         self._io_lock = threading.Lock()
@@ -143,23 +148,55 @@ class StagedFile:
         return self.area.root / (self.file_id.hex() + ".journal")
 
     def save_journal(self, record: dict[str, Any], *, durable: bool = False) -> None:
-        """Atomically replace the journal.
+        """Write the journal; a crash at any point leaves the previous record or this one.
 
+        The first record of a staging creates the journal (a torn first write leaves no
+        valid record: as if the file had never been closed, and nothing was promised yet),
+        or atomically replaces one left by an earlier run.  Later records are written in
+        place into the other slot, so no file is created or renamed per record (a rename
+        over an existing file makes ext4 flush the new file's data first: that was most of
+        the cost of rsync's rename + utimes + chmod per file).
         ``durable`` also fsyncs data, journal and directory (power-loss safe); without it the
         journal survives a crash of the process, which is what ``close`` promises.
         """
-        record = dict(record, size=self.size, salt=b64e(self.salt))
+        seq = self._jseq + 1
+        record = dict(record, size=self.size, salt=b64e(self.salt), seq=seq)
         blob = self.area.seal_journal(self.file_id, record)
-        tmp = self.journal_path.with_suffix(".tmp")
-        fd = _io(os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        if 8 + len(blob) > _JSLOT:  # paths are bounded by S3's 1024-byte keys: never here
+            raise NoSpace("journal record too large")
+        slot = _JMAGIC + len(blob).to_bytes(4, "big") + blob
+        if durable:
+            self.fsync()
+        new = seq == 1
+        if new:
+            try:
+                fd = _io(os.open, self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                self._replace_journal(slot, durable)
+                self._jseq = seq
+                return
+        else:
+            fd = _io(os.open, self.journal_path, os.O_WRONLY)
         try:
-            _io(os.write, fd, blob)
+            if _io(os.pwrite, fd, slot, ((seq - 1) % 2) * _JSLOT) != len(slot):
+                raise NoSpace("short write to the cache directory")
             if durable:
                 _io(os.fsync, fd)
         finally:
             os.close(fd)
-        if durable:
-            self.fsync()
+        if durable and new:
+            self.area.fsync_dir()
+        self._jseq = seq
+
+    def _replace_journal(self, slot: bytes, durable: bool) -> None:
+        tmp = self.journal_path.with_suffix(".tmp")
+        fd = _io(os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _io(os.write, fd, slot)
+            if durable:
+                _io(os.fsync, fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, self.journal_path)
         if durable:
             self.area.fsync_dir()
@@ -167,6 +204,7 @@ class StagedFile:
     def drop_journal(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.journal_path.unlink()
+        self._jseq = 0
 
     def remove(self) -> None:
         self.close()
@@ -251,15 +289,34 @@ class StagingArea:
         """Multipart uploads (id -> object key) an earlier run started and never ended."""
         return self._read_uploads()
 
+    def read_journal(self, path: Path) -> dict[str, Any]:
+        """The latest record of a journal that authenticates (raises if none does).
+
+        A journal of an earlier version is one sealed record, the whole file."""
+        raw = path.read_bytes()
+        aad = b"cryptfs/v1/journal\0" + bytes.fromhex(path.stem)
+        best: dict[str, Any] | None = None
+        for off in (0, _JSLOT):
+            rec = raw[off : off + _JSLOT]
+            if rec[:4] != _JMAGIC:
+                continue
+            n = int.from_bytes(rec[4:8], "big")
+            try:
+                got = json.loads(self._journal_aead.open_random(rec[8 : 8 + n], aad))
+            except (ValueError, IntegrityError):
+                continue  # a torn write: the other slot holds the record before it
+            if best is None or int(got.get("seq", 0)) > int(best.get("seq", 0)):
+                best = got
+        if best is None:
+            best = json.loads(self._journal_aead.open_random(raw, aad))
+        return best
+
     def journals(self) -> list[dict[str, Any]]:
         """The journals of staged files, read-only (for fsck); unreadable ones as {}."""
         out: list[dict[str, Any]] = []
         for jp in sorted(self.root.glob("*.journal")):
             try:
-                blob = self._journal_aead.open_random(
-                    jp.read_bytes(), b"cryptfs/v1/journal\0" + bytes.fromhex(jp.stem)
-                )
-                out.append(json.loads(blob))
+                out.append(self.read_journal(jp))
             except (ValueError, IntegrityError, OSError):
                 out.append({})
         return out
@@ -270,11 +327,7 @@ class StagingArea:
         for jp in sorted(self.root.glob("*.journal")):
             try:
                 file_id = bytes.fromhex(jp.stem)
-                rec = json.loads(
-                    self._journal_aead.open_random(
-                        jp.read_bytes(), b"cryptfs/v1/journal\0" + file_id
-                    )
-                )
+                rec = self.read_journal(jp)
                 sf = StagedFile(self, file_id, b64d(rec["salt"]), int(rec["size"]))
             except (ValueError, KeyError, IntegrityError, OSError) as e:
                 log.error("staged file %s cannot be recovered (%s); kept for inspection", jp, e)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import shutil
 import subprocess
 import time
@@ -417,3 +418,22 @@ def test_offline_ls_and_decrypt_without_fuse(volume: Volume, tmp_path: Path) -> 
     r = cryptfs("ls", f"{volume.url}/no/such", *common, check=False)
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
+
+
+def test_more_staged_files_than_the_soft_open_file_limit(volume: Volume) -> None:
+    """Each staged file holds a descriptor; the daemon lifts the soft limit (1024 under
+    systemd) to the hard one, so a cp of many small files does not fail with EMFILE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # inherited by the daemon
+    try:
+        volume.mount("--writeback-delay", "60")  # all of them stay staged until unmount
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    many = volume.mnt / "many"
+    many.mkdir()
+    for i in range(400):
+        (many / f"f{i}").write_bytes(b"x" * i)
+    volume.umount()
+    volume.mount()
+    assert all((many / f"f{i}").read_bytes() == b"x" * i for i in range(400))
+    volume.umount()
