@@ -152,6 +152,8 @@ class Options:
     meta_concurrency: int = 32
     list_ahead_max: int = 5000  # list a looked-up directory whole up to this many entries
     prefetch_concurrency: int = 6  # read-ahead GETs in flight, all files together
+    relist_ahead: int = 8  # background relists of subdirectories ahead of a walk, at once
+    relist_ahead_depth: int = 2  # levels below the directory a walk relisted
     foreign_max_bytes: int = 256 << 20  # largest S3 Encryption Client object read whole
     show_foreign: bool = True  # show S3 Encryption Client objects (read-only)
     uid: int = field(default_factory=os.getuid)
@@ -213,6 +215,7 @@ class Node:
     materializing: trio.Event | None = None  # set when a staged file being made is ready
     # keys below this directory in S3 as of ``keyset_at`` (lookups without a full listing)
     keyset: set[str] | None = None
+    relisting: trio.Event | None = None  # set when the LIST of this directory in flight ends
     # object key and directory prefix as of a names generation (``Filesystem._names_gen``)
     key_memo: tuple[int, str, str, str | None] | None = None  # (gen, kind, key, long name)
     prefix_memo: tuple[int, str] | None = None
@@ -307,6 +310,7 @@ class Filesystem:
         self.ns = RWLock()
         self.cache = ChunkCache(self.opt.memory_cache_bytes)
         self._meta_limit = trio.CapacityLimiter(self.opt.meta_concurrency)
+        self._relist_limit = trio.CapacityLimiter(self.opt.relist_ahead)
         self._upload_limit = trio.CapacityLimiter(self.opt.upload_concurrency)
         # small files are latency-bound: many in flight; their bodies are in memory, so the
         # bound is small_upload_bytes × small_upload_concurrency
@@ -865,10 +869,57 @@ class Filesystem:
 
     async def readdir(self, ino: int) -> list[tuple[bytes, Node]]:
         """All entries of a directory with fresh attributes (concurrent HEADs, bounded)."""
-        d = self.node(ino)
+        return await self._listed(self.node(ino), 0)
+
+    async def _listed(self, d: Node, depth: int) -> list[tuple[bytes, Node]]:
+        """``readdir`` of ``d``; ``depth`` > 0 when it relists ahead of a tree walk.
+
+        One LIST per directory at a time: a walker that arrives while the directory is being
+        relisted (ahead of it) waits for that LIST instead of sending its own."""
         self._check_parent(d)
+        while d.relisting is not None:
+            await d.relisting.wait()
         if d.children is not None and self._fresh(d.listed_at):
             return sorted(d.children.items())
+        d.relisting = trio.Event()
+        try:
+            entries = await self._list_dir(d)
+        finally:
+            d.relisting.set()
+            d.relisting = None
+        if depth < self.opt.relist_ahead_depth:
+            self._relist_ahead(d, depth)
+        return entries
+
+    def _relist_ahead(self, d: Node, depth: int) -> None:
+        """After the metadata TTL, a directory relisted is likely being walked again (rsync,
+        find, du): relist its subdirectories that were listed before, in parallel and in the
+        background, so the walk finds them fresh instead of waiting for one LIST each in
+        turn.  Only directories listed before (walked once), ``relist_ahead_depth`` levels
+        below the one the walk asked for."""
+        nursery = self._background
+        if nursery is None or not d.children or self.opt.metadata_ttl <= 0:
+            return  # (a TTL of 0: nothing relisted ahead would still be fresh for the walk)
+        for child in d.children.values():
+            if (
+                child.is_dir
+                and child.children is not None
+                and child.listed_at >= 0
+                and child.raw_prefix is None
+                and child.relisting is None
+                and not self._fresh(child.listed_at)
+            ):
+                nursery.start_soon(self._relist_in_background, child, depth + 1)
+
+    async def _relist_in_background(self, d: Node, depth: int) -> None:
+        try:
+            async with self._relist_limit:
+                if not d.unlinked and not self._fresh(d.listed_at):
+                    await self._listed(d, depth)
+        except Exception as e:  # the walker lists it itself and reports what fails
+            log.debug("relisting %s ahead failed: %s", self.path(d).decode(errors="replace"), e)
+
+    async def _list_dir(self, d: Node) -> list[tuple[bytes, Node]]:
         prefix = self.dir_prefix(d)
         async with self._meta_limit:
             listing = await self.store.list(prefix, delimiter="/")

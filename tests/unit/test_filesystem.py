@@ -632,3 +632,34 @@ async def test_memoised_object_keys_follow_renames(tmp_path: Path) -> None:
     s2 = await fs2.lookup(e.ino, b"sub")
     assert await read_file(fs2, (await fs2.lookup(s2.ino, b"h")).ino) == b"other"
     assert await read_file(fs2, (await fs2.lookup(s2.ino, b"f")).ino) == b"content"
+
+
+async def test_a_walk_after_the_ttl_finds_subdirectories_relisted_ahead(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    fs.opt.metadata_ttl = 10.0
+    a = await fs.mkdir(ROOT_INO, b"a", 0o755, 0, 0)
+    subs = [await fs.mkdir(a.ino, f"b{i}".encode(), 0o755, 0, 0) for i in range(3)]
+    deep = await fs.mkdir(subs[0].ino, b"c", 0o755, 0, 0)
+    deeper = await fs.mkdir(deep.ino, b"d", 0o755, 0, 0)
+    for n in (a, *subs, deep, deeper):
+        await write_file(fs, n.ino, b"f", b"x")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fs.serve_writeback)
+        for n in (ROOT_INO, a.ino, *(s.ino for s in subs), deep.ino, deeper.ino):
+            await fs.readdir(n)  # the first walk: every directory listed once
+        await trio.sleep(11)  # past the TTL
+        lists = store.calls.get("list", 0)
+        await fs.readdir(ROOT_INO)  # the walk again, from the top
+        await trio.testing.wait_all_tasks_blocked()
+        # root asked; a (1 below) and b0..b2 (2 below) relisted ahead, in the background
+        assert store.calls["list"] - lists == 1 + 1 + 3
+        for s in subs:
+            await fs.readdir(s.ino)  # fresh: no LIST of its own
+        assert store.calls["list"] - lists == 5
+        await fs.readdir(deep.ino)  # 3 below: listed by the walk, which relists d ahead
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.calls["list"] - lists == 7
+        nursery.cancel_scope.cancel()
