@@ -1,4 +1,5 @@
-"""A lean request path for the object calls every small file pays for: HEAD, GET and PUT.
+"""A lean request path for the object calls: HEAD, GET, PUT, UploadPart, CopyObject,
+DeleteObject and ListObjectsV2.
 
 Owns: AWS Signature Version 4 for those requests (``SigV4``), their aiohttp session and
 connection pool, and their retries (``LeanS3``).  Runs on the bridge's asyncio loop thread,
@@ -11,8 +12,8 @@ driven serialising and parsing, dateutil), against 0.2–0.3 ms for the same sig
 built directly (docs/PERFORMANCE.md has the measurement).  On two cores shared with the S3
 server that is most of a small file's cost.  Everything else stays with aiobotocore: the
 credential chain (this module asks the same botocore session for credentials on every
-request, so refreshable credentials refresh), LIST, multipart, copy, delete, KMS and the
-bucket probe at mount.
+request, so refreshable credentials refresh), multipart create/complete/abort, UploadPartCopy,
+the listing of multipart uploads, KMS and the bucket probe at mount.
 
 Error handling:
     A non-2xx answer becomes a botocore ``ClientError`` carrying the S3 error code and HTTP
@@ -257,7 +258,7 @@ def _ssl_context(verify: bool | str, ca_bundle: str | None) -> ssl.SSLContext | 
 
 
 class LeanS3:
-    """HEAD, GET and PUT of objects, signed here, sent with aiohttp.  Loop-thread only."""
+    """Object requests, signed here, sent with aiohttp.  Loop-thread only."""
 
     def __init__(
         self,

@@ -1,7 +1,9 @@
-"""``ObjectStore`` on S3 through aiobotocore, running on the bridge's asyncio loop thread.
+"""``ObjectStore`` on S3, running on the bridge's asyncio loop thread: object requests through
+the lean path (``store.lean``), multipart bookkeeping, UploadPartCopy and the bucket probe
+through aiobotocore.
 
-Owns: the aiobotocore client, its connection pool, request concurrency, and the one place where
-botocore errors are classified into ``cryptfs.errors``.
+Owns: the aiobotocore client, request concurrency, and the one place where S3 errors (of both
+paths) are classified into ``cryptfs.errors``.
 Must not import: fs, fuse, format.
 
 Resource handling:
