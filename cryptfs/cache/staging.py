@@ -36,6 +36,7 @@ _ZERO_NONCE = bytes(GCM_NONCE)
 # is written in place into the slot that does not hold the latest one (docs/FORMAT.md §5)
 _JMAGIC = b"CFJ2"
 _JSLOT = 16 << 10
+_POOL = 64  # empty files made ahead for new staged files and journals
 
 
 def _io(fn: Any, *args: Any) -> Any:
@@ -169,14 +170,12 @@ class StagedFile:
             self.fsync()
         new = seq == 1
         if new:
-            try:
-                fd = _io(os.open, self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
+            if self.journal_path.exists():  # left by an earlier run: replaced atomically
                 self._replace_journal(slot, durable)
                 self._jseq = seq
                 return
-        else:
-            fd = _io(os.open, self.journal_path, os.O_WRONLY)
+            self.area.claim(self.journal_path)
+        fd = _io(os.open, self.journal_path, os.O_WRONLY)
         try:
             if _io(os.pwrite, fd, slot, ((seq - 1) % 2) * _JSLOT) != len(slot):
                 raise NoSpace("short write to the cache directory")
@@ -222,6 +221,50 @@ class StagingArea:
         os.chmod(root, 0o700)
         self._journal_aead = Aead(hkdf(cache_key, b"", b"cryptfs/v1/journal"))
         self._disk_bytes, self._disk_bytes_at = 0, -1e9
+        self._pool: list[str] = []  # names of empty files made ahead (``claim``)
+        self._pool_lock = threading.Lock()
+        self._refilling = False
+        for p in root.glob("*.pool"):  # an earlier run's: never part of a staged file
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+    def claim(self, path: Path) -> None:
+        """Give ``path`` a new empty file (replacing what is there) by renaming one made
+        ahead: creating a file costs ~0.3 ms on the disks here, a rename 0.03 ms, and a
+        small file's staging needs two (its data and its journal) on the trio thread.  The
+        pool is refilled by a short-lived worker thread; when it is empty, ``path`` is
+        created here."""
+        with self._pool_lock:
+            name = self._pool.pop() if self._pool else None
+            refill = len(self._pool) < _POOL // 2 and not self._refilling
+            self._refilling = self._refilling or refill
+        if refill:
+            threading.Thread(target=self._refill, name="cryptfs-staging-pool", daemon=True).start()
+        if name is not None:
+            try:
+                os.rename(self.root / name, path)
+                return
+            except OSError:
+                pass  # (removed meanwhile?) create it here
+        fd = _io(os.open, path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+
+    def _refill(self) -> None:
+        try:
+            while True:
+                with self._pool_lock:
+                    if len(self._pool) >= _POOL:
+                        return
+                name = random_bytes(8).hex() + ".pool"
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                os.close(os.open(self.root / name, flags, 0o600))
+                with self._pool_lock:
+                    self._pool.append(name)
+        except OSError as e:  # a full or vanished cache disk: claim() creates files itself
+            log.debug("staging: cannot make files ahead: %s", e)
+        finally:
+            with self._pool_lock:
+                self._refilling = False
 
     def disk_bytes(self) -> int:
         """Space the staging files take on the cache disk (allocated blocks), at most 2 s
@@ -239,9 +282,8 @@ class StagingArea:
         return total
 
     def create(self, file_id: bytes) -> StagedFile:
-        sf = StagedFile(self, file_id, random_bytes(16), 0)
-        _io(os.ftruncate, sf._fd, 0)
-        return sf
+        self.claim(self.root / (file_id.hex() + ".data"))  # new and empty
+        return StagedFile(self, file_id, random_bytes(16), 0)
 
     def seal_journal(self, file_id: bytes, record: dict[str, Any]) -> bytes:
         data = json.dumps(record, sort_keys=True).encode()

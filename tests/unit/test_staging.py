@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
-from cryptfs.cache.staging import _JSLOT, StagingArea
+from cryptfs.cache.staging import _JSLOT, _POOL, StagingArea
 from cryptfs.crypto import Secret
 from cryptfs.format.names import b64e
 
@@ -65,3 +66,28 @@ def test_journal_of_an_earlier_version_still_recovers_and_is_replaced(tmp_path: 
     found.save_journal({"path": "after upgrade"})  # exists: replaced atomically, then in place
     found.save_journal({"path": "in place"})
     assert area.read_journal(found.journal_path)["path"] == "in place"
+
+
+def test_new_staged_files_and_journals_take_files_made_ahead(tmp_path: Path) -> None:
+    area = _area(tmp_path)
+    first = area.create(os.urandom(16))  # the pool is empty: created here, refill started
+    for t in threading.enumerate():
+        if t.name == "cryptfs-staging-pool":
+            t.join(10)
+    pooled = set(area.root.glob("*.pool"))
+    assert len(pooled) == _POOL
+    sf = area.create(os.urandom(16))
+    sf.write(0, b"x")
+    sf.save_journal({"path": "p"})
+    left = set(area.root.glob("*.pool"))
+    assert len(pooled - left) == 2 and left < pooled  # the data file and the journal
+    assert sf.path.stat().st_size > 0 and area.read_journal(sf.journal_path)["path"] == "p"
+    assert oct(sf.path.stat().st_mode & 0o777) == "0o600"
+    assert first.path.exists()
+    for t in threading.enumerate():
+        if t.name == "cryptfs-staging-pool":
+            t.join(10)
+    _area(tmp_path)  # the next run: files made ahead are never part of a staged file
+    assert not list(area.root.glob("*.pool"))
+    [(found, rec)] = area.recover()
+    assert found.file_id == sf.file_id and rec["path"] == "p"
