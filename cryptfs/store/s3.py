@@ -11,7 +11,8 @@ Resource handling:
     bodies are read and closed inside the submitted coroutine; only bytes and dicts cross.
 Error handling:
     botocore retries transient errors itself (standard mode, bounded attempts, with connect
-    and read timeouts so no call blocks forever); whatever is left is mapped by ``_classify``.
+    and read timeouts so no call blocks forever), the lean path likewise with the same policy;
+    whatever is left is mapped by ``_classify``.
 """
 
 from __future__ import annotations
@@ -141,6 +142,13 @@ class Sse:
     def copy_source_kw(self) -> dict[str, Any]:
         return self._customer("CopySource") if self.mode == "c" else {}
 
+    def copy_source_headers(self) -> dict[str, str]:
+        """``copy_source_kw`` as HTTP headers."""
+        if self.mode != "c":
+            return {}
+        assert self.customer_key is not None
+        return sse_customer_headers(self.customer_key.reveal(), "copy-source-")
+
     def create_headers(self) -> dict[str, str]:
         """``create_kw`` as HTTP headers, for the lean path (``store.lean``)."""
         if self.mode == "c":
@@ -214,7 +222,7 @@ class S3Store:
     ) -> None:
         self._bridge = bridge
         self._client = client
-        self._lean = lean  # HEAD, GET and PUT: without botocore's per-request cost
+        self._lean = lean  # object requests, without botocore's per-request cost
         self.loc = loc
         self._limiter = trio.CapacityLimiter(limit)
         self.requests = 0
@@ -461,9 +469,8 @@ class S3Store:
             hdr = self._meta_headers(metadata)
             hdr["x-amz-copy-source"] = quote(f"{self.loc.bucket}/{self._k(src)}", safe="/~")
             hdr["x-amz-metadata-directive"] = "REPLACE"
-            if self.sse is not None and self.sse.mode == "c":
-                assert self.sse.customer_key is not None
-                hdr.update(sse_customer_headers(self.sse.customer_key.reveal(), "copy-source-"))
+            if self.sse is not None:
+                hdr.update(self.sse.copy_source_headers())
             if if_match is not None:
                 hdr["x-amz-copy-source-if-match"] = if_match
             a = await self._lean.request(
