@@ -145,7 +145,7 @@ class Options:
     part_size: int = 8 << 20
     fetch_unit: int = 4 << 20  # bytes per ranged GET when reading a long run
     offload_bytes: int = 256 << 10  # decrypt runs at least this long in a worker thread
-    disk_backlog: int = 32 << 20  # downloads waiting for the block cache, at most (bytes)
+    disk_backlog: int = 8 << 20  # downloads waiting for the block cache, at most (bytes)
     upload_concurrency: int = 4  # large files at once (each with this many parts in flight)
     small_upload_concurrency: int = 32  # files up to small_upload_bytes at once
     small_upload_bytes: int = 1 << 20
