@@ -367,6 +367,10 @@ class StagingArea:
         """Staged files left by an earlier run, with their journals; strays are removed."""
         found = []
         for jp in sorted(self.root.glob("*.journal")):
+            with contextlib.suppress(OSError):
+                if jp.stat().st_size == 0:  # its first record never got written: no journal
+                    jp.unlink()
+                    continue
             try:
                 file_id = bytes.fromhex(jp.stem)
                 rec = self.read_journal(jp)

@@ -91,3 +91,13 @@ def test_new_staged_files_and_journals_take_files_made_ahead(tmp_path: Path) -> 
     assert not list(area.root.glob("*.pool"))
     [(found, rec)] = area.recover()
     assert found.file_id == sf.file_id and rec["path"] == "p"
+
+
+def test_a_journal_whose_first_record_never_got_written_is_no_journal(tmp_path: Path) -> None:
+    area = _area(tmp_path)
+    sf = area.create(os.urandom(16))
+    sf.write(0, b"never closed")
+    area.claim(sf.journal_path)  # the crash came between the claim and the first record
+    assert sf.journal_path.stat().st_size == 0
+    assert area.recover() == []  # nothing was promised: both go, quietly (no ERROR log)
+    assert not sf.journal_path.exists() and not sf.path.exists()
