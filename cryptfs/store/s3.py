@@ -142,12 +142,15 @@ class Sse:
     def copy_source_kw(self) -> dict[str, Any]:
         return self._customer("CopySource") if self.mode == "c" else {}
 
-    def copy_source_headers(self) -> dict[str, str]:
-        """``copy_source_kw`` as HTTP headers."""
+    def _customer_headers(self, prefix: str = "") -> dict[str, str]:
         if self.mode != "c":
             return {}
         assert self.customer_key is not None
-        return sse_customer_headers(self.customer_key.reveal(), "copy-source-")
+        return sse_customer_headers(self.customer_key.reveal(), prefix)
+
+    def copy_source_headers(self) -> dict[str, str]:
+        """``copy_source_kw`` as HTTP headers."""
+        return self._customer_headers("copy-source-")
 
     def create_headers(self) -> dict[str, str]:
         """``create_kw`` as HTTP headers, for the lean path (``store.lean``)."""
@@ -160,10 +163,7 @@ class Sse:
 
     def access_headers(self) -> dict[str, str]:
         """``access_kw`` as HTTP headers."""
-        if self.mode != "c":
-            return {}
-        assert self.customer_key is not None
-        return sse_customer_headers(self.customer_key.reveal())
+        return self._customer_headers()
 
     def check(self, resp: Mapping[str, Any], what: str) -> None:
         if self.mode == "c":
