@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -153,11 +153,21 @@ class Options:
     list_ahead_max: int = 5000  # list a looked-up directory whole up to this many entries
     prefetch_concurrency: int = 6  # read-ahead GETs in flight, all files together
     relist_ahead: int = 8  # background relists of subdirectories ahead of a walk, at once
-    relist_ahead_depth: int = 2  # levels below the directory a walk relisted
+    relist_ahead_depth: int = 2  # levels below the directory a walk relisted or entered
+    relist_ahead_max: int = 4096  # directories looked at for that, per directory entered
     foreign_max_bytes: int = 256 << 20  # largest S3 Encryption Client object read whole
     show_foreign: bool = True  # show S3 Encryption Client objects (read-only)
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
+
+
+class KernelCache(Protocol):
+    """What the kernel keeps of entries and attributes (``Stat.ttl``), told when this mount
+    finds that another writer changed them, so that it asks again at once."""
+
+    def attrs_changed(self, ino: int) -> None: ...
+
+    def entry_gone(self, parent_ino: int, name: bytes) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -172,6 +182,8 @@ class Stat:
     mtime_ns: int
     ctime_ns: int
     blksize: int
+    # seconds the kernel may keep this entry and these attributes without asking again
+    ttl: float = 0.0
 
 
 @dataclass(eq=False)
@@ -216,6 +228,7 @@ class Node:
     # keys below this directory in S3 as of ``keyset_at`` (lookups without a full listing)
     keyset: set[str] | None = None
     relisting: trio.Event | None = None  # set when the LIST of this directory in flight ends
+    ahead: bool = False  # relisted ahead of a walk that has not entered it yet
     # object key and directory prefix as of a names generation (``Filesystem._names_gen``)
     key_memo: tuple[int, str, str, str | None] | None = None  # (gen, kind, key, long name)
     prefix_memo: tuple[int, str] | None = None
@@ -311,6 +324,7 @@ class Filesystem:
         self.cache = ChunkCache(self.opt.memory_cache_bytes)
         self._meta_limit = trio.CapacityLimiter(self.opt.meta_concurrency)
         self._relist_limit = trio.CapacityLimiter(self.opt.relist_ahead)
+        self._relist_queued: set[Node] = set()
         self._upload_limit = trio.CapacityLimiter(self.opt.upload_concurrency)
         # small files are latency-bound: many in flight; their bodies are in memory, so the
         # bound is small_upload_bytes × small_upload_concurrency
@@ -332,6 +346,7 @@ class Filesystem:
         self._due_seq = itertools.count()
         self._wake = trio.Event()
         self._stopping = False
+        self.kernel: KernelCache | None = None  # set by the FUSE layer
         self._retry: dict[Node, float] = {}
         self.integrity_failures = 0
         self.integrity_log: list[tuple[str, str]] = []  # (object key, reason), for fsck
@@ -426,7 +441,22 @@ class Filesystem:
             mtime_ns=a.mtime_ns,
             ctime_ns=a.ctime_ns,
             blksize=self.chunk,
+            ttl=self._kernel_ttl(node),
         )
+
+    def _kernel_ttl(self, node: Node) -> float:
+        """How long the kernel may answer for ``node`` itself: for as long as this cache
+        would, without asking S3 (``_refresh``), and no longer, so that the kernel's copy is
+        never older than the metadata TTL allows.  A walk (rsync, find) that comes back
+        within the TTL then costs no round trip into this process per name."""
+        ttl = self.opt.metadata_ttl
+        parent = node.parent
+        if ttl <= 0 or parent is None or node.dirty or node.remote_etag is None:
+            return max(ttl, 0.0)
+        seen = node.refreshed_at
+        if node.is_dir and parent.listed_at > seen:
+            seen = parent.listed_at  # a directory's entry is revalidated by its parent's LIST
+        return min(ttl, max(0.0, seen + ttl - trio.current_time()))
 
     def forget(self, items: Iterable[tuple[int, int]]) -> None:
         for ino, n in items:
@@ -494,15 +524,28 @@ class Filesystem:
             if node.remote_etag != info.etag:
                 node.cipher = None
                 node.target = None
+            if node.attrs != meta.attrs and node.remote_etag is not None:
+                self._tell_kernel_changed(node)
             node.attrs = meta.attrs
         elif existing is not None and existing.dirty:
             return existing
         else:
             if existing is not None:
-                self._detach(existing)
+                self._gone_elsewhere(existing)
             node = self._new_node(parent, name, meta.attrs, meta.file_id)
         node.wrapped = meta.dek
         return self._seen(parent, name, node, info)
+
+    def _tell_kernel_changed(self, node: Node) -> None:
+        if self.kernel is not None:
+            self.kernel.attrs_changed(node.ino)
+
+    def _gone_elsewhere(self, node: Node) -> None:
+        """Another writer removed or replaced ``node``: forget it, and tell the kernel."""
+        parent = node.parent
+        if self.kernel is not None and parent is not None and not node.unlinked:
+            self.kernel.entry_gone(parent.ino, node.name)
+        self._detach(node)
 
     def _seen(self, parent: Node, name: bytes, node: Node, info: ObjectInfo) -> Node:
         """``node`` now holds the version ``info`` of ``parent/name`` that S3 just showed."""
@@ -569,7 +612,7 @@ class Filesystem:
                 self._foreign_held.pop(node, None)
         else:
             if existing is not None:
-                self._detach(existing)
+                self._gone_elsewhere(existing)
             ns = int(info.modified * 1e9)
             attrs = Attrs(KIND_FILE, 0o444, self.opt.uid, self.opt.gid, ns, ns, ns)
             node = self._new_node(parent, name, attrs, sha256(info.key.encode())[:16])
@@ -790,7 +833,7 @@ class Filesystem:
         info = await self._head(key)
         if info is None:
             if node.open_count == 0:
-                self._detach(node)
+                self._gone_elsewhere(node)
                 raise NoEntry("file was removed by another writer")
             return
         if not self._same_version(node, info.etag, info.modified):
@@ -826,6 +869,8 @@ class Filesystem:
         return node
 
     async def _find(self, parent: Node, name: bytes) -> Node | None:
+        if parent.ahead:
+            self._walked_into(parent)
         if (
             parent.listed_at < 0
             and parent.keyset is not None
@@ -869,10 +914,10 @@ class Filesystem:
 
     async def readdir(self, ino: int) -> list[tuple[bytes, Node]]:
         """All entries of a directory with fresh attributes (concurrent HEADs, bounded)."""
-        return await self._listed(self.node(ino), 0)
+        return await self._listed(self.node(ino))
 
-    async def _listed(self, d: Node, depth: int) -> list[tuple[bytes, Node]]:
-        """``readdir`` of ``d``; ``depth`` > 0 when it relists ahead of a tree walk.
+    async def _listed(self, d: Node, walker: bool = True) -> list[tuple[bytes, Node]]:
+        """``readdir`` of ``d``: by a ``walker`` (a program), or relisting ahead of one.
 
         One LIST per directory at a time: a walker that arrives while the directory is being
         relisted (ahead of it) waits for that LIST instead of sending its own."""
@@ -880,6 +925,8 @@ class Filesystem:
         while d.relisting is not None:
             await d.relisting.wait()
         if d.children is not None and self._fresh(d.listed_at):
+            if walker:
+                self._walked_into(d)
             return sorted(d.children.items())
         d.relisting = trio.Event()
         try:
@@ -887,37 +934,67 @@ class Filesystem:
         finally:
             d.relisting.set()
             d.relisting = None
-        if depth < self.opt.relist_ahead_depth:
-            self._relist_ahead(d, depth)
+        if walker:
+            self._relist_ahead(d)
+        else:
+            d.ahead = True
         return entries
 
-    def _relist_ahead(self, d: Node, depth: int) -> None:
+    def _walked_into(self, d: Node) -> None:
+        """A walker uses ``d``, which was relisted ahead of it: move the horizon on."""
+        if d.ahead:
+            d.ahead = False
+            self._relist_ahead(d)
+
+    def _relist_ahead(self, d: Node) -> None:
         """After the metadata TTL, a directory relisted is likely being walked again (rsync,
-        find, du): relist its subdirectories that were listed before, in parallel and in the
-        background, so the walk finds them fresh instead of waiting for one LIST each in
-        turn.  Only directories listed before (walked once), ``relist_ahead_depth`` levels
-        below the one the walk asked for."""
+        find, du): relist the directories below it that were listed before, in parallel and
+        in the background, so the walk finds them fresh instead of waiting for one LIST
+        each in turn.
+
+        ``relist_ahead_depth`` levels below ``d``, in the order a walk meets them (sorted,
+        depth first).  Each directory relisted ahead is marked; when the walk enters it,
+        the horizon moves on below it, so a walk of any depth stays ahead of its LISTs
+        while a look at one directory relists only the few levels under it."""
         nursery = self._background
         if nursery is None or not d.children or self.opt.metadata_ttl <= 0:
             return  # (a TTL of 0: nothing relisted ahead would still be fresh for the walk)
-        for child in d.children.values():
-            if (
-                child.is_dir
-                and child.children is not None
-                and child.listed_at >= 0
-                and child.raw_prefix is None
-                and child.relisting is None
-                and not self._fresh(child.listed_at)
-            ):
-                nursery.start_soon(self._relist_in_background, child, depth + 1)
+        budget = [self.opt.relist_ahead_max]
 
-    async def _relist_in_background(self, d: Node, depth: int) -> None:
+        def visit(node: Node, level: int) -> None:
+            for _, child in sorted((node.children or {}).items()):
+                if budget[0] <= 0:
+                    return
+                if (
+                    not child.is_dir
+                    or child.children is None
+                    or child.listed_at < 0
+                    or child.raw_prefix is not None
+                    or child.unlinked
+                ):
+                    continue
+                budget[0] -= 1
+                if child.relisting is not None:
+                    pass  # being listed: that sets its horizon
+                elif self._fresh(child.listed_at):
+                    child.ahead = True
+                elif child not in self._relist_queued:
+                    self._relist_queued.add(child)
+                    nursery.start_soon(self._relist_in_background, child)
+                if level + 1 < self.opt.relist_ahead_depth:
+                    visit(child, level + 1)  # (its children as known so far)
+
+        visit(d, 0)
+
+    async def _relist_in_background(self, d: Node) -> None:
         try:
             async with self._relist_limit:
                 if not d.unlinked and not self._fresh(d.listed_at):
-                    await self._listed(d, depth)
+                    await self._listed(d, walker=False)
         except Exception as e:  # the walker lists it itself and reports what fails
             log.debug("relisting %s ahead failed: %s", self.path(d).decode(errors="replace"), e)
+        finally:
+            self._relist_queued.discard(d)
 
     async def _list_dir(self, d: Node) -> list[tuple[bytes, Node]]:
         prefix = self.dir_prefix(d)
@@ -1026,6 +1103,8 @@ class Filesystem:
                 ):
                     new[name] = node
                 else:
+                    if self.kernel is not None and not node.unlinked:
+                        self.kernel.entry_gone(d.ino, name)
                     node.unlinked = True
                     self._maybe_drop(node)
         d.children = {n: c for n, c in new.items() if not c.unlinked}

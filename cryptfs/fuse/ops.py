@@ -89,25 +89,38 @@ async def _guard(what: str, fn: Callable[[], Awaitable[T]]) -> T:
 class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
 
-    def __init__(
-        self, fs: Filesystem, *, entry_timeout: float = 1.0, writeback_cache: bool = False
-    ) -> None:
+    def __init__(self, fs: Filesystem, *, writeback_cache: bool = False) -> None:
         super().__init__()
         # The kernel's write-back cache batches small writes into large ones, but then it
         # keeps its own size and mtime of every regular file and never takes them from us
         # (fuse_get_cache_mask): another host's change of a file would go unseen.  Opt-in.
         self.enable_writeback_cache = writeback_cache
         self.fs = fs
-        self.timeout = entry_timeout
         self._dirs: dict[int, list[tuple[bytes, Node]]] = {}
         self._next_dh = 1
+
+    # KernelCache: another writer's change found, the kernel's copy (Stat.ttl) is stale
+
+    def attrs_changed(self, ino: int) -> None:
+        # attributes only, which takes no lock in the kernel: safe inside a request handler
+        # (the pages are dropped at the next open, as the object's ETag changed)
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=True)
+        except OSError as e:
+            if e.errno != errno.ENOENT:  # (the kernel does not hold that inode)
+                log.debug("invalidating inode %d: %s", ino, e)
+
+    def entry_gone(self, parent_ino: int, name: bytes) -> None:
+        # this one waits for requests on the directory in flight (the one being served may
+        # be one): pyfuse3 sends it from a thread of its own
+        pyfuse3.invalidate_entry_async(parent_ino, name, ignore_enoent=True)
 
     def _entry(self, st: Stat) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = st.ino
         a.generation = 0
-        a.entry_timeout = self.timeout
-        a.attr_timeout = self.timeout
+        a.entry_timeout = st.ttl
+        a.attr_timeout = st.ttl
         a.st_mode = st.mode
         a.st_nlink = st.nlink
         a.st_uid = st.uid
@@ -304,9 +317,11 @@ def mount_options(fsname: str, extra: Sequence[str]) -> set[str]:
 def mounted(ops: Operations, mountpoint: str, options: set[str]) -> Iterator[None]:
     """Mount ``ops`` at ``mountpoint``; unmount on exit (a no-op if already unmounted)."""
     pyfuse3.init(ops, mountpoint, options)
+    ops.fs.kernel = ops  # there is a session to notify now
     try:
         yield
     finally:
+        ops.fs.kernel = None
         pyfuse3.close(unmount=True)
 
 

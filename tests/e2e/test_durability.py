@@ -51,7 +51,14 @@ def test_two_mounts_see_each_other_and_never_lose_a_write(volume: Volume, tmp_pa
         _wait_for(lambda: b_file.exists() and b_file.read_text() == "one\n", 10, "B to see it")
         b_file.write_text("two, from B\n")
         _wait_for(lambda: _pending(mnt_b) == 0, 30, "the upload from B")
+        # stat alone (the kernel keeps attributes as long as the metadata TTL, no longer)
+        _wait_for(lambda: a_file.stat().st_size == 12, 10, "A's stat to see B's size")
         _wait_for(lambda: a_file.read_text() == "two, from B\n", 10, "A to see B's change")
+        (volume.mnt / "short-lived").write_text("x")
+        _wait_for(lambda: (mnt_b / "short-lived").exists(), 10, "B to see a new file")
+        os.unlink(mnt_b / "short-lived")
+        _wait_for(lambda: _pending(mnt_b) == 0, 30, "the removal from B")
+        _wait_for(lambda: not (volume.mnt / "short-lived").exists(), 10, "A to see it gone")
 
         # both change the same file before either has seen the other's version
         fa = os.open(a_file, os.O_WRONLY | os.O_TRUNC)

@@ -656,10 +656,77 @@ async def test_a_walk_after_the_ttl_finds_subdirectories_relisted_ahead(
         await trio.testing.wait_all_tasks_blocked()
         # root asked; a (1 below) and b0..b2 (2 below) relisted ahead, in the background
         assert store.calls["list"] - lists == 1 + 1 + 3
-        for s in subs:
-            await fs.readdir(s.ino)  # fresh: no LIST of its own
+        await fs.readdir(a.ino)  # fresh: no LIST of its own
         assert store.calls["list"] - lists == 5
-        await fs.readdir(deep.ino)  # 3 below: listed by the walk, which relists d ahead
+        await fs.readdir(subs[0].ino)  # the walk enters b0: c and d (2 below it) go ahead
         await trio.testing.wait_all_tasks_blocked()
         assert store.calls["list"] - lists == 7
+        for n in (*subs, deep, deeper):
+            await fs.readdir(n.ino)  # all fresh when the walk gets there
+        assert await fs.lookup(deeper.ino, b"f")
+        assert store.calls["list"] - lists == 7
+        assert all(fs._fresh(n.listed_at) for n in (a, *subs, deep, deeper))
         nursery.cancel_scope.cancel()
+
+
+class RecordingKernel:
+    def __init__(self) -> None:
+        self.changed: list[int] = []
+        self.gone: list[tuple[int, bytes]] = []
+
+    def attrs_changed(self, ino: int) -> None:
+        self.changed.append(ino)
+
+    def entry_gone(self, parent_ino: int, name: bytes) -> None:
+        self.gone.append((parent_ino, name))
+
+
+async def test_the_kernel_keeps_entries_no_longer_than_this_cache_trusts_them(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    fs.opt.metadata_ttl = 10.0
+    d = await fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    f, h = await fs.create(d.ino, b"f", 0o644, 0, 0)
+    await fs.write(h.fh, 0, b"staged")
+    assert fs.stat(f).ttl == 10.0  # dirty: this mount's own data
+    await fs.release(h.fh)
+    await fs.sync_node(f)
+    assert fs.stat(f).ttl == pytest.approx(10.0)  # just uploaded: as fresh as it gets
+    await trio.sleep(4)
+    assert fs.stat(f).ttl == pytest.approx(6.0)  # the kernel's copy ends with this one's
+    assert fs.stat(d).ttl == pytest.approx(6.0)  # a directory's: its parent's listing
+    await trio.sleep(7)
+    assert fs.stat(f).ttl == 0.0  # past the TTL: the kernel must ask, this asks S3
+    await fs.lookup(d.ino, b"f")  # revalidated by a LIST of d
+    assert fs.stat(f).ttl == pytest.approx(10.0)
+    fs.opt.metadata_ttl = 0
+    assert fs.stat(f).ttl == 0.0 and fs.stat(fs.root).ttl == 0.0
+
+
+async def test_changes_found_elsewhere_are_told_to_the_kernel(tmp_path: Path) -> None:
+    store = MemoryStore()
+    a = await make_fs(tmp_path / "a", store)
+    ino_f = await write_file(a, ROOT_INO, b"f", b"one")
+    await write_file(a, ROOT_INO, b"g", b"gone soon")
+    await write_file(a, ROOT_INO, b"r", b"replaced soon")
+    b = await make_fs(tmp_path / "b", store)
+    kernel = RecordingKernel()
+    b.kernel = kernel
+    seen = dict(await b.readdir(ROOT_INO))
+    assert kernel.changed == kernel.gone == []  # first sight: nothing the kernel holds
+    h = await a.open(ino_f, os.O_WRONLY)
+    await a.write(h.fh, 0, b"one, longer now")
+    await a.release(h.fh)
+    await a.sync_node(a.node(ino_f))
+    await a.unlink(ROOT_INO, b"g")
+    await a.unlink(ROOT_INO, b"r")
+    await write_file(a, ROOT_INO, b"r", b"a new file of that name")
+    again = dict(await b.readdir(ROOT_INO))  # metadata TTL 0: relisted
+    assert kernel.changed == [seen[b"f"].ino] and again[b"f"] is seen[b"f"]
+    assert again[b"f"].attrs.size == len(b"one, longer now")
+    assert sorted(kernel.gone) == [(ROOT_INO, b"g"), (ROOT_INO, b"r")]
+    assert again[b"r"] is not seen[b"r"] and b"g" not in again
+    await b.readdir(ROOT_INO)  # nothing new: nothing told
+    assert len(kernel.changed) == 1 and len(kernel.gone) == 2
