@@ -1020,13 +1020,36 @@ class Filesystem:
             comp = p[len(prefix) : -1]
             todo.append((comp, p + MARKER, None, 0.0))
 
+        # names decrypted before, by their object keys (memoised while no rename intervened):
+        # relisting a directory decrypts only the names that are new to it
+        gen = self._names_gen
+        known = {
+            m[2]: n
+            for n in old.values()
+            if (m := n.key_memo) is not None and m[0] == gen and m[1] == n.kind
+        }
+
+        def remember(node: Node, key: str) -> None:
+            # the object key is the listed one: no name encryption when the file is opened
+            if (
+                node.key_memo is None
+                and self._names_gen == gen
+                and node.foreign_key is None
+                and node.raw_prefix is None
+                and key.endswith("/" + MARKER) == node.is_dir
+            ):
+                node.key_memo = (gen, node.kind, key, None)
+                if node.is_dir and node.prefix_memo is None:
+                    node.prefix_memo = (gen, key[: -len(MARKER)])
+
         async def load(comp: str, key: str, etag: str | None, modified: float) -> None:
             name: bytes | None = None
             try:
                 if d.raw_prefix is not None:
                     name = comp.encode(errors="surrogateescape")
                 elif not self.vol.names.is_long(comp):
-                    name = self.vol.names.decode(dpath, comp)
+                    cur = known.get(key)
+                    name = cur.name if cur is not None else self.vol.names.decode(dpath, comp)
                     cur = old.get(name)
                     if (
                         cur is not None
@@ -1036,11 +1059,13 @@ class Filesystem:
                     ):
                         cur.refreshed_at = trio.current_time()  # the listing revalidated it
                         new[name] = cur
+                        remember(cur, key)
                         return
                     if cur is not None and etag is None and cur.is_dir and not cur.unlinked:
                         # a known subdirectory: its attributes are revalidated by its own
                         # listing (its marker is in there), not by a HEAD per listing here
                         new[name] = cur
+                        remember(cur, key)
                         return
                 info = await self._head(key)
                 if info is None:
@@ -1060,10 +1085,13 @@ class Filesystem:
                     and await self._foreign_entry(d, comp, key, etag, old, new, here, info)
                 ):
                     return
+                long = name is None
                 if name is None:
                     name = self.vol.names.decode(dpath, comp, info.metadata.get("cfs-n"))
                 node = self._adopt(d, name, info, old.get(name))
                 new[name] = node
+                if not long and d.raw_prefix is None:
+                    remember(node, key)
             except IntegrityError as e:
                 if (
                     name is None
@@ -1262,6 +1290,8 @@ class Filesystem:
         # from (another writer, a conflict or a remount changes the ETag)
         h.keep_cache = not node.dirty and node.kernel_etag == node.remote_etag
         node.kernel_etag = None if node.dirty else node.remote_etag
+        if not writable and not h.keep_cache and not flags & os.O_TRUNC:
+            self._fetch_at_open(node)
         return h
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
@@ -1451,7 +1481,7 @@ class Filesystem:
         cipher = self._known_cipher(node)
         header = None
         if cipher is None and first == 0:
-            _info, data = await self.store.get(key, 0, lo + ln, if_match=node.remote_etag)
+            data = await self._get_unwrapping(node, key, lo + ln)
             header, data = data[:HEADER_SIZE], data[HEADER_SIZE:]
         else:
             _info, data = await self.store.get(key, start, lo + ln, if_match=node.remote_etag)
@@ -1481,6 +1511,42 @@ class Filesystem:
         for i, pt in zip(range(first, last + 1), plain, strict=True):
             self.cache.put((node.file_id, node.attrs.salt, i), pt)
             got[i] = pt
+
+    async def _get_unwrapping(self, node: Node, key: str, end: int) -> bytes:
+        """GET ``[0, end)`` of ``key`` while the data key is unwrapped at the same time (it
+        is cached by the keyring for ``_cipher``): with KMS that is a round trip of its own,
+        with a local key the CPU time of the unwrap, both off the GET's critical path."""
+        got: list[bytes] = []
+
+        async def get() -> None:
+            got.append((await self.store.get(key, 0, end, if_match=node.remote_etag))[1])
+
+        async with open_tasks() as n:
+            n.start_soon(get)
+            await self._dek(node)
+        return got[0]
+
+    def _fetch_at_open(self, node: Node) -> None:
+        """A file opened for reading, with nothing of it cached: a small file (up to
+        ``fetch_unit``) is fetched whole now, not when the first read arrives, so that the
+        GET overlaps the kernel's turn from open to read.  The read finds the chunks in
+        flight (``node.inflight``) and waits for them."""
+        nursery = self._background
+        size = node.attrs.size
+        if nursery is None or size <= 0 or size > self.opt.fetch_unit or node.inflight:
+            return  # (a larger file: a random reader would not want its first 4 MiB)
+        if node.stage is not None or node.foreign is not None or node.remote_etag is None:
+            return
+        key = (node.file_id, node.attrs.salt)
+        if self.cache.peek((*key, 0)) is not None:
+            return
+        if self.blocks is not None and self.blocks.has(*key):
+            return
+        last = chunk_count(size, self.chunk) - 1
+        ev = trio.Event()
+        for k in range(last + 1):
+            node.inflight[k] = ev
+        nursery.start_soon(self._prefetch, node, 0, last, node.remote_etag, ev)
 
     async def _keep_on_disk(
         self,

@@ -730,3 +730,62 @@ async def test_changes_found_elsewhere_are_told_to_the_kernel(tmp_path: Path) ->
     assert again[b"r"] is not seen[b"r"] and b"g" not in again
     await b.readdir(ROOT_INO)  # nothing new: nothing told
     assert len(kernel.changed) == 1 and len(kernel.gone) == 2
+
+
+async def test_a_small_file_opened_for_reading_is_fetched_before_the_first_read(
+    tmp_path: Path,
+) -> None:
+    store = MemoryStore()
+    a = await make_fs(tmp_path / "a", store)
+    data = os.urandom(3 * 4096 + 10)
+    await write_file(a, ROOT_INO, b"small", data)
+    await write_file(a, ROOT_INO, b"big", os.urandom(a.opt.fetch_unit + 1))
+    b = await make_fs(tmp_path / "b", store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.serve_writeback)
+        small = await b.lookup(ROOT_INO, b"small")
+        store.calls.clear()
+        h = await b.open(small.ino, os.O_RDONLY)
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.calls.get("get", 0) == 1  # at open, not at the first read
+        assert await b.read(h.fh, 0, 1 << 20) == data
+        assert store.calls.get("get", 0) == 1  # the read waited for it, no GET of its own
+        await b.release(h.fh)
+        big = await b.lookup(ROOT_INO, b"big")
+        store.calls.clear()
+        h = await b.open(big.ino, os.O_RDONLY)
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.calls.get("get", 0) == 0  # a larger file waits for a read (random?)
+        await b.release(h.fh)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_listing_remembers_object_keys_and_a_relisting_decrypts_only_new_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = MemoryStore()
+    a = await make_fs(tmp_path / "a", store)
+    d = await a.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    for i in range(5):
+        await write_file(a, d.ino, f"f{i}".encode(), b"x" * i)
+    b = await make_fs(tmp_path / "b", store)
+    names = b.vol.names
+    calls = {"encode": 0, "decode": 0}
+    for what in calls:
+
+        def count(*args: object, _f: object = getattr(names, what), _w: str = what) -> object:
+            calls[_w] += 1
+            return _f(*args)  # type: ignore[operator]
+
+        monkeypatch.setattr(names, what, count)
+    bd = await b.lookup(ROOT_INO, b"d")
+    entries = dict(await b.readdir(bd.ino))
+    assert calls["decode"] == 5
+    before = calls["encode"]
+    for n in entries.values():
+        assert b.object_key(n)[0] in store.objects  # the listed key, not encrypted again
+    assert calls["encode"] == before
+    await write_file(a, d.ino, b"new", b"y")
+    again = dict(await b.readdir(bd.ino))  # metadata TTL 0: relisted
+    assert set(again) == {*entries, b"new"} and calls["decode"] == 6
+    assert await read_file(b, again[b"f3"].ino) == b"xxx"
