@@ -51,7 +51,9 @@ def _io(fn: Any, *args: Any) -> Any:
 class StagedFile:
     """Random-access encrypted scratch file holding one dirty file's plaintext."""
 
-    def __init__(self, area: StagingArea, file_id: bytes, salt: bytes, size: int) -> None:
+    def __init__(
+        self, area: StagingArea, file_id: bytes, salt: bytes, size: int, *, new: bool = False
+    ) -> None:
         self.area = area
         self.file_id = file_id
         self.salt = salt
@@ -60,6 +62,8 @@ class StagedFile:
         self._slot = self.chunk + _SLOT_OVERHEAD
         self._aead = Aead(hkdf(area.key, file_id + salt, b"cryptfs/v1/staging"))
         self.path = area.root / (file_id.hex() + ".data")
+        self.journal_path = area.root / (file_id.hex() + ".journal")
+        self._journal_left = not new  # may an earlier run have left a journal?
         self._jseq = 0  # sequence number of the last journal record this process wrote
         # slots are read by upload workers while the trio thread writes: each pread/pwrite of
         # a slot is atomic with respect to the others (never a torn, unauthenticatable slot)
@@ -144,10 +148,6 @@ class StagedFile:
 
     # -- journal --------------------------------------------------------------------------
 
-    @property
-    def journal_path(self) -> Path:
-        return self.area.root / (self.file_id.hex() + ".journal")
-
     def save_journal(self, record: dict[str, Any], *, durable: bool = False) -> None:
         """Write the journal; a crash at any point leaves the previous record or this one.
 
@@ -170,7 +170,7 @@ class StagedFile:
             self.fsync()
         new = seq == 1
         if new:
-            if self.journal_path.exists():  # left by an earlier run: replaced atomically
+            if self._journal_left and self.journal_path.exists():  # replaced atomically
                 self._replace_journal(slot, durable)
                 self._jseq = seq
                 return
@@ -283,7 +283,7 @@ class StagingArea:
 
     def create(self, file_id: bytes) -> StagedFile:
         self.claim(self.root / (file_id.hex() + ".data"))  # new and empty
-        return StagedFile(self, file_id, random_bytes(16), 0)
+        return StagedFile(self, file_id, random_bytes(16), 0, new=True)
 
     def seal_journal(self, file_id: bytes, record: dict[str, Any]) -> bytes:
         data = json.dumps(record, sort_keys=True).encode()

@@ -1248,12 +1248,16 @@ class Filesystem:
         parent = self.node(parent_ino)
         self._check_parent(parent)
         self._writable(parent)
-        self.vol.names.encode(self.path(parent), name)  # validates the name early
+        # the name is validated (and the key too long: ENAMETOOLONG) before anything else;
+        # the key is kept for the upload, unless a rename changes the names meanwhile
+        gen = self._names_gen
+        key, long_name = self._key_for(parent, name, KIND_FILE)
         await self._require_absent(parent, name)
         fid = random_bytes(16)
         node = self._new_node(parent, name, self._new_attrs(KIND_FILE, mode, uid, gid), fid)
         node.stage_dek, node.wrapped = await self.vol.keyring.new_dek(fid)
-        self._key_for(parent, name, KIND_FILE)  # ENAMETOOLONG before anything is staged
+        if gen == self._names_gen:
+            node.key_memo = (gen, KIND_FILE, key, long_name)
         node.stage = self.staging.create(fid)
         node.change += 1
         self._insert(parent, node)
