@@ -1042,31 +1042,41 @@ class Filesystem:
                 if node.is_dir and node.prefix_memo is None:
                     node.prefix_memo = (gen, key[: -len(MARKER)])
 
+        decoded: dict[str, bytes] = {}
+
+        def unchanged(comp: str, key: str, etag: str | None, modified: float) -> bool:
+            """An entry this mount knows in the version listed: kept without a request (and
+            without a task: most entries of a relisting are these)."""
+            if d.raw_prefix is not None or self.vol.names.is_long(comp):
+                return False
+            cur = known.get(key)
+            if cur is not None:
+                decoded[key] = cur.name
+            else:
+                try:
+                    name = decoded[key] = self.vol.names.decode(dpath, comp)
+                except IntegrityError:
+                    return False  # (``load`` reports it, or finds a foreign object)
+                cur = old.get(name)
+            if cur is None or cur.unlinked:
+                return False
+            if etag is not None and self._same_version(cur, etag, modified):
+                cur.refreshed_at = trio.current_time()  # the listing revalidated it
+            elif not (etag is None and cur.is_dir):
+                return False
+            # (a known subdirectory: its attributes are revalidated by its own listing, its
+            # marker is in there, not by a HEAD per listing here)
+            new[cur.name] = cur
+            remember(cur, key)
+            return True
+
         async def load(comp: str, key: str, etag: str | None, modified: float) -> None:
             name: bytes | None = None
             try:
                 if d.raw_prefix is not None:
                     name = comp.encode(errors="surrogateescape")
                 elif not self.vol.names.is_long(comp):
-                    cur = known.get(key)
-                    name = cur.name if cur is not None else self.vol.names.decode(dpath, comp)
-                    cur = old.get(name)
-                    if (
-                        cur is not None
-                        and etag is not None
-                        and self._same_version(cur, etag, modified)
-                        and not cur.unlinked
-                    ):
-                        cur.refreshed_at = trio.current_time()  # the listing revalidated it
-                        new[name] = cur
-                        remember(cur, key)
-                        return
-                    if cur is not None and etag is None and cur.is_dir and not cur.unlinked:
-                        # a known subdirectory: its attributes are revalidated by its own
-                        # listing (its marker is in there), not by a HEAD per listing here
-                        new[name] = cur
-                        remember(cur, key)
-                        return
+                    name = decoded.get(key) or self.vol.names.decode(dpath, comp)
                 info = await self._head(key)
                 if info is None:
                     if (
@@ -1103,6 +1113,7 @@ class Filesystem:
             except UnsupportedFormat as e:
                 log.warning("entry %s skipped: %s", key, e)
 
+        todo = [item for item in todo if not unchanged(*item)]
         async with open_tasks() as n:
             for item in todo:
                 n.start_soon(load, *item)
