@@ -206,10 +206,17 @@ class StagedFile:
         self._jseq = 0
 
     def remove(self) -> None:
+        """The staged file is done with (uploaded, or removed): its journal goes first (a
+        crash afterwards finds nothing to recover), then its data.  Both become empty files
+        of the pool rather than being deleted (``StagingArea.recycle``)."""
+        self.area.recycle(self.journal_path, truncated=False)
+        emptied = False
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)  # (only now: the journal no longer points here)
+                emptied = True
         self.close()
-        for p in (self.path, self.journal_path):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        self.area.recycle(self.path, truncated=emptied)
 
 
 class StagingArea:
@@ -248,6 +255,32 @@ class StagingArea:
                 pass  # (removed meanwhile?) create it here
         fd = _io(os.open, path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         os.close(fd)
+
+    def recycle(self, path: Path, *, truncated: bool) -> None:
+        """Remove ``path`` from the staged files by renaming it into the pool, emptied: on
+        the disks here a rename and a truncate cost ~0.03 ms, the file the pool would
+        otherwise create later ~0.3 ms.  The rename is atomic, as an unlink would be: the
+        name is gone whatever happens next; a pool file a crash leaves behind, emptied or
+        not, is removed at the next start.  Deleted when the pool is full."""
+        with self._pool_lock:
+            full = len(self._pool) >= _POOL
+        try:
+            if full:
+                path.unlink()
+                return
+            name = random_bytes(8).hex() + ".pool"
+            os.rename(path, self.root / name)
+        except FileNotFoundError:
+            return
+        try:
+            if not truncated:
+                os.truncate(self.root / name, 0)
+        except OSError:  # (an empty pool file is all a claim may get)
+            with contextlib.suppress(OSError):
+                (self.root / name).unlink()
+            return
+        with self._pool_lock:
+            self._pool.append(name)
 
     def _refill(self) -> None:
         try:

@@ -101,3 +101,34 @@ def test_a_journal_whose_first_record_never_got_written_is_no_journal(tmp_path: 
     assert sf.journal_path.stat().st_size == 0
     assert area.recover() == []  # nothing was promised: both go, quietly (no ERROR log)
     assert not sf.journal_path.exists() and not sf.path.exists()
+
+
+def test_a_removed_staged_file_becomes_empty_files_of_the_pool(tmp_path: Path) -> None:
+    area = _area(tmp_path)
+    staged = []
+    for _ in range(2):
+        sf = area.create(os.urandom(16))
+        sf.write(0, os.urandom(3 * 4096))
+        sf.save_journal({"path": "p"})
+        staged.append(sf)
+    for t in threading.enumerate():
+        if t.name == "cryptfs-staging-pool":
+            t.join(10)
+    assert len(area._pool) == _POOL  # full: a removal deletes
+    staged.pop().remove()
+    assert len(area._pool) == _POOL and len(list(area.root.glob("*.pool"))) == _POOL
+    area._pool.pop()  # (two taken by a staged file)
+    area._pool.pop()
+    pooled = set(area.root.glob("*.pool"))
+    sf = staged.pop()
+    sf.remove()
+    assert not sf.path.exists() and not sf.journal_path.exists()
+    assert area.recover() == []  # nothing left to recover
+    recycled = set(area.root.glob("*.pool")) - pooled
+    assert len(recycled) == 2 and len(area._pool) == _POOL
+    assert {p.name for p in recycled} <= set(area._pool)
+    assert all(p.stat().st_size == 0 for p in recycled)
+    again = area.create(os.urandom(16))  # takes a recycled file: empty, not the old data
+    assert again.path.stat().st_size == 0 and again.read(0, 100) == b""
+    again.write(0, b"new")
+    assert again.read(0, 3) == b"new"
