@@ -131,7 +131,8 @@ class FaultyStore:
     def __getattr__(self, name: str) -> Any:
         method = getattr(self.inner, name)
         if name in ("head", "put", "create_multipart", "upload_part", "complete_multipart",
-                    "abort_multipart", "copy", "delete", "list", "list_uploads"):  # fmt: skip
+                    "abort_multipart", "copy", "delete", "delete_many", "list",
+                    "list_uploads"):  # fmt: skip
 
             async def wrapped(*a: Any, **kw: Any) -> Any:
                 return await self._around(name, lambda: method(*a, **kw))

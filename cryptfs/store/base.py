@@ -6,7 +6,7 @@ Keys are relative to the volume's prefix; backends add bucket and prefix.  Backe
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -83,6 +83,10 @@ class ObjectStore(Protocol):
     ) -> str: ...
 
     async def delete(self, key: str) -> None: ...
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """Delete ``keys`` (absent ones are no error): one request per 1000 keys."""
+        ...
 
     async def list(
         self, prefix: str, delimiter: str | None = "/", max_keys: int | None = None

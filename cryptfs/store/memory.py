@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import trio
 
@@ -149,6 +149,13 @@ class MemoryStore:
         self._count("delete")
         await trio.lowlevel.checkpoint()
         self.objects.pop(key, None)
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        for i in range(0, len(keys), 1000):
+            self._count("delete_many")
+            await trio.lowlevel.checkpoint()
+            for key in keys[i : i + 1000]:
+                self.objects.pop(key, None)
 
     async def list(
         self, prefix: str, delimiter: str | None = "/", max_keys: int | None = None

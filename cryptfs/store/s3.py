@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -525,6 +525,26 @@ class S3Store:
             await self._lean.request("DELETE", self.loc.bucket, self._k(key), {})
 
         await self._call(key, op)
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """DeleteObjects, 1000 keys a request (quiet: only failures are answered)."""
+
+        async def op(batch: Sequence[str]) -> None:
+            r = await self._client.delete_objects(
+                Bucket=self.loc.bucket,
+                Delete={"Objects": [{"Key": self._k(k)} for k in batch], "Quiet": True},
+            )
+            errors = [e for e in r.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+            if errors:
+                e = errors[0]
+                raise StoreError(
+                    f"{e.get('Key', '?')}: {e.get('Code', '?')}: {e.get('Message', '')}"
+                    + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+                )
+
+        for i in range(0, len(keys), 1000):
+            batch = keys[i : i + 1000]
+            await self._call(batch[0], op, batch)
 
     async def list(
         self, prefix: str, delimiter: str | None = "/", max_keys: int | None = None

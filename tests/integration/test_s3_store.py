@@ -64,6 +64,10 @@ async def test_store_semantics(s3server: S3Server, bucket: str) -> None:
         assert len((await s.list("many/", max_keys=3)).objects) == 3
         s_all = await s.list("many/")
         assert [o.key for o in s_all.objects] == [f"many/{i}" for i in range(7)]
+        # DeleteObjects: absent keys are no error, odd keys are encoded, others stay
+        await s.delete_many([f"many/{i}" for i in range(5)] + ["many/absent", odd + " copy"])
+        assert [o.key for o in (await s.list("many/")).objects] == ["many/5", "many/6"]
+        assert not (await s.list("odd/", delimiter=None)).objects
 
 
 async def test_missing_bucket_and_unreachable_endpoint(s3server: S3Server) -> None:
