@@ -54,7 +54,7 @@ OPTIONS: list[Opt] = [
     Opt("cache_dir", Path, None, "staging/cache directory; default /var/cache/cryptfs (root)"),
     Opt("log_file", Path, None, "daemon log; default CACHE_DIR/cryptfs.log when daemonised"),
     Opt("writeback_delay", float, 2.0, "seconds a closed file waits before its upload"),
-    Opt("metadata_ttl", float, 10.0, "seconds attributes and listings are trusted"),
+    Opt("metadata_ttl", float, 10.0, "seconds attributes and listings are trusted (kernel too)"),
     Opt("options", list, [], 'FUSE mount options, e.g. ["allow_other"] (-o on the CLI)'),
     Opt("metrics_address", str, None, "serve Prometheus metrics on HOST:PORT"),
     Opt(

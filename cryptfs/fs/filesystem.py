@@ -65,7 +65,7 @@ from cryptfs.format.body import (
     cipher_size,
     plain_size,
 )
-from cryptfs.format.keys import LOCAL_KID, SCHEME_LOCAL, WrappedKey
+from cryptfs.format.keys import LOCAL_KID, SCHEME_KMS, SCHEME_LOCAL, WrappedKey
 from cryptfs.format.meta import (
     KIND_DIR,
     KIND_FILE,
@@ -1529,8 +1529,15 @@ class Filesystem:
 
     async def _get_unwrapping(self, node: Node, key: str, end: int) -> bytes:
         """GET ``[0, end)`` of ``key`` while the data key is unwrapped at the same time (it
-        is cached by the keyring for ``_cipher``): with KMS that is a round trip of its own,
-        with a local key the CPU time of the unwrap, both off the GET's critical path."""
+        is cached by the keyring for ``_cipher``) when that is a KMS round trip of its own.
+        (A local unwrap is a few microseconds of CPU: not worth two tasks.)"""
+        wk = node.wrapped
+        if (
+            wk is None
+            or wk.scheme != SCHEME_KMS
+            or self.vol.keyring.cache.get(node.file_id, wk.blob) is not None
+        ):
+            return (await self.store.get(key, 0, end, if_match=node.remote_etag))[1]
         got: list[bytes] = []
 
         async def get() -> None:

@@ -13,7 +13,7 @@ built directly (docs/PERFORMANCE.md has the measurement).  On two cores shared w
 server that is most of a small file's cost.  Everything else stays with aiobotocore: the
 credential chain (this module asks the same botocore session for credentials on every
 request, so refreshable credentials refresh), multipart create/complete/abort, UploadPartCopy,
-the listing of multipart uploads, KMS and the bucket probe at mount.
+DeleteObjects, the listing of multipart uploads, KMS and the bucket probe at mount.
 
 Error handling:
     A non-2xx answer becomes a botocore ``ClientError`` carrying the S3 error code and HTTP
