@@ -145,7 +145,10 @@ async def run_mount(cfg: MountConfig, ready: Callable[[], None]) -> int:
             recovered = await fs.recover()
             if recovered:
                 log.info("uploaded %d file(s) staged by an earlier run", recovered)
-            return await _serve(cfg, fs, ready)
+            try:
+                return await _serve(cfg, fs, ready)
+            finally:
+                staging.close()
         finally:
             volume.keyring.close()  # unwrapped data keys leave memory with the mount
             os.close(lock_fd)

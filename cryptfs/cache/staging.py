@@ -231,9 +231,21 @@ class StagingArea:
         self._pool: list[str] = []  # names of empty files made ahead (``claim``)
         self._pool_lock = threading.Lock()
         self._refilling = False
-        for p in root.glob("*.pool"):  # an earlier run's: never part of a staged file
+        self._closed = False
+        self._drop_pool()  # an earlier run's: never part of a staged file
+
+    def _drop_pool(self) -> None:
+        for p in self.root.glob("*.pool"):
             with contextlib.suppress(OSError):
                 p.unlink()
+
+    def close(self) -> None:
+        """At unmount: the empty files made ahead are removed (no stray files are left in
+        the cache directory) and no more are made."""
+        with self._pool_lock:
+            self._closed = True
+            self._pool.clear()
+        self._drop_pool()
 
     def claim(self, path: Path) -> None:
         """Give ``path`` a new empty file (replacing what is there) by renaming one made
@@ -243,7 +255,7 @@ class StagingArea:
         created here."""
         with self._pool_lock:
             name = self._pool.pop() if self._pool else None
-            refill = len(self._pool) < _POOL // 2 and not self._refilling
+            refill = len(self._pool) < _POOL // 2 and not self._refilling and not self._closed
             self._refilling = self._refilling or refill
         if refill:
             threading.Thread(target=self._refill, name="cryptfs-staging-pool", daemon=True).start()
@@ -263,7 +275,7 @@ class StagingArea:
         name is gone whatever happens next; a pool file a crash leaves behind, emptied or
         not, is removed at the next start.  Deleted when the pool is full."""
         with self._pool_lock:
-            full = len(self._pool) >= _POOL
+            full = len(self._pool) >= _POOL or self._closed
         try:
             if full:
                 path.unlink()
@@ -286,13 +298,18 @@ class StagingArea:
         try:
             while True:
                 with self._pool_lock:
-                    if len(self._pool) >= _POOL:
+                    if len(self._pool) >= _POOL or self._closed:
                         return
                 name = random_bytes(8).hex() + ".pool"
                 flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
                 os.close(os.open(self.root / name, flags, 0o600))
                 with self._pool_lock:
-                    self._pool.append(name)
+                    closed = self._closed
+                    if not closed:
+                        self._pool.append(name)
+                if closed:  # (closed while this one was being made)
+                    (self.root / name).unlink()
+                    return
         except OSError as e:  # a full or vanished cache disk: claim() creates files itself
             log.debug("staging: cannot make files ahead: %s", e)
         finally:

@@ -132,3 +132,18 @@ def test_a_removed_staged_file_becomes_empty_files_of_the_pool(tmp_path: Path) -
     assert again.path.stat().st_size == 0 and again.read(0, 100) == b""
     again.write(0, b"new")
     assert again.read(0, 3) == b"new"
+
+
+def test_closing_the_area_removes_the_files_made_ahead(tmp_path: Path) -> None:
+    area = _area(tmp_path)
+    sf = area.create(os.urandom(16))
+    sf.write(0, b"staged")
+    sf.save_journal({"path": "p"})
+    area.close()  # (the refill may still be running: it stops, its files go too)
+    for t in threading.enumerate():
+        if t.name == "cryptfs-staging-pool":
+            t.join(10)
+    assert not list(area.root.glob("*.pool"))
+    assert sf.path.exists() and sf.journal_path.exists()  # staged files stay, of course
+    [(found, rec)] = _area(tmp_path).recover()
+    assert found.read(0, 6) == b"staged" and rec["path"] == "p"
