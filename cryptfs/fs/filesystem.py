@@ -1531,21 +1531,22 @@ class Filesystem:
         """GET ``[0, end)`` of ``key`` while the data key is unwrapped at the same time (it
         is cached by the keyring for ``_cipher``) when that is a KMS round trip of its own.
         (A local unwrap is a few microseconds of CPU: not worth two tasks.)"""
+        got: list[bytes] = []
+
+        async def get() -> None:
+            got.append((await self.store.get(key, 0, end, if_match=node.remote_etag))[1])
+
         wk = node.wrapped
         if (
             wk is None
             or wk.scheme != SCHEME_KMS
             or self.vol.keyring.cache.get(node.file_id, wk.blob) is not None
         ):
-            return (await self.store.get(key, 0, end, if_match=node.remote_etag))[1]
-        got: list[bytes] = []
-
-        async def get() -> None:
-            got.append((await self.store.get(key, 0, end, if_match=node.remote_etag))[1])
-
-        async with open_tasks() as n:
-            n.start_soon(get)
-            await self._dek(node)
+            await get()
+        else:
+            async with open_tasks() as n:
+                n.start_soon(get)
+                await self._dek(node)
         return got[0]
 
     def _fetch_at_open(self, node: Node) -> None:

@@ -19,7 +19,11 @@ from tests.fsutil import read_file, write_file
 
 
 async def make_fs(
-    tmp_path: Path, store: MemoryStore | None = None, chunk_log2: int = 12
+    tmp_path: Path,
+    store: MemoryStore | None = None,
+    chunk_log2: int = 12,
+    *,
+    metadata_ttl: float = 0,
 ) -> Filesystem:
     store = store or MemoryStore()
     src = KeySource(keyfile=Secret(b"k" * 32))
@@ -28,7 +32,7 @@ async def make_fs(
     except Exception:
         vol = await Volume.create(store, src, chunk_log2=chunk_log2, encrypt_names=True)
     staging = StagingArea(tmp_path / vol.volume_id.hex(), vol.keys.cache, vol.chunk)
-    fs = Filesystem(vol, staging, Options(writeback_delay=0.1, metadata_ttl=0))
+    fs = Filesystem(vol, staging, Options(writeback_delay=0.1, metadata_ttl=metadata_ttl))
     await fs.ensure_root()
     return fs
 
@@ -540,8 +544,7 @@ async def test_lookups_in_an_unlisted_directory_ask_only_about_names_that_exist(
     await a.sync_node(d)
     for i in range(20):
         await write_file(a, d.ino, f"f{i}".encode(), b"x" * i)
-    b = await make_fs(tmp_path / "b", store)
-    b.opt.metadata_ttl = 60
+    b = await make_fs(tmp_path / "b", store, metadata_ttl=60)
     bd = await b.lookup(ROOT_INO, b"d")
     store.calls.clear()
     for i in range(20):
@@ -638,8 +641,7 @@ async def test_a_walk_after_the_ttl_finds_subdirectories_relisted_ahead(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
     store = MemoryStore()
-    fs = await make_fs(tmp_path, store)
-    fs.opt.metadata_ttl = 10.0
+    fs = await make_fs(tmp_path, store, metadata_ttl=10.0)
     a = await fs.mkdir(ROOT_INO, b"a", 0o755, 0, 0)
     subs = [await fs.mkdir(a.ino, f"b{i}".encode(), 0o755, 0, 0) for i in range(3)]
     deep = await fs.mkdir(subs[0].ino, b"c", 0o755, 0, 0)
@@ -685,8 +687,7 @@ async def test_the_kernel_keeps_entries_no_longer_than_this_cache_trusts_them(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
     store = MemoryStore()
-    fs = await make_fs(tmp_path, store)
-    fs.opt.metadata_ttl = 10.0
+    fs = await make_fs(tmp_path, store, metadata_ttl=10.0)
     d = await fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
     f, h = await fs.create(d.ino, b"f", 0o644, 0, 0)
     await fs.write(h.fh, 0, b"staged")
