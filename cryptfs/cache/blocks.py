@@ -8,7 +8,14 @@ disk is as encrypted as what is in the bucket and is authenticated again on ever
 
 Record layout of a file: record 0 is the body header, record ``1 + i`` is chunk ``i``; each
 record is ``length (4 bytes, big endian) ‖ bytes`` at a fixed offset, and a length of 0 (a hole
-of the sparse file) means "not cached".
+of the sparse file) means "not cached".  Records start on 4 KiB boundaries, so that large
+writes can bypass the page cache (``O_DIRECT``): copying downloaded chunks into fresh
+page-cache pages was a fifth of the daemon's CPU in a cold sequential read, the kernel's
+write-back of them came on top, and they kept an encrypted copy of the file in memory beside
+the plaintext one the kernel keeps for the mount (a 512 MiB cold read: 4.7-5.3 s of CPU over
+the machine before, 4.1-4.2 s with direct writes).  Small writes, reads (the kernel's
+read-ahead serves a sequential reader), and file systems without ``O_DIRECT`` go through the
+page cache.
 
 Bounded by ``limit`` bytes on disk (allocated blocks): least recently used versions are removed
 first; the version being added is never evicted to make room for itself (it stops growing
@@ -23,7 +30,9 @@ Must not import: store, fs, fuse.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -35,6 +44,17 @@ from cryptfs.format.body import HEADER_SIZE, TAG_SIZE
 
 log = logging.getLogger(__name__)
 _LEN = struct.Struct(">I")
+_ALIGN = 4096  # of records, and of direct writes' offsets, lengths and buffers
+_SUFFIX = ".blk2"  # ".blk": the unaligned layout before, removed when found
+# a put of at least this many bytes bypasses the page cache: below it a direct write (a
+# synchronous device write) costs more than the copy it saves
+DIRECT_MIN = 256 << 10
+_DIRECT_SEGMENT = 1 << 20  # bytes per direct write: the size of each aligned buffer
+_POOLED = 2  # aligned buffers kept for reuse (more exist only while more threads write)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
 
 
 class BlockCache:
@@ -42,9 +62,13 @@ class BlockCache:
         self.root = root
         self.limit = limit
         self.chunk = chunk
-        self._rec = _LEN.size + chunk + TAG_SIZE
-        self._base = _LEN.size + HEADER_SIZE  # chunk records start after the header record
+        self._rec = _aligned(_LEN.size + chunk + TAG_SIZE)
+        self._base = _aligned(_LEN.size + HEADER_SIZE)  # chunk records follow the header's
         self._lock = threading.Lock()
+        self.direct = True  # until the cache disk refuses O_DIRECT
+        self.direct_writes = 0  # puts written around the page cache
+        self._buffers: list[mmap.mmap] = []  # page-aligned, for direct writes
+        self._zeros = memoryview(bytes(self._rec))
         self._files: OrderedDict[str, int] = OrderedDict()  # name -> bytes on disk, LRU first
         self.used = 0
         self.hits = 0  # chunks served from disk
@@ -55,10 +79,13 @@ class BlockCache:
         found = []
         with os.scandir(root) as it:
             for e in it:
-                if e.name.endswith(".blk"):
+                if e.name.endswith(_SUFFIX):
                     with contextlib.suppress(OSError):
                         st = e.stat()
                         found.append((st.st_mtime, e.name, st.st_blocks * 512))
+                elif e.name.endswith(".blk"):  # the layout before aligned records
+                    with contextlib.suppress(OSError):
+                        os.unlink(e.path)
         for _mtime, name, size in sorted(found):
             self._files[name] = size
             self.used += size
@@ -66,7 +93,7 @@ class BlockCache:
 
     @staticmethod
     def _name(file_id: bytes, salt: bytes) -> str:
-        return f"{file_id.hex()}-{salt.hex()}.blk"
+        return f"{file_id.hex()}-{salt.hex()}{_SUFFIX}"
 
     def _offset(self, index: int) -> int:
         return 0 if index < 0 else self._base + index * self._rec
@@ -90,30 +117,34 @@ class BlockCache:
         except FileNotFoundError:
             self._forget(name)
             return None, {}
+        out: dict[int, bytes] = {}
         try:
-            head = os.pread(fd, self._base, 0) if header else b""
-            start = self._offset(first)
-            raw = os.pread(fd, (last - first + 1) * self._rec, start)
+            # through the page cache, so that the kernel reads ahead: direct reads of a
+            # sequential reader's records, one after another, took 4x as long here
+            head = os.pread(fd, _LEN.size + HEADER_SIZE, 0) if header else b""
+            raw = os.pread(fd, (last - first + 1) * self._rec, self._offset(first))
+            self._parse(memoryview(raw), first, out)
         except OSError as e:
             self._failed(name, e)
             return None, {}
         finally:
             os.close(fd)
         cached = None
-        if len(head) == self._base and _LEN.unpack_from(head)[0] == HEADER_SIZE:
+        if len(head) == _LEN.size + HEADER_SIZE and _LEN.unpack_from(head)[0] == HEADER_SIZE:
             cached = head[_LEN.size :]
-        out: dict[int, bytes] = {}
-        view = memoryview(raw)
-        for k in range(last - first + 1):
+        with self._lock:
+            self.hits += len(out)
+        return cached, out
+
+    def _parse(self, view: memoryview, first: int, out: dict[int, bytes]) -> None:
+        """The records read from ``first`` on, into ``out`` (holes and a short end skipped)."""
+        for k in range(-(-len(view) // self._rec)):
             rec = view[k * self._rec : (k + 1) * self._rec]
             if len(rec) < _LEN.size:
                 break
             n = _LEN.unpack_from(rec)[0]
             if 0 < n <= self._rec - _LEN.size and len(rec) >= _LEN.size + n:
                 out[first + k] = bytes(rec[_LEN.size : _LEN.size + n])
-        with self._lock:
-            self.hits += len(out)
-        return cached, out
 
     def put(
         self,
@@ -137,35 +168,125 @@ class BlockCache:
             if not chunks and header is None:
                 return
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            after, direct = self._write(path, header, chunks, want >= DIRECT_MIN)
         except OSError as e:
             self._failed(name, e)
             return
-        try:
-            if header is not None:
-                os.pwrite(fd, _LEN.pack(len(header)) + header, 0)
-            for i, data in _runs(chunks):
-                iov: list[bytes | memoryview] = []
-                # no copies: the kernel gathers the pieces.  Only an object's final chunk
-                # can be short, and nothing follows it: no padding (a small file takes a
-                # few KiB of the cache disk, not a whole record)
-                for d in data:
-                    iov += [_LEN.pack(len(d)), d]
-                for k in range(0, len(iov), 512):  # below IOV_MAX
-                    os.pwritev(fd, iov[k : k + 512], self._offset(i) + sum(map(len, iov[:k])))
-            after = os.fstat(fd).st_blocks * 512
-        except OSError as e:
-            self._failed(name, e)
-            return
-        finally:
-            os.close(fd)
         with self._lock:
             before = self._files.get(name, 0)
             self._files[name] = after
             self._files.move_to_end(name)
             self.used += after - before
             self.stores += len(chunks)
+            self.direct_writes += direct
             self._evict(name, 0)
+
+    def _write(
+        self,
+        path: Path,
+        header: bytes | None,
+        chunks: Mapping[int, bytes | memoryview],
+        direct: bool,
+    ) -> tuple[int, bool]:
+        """Write the records; returns the bytes the file then takes on disk, and whether
+        they went around the page cache."""
+        fd, direct = self._open(path, os.O_RDWR | os.O_CREAT, direct)
+        try:
+            if direct:
+                try:
+                    self._write_direct(fd, header, chunks)
+                    return os.fstat(fd).st_blocks * 512, True
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    self._no_direct(e)
+                os.close(fd)
+                fd = -1
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            self._write_buffered(fd, header, chunks)
+            return os.fstat(fd).st_blocks * 512, False
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def _open(self, path: Path, flags: int, direct: bool) -> tuple[int, bool]:
+        """``path`` opened, with ``O_DIRECT`` if ``direct`` and the disk takes it."""
+        flags |= os.O_CLOEXEC
+        if direct and self.direct:
+            try:
+                return os.open(path, flags | os.O_DIRECT, 0o600), True
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._no_direct(e)
+        return os.open(path, flags, 0o600), False
+
+    def _no_direct(self, e: OSError) -> None:
+        if self.direct:
+            log.info("block cache: %s refuses O_DIRECT (%s): it goes through the page cache",
+                     self.root, e.strerror or e)  # fmt: skip
+        self.direct = False
+
+    def _write_buffered(
+        self, fd: int, header: bytes | None, chunks: Mapping[int, bytes | memoryview]
+    ) -> None:
+        if header is not None:
+            os.pwrite(fd, _LEN.pack(len(header)) + header, 0)
+        for i, data in _runs(chunks):
+            iov: list[bytes | memoryview] = []
+            # no copies: the kernel gathers the pieces, and zeros up to the next record's
+            # boundary.  Only an object's final chunk can be short, and nothing follows it:
+            # no padding (a small file takes a few KiB of the cache disk, not a whole record)
+            for k, d in enumerate(data):
+                iov += [_LEN.pack(len(d)), d]
+                if k < len(data) - 1:
+                    iov.append(self._zeros[: self._rec - _LEN.size - len(d)])
+            for k in range(0, len(iov), 510):  # below IOV_MAX
+                os.pwritev(fd, iov[k : k + 510], self._offset(i) + sum(map(len, iov[:k])))
+
+    def _write_direct(
+        self, fd: int, header: bytes | None, chunks: Mapping[int, bytes | memoryview]
+    ) -> None:
+        """Each record copied into a page-aligned buffer, zero-padded to the 4 KiB boundary
+        where the next one starts, and written around the page cache, ~1 MiB at a time."""
+        buf = self._take_buffer()
+        try:
+            view = memoryview(buf)
+            if header is not None:
+                os.pwrite(fd, view[: self._pack(view, 0, header, self._base)], 0)
+            for i, data in _runs(chunks):
+                at, fill = self._offset(i), 0
+                for k, d in enumerate(data):
+                    # only an object's final chunk is short, and nothing follows it
+                    room = self._rec if k < len(data) - 1 else _aligned(_LEN.size + len(d))
+                    if fill + room > len(view):
+                        os.pwrite(fd, view[:fill], at)
+                        at, fill = at + fill, 0
+                    fill += self._pack(view, fill, d, room)
+                os.pwrite(fd, view[:fill], at)
+        finally:
+            self._give_buffer(buf)
+
+    def _pack(self, view: memoryview, at: int, data: bytes | memoryview, room: int) -> int:
+        """``length ‖ data`` at ``at``, zero-padded to ``room`` bytes; returns ``room``."""
+        n = len(data)
+        _LEN.pack_into(view, at, n)
+        view[at + _LEN.size : at + _LEN.size + n] = data
+        view[at + _LEN.size + n : at + room] = self._zeros[: room - _LEN.size - n]
+        return room
+
+    def _take_buffer(self) -> mmap.mmap:
+        with self._lock:
+            if self._buffers:
+                return self._buffers.pop()
+        return mmap.mmap(-1, max(_DIRECT_SEGMENT, self._rec))
+
+    def _give_buffer(self, buf: mmap.mmap) -> None:
+        with self._lock:
+            if len(self._buffers) < _POOLED:
+                self._buffers.append(buf)
+                return
+        buf.close()
 
     def drop(self, file_id: bytes, salt: bytes) -> None:
         """Forget a version (e.g. one of its chunks failed authentication)."""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+
+import pytest
 
 from cryptfs.cache.blocks import BlockCache
 from cryptfs.cache.staging import StagingArea
@@ -70,7 +73,7 @@ async def test_remount_reads_from_disk_and_a_bad_copy_is_fetched_again(tmp_path:
     # flip a byte of a cached chunk: the copy is dropped and S3 asked again, no EIO
     (f,) = (tmp_path / "blocks").iterdir()
     raw = bytearray(f.read_bytes())
-    raw[200] ^= 1
+    raw[4096 + 200] ^= 1  # in chunk 0 (records start on 4 KiB boundaries)
     f.write_bytes(bytes(raw))
     fs3 = mount(3)
     await fs3.ensure_root()
@@ -86,3 +89,52 @@ async def test_remount_reads_from_disk_and_a_bad_copy_is_fetched_again(tmp_path:
     fs4 = mount(4)
     await fs4.ensure_root()
     assert await read_file(fs4, (await fs4.lookup(ROOT_INO, b"f")).ino) == b"new content"
+
+
+def test_large_puts_bypass_the_page_cache_and_mix_with_small_ones(tmp_path: Path) -> None:
+    chunk = 64 << 10
+    c = BlockCache(tmp_path / "b", 64 << 20, chunk)
+    fid, salt = b"f" * 16, b"s" * 32
+    n = 40  # 2.6 MiB: more than one aligned buffer, so several direct writes
+    chunks = {i: os.urandom(chunk + 16) for i in range(n)}
+    chunks[n] = os.urandom(1000)  # the object's short final chunk
+    c.put(fid, salt, b"H" * 92, {i: memoryview(v) for i, v in chunks.items()})
+    assert c.direct and c.direct_writes == 1
+    # a small put (one chunk) goes through the page cache, beside the direct records
+    c.put(fid, salt, None, {n + 5: b"x" * 77})
+    assert c.direct_writes == 1
+    header, got = c.get(fid, salt, 0, n + 5)
+    assert header == b"H" * 92 and got == {**chunks, n + 5: b"x" * 77}
+    # records start on 4 KiB boundaries (the file is sparse where nothing was cached)
+    (f,) = (tmp_path / "b").iterdir()
+    assert f.name.endswith(".blk2")
+    assert f.stat().st_blocks * 512 == c.used < (n + 3) * (chunk + 4096) + 4096
+
+
+def test_a_disk_without_o_direct_is_written_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = os.open
+
+    def refuse_direct(path: object, flags: int, *a: object) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", refuse_direct)
+    chunk = 64 << 10
+    c = BlockCache(tmp_path / "b", 64 << 20, chunk)
+    fid, salt = b"f" * 16, b"s" * 32
+    chunks = {i: os.urandom(chunk + 16) for i in range(8)}
+    c.put(fid, salt, b"H" * 92, chunks)
+    assert not c.direct and c.direct_writes == 0 and c.errors == 0
+    assert c.get(fid, salt, 0, 7) == (b"H" * 92, chunks)
+
+
+def test_files_of_the_unaligned_layout_before_are_removed(tmp_path: Path) -> None:
+    root = tmp_path / "b"
+    root.mkdir()
+    old = root / f"{'ab' * 16}-{'cd' * 32}.blk"
+    old.write_bytes(b"\0\0\0\x5c" + b"H" * 92)
+    c = BlockCache(root, 64 << 20, CHUNK)
+    assert not old.exists() and c.used == 0
