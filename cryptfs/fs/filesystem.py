@@ -1991,15 +1991,16 @@ class Filesystem:
             dirs[prefix] = (_join(op, plain), _join(np, plain), npre + ncomp + "/")
             return dirs[prefix]
 
-        plan: list[tuple[str, str, dict[str, str]]] = []
+        # (old key, new key, old path, new path, new long name, HEAD result if made yet)
+        plan: list[tuple[str, str, bytes, bytes, str | None, ObjectInfo | None]] = []
 
-        async def prepare(key: str) -> None:
+        async def target(key: str) -> None:
+            """Where ``key`` goes: a request only for a long name (its plaintext is in the
+            object's metadata), so that every new key is checked before anything is copied."""
             parent_prefix = key[: key.rfind("/") + 1]
             op, np, npre = await resolve(parent_prefix)
             comp = key[len(parent_prefix) :]
-            info = await self._head(key)
-            if info is None:
-                return
+            info = None
             if comp == MARKER:
                 opath, npath, nkey, long_name = op, np, npre + MARKER, None
                 if parent_prefix != old_prefix:
@@ -2011,34 +2012,50 @@ class Filesystem:
                 else:
                     long_name = self.vol.names.encode(self.path(p2), name)[1]
             else:
-                plain = self.vol.names.decode(op, comp, info.metadata.get("cfs-n"))
+                stored_long = None
+                if self.vol.names.is_long(comp):
+                    info = await self._head(key)
+                    if info is None:
+                        return
+                    stored_long = info.metadata.get("cfs-n")
+                plain = self.vol.names.decode(op, comp, stored_long)
                 opath, npath = _join(op, plain), _join(np, plain)
                 ncomp, long_name = self.vol.names.encode(np, plain)
                 nkey = npre + ncomp
-            meta = self._decode(opath, info)
-            meta = ObjectMeta(meta.file_id, meta.attrs, meta.dek, long_name)
-            extra = {"_etag": info.etag, "_size": str(info.size)}
-            plan.append((key, nkey, encode_meta(self.vol.keys, npath, meta) | extra))
+            plan.append((key, nkey, opath, npath, long_name, info))
 
         async with open_tasks() as n:
             for k in keys:
-                n.start_soon(prepare, k)
-        for _, nkey, _md in plan:
+                n.start_soon(target, k)
+        for _, nkey, *_rest in plan:
             if len(nkey.encode()) > self._key_budget:
                 raise NameTooLong("a path below the directory would be too long once encrypted")
         copied: dict[str, str] = {}
 
-        async def copy(src_key: str, dst_key: str, md: dict[str, str]) -> None:
-            etag, size = md.pop("_etag"), int(md.pop("_size"))
+        async def move(
+            key: str,
+            nkey: str,
+            opath: bytes,
+            npath: bytes,
+            long_name: str | None,
+            info: ObjectInfo | None,
+        ) -> None:
+            """HEAD (the metadata is bound to the path: it is sealed again for the new one)
+            and copy, one object after the other, so that HEADs and copies overlap."""
+            info = info or await self._head(key)
+            if info is None:
+                return  # removed by another host since the listing
+            meta = self._decode(opath, info)
+            md = encode_meta(self.vol.keys, npath, ObjectMeta(meta.file_id, meta.attrs, meta.dek,
+                                                               long_name))  # fmt: skip
             async with self._meta_limit:
-                copied[dst_key] = await self.store.copy(
-                    src_key, dst_key, md, if_match=etag, size=size
-                )
+                copied[nkey] = await self.store.copy(key, nkey, md, if_match=info.etag,
+                                                     size=info.size)  # fmt: skip
 
         try:
             async with open_tasks() as n:
                 for item in plan:
-                    n.start_soon(copy, *item)
+                    n.start_soon(move, *item)
         except BaseException:
             with trio.CancelScope(shield=True):
                 for k in copied:
@@ -2052,7 +2069,7 @@ class Filesystem:
         # the old keys: one DeleteObjects per 1000 (a DeleteObject each made a third of the
         # requests of a directory rename)
         async with self._meta_limit:
-            await self.store.delete_many([src_key for src_key, _, _ in plan])
+            await self.store.delete_many([item[0] for item in plan])
         self._move(src, p2, name)
         # loaded descendants now live under new keys
         stack = [src]

@@ -85,7 +85,8 @@ class ObjectStore(Protocol):
     async def delete(self, key: str) -> None: ...
 
     async def delete_many(self, keys: Sequence[str]) -> None:
-        """Delete ``keys`` (absent ones are no error): one request per 1000 keys."""
+        """Delete ``keys`` (absent ones are no error): at most 1000 keys a request, a few
+        requests at once."""
         ...
 
     async def list(

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import trio
 
 from cryptfs.cache.staging import StagingArea
 from cryptfs.crypto import Secret
@@ -68,6 +69,16 @@ async def test_store_semantics(s3server: S3Server, bucket: str) -> None:
         await s.delete_many([f"many/{i}" for i in range(5)] + ["many/absent", odd + " copy"])
         assert [o.key for o in (await s.list("many/")).objects] == ["many/5", "many/6"]
         assert not (await s.list("odd/", delimiter=None)).objects
+        # a few hundred keys go as several requests at once: all of them, and only them
+        async with trio.open_nursery() as n:
+            for i in range(450):
+                n.start_soon(s.put, f"lots/{i:03d}", b"", {})
+        before = s.requests
+        await s.delete_many([f"lots/{i:03d}" for i in range(440)])
+        assert s.requests - before == 4
+        assert [o.key for o in (await s.list("lots/")).objects] == [
+            f"lots/{i:03d}" for i in range(440, 450)
+        ]
 
 
 async def test_missing_bucket_and_unreachable_endpoint(s3server: S3Server) -> None:
