@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-address", help="serve Prometheus metrics on HOST:PORT")
     p.add_argument("--read-ahead-kb", type=int, help="kernel read-ahead in KiB (default 4096)")
     p.add_argument(
+        "--read-ahead-files", type=int, help="small files fetched ahead, in name order (default 8)"
+    )
+    p.add_argument(
         "--cache-size", type=_size, help="encrypted chunks kept on the cache disk (default 2G)"
     )
     p.add_argument(
@@ -490,6 +493,7 @@ def cmd_mount(args: Any) -> int:
             writeback_delay=args.writeback_delay,
             metadata_ttl=args.metadata_ttl,
             foreign_max_bytes=args.s3ec_max_size,
+            sibling_readahead=args.read_ahead_files,
         ),
         metrics_address=args.metrics_address,
         read_ahead_kb=args.read_ahead_kb,
@@ -537,6 +541,7 @@ def _spawn_daemon(args: Any, cache_dir: Path) -> int:
         ("--s3-attempts", str(args.s3_attempts)),
         ("--s3ec-max-size", str(args.s3ec_max_size)),
         ("--read-ahead-kb", str(args.read_ahead_kb)),
+        ("--read-ahead-files", str(args.read_ahead_files)),
         ("--cache-size", str(args.cache_size)),
         ("--s3-timeout", str(args.s3_timeout)),
     ):

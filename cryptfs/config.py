@@ -65,6 +65,7 @@ OPTIONS: list[Opt] = [
     ),
     Opt("cache_size", int, 2 << 30, "encrypted chunks kept on the cache disk, bytes (0: none)"),
     Opt("read_ahead_kb", int, 4096, "kernel read-ahead of the mount, KiB (0: the kernel's 128)"),
+    Opt("read_ahead_files", int, 8, "small files fetched ahead of a reader going in name order"),
     Opt("verbose", int, 0, "log detail: 0 warnings, 1 info, 2 debug (-v, -vv)"),
 ]
 BY_NAME = {o.name: o for o in OPTIONS}

@@ -15,6 +15,7 @@ Error handling:
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import heapq
@@ -152,6 +153,9 @@ class Options:
     meta_concurrency: int = 32
     list_ahead_max: int = 5000  # list a looked-up directory whole up to this many entries
     prefetch_concurrency: int = 6  # read-ahead GETs in flight, all files together
+    # small files read one after another in name order (cat *, cp -r, tar): the next ones
+    # are fetched ahead of the reader, this many (0: never)
+    sibling_readahead: int = 8
     relist_ahead: int = 8  # background relists of subdirectories ahead of a walk, at once
     relist_ahead_depth: int = 2  # levels below the directory a walk relisted or entered
     relist_ahead_max: int = 4096  # directories looked at for that, per directory entered
@@ -236,6 +240,11 @@ class Node:
     keyset_loading: trio.Event | None = None
     # chunks being fetched by read-ahead: index -> event set when the fetch ended
     inflight: dict[int, trio.Event] = field(default_factory=dict)
+    # directories: the name of the child last opened for reading, how many such opens in a
+    # row went up in name order, and the children's names sorted (with what they were of)
+    read_last: bytes | None = None
+    read_run: int = 0
+    sorted_names: tuple[int, int, list[bytes]] | None = None  # (id, len of children, names)
     lock: trio.Lock = field(default_factory=trio.Lock)
 
     @property
@@ -1305,9 +1314,42 @@ class Filesystem:
         # from (another writer, a conflict or a remount changes the ETag)
         h.keep_cache = not node.dirty and node.kernel_etag == node.remote_etag
         node.kernel_etag = None if node.dirty else node.remote_etag
-        if not writable and not h.keep_cache and not flags & os.O_TRUNC:
-            self._fetch_at_open(node)
+        if not writable and not flags & os.O_TRUNC:
+            if not h.keep_cache:
+                self._fetch_at_open(node)
+            self._siblings_ahead(node)
         return h
+
+    def _siblings_ahead(self, node: Node) -> None:
+        """A reader that opens the small files of a directory one after another in name
+        order (``cat *``, ``cp -r``, ``tar``: readdir answers in that order) finds the next
+        ones fetched (or being fetched) when it opens them: one GET per file stays, its wait
+        goes.  From the second open in a row, the next ``sibling_readahead`` files of up to
+        ``fetch_unit`` bytes are fetched as at open; a wrong guess costs their GETs, no more.
+        """
+        d = node.parent
+        n_ahead = self.opt.sibling_readahead
+        if d is None or d.children is None or n_ahead <= 0 or node.attrs.size > self.opt.fetch_unit:
+            return
+        last, d.read_last = d.read_last, node.name
+        d.read_run = d.read_run + 1 if last is not None and last < node.name else 0
+        if d.read_run == 0:
+            return
+        children = d.children
+        memo = d.sorted_names
+        if memo is None or memo[0] != id(children) or memo[1] != len(children):
+            memo = d.sorted_names = (id(children), len(children), sorted(children))
+        names = memo[2]
+        i = bisect.bisect_right(names, node.name)
+        for name in names[i : i + n_ahead]:
+            sib = children.get(name)
+            if (
+                sib is not None
+                and sib.kind == KIND_FILE
+                and sib.open_count == 0
+                and sib.kernel_etag != sib.remote_etag  # else the kernel may have its pages
+            ):
+                self._fetch_at_open(sib)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         h = self.handle(fh)

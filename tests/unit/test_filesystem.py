@@ -761,6 +761,68 @@ async def test_a_small_file_opened_for_reading_is_fetched_before_the_first_read(
         nursery.cancel_scope.cancel()
 
 
+async def test_small_files_read_in_name_order_are_fetched_ahead_of_the_reader(
+    tmp_path: Path,
+) -> None:
+    store = MemoryStore()
+    a = await make_fs(tmp_path / "a", store)
+    d = await a.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    files = {f"f{i:02d}".encode(): os.urandom(100 + i) for i in range(20)}
+    for name, data in files.items():
+        await write_file(a, d.ino, name, data)
+    await a.mkdir(d.ino, b"f05x", 0o755, 0, 0)  # a directory among them: skipped
+    b = await make_fs(tmp_path / "b", store)
+    ahead = b.opt.sibling_readahead
+
+    async def cat(name: bytes) -> bytes:
+        node = await b.lookup(dd.ino, name)
+        h = await b.open(node.ino, os.O_RDONLY)
+        try:
+            return await b.read(h.fh, 0, 1 << 20)
+        finally:
+            await b.release(h.fh)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.serve_writeback)
+        dd = await b.lookup(ROOT_INO, b"d")
+        await b.readdir(dd.ino)
+        # out of order: only the file opened is fetched
+        store.calls.clear()
+        assert await cat(b"f12") == files[b"f12"]
+        assert await cat(b"f03") == files[b"f03"]
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.calls.get("get", 0) == 2
+        # the second open in name order fetches the next files, which then cost no GET
+        store.calls.clear()
+        assert await cat(b"f04") == files[b"f04"]
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.calls.get("get", 0) == 1 + ahead - 1  # f04 itself; f05x is a directory
+        for i in range(5, 4 + ahead):
+            assert await cat(f"f{i:02d}".encode()) == files[f"f{i:02d}".encode()]
+        await trio.testing.wait_all_tasks_blocked()
+        # each open moved the window on: f04 to f19 were fetched once, but for f12 (cached)
+        assert ahead == 8 and store.calls.get("get", 0) == 16 - 1
+        # a file changed elsewhere after it was fetched ahead is read as it is now
+        name = f"f{4 + ahead:02d}".encode()
+        an = await a.lookup(d.ino, name)
+        h = await a.open(an.ino, os.O_WRONLY | os.O_TRUNC)
+        await a.setattr(an.ino, size=0)
+        await a.write(h.fh, 0, b"rewritten")
+        await a.release(h.fh)
+        await a.sync_node(an)
+        node = await b.lookup(dd.ino, name)
+        node.refreshed_at = -1e18  # past the metadata TTL
+        assert await cat(name) == b"rewritten"
+        # with it off, nothing is fetched ahead
+        b.opt.sibling_readahead = 0
+        store.calls.clear()
+        for i in range(0, 3):
+            await cat(f"f{i:02d}".encode())
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.calls.get("get", 0) == 3
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_listing_remembers_object_keys_and_a_relisting_decrypts_only_new_names(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
