@@ -2108,10 +2108,11 @@ class Filesystem:
             await self._delete_remote(dst)
             self._detach(dst)
 
-        # the old keys: one DeleteObjects per 1000 (a DeleteObject each made a third of the
-        # requests of a directory rename)
+        # the old keys of what was copied (one that vanished since the listing may be back
+        # by now, another host's): DeleteObjects, at most 1000 keys each (a DeleteObject
+        # each made a third of the requests of a directory rename)
         async with self._meta_limit:
-            await self.store.delete_many([item[0] for item in plan])
+            await self.store.delete_many([item[0] for item in plan if item[1] in copied])
         self._move(src, p2, name)
         # loaded descendants now live under new keys
         stack = [src]
