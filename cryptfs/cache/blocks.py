@@ -201,8 +201,8 @@ class BlockCache:
                         raise
                     self._no_direct(e)
                 os.close(fd)
-                fd = -1
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                fd = -1  # (not closed again if the reopen fails)
+                fd, _ = self._open(path, os.O_RDWR, False)
             self._write_buffered(fd, header, chunks)
             return os.fstat(fd).st_blocks * 512, False
         finally:

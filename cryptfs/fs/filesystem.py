@@ -240,10 +240,10 @@ class Node:
     keyset_loading: trio.Event | None = None
     # chunks being fetched by read-ahead: index -> event set when the fetch ended
     inflight: dict[int, trio.Event] = field(default_factory=dict)
-    # directories: the name of the child last opened for reading, how many such opens in a
-    # row went up in name order, and the children's names sorted (with what they were of)
+    # directories: the name of the child last opened for reading, and the children's names
+    # sorted, with what they were sorted from (a hint for read-ahead: a stale list only
+    # misses a file or names one that is gone)
     read_last: bytes | None = None
-    read_run: int = 0
     sorted_names: tuple[int, int, list[bytes]] | None = None  # (id, len of children, names)
     lock: trio.Lock = field(default_factory=trio.Lock)
 
@@ -1332,8 +1332,7 @@ class Filesystem:
         if d is None or d.children is None or n_ahead <= 0 or node.attrs.size > self.opt.fetch_unit:
             return
         last, d.read_last = d.read_last, node.name
-        d.read_run = d.read_run + 1 if last is not None and last < node.name else 0
-        if d.read_run == 0:
+        if last is None or last >= node.name:  # not the second of a run in name order
             return
         children = d.children
         memo = d.sorted_names
