@@ -37,6 +37,7 @@ _ZERO_NONCE = bytes(GCM_NONCE)
 _JMAGIC = b"CFJ2"
 _JSLOT = 16 << 10
 _POOL = 64  # empty files made ahead for new staged files and journals
+_RUN = 64  # whole chunks sealed into one buffer and written with one pwrite (4 MiB at 64 KiB)
 
 
 def _io(fn: Any, *args: Any) -> Any:
@@ -85,15 +86,64 @@ class StagedFile:
         except IntegrityError:
             raise IntegrityError(f"staged chunk {i} of {self.path.name} is corrupt") from None
 
-    def write_chunk(self, i: int, plaintext: bytes) -> None:
-        assert len(plaintext) == self.chunk
-        nonce = random_bytes(GCM_NONCE)
-        while nonce == _ZERO_NONCE:  # pragma: no cover - 2^-96
-            nonce = random_bytes(GCM_NONCE)
-        sealed = nonce + self._aead.seal(nonce, plaintext, self._aad(i))
+    def read_run(self, first: int, n: int, raw: memoryview, out: memoryview) -> None:
+        """Plaintext of chunks ``first … first+n-1`` into ``out`` (``n`` chunks long), read
+        with one preadv into ``raw`` (scratch of ``n`` slots) and opened in place: the upload
+        of a part read, sliced and joined 128 separate 64 KiB copies."""
+        c, s = self.chunk, self._slot
         with self._io_lock:
-            n = _io(os.pwrite, self._fd, sealed, i * self._slot)
-        if n != len(sealed):
+            got = os.preadv(self._fd, [raw[: n * s]], first * s)
+        for k in range(n):
+            o = k * s
+            dst = out[k * c : (k + 1) * c]
+            if got < o + s or raw[o : o + GCM_NONCE] == _ZERO_NONCE:
+                dst[:] = bytes(c)  # never written: a hole
+                continue
+            try:
+                self._aead.open_into(
+                    bytes(raw[o : o + GCM_NONCE]),
+                    raw[o + GCM_NONCE : o + s],
+                    self._aad(first + k),
+                    dst,
+                )
+            except IntegrityError:
+                raise IntegrityError(
+                    f"staged chunk {first + k} of {self.path.name} is corrupt"
+                ) from None
+
+    @property
+    def slot(self) -> int:
+        """Bytes one chunk takes in the staged file."""
+        return self._slot
+
+    def write_chunk(self, i: int, plaintext: bytes | bytearray | memoryview) -> None:
+        assert len(plaintext) == self.chunk
+        self._write_run(i, memoryview(plaintext))
+
+    def _write_run(self, first: int, plaintext: memoryview) -> None:
+        """Seal whole chunks ``first, first+1, …`` into one buffer, written with one pwrite:
+        a 1 MiB write(2) was 16 seals, 16 concatenations and 16 pwrites of 64 KiB."""
+        c, s = self.chunk, self._slot
+        n = len(plaintext) // c
+        assert n * c == len(plaintext)
+        buf = bytearray(n * s)
+        out = memoryview(buf)
+        nonces = random_bytes(GCM_NONCE * n)
+        for k in range(n):
+            nonce = nonces[k * GCM_NONCE : (k + 1) * GCM_NONCE]
+            while nonce == _ZERO_NONCE:  # pragma: no cover - 2^-96
+                nonce = random_bytes(GCM_NONCE)
+            o = k * s
+            out[o : o + GCM_NONCE] = nonce
+            self._aead.seal_into(
+                nonce,
+                plaintext[k * c : (k + 1) * c],
+                self._aad(first + k),
+                out[o + GCM_NONCE : o + s],
+            )
+        with self._io_lock:
+            written = _io(os.pwrite, self._fd, buf, first * s)
+        if written != len(buf):
             raise NoSpace("short write to the cache directory")
 
     def read(self, offset: int, length: int) -> bytes:
@@ -117,14 +167,15 @@ class StagedFile:
         while pos < end:
             i = pos // c
             lo = pos - i * c
+            if lo == 0 and end - pos >= c:  # a run of whole chunks: sealed and written at once
+                n = min((end - pos) // c, _RUN)
+                self._write_run(i, view[pos - offset : pos - offset + n * c])
+                pos += n * c
+                continue
             hi = min(c, end - i * c)
-            if lo == 0 and hi == c:
-                buf = bytes(view[pos - offset : pos - offset + c])
-            else:
-                cur = bytearray(self.read_chunk(i)) if i * c < self.size else bytearray(c)
-                cur[lo:hi] = view[pos - offset : pos - offset + (hi - lo)]
-                buf = bytes(cur)
-            self.write_chunk(i, buf)
+            cur = bytearray(self.read_chunk(i)) if i * c < self.size else bytearray(c)
+            cur[lo:hi] = view[pos - offset : pos - offset + (hi - lo)]
+            self._write_run(i, memoryview(cur))
             pos = i * c + hi
         self.size = max(self.size, end)
 

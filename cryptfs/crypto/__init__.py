@@ -139,6 +139,24 @@ class Aead:
         except InvalidTag:
             raise IntegrityError("authentication tag mismatch") from None
 
+    def seal_into(
+        self, nonce: bytes, plaintext: bytes | bytearray | memoryview, aad: bytes, out: memoryview
+    ) -> None:
+        """``seal`` into ``out``, which must be exactly ``len(plaintext) + 16`` bytes."""
+        self._gcm.encrypt_into(nonce, plaintext, aad, out)
+
+    def open_into(
+        self, nonce: bytes, ciphertext: bytes | bytearray | memoryview, aad: bytes, out: memoryview
+    ) -> None:
+        """``open`` into ``out`` (exactly ``len(ciphertext) - 16`` bytes).  OpenSSL writes the
+        plaintext before it checks the tag: on a mismatch ``out`` is zeroed before the
+        IntegrityError, so no unauthenticated byte is left where a caller could use it."""
+        try:
+            self._gcm.decrypt_into(nonce, ciphertext, aad, out)
+        except InvalidTag:
+            out[:] = bytes(len(out))
+            raise IntegrityError("authentication tag mismatch") from None
+
     def seal_random(self, plaintext: bytes, aad: bytes) -> bytes:
         """nonce ‖ ciphertext ‖ tag with a fresh random 96-bit nonce."""
         nonce = random_bytes(GCM_NONCE)

@@ -165,6 +165,14 @@ class BodyCipher:
             raise ValueError("only the final chunk may be short")
         return self._aead.seal(self.nonce(index, final), plaintext, self.header_bytes)
 
+    def seal_chunk_into(
+        self, index: int, final: bool, plaintext: bytes | memoryview, out: memoryview
+    ) -> None:
+        """``seal_chunk`` into ``out`` (exactly ``len(plaintext) + 16`` bytes)."""
+        if len(plaintext) > self.chunk or (not final and len(plaintext) != self.chunk):
+            raise ValueError("only the final chunk may be short")
+        self._aead.seal_into(self.nonce(index, final), plaintext, self.header_bytes, out)
+
     def open_chunk(self, index: int, final: bool, ciphertext: bytes | memoryview) -> bytes:
         try:
             return self._aead.open(self.nonce(index, final), ciphertext, self.header_bytes)

@@ -23,6 +23,7 @@ import itertools
 import logging
 import os
 import socket
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -33,7 +34,7 @@ import trio
 
 from cryptfs.cache.blocks import BlockCache
 from cryptfs.cache.staging import StagedFile, StagingArea
-from cryptfs.crypto import Secret, random_bytes, sha256
+from cryptfs.crypto import GCM_TAG, Secret, random_bytes, sha256
 from cryptfs.errors import (
     CryptfsError,
     Exists,
@@ -2402,18 +2403,40 @@ class Filesystem:
         etags: list[str] = [""] * parts
         limit = trio.CapacityLimiter(self.opt.upload_concurrency)
 
-        def build(p: int) -> bytes:
-            pieces = [cipher.header_bytes] if p == 0 else []
-            for i in range(p * per_part, min(n, (p + 1) * per_part)):
-                data = sf.read_chunk(i)[: min(c, size - i * c)]
-                pieces.append(cipher.seal_chunk(i, i == n - 1, data))
-            return b"".join(pieces)
+        hdr = cipher.header_bytes
+        free: list[bytearray] = []  # part buffers of this upload, reused once a part is up
+        scratch = threading.local()  # per worker thread: the staged slots and their plaintext
+
+        def build(p: int, buf: bytearray) -> memoryview:
+            first = p * per_part
+            k = min(n, first + per_part) - first
+            if getattr(scratch, "n", 0) < k:
+                scratch.raw, scratch.plain, scratch.n = bytearray(k * sf.slot), bytearray(k * c), k
+            plain = memoryview(scratch.plain)
+            sf.read_run(first, k, memoryview(scratch.raw), plain)
+            out = memoryview(buf)
+            o = 0
+            if p == 0:
+                out[: len(hdr)] = hdr
+                o = len(hdr)
+            for j in range(k):
+                i = first + j
+                ln = min(c, size - i * c)
+                cipher.seal_chunk_into(
+                    i, i == n - 1, plain[j * c : j * c + ln], out[o : o + ln + GCM_TAG]
+                )
+                o += ln + GCM_TAG
+            return out[:o]
 
         async def part(p: int) -> None:
             async with limit:
-                # staging reads and AES-GCM release the GIL: the trio thread stays free
-                body = await trio.to_thread.run_sync(build, p, limiter=self._crypto_limit)
-                etags[p] = await self.store.upload_part(key, upload_id, p + 1, body)
+                buf = free.pop() if free else bytearray(len(hdr) + per_part * (c + GCM_TAG))
+                try:
+                    # staging reads and AES-GCM release the GIL: the trio thread stays free
+                    body = await trio.to_thread.run_sync(build, p, buf, limiter=self._crypto_limit)
+                    etags[p] = await self.store.upload_part(key, upload_id, p + 1, body)
+                finally:
+                    free.append(buf)
 
         try:
             async with open_tasks() as nursery:

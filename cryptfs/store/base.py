@@ -54,7 +54,12 @@ class ObjectStore(Protocol):
 
     async def create_multipart(self, key: str, metadata: Mapping[str, str]) -> str: ...
 
-    async def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str: ...
+    async def upload_part(
+        self, key: str, upload_id: str, number: int, data: bytes | memoryview
+    ) -> str:
+        """Upload one part; ``data`` is the caller's again once this returns (or raises): a
+        store that keeps it must copy it."""
+        ...
 
     async def complete_multipart(
         self,

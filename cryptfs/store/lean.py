@@ -176,7 +176,7 @@ class _Body(aiohttp.payload.Payload):
     own payloads for bytes warn above 1 MiB, and for BytesIO copy it 64 KiB at a time with a
     loop wake-up each, 20 % of the loop thread's time while uploading parts)."""
 
-    def __init__(self, value: bytes) -> None:
+    def __init__(self, value: bytes | memoryview) -> None:
         super().__init__(value, content_type="application/octet-stream")
         self._size = len(value)
 
@@ -311,7 +311,7 @@ class LeanS3:
         bucket: str,
         key: str,
         headers: dict[str, str],
-        body: bytes | None = None,
+        body: bytes | memoryview | None = None,
         query: Mapping[str, str] | None = None,
         *,
         error_in_200: bool = False,

@@ -92,10 +92,13 @@ class MemoryStore:
         self._started[uid] = time.time()
         return uid
 
-    async def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+    async def upload_part(
+        self, key: str, upload_id: str, number: int, data: bytes | memoryview
+    ) -> str:
+        self._count("upload_part")
         await trio.lowlevel.checkpoint()
-        self._uploads[upload_id][2][number] = bytes(data)
-        return _etag(data)
+        kept = self._uploads[upload_id][2][number] = bytes(data)
+        return _etag(kept)
 
     async def complete_multipart(
         self,

@@ -384,7 +384,9 @@ class S3Store:
 
         return await self._call(key, op)  # type: ignore[no-any-return]
 
-    async def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+    async def upload_part(
+        self, key: str, upload_id: str, number: int, data: bytes | memoryview
+    ) -> str:
         async def op() -> str:
             a = await self._lean.request(
                 "PUT",

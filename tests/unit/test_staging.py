@@ -10,6 +10,7 @@ import pytest
 
 from cryptfs.cache.staging import _JSLOT, _POOL, StagingArea
 from cryptfs.crypto import Secret
+from cryptfs.errors import IntegrityError
 from cryptfs.format.names import b64e
 
 KEY = Secret(b"c" * 32)
@@ -149,3 +150,42 @@ def test_closing_the_area_removes_the_files_made_ahead(tmp_path: Path) -> None:
     assert sf.path.exists() and sf.journal_path.exists()  # staged files stay, of course
     [(found, rec)] = _area(tmp_path).recover()
     assert found.read(0, 6) == b"staged" and rec["path"] == "p"
+
+
+def test_writes_of_whole_chunks_and_pieces_read_back_as_written(tmp_path: Path) -> None:
+    """Runs of whole chunks go sealed in one pwrite (more than one run per write here), the
+    pieces around them are merged into the chunk: every byte reads back, by both paths."""
+    area = _area(tmp_path)
+    sf = area.create(os.urandom(16))
+    c = area.chunk
+    data = os.urandom(c * 150 + 123)
+    sf.write(0, data[: c // 2])  # a piece of chunk 0
+    sf.write(
+        c // 2, data[c // 2 : c * 140 + 7]
+    )  # rest of 0, 139 whole chunks (three runs), a piece
+    sf.write(c * 140 + 7, data[c * 140 + 7 :])
+    assert sf.read(0, len(data)) == data
+    sf.write(3 * c + 5, b"xyz")  # inside a chunk already written
+    want = data[: 3 * c + 5] + b"xyz" + data[3 * c + 8 :]
+    raw, plain = bytearray(151 * sf.slot), bytearray(151 * c)
+    sf.read_run(0, 151, memoryview(raw), memoryview(plain))
+    assert bytes(plain[: len(want)]) == want and not any(plain[len(want) :])
+
+
+def test_a_run_read_gives_zeros_for_holes_and_refuses_a_tampered_chunk(tmp_path: Path) -> None:
+    area = _area(tmp_path)
+    sf = area.create(os.urandom(16))
+    c = area.chunk
+    sf.write(2 * c, b"\x07" * c)  # chunks 0 and 1 never written: holes
+    raw, plain = bytearray(4 * sf.slot), bytearray(b"\xff" * 4 * c)
+    sf.read_run(0, 4, memoryview(raw), memoryview(plain))  # chunk 3 lies past the end
+    assert plain == bytes(2 * c) + b"\x07" * c + bytes(c)
+    with open(sf.path, "r+b") as f:
+        f.seek(2 * sf.slot + 40)
+        b = f.read(1)
+        f.seek(2 * sf.slot + 40)
+        f.write(bytes([b[0] ^ 1]))
+    plain = bytearray(4 * c)
+    with pytest.raises(IntegrityError, match="staged chunk 2"):
+        sf.read_run(0, 4, memoryview(raw), memoryview(plain))
+    assert not any(plain)  # nothing unauthenticated left in the caller's buffer
