@@ -17,7 +17,15 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-install: system-deps $(BIN)/python
+# the official AWS S3 Encryption Client, the tests' oracle for its objects, pins an older
+# cryptography than cryptfs runs on: it gets a venv of its own (tests/s3ec_oracle.py)
+ORACLE  ?= .venv-oracle
+$(ORACLE)/.installed:
+	$(PY) -m venv $(ORACLE)
+	$(ORACLE)/bin/pip install -q 'amazon-s3-encryption-client-python>=4.0'
+	touch $@
+
+install: system-deps $(BIN)/python $(ORACLE)/.installed
 	$(BIN)/pip install -q -e '.[test]'
 
 lint: install
@@ -40,4 +48,4 @@ demo-stop:
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh stop
 
 clean:
-	rm -rf $(VENV) .demo *.egg-info
+	rm -rf $(VENV) $(ORACLE) .demo *.egg-info

@@ -251,19 +251,21 @@ class BlockCache:
         where the next one starts, and written around the page cache, ~1 MiB at a time."""
         buf = self._take_buffer()
         try:
-            view = memoryview(buf)
-            if header is not None:
-                os.pwrite(fd, view[: self._pack(view, 0, header, self._base)], 0)
-            for i, data in _runs(chunks):
-                at, fill = self._offset(i), 0
-                for k, d in enumerate(data):
-                    # only an object's final chunk is short, and nothing follows it
-                    room = self._rec if k < len(data) - 1 else _aligned(_LEN.size + len(d))
-                    if fill + room > len(view):
-                        os.pwrite(fd, view[:fill], at)
-                        at, fill = at + fill, 0
-                    fill += self._pack(view, fill, d, room)
-                os.pwrite(fd, view[:fill], at)
+            # released before the buffer goes back to the pool: a full pool closes it, which
+            # an export still alive would refuse (BufferError)
+            with memoryview(buf) as view:
+                if header is not None:
+                    os.pwrite(fd, view[: self._pack(view, 0, header, self._base)], 0)
+                for i, data in _runs(chunks):
+                    at, fill = self._offset(i), 0
+                    for k, d in enumerate(data):
+                        # only an object's final chunk is short, and nothing follows it
+                        room = self._rec if k < len(data) - 1 else _aligned(_LEN.size + len(d))
+                        if fill + room > len(view):
+                            os.pwrite(fd, view[:fill], at)
+                            at, fill = at + fill, 0
+                        fill += self._pack(view, fill, d, room)
+                    os.pwrite(fd, view[:fill], at)
         finally:
             self._give_buffer(buf)
 

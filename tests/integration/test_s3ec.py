@@ -1,12 +1,14 @@
 """Objects written by the official AWS S3 Encryption Client (the test oracle: the
-``amazon-s3-encryption-client-python`` package, synchronous boto3, run in a worker thread)
+``amazon-s3-encryption-client-python`` package, in a venv of its own, tests/s3ec_oracle.py)
 against SeaweedFS with a KMS keyring on moto: ``cryptfs import`` turns them into native files
 that read back byte for byte; tampered ones are refused and left alone."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from tests.conftest import ACCESS_KEY, SECRET_KEY, KmsServer, S3Server
 from tests.fsutil import read_file
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
 
 OBJECTS = {
     "v3/hello.txt": (3, b"hello from the S3 Encryption Client v3\n"),
@@ -39,35 +42,32 @@ OBJECTS = {
 }
 
 
-def _official_clients(s3: S3Server, kms: KmsServer, key_arn: str) -> tuple[Any, Any]:
-    """The official client, for v3 and for v2 objects (KMS keyring on moto)."""
-    import boto3
-    from s3_encryption import (
-        AlgorithmSuite,
-        CommitmentPolicy,
-        S3EncryptionClient,
-        S3EncryptionClientConfig,
-    )
-    from s3_encryption.materials.kms_keyring import KmsKeyring
+def _oracle(
+    s3: S3Server, kms: KmsServer, key_arn: str, bucket: str, op: str, objects: dict[str, Any]
+) -> Any:
+    """Ask the official client (``tests/s3ec_oracle.py``, in the venv of its own that
+    ``make install`` makes: it pins an older ``cryptography`` than cryptfs runs on)."""
+    python = os.environ.get("CRYPTFS_S3EC_PYTHON", str(ROOT / ".venv-oracle/bin/python"))
+    if not Path(python).exists():
+        raise RuntimeError(f"no S3 Encryption Client oracle at {python}: run `make install`")
+    req = {"op": op, "s3": s3.endpoint, "kms": kms.endpoint, "key_arn": key_arn,
+           "bucket": bucket, "objects": objects}  # fmt: skip
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
+    res = subprocess.run(
+        [python, str(ROOT / "tests/s3ec_oracle.py")],
+        input=json.dumps(req), capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    if res.returncode != 0:
+        raise RuntimeError(f"S3 Encryption Client oracle failed: {res.stderr.strip()[-2000:]}")
+    return json.loads(res.stdout)
 
-    def client(service: str, endpoint: str) -> Any:
-        return boto3.client(
-            service, endpoint_url=endpoint, region_name="us-east-1",
-            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
-        )  # fmt: skip
 
-    keyring = KmsKeyring(client("kms", kms.endpoint), key_arn)
-    # one boto3 S3 client per S3EC client: each registers its own event hooks
-    v3 = S3EncryptionClient(client("s3", s3.endpoint), S3EncryptionClientConfig(keyring=keyring))
-    v2 = S3EncryptionClient(
-        client("s3", s3.endpoint),
-        S3EncryptionClientConfig(
-            keyring=keyring,
-            encryption_algorithm=AlgorithmSuite.ALG_AES_256_GCM_IV12_TAG16_NO_KDF,
-            commitment_policy=CommitmentPolicy.FORBID_ENCRYPT_ALLOW_DECRYPT,
-        ),
-    )
-    return v3, v2
+def _official_get(
+    s3: S3Server, kms: KmsServer, key_arn: str, bucket: str, keys: list[str]
+) -> dict[str, bytes]:
+    """The objects at ``keys`` as the official client decrypts them."""
+    got = _oracle(s3, kms, key_arn, bucket, "get", {k: 3 if "/v3/" in k else 2 for k in keys})
+    return {k: base64.b64decode(v) for k, v in got.items()}
 
 
 @dataclass
@@ -98,9 +98,11 @@ async def _new_volume(
 def _write_with_official_client(
     s3: S3Server, kms: KmsServer, key_arn: str, bucket: str, prefix: str
 ) -> None:
-    v3, v2 = _official_clients(s3, kms, key_arn)
-    for key, (version, data) in OBJECTS.items():
-        (v3 if version == 3 else v2).put_object(Bucket=bucket, Key=prefix + key, Body=data)
+    objects = {
+        prefix + key: [version, base64.b64encode(data).decode()]
+        for key, (version, data) in OBJECTS.items()
+    }
+    _oracle(s3, kms, key_arn, bucket, "put", objects)
 
 
 async def _official_objects(s3: S3Server, kms: KmsServer, bucket: str, prefix: str) -> str:
@@ -368,17 +370,8 @@ async def test_instruction_files(
         Body=inst[:-1] + f', "x-amz-d": "{md["x-amz-d"]}", "x-amz-i": "{md["x-amz-i"]}"}}'.encode(),
     )  # fmt: skip
 
-    def oracle() -> dict[str, bytes]:
-        v3, v2 = _official_clients(s3server, kms_server, key_arn)
-        out = {}
-        for key in moved:
-            c = v3 if "/v3/" in key else v2
-            out[key] = c.get_object(Bucket=bucket, Key=key)["Body"].read()
-        return out
-
-    assert await trio.to_thread.run_sync(oracle) == {
-        k: OBJECTS[k[2:]][1] for k in moved
-    }  # their client reads this layout
+    got = await trio.to_thread.run_sync(_official_get, s3server, kms_server, key_arn, bucket, moved)
+    assert got == {k: OBJECTS[k[2:]][1] for k in moved}  # their client reads this layout
 
     async with _new_volume(s3server, kms_server, bucket, "i") as o:
         loc, vol = o.loc, o.vol

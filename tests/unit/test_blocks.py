@@ -111,6 +111,35 @@ def test_large_puts_bypass_the_page_cache_and_mix_with_small_ones(tmp_path: Path
     assert f.stat().st_blocks * 512 == c.used < (n + 3) * (chunk + 4096) + 4096
 
 
+def test_direct_puts_beyond_the_buffers_kept_close_theirs_after_use(tmp_path: Path) -> None:
+    """More writers than pooled buffers: the extra buffer is closed once its put is done,
+    which must not fail on a view of it still alive (it did: BufferError, cache not written)."""
+    import threading
+
+    chunk = 64 << 10
+    c = BlockCache(tmp_path / "b", 256 << 20, chunk)
+    salt = b"s" * 32
+    data = {i: os.urandom(chunk + 16) for i in range(8)}  # 512 KiB: a direct put
+    start = threading.Barrier(6)
+    errors: list[BaseException] = []
+
+    def put(k: int) -> None:
+        start.wait()
+        try:
+            for r in range(5):
+                c.put(bytes([k, r]) * 8, salt, None, data)
+        except BaseException as e:  # pragma: no cover - the failure this test is for
+            errors.append(e)
+
+    threads = [threading.Thread(target=put, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and c.errors == 0 and c.direct_writes == 30
+    assert c.get(bytes([5, 4]) * 8, salt, 0, 7)[1] == data
+
+
 def test_a_disk_without_o_direct_is_written_through_the_page_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
