@@ -37,6 +37,7 @@ _ZERO_NONCE = bytes(GCM_NONCE)
 _JMAGIC = b"CFJ2"
 _JSLOT = 16 << 10
 _POOL = 64  # empty files made ahead for new staged files and journals
+_scratch = threading.local()  # per thread: the buffer whole chunks are sealed into
 _RUN = 64  # whole chunks sealed into one buffer and written with one pwrite (4 MiB at 64 KiB)
 
 
@@ -126,8 +127,12 @@ class StagedFile:
         c, s = self.chunk, self._slot
         n = len(plaintext) // c
         assert n * c == len(plaintext)
-        buf = bytearray(n * s)
-        out = memoryview(buf)
+        buf = getattr(_scratch, "buf", None)
+        if buf is None or len(buf) < n * s:
+            # one buffer per thread, reused: a fresh 1 MiB bytearray per write(2) was a fresh
+            # allocation glibc had given back, so its page faults tripled the system time
+            buf = _scratch.buf = bytearray(max(n, 16) * s)
+        out = memoryview(buf)[: n * s]
         nonces = random_bytes(GCM_NONCE * n)
         for k in range(n):
             nonce = nonces[k * GCM_NONCE : (k + 1) * GCM_NONCE]
@@ -142,8 +147,8 @@ class StagedFile:
                 out[o + GCM_NONCE : o + s],
             )
         with self._io_lock:
-            written = _io(os.pwrite, self._fd, buf, first * s)
-        if written != len(buf):
+            written = _io(os.pwrite, self._fd, out, first * s)
+        if written != n * s:
             raise NoSpace("short write to the cache directory")
 
     def read(self, offset: int, length: int) -> bytes:
