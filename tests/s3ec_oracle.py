@@ -6,7 +6,8 @@ parallel).  So the oracle lives in ``.venv-oracle`` (``make install``) and is dr
 this script: one JSON request on stdin, one JSON answer on stdout.
 
 Request: ``{"op": "put" | "get", "s3": URL, "kms": URL, "key_arn": ARN, "bucket": B,
-"objects": {key: [version, base64 body]} | [keys]}``; credentials from the environment.
+"objects": ...}``: for ``put`` ``{key: [version, base64 body]}``, for ``get`` ``{key:
+version}``, answered with ``{key: base64 body}``; credentials from the environment.
 """
 
 from __future__ import annotations

@@ -2431,12 +2431,12 @@ class Filesystem:
         async def part(p: int) -> None:
             async with limit:
                 buf = free.pop() if free else bytearray(len(hdr) + per_part * (c + GCM_TAG))
-                try:
-                    # staging reads and AES-GCM release the GIL: the trio thread stays free
-                    body = await trio.to_thread.run_sync(build, p, buf, limiter=self._crypto_limit)
-                    etags[p] = await self.store.upload_part(key, upload_id, p + 1, body)
-                finally:
-                    free.append(buf)
+                # staging reads and AES-GCM release the GIL: the trio thread stays free
+                body = await trio.to_thread.run_sync(build, p, buf, limiter=self._crypto_limit)
+                etags[p] = await self.store.upload_part(key, upload_id, p + 1, body)
+                # reused only after a success (the server has read the whole body): the bytes
+                # of a failed request may still sit in a closing connection's send buffer
+                free.append(buf)
 
         try:
             async with open_tasks() as nursery:
