@@ -76,16 +76,11 @@ class StagedFile:
     def _aad(self, i: int) -> bytes:
         return self.file_id + i.to_bytes(8, "big")
 
-    def read_chunk(self, i: int) -> bytes:
-        """Plaintext of chunk ``i`` (full chunk size, zero-padded past EOF)."""
-        with self._io_lock:
-            raw = os.pread(self._fd, self._slot, i * self._slot)
-        if len(raw) < self._slot or raw[:GCM_NONCE] == _ZERO_NONCE:
-            return bytes(self.chunk)
-        try:
-            return self._aead.open(raw[:GCM_NONCE], raw[GCM_NONCE:], self._aad(i))
-        except IntegrityError:
-            raise IntegrityError(f"staged chunk {i} of {self.path.name} is corrupt") from None
+    def read_chunk(self, i: int) -> bytearray:
+        """Plaintext of chunk ``i`` (full chunk size, zero-padded past EOF), a new buffer."""
+        out = bytearray(self.chunk)
+        self.read_run(i, 1, memoryview(bytearray(self._slot)), memoryview(out))
+        return out
 
     def read_run(self, first: int, n: int, raw: memoryview, out: memoryview) -> None:
         """Plaintext of chunks ``first … first+n-1`` into ``out`` (``n`` chunks long), read
@@ -156,13 +151,12 @@ class StagedFile:
         if offset >= end:
             return b""
         c = self.chunk
-        out = bytearray()
-        for i in range(offset // c, (end - 1) // c + 1):
-            data = self.read_chunk(i)
-            lo = max(offset, i * c) - i * c
-            hi = min(end, (i + 1) * c) - i * c
-            out += data[lo:hi]
-        return bytes(out)
+        first = offset // c
+        n = (end - 1) // c - first + 1
+        plain = bytearray(n * c)
+        self.read_run(first, n, memoryview(bytearray(n * self._slot)), memoryview(plain))
+        lo = offset - first * c
+        return bytes(memoryview(plain)[lo : lo + end - offset])
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         c = self.chunk
@@ -178,7 +172,7 @@ class StagedFile:
                 pos += n * c
                 continue
             hi = min(c, end - i * c)
-            cur = bytearray(self.read_chunk(i)) if i * c < self.size else bytearray(c)
+            cur = self.read_chunk(i) if i * c < self.size else bytearray(c)
             cur[lo:hi] = view[pos - offset : pos - offset + (hi - lo)]
             self._write_run(i, memoryview(cur))
             pos = i * c + hi
@@ -188,9 +182,9 @@ class StagedFile:
         c = self.chunk
         if size < self.size and size % c:
             i = size // c
-            cur = bytearray(self.read_chunk(i))
+            cur = self.read_chunk(i)
             cur[size - i * c :] = bytes(c - (size - i * c))
-            self.write_chunk(i, bytes(cur))
+            self.write_chunk(i, cur)
         _io(os.ftruncate, self._fd, -(-size // c) * self._slot)
         self.size = size
 

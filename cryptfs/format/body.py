@@ -160,17 +160,19 @@ class BodyCipher:
             raise ValueError("chunk counter overflow")
         return index.to_bytes(11, "big") + (b"\x01" if final else b"\x00")
 
-    def seal_chunk(self, index: int, final: bool, plaintext: bytes | memoryview) -> bytes:
+    def _check_length(self, final: bool, plaintext: bytes | memoryview) -> None:
         if len(plaintext) > self.chunk or (not final and len(plaintext) != self.chunk):
             raise ValueError("only the final chunk may be short")
+
+    def seal_chunk(self, index: int, final: bool, plaintext: bytes | memoryview) -> bytes:
+        self._check_length(final, plaintext)
         return self._aead.seal(self.nonce(index, final), plaintext, self.header_bytes)
 
     def seal_chunk_into(
         self, index: int, final: bool, plaintext: bytes | memoryview, out: memoryview
     ) -> None:
         """``seal_chunk`` into ``out`` (exactly ``len(plaintext) + 16`` bytes)."""
-        if len(plaintext) > self.chunk or (not final and len(plaintext) != self.chunk):
-            raise ValueError("only the final chunk may be short")
+        self._check_length(final, plaintext)
         self._aead.seal_into(self.nonce(index, final), plaintext, self.header_bytes, out)
 
     def open_chunk(self, index: int, final: bool, ciphertext: bytes | memoryview) -> bytes:

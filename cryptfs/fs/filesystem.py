@@ -2410,8 +2410,8 @@ class Filesystem:
         def build(p: int, buf: bytearray) -> memoryview:
             first = p * per_part
             k = min(n, first + per_part) - first
-            if getattr(scratch, "n", 0) < k:
-                scratch.raw, scratch.plain, scratch.n = bytearray(k * sf.slot), bytearray(k * c), k
+            if len(getattr(scratch, "plain", b"")) < k * c:
+                scratch.raw, scratch.plain = bytearray(k * sf.slot), bytearray(k * c)
             plain = memoryview(scratch.plain)
             sf.read_run(first, k, memoryview(scratch.raw), plain)
             out = memoryview(buf)
