@@ -8,6 +8,20 @@ throughput: higher is better; for times the ratio is ceiling-time / cryptfs-time
 means "as fast as the ceiling" everywhere), and likewise cryptfs / rclone (> 1: cryptfs is
 faster).  Write figures run until the data is in S3 (dd conv=fsync, then unmount, which
 waits for uploads), so that a mount that uploads after close is not flattered.
+
+Rounds (``--rounds``, 3 by default): every round measures the raw ceiling and both mounts
+afresh (a volume, a remote and keys of its own), cryptfs first in odd rounds and rclone first
+in even ones, so that a machine getting slower or faster during the run does not favour
+either.  The table gives each figure's median over the rounds, and each ratio as the median
+of the ratios taken within one round (with their range); the CPU table says which process
+spent the time (``/proc/PID/stat`` of the daemon and of SeaweedFS, rusage of the tool).
+
+"Cold" means nothing of the data on the client: the mount is remounted (the kernel drops a
+FUSE file's pages with its inode) and its cache directory emptied.  The page cache of the
+machine is not dropped: SeaweedFS shares this machine, and dropping its cache would make the
+mounts' reads pay for its disk reads, which the raw ceiling, measured right after its PUT,
+does not.  The re-read from the local disk cache evicts that cache's files from the page
+cache only (``POSIX_FADV_DONTNEED``), so it reads the disk.
 """
 
 from __future__ import annotations
@@ -18,12 +32,15 @@ import contextlib
 import os
 import platform
 import random  # noqa: TID251 - benchmark offsets, not secrets
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,32 +53,85 @@ def run(*cmd: str, **kw: object) -> None:
     subprocess.run(cmd, check=True, **kw)  # type: ignore[call-overload]
 
 
-class PeakRss:
-    """Samples a process tree's peak RSS (VmHWM of the daemon) while running."""
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) of a live process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, pid: int) -> None:
+
+class ProcWatch:
+    """Samples a process's peak RSS (VmHWM) and CPU time while running; the CPU figure is
+    the last one read, so a daemon that exits inside the block (unmount) loses at most one
+    sampling interval of it."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
         self.pid = pid
         self.peak = 0
+        self.cpu = 0.0
+        self._cpu0: float | None = None
+        self._interval = interval
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True)
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        self.peak = max(self.peak, int(line.split()[1]) * 1024)
-            except OSError:
-                return
-            self._stop.wait(0.2)
+    def _sample(self) -> bool:
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.peak = max(self.peak, int(line.split()[1]) * 1024)
+            c = proc_cpu(self.pid)
+        except (OSError, IndexError, ValueError):
+            return False
+        if self._cpu0 is None:
+            self._cpu0 = c
+        self.cpu = c - self._cpu0
+        return True
 
-    def __enter__(self) -> PeakRss:
+    def _loop(self) -> None:
+        while self._sample() and not self._stop.wait(self._interval):
+            pass
+
+    def __enter__(self) -> ProcWatch:
+        self._sample()
         self._t.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._t.join()
+        self._sample()
+
+
+class Cpu:
+    """CPU seconds of SeaweedFS and of the tool (the children this script waited for)
+    during a block."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self.server = self.tool = 0.0
+
+    def __enter__(self) -> Cpu:
+        self._s0 = proc_cpu(self.server_pid)
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self._t0 = ru.ru_utime + ru.ru_stime
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server = proc_cpu(self.server_pid) - self._s0
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.tool = ru.ru_utime + ru.ru_stime - self._t0
+
+
+def evict(root: Path) -> None:
+    """Drop the page cache of the files under ``root`` (only theirs)."""
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            with contextlib.suppress(OSError):
+                fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+                try:
+                    os.fdatasync(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
 
 
 class Target:
@@ -69,7 +139,9 @@ class Target:
 
     name = ""
     mnt: Path
+    cache: Path
     pid = 0
+    cli_cpu = 0.0  # CPU of this target's own commands (mount, umount): not the tool's
 
     def mount(self) -> int:
         raise NotImplementedError
@@ -77,30 +149,36 @@ class Target:
     def umount(self) -> None:
         raise NotImplementedError
 
-    def drop_caches(self) -> None:
-        subprocess.run(["sync"], check=False)
-        with contextlib.suppress(OSError):
-            Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    def cold(self) -> None:
+        """Remounted with nothing of the data left on this host."""
+        raise NotImplementedError
+
+    def evict_cache(self) -> None:
+        """The mount's local cache is read from disk next, not from the page cache."""
+        evict(self.cache)
 
 
 class Cryptfs(Target):
     name = "cryptfs"
 
-    def __init__(self, endpoint: str, bucket: str, work: Path) -> None:
-        self.url = f"s3://{bucket}/bench"
+    def __init__(self, endpoint: str, bucket: str, work: Path, tag: str) -> None:
+        self.url = f"s3://{bucket}/bench-{tag}"
         self.endpoint = endpoint
-        self.key = work / "bench.key"
-        self.mnt = work / "mnt"
-        self.cache = work / "cache"
+        self.key = work / f"bench-{tag}.key"
+        self.mnt = work / f"mnt-{tag}"
+        self.cache = work / f"cache-{tag}"
         self.mnt.mkdir()
         self.cli("init", self.url, "--key-file", str(self.key))
 
     def cli(self, *args: str) -> str:
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         r = subprocess.run(
             [sys.executable, "-m", "cryptfs", *args, *(["--endpoint-url", self.endpoint]
                                                        if args[0] in ("init", "mount") else [])],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.cli_cpu += ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime
         return r.stdout
 
     def mount(self) -> int:
@@ -120,9 +198,9 @@ class Cryptfs(Target):
         self.cli("umount", str(self.mnt))
 
     def cold(self) -> None:
-        """Nothing of the file's data left on this host (staging, page cache, memory)."""
+        """Nothing of the files' data left on this host: a new daemon (memory), a new FUSE
+        inode (the kernel's pages of the old one went with it), no staging, no block cache."""
         self.umount()
-        self.drop_caches()
         for d in self.cache.iterdir():
             shutil.rmtree(d / "staging", ignore_errors=True)
             shutil.rmtree(d / "blocks", ignore_errors=True)
@@ -135,11 +213,11 @@ class Rclone(Target):
 
     name = "rclone crypt"
 
-    def __init__(self, endpoint: str, bucket: str, work: Path) -> None:
-        self.mnt = work / "rmnt"
+    def __init__(self, endpoint: str, bucket: str, work: Path, tag: str) -> None:
+        self.mnt = work / f"rmnt-{tag}"
         self.mnt.mkdir()
-        self.cache = work / "rcache"
-        self.conf = work / "rclone.conf"
+        self.cache = work / f"rcache-{tag}"
+        self.conf = work / f"rclone-{tag}.conf"
         self.log = work / "rclone.log"
         obscure = lambda p: subprocess.run(  # noqa: E731
             ["rclone", "obscure", p], capture_output=True, text=True, check=True
@@ -148,7 +226,7 @@ class Rclone(Target):
             "[s3]\ntype = s3\nprovider = Other\n"
             f"access_key_id = {ACCESS_KEY}\nsecret_access_key = {SECRET_KEY}\n"
             f"endpoint = {endpoint}\nregion = us-east-1\n\n"
-            f"[secret]\ntype = crypt\nremote = s3:{bucket}/rclone\n"
+            f"[secret]\ntype = crypt\nremote = s3:{bucket}/rclone-{tag}\n"
             f"password = {obscure(os.urandom(16).hex())}\n"
             f"password2 = {obscure(os.urandom(16).hex())}\n"
         )
@@ -175,22 +253,40 @@ class Rclone(Target):
         """Returns once rclone has exited, i.e. after it finished its uploads."""
         assert self.proc is not None
         subprocess.run(["fusermount3", "-u", str(self.mnt)], check=False)
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         self.proc.wait(600)
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # (rclone's whole life: not the tool's)
+        self.cli_cpu += ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime
 
     def cold(self) -> None:
         self.umount()
-        self.drop_caches()
         shutil.rmtree(self.cache, ignore_errors=True)
         self.mount()
 
 
-async def raw_s3(endpoint: str, bucket: str, size: int, files: int, conc: int) -> dict[str, float]:
+async def raw_s3(
+    endpoint: str, bucket: str, size: int, files: int, conc: int, tag: str, server_pid: int
+) -> dict[str, float]:
+    """The ceiling: the same bytes as plain aiobotocore requests (keys under ``raw-<tag>/``);
+    also the CPU seconds of this client (``*_cpu``) and of SeaweedFS (``*_server_cpu``)."""
     from aiobotocore.session import get_session
 
     from cryptfs.store.s3 import S3Options, make_config
 
     cfg = make_config(S3Options(endpoint_url=endpoint, max_concurrency=64))
     res: dict[str, float] = {}
+    big, pre = f"raw-{tag}/big", f"raw-{tag}/small"
+    cpu0: tuple[float, float] = (0.0, 0.0)
+
+    def start() -> float:
+        nonlocal cpu0
+        cpu0 = (time.process_time(), proc_cpu(server_pid))
+        return time.perf_counter()
+
+    def spent(name: str) -> None:
+        res[f"{name}_cpu"] = time.process_time() - cpu0[0]
+        res[f"{name}_server_cpu"] = proc_cpu(server_pid) - cpu0[1]
+
     async with get_session().create_client(
         "s3", endpoint_url=endpoint, region_name="us-east-1", config=cfg,
         aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
@@ -198,15 +294,15 @@ async def raw_s3(endpoint: str, bucket: str, size: int, files: int, conc: int) -
         part = 8 << 20
         data = os.urandom(part)
         sem = asyncio.Semaphore(conc)
-        t = time.perf_counter()
-        up = await c.create_multipart_upload(Bucket=bucket, Key="raw/big")
+        t = start()
+        up = await c.create_multipart_upload(Bucket=bucket, Key=big)
         parts = size // part
 
         async def put_part(i: int) -> dict[str, object]:
             async with sem:
                 r = await c.upload_part(
                     Bucket=bucket,
-                    Key="raw/big",
+                    Key=big,
                     UploadId=up["UploadId"],
                     PartNumber=i + 1,
                     Body=data,
@@ -216,55 +312,59 @@ async def raw_s3(endpoint: str, bucket: str, size: int, files: int, conc: int) -
         done = await asyncio.gather(*(put_part(i) for i in range(parts)))
         await c.complete_multipart_upload(
             Bucket=bucket,
-            Key="raw/big",
+            Key=big,
             UploadId=up["UploadId"],
             MultipartUpload={"Parts": list(done)},
         )
         res["put_mib_s"] = size / (1 << 20) / (time.perf_counter() - t)
+        spent("put")
 
         async def get_range(i: int) -> int:
             async with sem:
                 r = await c.get_object(
-                    Bucket=bucket, Key="raw/big", Range=f"bytes={i * part}-{(i + 1) * part - 1}"
+                    Bucket=bucket, Key=big, Range=f"bytes={i * part}-{(i + 1) * part - 1}"
                 )
                 async with r["Body"] as b:
                     return len(await b.read())
 
-        t = time.perf_counter()
+        t = start()
         got = sum(await asyncio.gather(*(get_range(i) for i in range(parts))))
         assert got == size
         res["get_mib_s"] = size / (1 << 20) / (time.perf_counter() - t)
+        spent("get")
 
         small = os.urandom(4096)
         sem32 = asyncio.Semaphore(32)
 
         async def put_small(i: int) -> None:
             async with sem32:
-                await c.put_object(Bucket=bucket, Key=f"raw/small/{i:05d}", Body=small)
+                await c.put_object(Bucket=bucket, Key=f"{pre}/{i:05d}", Body=small)
 
         async def get_small(i: int) -> None:
             async with sem32:
-                r = await c.get_object(Bucket=bucket, Key=f"raw/small/{i:05d}")
+                r = await c.get_object(Bucket=bucket, Key=f"{pre}/{i:05d}")
                 async with r["Body"] as b:
                     await b.read()
 
-        t = time.perf_counter()
+        t = start()
         await asyncio.gather(*(put_small(i) for i in range(files)))
         res["small_put_s"] = time.perf_counter() - t
+        spent("small_put")
         t = time.perf_counter()
         n = 0
         async for page in c.get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix="raw/small/"
+            Bucket=bucket, Prefix=f"{pre}/"
         ):
             n += len(page.get("Contents", []))
         res["small_list_s"] = time.perf_counter() - t
-        t = time.perf_counter()
+        t = start()
         await asyncio.gather(*(get_small(i) for i in range(files)))
         res["small_get_s"] = time.perf_counter() - t
+        spent("small_get")
 
         async def rewrap_small(i: int) -> None:  # what a rotation does per object
             async with sem32:
-                k = f"raw/small/{i:05d}"
+                k = f"{pre}/{i:05d}"
                 h = await c.head_object(Bucket=bucket, Key=k)
                 await c.copy_object(
                     Bucket=bucket,
@@ -313,12 +413,25 @@ def random_reads(path: Path, n: int, seed: int = 7) -> float:
         os.close(fd)
 
 
-def workloads(m: Target, args: argparse.Namespace, small: Path, tree: Path) -> dict[str, float]:
-    """Every workload through one mounted file system; times in seconds."""
+def workloads(
+    m: Target, args: argparse.Namespace, small: Path, tree: Path, server_pid: int
+) -> dict[str, float]:
+    """Every workload through one mounted file system; times in seconds, and for the main
+    ones ``<name>_cpu`` (the daemon), ``<name>_server_cpu`` and ``<name>_tool_cpu``."""
     r: dict[str, float] = {}
-    m.mount()
     mib = args.size_mib
-    with PeakRss(m.pid) as rss:
+
+    @contextlib.contextmanager
+    def measured(name: str) -> Iterator[None]:
+        cli0 = m.cli_cpu
+        with ProcWatch(m.pid) as w, Cpu(server_pid) as c:
+            yield
+        r[f"{name}_cpu"], r[f"{name}_rss"] = w.cpu, w.peak
+        r[f"{name}_server_cpu"] = c.server
+        r[f"{name}_tool_cpu"] = c.tool - (m.cli_cpu - cli0)
+
+    m.mount()
+    with measured("write"):
         t = timed(
             lambda: run(
                 "dd",
@@ -332,25 +445,23 @@ def workloads(m: Target, args: argparse.Namespace, small: Path, tree: Path) -> d
         )
         r["write_dd_s"] = t
         r["write_s"] = t + timed(m.umount)  # until it is all in S3
-    r["write_rss"] = rss.peak
-    m.drop_caches()
     m.mount()
     m.cold()
-    with PeakRss(m.pid) as rss:
+    with measured("read"):
         r["read_s"] = timed(
             lambda: run("dd", f"if={m.mnt}/big", "of=/dev/null", "bs=1M", "status=none")
         )
-    r["read_rss"] = rss.peak
-    # again after a remount: only this host's disk cache (if any) is left
+    # again after a remount: only this host's disk cache (if any) is left, read from disk
     m.umount()
-    m.drop_caches()
+    m.evict_cache()
     m.mount()
-    r["reread_s"] = timed(
-        lambda: run("dd", f"if={m.mnt}/big", "of=/dev/null", "bs=1M", "status=none")
-    )
+    with measured("reread"):
+        r["reread_s"] = timed(
+            lambda: run("dd", f"if={m.mnt}/big", "of=/dev/null", "bs=1M", "status=none")
+        )
 
     m.cold()  # a fresh daemon: its peak RSS for a smaller file, to compare with the big one
-    with PeakRss(m.pid) as rss:
+    with measured("small_write"):
         run(
             "dd",
             "if=/dev/urandom",
@@ -360,25 +471,26 @@ def workloads(m: Target, args: argparse.Namespace, small: Path, tree: Path) -> d
             "conv=fsync",
             "status=none",
         )
-    r["small_write_rss"] = rss.peak
     m.cold()
     r["rand_cold"] = random_reads(m.mnt / "rand", args.random_reads)
     r["rand_warm"] = random_reads(m.mnt / "rand", args.random_reads)
 
-    r["create_cp_s"] = timed(lambda: run("cp", "-r", str(small), f"{m.mnt}/small"))
-    r["create_s"] = r["create_cp_s"] + timed(m.umount)
-    m.drop_caches()
+    with measured("create"):
+        r["create_cp_s"] = timed(lambda: run("cp", "-r", str(small), f"{m.mnt}/small"))
+        r["create_s"] = r["create_cp_s"] + timed(m.umount)
     m.mount()
     m.cold()
-    r["ls_s"] = timed(
-        lambda: subprocess.run(
-            ["ls", "-l", f"{m.mnt}/small"], check=True, stdout=subprocess.DEVNULL
+    with measured("ls"):
+        r["ls_s"] = timed(
+            lambda: subprocess.run(
+                ["ls", "-l", f"{m.mnt}/small"], check=True, stdout=subprocess.DEVNULL
+            )
         )
-    )
     names = sorted(os.listdir(small))
-    r["readall_s"] = timed(
-        lambda: run("cat", *[f"{m.mnt}/small/{n}" for n in names], stdout=subprocess.DEVNULL)
-    )
+    with measured("readall"):
+        r["readall_s"] = timed(
+            lambda: run("cat", *[f"{m.mnt}/small/{n}" for n in names], stdout=subprocess.DEVNULL)
+        )
 
     def rsync() -> None:
         res = subprocess.run(
@@ -390,8 +502,10 @@ def workloads(m: Target, args: argparse.Namespace, small: Path, tree: Path) -> d
         if res.returncode != 0:
             print(f"  ({m.name}: rsync exit {res.returncode}: {res.stderr.strip()[:200]})")
 
-    r["rsync1_s"] = timed(rsync)
-    r["rsync2_s"] = timed(rsync)
+    with measured("rsync1"):
+        r["rsync1_s"] = timed(rsync)
+    with measured("rsync2"):
+        r["rsync2_s"] = timed(rsync)
 
     (m.mnt / "ren").mkdir()
     for i in range(args.rename_files):
@@ -402,8 +516,21 @@ def workloads(m: Target, args: argparse.Namespace, small: Path, tree: Path) -> d
     return r
 
 
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def spread(xs: list[float]) -> str:
+    """Median, and the range over the rounds when there are several."""
+    m = med(xs)
+    if len(xs) < 2:
+        return f"{m:.2f}"
+    return f"{m:.2f} ({min(xs):.2f}–{max(xs):.2f})"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of every workload (median)")
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--random-mib", type=int, default=256)
     ap.add_argument("--random-reads", type=int, default=2000)
@@ -419,30 +546,48 @@ def main() -> int:
     os.environ["AWS_SECRET_ACCESS_KEY"] = SECRET_KEY
     work = Path(tempfile.mkdtemp(prefix="cryptfs-bench-"))
     server = start_seaweed(work / "s3")
+    spid = server.proc.pid
     rclone = shutil.which("rclone") is not None and not args.no_rclone
+    raws: list[dict[str, float]] = []
+    cfs: list[dict[str, float]] = []
+    rcs: list[dict[str, float]] = []
+    locals_: list[tuple[float, float]] = []
+    started = time.time()
     try:
         c = server.client()
         c.create_bucket(Bucket="bench")
-        raw = asyncio.run(raw_s3(server.endpoint, "bench", size, args.files, 4))
         small = work / "small"
         small.mkdir()
         for i in range(args.files):
             (small / f"f{i:05d}").write_bytes(os.urandom(4096))
         tree = work / "tree"
         make_source_tree(tree, args.tree_files, args.tree_mib << 20)
-        local = work / "local"
-        t_local1 = timed(lambda: run("rsync", "-a", f"{tree}/", f"{local}/"))
-        t_local2 = timed(lambda: run("rsync", "-a", f"{tree}/", f"{local}/"))
+        m: Cryptfs | None = None
+        for rnd in range(args.rounds):
+            tag = f"r{rnd + 1}"
+            print(f"round {rnd + 1}/{args.rounds}: raw S3…", flush=True)
+            ceiling = raw_s3(server.endpoint, "bench", size, args.files, 4, tag, spid)
+            raws.append(asyncio.run(ceiling))
+            dest = f"{work}/local-{tag}/"
+            locals_.append(
+                (
+                    timed(lambda: run("rsync", "-a", f"{tree}/", dest)),  # noqa: B023
+                    timed(lambda: run("rsync", "-a", f"{tree}/", dest)),  # noqa: B023
+                )
+            )
+            m = Cryptfs(server.endpoint, "bench", work, tag)
+            targets: list[Target] = [m]
+            if rclone:
+                targets.append(Rclone(server.endpoint, "bench", work, tag))
+            if rnd % 2:
+                targets.reverse()  # alternate who goes first
+            for t in targets:
+                print(f"round {rnd + 1}/{args.rounds}: {t.name} workloads…", flush=True)
+                res = workloads(t, args, small, tree, spid)
+                (cfs if t is m else rcs).append(res)
 
-        m = Cryptfs(server.endpoint, "bench", work)
-        print("cryptfs workloads…", flush=True)
-        cf = workloads(m, args, small, tree)
-        rc: dict[str, float] = {}
-        if rclone:
-            print("rclone crypt workloads…", flush=True)
-            rc = workloads(Rclone(server.endpoint, "bench", work), args, small, tree)
-
-        # master-key rotation of everything above: server-side rewrap, nothing downloaded
+        # master-key rotation of the last round's volume: server-side rewrap, no download
+        assert m is not None
         out = m.cli(
             "rotate",
             m.url,
@@ -457,118 +602,107 @@ def main() -> int:
         n_rot, rate = line.split(":")[1].split()[0], float(line.split("(")[1].split("/s")[0])
         dl = next(x for x in out.splitlines() if x.startswith("bytes downloaded")).split()[-1]
     finally:
-        for d in ("mnt", "rmnt"):
-            subprocess.run(
-                ["fusermount3", "-uz", str(work / d)], check=False, stderr=subprocess.DEVNULL
-            )
+        for d in [*work.glob("mnt-*"), *work.glob("rmnt-*")]:
+            subprocess.run(["fusermount3", "-uz", str(d)], check=False, stderr=subprocess.DEVNULL)
         stop_seaweed(server)
 
     mib = args.size_mib
+    for d in (*cfs, *rcs):
+        d["write_mib_s"] = mib / d["write_s"]
+        d["read_mib_s"] = mib / d["read_s"]
+        d["reread_mib_s"] = mib / d["reread_s"]
+    for ceil_d, (l1, l2) in zip(raws, locals_, strict=True):
+        ceil_d["local1_s"], ceil_d["local2_s"] = l1, l2
     rows: list[tuple[str, ...]] = []
 
-    def rate_row(label: str, key: str, ceil: float | None, ceil_txt: str, unit: str) -> None:
-        """Throughput rows: bigger is better; ratio = cryptfs / ceiling, cryptfs / rclone."""
-        v = cf[key]
-        rows.append(
-            (
-                label,
-                f"{v:.0f} {unit}",
-                ceil_txt,
-                f"{v / ceil:.2f}" if ceil else "—",
-                f"{rc[key]:.0f} {unit}" if rc else "—",
-                f"{v / rc[key]:.2f}" if rc else "—",
-            )
-        )
+    def row(label: str, key: str, ceil_key: str | None, ceil_txt: str, unit: str) -> None:
+        """Medians over the rounds; each ratio is the median of the ratios within a round
+        (throughput: cryptfs / other; time: other / cryptfs; > 1: cryptfs is faster)."""
+        rate = unit != "s"
 
-    def time_row(label: str, key: str, ceil: float | None, ceil_txt: str) -> None:
-        """Time rows: smaller is better; ratio = ceiling time / cryptfs time (1.0 = as fast)."""
-        v = cf[key]
-        rows.append(
-            (
-                label,
-                f"{v:.2f} s",
-                ceil_txt,
-                f"{ceil / v:.2f}" if ceil else "—",
-                f"{rc[key]:.2f} s" if rc else "—",
-                f"{rc[key] / v:.2f}" if rc else "—",
-            )
-        )
+        def ratio(mine: float, other: float) -> float:
+            return mine / other if rate else other / mine
 
-    for d in (cf, rc):
-        if d:
-            d["write_mib_s"] = mib / d["write_s"]
-            d["read_mib_s"] = mib / d["read_s"]
-            d["reread_mib_s"] = mib / d["reread_s"]
-    rate_row(
+        def fmt(v: float) -> str:
+            return f"{v:.2f} s" if not rate else f"{v:.0f} {unit}"
+
+        v = [d[key] for d in cfs]
+        cells = [label, fmt(med(v))]
+        if ceil_key is not None:
+            cv = [d[ceil_key] for d in raws]
+            rs = [ratio(a, b) for a, b in zip(v, cv, strict=True)]
+            cells += [ceil_txt.format(fmt(med(cv))), spread(rs)]
+        else:
+            cells += ["—", "—"]
+        if rcs:
+            rv = [d[key] for d in rcs]
+            cells += [fmt(med(rv)), spread([ratio(a, b) for a, b in zip(v, rv, strict=True)])]
+        else:
+            cells += ["—", "—"]
+        rows.append(tuple(cells))
+
+    row(
         f"sequential write {mib} MiB (dd bs=1M conv=fsync, until in S3)",
         "write_mib_s",
-        raw["put_mib_s"],
-        f"{raw['put_mib_s']:.0f} MiB/s (multipart PUT ×4)",
+        "put_mib_s",
+        "{} (multipart PUT ×4)",
         "MiB/s",
     )
-    rate_row(
+    row(
         f"sequential read {mib} MiB, cold, after remount",
         "read_mib_s",
-        raw["get_mib_s"],
-        f"{raw['get_mib_s']:.0f} MiB/s (ranged GET ×4)",
+        "get_mib_s",
+        "{} (ranged GET ×4)",
         "MiB/s",
     )
-    rate_row(
+    row(
         "the same read after another remount (local disk cache)",
         "reread_mib_s",
-        raw["get_mib_s"],
-        f"{raw['get_mib_s']:.0f} MiB/s (ranged GET ×4)",
+        "get_mib_s",
+        "{} (ranged GET ×4)",
         "MiB/s",
     )
+
+    def rss(ds: list[dict[str, float]]) -> str:
+        keys = ("write_rss", "read_rss", "small_write_rss")
+        return " / ".join(f"{max(d[k] for d in ds) / 2**20:.0f}" for k in keys) + " MiB"
+
     rows.append(
         (
-            f"peak daemon RSS: write {mib} MiB / read it / write {args.random_mib} MiB",
-            " / ".join(f"{cf[k] / 2**20:.0f}" for k in ("write_rss", "read_rss", "small_write_rss"))
-            + " MiB",
+            f"peak daemon RSS (highest of the rounds): write {mib} MiB / read it / "
+            f"write {args.random_mib} MiB",
+            rss(cfs),
             "—",
             "—",
-            " / ".join(f"{rc[k] / 2**20:.0f}" for k in ("write_rss", "read_rss", "small_write_rss"))
-            + " MiB"
-            if rc
-            else "—",
+            rss(rcs) if rcs else "—",
             "—",
         )
     )
-    rate_row(
-        f"random 4 KiB reads in a {args.random_mib} MiB file, cold",
-        "rand_cold",
-        None,
-        "—",
-        "reads/s",
-    )
-    rate_row("the same reads again, warm", "rand_warm", None, "—", "reads/s")
-    time_row(
+    row(f"random 4 KiB reads in a {args.random_mib} MiB file, cold", "rand_cold", None, "",
+        "reads/s")  # fmt: skip
+    row("the same reads again, warm", "rand_warm", None, "", "reads/s")
+    row(
         f"create {args.files} × 4 KiB (cp -r, then umount: until in S3)",
         "create_s",
-        raw["small_put_s"],
-        f"{raw['small_put_s']:.2f} s (PUT ×32)",
+        "small_put_s",
+        "{} (PUT ×32)",
+        "s",
     )
-    time_row(
-        "cold ls -l of them", "ls_s", raw["small_list_s"], f"{raw['small_list_s']:.2f} s (LIST)"
-    )
-    time_row(
-        "read them all (cat, sequential)",
-        "readall_s",
-        raw["small_get_s"],
-        f"{raw['small_get_s']:.2f} s (GET ×32)",
-    )
-    time_row(
+    row("cold ls -l of them", "ls_s", "small_list_s", "{} (LIST)", "s")
+    row("read them all (cat, sequential)", "readall_s", "small_get_s", "{} (GET ×32)", "s")
+    row(
         f"rsync -a of {args.tree_files} files / {args.tree_mib} MiB",
         "rsync1_s",
-        t_local1,
-        f"{t_local1:.2f} s (local disk)",
+        "local1_s",
+        "{} (local disk)",
+        "s",
     )
-    time_row("second, no-op rsync -a", "rsync2_s", t_local2, f"{t_local2:.2f} s (local disk)")
-    time_row(f"rename a directory of {args.rename_files} files", "rename_s", None, "—")
-    ceil = raw["small_rewrap_per_s"]
+    row("second, no-op rsync -a", "rsync2_s", "local2_s", "{} (local disk)", "s")
+    row(f"rename a directory of {args.rename_files} files", "rename_s", None, "", "s")
+    ceil = raws[-1]["small_rewrap_per_s"]
     rows.append(
         (
-            f"rotate: rewrap {n_rot} objects (bytes downloaded: {dl})",
+            f"rotate: rewrap {n_rot} objects (bytes downloaded: {dl}; last round only)",
             f"{rate:.0f} obj/s",
             f"{ceil:.0f} obj/s (HEAD+COPY ×32)",
             f"{rate / ceil:.2f}",
@@ -581,21 +715,61 @@ def main() -> int:
         "| workload | cryptfs | ceiling | ratio | rclone crypt | cryptfs vs rclone |\n"
         "| --- | --- | --- | --- | --- | --- |\n"
     )
-    table = head + "".join("| " + " | ".join(row) + " |\n" for row in rows)
+    table = head + "".join("| " + " | ".join(r) + " |\n" for r in rows)
+
+    # where the time went: CPU seconds per process (medians over the rounds)
+    def cpu_cell(ds: list[dict[str, float]], name: str, wall_key: str) -> str:
+        if not ds:
+            return "—"
+        parts = [med([d[wall_key] for d in ds])]
+        parts += [med([d[f"{name}{k}"] for d in ds]) for k in ("_cpu", "_server_cpu", "_tool_cpu")]
+        return " / ".join(f"{x:.2f}" for x in parts)
+
+    def raw_cell(name: str, wall: list[float]) -> str:
+        parts = [med(wall), med([d[f"{name}_cpu"] for d in raws]),
+                 med([d[f"{name}_server_cpu"] for d in raws])]  # fmt: skip
+        return " / ".join(f"{x:.2f}" for x in parts)
+
+    cpu_rows = [
+        (f"sequential write {mib} MiB", "write", "write_s",
+         raw_cell("put", [mib / d["put_mib_s"] for d in raws])),
+        (f"sequential read {mib} MiB, cold", "read", "read_s",
+         raw_cell("get", [mib / d["get_mib_s"] for d in raws])),
+        ("re-read (local disk cache)", "reread", "reread_s", "—"),
+        (f"create {args.files} × 4 KiB", "create", "create_s",
+         raw_cell("small_put", [d["small_put_s"] for d in raws])),
+        ("cat of them", "readall", "readall_s",
+         raw_cell("small_get", [d["small_get_s"] for d in raws])),
+        (f"rsync -a of {args.tree_files} files", "rsync1", "rsync1_s", "—"),
+        ("no-op rsync -a", "rsync2", "rsync2_s", "—"),
+    ]  # fmt: skip
+    cpu_table = (
+        "CPU seconds by process (medians over the rounds): wall / the mount's daemon (or the raw "
+        "client) / SeaweedFS / the tool (dd, cp, cat, rsync); two cores in all\n\n"
+        "| workload | cryptfs | raw S3 | rclone crypt |\n| --- | --- | --- | --- |\n"
+        + "".join(
+            f"| {label} | {cpu_cell(cfs, n, w)} | {raw_txt} | {cpu_cell(rcs, n, w)} |\n"
+            for label, n, w, raw_txt in cpu_rows
+        )
+    )
     import cryptfs
 
     rv = subprocess.run(["rclone", "version"], capture_output=True, text=True).stdout.split("\n")[0]
     meta = (
-        f"cryptfs {cryptfs.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"cryptfs {cryptfs.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
+        f"({(time.time() - started) / 60:.0f} min), "
         f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"SeaweedFS on loopback, {rv if rclone else 'no rclone'}; sizes: {mib} MiB / "
-        f"{args.files} files; dd write cryptfs {cf['write_dd_s']:.2f} s"
-        + (f", rclone {rc['write_dd_s']:.2f} s" if rc else "")
+        f"{args.files} files; {args.rounds} round(s), cryptfs first in odd rounds, rclone in "
+        f"even ones; medians, ratios as median (range) of the ratios within each round; "
+        f"dd write cryptfs {med([d['write_dd_s'] for d in cfs]):.2f} s"
+        + (f", rclone {med([d['write_dd_s'] for d in rcs]):.2f} s" if rcs else "")
         + " (the rest is the upload at unmount); ratios > 1 mean cryptfs is faster\n\n"
     )
-    print(meta + table)
+    text = meta + table + "\n" + cpu_table
+    print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{time.strftime('%Y%m%d-%H%M%S')}.md").write_text(meta + table)
+    (args.out / f"{time.strftime('%Y%m%d-%H%M%S')}.md").write_text(text)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
