@@ -129,6 +129,12 @@ _INSTRUCTION_MAX = 64 << 10
 _SEQ_SLACK = 1 << 20  # reads this close to where the last one ended count as sequential
 
 
+def _unit_end(i: int, unit: int) -> int:
+    """Last chunk of the fetch unit holding chunk ``i``: units are aligned to multiples of
+    ``unit`` chunks, as the parts of a multipart upload are (``Options.part_size``)."""
+    return (i // unit + 1) * unit - 1
+
+
 def _join(parent: bytes, name: bytes) -> bytes:
     return (parent if parent != b"/" else b"") + b"/" + name
 
@@ -142,10 +148,14 @@ class Options:
     writeback_delay: float = 2.0
     metadata_ttl: float = 10.0
     memory_cache_bytes: int = 64 << 20
-    max_readahead: int = 16 << 20
+    max_readahead: int = 32 << 20  # a sequential reader's window: 4 GETs of a part
     multipart_threshold: int = 16 << 20
     part_size: int = 8 << 20
-    fetch_unit: int = 4 << 20  # bytes per ranged GET when reading a long run
+    # bytes per ranged GET when reading a long run, aligned to multiples of itself: one GET
+    # per part of a multipart upload (S3 and SeaweedFS serve a part whole for less work than
+    # two ranges that straddle the server's own pieces of it)
+    fetch_unit: int = 8 << 20
+    small_file_bytes: int = 4 << 20  # files fetched whole at open, and ahead of `cat *`
     offload_bytes: int = 256 << 10  # decrypt runs at least this long in a worker thread
     disk_backlog: int = 8 << 20  # downloads waiting for the block cache, at most (bytes)
     upload_concurrency: int = 4  # large files at once (each with this many parts in flight)
@@ -307,6 +317,11 @@ class ChunkCache:
         if v is not None:
             self._d.move_to_end(key)
         return v
+
+    def discard(self, key: tuple[bytes, bytes, int]) -> None:
+        v = self._d.pop(key, None)
+        if v is not None:
+            self.used -= len(v)
 
     def clear(self) -> None:
         self._d.clear()
@@ -1326,11 +1341,16 @@ class Filesystem:
         order (``cat *``, ``cp -r``, ``tar``: readdir answers in that order) finds the next
         ones fetched (or being fetched) when it opens them: one GET per file stays, its wait
         goes.  From the second open in a row, the next ``sibling_readahead`` files of up to
-        ``fetch_unit`` bytes are fetched as at open; a wrong guess costs their GETs, no more.
+        ``small_file_bytes`` are fetched as at open; a wrong guess costs their GETs, no more.
         """
         d = node.parent
         n_ahead = self.opt.sibling_readahead
-        if d is None or d.children is None or n_ahead <= 0 or node.attrs.size > self.opt.fetch_unit:
+        if (
+            d is None
+            or d.children is None
+            or n_ahead <= 0
+            or node.attrs.size > self.opt.small_file_bytes
+        ):
             return
         last, d.read_last = d.read_last, node.name
         if last is None or last >= node.name:  # not the second of a run in name order
@@ -1435,6 +1455,15 @@ class Filesystem:
             self._read_ahead(node, h, need.stop, min(last, (offset + h.window - 1) // c))
         if missing:
             await self._fetch_chunks(node, missing[0], missing[-1], got)
+        if h is not None and h.window:
+            # a sequential reader does not come back for what it has read (the kernel keeps
+            # those pages while the object is unchanged): the memory cache keeps only what
+            # is still ahead of it, so a long read holds its read-ahead window, not the LRU
+            end = offset + length
+            fid, salt = node.file_id, node.attrs.salt
+            for i in need:
+                if min((i + 1) * c, size) <= end:
+                    self.cache.discard((fid, salt, i))
         if len(need) == 1:
             lo = offset - need.start * c
             return got[need.start][lo : lo + length]
@@ -1458,21 +1487,20 @@ class Filesystem:
         return missing
 
     def _read_ahead(self, node: Node, h: Handle, first: int, last: int) -> None:
-        """Fetch chunks [first, last] in the background, ``fetch_unit`` per GET, so that the
-        next reads of a sequential stream find them cached (or in flight)."""
+        """Fetch chunks [first, last] in the background, one aligned ``fetch_unit`` per GET
+        (``_unit_end``), so that the next reads of a sequential stream find them cached (or
+        in flight).  A unit that reaches past ``last`` waits for the window to cover it."""
         nursery = self._background
         if nursery is None:
             return
         unit = max(1, self.opt.fetch_unit // self.chunk)
-        start = max(first, h.ra_next)
-        if last < start or (
-            last - start + 1 < unit and last != chunk_count(node.attrs.size, self.chunk) - 1
-        ):
-            return  # wait until a whole unit can be scheduled
+        final = chunk_count(node.attrs.size, self.chunk) - 1
         key = (node.file_id, node.attrs.salt)
-        i = start
+        i = max(first, h.ra_next)
         while i <= last:
-            j = min(last, i + unit - 1)
+            j = min(final, _unit_end(i, unit))
+            if j > last:
+                break  # wait until the whole unit is inside the window
             if all(self.cache.peek((*key, k)) is not None or k in node.inflight
                    for k in range(i, j + 1)):  # fmt: skip
                 i = j + 1
@@ -1482,7 +1510,7 @@ class Filesystem:
                 node.inflight.setdefault(k, ev)
             nursery.start_soon(self._prefetch, node, i, j, node.remote_etag, ev)
             i = j + 1
-        h.ra_next = last + 1
+        h.ra_next = max(h.ra_next, i)
 
     async def _prefetch(
         self, node: Node, first: int, last: int, etag: str | None, ev: trio.Event
@@ -1502,8 +1530,9 @@ class Filesystem:
     async def _fetch_chunks(self, node: Node, first: int, last: int, got: dict[int, bytes]) -> None:
         """Fetch, authenticate and cache chunks [first, last].
 
-        A long run is split into ``fetch_unit`` pieces fetched concurrently (S3 serves
-        parallel ranged GETs faster than one long one).  When the body's header is not known
+        A long run is split at multiples of ``fetch_unit`` (the parts of a multipart upload)
+        into pieces fetched concurrently (S3 serves parallel ranged GETs faster than one long
+        one).  When the body's header is not known
         yet, the first piece (from chunk 0) brings it along.
         """
         unit = max(1, self.opt.fetch_unit // self.chunk)
@@ -1511,8 +1540,8 @@ class Filesystem:
         if self.blocks is not None and self.blocks.has(node.file_id, node.attrs.salt):
             todo = await self._from_disk(node, first, last, got)
         runs: list[tuple[int, int]] = []
-        for i in todo:  # consecutive missing chunks, at most ``unit`` per GET
-            if runs and runs[-1][1] == i - 1 and i - runs[-1][0] < unit:
+        for i in todo:  # consecutive missing chunks, within one aligned unit per GET
+            if runs and runs[-1][1] == i - 1 and i % unit:
                 runs[-1] = (runs[-1][0], i)
             else:
                 runs.append((i, i))
@@ -1593,12 +1622,12 @@ class Filesystem:
 
     def _fetch_at_open(self, node: Node) -> None:
         """A file opened for reading, with nothing of it cached: a small file (up to
-        ``fetch_unit``) is fetched whole now, not when the first read arrives, so that the
-        GET overlaps the kernel's turn from open to read.  The read finds the chunks in
+        ``small_file_bytes``) is fetched whole now, not when the first read arrives, so that
+        the GET overlaps the kernel's turn from open to read.  The read finds the chunks in
         flight (``node.inflight``) and waits for them."""
         nursery = self._background
         size = node.attrs.size
-        if nursery is None or size <= 0 or size > self.opt.fetch_unit or node.inflight:
+        if nursery is None or size <= 0 or size > self.opt.small_file_bytes or node.inflight:
             return  # (a larger file: a random reader would not want its first 4 MiB)
         if node.stage is not None or node.foreign is not None or node.remote_etag is None:
             return

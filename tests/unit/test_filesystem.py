@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -371,8 +372,8 @@ async def _written_elsewhere(
     read it yet (with the read-ahead bounds given)."""
     await write_file(await make_fs(tmp_path, store), ROOT_INO, b"f", data)
     fs2 = await make_fs(tmp_path / "2", store)
-    if fetch_unit is not None:
-        fs2.opt.fetch_unit = fetch_unit
+    if fetch_unit is not None:  # (and files up to it are fetched whole at open)
+        fs2.opt.fetch_unit = fs2.opt.small_file_bytes = fetch_unit
     if readahead is not None:
         fs2.opt.max_readahead = readahead
     return fs2
@@ -405,6 +406,54 @@ async def test_sequential_reads_are_served_by_read_ahead(tmp_path: Path) -> None
         assert store.calls.get("get", 0) == 1 and not node.inflight
         await fs2.release(h.fh)
         fs2.stop_writeback()
+
+
+async def test_read_ahead_fetches_aligned_units_and_keeps_only_what_is_ahead(
+    tmp_path: Path,
+) -> None:
+    """Read-ahead GETs cover whole fetch units aligned to multiples of the unit (the parts of
+    a multipart upload), whatever offset the stream started from; a sequential reader's
+    chunks leave the memory cache once read (the kernel keeps those pages), so a long read
+    holds its window, not the whole LRU."""
+    from cryptfs.format.body import HEADER_SIZE, chunk_span
+
+    store = MemoryStore()
+    data = os.urandom(5 << 20)
+    unit = 256 << 10
+    fs2 = await _written_elsewhere(tmp_path, store, data, fetch_unit=unit, readahead=1 << 20)
+    ranges: list[tuple[int, int]] = []
+    real_get = store.get
+
+    async def get(key: str, start: int | None = None, end: int | None = None, **kw: Any) -> Any:
+        ranges.append((start or 0, end or 0))
+        return await real_get(key, start, end, **kw)
+
+    store.get = get  # type: ignore[method-assign]
+    c = fs2.chunk
+    per_unit = unit // c
+    starts = {chunk_span(i, len(data), c)[0] for i in range(0, len(data) // c, per_unit)}
+    async with trio.open_nursery() as n:
+        await n.start(fs2.serve_writeback)
+        node = await fs2.lookup(ROOT_INO, b"f")
+        h = await fs2.open(node.ino, os.O_RDONLY)
+        first = 3 * c + 100  # a stream that starts inside a unit
+        got = bytearray()
+        for off in range(first, len(data), 96 << 10):
+            got += await fs2.read(h.fh, off, 96 << 10)
+            await trio.testing.wait_all_tasks_blocked()  # read-ahead runs, as between reads
+            assert fs2.cache.used <= (1 << 20) + 2 * unit  # the window, not the 5 MiB read
+        assert got == data[first:]
+        await fs2.release(h.fh)
+        fs2.stop_writeback()
+    data_gets = [r for r in ranges if r != (0, HEADER_SIZE)]  # (the header, alone)
+    assert data_gets[0][0] == HEADER_SIZE + 3 * (c + 16)  # the reader's own first fetch
+    # until its window covers whole units the reader fetches for itself; once the window
+    # has grown (here: from 2 MiB into the file on), every GET is read-ahead of one unit
+    ahead = [r for r in data_gets if r[0] >= 2 << 20]
+    assert len(ahead) == (len(data) - (2 << 20)) // unit, data_gets
+    for start, end in ahead:
+        assert start in starts, (start, end)
+        assert end - start <= per_unit * (c + 16) + HEADER_SIZE
 
 
 async def test_reads_wait_for_read_ahead_in_flight(tmp_path: Path) -> None:
@@ -740,7 +789,7 @@ async def test_a_small_file_opened_for_reading_is_fetched_before_the_first_read(
     a = await make_fs(tmp_path / "a", store)
     data = os.urandom(3 * 4096 + 10)
     await write_file(a, ROOT_INO, b"small", data)
-    await write_file(a, ROOT_INO, b"big", os.urandom(a.opt.fetch_unit + 1))
+    await write_file(a, ROOT_INO, b"big", os.urandom(a.opt.small_file_bytes + 1))
     b = await make_fs(tmp_path / "b", store)
     async with trio.open_nursery() as nursery:
         await nursery.start(b.serve_writeback)
