@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import functools
 import heapq
 import itertools
 import logging
@@ -1593,7 +1594,11 @@ class Filesystem:
             self._integrity(key, str(e))
             raise
         if self.blocks is not None:  # authenticated: worth keeping on disk
-            await self._keep_on_disk(node.file_id, node.attrs.salt, header, sealed, len(data))
+            if n == 1:  # a small object, whole: into a pack, with its header
+                header = header or cipher.header_bytes
+            await self._keep_on_disk(
+                node.file_id, node.attrs.salt, header, sealed, len(data), whole=n == 1
+            )
         for i, pt in zip(range(first, last + 1), plain, strict=True):
             self.cache.put((node.file_id, node.attrs.salt, i), pt)
             got[i] = pt
@@ -1649,23 +1654,25 @@ class Filesystem:
         header: bytes | None,
         sealed: dict[int, memoryview],
         nbytes: int,
+        *,
+        whole: bool = False,
     ) -> None:
-        """Write downloaded (authenticated) chunks to the block cache behind the read: a new
-        cache file costs ~0.3 ms of file creation on the disks here, more than the rest of a
-        small file's read.  While more than ``disk_backlog`` bytes wait, the reader writes
-        its own chunks (memory stays bounded when the cache disk is slow)."""
+        """Write downloaded (authenticated) chunks to the block cache behind the read (a
+        cache file, when it has to be made, costs up to a few tenths of a ms here).  While
+        more than ``disk_backlog`` bytes wait, the reader writes its own chunks (memory
+        stays bounded when the cache disk is slow).  ``whole``: the object of one chunk,
+        with its header (``BlockCache`` packs it with other small ones)."""
         blocks = self.blocks
         assert blocks is not None
+        put = functools.partial(blocks.put, fid, salt, header, sealed, whole=whole)
         nursery = self._background
         if nursery is None or self._disk_backlog + nbytes > self.opt.disk_backlog:
-            await trio.to_thread.run_sync(blocks.put, fid, salt, header, sealed)
+            await trio.to_thread.run_sync(put)
             return
 
         async def write() -> None:
             try:
-                await trio.to_thread.run_sync(
-                    blocks.put, fid, salt, header, sealed, limiter=self._disk_limit
-                )
+                await trio.to_thread.run_sync(put, limiter=self._disk_limit)
             except Exception as e:  # the cache is best effort: never stop the service for it
                 log.warning("block cache write failed: %s", e)
             finally:
