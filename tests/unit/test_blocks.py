@@ -11,11 +11,22 @@ import pytest
 from cryptfs.cache.blocks import BlockCache
 from cryptfs.cache.staging import StagingArea
 from cryptfs.fs.filesystem import ROOT_INO, Filesystem, Options
+from cryptfs.fs.volume import Volume
 from cryptfs.store.memory import MemoryStore
 from tests.fsutil import read_file, write_file
 from tests.unit.test_filesystem import make_fs
 
 CHUNK = 4096
+
+
+async def _mount(tmp_path: Path, vol: Volume, n: int) -> Filesystem:
+    """Mount ``n`` of ``vol``: a staging area of its own, the one block cache (it outlives
+    mounts), a memory cache that starts empty."""
+    st = StagingArea(tmp_path / f"st{n}", vol.keys.cache, vol.chunk)
+    blocks = BlockCache(tmp_path / "blocks", 64 << 20, vol.chunk)
+    fs = Filesystem(vol, st, Options(metadata_ttl=0), blocks=blocks)
+    await fs.ensure_root()
+    return fs
 
 
 def test_put_get_and_lru_bound(tmp_path: Path) -> None:
@@ -103,19 +114,12 @@ async def test_small_files_read_again_from_packs_after_a_remount(tmp_path: Path)
         await write_file(fs, ROOT_INO, name, data)
     vol = fs.vol
 
-    def mount(n: int) -> Filesystem:
-        st = StagingArea(tmp_path / f"st{n}", vol.keys.cache, vol.chunk)
-        blocks = BlockCache(tmp_path / "blocks", 64 << 20, vol.chunk)
-        return Filesystem(vol, st, Options(metadata_ttl=0), blocks=blocks)
-
-    fs1 = mount(1)
-    await fs1.ensure_root()
+    fs1 = await _mount(tmp_path, vol, 1)
     for name, data in files.items():
         assert await read_file(fs1, (await fs1.lookup(ROOT_INO, name)).ino) == data
     assert not list((tmp_path / "blocks").glob("*.blk2"))  # one pack, no file per file
     assert len(list((tmp_path / "blocks").glob("*.pack"))) == 1
-    fs2 = mount(2)
-    await fs2.ensure_root()
+    fs2 = await _mount(tmp_path, vol, 2)
     nodes = {name: await fs2.lookup(ROOT_INO, name) for name in files}
     store.calls.clear()
     for name, data in files.items():
@@ -126,8 +130,7 @@ async def test_small_files_read_again_from_packs_after_a_remount(tmp_path: Path)
     raw = bytearray(pack.read_bytes())
     raw[-5] ^= 1  # in the last file's chunk
     pack.write_bytes(bytes(raw))
-    fs3 = mount(3)
-    await fs3.ensure_root()
+    fs3 = await _mount(tmp_path, vol, 3)
     nodes = {name: await fs3.lookup(ROOT_INO, name) for name in files}
     store.calls.clear()
     for name, data in files.items():
@@ -142,16 +145,9 @@ async def test_remount_reads_from_disk_and_a_bad_copy_is_fetched_again(tmp_path:
     await write_file(fs, ROOT_INO, b"f", data)
     vol = fs.vol
 
-    def mount(n: int) -> Filesystem:
-        st = StagingArea(tmp_path / f"st{n}", vol.keys.cache, vol.chunk)
-        blocks = BlockCache(tmp_path / "blocks", 64 << 20, vol.chunk)
-        return Filesystem(vol, st, Options(metadata_ttl=0), blocks=blocks)
-
-    fs1 = mount(1)
-    await fs1.ensure_root()
+    fs1 = await _mount(tmp_path, vol, 1)
     assert await read_file(fs1, (await fs1.lookup(ROOT_INO, b"f")).ino) == data
-    fs2 = mount(2)  # a remount: memory empty, disk cache kept
-    await fs2.ensure_root()
+    fs2 = await _mount(tmp_path, vol, 2)  # a remount: memory empty, disk cache kept
     node = await fs2.lookup(ROOT_INO, b"f")
     store.calls.clear()
     assert await read_file(fs2, node.ino) == data
@@ -163,8 +159,7 @@ async def test_remount_reads_from_disk_and_a_bad_copy_is_fetched_again(tmp_path:
     raw = bytearray(f.read_bytes())
     raw[4096 + 200] ^= 1  # in chunk 0 (records start on 4 KiB boundaries)
     f.write_bytes(bytes(raw))
-    fs3 = mount(3)
-    await fs3.ensure_root()
+    fs3 = await _mount(tmp_path, vol, 3)
     node = await fs3.lookup(ROOT_INO, b"f")
     assert await read_file(fs3, node.ino) == data
     assert fs3.integrity_failures == 0 and store.calls.get("get", 0) >= 1
@@ -174,8 +169,7 @@ async def test_remount_reads_from_disk_and_a_bad_copy_is_fetched_again(tmp_path:
     await fs3.write(h.fh, 0, b"new content")
     await fs3.release(h.fh)
     await fs3.sync_node(node)
-    fs4 = mount(4)
-    await fs4.ensure_root()
+    fs4 = await _mount(tmp_path, vol, 4)
     assert await read_file(fs4, (await fs4.lookup(ROOT_INO, b"f")).ino) == b"new content"
 
 
