@@ -1533,8 +1533,8 @@ class Filesystem:
 
         A long run is split at multiples of ``fetch_unit`` (the parts of a multipart upload)
         into pieces fetched concurrently (S3 serves parallel ranged GETs faster than one long
-        one).  When the body's header is not known
-        yet, the first piece (from chunk 0) brings it along.
+        one).  When the body's header is not known yet, the first piece (from chunk 0) brings
+        it along.
         """
         unit = max(1, self.opt.fetch_unit // self.chunk)
         todo = list(range(first, last + 1))
