@@ -165,7 +165,7 @@ class BlockCache:
             else:
                 self._files.move_to_end(name)
         if packed is not None:
-            return self._get_packed(name, packed, first, last, header)
+            return self._get_packed(file_id, salt, packed, first, last, header)
         try:
             fd = os.open(self.root / name, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -191,8 +191,15 @@ class BlockCache:
         return cached, out
 
     def _get_packed(
-        self, name: str, at: tuple[int, int, int, int], first: int, last: int, header: bool
+        self,
+        file_id: bytes,
+        salt: bytes,
+        at: tuple[int, int, int, int],
+        first: int,
+        last: int,
+        header: bool,
     ) -> tuple[bytes | None, dict[int, bytes]]:
+        name = self._name(file_id, salt)
         n, off, hl, cl = at
         try:
             fd = os.open(self.root / f"{n}{_PACK}", os.O_RDONLY | os.O_CLOEXEC)
@@ -204,7 +211,7 @@ class BlockCache:
             self._forget_packed(name)
             return None, {}
         if len(raw) != _PREC.size + hl + cl or raw[: _PREC.size] != _PREC.pack(
-            _PMAGIC, *self._split(name), hl, cl
+            _PMAGIC, file_id, salt, hl, cl
         ):
             self._forget_packed(name)  # the index said more than the pack holds
             return None, {}
@@ -212,11 +219,6 @@ class BlockCache:
             self.hits += first <= 0 <= last
         body = raw[_PREC.size :]
         return (body[:hl] if header else None), ({0: body[hl:]} if first <= 0 <= last else {})
-
-    @staticmethod
-    def _split(name: str) -> tuple[bytes, bytes]:
-        fid, salt = name[: -len(_SUFFIX)].split("-")
-        return bytes.fromhex(fid), bytes.fromhex(salt)
 
     def _forget_packed(self, name: str) -> None:
         with self._lock:
