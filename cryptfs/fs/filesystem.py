@@ -303,9 +303,7 @@ class ChunkCache:
         return v
 
     def put(self, key: tuple[bytes, bytes, int], value: bytes) -> None:
-        old = self._d.pop(key, None)
-        if old is not None:
-            self.used -= len(old)
+        self.discard(key)
         self._d[key] = value
         self.used += len(value)
         while self.used > self.limit and self._d:
