@@ -28,9 +28,23 @@ the CLI turns them into one-line messages.  Messages never contain key material.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class CryptfsError(Exception):
-    """Base of every error cryptfs raises on purpose."""
+    """Base of every error cryptfs raises on purpose.
+
+    ``names``: the file names and paths its message holds; ``object_keys``: the object keys
+    it holds (names themselves in a plaintext-name volume).  A log line cuts them out
+    (``cryptfs.lognames.scrub``); a command's own error message keeps them.
+    """
+
+    def __init__(
+        self, *args: object, names: Iterable[str] = (), object_keys: Iterable[str] = ()
+    ) -> None:
+        super().__init__(*args)
+        self.names = tuple(names)
+        self.object_keys = tuple(object_keys)
 
 
 class UsageError(CryptfsError):

@@ -82,6 +82,25 @@ class NameCodec:
             return enc, None
         return LONG_PREFIX + b64e(sha256(enc.encode())), enc
 
+    def opaque(self, key: str) -> bool:
+        """Does object key ``key`` reveal no name (so that a log line may show it)?  Only if
+        names are encrypted and each of its components is one as written here (AES-SIV: a
+        tag and at least one padded block, or a hashed long name) or a reserved one
+        (markers, the config): an S3 Encryption Client object's key is its name."""
+        if self._key is None:
+            return False
+        for comp in key.split("/"):
+            if not comp or comp.startswith(RESERVED_PREFIX.decode()):
+                continue
+            long = comp.startswith(LONG_PREFIX)
+            try:
+                raw = b64d(comp[1:] if long else comp)
+            except IntegrityError:
+                return False
+            if not (len(raw) == 32 if long else len(raw) >= 32 and len(raw) % 16 == 0):
+                return False
+        return True
+
     def is_long(self, component: str) -> bool:
         return self._key is not None and component.startswith(LONG_PREFIX)
 

@@ -38,15 +38,15 @@ class MemoryStore:
         try:
             data, md, etag = self.objects[key]
         except KeyError:
-            raise NotFound(key) from None
+            raise NotFound(key, object_keys=(key,)) from None
         return ObjectInfo(key, len(data), etag, dict(md), self.modified.get(key, 0.0))
 
     def _check(self, key: str, if_match: str | None, if_none_match: bool) -> None:
         cur = self.objects.get(key)
         if if_none_match and cur is not None:
-            raise PreconditionFailed(key)
+            raise PreconditionFailed(key, object_keys=(key,))
         if if_match is not None and (cur is None or cur[2] != if_match):
-            raise PreconditionFailed(key)
+            raise PreconditionFailed(key, object_keys=(key,))
 
     async def head(self, key: str) -> ObjectInfo:
         self._count("head")
@@ -64,7 +64,7 @@ class MemoryStore:
         await trio.lowlevel.checkpoint()
         info = self._info(key)
         if if_match is not None and info.etag != if_match:
-            raise PreconditionFailed(key)
+            raise PreconditionFailed(key, object_keys=(key,))
         data = self.objects[key][0]
         return info, data[start or 0 : end if end is not None else len(data)]
 
@@ -142,7 +142,7 @@ class MemoryStore:
         await trio.lowlevel.checkpoint()
         info = self._info(src)
         if if_match is not None and info.etag != if_match:
-            raise PreconditionFailed(src)
+            raise PreconditionFailed(src, object_keys=(src,))
         data = self.objects[src][0]
         self.objects[dst] = (data, dict(metadata), info.etag)  # as S3: same body, same ETag
         self._touch(dst)
