@@ -185,6 +185,21 @@ def _test_credentials() -> Iterator[None]:
                 os.environ[k] = v
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _machine_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """What a machine remembers of volumes (config epochs, KMS slot keys) goes to a test
+    directory, never the real /var/lib/cryptfs; mounts in subprocesses inherit it."""
+    old = os.environ.get("CRYPTFS_STATE_DIR")
+    os.environ["CRYPTFS_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("CRYPTFS_STATE_DIR", None)
+        else:
+            os.environ["CRYPTFS_STATE_DIR"] = old
+
+
 def make_self_signed(directory: Path, name: str = "cryptfs-test") -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 (it is its own CA): (cert.pem, key.pem)."""
     import datetime

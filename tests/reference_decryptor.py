@@ -1,4 +1,4 @@
-"""An independent decryptor for cryptfs format v1, written from docs/FORMAT.md alone.
+"""An independent decryptor for cryptfs formats 1 and 2, written from docs/FORMAT.md alone.
 
 It imports nothing from ``cryptfs``: only the standard library and ``cryptography``.  If it
 decrypts the golden data in tests/data, the document — not the implementation — is the spec.
@@ -56,6 +56,17 @@ class Keys:
     attrs: bytes
     encrypt_names: bool
     chunk_log2: int
+    revision: int = 1
+    current: str | None = None  # §7.1: the payload's current master key (revision 2)
+    objects: tuple[int, ...] = (1,)
+
+    def master(self, kid: str) -> bytes:
+        """§7.1: MK(kid); MK("vmk") = VMK only in a revision-1 payload."""
+        if kid == "vmk" and self.current is None:
+            return self.vmk
+        if kid not in self.mks:
+            raise Invalid(f"no master key {kid}")
+        return self.mks[kid]
 
     def purpose(self, label: str, n: int = 32) -> bytes:
         return hkdf(self.vmk, self.volume_id, b"cryptfs/v1/" + label.encode(), n)
@@ -77,10 +88,22 @@ def unlock_with_keyfile(config: bytes, keyfile: bytes) -> Keys:
         break
     else:
         raise Invalid("no key-file slot opens with this key")
-    vmk, mks = _payload(payload)
+    vmk, mks, current = _payload(payload)
     names = hkdf(vmk, volume_id, b"cryptfs/v1/names", 64)
     keys = Keys(volume_id, vmk, mks, names, b"", cfg["names"] == "aes-siv", cfg["chunk_log2"])
     keys.attrs = keys.purpose("attrs")
+    keys.current = current
+    if cfg["cryptfs"] == 2:
+        # §7.2: HMAC under K_config of the current master key, over every field but "mac"
+        keys.revision = 2
+        keys.objects = tuple(cfg["objects"])
+        cur = current or "vmk"
+        k_config = hkdf(keys.master(cur), volume_id, b"cryptfs/v2/config\0" + cur.encode())
+        body2 = {k: v for k, v in cfg.items() if k != "mac"}
+        mac = hmac.new(k_config, b"cryptfs/v2/config\0" + canonical(body2), "sha256")
+        if not hmac.compare_digest(mac.digest(), b64u(cfg["mac"])):
+            raise Invalid("config MAC does not verify")
+        return keys
     body = {k: cfg[k] for k in ("cryptfs", "volume_id", "chunk_log2", "names", "suite")}
     for optional in ("dek", "sse"):
         if optional in cfg:
@@ -91,18 +114,31 @@ def unlock_with_keyfile(config: bytes, keyfile: bytes) -> Keys:
     return keys
 
 
-def _payload(data: bytes) -> tuple[bytes, dict[str, bytes]]:
+def _payload(data: bytes) -> tuple[bytes, dict[str, bytes], str | None]:
     if len(data) == 32:
-        return data, {}
-    if data[0] != 1:
+        return data, {}, None
+    if data[0] not in (1, 2):
         raise Invalid("payload version")
     vmk, mks, i = data[1:33], {}, 33
+    current = None
+    if data[0] == 2:  # §7.1: u8 len(cur) ‖ cur before the keys
+        n = data[i]
+        current = data[i + 1 : i + 1 + n].decode()
+        i += 1 + n
     while i < len(data):
         n = data[i]
         kid = data[i + 1 : i + 1 + n].decode()
         mks[kid] = data[i + 1 + n : i + 1 + n + 32]
         i += 1 + n + 32
-    return vmk, mks
+    return vmk, mks, current
+
+
+def once_open(key: bytes, info: bytes, blob: bytes, aad: bytes) -> bytes:
+    """§7.3: ``r (32) ‖ AES-256-GCM(HKDF(key, salt=r, info), nonce=0^12, …)``."""
+    try:
+        return AESGCM(hkdf(key, blob[:32], info)).decrypt(bytes(12), blob[32:], aad)
+    except Exception as e:
+        raise Invalid(f"AES-GCM: {type(e).__name__}") from None
 
 
 def unwrap_dek(keys: Keys, md: dict[str, str]) -> bytes:
@@ -111,9 +147,12 @@ def unwrap_dek(keys: Keys, md: dict[str, str]) -> bytes:
     kid = md["cfs-kid"]
     file_id = b64u(md["cfs-f"])
     if kid == "vmk":
-        kek = keys.purpose("kek")
+        kek = hkdf(keys.master("vmk"), keys.volume_id, b"cryptfs/v1/kek")
     else:
-        kek = hkdf(keys.mks[kid], keys.volume_id, b"cryptfs/v1/mk-kek\0" + kid.encode())
+        kek = hkdf(keys.master(kid), keys.volume_id, b"cryptfs/v1/mk-kek\0" + kid.encode())
+    if md["cfs"] == "2":  # §7.4: one key per wrap
+        aad = b"cryptfs/v2/wrap\0" + keys.volume_id + file_id + kid.encode()
+        return once_open(kek, b"cryptfs/v2/wrap", b64u(md["cfs-k"]), aad)
     aad = b"cryptfs/v1/wrap\0" + keys.volume_id + file_id + kid.encode()
     return gcm_open(kek, b64u(md["cfs-k"]), aad)
 
@@ -154,9 +193,34 @@ def decrypt_body(body: bytes, dek: bytes, chunk_log2: int) -> tuple[bytes, bytes
 # -- §3 metadata, §4 names ---------------------------------------------------------------------
 
 
-def decrypt_attrs(keys: Keys, md: dict[str, str], path: bytes) -> dict[str, Any]:
-    if md.get("cfs") != "1":
-        raise Invalid("not a cryptfs object")
+def _lp(data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + data
+
+
+def decrypt_attrs(keys: Keys, md: dict[str, str], path: bytes, key: str) -> dict[str, Any]:
+    rev = {"1": 1, "2": 2}.get(md.get("cfs", ""))
+    if rev is None or rev not in keys.objects:
+        raise Invalid("not a cryptfs object of a revision this volume accepts")
+    if rev == 2:  # §7.3: bound to the object key and every field that decrypts the body
+        mkid = md["cfs-m"]
+        k_meta = hkdf(keys.master(mkid), keys.volume_id, b"cryptfs/v2/meta\0" + mkid.encode())
+        aad = b"".join(
+            [
+                b"cryptfs/v2/attrs\0",
+                keys.volume_id,
+                b64u(md["cfs-f"]),
+                _lp(key.encode()),
+                _lp(md["cfs-w"].encode()),
+                _lp(md["cfs-kid"].encode()),
+                _lp(b64u(md["cfs-k"]) if "cfs-k" in md else b""),
+                _lp(mkid.encode()),
+                _lp(md.get("cfs-n", "").encode()),
+            ]
+        )
+        attrs2: dict[str, Any] = json.loads(
+            once_open(k_meta, b"cryptfs/v2/attrs", b64u(md["cfs-a"]), aad)
+        )
+        return attrs2
     file_id = b64u(md["cfs-f"])
     aad = b"cryptfs/v1/attrs\0" + keys.volume_id + file_id + path
     result: dict[str, Any] = json.loads(gcm_open(keys.attrs, b64u(md["cfs-a"]), aad))
@@ -217,7 +281,7 @@ def decrypt_volume(
         else:
             parent = path_of(parts[:-1])
             path = _join(parent, decrypt_name(keys, parent, parts[-1], md.get("cfs-n")))
-        attrs = decrypt_attrs(keys, md, path)
+        attrs = decrypt_attrs(keys, md, path, key)
         entry: dict[str, Any] = {"attrs": attrs}
         if attrs["t"] != "d":
             data, file_id, salt = decrypt_body(body, unwrap_dek(keys, md), keys.chunk_log2)

@@ -27,17 +27,22 @@ MK_SIZE = 32
 
 @dataclass(frozen=True)
 class WrappedKey:
-    """A data key as stored in an object's metadata: how, under which key, and the blob."""
+    """A data key as stored in an object's metadata: how, under which key, and the blob.
+
+    ``rev`` is the metadata revision whose encoding a local (``gcm``) blob uses: revision 1
+    ``nonce ‖ AES-GCM`` under the KEK, revision 2 ``r ‖ AES-GCM`` under a key derived from
+    the KEK and ``r`` (docs/FORMAT.md §7.4).  KMS blobs are KMS's own in both.
+    """
 
     scheme: str
     kid: str
     blob: bytes
+    rev: int = 1
 
 
 @dataclass(frozen=True, repr=False)
 class VolumeKeys:
     volume_id: bytes
-    wrap: Aead
     names: Secret
     attrs: Aead
     cache: Secret
@@ -53,33 +58,70 @@ class VolumeKeys:
 
         return cls(
             volume_id=volume_id,
-            wrap=Aead(k("kek")),
             names=k("names", 64),
             attrs=Aead(k("attrs")),
             cache=k("cache"),
             config_mac=k("config"),
         )
 
-    def _wrap_aad(self, file_id: bytes, kid: str) -> bytes:
-        return b"cryptfs/v1/wrap\0" + self.volume_id + file_id + kid.encode()
+    def _wrap_aad(self, file_id: bytes, kid: str, rev: int = 1) -> bytes:
+        label = b"cryptfs/v2/wrap\0" if rev >= 2 else b"cryptfs/v1/wrap\0"
+        return label + self.volume_id + file_id + kid.encode()
 
-    def local_kek(self, kid: str, mk: Secret | None) -> Aead:
-        """The AES-GCM key that wraps DEKs for local master key ``kid``."""
+    def local_kek(self, kid: str, mk: Secret | None) -> Secret:
+        """The key that wraps DEKs for local master key ``kid`` (``vmk``: the legacy one)."""
         if kid == LOCAL_KID:
-            return self.wrap
+            if mk is None:
+                raise IntegrityError("legacy data-key wrapping (kid 'vmk') is not accepted here")
+            return hkdf(mk, self.volume_id, b"cryptfs/v1/kek")
         if mk is None:
             raise IntegrityError(f"no master key {kid!r} in this volume's keyslot")
-        return Aead(hkdf(mk, self.volume_id, b"cryptfs/v1/mk-kek\0" + kid.encode()))
+        return hkdf(mk, self.volume_id, b"cryptfs/v1/mk-kek\0" + kid.encode())
 
-    def wrap_local(self, kek: Aead, kid: str, dek: Secret, file_id: bytes) -> WrappedKey:
-        blob = kek.seal_random(dek.reveal(), self._wrap_aad(file_id, kid))
-        return WrappedKey(SCHEME_LOCAL, kid, blob)
+    def wrap_local(
+        self, kek: Secret, kid: str, dek: Secret, file_id: bytes, rev: int = 2
+    ) -> WrappedKey:
+        aad = self._wrap_aad(file_id, kid, rev)
+        if rev >= 2:
+            blob = seal_once(kek, WRAP2_INFO, dek.reveal(), aad)
+        else:
+            blob = Aead(kek).seal_random(dek.reveal(), aad)
+        return WrappedKey(SCHEME_LOCAL, kid, blob, rev)
 
-    def unwrap_local(self, kek: Aead, wk: WrappedKey, file_id: bytes) -> Secret:
-        dek = kek.open_random(wk.blob, self._wrap_aad(file_id, wk.kid))
+    def unwrap_local(self, kek: Secret, wk: WrappedKey, file_id: bytes) -> Secret:
+        aad = self._wrap_aad(file_id, wk.kid, wk.rev)
+        if wk.rev >= 2:
+            dek = open_once(kek, WRAP2_INFO, wk.blob, aad)
+        else:
+            dek = Aead(kek).open_random(wk.blob, aad)
         if len(dek) != DEK_SIZE:
             raise IntegrityError("wrapped data key has the wrong size")
         return Secret(dek)
+
+
+WRAP2_INFO = b"cryptfs/v2/wrap"
+ONCE_SALT = 32
+_ZERO_NONCE = bytes(12)
+
+
+def seal_once(key: Secret, info: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    """``r ‖ AES-256-GCM(HKDF(key, salt=r, info), nonce=0^12, plaintext, aad)`` with 32 fresh
+    random bytes ``r``: every seal has a key of its own, so no nonce can ever repeat, however
+    many seals one ``key`` makes (docs/FORMAT.md §7.3)."""
+    r = random_bytes(ONCE_SALT)
+    return r + Aead(hkdf(key, r, info)).seal(_ZERO_NONCE, plaintext, aad)
+
+
+def open_once(key: Secret, info: bytes, blob: bytes, aad: bytes) -> bytes:
+    if len(blob) < ONCE_SALT + 16:
+        raise IntegrityError("sealed field too short")
+    r = blob[:ONCE_SALT]
+    return Aead(hkdf(key, r, info)).open(_ZERO_NONCE, blob[ONCE_SALT:], aad)
+
+
+def master_derive(mk: Secret, volume_id: bytes, label: str, kid: str) -> Secret:
+    """A revision-2 purpose key of master key ``kid`` (docs/FORMAT.md §7.1)."""
+    return hkdf(mk, volume_id, b"cryptfs/v2/" + label.encode() + b"\0" + kid.encode())
 
 
 def kms_file_context(volume_id: bytes, file_id: bytes) -> dict[str, str]:

@@ -1,5 +1,12 @@
 """Object user metadata: encrypted attributes bound to the object's path (docs/FORMAT.md §3).
 
+Revision 2 (docs/FORMAT.md §7.3) is what new volumes write: ``cfs-a`` is sealed under a key of
+the volume's current *master key* (named by ``cfs-m``), with a key of its own per seal, and its
+AAD covers the object key and every field that decides how the body is decrypted (wrapping
+scheme, key id, wrapped key, long name).  ``MetaCodec`` reads both revisions, as the volume
+config allows, and writes the config's.  Revision 1, below, is still read and written on
+volumes not yet upgraded.
+
 Every object (file, symlink, directory marker) carries:
 
 =========  =================================================================
@@ -25,11 +32,24 @@ import json
 import stat
 from dataclasses import dataclass, replace
 
+from cryptfs.crypto import Secret
 from cryptfs.errors import IntegrityError, UnsupportedFormat
-from cryptfs.format.keys import SCHEME_KMS, SCHEME_LOCAL, VolumeKeys, WrappedKey
+from cryptfs.format.keys import (
+    LOCAL_KID,
+    SCHEME_KMS,
+    SCHEME_LOCAL,
+    VolumeKeys,
+    WrappedKey,
+    master_derive,
+    open_once,
+    seal_once,
+)
 from cryptfs.format.names import b64d, b64e
+from cryptfs.format.volume import SlotPayload, VolumeConfig
 
 FORMAT = "1"
+FORMAT2 = "2"
+FORMATS = (FORMAT, FORMAT2)
 KIND_FILE = "f"
 KIND_DIR = "d"
 KIND_LINK = "l"
@@ -148,3 +168,150 @@ def decode_meta(keys: VolumeKeys, path: bytes, md: dict[str, str]) -> ObjectMeta
     else:
         raise UnsupportedFormat(f"data-key wrapping {wrap!r} not supported")
     return ObjectMeta(file_id, attrs, wrapped, md.get("cfs-n"))
+
+
+# -- revision 2 ------------------------------------------------------------------------------
+
+_ATTR2_LABEL = b"cryptfs/v2/attrs\0"
+_ATTR2_INFO = b"cryptfs/v2/attrs"
+
+
+def _lp(data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + data
+
+
+def _aad2(volume_id: bytes, file_id: bytes, key: str, md: dict[str, str], blob: bytes) -> bytes:
+    return b"".join(
+        [
+            _ATTR2_LABEL,
+            volume_id,
+            file_id,
+            _lp(key.encode()),
+            _lp(md["cfs-w"].encode()),
+            _lp(md["cfs-kid"].encode()),
+            _lp(blob),
+            _lp(md["cfs-m"].encode()),
+            _lp(md.get("cfs-n", "").encode()),
+        ]
+    )
+
+
+class MetaCodec:
+    """Object metadata as an opened volume's config and payload say: which revisions are
+    accepted, which is written, under which master key, and which data-key wrappings may be
+    believed (docs/FORMAT.md §7.2–§7.4).  Rebuilt whenever the config or payload changes."""
+
+    def __init__(self, keys: VolumeKeys, payload: SlotPayload, config: VolumeConfig) -> None:
+        self.keys = keys
+        self.write_rev = config.write_rev
+        self.accept = config.accepted_objects
+        self.cur = payload.cur
+        vid = keys.volume_id
+        self._meta: dict[str, Secret] = {}
+        for kid in payload.meta_kids():
+            mk = payload.master(kid)
+            assert mk is not None
+            self._meta[kid] = master_derive(mk, vid, "meta", kid)
+        self.local_kids = frozenset(
+            k for k in ({LOCAL_KID} | set(payload.mks)) if payload.master(k) is not None
+        )
+        kms = set(config.allowed_kms())
+        if config.version < 2:  # a revision-1 rotation between KMS keys names the new one
+            kms |= {str(s["key_id"]) for s in config.kms_slots()}
+        self.kms_keys = frozenset(kms)
+        self._payload = payload
+
+    def __repr__(self) -> str:
+        return f"<MetaCodec write={self.write_rev} accept={sorted(self.accept)} cur={self.cur}>"
+
+    def check_wrapping(self, wk: WrappedKey | None) -> None:
+        """A data key is believed only under a key this volume's config and payload name."""
+        if wk is None:
+            return
+        if wk.scheme == SCHEME_LOCAL and wk.kid in self.local_kids:
+            return
+        if wk.scheme == SCHEME_KMS and wk.kid in self.kms_keys:
+            return
+        raise IntegrityError(f"data key wrapped under a key this volume does not use ({wk.kid})")
+
+    def encode(self, path: bytes, key: str, meta: ObjectMeta) -> dict[str, str]:
+        if self.write_rev < 2:
+            return encode_meta(self.keys, path, meta)
+        wk = meta.dek
+        if wk is not None and wk.scheme == SCHEME_LOCAL and wk.rev < 2:
+            wk = self._rewrap_local_v2(wk, meta.file_id)
+        md = {
+            "cfs": FORMAT2,
+            "cfs-f": b64e(meta.file_id),
+            "cfs-w": wk.scheme if wk is not None else "-",
+            "cfs-kid": wk.kid if wk is not None else "-",
+            "cfs-m": self.cur,
+        }
+        blob = b""
+        if wk is not None:
+            blob = wk.blob
+            md["cfs-k"] = b64e(blob)
+        if meta.long_name is not None:
+            md["cfs-n"] = meta.long_name
+        aad = _aad2(self.keys.volume_id, meta.file_id, key, md, blob)
+        md["cfs-a"] = b64e(seal_once(self._meta[self.cur], _ATTR2_INFO, meta.attrs.to_json(), aad))
+        return md
+
+    def _rewrap_local_v2(self, wk: WrappedKey, file_id: bytes) -> WrappedKey:
+        """A revision-1 local blob re-encoded for revision-2 metadata (same data key)."""
+        kek = self.keys.local_kek(wk.kid, self._payload.master(wk.kid))
+        dek = self.keys.unwrap_local(kek, wk, file_id)
+        return self.keys.wrap_local(kek, wk.kid, dek, file_id, rev=2)
+
+    def decode(self, path: bytes, key: str, md: dict[str, str]) -> ObjectMeta:
+        """Authenticate and parse; IntegrityError for anything not written for ``key`` (and
+        ``path``, in revision 1) by a holder of a key this volume accepts."""
+        rev = md.get("cfs")
+        if rev == FORMAT2:
+            if 2 not in self.accept:
+                raise IntegrityError("revision-2 object in a revision-1 volume")
+            meta = self._decode2(key, md)
+        elif rev == FORMAT:
+            if 1 not in self.accept:
+                raise IntegrityError("revision-1 object in a volume upgraded to revision 2")
+            meta = decode_meta(self.keys, path, md)
+        else:
+            meta = decode_meta(self.keys, path, md)  # raises: foreign or unknown revision
+        if meta.attrs.kind != KIND_DIR:
+            self.check_wrapping(meta.dek)
+        return meta
+
+    def _decode2(self, key: str, md: dict[str, str]) -> ObjectMeta:
+        try:
+            file_id = b64d(md["cfs-f"])
+            wrap, kid, mkid = md["cfs-w"], md["cfs-kid"], md["cfs-m"]
+            sealed = b64d(md["cfs-a"])
+            blob = b64d(md["cfs-k"]) if "cfs-k" in md else b""
+        except KeyError as e:
+            raise IntegrityError(f"metadata field {e.args[0]} missing") from None
+        if len(file_id) != 16:
+            raise IntegrityError("bad file id")
+        mkey = self._meta.get(mkid)
+        if mkey is None:
+            raise IntegrityError(f"metadata sealed under a master key this volume lacks ({mkid})")
+        aad = _aad2(self.keys.volume_id, file_id, key, md, blob)
+        try:
+            attrs = Attrs.from_json(open_once(mkey, _ATTR2_INFO, sealed, aad))
+        except IntegrityError:
+            raise IntegrityError("metadata does not authenticate for this object key") from None
+        wrapped: WrappedKey | None
+        if attrs.kind == KIND_DIR:
+            if wrap != "-" or kid != "-" or blob:
+                raise IntegrityError("directory marker carries a data key")
+            wrapped = None
+        elif wrap in (SCHEME_LOCAL, SCHEME_KMS) and "cfs-k" in md:
+            wrapped = WrappedKey(wrap, kid, blob, 2)
+        else:
+            raise UnsupportedFormat(f"data-key wrapping {wrap!r} not supported")
+        return ObjectMeta(file_id, attrs, wrapped, md.get("cfs-n"))
+
+    def sealed_by(self, md: dict[str, str]) -> str | None:
+        """The master key an object's metadata is sealed under (``vmk`` for revision 1)."""
+        if md.get("cfs") == FORMAT2:
+            return md.get("cfs-m")
+        return LOCAL_KID if md.get("cfs") == FORMAT else None

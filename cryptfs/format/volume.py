@@ -26,20 +26,31 @@ from cryptfs.crypto import (
 )
 from cryptfs.errors import IntegrityError, UnsupportedFormat, UsageError, WrongKey
 from cryptfs.format.body import check_chunk_log2
-from cryptfs.format.keys import LOCAL_KID, MK_SIZE, SCHEME_KMS, SCHEME_LOCAL, VolumeKeys
+from cryptfs.format.keys import (
+    LOCAL_KID,
+    MK_SIZE,
+    SCHEME_KMS,
+    SCHEME_LOCAL,
+    VolumeKeys,
+    master_derive,
+)
 from cryptfs.format.names import b64d, b64e
 
 CONFIG_NAME = ".cryptfs.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what new volumes are written as; revision 1 is still read (and kept)
+CONFIG_MAX = 1 << 20  # a config is a few KiB; anything larger is refused unread
+MAX_SLOTS = 64
 VMK_SIZE = 32
 KEYFILE_SIZE = 32
 # RFC 9106 "second recommended" parameters (t=3, 64 MiB, p=4): ~2 s on a small server.
 ARGON2_DEFAULT = {"t": 3, "m": 65536, "p": 4}
-# Only for test suites: selected by CRYPTFS_TEST_FAST_KDF=1 at init, recorded in the slot.
-ARGON2_TEST = {"t": 1, "m": 1024, "p": 1}
+# What a slot read from the bucket may ask for: a planted slot must neither hang a mount nor
+# exhaust its memory (docs/FORMAT.md §7.2).
+ARGON2_MAX = {"t": 16, "m": 1 << 20, "p": 64}
 _KNOWN_FIELDS = {
     "cryptfs", "volume_id", "chunk_log2", "names", "suite", "keyslots", "mac", "dek", "sse"
 }  # fmt: skip
+_KNOWN_FIELDS_V2 = _KNOWN_FIELDS | {"epoch", "objects", "kms_keys"}
 LEGACY_DEK = {"scheme": SCHEME_LOCAL, "kid": LOCAL_KID}
 SSE_MODES = ("s3", "kms", "c")
 
@@ -55,6 +66,9 @@ class KeySource:
     keyfile: Secret | None = None
     passphrase: Secret | None = None
     kms: bool = False  # try the volume's KMS keyslots (needs KMS credentials)
+    # KMS keys (id, ARN or alias) the user names for the keyslots (--kms-key-id): tried even
+    # if this machine has not seen them open the volume (docs/FORMAT.md §7.5)
+    kms_keys: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return (
@@ -69,22 +83,56 @@ class KeySource:
 
 @dataclass(repr=False)
 class SlotPayload:
-    """What every keyslot wraps: the VMK and the volume's local master keys (kid -> key).
+    """What every keyslot wraps: the VMK and the volume's master keys (kid -> key).
 
-    Encoding: exactly 32 bytes = a VMK alone (volumes from before master keys); otherwise
-    ``0x01 ‖ VMK ‖ (len(kid) u8 ‖ kid ‖ key[32])*`` with kids in sorted order.
+    Encodings (docs/FORMAT.md §1, §7.1):
+
+    - revision 1: exactly 32 bytes = a VMK alone, or ``0x01 ‖ VMK ‖ (len(kid) u8 ‖ kid ‖
+      key[32])*`` with kids in sorted order; ``current`` is None and the current key is the
+      VMK itself (kid ``vmk``);
+    - revision 2: ``0x02 ‖ VMK ‖ u8 len(cur) ‖ cur ‖ (len(kid) u8 ‖ kid ‖ key[32])*``; the
+      current master key authenticates the config and new metadata, and the VMK is accepted
+      for nothing but names and the cache.
     """
 
     vmk: Secret
     mks: dict[str, Secret] = field(default_factory=dict)
+    current: str | None = None
 
     def __repr__(self) -> str:
-        return f"<SlotPayload mks={sorted(self.mks)}>"
+        return f"<SlotPayload rev={self.rev} cur={self.cur} mks={sorted(self.mks)}>"
+
+    @property
+    def rev(self) -> int:
+        return 1 if self.current is None else 2
+
+    @property
+    def cur(self) -> str:
+        """The kid of the key that authenticates the config and new metadata."""
+        return self.current if self.current is not None else LOCAL_KID
+
+    def master(self, kid: str) -> Secret | None:
+        """Master key ``kid``.  The VMK stands for kid ``vmk`` in revision-1 payloads; a
+        revision-2 payload accepts it only where it lists it (the first rotation of an
+        upgraded volume, until it finishes)."""
+        if kid == LOCAL_KID and self.current is None:
+            return self.vmk
+        return self.mks.get(kid)  # revision 2: "vmk" only while a rotation retires it
+
+    def meta_kids(self) -> set[str]:
+        """Master keys whose metadata seals this payload accepts."""
+        return set(self.mks) if self.current is not None else {LOCAL_KID}
 
     def to_bytes(self) -> bytes:
-        if not self.mks:
+        if self.current is None and not self.mks:
             return self.vmk.reveal()
-        out = bytearray(b"\x01" + self.vmk.reveal())
+        if self.current is None:
+            out = bytearray(b"\x01" + self.vmk.reveal())
+        else:
+            if self.current not in self.mks:
+                raise ValueError("the current master key must be in the payload")
+            c = self.current.encode()
+            out = bytearray(b"\x02" + self.vmk.reveal() + bytes([len(c)]) + c)
         for kid in sorted(self.mks):
             k = kid.encode()
             out += bytes([len(k)]) + k + self.mks[kid].reveal()
@@ -94,20 +142,37 @@ class SlotPayload:
     def from_bytes(cls, data: bytes) -> SlotPayload:
         if len(data) == VMK_SIZE:
             return cls(Secret(data))
-        if len(data) < 1 + VMK_SIZE or data[0] != 1:
+        if len(data) < 1 + VMK_SIZE or data[0] not in (1, 2):
             raise IntegrityError("keyslot payload is malformed")
         vmk = Secret(data[1 : 1 + VMK_SIZE])
-        mks: dict[str, Secret] = {}
         i = 1 + VMK_SIZE
+        current: str | None = None
+        if data[0] == 2:
+            current, i = _kid_at(data, i)
+        mks: dict[str, Secret] = {}
         while i < len(data):
-            n = data[i]
-            kid = data[i + 1 : i + 1 + n].decode("ascii", errors="replace")
-            key = data[i + 1 + n : i + 1 + n + MK_SIZE]
-            if len(key) != MK_SIZE:
+            kid, i = _kid_at(data, i)
+            key = data[i : i + MK_SIZE]
+            if len(key) != MK_SIZE or kid in mks:
                 raise IntegrityError("keyslot payload is malformed")
             mks[kid] = Secret(key)
-            i += 1 + n + MK_SIZE
-        return cls(vmk, mks)
+            i += MK_SIZE
+        if current is not None and current not in mks:
+            raise IntegrityError("keyslot payload names a current key it does not hold")
+        return cls(vmk, mks, current)
+
+
+def _kid_at(data: bytes, i: int) -> tuple[str, int]:
+    if i >= len(data):
+        raise IntegrityError("keyslot payload is malformed")
+    n = data[i]
+    raw = data[i + 1 : i + 1 + n]
+    if not n or len(raw) != n:
+        raise IntegrityError("keyslot payload is malformed")
+    try:
+        return raw.decode("ascii"), i + 1 + n
+    except UnicodeDecodeError:
+        raise IntegrityError("keyslot payload is malformed") from None
 
 
 def check_private_file(path: Path) -> None:
@@ -171,6 +236,26 @@ class VolumeConfig:
     # {"mode": "c", "key_md5": b64}
     sse: dict[str, str] | None = None
     stored_mac: str = field(default="", repr=False)
+    # revision 2 (docs/FORMAT.md §7.2)
+    version: int = FORMAT_VERSION
+    epoch: int = 0
+    kms_keys: list[str] = field(default_factory=list)
+    objects: list[int] = field(default_factory=lambda: [2])
+
+    @property
+    def accepted_objects(self) -> frozenset[int]:
+        return frozenset(self.objects) if self.version >= 2 else frozenset({1})
+
+    @property
+    def write_rev(self) -> int:
+        """The metadata revision new objects get."""
+        return 2 if self.version >= 2 else 1
+
+    def allowed_kms(self) -> frozenset[str]:
+        """KMS keys whose data keys this volume accepts (revision 1: its ``dek`` key only)."""
+        if self.version >= 2:
+            return frozenset(self.kms_keys)
+        return frozenset([self.dek["kid"]] if self.dek.get("scheme") == SCHEME_KMS else [])
 
     # -- slots -----------------------------------------------------------------------------
 
@@ -180,6 +265,7 @@ class VolumeConfig:
         if slot["type"] == "passphrase" and source.passphrase is not None:
             if slot.get("kdf") != "argon2id":
                 raise UnsupportedFormat(f"passphrase KDF {slot.get('kdf')!r} not supported")
+            check_argon2(slot)
             return argon2id(
                 source.passphrase.reveal(),
                 b64d(slot["salt"]),
@@ -208,15 +294,19 @@ class VolumeConfig:
             f"no keyslot {slot_id!r} (this volume has: {[s['id'] for s in self.keyslots]})"
         )
 
-    def add_slot(self, payload: SlotPayload, source: KeySource) -> str:
-        """Add a key-file or passphrase slot wrapping ``payload``; returns its id."""
+    def add_slot(
+        self, payload: SlotPayload, source: KeySource, argon2: dict[str, int] | None = None
+    ) -> str:
+        """Add a key-file or passphrase slot wrapping ``payload``; returns its id.
+
+        ``argon2`` overrides the KDF parameters (test suites; never from the environment)."""
         slot: dict[str, Any] = {"salt": b64e(random_bytes(16))}
         if source.keyfile is not None:
             slot.update(type="keyfile", id=self.new_slot_id("keyfile"))
         elif source.passphrase is not None:
-            fast = os.environ.get("CRYPTFS_TEST_FAST_KDF") == "1"
             slot.update(type="passphrase", id=self.new_slot_id("passphrase"), kdf="argon2id")
-            slot.update(ARGON2_TEST if fast else ARGON2_DEFAULT)
+            slot.update(argon2 or ARGON2_DEFAULT)
+            check_argon2(slot)
         else:
             raise UsageError("no key given")
         kek = self._slot_kek(slot, source)
@@ -260,14 +350,26 @@ class VolumeConfig:
         raise WrongKey("wrong key or passphrase: no keyslot of this volume opens with it")
 
     def verify(self, payload: SlotPayload) -> None:
-        """The config authenticates under the payload's VMK (else it was tampered with)."""
-        self._check_mac(VolumeKeys.derive(payload.vmk, self.volume_id))
+        """The config authenticates under the payload's current key (else it was tampered
+        with, or written under a key this payload does not hold), and names only keys the
+        payload can stand behind."""
+        if not constant_time_eq(self._mac(payload).encode(), str(self.stored_mac).encode()):
+            raise IntegrityError("volume config does not authenticate (tampered or replayed)")
+        if self.version < 2:
+            return
+        local, kid = self.dek["scheme"] == SCHEME_LOCAL, self.dek["kid"]
+        if local and payload.master(kid) is None:
+            raise IntegrityError("volume config names a data-key target it may not use")
+        if not local and kid not in self.kms_keys:
+            raise IntegrityError("volume config's KMS target is not among its KMS keys")
 
     # -- serialisation ---------------------------------------------------------------------
 
     def _body(self) -> dict[str, Any]:
+        if self.version >= 2:
+            return self._body_v2()
         body: dict[str, Any] = {
-            "cryptfs": FORMAT_VERSION,
+            "cryptfs": 1,
             "volume_id": b64e(self.volume_id),
             "chunk_log2": self.chunk_log2,
             "names": "aes-siv" if self.encrypt_names else "plain",
@@ -280,50 +382,81 @@ class VolumeConfig:
             body["sse"] = self.sse
         return body
 
-    def _mac(self, keys: VolumeKeys) -> str:
-        return b64e(hmac_sha256(keys.config_mac, b"cryptfs/v1/config\0" + _canon(self._body())))
+    def _body_v2(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "cryptfs": self.version,
+            "volume_id": b64e(self.volume_id),
+            "chunk_log2": self.chunk_log2,
+            "names": "aes-siv" if self.encrypt_names else "plain",
+            "suite": 1,
+            "epoch": self.epoch,
+            "objects": sorted(self.objects),
+            "dek": self.dek,
+            "kms_keys": sorted(self.kms_keys),
+            "keyslots": self.keyslots,
+        }
+        if self.sse is not None:
+            body["sse"] = self.sse
+        return body
 
-    def _check_mac(self, keys: VolumeKeys) -> None:
-        if not constant_time_eq(self._mac(keys).encode(), str(self.stored_mac).encode()):
-            raise IntegrityError("volume config does not authenticate (tampered)")
+    def _mac(self, payload: SlotPayload) -> str:
+        if self.version < 2:
+            keys = VolumeKeys.derive(payload.vmk, self.volume_id)
+            msg = b"cryptfs/v1/config\0" + _canon(self._body())
+            return b64e(hmac_sha256(keys.config_mac, msg))
+        cur = payload.cur
+        mk = payload.master(cur)
+        assert mk is not None
+        key = master_derive(mk, self.volume_id, "config", cur)
+        return b64e(hmac_sha256(key, b"cryptfs/v2/config\0" + _canon(self._body())))
 
-    def to_bytes(self, vmk: Secret) -> bytes:
+    def to_bytes(self, payload: SlotPayload) -> bytes:
         body = self._body()
         body["keyslots"] = self.keyslots
-        body["mac"] = self._mac(VolumeKeys.derive(vmk, self.volume_id))
+        body["mac"] = self._mac(payload)
         self.stored_mac = body["mac"]
         return json.dumps(body, indent=1, sort_keys=True).encode() + b"\n"
 
     @classmethod
     def from_bytes(cls, data: bytes) -> VolumeConfig:
+        if len(data) > CONFIG_MAX:
+            raise IntegrityError(f"volume config of {len(data)} bytes is over {CONFIG_MAX}")
         try:
             d = json.loads(data)
         except ValueError:
             raise IntegrityError("volume config is not valid JSON") from None
-        if not isinstance(d, dict) or d.get("cryptfs") != FORMAT_VERSION:
+        version = d.get("cryptfs") if isinstance(d, dict) else None
+        if version not in (1, 2) or isinstance(version, bool):
             raise UnsupportedFormat(
-                f"volume format {d.get('cryptfs') if isinstance(d, dict) else '?'!r} "
+                f"volume format {version if isinstance(d, dict) else '?'!r} "
                 "not supported by this cryptfs"
             )
-        unknown = set(d) - _KNOWN_FIELDS
+        unknown = set(d) - (_KNOWN_FIELDS if version == 1 else _KNOWN_FIELDS_V2)
         if unknown:
             raise UnsupportedFormat(f"volume config has unknown fields {sorted(unknown)}")
         if d.get("suite") != 1 or d.get("names") not in ("aes-siv", "plain"):
             raise UnsupportedFormat("volume suite or name mode not supported")
         try:
             cfg = cls(
-                volume_id=b64d(d["volume_id"]),
-                chunk_log2=int(d["chunk_log2"]),
+                volume_id=b64d(_str(d["volume_id"])),
+                chunk_log2=_int(d["chunk_log2"]),
                 encrypt_names=d["names"] == "aes-siv",
-                keyslots=[dict(s) for s in d["keyslots"]],
-                dek={str(k): str(v) for k, v in d.get("dek", LEGACY_DEK).items()},
-                sse={str(k): str(v) for k, v in d["sse"].items()} if "sse" in d else None,
+                keyslots=[_slot(s) for s in _list(d["keyslots"])],
+                dek=_str_map(d.get("dek", LEGACY_DEK)),
+                sse=_str_map(d["sse"]) if "sse" in d else None,
+                version=version,
             )
-            cfg.stored_mac = str(d["mac"])
-            for s in cfg.keyslots:
-                str(s["id"]), str(s["type"])
+            cfg.stored_mac = _str(d["mac"])
+            if version >= 2:
+                cfg.epoch = _int(d["epoch"])
+                cfg.objects = [_int(x) for x in _list(d["objects"])]
+                cfg.kms_keys = [_str(x) for x in _list(d["kms_keys"])]
         except (KeyError, TypeError, ValueError, AttributeError):
             raise IntegrityError("volume config is malformed") from None
+        if len(cfg.volume_id) != 16 or len(cfg.keyslots) > MAX_SLOTS:
+            raise IntegrityError("volume config is malformed")
+        if version >= 2 and (cfg.epoch < 1 or not cfg.objects or not set(cfg.objects) <= {1, 2}):
+            raise IntegrityError("volume config is malformed (epoch or object revisions)")
         if cfg.dek.get("scheme") not in (SCHEME_LOCAL, SCHEME_KMS) or not cfg.dek.get("kid"):
             raise UnsupportedFormat(f"data-key scheme {cfg.dek!r} not supported")
         if cfg.sse is not None and cfg.sse.get("mode") not in SSE_MODES:
@@ -334,4 +467,63 @@ class VolumeConfig:
     @classmethod
     def create(cls, chunk_log2: int, encrypt_names: bool) -> tuple[VolumeConfig, Secret]:
         check_chunk_log2(chunk_log2)
-        return cls(random_bytes(16), chunk_log2, encrypt_names), Secret(random_bytes(VMK_SIZE))
+        cfg = cls(random_bytes(16), chunk_log2, encrypt_names, epoch=1, objects=[2])
+        return cfg, Secret(random_bytes(VMK_SIZE))
+
+
+def check_argon2(slot: dict[str, Any]) -> None:
+    """Argon2id parameters within what a mount will spend (a planted slot is refused)."""
+    try:
+        t, m, p = (_int(slot[k]) for k in ("t", "m", "p"))
+    except (KeyError, TypeError, ValueError):
+        raise IntegrityError("passphrase slot has malformed KDF parameters") from None
+    if not (1 <= t <= ARGON2_MAX["t"] and 1 <= p <= ARGON2_MAX["p"] and 8 * p <= m):
+        raise IntegrityError(f"passphrase slot KDF parameters out of bounds (t={t}, p={p})")
+    if m > ARGON2_MAX["m"]:
+        raise IntegrityError(f"passphrase slot asks for {m} KiB of memory (at most 1 GiB)")
+
+
+def _int(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError("not an integer")
+    return v
+
+
+def _str(v: object) -> str:
+    if not isinstance(v, str):
+        raise TypeError("not a string")
+    return v
+
+
+def _list(v: object) -> list[Any]:
+    if not isinstance(v, list):
+        raise TypeError("not a list")
+    return v
+
+
+def _str_map(v: object) -> dict[str, str]:
+    if not isinstance(v, dict):
+        raise TypeError("not an object")
+    return {_str(k): _str(x) for k, x in v.items()}
+
+
+_SLOT_FIELDS = {
+    "keyfile": {"type", "id", "salt", "wrapped"},
+    "passphrase": {"type", "id", "salt", "wrapped", "kdf", "t", "m", "p"},
+    "kms": {"type", "id", "key_id", "blob"},
+}
+
+
+def _slot(v: object) -> dict[str, Any]:
+    """A keyslot with exactly the fields of its type, of the right types."""
+    if not isinstance(v, dict):
+        raise TypeError("keyslot is not an object")
+    kind = _str(v.get("type"))
+    want = _SLOT_FIELDS.get(kind)
+    if want is None:
+        raise UnsupportedFormat(f"keyslot type {kind!r} not supported")
+    if set(v) != want:
+        raise ValueError("keyslot fields")
+    for k, x in v.items():
+        (_int if k in ("t", "m", "p") else _str)(x)
+    return dict(v)

@@ -18,9 +18,11 @@ from cryptfs.errors import (
     VolumeNotFound,
 )
 from cryptfs.format.keys import SCHEME_KMS, SCHEME_LOCAL, VolumeKeys, new_master_key
+from cryptfs.format.meta import MetaCodec
 from cryptfs.format.names import NameCodec
 from cryptfs.format.volume import CONFIG_NAME, KeySource, SlotPayload, VolumeConfig
 from cryptfs.keys.keyring import Keyring, Target, add_kms_slot, unlock
+from cryptfs.state import VolumeState
 from cryptfs.store.base import ObjectStore
 from cryptfs.store.kms import KmsClient
 
@@ -38,6 +40,13 @@ class Volume:
     keyring: Keyring
     config_etag: str = ""
     slot_id: str = ""  # the keyslot this volume was opened with
+    state: VolumeState | None = None  # what this machine remembers of the volume
+
+    @property
+    def meta(self) -> MetaCodec:
+        codec = self.keyring.codec
+        assert codec is not None
+        return codec
 
     @property
     def chunk_log2(self) -> int:
@@ -67,8 +76,16 @@ class Volume:
     ) -> Volume:
         keys = VolumeKeys.derive(payload.vmk, cfg.volume_id)
         names = NameCodec(keys.names if cfg.encrypt_names else None, cfg.volume_id)
-        keyring = Keyring(keys, payload, Target.of(cfg), kms)
+        keyring = Keyring(keys, payload, Target.of(cfg), kms, codec=MetaCodec(keys, payload, cfg))
         return cls(store, cfg, keys, names, keyring, etag, slot_id)
+
+    def set_payload(self, payload: SlotPayload) -> None:
+        """The payload (or config) changed (rotation, upgrade): rebuild what depends on it."""
+        self.keyring.set_payload(payload, MetaCodec(self.keys, payload, self.config))
+
+    def set_config(self, cfg: VolumeConfig) -> None:
+        self.config = cfg
+        self.keyring.codec = MetaCodec(self.keys, self.payload, cfg)
 
     @classmethod
     async def create(
@@ -90,17 +107,19 @@ class Volume:
             pass
         cfg, vmk = VolumeConfig.create(chunk_log2, encrypt_names)
         cfg.sse = sse
+        # every revision-2 volume has a master key: it authenticates the config and all
+        # metadata, and wraps the data keys unless KMS does (docs/FORMAT.md §7.1)
+        kid, mk = new_master_key()
+        payload = SlotPayload(vmk, {kid: mk}, current=kid)
         if kms_key_id is not None:
             if kms is None:
                 raise UsageError("--kms-key-id needs a KMS client")
             arn = await kms.key_arn(kms_key_id)
             cfg.dek = {"scheme": SCHEME_KMS, "kid": arn}
-            payload = SlotPayload(vmk)
+            cfg.kms_keys = [arn]
             await add_kms_slot(cfg, kms, arn, payload)
         else:
-            kid, mk = new_master_key()
             cfg.dek = {"scheme": SCHEME_LOCAL, "kid": kid}
-            payload = SlotPayload(vmk, {kid: mk})
         if source.keyfile is not None:
             cfg.add_slot(payload, KeySource(keyfile=source.keyfile))
         if source.passphrase is not None:
@@ -108,10 +127,13 @@ class Volume:
         if not cfg.keyslots:
             raise UsageError("give --key-file, --passphrase-file or --kms-key-id")
         try:
-            etag = await store.put(CONFIG_NAME, cfg.to_bytes(vmk), {}, if_none_match=True)
+            etag = await store.put(CONFIG_NAME, cfg.to_bytes(payload), {}, if_none_match=True)
         except PreconditionFailed:
             raise VolumeExists("a cryptfs volume already exists at this location") from None
-        return cls._assemble(store, cfg, payload, kms, etag, cfg.keyslots[0]["id"])
+        vol = cls._assemble(store, cfg, payload, kms, etag, cfg.keyslots[0]["id"])
+        vol.state = VolumeState.load(cfg.volume_id)
+        vol.state.see(cfg.epoch, cfg.dek["kid"] if kms_key_id is not None else None)
+        return vol
 
     @classmethod
     async def load_config(cls, store: ObjectStore) -> tuple[VolumeConfig, str]:
@@ -128,8 +150,18 @@ class Volume:
         cls, store: ObjectStore, source: KeySource, kms: KmsClient | None = None
     ) -> Volume:
         cfg, etag = await cls.load_config(store)
-        payload, slot_id = await unlock(cfg, source, kms)
-        return cls._assemble(store, cfg, payload, kms, etag, slot_id)
+        state = VolumeState.load(cfg.volume_id)
+        trusted: frozenset[str] | None = None
+        if not source.local and kms is not None and (source.kms_keys or state.kms_slot_keys):
+            named = [await kms.key_arn(k) for k in source.kms_keys]
+            trusted = frozenset(named) | frozenset(state.kms_slot_keys)
+        payload, slot_id = await unlock(cfg, source, kms, trusted)
+        _check_epoch(cfg, state)
+        vol = cls._assemble(store, cfg, payload, kms, etag, slot_id)
+        vol.state = state
+        slot = cfg.slot(slot_id)
+        state.see(cfg.epoch, str(slot["key_id"]) if slot["type"] == "kms" else None)
+        return vol
 
     async def reload_config(self) -> bool:
         """Pick up a config changed by another host (keyslots, rotation); True if it changed.
@@ -142,22 +174,56 @@ class Volume:
         cfg, etag = await self.load_config(self.store)
         try:
             cfg.verify(self.payload)
+            if self.state is not None:
+                _check_epoch(cfg, self.state)
         except IntegrityError as e:
-            log.error("ignoring a changed volume config: %s", e)
+            # rotated elsewhere (this mount's key is retired) or tampered with: either way
+            # nothing new may be written under this mount's keys any more
+            self.keyring.stale = (
+                "the volume config changed and does not authenticate under this mount's key "
+                "(rotated elsewhere, or tampered with): new uploads are held until the mount "
+                "is restarted with the current key"
+            )
+            log.error("ignoring a changed volume config: %s; %s", e, self.keyring.stale)
+            self.config_etag = etag
             return False
-        self.config, self.config_etag = cfg, etag
+        self.set_config(cfg)
+        self.config_etag = etag
+        if self.state is not None:
+            self.state.see(cfg.epoch)
         self.keyring.follow(Target.of(cfg))
         return True
 
     async def save_config(self) -> None:
-        """Write the (changed) config back, only over the version this volume read."""
-        data = self.config.to_bytes(self.payload.vmk)
+        """Write the (changed) config back, only over the version this volume read; a
+        revision-2 config gets the next epoch."""
+        if self.config.version >= 2:
+            self.config.epoch += 1
+        data = self.config.to_bytes(self.payload)
         try:
             self.config_etag = await self.store.put(
                 CONFIG_NAME, data, {}, if_match=self.config_etag
             )
         except PreconditionFailed:
+            if self.config.version >= 2:
+                self.config.epoch -= 1
             raise UsageError(
                 "the volume config was changed by someone else meanwhile; run the command again"
             ) from None
+        self.set_config(self.config)
+        if self.state is not None:
+            self.state.see(self.config.epoch)
         self.keyring.target = Target.of(self.config)
+
+
+def _check_epoch(cfg: VolumeConfig, state: VolumeState) -> None:
+    if cfg.version >= 2 and cfg.epoch < state.epoch:
+        raise IntegrityError(
+            f"the volume config is at epoch {cfg.epoch}, older than epoch {state.epoch} this "
+            "machine has seen: a replayed (or restored) config; refusing it"
+        )
+    if cfg.version < 2 and state.epoch > 0:
+        raise IntegrityError(
+            "the volume config is revision 1, but this machine has seen it at revision 2 "
+            f"(epoch {state.epoch}): a replayed config; refusing it"
+        )

@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from cryptfs.crypto import Aead, Secret
+from cryptfs.crypto import Secret
 from cryptfs.errors import IntegrityError, KeyAccessDenied, ReadOnly, UsageError
 from cryptfs.format.keys import (
     SCHEME_KMS,
@@ -28,6 +28,7 @@ from cryptfs.format.keys import (
     kms_slot_context,
     new_dek,
 )
+from cryptfs.format.meta import MetaCodec
 from cryptfs.format.names import b64d
 from cryptfs.format.s3ec import S3ecObject, unwrap_aes_gcm
 from cryptfs.format.volume import KeySource, SlotPayload, VolumeConfig
@@ -80,6 +81,11 @@ class Target:
         return cls(cfg.dek["scheme"], cfg.dek["kid"])
 
 
+def _same_key(asked: str, answered: str) -> bool:
+    """KMS answers with the key's ARN; ``asked`` is an ARN too (configs store ARNs)."""
+    return answered == asked
+
+
 class Keyring:
     def __init__(
         self,
@@ -88,28 +94,47 @@ class Keyring:
         target: Target,
         kms: KmsClient | None,
         cache: DekCache | None = None,
+        codec: MetaCodec | None = None,
     ) -> None:
         self.keys = keys
         self.payload = payload
         self.target = target
         self.kms = kms
         self.cache = cache or DekCache()
-        self._keks: dict[str, Aead] = {}
+        # what the authenticated config and payload allow (which KMS keys, which local keys,
+        # which revision new local wrappings use); set by the volume
+        self.codec = codec
+        self._keks: dict[str, Secret] = {}
         # set when the config names a wrapping key this keyring does not hold (rotated
         # elsewhere): new files are refused rather than tied to a retired key
         self.stale: str | None = None
         # raw AES keys of the AWS S3 Encryption Client (AES/GCM wrapping), if given
         self.s3ec_keys: list[Secret] = []
+        # the KMS keys (ARNs) S3 Encryption Client data keys may be under (--s3ec-kms-key-id)
+        self.s3ec_kms_keys: list[str] = []
 
     def __repr__(self) -> str:
         return f"<Keyring target={self.target}>"
 
-    def _kek(self, kid: str) -> Aead:
+    def _kek(self, kid: str) -> Secret:
         kek = self._keks.get(kid)
         if kek is None:
-            kek = self.keys.local_kek(kid, self.payload.mks.get(kid))
+            kek = self.keys.local_kek(kid, self.payload.master(kid))
             self._keks[kid] = kek
         return kek
+
+    def set_payload(self, payload: SlotPayload, codec: MetaCodec) -> None:
+        self.payload = payload
+        self.codec = codec
+        self._keks.clear()
+
+    @property
+    def wrap_rev(self) -> int:
+        return self.codec.write_rev if self.codec is not None else 1
+
+    def _check(self, wk: WrappedKey) -> None:
+        if self.codec is not None:
+            self.codec.check_wrapping(wk)
 
     def _need_kms(self) -> KmsClient:
         if self.kms is None:
@@ -122,12 +147,15 @@ class Keyring:
     async def wrap(self, dek: Secret, file_id: bytes, target: Target | None = None) -> WrappedKey:
         t = target or self.target
         if t.scheme == SCHEME_LOCAL:
-            return self.keys.wrap_local(self._kek(t.kid), t.kid, dek, file_id)
+            return self.keys.wrap_local(self._kek(t.kid), t.kid, dek, file_id, self.wrap_rev)
         ctx = kms_file_context(self.keys.volume_id, file_id)
         blob, arn = await self._need_kms().encrypt(t.kid, dek, ctx)
-        return WrappedKey(SCHEME_KMS, arn, blob)
+        if not _same_key(t.kid, arn):
+            raise IntegrityError(f"AWS KMS encrypted under {arn}, not the asked {t.kid}")
+        return WrappedKey(SCHEME_KMS, arn, blob, self.wrap_rev)
 
     async def new_dek(self, file_id: bytes) -> tuple[Secret, WrappedKey]:
+        """A fresh data key for one upload of ``file_id``'s body, wrapped for the target."""
         if self.stale is not None:
             raise ReadOnly(self.stale)
         if self.target.scheme == SCHEME_KMS:
@@ -135,7 +163,9 @@ class Keyring:
             dek, blob, arn = await self._need_kms().generate_data_key(self.target.kid, ctx)
             if len(dek) != 32:
                 raise IntegrityError("AWS KMS returned a data key of the wrong size")
-            wk = WrappedKey(SCHEME_KMS, arn, blob)
+            if not _same_key(self.target.kid, arn):
+                raise IntegrityError(f"AWS KMS made a data key under {arn}, not {self.target.kid}")
+            wk = WrappedKey(SCHEME_KMS, arn, blob, self.wrap_rev)
         else:
             dek = new_dek()
             wk = await self.wrap(dek, file_id)
@@ -146,11 +176,14 @@ class Keyring:
         dek = self.cache.get(file_id, wk.blob)
         if dek is not None:
             return dek
+        self._check(wk)
         if wk.scheme == SCHEME_LOCAL:
             dek = self.keys.unwrap_local(self._kek(wk.kid), wk, file_id)
         elif wk.scheme == SCHEME_KMS:
             ctx = kms_file_context(self.keys.volume_id, file_id)
-            dek, _arn = await self._need_kms().decrypt(wk.blob, ctx, wk.kid)
+            dek, arn = await self._need_kms().decrypt(wk.blob, ctx, wk.kid)
+            if not _same_key(wk.kid, arn):
+                raise IntegrityError(f"AWS KMS decrypted under {arn}, not the expected {wk.kid}")
             if len(dek) != 32:
                 raise IntegrityError("AWS KMS returned a data key of the wrong size")
         else:
@@ -163,7 +196,7 @@ class Keyring:
         if target == self.target:
             return
         self.target = target
-        if target.scheme == SCHEME_LOCAL and target.kid not in self.payload.mks:
+        if target.scheme == SCHEME_LOCAL and self.payload.master(target.kid) is None:
             self.stale = (
                 f"the volume's master key was rotated to {target.kid} elsewhere; new files "
                 "are refused until this mount is restarted with the new key"
@@ -179,19 +212,39 @@ class Keyring:
 
     async def rewrap(self, wk: WrappedKey, file_id: bytes, target: Target) -> WrappedKey:
         """The same data key wrapped for ``target``; KMS to KMS stays inside KMS."""
+        self._check(wk)
         if wk.scheme == SCHEME_KMS and target.scheme == SCHEME_KMS:
             ctx = kms_file_context(self.keys.volume_id, file_id)
             blob, arn = await self._need_kms().re_encrypt(wk.blob, ctx, wk.kid, target.kid)
-            return WrappedKey(SCHEME_KMS, arn, blob)
+            if not _same_key(target.kid, arn):
+                raise IntegrityError(f"AWS KMS re-encrypted under {arn}, not {target.kid}")
+            return WrappedKey(SCHEME_KMS, arn, blob, self.wrap_rev)
         return await self.wrap(await self.unwrap(wk, file_id), file_id, target)
 
     async def unwrap_s3ec(self, env: S3ecObject, what: str) -> Secret:
         """The data key of an S3 Encryption Client object (KMS or a raw AES key)."""
         if env.wrap == "kms+context":
-            data_key, _arn = await self._need_kms().decrypt(
-                env.encrypted_key, env.context, what=f"S3EC data key of {what}"
-            )
-            return data_key
+            # the AWS S3EC specification: Decrypt names the configured key, never "any key
+            # the ciphertext says" (a bucket writer could otherwise use a KMS key of theirs)
+            if not self.s3ec_kms_keys:
+                raise KeyAccessDenied(
+                    f"{what}: its data key is wrapped by AWS KMS: name the key with "
+                    "--s3ec-kms-key-id"
+                )
+            last: Exception | None = None
+            for key_id in self.s3ec_kms_keys:
+                try:
+                    data_key, arn = await self._need_kms().decrypt(
+                        env.encrypted_key, env.context, key_id, what=f"S3EC data key of {what}"
+                    )
+                except (KeyAccessDenied, IntegrityError) as e:
+                    last = e
+                    continue
+                if not _same_key(key_id, arn):
+                    raise IntegrityError(f"{what}: AWS KMS decrypted under {arn}, not {key_id}")
+                return data_key
+            assert last is not None
+            raise IntegrityError(f"{what}: no configured KMS key decrypts its data key") from last
         if not self.s3ec_keys:
             raise KeyAccessDenied(
                 f"{what}: its data key is wrapped by a raw AES key: give --s3ec-key-file"
@@ -212,9 +265,18 @@ class Keyring:
 
 
 async def unlock(
-    cfg: VolumeConfig, source: KeySource, kms: KmsClient | None
+    cfg: VolumeConfig,
+    source: KeySource,
+    kms: KmsClient | None,
+    trusted_kms: frozenset[str] | None = None,
 ) -> tuple[SlotPayload, str]:
-    """Open a keyslot with what the user offers; returns the payload and the slot's id."""
+    """Open a keyslot with what the user offers; returns the payload and the slot's id.
+
+    ``trusted_kms``: the KMS keys (ARNs) whose keyslots may be tried; None = any (a machine
+    that has seen nothing of this volume and was told nothing: docs/FORMAT.md §7.5).  KMS
+    decrypts whatever is under any key the principal may use, so a slot planted under a
+    bucket writer's own key would otherwise open a config they wrote.
+    """
     if source.local:
         return cfg.unlock_local(source)
     slots = cfg.kms_slots()
@@ -226,15 +288,27 @@ async def unlock(
             "give --key-file or --passphrase-file (this volume has no KMS keyslot; "
             f"it has: {kinds})"
         )
+    if trusted_kms is not None:
+        untrusted = sorted({str(s["key_id"]) for s in slots} - trusted_kms)
+        slots = [s for s in slots if s["key_id"] in trusted_kms]
+        if not slots:
+            raise KeyAccessDenied(
+                f"this volume's KMS keyslots are under {untrusted}, which this machine has "
+                "not seen open it: if the volume was rotated to that key, name it with "
+                "--kms-key-id (refusing, as a planted keyslot would look the same)"
+            )
     last: Exception | None = None
     for slot in slots:
         ctx = kms_slot_context(cfg.volume_id, slot["id"])
         try:
-            raw, _arn = await kms.decrypt(
+            raw, arn = await kms.decrypt(
                 b64d(slot["blob"]), ctx, slot["key_id"], what=f"keyslot {slot['id']}"
             )
         except (KeyAccessDenied, IntegrityError) as e:
             last = e
+            continue
+        if not _same_key(str(slot["key_id"]), arn):
+            last = IntegrityError(f"keyslot {slot['id']}: AWS KMS answered for another key")
             continue
         payload = SlotPayload.from_bytes(raw.reveal())
         cfg.verify(payload)

@@ -338,8 +338,10 @@ async def test_rotation_elsewhere_seen_by_running_mount_and_staged_data_kept(
     report = await rotate(other, to_source=KeySource(keyfile=Secret(b"n" * 32)))
     assert report.finished and report.rewrapped == 1
 
-    # the running mount notices: no new file gets a data key under the retired master key
-    assert await fs_a.vol.reload_config()
+    # the running mount notices (the new config does not authenticate under its retired
+    # key): no new file gets a data key, nor metadata, under the retired master key
+    assert not await fs_a.vol.reload_config()
+    assert fs_a.vol.keyring.stale is not None
     with pytest.raises(ReadOnly, match="rotated"):
         await fs_a.create(ROOT_INO, b"new", 0o644, 0, 0)
     # nor does a file staged before the rotation get uploaded under it: it stays staged
@@ -347,8 +349,8 @@ async def test_rotation_elsewhere_seen_by_running_mount_and_staged_data_kept(
         await fs_a.sync_node(node)
     assert node.stage is not None
 
-    # the next mount (new key, same cache dir) uploads the staged file: its data key comes
-    # from the sealed journal and is wrapped under the new master key
+    # the next mount (new key, same cache dir) uploads the staged file under a fresh data
+    # key wrapped by the new master key (the journal holds no data key)
     vol = await Volume.open(store, KeySource(keyfile=Secret(b"n" * 32)))
     staging = StagingArea(tmp_path / "a" / vol.volume_id.hex(), vol.keys.cache, vol.chunk)
     fs_n = Filesystem(vol, staging, Options(writeback_delay=0.1, metadata_ttl=0))

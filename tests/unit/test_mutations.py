@@ -9,30 +9,37 @@ from cryptfs.crypto import Secret
 from cryptfs.errors import IntegrityError, UnsupportedFormat
 from cryptfs.format.body import HEADER_SIZE, BodyCipher
 from cryptfs.format.keys import VolumeKeys
-from cryptfs.format.meta import KIND_FILE, Attrs, ObjectMeta, decode_meta, encode_meta
+from cryptfs.format.meta import KIND_FILE, Attrs, MetaCodec, ObjectMeta
+from cryptfs.format.volume import SlotPayload, VolumeConfig
 
-KEYS = VolumeKeys.derive(Secret(b"v" * 32), b"I" * 16)
+VID = b"I" * 16
+KEYS = VolumeKeys.derive(Secret(b"v" * 32), VID)
+PAYLOAD = SlotPayload(Secret(b"v" * 32), {"mk-000000000001": Secret(b"m" * 32)}, "mk-000000000001")
+CONFIG = VolumeConfig(VID, 12, True, epoch=1)
+CODEC = MetaCodec(KEYS, PAYLOAD, CONFIG)
 FID = b"F" * 16
 DEK = Secret(b"d" * 32)
+KEK = KEYS.local_kek("mk-000000000001", PAYLOAD.master("mk-000000000001"))
 PLAIN = bytes(range(256)) * 40  # 10240 bytes: 3 chunks of 4 KiB
 CIPHER = BodyCipher.new(DEK, FID, 12)
 BODY = CIPHER.seal_all(PLAIN)
-META = encode_meta(
-    KEYS,
+KEY = "ZGly/ZmlsZQ"
+META = CODEC.encode(
     b"/dir/file",
+    KEY,
     ObjectMeta(
         FID,
         Attrs(KIND_FILE, 0o644, 1, 1, 2, 3, 4, len(PLAIN), CIPHER.header.salt),
-        KEYS.wrap_local(KEYS.local_kek("vmk", None), "vmk", DEK, FID),
+        KEYS.wrap_local(KEK, "mk-000000000001", DEK, FID),
     ),
 )
 
 
-def read_object(body: bytes, md: dict[str, str], path: bytes = b"/dir/file") -> bytes:
+def read_object(body: bytes, md: dict[str, str], key: str = KEY) -> bytes:
     """What the filesystem does on a read, minus I/O."""
-    meta = decode_meta(KEYS, path, md)
+    meta = CODEC.decode(b"/dir/file", key, md)
     assert meta.dek is not None
-    dek = KEYS.unwrap_local(KEYS.local_kek(meta.dek.kid, None), meta.dek, meta.file_id)
+    dek = KEYS.unwrap_local(KEK, meta.dek, meta.file_id)
     cipher = BodyCipher.open(dek, body[:HEADER_SIZE])
     if cipher.header.file_id != meta.file_id or cipher.header.salt != meta.attrs.salt:
         raise IntegrityError("header/metadata mismatch")
@@ -90,10 +97,16 @@ def test_metadata_mutations(field: str, data: st.DataObject) -> None:
         out = read_object(BODY, md)
     except (IntegrityError, UnsupportedFormat):
         return
-    # the only tolerated change is one that does not alter any authenticated input
-    assert out == PLAIN
-    assert field == "cfs-kid" or field == "cfs-w"  # selectors only; must still fail closed
-    raise AssertionError(f"metadata field {field} changed but the object still read")
+    # revision 2 authenticates every field (revision 1 left cfs-w and cfs-kid outside)
+    raise AssertionError(f"metadata field {field} changed but the object still read: {out!r}")
+
+
+def test_moved_object_does_not_read() -> None:
+    try:
+        read_object(BODY, dict(META), key="ZGly/b3RoZXI")
+    except IntegrityError:
+        return
+    raise AssertionError("metadata authenticated at another object key")
 
 
 def test_base64_is_canonical() -> None:

@@ -84,20 +84,30 @@ def test_meta_roundtrip_and_path_binding() -> None:
 
 def test_dek_wrap_bound_to_file() -> None:
     dek = Secret(b"d" * 32)
-    kek = KEYS.local_kek("vmk", None)
-    wrapped = KEYS.wrap_local(kek, "vmk", dek, b"F" * 16)
-    assert KEYS.unwrap_local(kek, wrapped, b"F" * 16) == dek
+    kek = KEYS.local_kek("mk-1", Secret(b"m" * 32))
+    for rev in (1, 2):
+        wrapped = KEYS.wrap_local(kek, "mk-1", dek, b"F" * 16, rev)
+        assert KEYS.unwrap_local(kek, wrapped, b"F" * 16) == dek
+        with pytest.raises(IntegrityError):
+            KEYS.unwrap_local(kek, wrapped, b"G" * 16)
+    # revision 2: every wrap under its own key (no nonce to collide)
+    a, b = (KEYS.wrap_local(kek, "mk-1", dek, b"F" * 16) for _ in range(2))
+    assert a.blob[:32] != b.blob[:32] and len(a.blob) == 80
+    # the legacy kid needs the VMK, which revision-2 payloads never offer for it
     with pytest.raises(IntegrityError):
-        KEYS.unwrap_local(kek, wrapped, b"G" * 16)
+        KEYS.local_kek("vmk", None)
 
 
-def test_volume_config_slots(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CRYPTFS_TEST_FAST_KDF", "1")
+FAST = {"t": 1, "m": 1024, "p": 1}
+
+
+def test_volume_config_slots() -> None:
     cfg, vmk = VolumeConfig.create(16, True)
-    payload = SlotPayload(vmk, {"mk-1": Secret(b"m" * 32)})
+    payload = SlotPayload(vmk, {"mk-1": Secret(b"m" * 32)}, "mk-1")
+    cfg.dek = {"scheme": "gcm", "kid": "mk-1"}
     cfg.add_slot(payload, KeySource(keyfile=Secret(b"k" * 32)))
-    cfg.add_slot(payload, KeySource(passphrase=Secret(b"correct horse")))
-    data = cfg.to_bytes(vmk)
+    cfg.add_slot(payload, KeySource(passphrase=Secret(b"correct horse")), argon2=FAST)
+    data = cfg.to_bytes(payload)
     assert b"k" * 8 not in data and b"correct horse" not in data
     loaded = VolumeConfig.from_bytes(data)
     for src in (
@@ -105,7 +115,7 @@ def test_volume_config_slots(monkeypatch: pytest.MonkeyPatch) -> None:
         KeySource(passphrase=Secret(b"correct horse")),
     ):
         got, _slot = loaded.unlock_local(src)
-        assert got.vmk == vmk and got.mks["mk-1"] == Secret(b"m" * 32)
+        assert got.vmk == vmk and got.mks["mk-1"] == Secret(b"m" * 32) and got.cur == "mk-1"
     with pytest.raises(WrongKey):
         loaded.unlock_local(KeySource(keyfile=Secret(b"z" * 32)))
     with pytest.raises(WrongKey):
@@ -113,6 +123,71 @@ def test_volume_config_slots(monkeypatch: pytest.MonkeyPatch) -> None:
     tampered = VolumeConfig.from_bytes(data.replace(b'"aes-siv"', b'"plain"'))
     with pytest.raises(IntegrityError):
         tampered.unlock_local(KeySource(keyfile=Secret(b"k" * 32)))
+
+
+def test_config_mac_covers_keyslots_and_epoch() -> None:
+    """Revision 2: a keyslot added, removed or re-added, or the epoch changed, by anyone
+    without the current master key, makes the config fail to authenticate."""
+    import json
+
+    cfg, vmk = VolumeConfig.create(16, True)
+    payload = SlotPayload(vmk, {"mk-1": Secret(b"m" * 32)}, "mk-1")
+    cfg.dek = {"scheme": "gcm", "kid": "mk-1"}
+    cfg.add_slot(payload, KeySource(keyfile=Secret(b"k" * 32)))
+    cfg.add_slot(payload, KeySource(passphrase=Secret(b"pw")), argon2=FAST)
+    data = cfg.to_bytes(payload)
+    VolumeConfig.from_bytes(data).verify(payload)
+    d = json.loads(data)
+    for mutate in (
+        lambda d: d["keyslots"].pop(),
+        lambda d: d["keyslots"].append(dict(d["keyslots"][0], id="keyfile-ffffff")),
+        lambda d: d.update(epoch=d["epoch"] + 5),
+        lambda d: d.update(kms_keys=["arn:aws:kms:us-east-1:1:key/x"]),
+        lambda d: d.update(objects=[1, 2]),
+    ):
+        m = json.loads(data)
+        mutate(m)
+        with pytest.raises(IntegrityError):
+            VolumeConfig.from_bytes(json.dumps(m).encode()).verify(payload)
+    # a MAC made with an old payload (VMK and a retired master key) is refused
+    old = SlotPayload(vmk, {"mk-0": Secret(b"o" * 32)}, "mk-0")
+    forged = VolumeConfig.from_bytes(data)
+    forged.dek = {"scheme": "gcm", "kid": "mk-0"}
+    with pytest.raises(IntegrityError):
+        VolumeConfig.from_bytes(forged.to_bytes(old)).verify(payload)
+    assert d["cryptfs"] == 2
+
+
+def test_config_bounds() -> None:
+    cfg, vmk = VolumeConfig.create(16, True)
+    payload = SlotPayload(vmk, {"mk-1": Secret(b"m" * 32)}, "mk-1")
+    cfg.dek = {"scheme": "gcm", "kid": "mk-1"}
+    cfg.add_slot(payload, KeySource(passphrase=Secret(b"pw")), argon2=FAST)
+    cfg.keyslots[0]["m"] = 1 << 30  # a planted slot asking for 1 TiB
+    with pytest.raises(IntegrityError, match="memory"):
+        VolumeConfig.from_bytes(cfg.to_bytes(payload)).unlock_local(
+            KeySource(passphrase=Secret(b"pw"))
+        )
+    with pytest.raises(IntegrityError):
+        VolumeConfig.from_bytes(b" " * (2 << 20))
+    with pytest.raises(IntegrityError):
+        VolumeConfig.from_bytes(cfg.to_bytes(payload).replace(b'"epoch": 1', b'"epoch": "1"'))
+
+
+def test_payload_revisions_round_trip() -> None:
+    vmk = Secret(b"v" * 32)
+    for p in (
+        SlotPayload(vmk),
+        SlotPayload(vmk, {"mk-1": Secret(b"a" * 32)}),
+        SlotPayload(vmk, {"mk-1": Secret(b"a" * 32), "vmk": vmk}, "mk-1"),
+    ):
+        q = SlotPayload.from_bytes(p.to_bytes())
+        assert (q.vmk, q.mks, q.current) == (p.vmk, p.mks, p.current)
+    v2 = SlotPayload(vmk, {"mk-1": Secret(b"a" * 32)}, "mk-1")
+    assert v2.master("vmk") is None and SlotPayload(vmk).master("vmk") == vmk
+    for bad in (b"\x02" + b"v" * 32 + b"\x04mk-9", b"\x03" + b"v" * 40):
+        with pytest.raises(IntegrityError):
+            SlotPayload.from_bytes(bad)
 
 
 def test_secret_repr_hides_bytes() -> None:

@@ -27,7 +27,9 @@ def test_body_vectors() -> None:
         assert (file_id.hex(), salt.hex()) == (v["file_id"], v["salt"])
 
 
-@pytest.mark.parametrize("name", ["golden_volume_v1.json", "golden_volume_v1_mk.json"])
+@pytest.mark.parametrize(
+    "name", ["golden_volume_v1.json", "golden_volume_v1_mk.json", "golden_volume_v2.json"]
+)
 def test_golden_volumes(name: str) -> None:
     golden = json.loads((DATA / name).read_text())
     objects = {
@@ -47,8 +49,9 @@ def test_golden_volumes(name: str) -> None:
     assert set(tree) >= {b"/", b"/docs", b"/link"}
 
 
-def test_tampering_is_caught_by_the_reference_too() -> None:
-    golden = json.loads((DATA / "golden_volume_v1_mk.json").read_text())
+@pytest.mark.parametrize("name", ["golden_volume_v1_mk.json", "golden_volume_v2.json"])
+def test_tampering_is_caught_by_the_reference_too(name: str) -> None:
+    golden = json.loads((DATA / name).read_text())
     objects = {
         k: (bytes.fromhex(o["body"]), dict(o["metadata"])) for k, o in golden["objects"].items()
     }
@@ -57,3 +60,23 @@ def test_tampering_is_caught_by_the_reference_too() -> None:
     objects[victim] = (body[:-1] + bytes([body[-1] ^ 1]), md)
     with pytest.raises(ref.Invalid):
         ref.decrypt_volume(objects, ref.b64u(golden["key_file"]))
+
+
+def test_revision_2_metadata_is_bound_to_the_key_and_the_wrapping() -> None:
+    """§7.3: moving an object, or changing the data key it names, fails in the reference."""
+    golden = json.loads((DATA / "golden_volume_v2.json").read_text())
+    objects = {
+        k: (bytes.fromhex(o["body"]), dict(o["metadata"])) for k, o in golden["objects"].items()
+    }
+    key = ref.b64u(golden["key_file"])
+    files = [k for k, (b, md) in objects.items() if md.get("cfs-w") == "gcm"]
+    a, b = files[0], files[1]
+    swapped = dict(objects)
+    swapped[a] = (objects[a][0], dict(objects[a][1], **{"cfs-k": objects[b][1]["cfs-k"]}))
+    with pytest.raises(ref.Invalid):
+        ref.decrypt_volume(swapped, key)
+    for field in ("cfs-kid", "cfs-w", "cfs-m"):
+        changed = dict(objects)
+        changed[a] = (objects[a][0], dict(objects[a][1], **{field: "x"}))
+        with pytest.raises(ref.Invalid):
+            ref.decrypt_volume(changed, key)
