@@ -111,7 +111,11 @@ async def upgrade(
             await _upgrade_one(vol, info, paths, report)
         except CryptfsError as e:
             report.failed.append(info.key)
-            log.error("upgrade: %s: %s", info.key, lognames.scrub(e))
+            log.error(
+                "upgrade: %s: %s",
+                lognames.ident(info.key, opaque=vol.names.opaque(info.key)),
+                lognames.scrub(e, vol.names.opaque),
+            )
         done += 1
         if progress is not None:
             progress(done, len(todo))
