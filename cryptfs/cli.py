@@ -1,4 +1,4 @@
-"""Command line: ``cryptfs init | mount | umount | ls | decrypt | key | rotate``.
+"""Command line: ``cryptfs init | mount | umount | ls | decrypt | key | rotate | upgrade``.
 
 Secrets are never taken from the command line: keys and passphrases come from files (mode
 0600).  Errors print one line (no traceback) and exit non-zero.
@@ -53,9 +53,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--s3ec-key-file", type=Path, help="raw AES key of AWS S3 Encryption Client objects"
     )
+    p.add_argument(
+        "--s3ec-kms-key-id", action="append", default=None,
+        help="AWS KMS key that S3 Encryption Client objects' data keys may be under "
+        "(repeatable; their KMS objects are read only under a key named here)",
+    )  # fmt: skip
     p.add_argument("--s3-attempts", type=int, help="attempts per S3 request (default 5)")
     p.add_argument("--s3-timeout", type=float, help="seconds per S3 answer (default 60)")
     p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument(
+        "--log-names", action="store_true", default=None,
+        help="let log lines name files by their paths (default: object keys and inodes only)",
+    )  # fmt: skip
     p.add_argument("--config", help="TOML settings: NAME (/etc/cryptfs/NAME.toml) or a path")
 
 
@@ -63,6 +72,11 @@ def _keys(p: argparse.ArgumentParser) -> None:
     """How to open a volume: a key file, a passphrase file, or (neither) its KMS keyslot."""
     p.add_argument("--key-file", type=Path)
     p.add_argument("--passphrase-file", type=Path)
+    p.add_argument(
+        "--kms-key-id",
+        help="the AWS KMS key whose keyslot opens the volume (needed once after a rotation "
+        "to a KMS key this machine has not seen open it)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--s3ec-max-size", type=_size, help="largest S3 Encryption Client object read (256M)"
     )
+    p.add_argument(
+        "--show-s3ec", action="store_true", default=None,
+        help="show AWS S3 Encryption Client objects (read-only, under their own key names)",
+    )  # fmt: skip
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     _common(p)
 
@@ -151,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     _keys(p)
     _common(p)
 
+    p = sub.add_parser(
+        "upgrade", help="move a volume to the current format revision, in place, server-side"
+    )
+    p.add_argument("location", nargs="?", help="s3://BUCKET[/PREFIX]")
+    p.add_argument("--concurrency", type=int, default=32)
+    _keys(p)
+    _common(p)
+
     p = sub.add_parser("fsck", help="check (and with --repair fix what is safe) a volume")
     p.add_argument("location", nargs="?", help="s3://BUCKET[/PREFIX]")
     p.add_argument("--full", action="store_true", help="also read and authenticate all content")
@@ -167,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("location", nargs="?", help="s3://BUCKET[/PREFIX]")
     p.add_argument("--max-size", type=_size, default=1 << 30, help="largest object (default 1G)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument(
+        "--path", action="append", help="import the objects whose keys start with this "
+        "path inside the volume (repeatable)",
+    )  # fmt: skip
+    g.add_argument("--all", action="store_true", help="import every S3EC object of the volume")
     _keys(p)
     _common(p)
 
@@ -194,6 +226,7 @@ def _remote(args: Any) -> Any:
     if args.sse_c_key_file is not None:
         sse_c = _read_or_create_key(args.sse_c_key_file, getattr(args, "cmd", "") == "init")
     s3ec_keys = (read_key_file(args.s3ec_key_file),) if args.s3ec_key_file else ()
+    s3ec_kms = tuple(getattr(args, "s3ec_kms_key_id", None) or ())
     return Remote(
         S3Options(
             endpoint_url=endpoint,
@@ -206,6 +239,7 @@ def _remote(args: Any) -> Any:
         KmsOptions(endpoint_url=kms_endpoint, region=args.region, verify=verify),
         sse_c,
         s3ec_keys,
+        s3ec_kms,
     )
 
 
@@ -226,6 +260,8 @@ def _key_source(args: Any, *, create: bool = False) -> KeySource:
     if args.passphrase_file is not None:
         src.passphrase = read_passphrase_file(args.passphrase_file)
     src.kms = not src.local
+    if getattr(args, "kms_key_id", None) and getattr(args, "cmd", "") != "init":
+        src.kms_keys = (args.kms_key_id,)
     return src
 
 
@@ -439,7 +475,10 @@ class _JournalFormatter(logging.Formatter):
         return f"<{prio}>" + super().format(record)
 
 
-def _setup_logging(verbose: int, log_file: Path | None) -> None:
+def _setup_logging(verbose: int, log_file: Path | None, log_names: bool = False) -> None:
+    from cryptfs import lognames
+
+    lognames.show_names(log_names)  # (docs/SECURITY.md: the log names no file by default)
     journal = bool(os.environ.get("JOURNAL_STREAM")) and log_file is None
     level = (
         logging.DEBUG
@@ -464,6 +503,9 @@ def _setup_logging(verbose: int, log_file: Path | None) -> None:
     root.setLevel(level)
     for noisy in ("botocore", "aiobotocore", "urllib3", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    pyfuse3_log = logging.getLogger("pyfuse3")
+    if not any(isinstance(f, lognames.BytesArgs) for f in pyfuse3_log.filters):
+        pyfuse3_log.addFilter(lognames.BytesArgs())
 
 
 def cmd_mount(args: Any) -> int:
@@ -493,6 +535,7 @@ def cmd_mount(args: Any) -> int:
             writeback_delay=args.writeback_delay,
             metadata_ttl=args.metadata_ttl,
             foreign_max_bytes=args.s3ec_max_size,
+            show_foreign=bool(args.show_s3ec),
             sibling_readahead=args.read_ahead_files,
         ),
         metrics_address=args.metrics_address,
@@ -540,6 +583,7 @@ def _spawn_daemon(args: Any, cache_dir: Path) -> int:
         ("--metrics-address", args.metrics_address),
         ("--s3-attempts", str(args.s3_attempts)),
         ("--s3ec-max-size", str(args.s3ec_max_size)),
+        ("--kms-key-id", args.kms_key_id),
         ("--read-ahead-kb", str(args.read_ahead_kb)),
         ("--read-ahead-files", str(args.read_ahead_files)),
         ("--cache-size", str(args.cache_size)),
@@ -549,6 +593,12 @@ def _spawn_daemon(args: Any, cache_dir: Path) -> int:
             argv += [flag, text]
     if args.writeback_cache:
         argv.append("--writeback-cache")
+    if args.log_names:
+        argv.append("--log-names")
+    if args.show_s3ec:
+        argv.append("--show-s3ec")
+    for key_id in args.s3ec_kms_key_id or ():
+        argv += ["--s3ec-kms-key-id", key_id]
     for o in args.options:
         argv += ["-o", o]
     argv += ["-v"] * args.verbose
@@ -674,6 +724,30 @@ def cmd_fsck(args: Any) -> int:
         return EXIT_ERROR
 
 
+def cmd_upgrade(args: Any) -> int:
+    from cryptfs.session import open_remote, open_volume
+    from cryptfs.store.s3 import S3Location
+    from cryptfs.upgrade import upgrade
+
+    loc = S3Location.parse(args.location)
+    source = _key_source(args)
+    remote = _remote(args)
+    bar = _Progress("upgrading")
+
+    async def main() -> int:
+        async with open_remote(loc, remote) as (store, kms):
+            vol = await open_volume(store, kms, source, remote)
+            try:
+                report = await upgrade(vol, concurrency=args.concurrency, progress=bar.update)
+            finally:
+                vol.keyring.close()
+                bar.close()
+        print(report.summary())
+        return 0 if report.finished else 3
+
+    return trio.run(main)
+
+
 def cmd_import(args: Any) -> int:
     from cryptfs.importer import import_s3ec
     from cryptfs.session import open_remote, open_volume
@@ -689,7 +763,11 @@ def cmd_import(args: Any) -> int:
             vol = await open_volume(store, kms, source, remote)
             try:
                 report = await import_s3ec(
-                    vol, key_prefix=loc.prefix, max_size=args.max_size, progress=bar.update
+                    vol,
+                    key_prefix=loc.prefix,
+                    paths=None if args.all else tuple(args.path),
+                    max_size=args.max_size,
+                    progress=bar.update,
                 )
             finally:
                 vol.keyring.close()
@@ -751,6 +829,9 @@ def _apply_config(args: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cryptfs.hardening import disable_core_dumps
+
+    disable_core_dumps()  # before any key file is read: keys never reach a core dump
     args = build_parser().parse_args(argv)
     try:
         if hasattr(args, "config"):
@@ -759,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cryptfs: {e}", file=sys.stderr)
         return 1
     log_file = getattr(args, "log_file", None) if getattr(args, "foreground", False) else None
-    _setup_logging(args.verbose, log_file)
+    _setup_logging(args.verbose, log_file, bool(getattr(args, "log_names", False)))
     try:
         if args.cmd == "init":
             return cmd_init(args)
@@ -777,6 +858,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_fsck(args)
         if args.cmd == "import":
             return cmd_import(args)
+        if args.cmd == "upgrade":
+            return cmd_upgrade(args)
         return cmd_umount(args)
     except CryptfsError as e:
         print(f"cryptfs: {e}", file=sys.stderr)

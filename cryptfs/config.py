@@ -51,6 +51,9 @@ OPTIONS: list[Opt] = [
     Opt("s3_timeout", float, 60.0, "seconds to wait for an S3 answer (connect: at most 10)"),
     Opt("s3ec_key_file", Path, None, "raw AES key (key-file format) of S3EC objects"),
     Opt("s3ec_max_size", int, 256 << 20, "largest S3EC object a mount reads (bytes, read whole)"),
+    Opt("show_s3ec", bool, False, "show AWS S3 Encryption Client objects (read-only)"),
+    Opt("s3ec_kms_key_id", list, [], "KMS keys S3EC objects' data keys may be under"),
+    Opt("kms_key_id", str, None, "the KMS key whose keyslot opens the volume (or, init: wraps)"),
     Opt("cache_dir", Path, None, "staging/cache directory; default /var/cache/cryptfs (root)"),
     Opt("log_file", Path, None, "daemon log; default CACHE_DIR/cryptfs.log when daemonised"),
     Opt("writeback_delay", float, 2.0, "seconds a closed file waits before its upload"),
@@ -67,6 +70,7 @@ OPTIONS: list[Opt] = [
     Opt("read_ahead_kb", int, 4096, "kernel read-ahead of the mount, KiB (0: the kernel's 128)"),
     Opt("read_ahead_files", int, 8, "small files fetched ahead of a reader going in name order"),
     Opt("verbose", int, 0, "log detail: 0 warnings, 1 info, 2 debug (-v, -vv)"),
+    Opt("log_names", bool, False, "logs show paths and names (default: object keys, inodes)"),
 ]
 BY_NAME = {o.name: o for o in OPTIONS}
 

@@ -55,9 +55,13 @@ async def import_s3ec(
     vol: Volume,
     *,
     key_prefix: str,
+    paths: tuple[str, ...] | None,
     max_size: int = 1 << 30,
     progress: Callable[[int, int], None] | None = None,
 ) -> ImportReport:
+    """Import the S3EC objects whose keys start with one of ``paths`` (relative to the
+    volume; None: every one, which the user must ask for).  Once imported, an object's bytes
+    become an authenticated native file: only what the user pointed at is converted."""
     if not vol.config.encrypt_names:
         raise UsageError("import needs a volume with encrypted names (native keys differ)")
     store = vol.store
@@ -69,6 +73,7 @@ async def import_s3ec(
         for o in listing.objects
         if o.key != CONFIG_NAME
         and not s3ec.is_instruction_of_listed(o.key, every)  # part of its object
+        and (paths is None or any(_under(o.key, p) for p in paths))
     ]
     report.scanned = len(keys)
     with tempfile.TemporaryDirectory(prefix="cryptfs-import-") as tmp:
@@ -96,15 +101,36 @@ async def import_s3ec(
             if env is None:
                 continue
             report.found += 1
+            if _at_native_key(vol, key):
+                # a mount never shows an S3EC object there (it would stand in for a file)
+                report.failed.append((key, "an S3EC object at a cryptfs key: not imported"))
+                continue
             try:
                 size = await _import_one(fs, key, info.size, env, max_size)
             except CryptfsError as e:
-                log.error("import of %s failed: %s", key, e)
+                log.error("import of %s failed: %s", fs.key_ident(key), fs.scrub(e))
                 report.failed.append((key, str(e)))
                 continue
             report.imported += 1
             report.bytes += size
     return report
+
+
+def _under(key: str, path: str) -> bool:
+    p = path.strip("/")
+    return not p or key == p or key.startswith(p + "/")
+
+
+def _at_native_key(vol: Volume, key: str) -> bool:
+    """Is ``key`` in the native (encrypted-name) tree, where only cryptfs objects belong?"""
+    first = key.split("/", 1)[0]
+    if vol.names.is_long(first):
+        return True
+    try:
+        vol.names.decode(b"/", first)
+    except CryptfsError:
+        return False
+    return True
 
 
 async def _import_one(fs: Filesystem, key: str, size: int, env: S3ecObject, max_size: int) -> int:
@@ -115,13 +141,19 @@ async def _import_one(fs: Filesystem, key: str, size: int, env: S3ecObject, max_
     if any(p in (b"", b".", b"..") for p in parts):
         raise UsageError("object key has an empty, '.' or '..' path component")
     parent = await _mkdir_p(fs, parts[:-1])
-    existing = await fs._find(parent, parts[-1])
-    if existing is None or existing.attrs.size != plain_size:
+    node = await fs._find(parent, parts[-1])
+    if node is None or node.attrs.size != plain_size:
         _info, body = await fs.store.get(key)
-        data_key = await fs.vol.keyring.unwrap_s3ec(env, key)
+        try:
+            data_key = await fs.vol.keyring.unwrap_s3ec(env, key)
+        except CryptfsError as e:
+            e.object_keys += (key,)  # (its message names the object by its key)
+            raise
         plain = s3ec.decrypt(env, data_key, body)  # authenticated as a whole
-        if existing is not None:
-            raise Exists(f"{key}: a different native file already has this name")
+        if node is not None:
+            raise Exists(
+                f"{key}: a different native file already has this name", object_keys=(key,)
+            )
         node, h = await fs.create(parent.ino, parts[-1], 0o644, fs.opt.uid, fs.opt.gid)
         await fs.write(h.fh, 0, plain)
         await fs.release(h.fh)
@@ -131,7 +163,8 @@ async def _import_one(fs: Filesystem, key: str, size: int, env: S3ecObject, max_
     await fs.store.delete(key)
     if env.instruction:
         await fs.store.delete(key + s3ec.INSTRUCTION_SUFFIX)
-    log.info("imported %s (%d bytes, S3EC v%d)", key, plain_size, env.version)
+    log.info("imported %s as %s (%d bytes, S3EC v%d)", fs.key_ident(key), fs.ident(node),
+             plain_size, env.version)  # fmt: skip
     return plain_size
 
 
@@ -142,7 +175,8 @@ async def _mkdir_p(fs: Filesystem, parts: list[bytes]) -> Node:
         if child is None:
             child = await fs.mkdir(node.ino, comp, 0o755, fs.opt.uid, fs.opt.gid)
         elif child.attrs.kind != KIND_DIR:
-            raise Exists(f"{comp.decode(errors='replace')} exists and is not a directory")
+            name = comp.decode(errors="replace")
+            raise Exists(f"{name} exists and is not a directory", names=(name,))
         node = child
     return node
 

@@ -28,16 +28,15 @@ from typing import Any
 
 import trio
 
+from cryptfs import lognames
 from cryptfs.errors import (
     CryptfsError,
-    IntegrityError,
     NotFound,
     PreconditionFailed,
     UsageError,
 )
-from cryptfs.format.keys import SCHEME_KMS, SCHEME_LOCAL, WrappedKey, new_master_key
-from cryptfs.format.meta import FORMAT
-from cryptfs.format.names import b64d, b64e
+from cryptfs.format.keys import LOCAL_KID, SCHEME_KMS, SCHEME_LOCAL, new_master_key
+from cryptfs.format.meta import FORMATS, ObjectMeta
 from cryptfs.format.volume import CONFIG_NAME, KeySource, SlotPayload
 from cryptfs.fs.volume import Volume
 from cryptfs.keys.keyring import Target, add_kms_slot
@@ -141,6 +140,12 @@ async def rotate(
     progress: Progress | None = None,
 ) -> RotateReport:
     """Rotate the volume's master key; see the module docstring for the procedure."""
+    cfg = vol.config
+    if cfg.version < 2 or 1 in cfg.objects:
+        raise UsageError(
+            "this volume is still at format revision 1, whose rotation revokes nothing: run "
+            "'cryptfs upgrade' first"
+        )
     store: Any = vol.store
     kms = vol.keyring.kms
     report = RotateReport()
@@ -148,17 +153,25 @@ async def rotate(
     bytes0 = getattr(store, "bytes_in", 0)
     kms0 = kms.calls if kms is not None else 0
 
+    in_progress = len(vol.payload.mks) > 1
     if to_kms_key_id is not None:
         if kms is None:
             raise UsageError("--to-kms-key-id needs KMS access")
         target = Target(SCHEME_KMS, await kms.key_arn(to_kms_key_id))
-        resume = resume or Target.of(vol.config) == target
     elif to_source is not None and to_source.keyfile is not None:
-        target = Target.of(vol.config) if resume else Target(SCHEME_LOCAL, "")
+        target = Target(SCHEME_LOCAL, "")
     else:
         raise UsageError("give --to-key-file or --to-kms-key-id")
-
-    if not resume:
+    if in_progress or resume:
+        current = Target.of(cfg)
+        if target.scheme != current.scheme or (
+            target.scheme == SCHEME_KMS and target.kid != current.kid
+        ):
+            raise UsageError(
+                f"a rotation to {current.kid} is not finished: run it again with that target"
+            )
+        target = current
+    else:
         target, new_slot = await _start(vol, target, to_source, report)
         report.new_slot = new_slot
     report.target = target.kid
@@ -177,21 +190,34 @@ async def rotate(
 async def _start(
     vol: Volume, target: Target, to_source: KeySource | None, report: RotateReport
 ) -> tuple[Target, str]:
+    """One config write: a new master key (always: it also authenticates all metadata), the
+    new target for data keys, every old keyslot replaced by one for the new key."""
     cfg = vol.config
     old = vol.payload
+    kid, mk = new_master_key()
+    mks = dict(old.mks)
+    if old.rev == 1:
+        mks[LOCAL_KID] = old.vmk  # an upgraded volume's metadata is sealed under it until now
+    mks[kid] = mk
+    payload = SlotPayload(old.vmk, mks, current=kid)
     if target.scheme == SCHEME_LOCAL:
-        kid, mk = new_master_key()
         target = Target(SCHEME_LOCAL, kid)
-        payload = SlotPayload(old.vmk, {**old.mks, kid: mk})
     else:
-        payload = SlotPayload(old.vmk, dict(old.mks))
+        cfg.kms_keys = sorted(set(cfg.kms_keys) | {target.kid})
     report.removed_slots = [s["id"] for s in cfg.keyslots]
+    previous = list(cfg.keyslots)
     cfg.keyslots = []
-    slot_id = await _seal_target_slot(vol, target, to_source, payload)
+    try:
+        slot_id = await _seal_target_slot(vol, target, to_source, payload)
+    except BaseException:
+        cfg.keyslots = previous
+        raise
     cfg.dek = {"scheme": target.scheme, "kid": target.kid}
-    vol.keyring.payload = payload
-    await vol.save_config()  # one write: the old slots go, new files use the new key
+    vol.set_payload(payload)
+    await vol.save_config()  # one write: the old slots go, new files use the new keys
     vol.slot_id = slot_id
+    if target.scheme == SCHEME_KMS and vol.state is not None:
+        vol.state.see(cfg.epoch, target.kid)
     log.info("rotation started: new files now use %s; old keyslots removed", target.kid)
     return target, slot_id
 
@@ -213,23 +239,53 @@ async def _rewrap_all(
     concurrency: int,
     progress: Progress | None,
 ) -> None:
-    listing = await vol.store.list("", delimiter=None)
-    objs = [o for o in listing.objects if o.key != CONFIG_NAME]
-    report.objects = len(objs)
-    done = 0
+    """Every object under the new master key and data-key target.  Passes repeat over what
+    changed since the last one (a host that wrote meanwhile under its old keys), until a
+    pass finds nothing new."""
+    done: dict[str, str] = {}  # key -> the ETag known to be on target
+    for _pass in range(5):
+        listing = await vol.store.list("", delimiter=None)
+        objs = [
+            o for o in listing.objects if o.key != CONFIG_NAME and done.get(o.key) != _tag(o.etag)
+        ]
+        if not objs:
+            return
+        if _pass == 0:
+            report.objects = len(objs)
+        await _pass_over(vol, objs, target, report, done, concurrency, progress)
+        if report.failed:
+            return
+
+
+async def _pass_over(
+    vol: Volume,
+    objs: list[ObjectInfo],
+    target: Target,
+    report: RotateReport,
+    done: dict[str, str],
+    concurrency: int,
+    progress: Progress | None,
+) -> None:
+    count = 0
     send, recv = trio.open_memory_channel[ObjectInfo](0)
 
     async def worker() -> None:
-        nonlocal done
+        nonlocal count
         async for info in recv:
             try:
-                await _rewrap_one(vol, info, target, report)
+                etag = await _rewrap_one(vol, info, target, report, first=info.key not in done)
+                if etag is not None:
+                    done[info.key] = _tag(etag)
             except CryptfsError as e:
                 report.failed.append(info.key)
-                log.error("rotation: %s: %s", info.key, e)
-            done += 1
+                log.error(
+                    "rotation: %s: %s",
+                    lognames.ident(info.key, opaque=vol.names.opaque(info.key)),
+                    lognames.scrub(e, vol.names.opaque),
+                )
+            count += 1
             if progress is not None:
-                progress(done, len(objs))
+                progress(count, len(objs))
 
     async with open_tasks() as nursery:
         for _ in range(max(1, concurrency)):
@@ -239,49 +295,67 @@ async def _rewrap_all(
                 await send.send(o)
 
 
-async def _rewrap_one(vol: Volume, info: ObjectInfo, target: Target, report: RotateReport) -> None:
+def _tag(etag: str) -> str:
+    return etag.strip('"')
+
+
+async def _rewrap_one(
+    vol: Volume, info: ObjectInfo, target: Target, report: RotateReport, first: bool = True
+) -> str | None:
+    """Rewrite one object's metadata under the current master key and its data key under
+    ``target``; returns its ETag then (None: not ours, or gone)."""
     keyring = vol.keyring
     for _attempt in range(5):
         try:
             head = await vol.store.head(info.key)
         except NotFound:
             report.vanished += 1
-            return
+            return None
         md = dict(head.metadata)
-        if md.get("cfs") != FORMAT:
+        if md.get("cfs") not in FORMATS:
             report.foreign += 1
-            return
-        scheme = md.get("cfs-w")
-        if scheme not in (SCHEME_LOCAL, SCHEME_KMS):
-            report.directories += 1
-            return
+            return None
+        codec = vol.meta
+        meta = codec.decode(b"", info.key, md)  # revision 2: bound to the key, not the path
+        wk = meta.dek
+        on_target = wk is None or keyring.on_target(wk, target)
+        if on_target and codec.sealed_by(md) == codec.cur:
+            if not first:
+                pass  # counted in an earlier pass
+            elif wk is None:
+                report.directories += 1
+            else:
+                report.already += 1
+            return head.etag
+        if not on_target:
+            assert wk is not None
+            wk = await keyring.rewrap(wk, meta.file_id, target)
+        new = codec.encode(b"", info.key, ObjectMeta(meta.file_id, meta.attrs, wk, meta.long_name))
         try:
-            wk = WrappedKey(scheme, md["cfs-kid"], b64d(md["cfs-k"]))
-            file_id = b64d(md["cfs-f"])
-        except KeyError as e:
-            raise IntegrityError(f"metadata field {e.args[0]} missing") from None
-        if keyring.on_target(wk, target):
-            report.already += 1
-            return
-        new = await keyring.rewrap(wk, file_id, target)
-        md.update({"cfs-w": new.scheme, "cfs-kid": new.kid, "cfs-k": b64e(new.blob)})
-        try:
-            await vol.store.copy(info.key, info.key, md, if_match=head.etag, size=head.size)
+            etag = await vol.store.copy(info.key, info.key, new, if_match=head.etag, size=head.size)
         except PreconditionFailed:
             continue  # rewritten meanwhile: read it again
-        report.rewrapped += 1
-        return
+        if wk is None:
+            report.directories += 1
+        else:
+            report.rewrapped += 1
+        return etag
     raise CryptfsError("object keeps changing; not rewrapped")
 
 
 async def _finish(vol: Volume, target: Target, to_source: KeySource | None) -> None:
-    """Drop every master key but the target's from the (single) remaining keyslot."""
+    """Drop every master key but the current one from the (single) remaining keyslot, and
+    every KMS key but the target from the config: from then on nothing sealed or wrapped
+    under an old key is accepted."""
     old = vol.payload
-    mks = {target.kid: old.mks[target.kid]} if target.scheme == SCHEME_LOCAL else {}
-    if set(mks) == set(old.mks) and len(vol.config.keyslots) == 1:
-        return  # nothing to retire (e.g. a rerun after completion)
-    payload = SlotPayload(old.vmk, mks)
+    cur = old.cur
+    mk = old.master(cur)
+    assert mk is not None
     cfg = vol.config
+    kms_keys = [target.kid] if target.scheme == SCHEME_KMS else []
+    if set(old.mks) == {cur} and len(cfg.keyslots) == 1 and cfg.kms_keys == kms_keys:
+        return  # nothing to retire (e.g. a rerun after completion)
+    payload = SlotPayload(old.vmk, {cur: mk}, current=cur)
     previous = list(cfg.keyslots)
     cfg.keyslots = []
     try:
@@ -289,6 +363,7 @@ async def _finish(vol: Volume, target: Target, to_source: KeySource | None) -> N
     except BaseException:
         cfg.keyslots = previous
         raise
-    vol.keyring.payload = payload
+    cfg.kms_keys = kms_keys
+    vol.set_payload(payload)
     await vol.save_config()
-    log.info("rotation finished: old master keys retired (%s)", sorted(set(old.mks) - set(mks)))
+    log.info("rotation finished: old master keys retired (%s)", sorted(set(old.mks) - {cur}))

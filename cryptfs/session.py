@@ -34,6 +34,7 @@ class Remote:
     kms: KmsOptions = field(default_factory=KmsOptions)
     sse_c_key: Secret | None = None
     s3ec_keys: tuple[Secret, ...] = ()  # raw AES keys of the AWS S3 Encryption Client
+    s3ec_kms_keys: tuple[str, ...] = ()  # KMS keys their data keys may be under
 
     def __repr__(self) -> str:
         return f"<Remote s3={self.s3.endpoint_url} kms={self.kms.endpoint_url}>"
@@ -79,4 +80,5 @@ async def open_volume(
     store.set_sse(sse_from_config(sse, store.sse.customer_key if store.sse else None))
     if remote is not None:
         vol.keyring.s3ec_keys = list(remote.s3ec_keys)
+        vol.keyring.s3ec_kms_keys = [await kms.key_arn(k) for k in remote.s3ec_kms_keys]
     return vol

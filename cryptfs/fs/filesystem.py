@@ -10,7 +10,8 @@ happens under its ``Node.lock``, so an upload never races a rename or unlink of 
 
 Error handling:
     Store and integrity errors propagate as ``cryptfs.errors`` types; integrity failures are
-    logged here with the object key and never retried.
+    logged here and never retried.  Log lines name a node through ``ident`` and an error
+    through ``scrub`` (``cryptfs.lognames``): no name or path unless ``--log-names``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 
+from cryptfs import lognames
 from cryptfs.cache.blocks import BlockCache
 from cryptfs.cache.staging import StagedFile, StagingArea
 from cryptfs.crypto import GCM_TAG, Secret, random_bytes, sha256
@@ -43,7 +45,6 @@ from cryptfs.errors import (
     IntegrityError,
     Invalid,
     IsDir,
-    KeyServiceError,
     KeyTooLong,
     NameTooLong,
     NoEntry,
@@ -68,15 +69,13 @@ from cryptfs.format.body import (
     cipher_size,
     plain_size,
 )
-from cryptfs.format.keys import LOCAL_KID, SCHEME_KMS, SCHEME_LOCAL, WrappedKey
+from cryptfs.format.keys import SCHEME_KMS, WrappedKey
 from cryptfs.format.meta import (
     KIND_DIR,
     KIND_FILE,
     KIND_LINK,
     Attrs,
     ObjectMeta,
-    decode_meta,
-    encode_meta,
 )
 from cryptfs.format.names import b64d, b64e
 from cryptfs.format.s3ec import S3ecObject
@@ -113,14 +112,20 @@ async def s3ec_envelope(
         info, body = await store.get(ikey, 0, _INSTRUCTION_MAX)
     except NotFound:
         if needed:
-            raise IntegrityError(f"S3EC instruction file {ikey} is missing") from None
+            raise IntegrityError(
+                f"S3EC instruction file {ikey} is missing", object_keys=(ikey,)
+            ) from None
         return None
     except StoreError as e:
         if type(e) is not StoreError:  # unavailable, denied…: not a verdict on the file
             raise
-        raise IntegrityError(f"S3EC instruction file {ikey} is unreadable: {e}") from None
+        raise IntegrityError(
+            f"S3EC instruction file {ikey} is unreadable: {e}",
+            names=e.names,
+            object_keys=(ikey, *e.object_keys),
+        ) from None
     if info.size > _INSTRUCTION_MAX:
-        raise IntegrityError(f"S3EC instruction file {ikey} is too large")
+        raise IntegrityError(f"S3EC instruction file {ikey} is too large", object_keys=(ikey,))
     return dataclasses.replace(s3ec.parse(s3ec.merge_instruction(md, body)), instruction=True)
 
 
@@ -138,6 +143,15 @@ def _unit_end(i: int, unit: int) -> int:
 
 def _join(parent: bytes, name: bytes) -> bytes:
     return (parent if parent != b"/" else b"") + b"/" + name
+
+
+_E = TypeVar("_E", bound=CryptfsError)
+
+
+def _named(cls: type[_E], name: bytes) -> _E:
+    """``cls`` about the entry ``name``, which is its message (cut out of log lines)."""
+    text = name.decode(errors="replace")
+    return cls(text, names=(text,))
 
 
 def _now_ns() -> int:
@@ -172,7 +186,9 @@ class Options:
     relist_ahead_depth: int = 2  # levels below the directory a walk relisted or entered
     relist_ahead_max: int = 4096  # directories looked at for that, per directory entered
     foreign_max_bytes: int = 256 << 20  # largest S3 Encryption Client object read whole
-    show_foreign: bool = True  # show S3 Encryption Client objects (read-only)
+    # show S3 Encryption Client objects (read-only; --show-s3ec): never at a key that is a
+    # cryptfs key, so a planted one can never stand in for a file (docs/FORMAT.md §7.7)
+    show_foreign: bool = False
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
 
@@ -229,7 +245,6 @@ class Node:
     cipher_etag: str | None = None
     # the data key of a staged file, journaled with it (sealed by the cache key) so that
     # recovery does not depend on a master key that a rotation may have retired meanwhile
-    stage_dek: Secret | None = None
     # objects of the AWS S3 Encryption Client, shown read-only under their own key names
     foreign: S3ecObject | None = None
     foreign_key: str | None = None  # its object key (relative to the volume's prefix)
@@ -237,7 +252,9 @@ class Node:
     plain: bytes | None = None  # a foreign file's authenticated plaintext, while open
     plain_etag: str | None = None
     target: bytes | None = None  # symlinks
-    own_salts: set[bytes] = field(default_factory=set)  # generations this mount wrote
+    # generations this mount wrote (the last few), with the data key each was sealed under:
+    # an upload whose answer was lost may still have landed
+    own_salts: dict[bytes, WrappedKey] = field(default_factory=dict)
     journaled: int = -1  # value of ``change`` when the journal was last written
     kernel_etag: str | None = None  # object version whose pages the kernel may cache
     materializing: trio.Event | None = None  # set when a staged file being made is ready
@@ -433,6 +450,31 @@ class Filesystem:
         node.key_memo = (self._names_gen, node.kind, key, long_name)
         return key, long_name
 
+    # ------------------------------------------------------------------ log lines
+
+    def ident(self, node: Node) -> str:
+        """How a log line names ``node``: its object key if that reveals no name, and its
+        inode; its path only with ``--log-names`` (``cryptfs.lognames``)."""
+        try:
+            key: str | None = self.object_key(node)[0]
+        except CryptfsError:  # (a path too long for a key)
+            key = None
+        return lognames.ident(
+            key,
+            opaque=key is not None and self.vol.names.opaque(key),
+            path=self.path(node),
+            ino=node.ino,
+            fid=node.file_id,
+        )
+
+    def key_ident(self, key: str, path: bytes | None = None) -> str:
+        """How a log line names the object ``key`` (no node of it at hand)."""
+        return lognames.ident(key, opaque=self.vol.names.opaque(key), path=path)
+
+    def scrub(self, e: BaseException) -> str:
+        """``e``'s message for a log line: names cut out, keys only if they reveal none."""
+        return lognames.scrub(e, self.vol.names.opaque)
+
     # ------------------------------------------------------------------ inode table
 
     def _new_node(self, parent: Node, name: bytes, attrs: Attrs, file_id: bytes) -> Node:
@@ -516,16 +558,27 @@ class Filesystem:
 
     def _decode(self, path: bytes, info: ObjectInfo) -> ObjectMeta:
         try:
-            return decode_meta(self.vol.keys, path, dict(info.metadata))
+            return self.vol.meta.decode(path, info.key, dict(info.metadata))
         except (IntegrityError, UnsupportedFormat) as e:
-            self._integrity(info.key, str(e))
+            self._integrity(info.key, e, path=path)
             raise
 
-    def _integrity(self, key: str, why: str) -> None:
+    def _integrity(
+        self,
+        key: str,
+        why: str | CryptfsError,
+        node: Node | None = None,
+        *,
+        path: bytes | None = None,
+    ) -> None:
+        """Count and log that object ``key`` (of ``node``, or at ``path``) does not
+        authenticate; ``integrity_log`` keeps the key and the whole reason, for fsck."""
         self.integrity_failures += 1
         if len(self.integrity_log) < 10_000:
-            self.integrity_log.append((key, why))
-        log.error("integrity failure: object %s: %s", key, why)
+            self.integrity_log.append((key, str(why)))
+        who = self.ident(node) if node is not None else self.key_ident(key, path)
+        text = why if isinstance(why, str) else self.scrub(why)
+        log.error("integrity failure: %s: %s", who, text)
 
     async def _head(self, key: str) -> ObjectInfo | None:
         async with self._meta_limit:
@@ -537,7 +590,7 @@ class Filesystem:
     def _adopt(self, parent: Node, name: bytes, info: ObjectInfo, existing: Node | None) -> Node:
         """Create or refresh the node for ``parent/name`` from a HEAD result."""
         md = info.metadata
-        if self.opt.show_foreign and s3ec.is_s3ec(md) and not s3ec.needs_instruction(md):
+        if self._foreign_allowed(parent) and s3ec.is_s3ec(md) and not s3ec.needs_instruction(md):
             return self._adopt_foreign(parent, name, info, existing, s3ec.parse(md))
         path = self._child_path(parent, name)
         meta = self._decode(path, info)
@@ -559,6 +612,13 @@ class Filesystem:
             node = self._new_node(parent, name, meta.attrs, meta.file_id)
         node.wrapped = meta.dek
         return self._seen(parent, name, node, info)
+
+    def _foreign_allowed(self, parent: Node) -> bool:
+        """May an entry of ``parent`` named as a cryptfs key be an S3EC object?  Only in a
+        directory of them, or where names are not encrypted (there every key is a name)."""
+        return self.opt.show_foreign and (
+            parent.raw_prefix is not None or not self.vol.config.encrypt_names
+        )
 
     def _tell_kernel_changed(self, node: Node) -> None:
         if self.kernel is not None:
@@ -595,11 +655,13 @@ class Filesystem:
         try:
             size = plain_size(info.size, self.chunk)
         except IntegrityError as e:
-            self._integrity(info.key, str(e))
+            self._integrity(info.key, e)
             raise
         if size != attrs.size:
             self._integrity(info.key, f"length {info.size} does not match recorded size")
-            raise IntegrityError(f"{info.key}: object length does not match its metadata")
+            raise IntegrityError(
+                f"{info.key}: object length does not match its metadata", object_keys=(info.key,)
+            )
 
     def _child_path(self, parent: Node, name: bytes) -> bytes:
         return _join(self.path(parent), name)
@@ -657,7 +719,9 @@ class Filesystem:
     ) -> bool:
         """A listing entry that is not one of ours: an S3 Encryption Client object or a
         prefix of them is shown under its own name (an instruction file beside its object is
-        part of that object); anything else is not ours.  ``here``: the listing's keys."""
+        part of that object), if the mount shows them (else it is left out, and is no
+        integrity failure); anything else is not ours.  ``here``: the listing's keys."""
+        show = self.opt.show_foreign
         name = comp.encode(errors="surrogateescape")
         if etag is not None:
             if s3ec.is_instruction_of_listed(key, here):
@@ -671,13 +735,21 @@ class Filesystem:
                 )
                 if env is None:
                     return False
-                new[name] = self._adopt_foreign(d, name, info, old.get(name), env)
+                if show:
+                    new[name] = self._adopt_foreign(d, name, info, old.get(name), env)
             except (IntegrityError, UnsupportedFormat) as e:
-                log.warning("S3 Encryption Client object %s not shown: %s", key, e)
+                log.warning(
+                    "S3 Encryption Client object %s in %s not shown: %s",
+                    self.key_ident(key, _join(self.path(d), name)),
+                    self.ident(d),
+                    self.scrub(e),
+                )
             return True
         prefix = key[: -len(MARKER)]
         if not await self._foreign_prefix(prefix):
             return False
+        if not show:
+            return True
         cur = old.get(name)
         new[name] = (
             cur if cur is not None and cur.raw_prefix == prefix
@@ -716,10 +788,14 @@ class Filesystem:
                     fresh = await s3ec_envelope(self.store, key, info.metadata, True)
                     assert fresh is not None
                     env = fresh
-                data_key = await self.vol.keyring.unwrap_s3ec(env, key)
+                try:
+                    data_key = await self.vol.keyring.unwrap_s3ec(env, key)
+                except CryptfsError as e:
+                    e.object_keys += (key,)  # (its message names the object by its key)
+                    raise
                 plain = s3ec.decrypt(env, data_key, body)
             except IntegrityError as e:
-                self._integrity(key, str(e))
+                self._integrity(key, e, node)
                 raise
             node.plain, node.plain_etag = plain, node.remote_etag
             self._hold_foreign(node)
@@ -805,7 +881,7 @@ class Filesystem:
         existing = parent.children.get(name) if parent.children is not None else None
         info = results.get(fkey) or results.get(dkey)
         if info is not None:
-            if "cfs" not in info.metadata and self.opt.show_foreign and info.key == fkey:
+            if "cfs" not in info.metadata and self._foreign_allowed(parent) and info.key == fkey:
                 env = await s3ec_envelope(self.store, fkey, info.metadata, None)
                 if env is not None:
                     return self._adopt_foreign(parent, name, info, existing, env)
@@ -839,7 +915,7 @@ class Filesystem:
             await self._revalidate(node)
         except StoreUnavailable as e:
             log.info("S3 unreachable, serving cached attributes of %s: %s",
-                     self.path(node).decode(errors="replace"), e)  # fmt: skip
+                     self.ident(node), self.scrub(e))  # fmt: skip
 
     async def _revalidate(self, node: Node) -> None:
         parent = node.parent
@@ -889,7 +965,7 @@ class Filesystem:
             raise NameTooLong("name longer than 255 bytes")
         node = await self._find(parent, name)
         if node is None:
-            raise NoEntry(name.decode(errors="replace"))
+            raise _named(NoEntry, name)
         return node
 
     async def _find(self, parent: Node, name: bytes) -> Node | None:
@@ -926,8 +1002,8 @@ class Filesystem:
                 # S3 is down: a name this mount does not know is taken as absent, so that
                 # writers carry on (staged); should another host have created it meanwhile,
                 # the upload's If-None-Match keeps both versions (a conflict copy)
-                log.info("S3 unreachable, %s taken as absent: %s",
-                         _join(self.path(parent), name).decode(errors="replace"), e)  # fmt: skip
+                log.info("S3 unreachable, entry %s of %s taken as absent: %s",
+                         lognames.name(name), self.ident(parent), self.scrub(e))  # fmt: skip
                 return None
         return await self._fetch_entry(parent, name)
 
@@ -1016,7 +1092,7 @@ class Filesystem:
                 if not d.unlinked and not self._fresh(d.listed_at):
                     await self._listed(d, walker=False)
         except Exception as e:  # the walker lists it itself and reports what fails
-            log.debug("relisting %s ahead failed: %s", self.path(d).decode(errors="replace"), e)
+            log.debug("relisting %s ahead failed: %s", self.ident(d), self.scrub(e))
         finally:
             self._relist_queued.discard(d)
 
@@ -1115,7 +1191,7 @@ class Filesystem:
                     return
                 if (
                     "cfs" not in info.metadata
-                    and self.opt.show_foreign
+                    and self._foreign_allowed(d)
                     and await self._foreign_entry(d, comp, key, etag, old, new, here, info)
                 ):
                     return
@@ -1129,13 +1205,19 @@ class Filesystem:
             except IntegrityError as e:
                 if (
                     name is None
-                    and self.opt.show_foreign
+                    and not self.vol.names.is_long(comp)  # a long name is a cryptfs key
                     and await self._foreign_entry(d, comp, key, etag, old, new, here)
                 ):
                     return
-                self._integrity(key, f"entry skipped in listing: {e}")
+                self._integrity(
+                    key,
+                    IntegrityError(
+                        f"entry skipped in listing: {e}", names=e.names, object_keys=e.object_keys
+                    ),
+                )
             except UnsupportedFormat as e:
-                log.warning("entry %s skipped: %s", key, e)
+                log.warning("entry %s of %s skipped: %s", self.key_ident(key), self.ident(d),
+                            self.scrub(e))  # fmt: skip
 
         todo = [item for item in todo if not unchanged(*item)]
         async with open_tasks() as n:
@@ -1183,7 +1265,7 @@ class Filesystem:
     async def _require_absent(self, parent: Node, name: bytes) -> None:
         self._check_parent(parent)
         if await self._find(parent, name) is not None:
-            raise Exists(name.decode(errors="replace"))
+            raise _named(Exists, name)
 
     def _insert(self, parent: Node, node: Node) -> None:
         if parent.children is None:
@@ -1202,7 +1284,7 @@ class Filesystem:
                 await self._put_marker(node, create=True)
             except PreconditionFailed:
                 self.inodes.pop(node.ino, None)
-                raise Exists(name.decode(errors="replace")) from None
+                raise _named(Exists, name) from None
             except BaseException:
                 self.inodes.pop(node.ino, None)
                 raise
@@ -1214,7 +1296,7 @@ class Filesystem:
     async def _put_marker(self, node: Node, *, create: bool) -> None:
         key, long_name = self.object_key(node)
         meta = ObjectMeta(node.file_id, node.attrs, None, long_name)
-        md = encode_meta(self.vol.keys, self.path(node), meta)
+        md = self.vol.meta.encode(self.path(node), key, meta)
         node.remote_etag = await self.store.put(
             key,
             b"",
@@ -1246,9 +1328,7 @@ class Filesystem:
         async with self.ns.shared():
             await self._require_absent(parent, name)
             fid = random_bytes(16)
-            _dek, wrapped = await self.vol.keyring.new_dek(fid)
             node = self._new_node(parent, name, self._new_attrs(KIND_LINK, 0o777, uid, gid), fid)
-            node.wrapped = wrapped
             node.target = target
             key, long_name = self.object_key(node)
             try:
@@ -1258,7 +1338,7 @@ class Filesystem:
                             node, target, key, self.path(node), long_name, expect=None
                         )
                     except PreconditionFailed:
-                        raise Exists(name.decode(errors="replace")) from None
+                        raise _named(Exists, name) from None
                     self._uploaded(node, *res)
             except BaseException:
                 self.inodes.pop(node.ino, None)
@@ -1290,7 +1370,8 @@ class Filesystem:
         await self._require_absent(parent, name)
         fid = random_bytes(16)
         node = self._new_node(parent, name, self._new_attrs(KIND_FILE, mode, uid, gid), fid)
-        node.stage_dek, node.wrapped = await self.vol.keyring.new_dek(fid)
+        if self.vol.keyring.stale is not None:
+            raise ReadOnly(self.vol.keyring.stale)
         if gen == self._names_gen:
             node.key_memo = (gen, KIND_FILE, key, long_name)
         node.stage = self.staging.create(fid)
@@ -1427,7 +1508,7 @@ class Filesystem:
             if cipher.header.chunk_log2 != self.vol.chunk_log2:
                 raise IntegrityError("body chunk size differs from the volume's")
         except (IntegrityError, UnsupportedFormat) as e:
-            self._integrity(key, str(e))
+            self._integrity(key, e, node)
             raise
         node.cipher, node.cipher_etag = cipher, node.remote_etag
         return cipher
@@ -1519,7 +1600,7 @@ class Filesystem:
                 if node.remote_etag == etag and not node.unlinked and node.stage is None:
                     await self._fetch_chunks(node, first, last, {})
         except Exception as e:  # the reader fetches again and reports it
-            log.debug("read-ahead of %s failed: %s", self.path(node).decode(errors="replace"), e)
+            log.debug("read-ahead of %s failed: %s", self.ident(node), self.scrub(e))
         finally:
             for k in range(first, last + 1):
                 if node.inflight.get(k) is ev:
@@ -1572,8 +1653,10 @@ class Filesystem:
             _info, data = await self.store.get(key, start, lo + ln, if_match=node.remote_etag)
         cipher = await self._cipher(node, header)
         if len(data) != lo + ln - start:
-            self._integrity(key, "short read")
-            raise IntegrityError(f"{key}: object shorter than its metadata says")
+            self._integrity(key, "short read", node)
+            raise IntegrityError(
+                f"{key}: object shorter than its metadata says", object_keys=(key,)
+            )
 
         sealed: dict[int, memoryview] = {}
 
@@ -1589,7 +1672,7 @@ class Filesystem:
         try:
             plain = await self._crypto(open_all, len(data))
         except IntegrityError as e:
-            self._integrity(key, str(e))
+            self._integrity(key, e, node)
             raise
         if self.blocks is not None:  # authenticated: worth keeping on disk
             if n == 1:  # a small object, whole: into a pack, with its header
@@ -1717,8 +1800,7 @@ class Filesystem:
         try:
             plain = await self._crypto(open_all, len(sealed) * self.chunk)
         except IntegrityError as e:
-            where = self.path(node).decode(errors="replace")
-            log.warning("block cache: %s: %s; fetching it again", where, e)
+            log.warning("block cache: %s: %s; fetching it again", self.ident(node), self.scrub(e))
             blocks.drop(fid, salt)
             return list(range(first, last + 1))
         for i, pt in plain.items():
@@ -1759,7 +1841,6 @@ class Filesystem:
                         data = got[i]
                         sf.write_chunk(i, data + bytes(self.chunk - len(data)))
                 sf.size = size
-            node.stage_dek = await self._dek(node)
         except BaseException:
             sf.remove()
             raise
@@ -1801,10 +1882,7 @@ class Filesystem:
             if size < 0:
                 raise Invalid("negative size")
             if node.stage is None and size == 0 and node.materializing is None:
-                dek = await self._dek(node)
-                if node.stage is None and node.materializing is None:
-                    node.stage_dek = dek
-                    node.stage = self.staging.create(node.file_id)  # nothing to download
+                node.stage = self.staging.create(node.file_id)  # nothing to download
             sf = node.stage or await self._materialize(node)
             sf.truncate(size)
             self._touch(node, data=True)
@@ -1898,7 +1976,7 @@ class Filesystem:
         async with self.ns.shared():
             node = await self._find(parent, name)
             if node is None:
-                raise NoEntry(name.decode(errors="replace"))
+                raise _named(NoEntry, name)
             self._writable(node)
             if node.is_dir:
                 raise IsDir("is a directory")
@@ -1921,7 +1999,7 @@ class Filesystem:
         async with self.ns.shared():
             node = await self._find(parent, name)
             if node is None:
-                raise NoEntry(name.decode(errors="replace"))
+                raise _named(NoEntry, name)
             self._writable(node)
             if not node.is_dir:
                 raise NotDir("not a directory")
@@ -1955,7 +2033,7 @@ class Filesystem:
         self.vol.names.encode(self.path(p2), new_name)
         src = await self._find(p1, old_name)
         if src is None:
-            raise NoEntry(old_name.decode(errors="replace"))
+            raise _named(NoEntry, old_name)
         self._writable(src)
         if src.is_dir:
             a: Node | None = p2
@@ -1970,7 +2048,7 @@ class Filesystem:
                 return
             if dst is not None:
                 if flags & noreplace:
-                    raise Exists(new_name.decode(errors="replace"))
+                    raise _named(Exists, new_name)
                 if dst.is_dir and not src.is_dir:
                     raise IsDir("target is a directory")
                 if src.is_dir and not dst.is_dir:
@@ -2018,7 +2096,7 @@ class Filesystem:
         if src.stage is None and src.remote_etag is not None:
             new_attrs = src.attrs.with_(ctime_ns=_now_ns())
             meta = ObjectMeta(src.file_id, new_attrs, src.wrapped, long_name)
-            md = encode_meta(self.vol.keys, self._child_path(p2, name), meta)
+            md = self.vol.meta.encode(self._child_path(p2, name), new_key, meta)
             etag = await self.store.copy(
                 old_key, new_key, md, if_match=src.remote_etag, size=self._stored_size(src)
             )
@@ -2122,8 +2200,8 @@ class Filesystem:
             if info is None:
                 return  # removed by another host since the listing
             meta = self._decode(opath, info)
-            md = encode_meta(self.vol.keys, npath, ObjectMeta(meta.file_id, meta.attrs, meta.dek,
-                                                               long_name))  # fmt: skip
+            md = self.vol.meta.encode(npath, nkey, ObjectMeta(meta.file_id, meta.attrs, meta.dek,
+                                                              long_name))  # fmt: skip
             async with self._meta_limit:
                 copied[nkey] = await self.store.copy(key, nkey, md, if_match=info.etag,
                                                      size=info.size)  # fmt: skip
@@ -2171,10 +2249,8 @@ class Filesystem:
         rec = {
             "path": b64e(self.path(node)),
             "fid": b64e(node.file_id),
-            "wrapped": b64e(node.wrapped.blob if node.wrapped else b""),
-            "scheme": node.wrapped.scheme if node.wrapped else SCHEME_LOCAL,
-            "kid": node.wrapped.kid if node.wrapped else LOCAL_KID,
-            "dek": b64e(node.stage_dek.reveal()) if node.stage_dek else "",
+            # no data key: every upload makes a fresh one (docs/FORMAT.md §7.4), so nothing
+            # here outlives a rotation
             "attrs": b64e(node.attrs.to_json()),
             "etag": node.remote_etag,
         }
@@ -2256,14 +2332,14 @@ class Filesystem:
             self._retry[node] = backoff
             log.warning(
                 "upload of %s failed (%s); staged locally, retrying in %.0f s",
-                self.path(node).decode(errors="replace"),
-                e,
+                self.ident(node),
+                self.scrub(e),
                 backoff,
             )
             self._schedule(node, backoff)
         except CryptfsError as e:
             self.upload_failures += 1
-            log.error("upload of %s failed permanently: %s", self.path(node), e)
+            log.error("upload of %s failed permanently: %s", self.ident(node), self.scrub(e))
 
     async def sync_node(self, node: Node) -> None:
         """Make ``node`` durable in S3; returns once everything written before is uploaded."""
@@ -2293,7 +2369,7 @@ class Filesystem:
         elif node.remote_etag is not None:
             key, long_name = self.object_key(node)
             meta = ObjectMeta(node.file_id, node.attrs, node.wrapped, long_name)
-            md = encode_meta(self.vol.keys, self.path(node), meta)
+            md = self.vol.meta.encode(self.path(node), key, meta)
             node.remote_etag = await self.store.copy(
                 key, key, md, if_match=node.remote_etag, size=self._stored_size(node)
             )
@@ -2327,32 +2403,13 @@ class Filesystem:
         if info is None:
             return None
         try:
-            meta = decode_meta(self.vol.keys, self.path(node), dict(info.metadata))
+            meta = self.vol.meta.decode(self.path(node), key, dict(info.metadata))
         except (IntegrityError, UnsupportedFormat):
             return None
         if meta.file_id == node.file_id and meta.attrs.salt in node.own_salts:
-            await self._adopt_wrapping(node, meta.dek)
+            node.wrapped = meta.dek
             return info.etag
         return None
-
-    async def _current_wrapping(self, node: Node) -> None:
-        """Every upload wraps the data key under the volume's current key: a file staged
-        before a rotation must not land under the master key the rotation retires."""
-        keyring = self.vol.keyring
-        if node.wrapped is None or keyring.on_target(node.wrapped):
-            return
-        if keyring.stale is not None:
-            raise ReadOnly(keyring.stale)
-        node.wrapped = await keyring.wrap(await self._dek(node), node.file_id)
-
-    async def _adopt_wrapping(self, node: Node, remote: WrappedKey | None) -> None:
-        """Keep a data key rewrapped meanwhile by ``cryptfs rotate`` (same key, new wrapping):
-        writing our old wrapping back would tie the file to a retired master key."""
-        if remote is None or remote == node.wrapped or node.wrapped is None:
-            return
-        mine = await self._dek(node)
-        if await self.vol.keyring.unwrap(remote, node.file_id) == mine:
-            node.wrapped = remote
 
     async def _put_body(
         self,
@@ -2369,13 +2426,17 @@ class Filesystem:
         ``expect`` is the ETag being replaced (If-Match) or None for a new object
         (If-None-Match: *), so another writer's change is never silently overwritten.
         """
-        await self._current_wrapping(node)
-        cipher = BodyCipher.new(await self._dek(node), node.file_id, self.vol.chunk_log2)
-        node.own_salts.add(cipher.header.salt)
+        # a fresh data key for every upload (docs/FORMAT.md §7.4): whoever once unwrapped an
+        # earlier version's key learns nothing of this one; refused if the keyring is stale
+        dek, wrapped = await self.vol.keyring.new_dek(node.file_id)
+        cipher = BodyCipher.new(dek, node.file_id, self.vol.chunk_log2)
+        node.own_salts[cipher.header.salt] = wrapped
+        while len(node.own_salts) > 16:
+            del node.own_salts[next(iter(node.own_salts))]
         size = len(source) if isinstance(source, bytes) else source.size
         attrs = node.attrs.with_(size=size, salt=cipher.header.salt)
-        meta = ObjectMeta(node.file_id, attrs, node.wrapped, long_name)
-        md = encode_meta(self.vol.keys, path, meta)
+        meta = ObjectMeta(node.file_id, attrs, wrapped, long_name)
+        md = self.vol.meta.encode(path, key, meta)
         cond: dict[str, Any] = {"if_none_match": expect is None, "if_match": expect}
         try:
             if isinstance(source, bytes) or size <= self.opt.multipart_threshold:
@@ -2390,6 +2451,7 @@ class Filesystem:
     def _uploaded(self, node: Node, etag: str, attrs: Attrs, cipher: BodyCipher) -> None:
         self.uploads += 1
         self.upload_bytes += attrs.size
+        node.wrapped = node.own_salts.get(attrs.salt, node.wrapped)
         node.remote_etag = etag
         node.attrs = node.attrs.with_(size=attrs.size, salt=attrs.salt)
         node.cipher, node.cipher_etag = cipher, etag
@@ -2406,8 +2468,8 @@ class Filesystem:
         await self._put_body(node, sf, ckey, self._child_path(parent, cname), clong, expect=None)
         log.warning(
             "conflict: %s was changed by another writer; this host's version was saved as %s",
-            self.path(node).decode(errors="replace"),
-            cname.decode(errors="replace"),
+            self.ident(node),
+            self.key_ident(ckey, self._child_path(parent, cname)),
         )
         key, _ = self.object_key(node)
         info = await self._head(key)
@@ -2496,8 +2558,8 @@ class Filesystem:
             except CryptfsError as e:
                 log.error(
                     "could not upload %s: %s (kept staged for the next mount)",
-                    self.path(node).decode(errors="replace"),
-                    e,
+                    self.ident(node),
+                    self.scrub(e),
                 )
                 failed.append(node)
 
@@ -2519,7 +2581,9 @@ class Filesystem:
             except NotFound:
                 pass  # completed or aborted meanwhile
             except StoreError as e:
-                log.warning("could not abort leftover multipart upload %s: %s", upload_id, e)
+                log.warning(
+                    "could not abort leftover multipart upload %s: %s", upload_id, self.scrub(e)
+                )
                 continue
             self.staging.forget_upload(upload_id)
         count = 0
@@ -2530,12 +2594,12 @@ class Filesystem:
                 async with self.ns.shared(), node.lock:
                     await self._sync_locked(node)
                 count += 1
-                log.info("recovered staged file %s and uploaded it", path.decode(errors="replace"))
+                log.info("recovered staged file of %s and uploaded it", self.ident(node))
             except (CryptfsError, OSError) as e:
                 log.error(
-                    "staged file for %s not uploaded yet: %s; will retry at next mount",
-                    path.decode(errors="replace"),
-                    e,
+                    "staged file of %s not uploaded yet: %s; will retry at next mount",
+                    lognames.ident(None, opaque=False, path=path, fid=sf.file_id),
+                    self.scrub(e),
                 )
                 sf.close()
         return count
@@ -2552,18 +2616,7 @@ class Filesystem:
         fid = b64d(rec["fid"])
         existing = await self._find(parent, parts[-1])
         node = self._new_node(parent, parts[-1], attrs, fid)
-        scheme, kid = str(rec.get("scheme", SCHEME_LOCAL)), str(rec.get("kid", LOCAL_KID))
-        node.wrapped = WrappedKey(scheme, kid, b64d(rec["wrapped"]))
-        try:
-            node.stage_dek = await self._dek(node)
-        except (IntegrityError, KeyServiceError):
-            # wrapped under a master key retired since (rotation): the journal, sealed by
-            # the cache key, carries the data key itself; wrap it anew under today's key
-            if not rec.get("dek"):
-                raise
-            node.stage_dek = Secret(b64d(rec["dek"]))
-            node.wrapped = await self.vol.keyring.wrap(node.stage_dek, fid)
-            log.info("staged file %r: data key rewrapped under %s", path, node.wrapped.kid)
+        # the upload makes a fresh data key; a data key an older journal may hold is ignored
         node.stage = sf
         node.remote_etag = existing.remote_etag if existing is not None else None
         if existing is not None:

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.e2e
 def test_s3ec_objects_in_a_mount_and_cryptfs_import(
     s3server: S3Server, kms_server: KmsServer, bucket: str, tmp_path: Path
 ) -> None:
-    _write_with_official_client(s3server, kms_server, kms_server.new_key(), bucket, "data/")
+    theirs = kms_server.new_key()
+    _write_with_official_client(s3server, kms_server, theirs, bucket, "data/")
     _move_to_instruction_file(s3server.client(), bucket, "data/v3/hello.txt", {})
     key = tmp_path / "k"
     url = f"s3://{bucket}/data"
@@ -33,7 +34,17 @@ def test_s3ec_objects_in_a_mount_and_cryptfs_import(
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     vol = Volume(url, s3server.endpoint, key, mnt, tmp_path / "cache", bucket, s3server)
+    # not shown unless asked for
     vol.try_mount("--key-file", str(key), "--kms-endpoint-url", kms_server.endpoint, check=True)
+    vol.mounted = True
+    try:
+        assert os.listdir(mnt) == []
+    finally:
+        vol.umount()
+    show = ["--show-s3ec", "--s3ec-kms-key-id", theirs]
+    vol.try_mount(
+        "--key-file", str(key), "--kms-endpoint-url", kms_server.endpoint, *show, check=True
+    )
     vol.mounted = True
     try:
         for name, (_v, data) in OBJECTS.items():
@@ -50,7 +61,9 @@ def test_s3ec_objects_in_a_mount_and_cryptfs_import(
         (mnt / "mine.txt").write_text("native files live beside them\n")
     finally:
         vol.umount()
-    r = cryptfs("import", url, "--key-file", str(key), *common)
+    r = cryptfs(
+        "import", url, "--all", "--key-file", str(key), "--s3ec-kms-key-id", theirs, *common
+    )
     assert f"imported:                    {len(OBJECTS)}" in r.stdout, r.stdout
     vol.try_mount("--key-file", str(key), "--kms-endpoint-url", kms_server.endpoint, check=True)
     vol.mounted = True

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -134,21 +135,20 @@ async def test_kms_denied_file_reads_eio_others_fine(
         vol = await Volume.create(
             store, KeySource(), chunk_log2=16, encrypt_names=True, kms=kms, kms_key_id=key
         )
-        await write_files(vol, tmp_path, loc.prefix, FILES)
-        # point one file's data key at a KMS key it was not made with: KMS denies Decrypt
+        last = b"b.bin"
+        await write_files(vol, tmp_path, loc.prefix, {n: d for n, d in FILES.items() if n != last})
+        # the last file's data key comes from another KMS key the volume names (as during a
+        # rotation), on which this principal then loses kms:Decrypt: that one file reads
+        # EIO, with KMS's reason (moto enforces no IAM: the denial is played in front of it)
+        vol.config.dek = {"scheme": "kms", "kid": other}
+        vol.config.kms_keys = sorted([key, other])
+        await vol.save_config()
+        fs = _fs(vol, tmp_path, loc.prefix)
+        await fs.ensure_root()
+        await write_file(fs, (await fs.lookup(ROOT_INO, b"dir")).ino, last, FILES[last])
         c = s3server.client()
-        objs = c.list_objects_v2(Bucket=bucket, Prefix="deny/")["Contents"]
-        victim = max(objs, key=lambda o: o["Size"])["Key"]  # a file with content
-        md = c.head_object(Bucket=bucket, Key=victim)["Metadata"]
-        md["cfs-kid"] = other
-        c.copy_object(
-            Bucket=bucket,
-            Key=victim,
-            CopySource={"Bucket": bucket, "Key": victim},
-            Metadata=md,
-            MetadataDirective="REPLACE",
-        )
         vol2 = await open_volume(store, kms, KeySource(kms=True))
+        vol2.keyring.kms = _DenyDecrypt(kms, other)  # type: ignore[assignment]
         fs = _fs(vol2, tmp_path, loc.prefix)
         await fs.ensure_root()
         d = await fs.lookup(ROOT_INO, b"dir")
@@ -174,8 +174,26 @@ async def test_kms_denied_file_reads_eio_others_fine(
         cfg = json.loads(c.get_object(Bucket=bucket, Key=cfg_key)["Body"].read())
         cfg["keyslots"][0]["key_id"] = other
         c.put_object(Bucket=bucket, Key=cfg_key, Body=json.dumps(cfg).encode())
+        # ... named by the user (a slot under a key this machine has not seen is not tried)
         with pytest.raises(KeyAccessDenied, match=r"refused keyslot .*AccessDenied"):
+            await open_volume(store, kms, KeySource(kms=True, kms_keys=(other,)))
+        with pytest.raises(KeyAccessDenied, match="has not seen"):
             await open_volume(store, kms, KeySource(kms=True))
+
+
+class _DenyDecrypt:
+    """A KMS client whose principal may not Decrypt under ``key`` (as an IAM policy says)."""
+
+    def __init__(self, inner: Any, key: str) -> None:
+        self.inner, self.key = inner, key
+
+    async def decrypt(self, blob: bytes, context: Any, key_id: str | None = None, what: str = ""):  # type: ignore[no-untyped-def]
+        if key_id == self.key:
+            raise KeyAccessDenied(f"AWS KMS refused {what or 'a data key'}: AccessDeniedException")
+        return await self.inner.decrypt(blob, context, key_id, what)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 async def test_kms_unknown_key_refused_at_init(
@@ -201,9 +219,8 @@ async def test_kms_unknown_key_refused_at_init(
 
 
 async def test_keyslots_add_list_remove(
-    s3server: S3Server, kms_server: KmsServer, bucket: str, tmp_path: Path, monkeypatch
-) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setenv("CRYPTFS_TEST_FAST_KDF", "1")
+    s3server: S3Server, kms_server: KmsServer, bucket: str, tmp_path: Path
+) -> None:
     loc = S3Location.parse(f"s3://{bucket}/slots")
     k1, k2 = Secret(os.urandom(32)), Secret(os.urandom(32))
     pw = Secret(b"correct horse battery staple")
@@ -248,10 +265,15 @@ async def _old_payload_opens_nothing(s3: S3Server, bucket: str, prefix: str, vol
     vol.keyring.kms = None  # the thief has the old key file, not the KMS permissions
 
     n = 0
-    for md in raw_metadata(s3, bucket, prefix).values():
+    for key, md in raw_metadata(s3, bucket, prefix).items():
+        if key.endswith(CONFIG_NAME):
+            continue
+        # nor does any object's metadata authenticate under the retired master key
+        with pytest.raises(IntegrityError):
+            vol.meta.decode(b"", key[len(prefix) :], md)
         if "cfs-k" not in md:
             continue
-        wk = WrappedKey(md["cfs-w"], md["cfs-kid"], b64d(md["cfs-k"]))
+        wk = WrappedKey(md["cfs-w"], md["cfs-kid"], b64d(md["cfs-k"]), int(md["cfs"]))
         vol.keyring.cache.clear()
         with pytest.raises((IntegrityError, KeyAccessDenied)):
             await vol.keyring.unwrap(wk, b64d(md["cfs-f"]))
@@ -288,7 +310,10 @@ async def test_rotate_keyfile_interrupted_then_resumed(
         vol1 = await open_volume(store, kms, KeySource(keyfile=old))
         with trio.fail_after(60):
             report = await rotate(vol1, to_source=KeySource(keyfile=new), concurrency=4)
-        assert not report.finished and report.failed and report.rewrapped == 10
+        # (directory markers are resealed under the new master key too)
+        assert not report.finished and report.failed
+        assert report.rewrapped + report.directories == 10
+        first = report.rewrapped
         store.copy = real_copy  # type: ignore[method-assign]
 
         # the old key is already out; the new one reads everything, half-rotated or not
@@ -299,8 +324,8 @@ async def test_rotate_keyfile_interrupted_then_resumed(
 
         report = await rotate(mid, to_source=KeySource(keyfile=new), resume=True)
         assert report.finished and not report.failed
-        assert report.rewrapped == len(many) - 10
-        assert report.already == 10
+        assert report.rewrapped == len(many) - first
+        assert report.already == first
         assert report.bytes_downloaded == 0
 
         done = await open_volume(store, kms, KeySource(keyfile=new))
@@ -332,14 +357,16 @@ async def test_rotate_local_to_kms_then_kms_to_kms_multipart_copy(
             await open_volume(store, kms, KeySource(keyfile=old))
         v1 = await open_volume(store, kms, KeySource(kms=True))
         assert await read_files(v1, tmp_path, loc.prefix) == files
-        assert not v1.payload.mks  # the local master key is retired
+        # the old local master key is retired; a new one (which only authenticates) is current
+        assert list(v1.payload.mks) == [v1.payload.cur] != [stolen.payload.cur]
         await _old_payload_opens_nothing(s3server, bucket, "rotkms/", stolen)
 
         calls = kms.calls
         report = await rotate(v1, to_kms_key_id=k2)
         assert report.finished and report.rewrapped == len(files)
-        # KMS to KMS: one ReEncrypt per file (the data key never leaves KMS) + slot + lookup
-        assert kms.calls - calls <= len(files) + 3
+        # KMS to KMS: one ReEncrypt per file (the data key never leaves KMS), a lookup, and
+        # two slots sealed (the new master key with the old one, then without it)
+        assert kms.calls - calls <= len(files) + 5
         metas = [md for md in raw_metadata(s3server, bucket, "rotkms/").values() if "cfs-k" in md]
         assert {md["cfs-kid"] for md in metas} == {k2}
         v2 = await open_volume(store, kms, KeySource(kms=True))
@@ -375,3 +402,55 @@ async def test_kms_throttling_is_retried_then_reported(kms_server: KmsServer) ->
             proxy.fail_next(1, 503, b"")
             got, _ = await kms.decrypt(blob, ctx, key)  # a 5xx is retried too
             assert got == dek
+
+
+async def test_planted_kms_keyslot_is_not_tried(
+    s3server: S3Server,
+    kms_server: KmsServer,
+    bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bucket writer replaces the config by one of their own (same volume id, a high
+    epoch, a MAC under their own master key) whose only keyslot is under their own KMS key,
+    which the mount's principal may use (``kms:Decrypt`` on ``*``): a machine that has seen
+    the volume open through its real keyslot does not try it; a fresh machine does unless
+    the user names the key (the residual risk docs/SECURITY.md states)."""
+    import json
+
+    from cryptfs.format.keys import kms_slot_context, new_master_key
+    from cryptfs.format.volume import SlotPayload, VolumeConfig
+
+    key, theirs = kms_server.new_key(), kms_server.new_key()
+    loc = S3Location.parse(f"s3://{bucket}/planted")
+    async with open_remote(loc, remote(s3server, kms_server)) as (store, kms):
+        vol = await Volume.create(
+            store, KeySource(), chunk_log2=16, encrypt_names=True, kms=kms, kms_key_id=key
+        )
+        await write_files(vol, tmp_path, loc.prefix, FILES)
+        # the attacker's config: their VMK, their master key, their KMS slot
+        c = s3server.client()
+        real = c.get_object(Bucket=bucket, Key=f"planted/{CONFIG_NAME}")["Body"].read()
+        cfg = VolumeConfig.from_bytes(real)
+        kid, mk = new_master_key()
+        payload = SlotPayload(Secret(os.urandom(32)), {kid: mk}, kid)
+        cfg.dek, cfg.kms_keys, cfg.epoch = {"scheme": "kms", "kid": theirs}, [theirs], 99
+        blob = kms_server.client().encrypt(
+            KeyId=theirs,
+            Plaintext=payload.to_bytes(),
+            EncryptionContext=kms_slot_context(cfg.volume_id, "kms-a77ack"),
+        )["CiphertextBlob"]
+        cfg.keyslots = []
+        cfg.add_kms_slot("kms-a77ack", theirs, blob)
+        c.put_object(Bucket=bucket, Key=f"planted/{CONFIG_NAME}", Body=cfg.to_bytes(payload))
+
+        with pytest.raises(KeyAccessDenied, match="has not seen"):
+            await open_volume(store, kms, KeySource(kms=True))
+        # a fresh machine that is told which key opens the volume refuses it too
+        monkeypatch.setenv("CRYPTFS_STATE_DIR", str(tmp_path / "fresh"))
+        with pytest.raises(KeyAccessDenied, match="has not seen"):
+            await open_volume(store, kms, KeySource(kms=True, kms_keys=(key,)))
+        # a fresh machine told nothing trusts the first keyslot it can open (stated)
+        planted = await open_volume(store, kms, KeySource(kms=True))
+        assert planted.config.dek["kid"] == theirs
+        assert json.loads(real)["epoch"] == 1

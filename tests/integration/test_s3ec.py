@@ -83,8 +83,13 @@ class Opened:
 
 @asynccontextmanager
 async def _new_volume(
-    s3: S3Server, kms_server: KmsServer | None, bucket: str, prefix: str
+    s3: S3Server,
+    kms_server: KmsServer | None,
+    bucket: str,
+    prefix: str,
+    s3ec_kms: str | None = None,
 ) -> AsyncIterator[Opened]:
+    """``s3ec_kms``: the KMS key the user names for S3EC objects (--s3ec-kms-key-id)."""
     loc = S3Location.parse(f"s3://{bucket}/{prefix}")
     src = KeySource(keyfile=Secret(os.urandom(32)))
     remote = Remote(S3Options(endpoint_url=s3.endpoint))
@@ -92,6 +97,7 @@ async def _new_volume(
         remote = Remote(remote.s3, KmsOptions(endpoint_url=kms_server.endpoint))
     async with open_remote(loc, remote) as (store, kms):
         vol = await Volume.create(store, src, chunk_log2=16, encrypt_names=True, kms=kms)
+        vol.keyring.s3ec_kms_keys = [s3ec_kms] if s3ec_kms else []
         yield Opened(loc, src, store, kms, vol)
 
 
@@ -140,7 +146,7 @@ def _move_to_instruction_file(raw: Any, bucket: str, key: str, extra: dict[str, 
 async def test_import_objects_of_the_official_client(
     s3server: S3Server, kms_server: KmsServer, bucket: str, tmp_path: Path
 ) -> None:
-    await _official_objects(s3server, kms_server, bucket, "vol/")
+    key_arn = await _official_objects(s3server, kms_server, bucket, "vol/")
     raw = s3server.client()
     # their formats, as their client wrote them
     md3 = raw.head_object(Bucket=bucket, Key="vol/v3/hello.txt")["Metadata"]
@@ -157,17 +163,22 @@ async def test_import_objects_of_the_official_client(
             md["x-amz-d"] = md3["x-amz-d"]
         raw.put_object(Bucket=bucket, Key="vol/" + name, Body=bytes(body), Metadata=md)
 
-    async with _new_volume(s3server, kms_server, bucket, "vol") as o:
+    async with _new_volume(s3server, kms_server, bucket, "vol", key_arn) as o:
         loc, src, store, kms, vol = o.loc, o.src, o.store, o.kms, o.vol
-        report = await import_s3ec(vol, key_prefix=loc.prefix)
-        assert report.found == len(OBJECTS) + 2 and report.imported == len(OBJECTS), report
+        # only what the user points at is converted
+        some = await import_s3ec(vol, key_prefix=loc.prefix, paths=("v2",))
+        assert some.found == 1 and some.imported == 1, some.summary()
+        report = await import_s3ec(vol, key_prefix=loc.prefix, paths=None)
+        assert report.found == len(OBJECTS) + 1 and report.imported == len(OBJECTS) - 1, report
         assert sorted(k for k, _ in report.failed) == ["v3/flipped", "v3/swapped"]
         # the failures stay untouched; the imported originals are gone
         listed = raw.list_objects_v2(Bucket=bucket, Prefix="vol/")["Contents"]
         left = {o["Key"] for o in listed if o["Key"].startswith(("vol/v2/", "vol/v3/"))}
         assert left == {"vol/v3/flipped", "vol/v3/swapped"}
 
-        again = await import_s3ec(await open_volume(store, kms, src), key_prefix=loc.prefix)
+        v_again = await open_volume(store, kms, src)
+        v_again.keyring.s3ec_kms_keys = [key_arn]
+        again = await import_s3ec(v_again, key_prefix=loc.prefix, paths=None)
         assert again.imported == 0 and len(again.failed) == 2  # resumable, nothing twice
 
         from cryptfs.cache.staging import StagingArea
@@ -208,19 +219,24 @@ async def test_mount_shows_them_read_only_under_their_own_names(
     from cryptfs.errors import FileTooBig, ReadOnly
     from cryptfs.fs.filesystem import Options
 
-    await _official_objects(s3server, kms_server, bucket, "m/")
+    key_arn = await _official_objects(s3server, kms_server, bucket, "m/")
     raw = s3server.client()
     obj = raw.get_object(Bucket=bucket, Key="m/v3/hello.txt")
     body = bytearray(obj["Body"].read())
     body[-1] ^= 1  # the GCM tag
     raw.put_object(Bucket=bucket, Key="m/v3/tampered", Body=bytes(body), Metadata=obj["Metadata"])
 
-    async with _new_volume(s3server, kms_server, bucket, "m") as o:
+    async with _new_volume(s3server, kms_server, bucket, "m", key_arn) as o:
         loc, vol = o.loc, o.vol
+        hidden = Filesystem(
+            vol, StagingArea(tmp_path / "st0", vol.keys.cache, vol.chunk), key_prefix=loc.prefix
+        )
+        await hidden.ensure_root()
+        assert [n for n, _ in await hidden.readdir(ROOT_INO)] == []  # not shown by default
         fs = Filesystem(
             vol,
             StagingArea(tmp_path / "st", vol.keys.cache, vol.chunk),
-            Options(foreign_max_bytes=200_000),
+            Options(foreign_max_bytes=200_000, show_foreign=True),
             key_prefix=loc.prefix,
         )
         await fs.ensure_root()
@@ -257,7 +273,7 @@ async def test_mount_shows_them_read_only_under_their_own_names(
         small = Filesystem(
             vol,
             StagingArea(tmp_path / "st2", vol.keys.cache, vol.chunk),
-            Options(foreign_max_bytes=50),
+            Options(foreign_max_bytes=50, show_foreign=True),
             key_prefix=loc.prefix,
         )
         await small.ensure_root()
@@ -311,6 +327,7 @@ async def test_aes_gcm_wrapped_objects_need_their_key(
 ) -> None:
     from cryptfs.cache.staging import StagingArea
     from cryptfs.errors import KeyAccessDenied
+    from cryptfs.fs.filesystem import Options
 
     wrapping = Secret(os.urandom(32))
     raw = s3server.client()
@@ -323,7 +340,7 @@ async def test_aes_gcm_wrapped_objects_need_their_key(
         async def read_all(keys: list[Secret]) -> dict[bytes, Any]:
             v = await open_volume(store, k, src, Remote(s3ec_keys=tuple(keys)))
             fs = Filesystem(v, StagingArea(tmp_path / os.urandom(4).hex(), v.keys.cache, v.chunk),
-                            key_prefix=loc.prefix)  # fmt: skip
+                            Options(show_foreign=True), key_prefix=loc.prefix)  # fmt: skip
             await fs.ensure_root()
             out: dict[bytes, Any] = {}
             for name, node in await fs.readdir(ROOT_INO):
@@ -349,6 +366,7 @@ async def test_instruction_files(
     """Objects whose envelope is in an instruction file: the official client reads them back
     (so the layout is theirs), then a mount shows and reads them and import converts them."""
     from cryptfs.cache.staging import StagingArea
+    from cryptfs.fs.filesystem import Options
 
     key_arn = await _official_objects(s3server, kms_server, bucket, "i/")
     raw = s3server.client()
@@ -373,13 +391,13 @@ async def test_instruction_files(
     got = await trio.to_thread.run_sync(_official_get, s3server, kms_server, key_arn, bucket, moved)
     assert got == {k: OBJECTS[k[2:]][1] for k in moved}  # their client reads this layout
 
-    async with _new_volume(s3server, kms_server, bucket, "i") as o:
+    async with _new_volume(s3server, kms_server, bucket, "i", key_arn) as o:
         loc, vol = o.loc, o.vol
 
         def new_fs() -> Filesystem:
             return Filesystem(
                 vol, StagingArea(tmp_path / os.urandom(4).hex(), vol.keys.cache, vol.chunk),
-                key_prefix=loc.prefix,
+                Options(show_foreign=True), key_prefix=loc.prefix,
             )  # fmt: skip
 
         fs = new_fs()
@@ -400,7 +418,7 @@ async def test_instruction_files(
         with pytest.raises(IntegrityError, match="object-only"):
             await fs2.lookup((await fs2.lookup(ROOT_INO, b"v3")).ino, b"bad")
 
-        report = await import_s3ec(vol, key_prefix=loc.prefix)
+        report = await import_s3ec(vol, key_prefix=loc.prefix, paths=None)
         assert report.imported == len(OBJECTS), report.summary()
         assert [k for k, _ in report.failed] == ["v3/bad"]
         left = {o["Key"] for o in raw.list_objects_v2(Bucket=bucket, Prefix="i/v")["Contents"]}

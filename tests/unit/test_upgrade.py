@@ -1,0 +1,141 @@
+"""``cryptfs upgrade`` moves a revision-1 volume to revision 2 in place (docs/FORMAT.md §7.6):
+server-side metadata copies only, resumable, every file still reads back, and afterwards a
+revision-1 object (one put back from before the upgrade) is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cryptfs.cache.staging import StagingArea
+from cryptfs.crypto import Secret
+from cryptfs.errors import IntegrityError, PreconditionFailed, UsageError
+from cryptfs.format.names import b64d
+from cryptfs.format.volume import CONFIG_NAME, KeySource, VolumeConfig
+from cryptfs.fs.filesystem import ROOT_INO, Filesystem
+from cryptfs.fs.volume import Volume
+from cryptfs.keyadmin import rotate
+from cryptfs.store.memory import MemoryStore
+from cryptfs.upgrade import upgrade
+from tests import reference_decryptor as ref
+from tests.fsutil import read_file
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+GOLDEN = ["golden_volume_v1.json", "golden_volume_v1_mk.json"]
+
+
+@pytest.fixture(autouse=True)
+def _own_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test is a machine of its own: the golden volumes' ids repeat across tests."""
+    monkeypatch.setenv("CRYPTFS_STATE_DIR", str(tmp_path / "state"))
+
+
+async def _golden_store(name: str) -> tuple[MemoryStore, dict, KeySource]:  # type: ignore[type-arg]
+    golden = json.loads((DATA / name).read_text())
+    store = MemoryStore()
+    for key, obj in golden["objects"].items():
+        await store.put(key, bytes.fromhex(obj["body"]), obj["metadata"])
+    return store, golden, KeySource(keyfile=Secret(b64d(golden["key_file"])))
+
+
+async def _read_all(vol: Volume, tmp: Path, golden: dict) -> None:  # type: ignore[type-arg]
+    fs = Filesystem(vol, StagingArea(tmp, vol.keys.cache, vol.chunk))
+    await fs.ensure_root()
+    for path, data in golden["files"].items():
+        parent = ROOT_INO
+        parts = path.encode().strip(b"/").split(b"/")
+        for comp in parts[:-1]:
+            parent = (await fs.lookup(parent, comp)).ino
+        node = await fs.lookup(parent, parts[-1])
+        assert await read_file(fs, node.ino) == bytes.fromhex(data), path
+    assert await fs.readlink((await fs.lookup(ROOT_INO, b"link")).ino) == b"docs/report.pdf"
+    assert fs.integrity_failures == 0
+
+
+@pytest.mark.parametrize("name", GOLDEN)
+async def test_upgrade_golden_volume(tmp_path: Path, name: str) -> None:
+    store, golden, src = await _golden_store(name)
+    before = {k: body for k, (body, _md, _e) in store.objects.items() if k != CONFIG_NAME}
+    old_meta = {k: dict(md) for k, (_b, md, _e) in store.objects.items()}
+    vol = await Volume.open(store, src)
+    with pytest.raises(UsageError, match="upgrade"):
+        await rotate(vol, to_source=KeySource(keyfile=Secret(b"n" * 32)))
+    report = await upgrade(vol)
+    assert report.finished and not report.failed, report.summary()
+    assert report.upgraded == len(before) and report.bytes_downloaded == 0
+    # bodies untouched (server-side copies of metadata only), every object at revision 2
+    after = {k: body for k, (body, _md, _e) in store.objects.items() if k != CONFIG_NAME}
+    assert after == before
+    assert {md["cfs"] for k, (_b, md, _e) in store.objects.items() if k != CONFIG_NAME} == {"2"}
+    cfg = VolumeConfig.from_bytes(store.objects[CONFIG_NAME][0])
+    assert (cfg.version, cfg.objects, cfg.epoch) == (2, [2], 2)
+    await _read_all(await Volume.open(store, src), tmp_path / "a", golden)
+    # the reference decryptor, from docs/FORMAT.md alone, reads the upgraded volume
+    objects = {k: (body, dict(md)) for k, (body, md, _e) in store.objects.items()}
+    tree = ref.decrypt_volume(objects, b64d(golden["key_file"]))
+    for path, data in golden["files"].items():
+        assert tree[path.encode()]["data"] == bytes.fromhex(data)
+    # a rerun has nothing to do
+    again = await upgrade(await Volume.open(store, src))
+    assert again.finished and again.upgraded == 0
+    # an object put back as it was before the upgrade is refused from now on
+    victim = next(k for k in old_meta if k.endswith(".cryptfs.dir") is False and k != CONFIG_NAME)
+    body = store.objects[victim][0]
+    await store.put(victim, body, old_meta[victim])
+    vol2 = await Volume.open(store, src)
+    with pytest.raises(IntegrityError, match="revision-1"):
+        vol2.meta.decode(b"", victim, old_meta[victim])
+    # ... and a machine that saw revision 2 refuses the revision-1 config put back
+    await store.put(CONFIG_NAME, bytes.fromhex(golden["objects"][CONFIG_NAME]["body"]), {})
+    with pytest.raises(IntegrityError, match="replayed"):
+        await Volume.open(store, src)
+
+
+@pytest.mark.allow_error_logs
+async def test_upgrade_is_resumable(tmp_path: Path) -> None:
+    store, golden, src = await _golden_store("golden_volume_v1_mk.json")
+    real_copy = store.copy
+    count = 0
+
+    async def flaky_copy(*a, **kw):  # type: ignore[no-untyped-def]
+        nonlocal count
+        count += 1
+        if count % 3 == 0:
+            raise PreconditionFailed("changed meanwhile")  # read again, then done
+        if count > 5:
+            from cryptfs.errors import StoreUnavailable
+
+            raise StoreUnavailable("injected outage")
+        return await real_copy(*a, **kw)
+
+    store.copy = flaky_copy  # type: ignore[method-assign]
+    first = await upgrade(await Volume.open(store, src), concurrency=1)
+    assert not first.finished and first.failed and first.upgraded >= 2
+    # half-upgraded: every file still reads (revisions 1 and 2 side by side)
+    store.copy = real_copy  # type: ignore[method-assign]
+    await _read_all(await Volume.open(store, src), tmp_path / "mid", golden)
+    second = await upgrade(await Volume.open(store, src))
+    assert second.finished and not second.config_upgraded
+    assert second.upgraded + first.upgraded == len(golden["objects"]) - 1
+    await _read_all(await Volume.open(store, src), tmp_path / "done", golden)
+
+
+async def test_upgrade_then_rotation_revokes_the_old_key(tmp_path: Path) -> None:
+    store, golden, src = await _golden_store("golden_volume_v1_mk.json")
+    old = await Volume.open(store, src)
+    await upgrade(old)
+    stolen = await Volume.open(store, src)  # the pre-rotation key file, kept by a thief
+    new = KeySource(keyfile=Secret(b"n" * 32))
+    report = await rotate(await Volume.open(store, src), to_source=new)
+    assert report.finished and not report.failed
+    vol = await Volume.open(store, new)
+    assert vol.payload.rev == 2 and "vmk" not in vol.payload.mks
+    await _read_all(vol, tmp_path / "r", golden)
+    for key, (_b, md, _e) in store.objects.items():
+        if key == CONFIG_NAME:
+            continue
+        assert md["cfs-m"] == vol.payload.cur
+        with pytest.raises(IntegrityError):
+            stolen.meta.decode(b"", key, dict(md))  # sealed under a key the thief lacks
