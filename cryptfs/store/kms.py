@@ -6,6 +6,14 @@ Must not import: format, fs, fuse, keys.
 Resource handling:
     ``open_kms()`` creates the client on the bridge's loop and closes it there.  Plaintext data
     keys cross into trio only wrapped in ``Secret``.
+Transport:
+    KMS requests carry the volume's master key (keyslots) and every data key in plaintext
+    inside TLS: an endpoint that is plain ``http://`` (given, or resolved by botocore from
+    ``AWS_ENDPOINT_URL_KMS``, ``AWS_ENDPOINT_URL`` or the profile's ``endpoint_url``) is
+    refused unless it is a loopback address, where nothing leaves the machine.  An explicit
+    ``endpoint_url`` is refused when the client is opened; one that only the environment or
+    the profile supplies (``AWS_ENDPOINT_URL`` is often an S3 server's) when KMS is first
+    used, so a volume that never needs KMS opens as before.
 Error handling:
     botocore's standard retry mode retries throttling and transient errors with exponential
     backoff and jitter (``max_attempts``); what is left is mapped by ``_classify``: denied,
@@ -16,11 +24,13 @@ Error handling:
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 from aiobotocore.config import AioConfig
@@ -28,7 +38,13 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from cryptfs.crypto import Secret
-from cryptfs.errors import IntegrityError, KeyAccessDenied, KeyServiceError, KeyServiceUnavailable
+from cryptfs.errors import (
+    IntegrityError,
+    KeyAccessDenied,
+    KeyServiceError,
+    KeyServiceUnavailable,
+    UsageError,
+)
 from cryptfs.store.bridge import AsyncioBridge
 
 log = logging.getLogger(__name__)
@@ -56,6 +72,29 @@ class KmsOptions:
     max_concurrency: int = 16
 
 
+def is_loopback_url(url: str) -> bool:
+    """Does ``url`` name this machine (127.0.0.0/8, ::1 or ``localhost``)?"""
+    host = (urlsplit(url).hostname or "").lower().rstrip(".")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cleartext_refusal(url: str) -> str | None:
+    """Why KMS must not be used at ``url`` (None: https, or plain http on loopback)."""
+    u = urlsplit(url)
+    if u.scheme.lower() == "https" or is_loopback_url(url):
+        return None
+    where = f"{u.scheme}://{u.netloc.rpartition('@')[2]}"  # (never a password in a URL)
+    return (
+        f"AWS KMS endpoint {where} is not https://: the volume's master key and data keys "
+        "would cross the network in clear (only loopback addresses may use http://)"
+    )
+
+
 def _classify(exc: Exception, what: str) -> KeyServiceError | IntegrityError:
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
@@ -81,11 +120,16 @@ class KmsClient:
         self._client = client
         self._limiter = trio.CapacityLimiter(limit)
         self.calls = 0  # requests made, for tests and ``cryptfs stats``
+        # the endpoint botocore resolved (flag, environment, profile): never used in clear
+        self.endpoint = str(client.meta.endpoint_url)
+        self._refusal = cleartext_refusal(self.endpoint)
 
     async def _call(self, what: str, op: str, **kw: Any) -> dict[str, Any]:
         async def run() -> dict[str, Any]:
             return dict(await getattr(self._client, op)(**kw))
 
+        if self._refusal is not None:  # final, before anything is sent
+            raise KeyAccessDenied(f"{self._refusal}; refused for {what}")
         async with self._limiter:
             self.calls += 1
             try:
@@ -172,7 +216,10 @@ async def open_kms(bridge: AsyncioBridge, opts: KmsOptions) -> AsyncIterator[Kms
 
     client = await bridge.run(create)
     try:
-        yield KmsClient(bridge, client, opts.max_concurrency)
+        kms = KmsClient(bridge, client, opts.max_concurrency)
+        if opts.endpoint_url and kms._refusal is not None:
+            raise UsageError(kms._refusal)  # asked for explicitly: refused at once
+        yield kms
     finally:
         with trio.CancelScope(shield=True):
             await bridge.run(stack.aclose)
