@@ -77,6 +77,10 @@ class BlockCache:
         self.chunk = chunk
         self._rec = _aligned(_LEN.size + chunk + TAG_SIZE)
         self._base = _aligned(_LEN.size + HEADER_SIZE)  # chunk records follow the header's
+        # a packed record: header and one chunk (of at least its tag); a pack is closed past
+        # PACK_MAX, so it holds at most that and the record that went over it
+        self._min_rec = _PREC.size + HEADER_SIZE + TAG_SIZE
+        self._pack_max = PACK_MAX + _PREC.size + HEADER_SIZE + chunk + TAG_SIZE
         self._lock = threading.Lock()
         self.direct = True  # until the cache disk refuses O_DIRECT
         self.direct_writes = 0  # puts written around the page cache
@@ -106,8 +110,10 @@ class BlockCache:
                     with contextlib.suppress(OSError):
                         os.unlink(e.path)
                 elif e.name.endswith(_PIDX):
-                    with contextlib.suppress(OSError, ValueError):
-                        found.append(self._load_pack(int(e.name[: -len(_PIDX)])))
+                    stem = e.name[: -len(_PIDX)]
+                    if stem.isascii() and stem.isdigit() and str(int(stem)) == stem:
+                        with contextlib.suppress(OSError):
+                            found.append(self._load_pack(int(stem)))
                 elif (
                     e.name.endswith(_PACK) and not (root / (e.name[: -len(_PACK)] + _PIDX)).exists()
                 ):
@@ -119,24 +125,41 @@ class BlockCache:
         self._evict(None)
 
     def _load_pack(self, n: int) -> tuple[float, str, int]:
-        """Index the records of pack ``n`` (a run before wrote it); returns its entry."""
+        """Index the records of pack ``n`` (a run before wrote it); returns its entry.
+
+        The index is not trusted: it is read only as far as its pack could hold records
+        (a pack never grows past ``PACK_MAX`` plus one record), and an entry whose lengths
+        are not those of a header and one chunk, or whose record lies past the end of the
+        pack (torn: never written whole), is left out, a miss."""
         pack, idx = self.root / f"{n}{_PACK}", self.root / f"{n}{_PIDX}"
         try:
             st = pack.stat()
-            raw = idx.read_bytes()
+            fd = os.open(idx, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:
+                ist = os.fstat(fd)
+                end = min(st.st_size, self._pack_max)
+                raw = os.pread(fd, min(ist.st_size, end // self._min_rec * _PENT.size), 0)
+            finally:
+                os.close(fd)
         except OSError:
             with contextlib.suppress(OSError):
                 idx.unlink()
             raise
         members = self._pack_members.setdefault(n, set())
+        # entries the pack has no room for (beyond one a crash may have left torn)
+        bad = ist.st_size - len(raw) >= 2 * _PENT.size
         for k in range(len(raw) // _PENT.size):
             fid, salt, off, hl, cl = _PENT.unpack_from(raw, k * _PENT.size)
-            if off + _PREC.size + hl + cl <= st.st_size:  # (else: torn, never written whole)
+            if hl != HEADER_SIZE or not TAG_SIZE <= cl <= self.chunk + TAG_SIZE:
+                bad = True
+            elif off + _PREC.size + hl + cl <= end:
                 name = self._name(fid, salt)
                 self._packed[name] = (n, off, hl, cl)
                 members.add(name)
+        if bad:
+            log.warning("block cache: index %s holds entries no record can match: left out", idx)
         self._next_pack = max(self._next_pack, n + 1)
-        return st.st_mtime, f"{n}{_PACK}", st.st_size + len(raw)
+        return st.st_mtime, f"{n}{_PACK}", st.st_size + ist.st_size
 
     @staticmethod
     def _name(file_id: bytes, salt: bytes) -> str:

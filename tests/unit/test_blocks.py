@@ -249,3 +249,61 @@ def test_files_of_the_unaligned_layout_before_are_removed(tmp_path: Path) -> Non
     old.write_bytes(b"\0\0\0\x5c" + b"H" * 92)
     c = BlockCache(root, 64 << 20, CHUNK)
     assert not old.exists() and c.used == 0
+
+
+def _entry(fid: bytes, salt: bytes, off: int, hl: int, cl: int) -> bytes:
+    """A pack index entry (docs/FORMAT.md §5)."""
+    import struct
+
+    return fid + salt + struct.pack(">QII", off, hl, cl)
+
+
+def test_a_pack_index_larger_than_its_pack_allows_is_not_read_whole(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cache disk's index is not trusted: an index far larger than its pack could need
+    (corrupted, or planted) costs no huge allocation, and what it adds is never served."""
+    import tracemalloc
+
+    root = tmp_path / "b"
+    c = BlockCache(root, 1 << 30, CHUNK)
+    salt, header, chunk = b"s" * 32, os.urandom(92), os.urandom(1000)
+    c.put(b"a" * 16, salt, header, {0: chunk}, whole=True)
+    os.truncate(root / "1.pidx", 256 << 20)  # sparse: millions of zero entries
+    tracemalloc.start()
+    try:
+        again = BlockCache(root, 1 << 30, CHUNK)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak
+    assert again.get(b"a" * 16, salt, 0, 0) == (header, {0: chunk})  # the real entry stays
+    assert not again.has(bytes(16), bytes(32))  # the zero entries are not indexed
+    assert "no record can match" in caplog.text
+
+
+def test_pack_index_entries_out_of_range_are_misses(tmp_path: Path) -> None:
+    """Entries whose lengths are not a header's and one chunk's, that point past the end of
+    what a pack can hold, or that are cut short, are left out; what remains is served."""
+    root = tmp_path / "b"
+    c = BlockCache(root, 1 << 30, CHUNK)
+    salt, header, chunk = b"s" * 32, os.urandom(92), os.urandom(1000)
+    c.put(b"a" * 16, salt, header, {0: chunk}, whole=True)
+    good = (root / "1.pidx").read_bytes()
+    os.truncate(root / "1.pack", 300 << 20)  # sparse: holes read as zeros, of any length
+    bad = {
+        b"h" * 16: _entry(b"h" * 16, salt, 0, 200 << 20, 1000),  # a "header" of 200 MiB
+        b"c" * 16: _entry(b"c" * 16, salt, 0, 92, 100 << 20),  # a "chunk" of 100 MiB
+        b"z" * 16: _entry(b"z" * 16, salt, 0, 0, 0),  # nothing at all
+        b"o" * 16: _entry(b"o" * 16, salt, 200 << 20, 92, 1000),  # past any real pack
+    }
+    (root / "1.pidx").write_bytes(good + b"".join(bad.values()) + good[:30])  # and a cut one
+    # names that are not pack numbers are left alone (never taken for another pack's)
+    for stray in ("x.pidx", "-1.pidx", "01.pidx", "1_0.pidx"):
+        (root / stray).write_bytes(good)
+    again = BlockCache(root, 1 << 30, CHUNK)
+    assert again.used == sum((root / n).stat().st_size for n in ("1.pack", "1.pidx"))
+    assert again.get(b"a" * 16, salt, 0, 0) == (header, {0: chunk})
+    for fid in bad:
+        assert not again.has(fid, salt), fid
+        assert again.get(fid, salt, 0, 0) == (None, {})
