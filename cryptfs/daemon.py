@@ -35,7 +35,8 @@ from cryptfs.errors import CryptfsError, UsageError
 from cryptfs.format.volume import KeySource
 from cryptfs.fs.filesystem import Filesystem, Options
 from cryptfs.fuse.ops import Operations, mount_options, mounted, request_unmount, serve
-from cryptfs.runstate import state_file
+from cryptfs.hardening import disable_core_dumps
+from cryptfs.runstate import ensure_runtime_dir, state_file, write_state
 from cryptfs.session import Remote, open_remote, open_volume
 from cryptfs.stats import Rates, serve_metrics, serve_socket
 from cryptfs.store.s3 import S3Location
@@ -132,6 +133,8 @@ def _raise_open_file_limit() -> None:
 async def run_mount(cfg: MountConfig, ready: Callable[[], None]) -> int:
     """Mount and serve until unmounted; returns the number of files left staged."""
     check_mountpoint(cfg.mountpoint)
+    disable_core_dumps()  # (cli.main did already; for a daemon started another way)
+    ensure_runtime_dir()  # refused before anything is opened if it cannot be trusted
     _tune_malloc()
     _raise_open_file_limit()
     async with open_remote(cfg.location, cfg.remote) as (store, kms):
@@ -221,9 +224,9 @@ async def _serve(cfg: MountConfig, fs: Filesystem, ready: Callable[[], None]) ->
     # (the only FUSE server) before the main loop runs, and deadlock
     pidfile = state_file(cfg.mountpoint, "pid")
     statusfile = state_file(cfg.mountpoint, "status")
-    pidfile.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_runtime_dir()
     statusfile.unlink(missing_ok=True)
-    pidfile.write_text(f"{os.getpid()}\n")
+    write_state(pidfile, f"{os.getpid()}\n")
     options = mount_options(str(cfg.location), cfg.fuse_options)
     force = trio.CancelScope()
     state = {"mounted": True}
@@ -258,7 +261,7 @@ async def _serve(cfg: MountConfig, fs: Filesystem, ready: Callable[[], None]) ->
             left = len(fs.pending())
         watcher.cancel()
         helpers.cancel()
-    statusfile.write_text(json.dumps({"pending": left}) + "\n")
+    write_state(statusfile, json.dumps({"pending": left}) + "\n")
     pidfile.unlink(missing_ok=True)
     if left:
         log.warning("%d file(s) not uploaded; kept staged, uploaded at the next mount", left)
