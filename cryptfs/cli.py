@@ -79,6 +79,12 @@ def _keys(p: argparse.ArgumentParser) -> None:
     )
 
 
+SETTLE_HELP = (
+    "seconds after the start before the last pass over the bucket (running mounts re-read "
+    "the config every 30 s; default 35, 0 if no host has the volume mounted)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cryptfs", description="Client-side encrypted S3 mount")
     ap.add_argument("--version", action="version", version=f"cryptfs {__version__}")
@@ -166,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--to-key-file", type=Path, help="the new key file (created if missing)")
     g.add_argument("--to-kms-key-id", help="the new AWS KMS key")
     p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--settle", type=float, default=35.0, help=SETTLE_HELP)
     _keys(p)
     _common(p)
 
@@ -174,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("location", nargs="?", help="s3://BUCKET[/PREFIX]")
     p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--settle", type=float, default=35.0, help=SETTLE_HELP)
     _keys(p)
     _common(p)
 
@@ -381,6 +389,7 @@ def cmd_rotate(args: Any) -> int:
                     resume=resume,
                     concurrency=args.concurrency,
                     progress=bar.update,
+                    settle=args.settle,
                 )
             finally:
                 vol.keyring.close()
@@ -738,7 +747,9 @@ def cmd_upgrade(args: Any) -> int:
         async with open_remote(loc, remote) as (store, kms):
             vol = await open_volume(store, kms, source, remote)
             try:
-                report = await upgrade(vol, concurrency=args.concurrency, progress=bar.update)
+                report = await upgrade(
+                    vol, concurrency=args.concurrency, progress=bar.update, settle=args.settle
+                )
             finally:
                 vol.keyring.close()
                 bar.close()

@@ -128,6 +128,7 @@ class RotateReport:
 
 
 Progress = Callable[[int, int], None]
+SETTLE = 35.0  # the config re-read interval of running mounts (30 s), and a margin
 
 
 async def rotate(
@@ -138,8 +139,11 @@ async def rotate(
     resume: bool = False,
     concurrency: int = 32,
     progress: Progress | None = None,
+    settle: float = SETTLE,
 ) -> RotateReport:
-    """Rotate the volume's master key; see the module docstring for the procedure."""
+    """Rotate the volume's master key; see the module docstring for the procedure.
+    ``settle``: how long after the start the last pass may begin (running mounts re-read the
+    config every 30 s, and write under their old keys until then)."""
     cfg = vol.config
     if cfg.version < 2 or 1 in cfg.objects:
         raise UsageError(
@@ -176,7 +180,7 @@ async def rotate(
         report.new_slot = new_slot
     report.target = target.kid
 
-    await _rewrap_all(vol, target, report, concurrency, progress)
+    await _rewrap_all(vol, target, report, concurrency, progress, settle)
 
     if not report.failed:
         await _finish(vol, target, to_source)
@@ -238,23 +242,31 @@ async def _rewrap_all(
     report: RotateReport,
     concurrency: int,
     progress: Progress | None,
+    settle: float,
 ) -> None:
     """Every object under the new master key and data-key target.  Passes repeat over what
-    changed since the last one (a host that wrote meanwhile under its old keys), until a
-    pass finds nothing new."""
+    changed since the last one (a mount that wrote meanwhile under its old keys: it does so
+    until it re-reads the config, within 30 s), until a pass that starts ``settle`` seconds
+    after the rotation started finds nothing new."""
+    started = trio.current_time()
     done: dict[str, str] = {}  # key -> the ETag known to be on target
-    for _pass in range(5):
+    for _round in range(6):
+        settled = trio.current_time() - started >= settle
         listing = await vol.store.list("", delimiter=None)
         objs = [
             o for o in listing.objects if o.key != CONFIG_NAME and done.get(o.key) != _tag(o.etag)
         ]
         if not objs:
-            return
-        if _pass == 0:
+            if settled:
+                return
+            await trio.sleep(settle - (trio.current_time() - started))
+            continue
+        if _round == 0:
             report.objects = len(objs)
         await _pass_over(vol, objs, target, report, done, concurrency, progress)
         if report.failed:
             return
+    report.failed.append("(objects keep changing: rerun)")
 
 
 async def _pass_over(

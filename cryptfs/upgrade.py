@@ -37,6 +37,10 @@ from cryptfs.tasks import open_tasks
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
+# A running mount re-reads the config every 30 s (daemon.MountConfig.config_interval) and
+# writes revision 2 from then on; the last pass starts after that, so that an object a mount
+# wrote at revision 1 just before is not stranded by ``objects: [2]``.
+SETTLE = 35.0
 
 
 @dataclass
@@ -72,8 +76,14 @@ class UpgradeReport:
 
 
 async def upgrade(
-    vol: Volume, *, concurrency: int = 32, progress: Progress | None = None
+    vol: Volume,
+    *,
+    concurrency: int = 32,
+    progress: Progress | None = None,
+    settle: float = SETTLE,
 ) -> UpgradeReport:
+    """See the module docstring.  ``settle``: how long after the config became revision 2
+    the last pass may start (running mounts re-read the config every 30 s)."""
     report = UpgradeReport()
     store: Any = vol.store
     started = trio.current_time()
@@ -96,9 +106,49 @@ async def upgrade(
         report.config_upgraded = True
         log.info("volume config now at revision 2; upgrading objects")
 
-    listing = await vol.store.list("", delimiter=None)
-    objs = [o for o in listing.objects if o.key != CONFIG_NAME]
-    report.objects = len(objs)
+    converted = trio.current_time()
+    known: dict[str, str] = {}  # key -> ETag of a version known not to need upgrading
+    counted: set[str] = set()
+    for _round in range(6):
+        settled = trio.current_time() - converted >= settle
+        listing = await vol.store.list("", delimiter=None)
+        objs = [
+            o for o in listing.objects if o.key != CONFIG_NAME and known.get(o.key) != _tag(o.etag)
+        ]
+        if not objs:
+            if settled:
+                break
+            await trio.sleep(settle - (trio.current_time() - converted))
+            continue
+        report.objects += sum(1 for o in objs if o.key not in counted)
+        await _pass(vol, objs, report, known, counted, concurrency, progress)
+        if report.failed:
+            break
+    else:
+        report.failed.append("(objects keep changing: rerun)")
+    if not report.failed:
+        vol.config.objects = [2]
+        await vol.save_config()
+        report.finished = True
+        log.info("upgrade finished: revision-1 objects are refused from now on")
+    report.seconds = trio.current_time() - started
+    report.bytes_downloaded = getattr(store, "bytes_in", 0) - bytes0
+    return report
+
+
+def _tag(etag: str) -> str:
+    return etag.strip('"')
+
+
+async def _pass(
+    vol: Volume,
+    objs: list[ObjectInfo],
+    report: UpgradeReport,
+    known: dict[str, str],
+    counted: set[str],
+    concurrency: int,
+    progress: Progress | None,
+) -> None:
     heads: dict[str, ObjectInfo] = {}
     await _each(objs, concurrency, lambda o: _head(vol, o, heads, report))
     paths = _Paths(vol, heads)
@@ -107,8 +157,12 @@ async def upgrade(
 
     async def one(info: ObjectInfo) -> None:
         nonlocal done
+        first = info.key not in counted
+        counted.add(info.key)
         try:
-            await _upgrade_one(vol, info, paths, report)
+            etag = await _upgrade_one(vol, info, paths, report, first)
+            if etag is not None:
+                known[info.key] = _tag(etag)
         except CryptfsError as e:
             report.failed.append(info.key)
             log.error(
@@ -121,14 +175,6 @@ async def upgrade(
             progress(done, len(todo))
 
     await _each(todo, concurrency, one)
-    if not report.failed:
-        vol.config.objects = [2]
-        await vol.save_config()
-        report.finished = True
-        log.info("upgrade finished: revision-1 objects are refused from now on")
-    report.seconds = trio.current_time() - started
-    report.bytes_downloaded = getattr(store, "bytes_in", 0) - bytes0
-    return report
 
 
 async def _each(items: list[ObjectInfo], concurrency: int, fn: Any) -> None:
@@ -190,29 +236,33 @@ def _join(parent: bytes, name: bytes) -> bytes:
     return (parent if parent != b"/" else b"") + b"/" + name
 
 
-async def _upgrade_one(vol: Volume, info: ObjectInfo, paths: _Paths, r: UpgradeReport) -> None:
+async def _upgrade_one(
+    vol: Volume, info: ObjectInfo, paths: _Paths, r: UpgradeReport, first: bool = True
+) -> str | None:
+    """Rewrite one object as revision 2; returns the ETag of a version that needs nothing
+    more (None: gone)."""
     for _attempt in range(5):
         md = dict(info.metadata)
         rev = md.get("cfs")
         if rev == FORMAT2:
-            r.already += 1
-            return
+            r.already += first
+            return info.etag
         if rev != FORMAT:
-            r.foreign += 1
-            return
+            r.foreign += first
+            return info.etag
         path = paths.path_of(info)
         meta = decode_meta(vol.keys, path, md)  # revision 1: authenticated for its path
         vol.meta.check_wrapping(meta.dek)
         new = vol.meta.encode(path, info.key, meta)
         try:
-            await vol.store.copy(info.key, info.key, new, if_match=info.etag, size=info.size)
+            etag = await vol.store.copy(info.key, info.key, new, if_match=info.etag, size=info.size)
         except PreconditionFailed:
             try:
                 info = await vol.store.head(info.key)  # changed meanwhile: read it again
             except NotFound:
                 r.vanished += 1
-                return
+                return None
             continue
         r.upgraded += 1
-        return
+        return etag
     raise CryptfsError("object keeps changing; not upgraded")

@@ -60,7 +60,7 @@ def test_kms_volume_keyslots_and_rotation(
     listing = cryptfs("key", "list", url, *common).stdout
     assert k1 in listing and "key file" in listing and "(used now)" in listing
 
-    r = cryptfs("rotate", url, "--to-kms-key-id", k2, *common)
+    r = cryptfs("rotate", url, "--to-kms-key-id", k2, "--settle", "0", *common)
     assert "rotation to " + k2 + ": complete" in r.stdout, r.stdout
     assert "bytes downloaded:      0" in r.stdout
     assert "keyslots removed" in r.stdout
@@ -97,7 +97,15 @@ def test_keyfile_rotation_and_cli_errors(volume: Volume, tmp_path: Path) -> None
     new = tmp_path / "new.key"
     common = ["--endpoint-url", volume.endpoint]
     r = cryptfs(
-        "rotate", volume.url, "--key-file", str(volume.key), "--to-key-file", str(new), *common
+        "rotate",
+        volume.url,
+        "--key-file",
+        str(volume.key),
+        "--to-key-file",
+        str(new),
+        "--settle",
+        "0",
+        *common,
     )
     assert ": complete" in r.stdout and "bytes downloaded:      0" in r.stdout
     assert oct(new.stat().st_mode & 0o777) == "0o600"

@@ -309,7 +309,7 @@ async def test_rotate_keyfile_interrupted_then_resumed(
         store.copy = flaky_copy  # type: ignore[method-assign]
         vol1 = await open_volume(store, kms, KeySource(keyfile=old))
         with trio.fail_after(60):
-            report = await rotate(vol1, to_source=KeySource(keyfile=new), concurrency=4)
+            report = await rotate(vol1, to_source=KeySource(keyfile=new), concurrency=4, settle=0)
         # (directory markers are resealed under the new master key too)
         assert not report.finished and report.failed
         assert report.rewrapped + report.directories == 10
@@ -322,7 +322,7 @@ async def test_rotate_keyfile_interrupted_then_resumed(
         mid = await open_volume(store, kms, KeySource(keyfile=new))
         assert await read_files(mid, tmp_path, loc.prefix) == many
 
-        report = await rotate(mid, to_source=KeySource(keyfile=new), resume=True)
+        report = await rotate(mid, to_source=KeySource(keyfile=new), resume=True, settle=0)
         assert report.finished and not report.failed
         assert report.rewrapped == len(many) - first
         assert report.already == first
@@ -350,7 +350,7 @@ async def test_rotate_local_to_kms_then_kms_to_kms_multipart_copy(
         stolen = await open_volume(store, kms, KeySource(keyfile=old))
         # objects over copy_max go through UploadPartCopy (5 GiB in production)
         store.copy_max, store.copy_part = 6 << 20, 5 << 20
-        report = await rotate(vol, to_kms_key_id=k1)
+        report = await rotate(vol, to_kms_key_id=k1, settle=0)
         assert report.finished and report.rewrapped == len(files)
         assert report.bytes_downloaded == 0
         with pytest.raises(WrongKey):
@@ -362,7 +362,7 @@ async def test_rotate_local_to_kms_then_kms_to_kms_multipart_copy(
         await _old_payload_opens_nothing(s3server, bucket, "rotkms/", stolen)
 
         calls = kms.calls
-        report = await rotate(v1, to_kms_key_id=k2)
+        report = await rotate(v1, to_kms_key_id=k2, settle=0)
         assert report.finished and report.rewrapped == len(files)
         # KMS to KMS: one ReEncrypt per file (the data key never leaves KMS), a lookup, and
         # two slots sealed (the new master key with the old one, then without it)

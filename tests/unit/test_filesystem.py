@@ -335,7 +335,7 @@ async def test_rotation_elsewhere_seen_by_running_mount_and_staged_data_kept(
     await fs_a.release(h.fh)
 
     other = await Volume.open(store, KeySource(keyfile=Secret(b"k" * 32)))
-    report = await rotate(other, to_source=KeySource(keyfile=Secret(b"n" * 32)))
+    report = await rotate(other, to_source=KeySource(keyfile=Secret(b"n" * 32)), settle=0)
     assert report.finished and report.rewrapped == 1
 
     # the running mount notices (the new config does not authenticate under its retired

@@ -61,8 +61,8 @@ async def test_upgrade_golden_volume(tmp_path: Path, name: str) -> None:
     old_meta = {k: dict(md) for k, (_b, md, _e) in store.objects.items()}
     vol = await Volume.open(store, src)
     with pytest.raises(UsageError, match="upgrade"):
-        await rotate(vol, to_source=KeySource(keyfile=Secret(b"n" * 32)))
-    report = await upgrade(vol)
+        await rotate(vol, to_source=KeySource(keyfile=Secret(b"n" * 32)), settle=0)
+    report = await upgrade(vol, settle=0)
     assert report.finished and not report.failed, report.summary()
     assert report.upgraded == len(before) and report.bytes_downloaded == 0
     # bodies untouched (server-side copies of metadata only), every object at revision 2
@@ -78,7 +78,7 @@ async def test_upgrade_golden_volume(tmp_path: Path, name: str) -> None:
     for path, data in golden["files"].items():
         assert tree[path.encode()]["data"] == bytes.fromhex(data)
     # a rerun has nothing to do
-    again = await upgrade(await Volume.open(store, src))
+    again = await upgrade(await Volume.open(store, src), settle=0)
     assert again.finished and again.upgraded == 0
     # an object put back as it was before the upgrade is refused from now on
     victim = next(k for k in old_meta if k.endswith(".cryptfs.dir") is False and k != CONFIG_NAME)
@@ -111,12 +111,12 @@ async def test_upgrade_is_resumable(tmp_path: Path) -> None:
         return await real_copy(*a, **kw)
 
     store.copy = flaky_copy  # type: ignore[method-assign]
-    first = await upgrade(await Volume.open(store, src), concurrency=1)
+    first = await upgrade(await Volume.open(store, src), concurrency=1, settle=0)
     assert not first.finished and first.failed and first.upgraded >= 2
     # half-upgraded: every file still reads (revisions 1 and 2 side by side)
     store.copy = real_copy  # type: ignore[method-assign]
     await _read_all(await Volume.open(store, src), tmp_path / "mid", golden)
-    second = await upgrade(await Volume.open(store, src))
+    second = await upgrade(await Volume.open(store, src), settle=0)
     assert second.finished and not second.config_upgraded
     assert second.upgraded + first.upgraded == len(golden["objects"]) - 1
     await _read_all(await Volume.open(store, src), tmp_path / "done", golden)
@@ -125,10 +125,10 @@ async def test_upgrade_is_resumable(tmp_path: Path) -> None:
 async def test_upgrade_then_rotation_revokes_the_old_key(tmp_path: Path) -> None:
     store, golden, src = await _golden_store("golden_volume_v1_mk.json")
     old = await Volume.open(store, src)
-    await upgrade(old)
+    await upgrade(old, settle=0)
     stolen = await Volume.open(store, src)  # the pre-rotation key file, kept by a thief
     new = KeySource(keyfile=Secret(b"n" * 32))
-    report = await rotate(await Volume.open(store, src), to_source=new)
+    report = await rotate(await Volume.open(store, src), to_source=new, settle=0)
     assert report.finished and not report.failed
     vol = await Volume.open(store, new)
     assert vol.payload.rev == 2 and "vmk" not in vol.payload.mks
@@ -139,3 +139,37 @@ async def test_upgrade_then_rotation_revokes_the_old_key(tmp_path: Path) -> None
         assert md["cfs-m"] == vol.payload.cur
         with pytest.raises(IntegrityError):
             stolen.meta.decode(b"", key, dict(md))  # sealed under a key the thief lacks
+
+
+async def test_an_object_written_at_revision_1_during_the_upgrade_is_upgraded_too(
+    tmp_path: Path,
+) -> None:
+    """A mount that has not re-read the config yet writes revision 1 meanwhile: the last
+    pass, which waits until every mount has re-read it, upgrades that object too."""
+    import trio
+
+    from tests.fsutil import write_file
+
+    store, golden, src = await _golden_store("golden_volume_v1_mk.json")
+    stale = await Volume.open(store, src)  # a mount that still holds the revision-1 config
+    fs = Filesystem(stale, StagingArea(tmp_path / "stale", stale.keys.cache, stale.chunk))
+    await fs.ensure_root()
+    report = None
+
+    async def run() -> None:
+        nonlocal report
+        report = await upgrade(await Volume.open(store, src), settle=1.0)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(run)
+        await trio.sleep(0.3)
+        await write_file(fs, ROOT_INO, b"late", b"written at revision 1")
+    assert report is not None and report.finished, report
+    assert {md["cfs"] for k, (_b, md, _e) in store.objects.items() if k != CONFIG_NAME} == {"2"}
+    vol = await Volume.open(store, src)
+    await _read_all(vol, tmp_path / "after", golden)
+    fs2 = Filesystem(vol, StagingArea(tmp_path / "after2", vol.keys.cache, vol.chunk))
+    await fs2.ensure_root()
+    from tests.fsutil import read_file as rf
+
+    assert await rf(fs2, (await fs2.lookup(ROOT_INO, b"late")).ino) == b"written at revision 1"
