@@ -27,7 +27,11 @@ from typing import Any
 
 from cryptfs.crypto import GCM_NONCE, GCM_TAG, Aead, Secret, hkdf, random_bytes
 from cryptfs.errors import IntegrityError, NoSpace
+from cryptfs.format.keys import open_once, seal_once
 from cryptfs.format.names import b64d, b64e
+
+_J2_LABEL = b"cryptfs/v2/journal\0"
+_J2_INFO = b"cryptfs/v2/journal"
 
 log = logging.getLogger(__name__)
 _SLOT_OVERHEAD = GCM_NONCE + GCM_TAG
@@ -386,8 +390,17 @@ class StagingArea:
         return StagedFile(self, file_id, random_bytes(16), 0, new=True)
 
     def seal_journal(self, file_id: bytes, record: dict[str, Any]) -> bytes:
+        """A record sealed under a key of its own (``seal_once``: a journal is written at
+        every close and fsync, too often for random nonces under one key of the volume's
+        lifetime; docs/FORMAT.md §5)."""
         data = json.dumps(record, sort_keys=True).encode()
-        return self._journal_aead.seal_random(data, b"cryptfs/v1/journal\0" + file_id)
+        return seal_once(self.key, _J2_INFO, data, _J2_LABEL + file_id)
+
+    def _open_journal_record(self, blob: bytes, file_id: bytes) -> bytes:
+        try:
+            return open_once(self.key, _J2_INFO, blob, _J2_LABEL + file_id)
+        except IntegrityError:  # an earlier version's record: a random nonce under one key
+            return self._journal_aead.open_random(blob, b"cryptfs/v1/journal\0" + file_id)
 
     def fsync_dir(self) -> None:
         fd = os.open(self.root, os.O_RDONLY)
@@ -436,7 +449,7 @@ class StagingArea:
 
         A journal of an earlier version is one sealed record, the whole file."""
         raw = path.read_bytes()
-        aad = b"cryptfs/v1/journal\0" + bytes.fromhex(path.stem)
+        file_id = bytes.fromhex(path.stem)
         best: dict[str, Any] | None = None
         for off in (0, _JSLOT):
             rec = raw[off : off + _JSLOT]
@@ -444,13 +457,13 @@ class StagingArea:
                 continue
             n = int.from_bytes(rec[4:8], "big")
             try:
-                got = json.loads(self._journal_aead.open_random(rec[8 : 8 + n], aad))
+                got = json.loads(self._open_journal_record(rec[8 : 8 + n], file_id))
             except (ValueError, IntegrityError):
                 continue  # a torn write: the other slot holds the record before it
             if best is None or int(got.get("seq", 0)) > int(best.get("seq", 0)):
                 best = got
         if best is None:
-            best = json.loads(self._journal_aead.open_random(raw, aad))
+            best = json.loads(self._open_journal_record(raw, file_id))
         return best
 
     def journals(self) -> list[dict[str, Any]]:

@@ -25,3 +25,26 @@ async def test_the_journal_holds_no_data_key(tmp_path: Path) -> None:
     await fs.sync_node(node)
     kids = {md["cfs-kid"] for _b, md, _e in store.objects.values() if "cfs-k" in md}
     assert kids == {fs.vol.config.dek["kid"]}
+
+
+def test_journal_records_have_a_key_each_and_old_ones_still_read(tmp_path: Path) -> None:
+    """A journal record is sealed under a key of its own (no random nonce under one key of
+    the volume's lifetime); a record an earlier version wrote still reads."""
+    import json
+    import os
+
+    from cryptfs.cache.staging import StagingArea
+    from cryptfs.crypto import Secret
+
+    area = StagingArea(tmp_path, Secret(os.urandom(32)), 4096)
+    fid = os.urandom(16)
+    a, b = (area.seal_journal(fid, {"seq": 1}) for _ in range(2))
+    assert a[:32] != b[:32]
+    path = tmp_path / (fid.hex() + ".journal")
+    path.write_bytes(b"CFJ2" + len(a).to_bytes(4, "big") + a)
+    assert area.read_journal(path)["seq"] == 1
+    old = area._journal_aead.seal_random(
+        json.dumps({"seq": 7}).encode(), b"cryptfs/v1/journal\0" + fid
+    )
+    path.write_bytes(b"CFJ2" + len(old).to_bytes(4, "big") + old)
+    assert area.read_journal(path)["seq"] == 7
