@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import pyfuse3
 
 from cryptfs import errors as E
+from cryptfs import lognames
 from cryptfs.fs.filesystem import Filesystem, Node, Stat
 
 log = logging.getLogger(__name__)
@@ -64,28 +65,6 @@ def errno_of(exc: E.CryptfsError) -> int:
     return errno.EIO
 
 
-async def _guard(what: str, fn: Callable[[], Awaitable[T]]) -> T:
-    try:
-        return await fn()
-    except pyfuse3.FUSEError:
-        raise
-    except E.CryptfsError as e:
-        code = errno_of(e)
-        if isinstance(e, _QUIET):
-            log.debug("%s: %s", what, e)
-        elif code == errno.EIO:
-            log.error("%s failed: %s", what, e)
-        else:
-            log.info("%s: %s", what, e)
-        raise pyfuse3.FUSEError(code) from None
-    except OSError as e:
-        log.error("%s failed: %s", what, e)
-        raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-    except Exception:
-        log.exception("unexpected error in %s", what)
-        raise pyfuse3.FUSEError(errno.EIO) from None
-
-
 class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
 
@@ -98,6 +77,34 @@ class Operations(pyfuse3.Operations):
         self.fs = fs
         self._dirs: dict[int, list[tuple[bytes, Node]]] = {}
         self._next_dh = 1
+
+    async def _guard(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """``fn()``, its errors answered as errno (and logged: without names, see
+        ``cryptfs.lognames``)."""
+        try:
+            return await fn()
+        except pyfuse3.FUSEError:
+            raise
+        except E.CryptfsError as e:
+            code = errno_of(e)
+            if isinstance(e, _QUIET):  # (ENOENT is frequent: no scrub unless logged)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("%s: %s", what, self.fs.scrub(e))
+            elif code == errno.EIO:
+                log.error("%s failed: %s", what, self.fs.scrub(e))
+            else:
+                log.info("%s: %s", what, self.fs.scrub(e))
+            raise pyfuse3.FUSEError(code) from None
+        except OSError as e:
+            log.error("%s failed: %s", what, self.fs.scrub(e))
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception as e:
+            log.error(
+                "unexpected error in %s\n%s",
+                what,
+                lognames.traceback_text(e, self.fs.vol.names.opaque),
+            )
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     # KernelCache: another writer's change found, the kernel's copy (Stat.ttl) is stale
 
@@ -142,13 +149,13 @@ class Operations(pyfuse3.Operations):
         async def op() -> Any:
             return self._looked_up(await self.fs.lookup(parent_inode, name))
 
-        return await _guard("lookup", op)
+        return await self._guard("lookup", op)
 
     async def getattr(self, inode: int, ctx: Any) -> Any:
         async def op() -> Any:
             return self._entry(await self.fs.getattr(inode))
 
-        return await _guard("getattr", op)
+        return await self._guard("getattr", op)
 
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
         async def op() -> Any:
@@ -167,10 +174,10 @@ class Operations(pyfuse3.Operations):
                 kw["mtime_ns"] = attr.st_mtime_ns
             return self._entry(await self.fs.setattr(inode, **kw))
 
-        return await _guard("setattr", op)
+        return await self._guard("setattr", op)
 
     async def readlink(self, inode: int, ctx: Any) -> bytes:
-        return await _guard("readlink", lambda: self.fs.readlink(inode))
+        return await self._guard("readlink", lambda: self.fs.readlink(inode))
 
     async def opendir(self, inode: int, ctx: Any) -> int:
         async def op() -> int:
@@ -180,7 +187,7 @@ class Operations(pyfuse3.Operations):
             self._dirs[dh] = entries
             return dh
 
-        return await _guard("opendir", op)
+        return await self._guard("opendir", op)
 
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         async def op() -> None:
@@ -193,7 +200,7 @@ class Operations(pyfuse3.Operations):
                     return
                 node.lookups += 1
 
-        await _guard("readdir", op)
+        await self._guard("readdir", op)
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
@@ -203,20 +210,20 @@ class Operations(pyfuse3.Operations):
             node = await self.fs.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid)
             return self._looked_up(node)
 
-        return await _guard("mkdir", op)
+        return await self._guard("mkdir", op)
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        await _guard("rmdir", lambda: self.fs.rmdir(parent_inode, name))
+        await self._guard("rmdir", lambda: self.fs.rmdir(parent_inode, name))
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        await _guard("unlink", lambda: self.fs.unlink(parent_inode, name))
+        await self._guard("unlink", lambda: self.fs.unlink(parent_inode, name))
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
         async def op() -> Any:
             node = await self.fs.symlink(parent_inode, name, target, ctx.uid, ctx.gid)
             return self._looked_up(node)
 
-        return await _guard("symlink", op)
+        return await self._guard("symlink", op)
 
     async def rename(
         self,
@@ -227,7 +234,7 @@ class Operations(pyfuse3.Operations):
         flags: int,
         ctx: Any,
     ) -> None:
-        await _guard(
+        await self._guard(
             "rename",
             lambda: self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags),
         )
@@ -236,42 +243,42 @@ class Operations(pyfuse3.Operations):
         async def op() -> Any:
             self.fs.link()
 
-        return await _guard("link", op)
+        return await self._guard("link", op)
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
         async def op() -> Any:
             raise E.NotPermitted("only regular files, directories and symlinks are supported")
 
-        return await _guard("mknod", op)
+        return await self._guard("mknod", op)
 
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
         async def op() -> Any:
             h = await self.fs.open(inode, flags)
             return pyfuse3.FileInfo(fh=h.fh, keep_cache=h.keep_cache)
 
-        return await _guard("open", op)
+        return await self._guard("open", op)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
         async def op() -> Any:
             node, h = await self.fs.create(parent_inode, name, mode, ctx.uid, ctx.gid)
             return pyfuse3.FileInfo(fh=h.fh), self._looked_up(node)
 
-        return await _guard("create", op)
+        return await self._guard("create", op)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await _guard("read", lambda: self.fs.read(fh, off, size))
+        return await self._guard("read", lambda: self.fs.read(fh, off, size))
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await _guard("write", lambda: self.fs.write(fh, off, buf))
+        return await self._guard("write", lambda: self.fs.write(fh, off, buf))
 
     async def flush(self, fh: int) -> None:
-        await _guard("flush", lambda: self.fs.flush(fh))
+        await self._guard("flush", lambda: self.fs.flush(fh))
 
     async def release(self, fh: int) -> None:
-        await _guard("release", lambda: self.fs.release(fh))
+        await self._guard("release", lambda: self.fs.release(fh))
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await _guard("fsync", lambda: self.fs.fsync(fh))
+        await self._guard("fsync", lambda: self.fs.fsync(fh))
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         return None
@@ -295,7 +302,7 @@ class Operations(pyfuse3.Operations):
         async def op() -> None:
             self.fs.setxattr()
 
-        await _guard("setxattr", op)
+        await self._guard("setxattr", op)
 
     async def listxattr(self, inode: int, ctx: Any) -> Sequence[bytes]:
         return []

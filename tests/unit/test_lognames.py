@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import pyfuse3
 import pytest
 
 from cryptfs import lognames
+from cryptfs.cache.staging import StagingArea
 from cryptfs.crypto import Secret
 from cryptfs.errors import NoEntry, StoreUnavailable
 from cryptfs.format.names import NameCodec
+from cryptfs.format.volume import KeySource
+from cryptfs.fs.filesystem import ROOT_INO, Filesystem, Options
+from cryptfs.fs.volume import Volume
+from cryptfs.fuse.ops import Operations
+from cryptfs.store.memory import MemoryStore
+
+SECRET = b"secret-name-"
 
 
 @pytest.fixture
@@ -84,3 +97,78 @@ def test_opaque_keys_are_encrypted_names_only() -> None:
     assert not codec.opaque("report.txt") and not codec.opaque(f"{comp}/report.txt")
     assert not codec.opaque("photos/cat.jpg.instruction")
     assert not NameCodec(None, b"v" * 16).opaque(comp)  # plaintext names: the key is the name
+
+
+async def _fs(tmp_path: Path, store: MemoryStore, *, encrypt: bool) -> Filesystem:
+    src = KeySource(keyfile=Secret(b"k" * 32))
+    try:
+        vol = await Volume.open(store, src)
+    except Exception:
+        vol = await Volume.create(store, src, chunk_log2=12, encrypt_names=encrypt)
+    staging = StagingArea(tmp_path / vol.volume_id.hex(), vol.keys.cache, vol.chunk)
+    fs = Filesystem(vol, staging, Options(writeback_delay=0.1, metadata_ttl=0))
+    await fs.ensure_root()
+    return fs
+
+
+async def _exercise(tmp_path: Path, *, encrypt: bool) -> str:
+    """Create, fail an upload, rename, fsync, miss a name and read a tampered object, as the
+    kernel would ask (``Operations``); returns the tampered object's key."""
+    store = MemoryStore()
+    fs = await _fs(tmp_path, store, encrypt=encrypt)
+    ops = Operations(fs)
+    ctx = SimpleNamespace(uid=0, gid=0)
+    d = await fs.mkdir(ROOT_INO, SECRET + b"dir", 0o755, 0, 0)
+    info, entry = await ops.create(d.ino, SECRET + b"alpha", 0o644, os.O_RDWR, ctx)
+    await ops.write(info.fh, 0, os.urandom(3 * 4096))
+    put = store.put
+
+    async def unavailable(key: str, *a: Any, **kw: Any) -> str:
+        store.put = put  # type: ignore[method-assign]
+        raise StoreUnavailable(f"S3 server error 503 for {key}", object_keys=(key,))
+
+    store.put = unavailable  # type: ignore[method-assign]
+    await fs._background_sync(fs.node(entry.st_ino))  # logs the failure, retries later
+    await ops.rename(d.ino, SECRET + b"alpha", d.ino, SECRET + b"beta", 0, ctx)
+    await ops.fsync(info.fh, False)
+    await ops.release(info.fh)
+    with pytest.raises(pyfuse3.FUSEError):
+        await ops.lookup(d.ino, SECRET + b"missing", ctx)
+    key, _ = fs.object_key(fs.node(entry.st_ino))
+    data, md, etag = store.objects[key]
+    store.objects[key] = (data[:5000] + bytes([data[5000] ^ 1]) + data[5001:], md, etag)
+    ops2 = Operations(await _fs(tmp_path / "2", store, encrypt=encrypt))
+    d2 = await ops2.lookup(ROOT_INO, SECRET + b"dir", ctx)
+    e2 = await ops2.lookup(d2.st_ino, SECRET + b"beta", ctx)
+    h2 = await ops2.open(e2.st_ino, os.O_RDONLY, ctx)
+    with pytest.raises(pyfuse3.FUSEError):
+        await ops2.read(h2.fh, 0, 1 << 20)
+    return key
+
+
+@pytest.mark.allow_error_logs
+@pytest.mark.parametrize("encrypt", [True, False])
+async def test_default_logs_name_no_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, encrypt: bool
+) -> None:
+    with caplog.at_level(logging.DEBUG, "cryptfs"):
+        key = await _exercise(tmp_path, encrypt=encrypt)
+    text = caplog.text
+    assert "integrity failure" in text and "upload of" in text and "lookup: …" in text
+    assert SECRET.decode() not in text
+    if encrypt:  # the key is made of encrypted names: it names the object
+        assert f"integrity failure: object {key} (inode" in text
+    else:  # the key is the name: the inode and file id instead
+        assert "integrity failure: inode" in text and "S3 server error 503 for …" in text
+
+
+@pytest.mark.allow_error_logs
+async def test_log_names_shows_paths(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, names_shown: None
+) -> None:
+    with caplog.at_level(logging.DEBUG, "cryptfs"):
+        key = await _exercise(tmp_path, encrypt=False)
+    name = SECRET.decode()
+    assert f"integrity failure: object {key} (inode" in caplog.text
+    assert f"path /{name}dir/{name}beta" in caplog.text
+    assert f"lookup: {name}missing" in caplog.text
