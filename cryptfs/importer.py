@@ -13,6 +13,7 @@ that fail stay as they are and are listed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from collections.abc import Callable
@@ -76,10 +77,13 @@ async def import_s3ec(
         and (paths is None or any(_under(o.key, p) for p in paths))
     ]
     report.scanned = len(keys)
-    with tempfile.TemporaryDirectory(prefix="cryptfs-import-") as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="cryptfs-import-"))
+        staging = StagingArea(Path(tmp), vol.keys.cache, vol.chunk)
+        stack.callback(staging.close)  # (first: no pool file is made while tmp is removed)
         fs = Filesystem(
             vol,
-            StagingArea(Path(tmp), vol.keys.cache, vol.chunk),
+            staging,
             # native entries only: the S3EC originals must never be mistaken for the copies
             Options(writeback_delay=3600.0, show_foreign=False),
             key_prefix=key_prefix,
@@ -137,9 +141,10 @@ async def _import_one(fs: Filesystem, key: str, size: int, env: S3ecObject, max_
     plain_size = env.plain_size(size)
     if size > max_size:
         raise UsageError(f"{size} bytes is over --max-size ({max_size}); not downloaded")
-    parts = [p.encode() for p in key.split("/")]
-    if any(p in (b"", b".", b"..") for p in parts):
-        raise UsageError("object key has an empty, '.' or '..' path component")
+    problem = next(filter(None, map(s3ec.name_problem, key.split("/"))), None)
+    if problem is not None:  # (its key would be the native path: nothing authenticates it)
+        raise UsageError(f"not imported: its key has {problem}")
+    parts = [p.encode(errors="surrogateescape") for p in key.split("/")]
     parent = await _mkdir_p(fs, parts[:-1])
     node = await fs._find(parent, parts[-1])
     if node is None or node.attrs.size != plain_size:

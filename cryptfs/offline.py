@@ -18,6 +18,7 @@ from pathlib import Path
 
 from cryptfs.cache.staging import StagingArea
 from cryptfs.errors import NotFound, VolumeNotFound
+from cryptfs.format import s3ec
 from cryptfs.format.meta import KIND_DIR, KIND_LINK
 from cryptfs.format.volume import CONFIG_NAME, KeySource
 from cryptfs.fs.filesystem import ROOT_INO, Filesystem, Node
@@ -48,10 +49,13 @@ async def open_offline(
         else:
             raise VolumeNotFound(f"no cryptfs volume at or above {url}")
         volume = await open_volume(store, kms, source, remote)
-        with tempfile.TemporaryDirectory(prefix="cryptfs-offline-") as tmp:
+        with contextlib.ExitStack() as stack:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="cryptfs-offline-"))
+            staging = StagingArea(Path(tmp), volume.keys.cache, volume.chunk)
+            stack.callback(staging.close)  # (first: no pool file is made while tmp is removed)
             fs = Filesystem(
                 volume,
-                StagingArea(Path(tmp), volume.keys.cache, volume.chunk),
+                staging,
                 key_prefix=store.loc.prefix,
             )
             await fs.ensure_root()
@@ -61,11 +65,27 @@ async def open_offline(
             yield fs, node
 
 
+async def _entries(fs: Filesystem, d: Node) -> list[tuple[bytes, Node]]:
+    """``d``'s entries whose names can be names on a local disk.  A foreign object (AWS S3
+    Encryption Client) keeps its key as its name, which nothing authenticates: ``..``, an
+    empty name, a NUL (or 256 bytes and more) are skipped, never joined to a local path."""
+    out = []
+    for name, child in await fs.readdir(d.ino):
+        problem = s3ec.name_problem(name)
+        if problem is None:
+            out.append((name, child))
+            continue
+        key = child.foreign_key or child.raw_prefix  # (a foreign name is its object key)
+        what = f"object {key}" if key is not None else f"inode {child.ino}"  # (no native name)
+        log.warning("%s skipped: %s", what, problem)
+    return out
+
+
 async def list_entries(fs: Filesystem, node: Node, long: bool) -> list[str]:
     if node.kind != KIND_DIR:
         entries = [(node.name, node)]
     else:
-        entries = await fs.readdir(node.ino)
+        entries = await _entries(fs, node)
     out = []
     for name, child in entries:
         text = name.decode(errors="surrogateescape")
@@ -93,7 +113,7 @@ async def decrypt_tree(
     st = fs.stat(node)
     if node.kind == KIND_DIR:
         os.makedirs(dest, exist_ok=True)  # offline CLI: local I/O inline is fine
-        for name, child in await fs.readdir(node.ino):
+        for name, child in await _entries(fs, node):
             f, b = await decrypt_tree(fs, child, dest / os.fsdecode(name), progress)
             files += f
             total += b

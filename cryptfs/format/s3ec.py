@@ -19,6 +19,11 @@ second object, ``<key>.instruction``, whose body is a JSON object of S3EC metada
 nothing else.  v1/v2: all content metadata is in it and none on the object; v3: ``x-amz-c``,
 ``x-amz-d`` and ``x-amz-i`` stay on the object and must not appear in the instruction file.
 Object metadata wins over the instruction file where both name a key (as their client merges).
+
+Names: an S3EC object is shown under its own key, which nothing authenticates (anyone who can
+write to the bucket chooses it); ``name_problem`` says which key components cannot be a
+directory entry (empty, ``.``, ``..``, over 255 bytes, a NUL or a ``/``), so that such an
+object is skipped with a warning naming its key, never written out or imported under it.
 Must not import: store, fs, fuse.
 """
 
@@ -64,6 +69,30 @@ class S3ecObject:
         if object_size < TAG:
             raise IntegrityError("S3EC object shorter than its GCM tag")
         return object_size - TAG
+
+
+NAME_MAX = 255  # bytes of a directory entry's name (Linux, FUSE)
+
+
+def name_problem(name: str | bytes) -> str | None:
+    """Why ``name``, one component of a foreign object's key, cannot be the name of a
+    directory entry (None: it can).  For the warning that says the object was skipped."""
+    if isinstance(name, str):
+        try:
+            name = name.encode(errors="surrogateescape")
+        except UnicodeEncodeError:
+            return "a name that is not valid UTF-8"
+    if not name:
+        return "an empty name"
+    if name in (b".", b".."):
+        return f"the name {name.decode()!r}"
+    if len(name) > NAME_MAX:
+        return f"a name of {len(name)} bytes (at most {NAME_MAX})"
+    if b"\0" in name:
+        return "a NUL byte in the name"
+    if b"/" in name:
+        return "a '/' in the name"
+    return None
 
 
 def is_s3ec(md: Mapping[str, str]) -> bool:
