@@ -75,9 +75,8 @@ async def _entries(fs: Filesystem, d: Node) -> list[tuple[bytes, Node]]:
         if problem is None:
             out.append((name, child))
             continue
-        key = child.foreign_key or child.raw_prefix  # (a foreign name is its object key)
-        what = f"object {key}" if key is not None else f"inode {child.ino}"  # (no native name)
-        log.warning("%s skipped: %s", what, problem)
+        # (a foreign name is its object key: in the log only with --log-names)
+        log.warning("%s skipped: %s", fs.ident(child), problem)
     return out
 
 
