@@ -353,6 +353,11 @@ class VolumeConfig:
         """The config authenticates under the payload's current key (else it was tampered
         with, or written under a key this payload does not hold), and names only keys the
         payload can stand behind."""
+        if self.version < 2 and payload.rev >= 2:
+            # a revision-2 payload is only ever sealed beside a revision-2 config: a
+            # revision-1 one (its MAC keyed by the VMK, which never rotates) would let
+            # whoever held any earlier key forge it
+            raise IntegrityError("a revision-1 volume config over a revision-2 keyslot: refused")
         if not constant_time_eq(self._mac(payload).encode(), str(self.stored_mac).encode()):
             raise IntegrityError("volume config does not authenticate (tampered or replayed)")
         if self.version < 2:

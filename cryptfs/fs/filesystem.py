@@ -735,7 +735,13 @@ class Filesystem:
                 )
                 if env is None:
                     return False
-                if show:
+                problem = s3ec.name_problem(name)
+                if show and problem is not None:
+                    # a bucket writer chose this key: never a '..', a NUL or 256 bytes in readdir
+                    log.warning(
+                        "S3 Encryption Client object %s not shown: %s", self.key_ident(key), problem
+                    )
+                elif show:
                     new[name] = self._adopt_foreign(d, name, info, old.get(name), env)
             except (IntegrityError, UnsupportedFormat) as e:
                 log.warning(
@@ -749,6 +755,14 @@ class Filesystem:
         if not await self._foreign_prefix(prefix):
             return False
         if not show:
+            return True
+        problem = s3ec.name_problem(name)
+        if problem is not None:
+            log.warning(
+                "S3 Encryption Client objects under %s not shown: %s",
+                self.key_ident(prefix),
+                problem,
+            )
             return True
         cur = old.get(name)
         new[name] = (
@@ -1175,6 +1189,10 @@ class Filesystem:
             try:
                 if d.raw_prefix is not None:
                     name = comp.encode(errors="surrogateescape")
+                    problem = s3ec.name_problem(name)
+                    if problem is not None:  # (a foreign prefix: its keys are the names)
+                        log.warning("%s not shown: %s", self.key_ident(key), problem)
+                        return
                 elif not self.vol.names.is_long(comp):
                     name = decoded.get(key) or self.vol.names.decode(dpath, comp)
                 info = await self._head(key)

@@ -176,37 +176,50 @@ class Sse:
         if not ok:
             raise SseMismatch(
                 f"{what}: stored without the volume's required server-side encryption "
-                f"(SSE-{self.mode.upper()})"
+                f"(SSE-{self.mode.upper()})",
+                object_keys=(what,),
             )
 
 
-def _classify(exc: Exception, what: str) -> StoreError:
+def _classify(exc: Exception, what: str, keys: tuple[str, ...]) -> StoreError:
+    """The domain error of a failed request about ``what``, which holds the object ``keys``
+    (``CryptfsError.object_keys``: a log line may have to cut them out)."""
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))
         status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
         if code in _NOT_FOUND or (code == "" and status == "404"):
-            return NotFound(what)
+            return NotFound(what, object_keys=keys)
         if code in _PRECONDITION or status == "412":
-            return PreconditionFailed(what)
+            return PreconditionFailed(what, object_keys=keys)
         if code == "NoSuchBucket":
-            return BucketNotFound(f"bucket does not exist ({what})")
+            return BucketNotFound(f"bucket does not exist ({what})", object_keys=keys)
         if code in _DENIED or status == "403":
-            return AccessDenied(f"access denied by the S3 server ({code or status}) for {what}")
+            return AccessDenied(
+                f"access denied by the S3 server ({code or status}) for {what}", object_keys=keys
+            )
         msg = str(err.get("Message", ""))
         if "customer" in msg.lower() and ("key" in msg.lower()):
-            return SseMismatch(f"{what}: {msg} (this volume needs --sse-c-key-file)")
+            return SseMismatch(
+                f"{what}: {msg} (this volume needs --sse-c-key-file)", object_keys=keys
+            )
         if code == "KeyTooLongError":
-            return KeyTooLong(what)
+            return KeyTooLong(what, object_keys=keys)
         if status.startswith("5") or code in ("SlowDown", "RequestTimeout"):
-            return StoreUnavailable(f"S3 server error {code or status} for {what}")
-        return StoreError(f"S3 error {code or status} for {what}")
+            return StoreUnavailable(
+                f"S3 server error {code or status} for {what}", object_keys=keys
+            )
+        return StoreError(f"S3 error {code or status} for {what}", object_keys=keys)
     if isinstance(exc, NoCredentialsError):
         return AccessDenied("no S3 credentials found (set AWS_ACCESS_KEY_ID/… or a profile)")
+    # botocore's transport errors quote the request's URL, the object key in it
+    url = getattr(exc, "kwargs", {}).get("endpoint_url")
+    info = getattr(exc, "request_info", None)  # aiohttp's answer errors
+    keys += (str(url),) if url else (str(info.real_url),) if info is not None else ()
     if isinstance(exc, EndpointConnectionError | ConnectTimeoutError | ReadTimeoutError):
-        return StoreUnavailable(f"S3 endpoint unreachable: {exc}")
+        return StoreUnavailable(f"S3 endpoint unreachable: {exc}", object_keys=keys)
     if isinstance(exc, BotoCoreError | OSError | aiohttp.ClientError):
-        return StoreUnavailable(f"S3 request failed: {type(exc).__name__}: {exc}")
+        return StoreUnavailable(f"S3 request failed: {type(exc).__name__}: {exc}", object_keys=keys)
     raise exc
 
 
@@ -227,7 +240,7 @@ class S3Store:
         self._limiter = trio.CapacityLimiter(limit)
         self.requests = 0
         self.sse = sse
-        self.secure = True  # https (or the AWS default endpoint)
+        self.secure = True  # the endpoint in use is https (set by ``open_s3_store``)
         self.copy_max = 5 << 30  # CopyObject's limit
         self.copy_part = 1 << 30
         self.bytes_in = 0  # body bytes downloaded
@@ -270,13 +283,17 @@ class S3Store:
     def _k(self, key: str) -> str:
         return self.loc.prefix + key
 
-    async def _call(self, what: str, fn: Any, *args: Any) -> Any:
+    async def _call(
+        self, what: str, fn: Any, *args: Any, keys: tuple[str, ...] | None = None
+    ) -> Any:
+        """``fn(*args)`` on the loop thread; failures as domain errors about ``what``, which
+        names the object ``keys`` (default: ``what`` is a key)."""
         async with self._limiter:
             self.requests += 1
             try:
                 return await self._bridge.run(fn, *args)
             except (ClientError, BotoCoreError, OSError, aiohttp.ClientError) as e:
-                err = _classify(e, what)
+                err = _classify(e, what, (what,) if keys is None else keys)
                 if not isinstance(err, NotFound | PreconditionFailed):
                     self.errors += 1  # answers that are part of the protocol are not errors
                 raise err from None
@@ -333,7 +350,9 @@ class S3Store:
             h = a.headers
             size = int(h.get("Content-Length", len(data)))
             if len(data) != size:  # aiohttp reads to EOF: a cut body must not pass as whole
-                raise StoreUnavailable(f"S3 body of {key} truncated ({len(data)} of {size})")
+                raise StoreUnavailable(
+                    f"S3 body of {key} truncated ({len(data)} of {size})", object_keys=(key,)
+                )
             self.bytes_in += len(data)
             cr = h.get("Content-Range")
             if cr:
@@ -399,7 +418,7 @@ class S3Store:
             self.bytes_out += len(data)
             return a.headers["ETag"]
 
-        return await self._call(f"{key} part {number}", op)  # type: ignore[no-any-return]
+        return await self._call(f"{key} part {number}", op, keys=(key,))  # type: ignore[no-any-return]
 
     async def complete_multipart(
         self,
@@ -451,7 +470,8 @@ class S3Store:
                 kw["KeyMarker"] = r.get("NextKeyMarker", "")
                 kw["UploadIdMarker"] = r.get("NextUploadIdMarker", "")
 
-        return await self._call(f"uploads under {prefix or '/'}", op)  # type: ignore[no-any-return]
+        what = f"uploads under {prefix or '/'}"
+        return await self._call(what, op, keys=(prefix,))  # type: ignore[no-any-return]
 
     async def copy(
         self,
@@ -480,7 +500,7 @@ class S3Store:
             )
             return copy_etag(a.body)
 
-        return await self._call(f"{src} -> {dst}", op)  # type: ignore[no-any-return]
+        return await self._call(f"{src} -> {dst}", op, keys=(src, dst))  # type: ignore[no-any-return]
 
     async def _multipart_copy(
         self, src: str, dst: str, metadata: Mapping[str, str], if_match: str | None, size: int
@@ -508,7 +528,7 @@ class S3Store:
                     r = await self._client.upload_part_copy(**kw)
                     return str(r["CopyPartResult"]["ETag"])
 
-                etags[i] = await self._call(f"{src} -> {dst} part {i + 1}", op)
+                etags[i] = await self._call(f"{src} -> {dst} part {i + 1}", op, keys=(src, dst))
 
             async with open_tasks() as nursery:
                 for i, (a, b) in enumerate(ranges):
@@ -541,7 +561,8 @@ class S3Store:
                 e = errors[0]
                 raise StoreError(
                     f"{e.get('Key', '?')}: {e.get('Code', '?')}: {e.get('Message', '')}"
-                    + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+                    + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""),
+                    object_keys=(str(e.get("Key", "")),),
                 )
 
         # S3 takes at most 1000 keys a request; a server deletes one request's keys one
@@ -584,7 +605,7 @@ class S3Store:
                     return Listing(objs, prefixes)
                 q["continuation-token"] = page.next_token
 
-        return await self._call(prefix or "/", op)  # type: ignore[no-any-return]
+        return await self._call(prefix or "/", op, keys=(prefix,))  # type: ignore[no-any-return]
 
     async def aclose(self) -> None:
         pass
@@ -646,9 +667,11 @@ async def open_s3_store(loc: S3Location, opts: S3Options) -> AsyncIterator[S3Sto
         try:
             client, lean = await bridge.run(create)
             store = S3Store(bridge, client, loc, opts.max_concurrency, lean)
-            store.secure = not opts.endpoint_url or opts.endpoint_url.lower().startswith("https:")
+            # the endpoint botocore resolved, as the requests use it: --endpoint-url, else
+            # AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else the profile's endpoint_url
+            store.secure = urlparse(str(client.meta.endpoint_url)).scheme.lower() == "https"
             try:
-                await store._call(loc.bucket, probe)
+                await store._call(loc.bucket, probe, keys=())
             except NotFound:
                 raise BucketNotFound(f"bucket {loc.bucket!r} does not exist") from None
             yield store

@@ -134,6 +134,28 @@ async def test_sse_c_refused_over_plain_http(s3server: S3Server, bucket: str) ->
             pass
 
 
+@pytest.mark.parametrize("source", ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "profile"])
+async def test_sse_c_refused_over_plain_http_resolved_from_the_environment(
+    s3server: S3Server, bucket: str, source: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check is of the endpoint the requests go to, not only of --endpoint-url."""
+    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    if source == "profile":
+        cfg = tmp_path / "aws-config"
+        cfg.write_text(f"[profile p]\nendpoint_url = {s3server.endpoint}\n")
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(cfg))
+        monkeypatch.setenv("AWS_PROFILE", "p")
+    else:
+        monkeypatch.setenv(source, s3server.endpoint)
+    loc = S3Location.parse(f"s3://{bucket}/x")
+    async with open_remote(loc, Remote(S3Options())) as (store, _):
+        assert not store.secure  # (the bucket answered there: that is the endpoint in use)
+    with pytest.raises(UsageError, match="https"):
+        async with open_remote(loc, Remote(S3Options(), sse_c_key=Secret(os.urandom(32)))):
+            pass
+
+
 async def test_tls_wrong_ca_refused(tls_s3server: S3Server, tmp_path: Path) -> None:
     assert tls_s3server.https_endpoint is not None
     other_ca, _ = make_self_signed(tmp_path / "other", "not-the-server")

@@ -156,6 +156,12 @@ def test_config_mac_covers_keyslots_and_epoch() -> None:
     with pytest.raises(IntegrityError):
         VolumeConfig.from_bytes(forged.to_bytes(old)).verify(payload)
     assert d["cryptfs"] == 2
+    # nor a downgrade: a revision-1 config (MAC keyed by the VMK, which an old key holder
+    # knows) over the current, revision-2 keyslots
+    down = VolumeConfig.from_bytes(data)
+    down.version = 1
+    with pytest.raises(IntegrityError, match="revision-1"):
+        VolumeConfig.from_bytes(down.to_bytes(SlotPayload(vmk))).verify(payload)
 
 
 def test_config_bounds() -> None:
