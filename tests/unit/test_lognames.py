@@ -172,3 +172,16 @@ async def test_log_names_shows_paths(
     assert f"integrity failure: object {key} (inode" in caplog.text
     assert f"path /{name}dir/{name}beta" in caplog.text
     assert f"lookup: {name}missing" in caplog.text
+
+
+def test_s3_errors_declare_the_keys_they_quote() -> None:
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    from cryptfs.store.s3 import _classify
+
+    answer = {"Error": {"Code": "InternalError"}, "ResponseMetadata": {"HTTPStatusCode": 503}}
+    e = _classify(ClientError(answer, "GET"), "d/report.txt", ("d/report.txt",))
+    assert "d/report.txt" in str(e) and lognames.scrub(e) == "S3 server error InternalError for …"
+    url = "http://s3.example:9000/bucket/d/report.txt?uploads"
+    e = _classify(EndpointConnectionError(endpoint_url=url), "d/report.txt", ("d/report.txt",))
+    assert url in str(e) and "report" not in lognames.scrub(e)
