@@ -22,6 +22,7 @@ Error handling:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,13 +32,15 @@ import trio
 from cryptfs import lognames
 from cryptfs.errors import (
     CryptfsError,
+    IntegrityError,
     NotFound,
     PreconditionFailed,
+    UnsupportedFormat,
     UsageError,
 )
 from cryptfs.format.keys import LOCAL_KID, SCHEME_KMS, SCHEME_LOCAL, new_master_key
 from cryptfs.format.meta import FORMATS, ObjectMeta
-from cryptfs.format.volume import CONFIG_NAME, KeySource, SlotPayload
+from cryptfs.format.volume import CONFIG_NAME, KeySource, Retiring, SlotPayload
 from cryptfs.fs.volume import Volume
 from cryptfs.keys.keyring import Target, add_kms_slot
 from cryptfs.store.base import ObjectInfo
@@ -96,6 +99,10 @@ class RotateReport:
     foreign: int = 0
     vanished: int = 0
     failed: list[str] = field(default_factory=list)
+    # objects that authenticate under no key of the volume (tampered, planted, or written
+    # under a retiring key after the rotation's bound): unreadable before and after, so they
+    # do not hold the rotation back (a bucket writer could otherwise keep it from finishing)
+    unreadable: list[str] = field(default_factory=list)
     removed_slots: list[str] = field(default_factory=list)
     new_slot: str = ""
     target: str = ""
@@ -120,8 +127,15 @@ class RotateReport:
             lines.append(f"deleted meanwhile:     {self.vanished}")
         if self.removed_slots:
             lines.append(f"keyslots removed:      {', '.join(self.removed_slots)}")
+        if self.unreadable:
+            lines.append(
+                f"do not authenticate:   {len(self.unreadable)} (left as they are; they read "
+                "EIO; fsck --full lists them):"
+            )
+            lines += [f"  {k}" for k in sorted(self.unreadable)[:20]]
         if self.failed:
-            lines.append(f"FAILED:                {len(self.failed)} (see the log; rerun)")
+            lines.append(f"FAILED:                {len(self.failed)} (rerun):")
+            lines += [f"  {k}" for k in sorted(self.failed)[:20]]
         state = "complete" if self.finished else "NOT complete: rerun the same command"
         lines.append(f"rotation to {self.target}: {state}")
         return "\n".join(lines)
@@ -178,6 +192,7 @@ async def rotate(
     else:
         target, new_slot = await _start(vol, target, to_source, report)
         report.new_slot = new_slot
+    await _bound_retiring(vol, settle)
     report.target = target.kid
 
     await _rewrap_all(vol, target, report, concurrency, progress, settle)
@@ -216,6 +231,10 @@ async def _start(
     except BaseException:
         cfg.keyslots = previous
         raise
+    old_kms = [cfg.dek["kid"]] if cfg.dek["scheme"] == SCHEME_KMS else []
+    cfg.retiring = Retiring(
+        sorted(set(payload.mks) - {kid}), [k for k in old_kms if k != target.kid], until=0
+    )
     cfg.dek = {"scheme": target.scheme, "kid": target.kid}
     vol.set_payload(payload)
     await vol.save_config()  # one write: the old slots go, new files use the new keys
@@ -224,6 +243,23 @@ async def _start(
         vol.state.see(cfg.epoch, target.kid)
     log.info("rotation started: new files now use %s; old keyslots removed", target.kid)
     return target, slot_id
+
+
+async def _bound_retiring(vol: Volume, settle: float) -> None:
+    """The second config write of a rotation: objects under a retiring key are believed
+    only if the S3 server last modified them by the first write's Last-Modified plus the time
+    running mounts take to re-read the config (``settle``), plus a second of rounding.  A
+    bucket writer cannot backdate Last-Modified: whatever the holder of a retired key plants
+    later is refused by every reader, and never resealed (docs/FORMAT.md §7.8)."""
+    ret = vol.config.retiring
+    if ret is None or ret.until:
+        return
+    started = (await vol.store.head(CONFIG_NAME)).modified
+    if not started:
+        raise CryptfsError("the S3 server gave the volume config no Last-Modified time")
+    ret.until = math.ceil(started + settle) + 1
+    await vol.save_config()
+    log.info("rotation: objects under the retiring keys are accepted up to %d", ret.until)
 
 
 async def _seal_target_slot(
@@ -288,6 +324,15 @@ async def _pass_over(
                 etag = await _rewrap_one(vol, info, target, report, first=info.key not in done)
                 if etag is not None:
                     done[info.key] = _tag(etag)
+            except (IntegrityError, UnsupportedFormat) as e:
+                if info.key not in report.unreadable:
+                    report.unreadable.append(info.key)
+                done[info.key] = _tag(info.etag)
+                log.error(
+                    "rotation: %s does not authenticate, left as it is: %s",
+                    lognames.ident(info.key, opaque=vol.names.opaque(info.key)),
+                    lognames.scrub(e, vol.names.opaque),
+                )
             except CryptfsError as e:
                 report.failed.append(info.key)
                 log.error(
@@ -328,7 +373,9 @@ async def _rewrap_one(
             report.foreign += 1
             return None
         codec = vol.meta
-        meta = codec.decode(b"", info.key, md)  # revision 2: bound to the key, not the path
+        # revision 2: bound to the key, not the path; under a retiring key only if written
+        # before the rotation's bound
+        meta = codec.decode(b"", info.key, md, head.modified)
         wk = meta.dek
         on_target = wk is None or keyring.on_target(wk, target)
         if on_target and codec.sealed_by(md) == codec.cur:
@@ -365,7 +412,12 @@ async def _finish(vol: Volume, target: Target, to_source: KeySource | None) -> N
     assert mk is not None
     cfg = vol.config
     kms_keys = [target.kid] if target.scheme == SCHEME_KMS else []
-    if set(old.mks) == {cur} and len(cfg.keyslots) == 1 and cfg.kms_keys == kms_keys:
+    if (
+        set(old.mks) == {cur}
+        and len(cfg.keyslots) == 1
+        and cfg.kms_keys == kms_keys
+        and cfg.retiring is None
+    ):
         return  # nothing to retire (e.g. a rerun after completion)
     payload = SlotPayload(old.vmk, {cur: mk}, current=cur)
     previous = list(cfg.keyslots)
@@ -376,6 +428,7 @@ async def _finish(vol: Volume, target: Target, to_source: KeySource | None) -> N
         cfg.keyslots = previous
         raise
     cfg.kms_keys = kms_keys
+    cfg.retiring = None
     vol.set_payload(payload)
     await vol.save_config()
     log.info("rotation finished: old master keys retired (%s)", sorted(set(old.mks) - {cur}))

@@ -104,6 +104,8 @@ def unlock_with_keyfile(config: bytes, keyfile: bytes) -> Keys:
         if not hmac.compare_digest(mac.digest(), b64u(cfg["mac"])):
             raise Invalid("config MAC does not verify")
         return keys
+    if current is not None:
+        raise Invalid("a revision-1 config over a revision-2 payload (§7.2)")
     body = {k: cfg[k] for k in ("cryptfs", "volume_id", "chunk_log2", "names", "suite")}
     for optional in ("dek", "sse"):
         if optional in cfg:

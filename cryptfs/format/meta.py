@@ -207,32 +207,55 @@ class MetaCodec:
         self.accept = config.accepted_objects
         self.cur = payload.cur
         vid = keys.volume_id
+        self.retiring = config.retiring
+        retiring = config.retiring_kids()
+        if payload.rev >= 2:
+            # the current master key, and the ones a rotation the config names is retiring
+            # (within its time bound): a payload's other keys are never believed, so a mount
+            # whose payload predates a rotation's end accepts nothing new under them
+            kids = {payload.cur} | (retiring & set(payload.mks))
+            self.local_kids = frozenset(kids)
+        else:
+            kids = {LOCAL_KID}
+            self.local_kids = frozenset(
+                k for k in ({LOCAL_KID} | set(payload.mks)) if payload.master(k) is not None
+            )
         self._meta: dict[str, Secret] = {}
-        for kid in payload.meta_kids():
+        for kid in kids:
             mk = payload.master(kid)
             assert mk is not None
             self._meta[kid] = master_derive(mk, vid, "meta", kid)
-        self.local_kids = frozenset(
-            k for k in ({LOCAL_KID} | set(payload.mks)) if payload.master(k) is not None
+        # revision 1: only the config's own target (keyslots are outside its MAC)
+        self.kms_keys = config.allowed_kms()
+        self._retiring_keys = retiring | frozenset(
+            config.retiring.kms if config.retiring else ()
         )
-        kms = set(config.allowed_kms())
-        if config.version < 2:  # a revision-1 rotation between KMS keys names the new one
-            kms |= {str(s["key_id"]) for s in config.kms_slots()}
-        self.kms_keys = frozenset(kms)
         self._payload = payload
 
     def __repr__(self) -> str:
         return f"<MetaCodec write={self.write_rev} accept={sorted(self.accept)} cur={self.cur}>"
 
-    def check_wrapping(self, wk: WrappedKey | None) -> None:
-        """A data key is believed only under a key this volume's config and payload name."""
+    def check_wrapping(self, wk: WrappedKey | None, modified: float | None = None) -> None:
+        """A data key is believed only under a key this volume's config and payload name;
+        with ``modified`` (the object's Last-Modified), one under a key being retired only
+        if the object predates the rotation's bound."""
         if wk is None:
             return
-        if wk.scheme == SCHEME_LOCAL and wk.kid in self.local_kids:
-            return
-        if wk.scheme == SCHEME_KMS and wk.kid in self.kms_keys:
-            return
-        raise IntegrityError(f"data key wrapped under a key this volume does not use ({wk.kid})")
+        if not (
+            (wk.scheme == SCHEME_LOCAL and wk.kid in self.local_kids)
+            or (wk.scheme == SCHEME_KMS and wk.kid in self.kms_keys)
+        ):
+            raise IntegrityError(
+                f"data key wrapped under a key this volume does not use ({wk.kid})"
+            )
+        if modified is not None and wk.kid in self._retiring_keys:
+            self._check_window(wk.kid, modified)
+
+    def _check_window(self, kid: str, modified: float) -> None:
+        if self.retiring is None or not self.retiring.admits(modified):
+            raise IntegrityError(
+                f"written under {kid}, which a rotation is retiring, after the rotation began"
+            )
 
     def encode(self, path: bytes, key: str, meta: ObjectMeta) -> dict[str, str]:
         if self.write_rev < 2:
@@ -263,14 +286,20 @@ class MetaCodec:
         dek = self.keys.unwrap_local(kek, wk, file_id)
         return self.keys.wrap_local(kek, wk.kid, dek, file_id, rev=2)
 
-    def decode(self, path: bytes, key: str, md: dict[str, str]) -> ObjectMeta:
+    def decode(
+        self, path: bytes, key: str, md: dict[str, str], modified: float | None = None
+    ) -> ObjectMeta:
         """Authenticate and parse; IntegrityError for anything not written for ``key`` (and
-        ``path``, in revision 1) by a holder of a key this volume accepts."""
+        ``path``, in revision 1) by a holder of a key this volume accepts.  ``modified``:
+        the object's Last-Modified (S3's clock), which decides whether metadata under a key
+        being retired is believed; without it such metadata is refused."""
         rev = md.get("cfs")
         if rev == FORMAT2:
             if 2 not in self.accept:
                 raise IntegrityError("revision-2 object in a revision-1 volume")
             meta = self._decode2(key, md)
+            if md["cfs-m"] != self.cur:
+                self._check_window(md["cfs-m"], modified or 0.0)
         elif rev == FORMAT:
             if 1 not in self.accept:
                 raise IntegrityError("revision-1 object in a volume upgraded to revision 2")
@@ -278,7 +307,7 @@ class MetaCodec:
         else:
             meta = decode_meta(self.keys, path, md)  # raises: foreign or unknown revision
         if meta.attrs.kind != KIND_DIR:
-            self.check_wrapping(meta.dek)
+            self.check_wrapping(meta.dek, modified or 0.0)
         return meta
 
     def _decode2(self, key: str, md: dict[str, str]) -> ObjectMeta:

@@ -50,7 +50,7 @@ ARGON2_MAX = {"t": 16, "m": 1 << 20, "p": 64}
 _KNOWN_FIELDS = {
     "cryptfs", "volume_id", "chunk_log2", "names", "suite", "keyslots", "mac", "dek", "sse"
 }  # fmt: skip
-_KNOWN_FIELDS_V2 = _KNOWN_FIELDS | {"epoch", "objects", "kms_keys"}
+_KNOWN_FIELDS_V2 = _KNOWN_FIELDS | {"epoch", "objects", "kms_keys", "retiring"}
 LEGACY_DEK = {"scheme": SCHEME_LOCAL, "kid": LOCAL_KID}
 SSE_MODES = ("s3", "kms", "c")
 
@@ -241,6 +241,10 @@ class VolumeConfig:
     epoch: int = 0
     kms_keys: list[str] = field(default_factory=list)
     objects: list[int] = field(default_factory=lambda: [2])
+    # during a rotation: the master keys (and KMS keys) being retired, and the last moment
+    # (the S3 server's Last-Modified clock, epoch seconds; 0 = not known yet) an object under
+    # one of them may have been written (docs/FORMAT.md §7.8)
+    retiring: Retiring | None = None
 
     @property
     def accepted_objects(self) -> frozenset[int]:
@@ -387,6 +391,9 @@ class VolumeConfig:
             body["sse"] = self.sse
         return body
 
+    def retiring_kids(self) -> frozenset[str]:
+        return frozenset(self.retiring.kids) if self.retiring else frozenset()
+
     def _body_v2(self) -> dict[str, Any]:
         body: dict[str, Any] = {
             "cryptfs": self.version,
@@ -402,6 +409,8 @@ class VolumeConfig:
         }
         if self.sse is not None:
             body["sse"] = self.sse
+        if self.retiring is not None:
+            body["retiring"] = self.retiring.to_json()
         return body
 
     def _mac(self, payload: SlotPayload) -> str:
@@ -456,10 +465,14 @@ class VolumeConfig:
                 cfg.epoch = _int(d["epoch"])
                 cfg.objects = [_int(x) for x in _list(d["objects"])]
                 cfg.kms_keys = [_str(x) for x in _list(d["kms_keys"])]
+                if "retiring" in d:
+                    cfg.retiring = Retiring.from_json(d["retiring"])
         except (KeyError, TypeError, ValueError, AttributeError):
             raise IntegrityError("volume config is malformed") from None
         if len(cfg.volume_id) != 16 or len(cfg.keyslots) > MAX_SLOTS:
             raise IntegrityError("volume config is malformed")
+        if len({s["id"] for s in cfg.keyslots}) != len(cfg.keyslots):
+            raise IntegrityError("volume config has two keyslots of one id")
         if version >= 2 and (cfg.epoch < 1 or not cfg.objects or not set(cfg.objects) <= {1, 2}):
             raise IntegrityError("volume config is malformed (epoch or object revisions)")
         if cfg.dek.get("scheme") not in (SCHEME_LOCAL, SCHEME_KMS) or not cfg.dek.get("kid"):
@@ -474,6 +487,31 @@ class VolumeConfig:
         check_chunk_log2(chunk_log2)
         cfg = cls(random_bytes(16), chunk_log2, encrypt_names, epoch=1, objects=[2])
         return cfg, Secret(random_bytes(VMK_SIZE))
+
+
+@dataclass
+class Retiring:
+    """Keys a rotation is retiring, accepted only for objects the S3 server last modified no
+    later than ``until`` (its own clock: a bucket writer cannot backdate Last-Modified)."""
+
+    kids: list[str]
+    kms: list[str] = field(default_factory=list)
+    until: int = 0  # 0: being set (nothing under a retiring key is accepted meanwhile)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kids": sorted(self.kids), "kms": sorted(self.kms), "until": self.until}
+
+    @classmethod
+    def from_json(cls, v: object) -> Retiring:
+        if not isinstance(v, dict) or set(v) != {"kids", "kms", "until"}:
+            raise ValueError("retiring")
+        r = cls([_str(k) for k in _list(v["kids"])], [_str(k) for k in _list(v["kms"])])
+        r.until = _int(v["until"])
+        return r
+
+    def admits(self, modified: float | None) -> bool:
+        """May an object last modified at ``modified`` be under a retiring key?"""
+        return self.until > 0 and modified is not None and 0 < modified <= self.until
 
 
 def check_argon2(slot: dict[str, Any]) -> None:

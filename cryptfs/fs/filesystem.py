@@ -558,7 +558,7 @@ class Filesystem:
 
     def _decode(self, path: bytes, info: ObjectInfo) -> ObjectMeta:
         try:
-            return self.vol.meta.decode(path, info.key, dict(info.metadata))
+            return self.vol.meta.decode(path, info.key, dict(info.metadata), info.modified)
         except (IntegrityError, UnsupportedFormat) as e:
             self._integrity(info.key, e, path=path)
             raise
@@ -1116,6 +1116,7 @@ class Filesystem:
             listing = await self.store.list(prefix, delimiter="/")
         old = dict(d.children or {})
         new: dict[bytes, Node] = {}
+        foreign: dict[bytes, Node] = {}  # S3EC entries: merged after, a native name wins
         dpath = self.path(d)
         # (component, key, etag or None for dirs, Last-Modified)
         todo: list[tuple[str, str, str | None, float]] = []
@@ -1210,7 +1211,7 @@ class Filesystem:
                 if (
                     "cfs" not in info.metadata
                     and self._foreign_allowed(d)
-                    and await self._foreign_entry(d, comp, key, etag, old, new, here, info)
+                    and await self._foreign_entry(d, comp, key, etag, old, foreign, here, info)
                 ):
                     return
                 long = name is None
@@ -1224,7 +1225,7 @@ class Filesystem:
                 if (
                     name is None
                     and not self.vol.names.is_long(comp)  # a long name is a cryptfs key
-                    and await self._foreign_entry(d, comp, key, etag, old, new, here)
+                    and await self._foreign_entry(d, comp, key, etag, old, foreign, here)
                 ):
                     return
                 self._integrity(
@@ -1241,6 +1242,16 @@ class Filesystem:
         async with open_tasks() as n:
             for item in todo:
                 n.start_soon(load, *item)
+        for name, node in foreign.items():
+            if name in new and new[name] is not node:
+                # an S3EC object's key that is a native entry's name: it never stands in
+                # for the file (docs/FORMAT.md §7.7), whichever answer came first
+                log.warning("S3 Encryption Client %s not shown: a file has its name",
+                            self.key_ident(node.foreign_key or ""))  # fmt: skip
+                node.unlinked = True
+                self._maybe_drop(node)
+                continue
+            new[name] = node
         if (
             own_marker is not None
             and d.parent is not None
@@ -1311,7 +1322,14 @@ class Filesystem:
             self._insert(parent, node)
             return node
 
+    def _keys_current(self) -> None:
+        """Nothing is written under a master key the volume has moved on from (a rotation
+        elsewhere): metadata copies, markers and renames wait like uploads do."""
+        if self.vol.keyring.stale is not None:
+            raise ReadOnly(self.vol.keyring.stale)
+
     async def _put_marker(self, node: Node, *, create: bool) -> None:
+        self._keys_current()
         key, long_name = self.object_key(node)
         meta = ObjectMeta(node.file_id, node.attrs, None, long_name)
         md = self.vol.meta.encode(self.path(node), key, meta)
@@ -2105,6 +2123,7 @@ class Filesystem:
             dst.stage = None
 
     async def _rename_file(self, src: Node, p2: Node, name: bytes, dst: Node | None) -> None:
+        self._keys_current()
         dst_etag = dst.remote_etag if dst is not None else None
         if dst is not None and dst.is_dir:
             await self._delete_remote(dst)
@@ -2137,6 +2156,7 @@ class Filesystem:
                 self._journal(src)
 
     async def _rename_dir(self, src: Node, p2: Node, name: bytes, dst: Node | None) -> None:
+        self._keys_current()
         old_prefix = self.dir_prefix(src)
         old_path = self.path(src)
         new_comp, _ = self._component(p2, name)
@@ -2385,6 +2405,7 @@ class Filesystem:
         if node.is_dir:
             await self._put_marker(node, create=node.remote_etag is None)
         elif node.remote_etag is not None:
+            self._keys_current()
             key, long_name = self.object_key(node)
             meta = ObjectMeta(node.file_id, node.attrs, node.wrapped, long_name)
             md = self.vol.meta.encode(self.path(node), key, meta)
@@ -2421,7 +2442,7 @@ class Filesystem:
         if info is None:
             return None
         try:
-            meta = self.vol.meta.decode(self.path(node), key, dict(info.metadata))
+            meta = self.vol.meta.decode(self.path(node), key, dict(info.metadata), info.modified)
         except (IntegrityError, UnsupportedFormat):
             return None
         if meta.file_id == node.file_id and meta.attrs.salt in node.own_salts:

@@ -41,6 +41,7 @@ class Volume:
     config_etag: str = ""
     slot_id: str = ""  # the keyslot this volume was opened with
     state: VolumeState | None = None  # what this machine remembers of the volume
+    config_refused: bool = False  # a changed config failed to authenticate: never follow
 
     @property
     def meta(self) -> MetaCodec:
@@ -151,6 +152,7 @@ class Volume:
     ) -> Volume:
         cfg, etag = await cls.load_config(store)
         state = VolumeState.load(cfg.volume_id)
+        _check_epoch(cfg, state)  # (again below, once it authenticates: a clear refusal now)
         trusted: frozenset[str] | None = None
         if not source.local and kms is not None and (source.kms_keys or state.kms_slot_keys):
             named = [await kms.key_arn(k) for k in source.kms_keys]
@@ -168,6 +170,8 @@ class Volume:
 
         A config that does not authenticate under this volume's key is ignored (and logged).
         """
+        if self.config_refused:
+            return False  # sticky: a mount that saw its key retired trusts no config again
         info = await self.store.head(CONFIG_NAME)
         if info.etag == self.config_etag:
             return False
@@ -186,6 +190,10 @@ class Volume:
             )
             log.error("ignoring a changed volume config: %s; %s", e, self.keyring.stale)
             self.config_etag = etag
+            # and for good: whoever holds the key this mount holds (a retired one, after a
+            # rotation) could write a config that authenticates under it next
+            self.config_refused = True
+            self.keyring.stale_for_good = True
             return False
         self.set_config(cfg)
         self.config_etag = etag

@@ -108,6 +108,7 @@ class Keyring:
         # set when the config names a wrapping key this keyring does not hold (rotated
         # elsewhere): new files are refused rather than tied to a retired key
         self.stale: str | None = None
+        self.stale_for_good = False  # (set by the volume: never cleared by ``follow``)
         # raw AES keys of the AWS S3 Encryption Client (AES/GCM wrapping), if given
         self.s3ec_keys: list[Secret] = []
         # the KMS keys (ARNs) S3 Encryption Client data keys may be under (--s3ec-kms-key-id)
@@ -204,7 +205,8 @@ class Keyring:
             log.error("%s", self.stale)
             return
         log.info("new files' data keys now wrapped by %s (changed elsewhere)", target.kid)
-        self.stale = None
+        if not self.stale_for_good:
+            self.stale = None
 
     def on_target(self, wk: WrappedKey, target: Target | None = None) -> bool:
         t = target or self.target
@@ -310,8 +312,12 @@ async def unlock(
         if not _same_key(str(slot["key_id"]), arn):
             last = IntegrityError(f"keyslot {slot['id']}: AWS KMS answered for another key")
             continue
-        payload = SlotPayload.from_bytes(raw.reveal())
-        cfg.verify(payload)
+        try:
+            payload = SlotPayload.from_bytes(raw.reveal())
+            cfg.verify(payload)
+        except IntegrityError as e:  # a planted slot: its payload is not this config's
+            last = e
+            continue
         return payload, str(slot["id"])
     assert last is not None
     raise last
