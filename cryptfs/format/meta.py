@@ -227,9 +227,7 @@ class MetaCodec:
             self._meta[kid] = master_derive(mk, vid, "meta", kid)
         # revision 1: only the config's own target (keyslots are outside its MAC)
         self.kms_keys = config.allowed_kms()
-        self._retiring_keys = retiring | frozenset(
-            config.retiring.kms if config.retiring else ()
-        )
+        self._retiring_keys = retiring | frozenset(config.retiring.kms if config.retiring else ())
         self._payload = payload
 
     def __repr__(self) -> str:

@@ -742,7 +742,9 @@ class Filesystem:
                         "S3 Encryption Client object %s not shown: %s", self.key_ident(key), problem
                     )
                 elif show:
-                    new[name] = self._adopt_foreign(d, name, info, old.get(name), env)
+                    cur = old.get(name)  # (a native entry of this name is never replaced)
+                    mine = cur if cur is not None and cur.foreign is not None else None
+                    new[name] = self._adopt_foreign(d, name, info, mine, env)
             except (IntegrityError, UnsupportedFormat) as e:
                 log.warning(
                     "S3 Encryption Client object %s in %s not shown: %s",

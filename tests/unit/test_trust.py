@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from cryptfs.fs.filesystem import ROOT_INO
 from cryptfs.store.memory import MemoryStore
 from tests.unit.test_filesystem import make_fs
@@ -48,3 +50,205 @@ def test_journal_records_have_a_key_each_and_old_ones_still_read(tmp_path: Path)
     )
     path.write_bytes(b"CFJ2" + len(old).to_bytes(4, "big") + old)
     assert area.read_journal(path)["seq"] == 7
+
+
+# -- rotation: what the holder of a retired key can still do (review of issue 17) ----------
+
+
+async def _plant_under(store, payload, cfg, name: bytes, data: bytes) -> str:  # type: ignore[no-untyped-def]
+    """The holder of ``payload`` (e.g. an old key file) writes a file of its own, sealed and
+    wrapped under that payload's current master key, as FORMAT.md says."""
+    import os
+    import time
+
+    from cryptfs.format.body import BodyCipher
+    from cryptfs.format.keys import VolumeKeys
+    from cryptfs.format.meta import KIND_FILE, Attrs, MetaCodec, ObjectMeta
+    from cryptfs.format.names import NameCodec
+    from cryptfs.keys.keyring import Keyring, Target
+
+    keys = VolumeKeys.derive(payload.vmk, cfg.volume_id)
+    codec = MetaCodec(keys, payload, cfg)
+    ring = Keyring(keys, payload, Target("gcm", payload.cur), None, codec=codec)
+    comp, _ = NameCodec(keys.names, cfg.volume_id).encode(b"/", name)
+    fid = os.urandom(16)
+    dek, wk = await ring.new_dek(fid)
+    body = BodyCipher.new(dek, fid, cfg.chunk_log2)
+    now = time.time_ns()
+    attrs = Attrs(KIND_FILE, 0o644, 0, 0, now, now, now, len(data), body.header.salt)
+    await store.put(comp, body.seal_all(data), codec.encode(b"", comp, ObjectMeta(fid, attrs, wk)))
+    return comp
+
+
+@pytest.mark.allow_error_logs
+async def test_what_a_retired_key_plants_during_or_after_a_rotation_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An old key holder plants a file under the retiring master key while a rotation runs,
+    and later puts back the config the rotation wrote midway (whose payload still holds the
+    old key, and which the new key opens). Neither makes a mount serve the planted file, and
+    the rotation neither reseals it nor is held back by it."""
+    from cryptfs.cache.staging import StagingArea
+    from cryptfs.crypto import Secret
+    from cryptfs.errors import IntegrityError, NoEntry, StoreUnavailable
+    from cryptfs.format.volume import CONFIG_NAME, KeySource, VolumeConfig
+    from cryptfs.fs.filesystem import Filesystem
+    from cryptfs.fs.volume import Volume
+    from cryptfs.keyadmin import rotate
+    from tests.fsutil import read_file, write_file
+
+    old, new = KeySource(keyfile=Secret(b"k" * 32)), KeySource(keyfile=Secret(b"n" * 32))
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store)
+    await write_file(fs, ROOT_INO, b"real.txt", b"the owner's\n")
+    stolen = await Volume.open(store, old)  # what the old key file opens, kept
+    # a rotation that stops after its first config writes (an outage on the first copy)
+    real_copy = store.copy
+
+    async def down(*a, **kw):  # type: ignore[no-untyped-def]
+        raise StoreUnavailable("injected outage")
+
+    store.copy = down  # type: ignore[method-assign]
+    first = await rotate(await Volume.open(store, old), to_source=new, settle=0)
+    assert not first.finished
+    store.copy = real_copy  # type: ignore[method-assign]
+    mid = store.objects[CONFIG_NAME][0]
+    assert VolumeConfig.from_bytes(mid).retiring is not None
+    planted = await _plant_under(store, stolen.payload, stolen.config, b"evil.txt", b"EVIL\n")
+
+    vol = await Volume.open(store, new)  # mid-rotation: the old key is still in the payload
+    info = await store.head(planted)
+    with pytest.raises(IntegrityError, match="retiring"):
+        vol.meta.decode(b"", planted, dict(info.metadata), info.modified)
+    done = await rotate(vol, to_source=new, resume=True, settle=0)
+    assert done.finished and done.unreadable == [planted]  # left as it is, not resealed
+    assert store.objects[planted][1]["cfs-m"] == stolen.payload.cur
+
+    for state in ("seen", "fresh"):  # the mid-rotation config put back
+        if state == "fresh":
+            monkeypatch.setenv("CRYPTFS_STATE_DIR", str(tmp_path / "fresh"))
+        await store.put(CONFIG_NAME, mid, {})
+        if state == "seen":
+            with pytest.raises(IntegrityError, match="replayed"):
+                await Volume.open(store, new)
+            continue
+        v = await Volume.open(store, new)
+        f = Filesystem(v, StagingArea(tmp_path / state, v.keys.cache, v.chunk))
+        await f.ensure_root()
+        assert await read_file(f, (await f.lookup(ROOT_INO, b"real.txt")).ino) == b"the owner's\n"
+        with pytest.raises((IntegrityError, NoEntry)):
+            await read_file(f, (await f.lookup(ROOT_INO, b"evil.txt")).ino)
+
+
+@pytest.mark.allow_error_logs
+async def test_a_mount_whose_key_was_retired_follows_no_config_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    """A mount left running through a rotation elsewhere: once it has seen a config it cannot
+    authenticate, it never follows another (whoever holds its retired key could write one),
+    and it writes no metadata, marker or rename under that key."""
+    from cryptfs.crypto import Secret
+    from cryptfs.errors import IntegrityError, ReadOnly
+    from cryptfs.format.volume import CONFIG_NAME, KeySource
+    from cryptfs.fs.volume import Volume
+    from cryptfs.keyadmin import rotate
+    from tests.fsutil import write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    await write_file(fs, ROOT_INO, b"f", b"data")
+    d = await fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    node = await fs.lookup(ROOT_INO, b"f")
+    old = await Volume.open(store, KeySource(keyfile=Secret(b"k" * 32)))
+    await rotate(
+        await Volume.open(store, KeySource(keyfile=Secret(b"k" * 32))),
+        to_source=KeySource(keyfile=Secret(b"n" * 32)),
+        settle=0,
+    )
+    assert not await fs.vol.reload_config()
+    # the old key holder writes the next epoch, MAC'd under the retired master key
+    old.config.epoch = 99
+    await store.put(CONFIG_NAME, old.config.to_bytes(old.payload), {})
+    assert not await fs.vol.reload_config()
+    assert fs.vol.keyring.stale is not None and fs.vol.config.epoch < 99
+    before = {k: e for k, (_b, _md, e) in store.objects.items()}
+    await fs.setattr(node.ino, mode=0o600)
+    with pytest.raises(ReadOnly):
+        await fs.sync_node(node)  # a metadata copy
+    for attempt in (
+        fs.rename(ROOT_INO, b"f", ROOT_INO, b"g", 0),
+        fs.rename(ROOT_INO, b"d", ROOT_INO, b"e", 0),
+        fs.mkdir(d.ino, b"sub", 0o755, 0, 0),
+        fs.symlink(ROOT_INO, b"l", b"f", 0, 0),
+    ):
+        with pytest.raises((ReadOnly, IntegrityError)):
+            await attempt
+    assert {k: e for k, (_b, _md, e) in store.objects.items()} == before  # nothing written
+
+
+def test_a_revision_1_volume_believes_only_its_own_kms_key() -> None:
+    """Revision-1 keyslots are outside the MAC: a KMS slot a bucket writer adds names no key
+    that data keys may be under."""
+    import os
+
+    from cryptfs.crypto import Secret
+    from cryptfs.format.keys import VolumeKeys, WrappedKey
+    from cryptfs.format.meta import MetaCodec
+    from cryptfs.format.volume import SlotPayload, VolumeConfig
+
+    vmk = Secret(os.urandom(32))
+    cfg = VolumeConfig(os.urandom(16), 16, True, version=1)
+    cfg.dek = {"scheme": "kms", "kid": "arn:aws:kms:us-east-1:1:key/volume"}
+    cfg.keyslots = [{"type": "kms", "id": "kms-x", "key_id": "arn:aws:kms:us-east-1:1:key/x",
+                     "blob": "AA"}]  # fmt: skip
+    codec = MetaCodec(VolumeKeys.derive(vmk, cfg.volume_id), SlotPayload(vmk), cfg)
+    codec.check_wrapping(WrappedKey("kms", cfg.dek["kid"], b"b"))
+    with pytest.raises(Exception, match="does not use"):
+        codec.check_wrapping(WrappedKey("kms", "arn:aws:kms:us-east-1:1:key/x", b"b"))
+
+
+def test_two_keyslots_of_one_id_are_refused() -> None:
+    import json
+    import os
+
+    from cryptfs.crypto import Secret
+    from cryptfs.errors import IntegrityError
+    from cryptfs.format.volume import KeySource, SlotPayload, VolumeConfig
+
+    cfg, vmk = VolumeConfig.create(16, True)
+    payload = SlotPayload(vmk, {"mk-1": Secret(os.urandom(32))}, "mk-1")
+    cfg.dek = {"scheme": "gcm", "kid": "mk-1"}
+    cfg.add_slot(payload, KeySource(keyfile=Secret(b"k" * 32)))
+    d = json.loads(cfg.to_bytes(payload))
+    d["keyslots"].append(dict(d["keyslots"][0]))
+    with pytest.raises(IntegrityError, match="two keyslots"):
+        VolumeConfig.from_bytes(json.dumps(d).encode())
+
+
+async def test_a_native_file_wins_a_name_clash_with_an_s3ec_object(tmp_path: Path) -> None:
+    """With S3EC objects shown, one at the plaintext key equal to a native file's name never
+    stands in for that file, in listings or lookups, whichever answer comes first."""
+    from cryptfs.cache.staging import StagingArea
+    from cryptfs.fs.filesystem import Filesystem, Options
+    from tests.fsutil import read_file, write_file
+    from tests.unit.test_foreign_names import WRAPPING, _s3ec_v2
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store)
+    await write_file(fs, ROOT_INO, b"report.txt", b"the user's real report\n")
+    body, md = _s3ec_v2(b"the attacker's report\n")
+    await store.put("report.txt", body, md)
+    for run in range(4):
+        shown = Filesystem(
+            fs.vol,
+            StagingArea(tmp_path / f"s{run}", fs.vol.keys.cache, fs.vol.chunk),
+            Options(show_foreign=True, metadata_ttl=0),
+        )
+        shown.vol.keyring.s3ec_keys = [WRAPPING]
+        await shown.ensure_root()
+        listing = dict(await shown.readdir(ROOT_INO))
+        node = listing[b"report.txt"]
+        assert node.foreign is None
+        assert await read_file(shown, node.ino) == b"the user's real report\n"
+        looked = await shown.lookup(ROOT_INO, b"report.txt")
+        assert await read_file(shown, looked.ino) == b"the user's real report\n"
