@@ -1,22 +1,30 @@
 """Keyslot administration (``cryptfs key list|add|remove``) and master-key rotation
 (``cryptfs rotate``).
 
-Rotation replaces the key that wraps every file's data key (a new local master key behind a
-new key file, or another KMS key).  Each object is rewritten in place by a server-side
-``CopyObject`` with new metadata (``MetadataDirective=REPLACE``, ``CopySourceIfMatch``;
-UploadPartCopy above 5 GiB): no content is downloaded or re-encrypted.
+Rotation (volumes at format revision 2, docs/FORMAT.md §7) makes a new master key (it
+authenticates the config and every object's metadata, and wraps data keys unless KMS does)
+and moves the data keys' target to a new key file's master key or another KMS key.  Each
+object is rewritten in place by a server-side ``CopyObject`` with new metadata
+(``MetadataDirective=REPLACE``, ``CopySourceIfMatch``; UploadPartCopy above 5 GiB): no
+content is downloaded or re-encrypted.
 
 Procedure (docs/OPERATIONS.md "Rotating the master key"):
-  1. start: one config write sets the new target for new files, replaces every keyslot by one
-     slot for the new key whose payload holds the old *and* new master keys;
-  2. rewrap: every object not yet under the target is rewrapped (resumable: a rerun skips
-     objects already done; concurrent; an object changed meanwhile is re-read and retried);
-  3. finish: once nothing refers to an old master key, the slot is resealed without them.
-     From then on the old key opens neither the volume nor any object.
+  1. start: one config write sets the new target, replaces every keyslot by one slot for
+     the new key whose payload holds the old *and* new master keys, and names the old ones
+     as retiring; a second write bounds them in time (``retiring.until``, §7.8: objects under
+     a retiring key are believed only if S3 last modified them before it);
+  2. rewrap: every object not yet under the new master key and target is resealed (passes
+     repeat over what changed, the last one after ``until``; resumable; concurrent; an object
+     changed meanwhile is re-read and retried);
+  3. finish: the slot is resealed with only the new master key, the old KMS key leaves
+     ``kms_keys``, ``retiring`` goes.  From then on the old keys open, authenticate and
+     unwrap nothing.
 
 Error handling:
-    An object whose data key does not unwrap (tampered, foreign, KMS denied) is reported and
-    left as it is; the rotation then stops before step 3 so nothing readable is lost.
+    An object that does not authenticate (tampered, planted, written under a retiring key
+    after the bound) is reported and left: it is unreadable before and after.  One whose data
+    key cannot be rewrapped (KMS denied, S3 unreachable) stops the rotation before step 3,
+    so nothing readable is lost; a rerun continues.
 """
 
 from __future__ import annotations
