@@ -1,0 +1,245 @@
+"""What an attacker can build from docs/FORMAT.md alone: sealed bodies, wrapped data keys,
+config MACs, and raw-S3 access to a volume's objects.
+
+Like tests/reference_decryptor.py (which it builds on), this imports nothing from ``cryptfs``:
+an attacker has the public format, the bucket and, in some scenarios, an old key file - never
+the implementation's keys.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import os
+import time
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
+
+from tests.reference_decryptor import (
+    Invalid,
+    Keys,
+    b64u,
+    canonical,
+    gcm_open,
+    hkdf,
+)
+
+HEADER = 92
+CONFIG = ".cryptfs.json"
+MARKER = ".cryptfs.dir"
+
+
+def b64e(data: bytes) -> str:
+    """Unpadded base64url, as every binary field of the format."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+# -- §2 bodies -------------------------------------------------------------------------------
+
+
+def _body_keys(dek: bytes, salt: bytes, chunk_log2: int, file_id: bytes) -> tuple[bytes, bytes]:
+    """(K_content, commitment) of one generation."""
+    prk = hmac.new(salt, dek, "sha256").digest()
+    info_base = b"cryptfs/v1" + bytes([1, chunk_log2]) + file_id
+    k_content = HKDFExpand(hashes.SHA256(), 32, info_base + b"/content").derive(prk)
+    commitment = HKDFExpand(hashes.SHA256(), 32, info_base + b"/commit").derive(prk)
+    return k_content, commitment
+
+
+def seal_body(dek: bytes, file_id: bytes, salt: bytes, chunk_log2: int, plaintext: bytes) -> bytes:
+    """A whole object body of FORMAT.md §2, sealed under ``dek`` with the given salt."""
+    k_content, commitment = _body_keys(dek, salt, chunk_log2, file_id)
+    header = b"CRYPTFS" + bytes([1, 1, chunk_log2]) + b"\0\0" + file_id + salt + commitment
+    assert len(header) == HEADER
+    c = 1 << chunk_log2
+    pieces = [plaintext[i : i + c] for i in range(0, len(plaintext), c)] or [b""]
+    out = bytearray(header)
+    for i, piece in enumerate(pieces):
+        nonce = i.to_bytes(11, "big") + (b"\x01" if i == len(pieces) - 1 else b"\x00")
+        out += AESGCM(k_content).encrypt(nonce, piece, header)
+    return bytes(out)
+
+
+def commits_to(dek: bytes, body: bytes) -> bool:
+    """Does the body's header carry the key commitment of ``dek``?  (True: ``dek`` opens it.)"""
+    header = body[:HEADER]
+    chunk_log2, file_id, salt = header[9], header[12:28], header[28:60]
+    _, commitment = _body_keys(dek, salt, chunk_log2, file_id)
+    return hmac.compare_digest(commitment, header[60:92])
+
+
+def header_fields(body: bytes) -> tuple[bytes, bytes]:
+    """(file_id, salt) of a body."""
+    return body[12:28], body[28:60]
+
+
+# -- §1 keys ---------------------------------------------------------------------------------
+
+
+def kms_file_context(volume_id: bytes, file_id: bytes) -> dict[str, str]:
+    return {"cryptfs:volume": b64e(volume_id), "cryptfs:file": b64e(file_id)}
+
+
+def wrap_local(keys: Keys, kid: str, dek: bytes, file_id: bytes) -> str:
+    """``cfs-k`` of a data key wrapped as §1 says under local key ``kid``: ``vmk`` (the legacy
+    key derived from the VMK, which no rotation changes) or a master key in ``keys.mks``."""
+    if kid == "vmk":
+        kek = keys.purpose("kek")
+    else:
+        kek = hkdf(keys.mks[kid], keys.volume_id, b"cryptfs/v1/mk-kek\0" + kid.encode())
+    aad = b"cryptfs/v1/wrap\0" + keys.volume_id + file_id + kid.encode()
+    nonce = os.urandom(12)
+    return b64e(nonce + AESGCM(kek).encrypt(nonce, dek, aad))
+
+
+def _local_keks(keys: Keys, kid: str) -> list[bytes]:
+    """Every key-encryption key the holder of ``keys`` can derive for ``kid``: the legacy one
+    from the VMK (§1 ``kek``) and one from each master key it knows."""
+    keks = [keys.purpose("kek")]
+    for mk in keys.mks.values():
+        keks.append(hkdf(mk, keys.volume_id, b"cryptfs/v1/mk-kek\0" + kid.encode()))
+    return keks
+
+
+def try_unwrap(keys: Keys, md: dict[str, str]) -> bytes | None:
+    """The data key in an object's metadata by every means the holder of ``keys`` has (any
+    key-encryption key it can derive, in the wrapping of §1 and of §7.4); None if none works."""
+    if md.get("cfs-w") != "gcm" or "cfs-k" not in md:
+        return None
+    file_id, blob, kid = b64u(md["cfs-f"]), b64u(md["cfs-k"]), md["cfs-kid"]
+    aad1 = b"cryptfs/v1/wrap\0" + keys.volume_id + file_id + kid.encode()
+    aad2 = b"cryptfs/v2/wrap\0" + keys.volume_id + file_id + kid.encode()
+    for kek in _local_keks(keys, kid):
+        attempts = [(kek, blob[:12], blob[12:], aad1)]
+        if len(blob) > 32:
+            k2 = HKDF(hashes.SHA256(), 32, blob[:32], b"cryptfs/v2/wrap").derive(kek)
+            attempts.append((k2, bytes(12), blob[32:], aad2))
+        for key, nonce, ct, aad in attempts:
+            try:
+                return AESGCM(key).decrypt(nonce, ct, aad)
+            except Exception:
+                continue
+    return None
+
+
+def directory_marker(keys: Keys, path: bytes, mode: int = 0o755) -> dict[str, str]:
+    """The metadata of a directory marker of FORMAT.md §3 (its body is empty) for ``path``,
+    attributes sealed under the VMK's attribute key."""
+    file_id, now = os.urandom(16), time.time_ns()
+    attrs = {"t": "d", "m": mode, "u": os.getuid(), "g": os.getgid(), "mt": now, "ct": now}
+    attrs |= {"at": now, "sz": 0, "gen": ""}
+    aad = b"cryptfs/v1/attrs\0" + keys.volume_id + file_id + path
+    nonce = os.urandom(12)
+    sealed = nonce + AESGCM(keys.attrs).encrypt(nonce, canonical(attrs), aad)
+    return {"cfs": "1", "cfs-f": b64e(file_id), "cfs-w": "-", "cfs-kid": "-", "cfs-a": b64e(sealed)}
+
+
+def keyfile_bytes(text: str) -> bytes:
+    """The 32 key bytes of a key file (b64u and a newline)."""
+    return b64u(text.strip())
+
+
+def config_mac(keys: Keys, cfg: dict[str, Any]) -> str:
+    """``mac`` of FORMAT.md §1 over a config's authenticated fields."""
+    body = {k: cfg[k] for k in ("cryptfs", "volume_id", "chunk_log2", "names", "suite")}
+    for optional in ("dek", "sse"):
+        if optional in cfg:
+            body[optional] = cfg[optional]
+    mac = hmac.new(keys.purpose("config"), b"cryptfs/v1/config\0" + canonical(body), "sha256")
+    return b64e(mac.digest())
+
+
+def _parse_payload(data: bytes) -> tuple[bytes, dict[str, bytes]]:
+    """VMK and master keys of a slot payload: 32 bytes (the VMK alone), ``0x01 ‖ VMK ‖ (kid,
+    MK)*`` (§1) or ``0x02 ‖ VMK ‖ cur ‖ (kid, MK)*`` (§7.1)."""
+    if len(data) == 32:
+        return data, {}
+    if data[0] not in (1, 2) or len(data) < 33:
+        raise Invalid("payload version")
+    vmk, i = data[1:33], 33
+    if data[0] == 2:
+        i += 1 + data[i]  # the current kid (also one of the kids below)
+    mks: dict[str, bytes] = {}
+    while i < len(data):
+        n = data[i]
+        mks[data[i + 1 : i + 1 + n].decode()] = data[i + 1 + n : i + 1 + n + 32]
+        i += 1 + n + 32
+    return vmk, mks
+
+
+def open_keyslot(config: bytes, keyfile_text: str) -> Keys:
+    """What a key file's slot in ``config`` holds (VMK, master keys), without checking the
+    config's MAC: all an attacker with that key file and that config copy learns."""
+    cfg = json.loads(config)
+    volume_id = b64u(cfg["volume_id"])
+    keyfile = keyfile_bytes(keyfile_text)
+    for slot in cfg["keyslots"]:
+        if slot.get("type") != "keyfile":
+            continue
+        kek = hkdf(keyfile, b64u(slot["salt"]), b"cryptfs/v1/keyfile")
+        params = {k: v for k, v in slot.items() if k != "wrapped"}
+        aad = b"cryptfs/v1/keyslot\0" + volume_id + canonical(params)
+        try:
+            payload = gcm_open(kek, b64u(slot["wrapped"]), aad)
+        except Invalid:
+            continue
+        vmk, mks = _parse_payload(payload)
+        keys = Keys(volume_id, vmk, mks, b"", b"", cfg["names"] == "aes-siv", cfg["chunk_log2"])
+        keys.names, keys.attrs = keys.purpose("names", 64), keys.purpose("attrs")
+        return keys
+    raise Invalid("no key-file slot opens with this key")
+
+
+# -- the bucket ------------------------------------------------------------------------------
+
+
+class Bucket:
+    """Raw S3 access to one volume (``prefix`` without a trailing slash)."""
+
+    def __init__(self, client: Any, bucket: str, prefix: str) -> None:
+        self.c, self.bucket, self.prefix = client, bucket, prefix
+
+    def key(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}"
+
+    def keys(self) -> list[str]:
+        out: list[str] = []
+        pages = self.c.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix + "/"
+        )
+        for page in pages:
+            out += [o["Key"] for o in page.get("Contents", [])]
+        return out
+
+    def file_keys(self) -> list[str]:
+        """Objects that are files (not the config, not directory markers)."""
+        return [k for k in self.keys() if not k.endswith((CONFIG, MARKER))]
+
+    def get(self, key: str) -> tuple[bytes, dict[str, str]]:
+        obj = self.c.get_object(Bucket=self.bucket, Key=key)
+        return obj["Body"].read(), dict(obj["Metadata"])
+
+    def head(self, key: str) -> dict[str, Any]:
+        return dict(self.c.head_object(Bucket=self.bucket, Key=key))
+
+    def put(self, key: str, body: bytes, md: dict[str, str] | None = None) -> str:
+        r = self.c.put_object(Bucket=self.bucket, Key=key, Body=body, Metadata=md or {})
+        return str(r["ETag"])
+
+    def delete(self, key: str) -> None:
+        self.c.delete_object(Bucket=self.bucket, Key=key)
+
+    def config(self) -> bytes:
+        return self.get(self.key(CONFIG))[0]
+
+    def config_json(self) -> dict[str, Any]:
+        cfg: dict[str, Any] = json.loads(self.config())
+        return cfg
+
+    def put_config(self, cfg: bytes | dict[str, Any]) -> None:
+        data = cfg if isinstance(cfg, bytes) else json.dumps(cfg, indent=1).encode() + b"\n"
+        self.put(self.key(CONFIG), data)
