@@ -41,7 +41,7 @@ class Volume:
     config_etag: str = ""
     slot_id: str = ""  # the keyslot this volume was opened with
     state: VolumeState | None = None  # what this machine remembers of the volume
-    config_refused: bool = False  # a changed config failed to authenticate: never follow
+    config_refused: bool = False  # a changed config failed to authenticate: follow no other
 
     @property
     def meta(self) -> MetaCodec:
@@ -168,10 +168,15 @@ class Volume:
     async def reload_config(self) -> bool:
         """Pick up a config changed by another host (keyslots, rotation); True if it changed.
 
-        A config that does not authenticate under this volume's key is ignored (and logged).
+        A config that does not authenticate under this volume's key is ignored (and logged),
+        and the mount then holds its writes until it is restarted: its key may have been
+        retired by a rotation, and whoever also holds that key could next write a config that
+        authenticates under it, or put back the one this mount knew.  (So a bucket writer can
+        make running mounts hold their writes, staged, as deleting objects denies service;
+        docs/SECURITY.md.)
         """
         if self.config_refused:
-            return False  # sticky: a mount that saw its key retired trusts no config again
+            return False
         info = await self.store.head(CONFIG_NAME)
         if info.etag == self.config_etag:
             return False

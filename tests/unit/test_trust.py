@@ -186,6 +186,33 @@ async def test_a_mount_whose_key_was_retired_follows_no_config_and_writes_nothin
     assert {k: e for k, (_b, _md, e) in store.objects.items()} == before  # nothing written
 
 
+@pytest.mark.allow_error_logs
+async def test_a_config_that_does_not_authenticate_holds_writes_until_restart(
+    tmp_path: Path,
+) -> None:
+    """Any changed config that does not authenticate (junk, or a rotation elsewhere) makes a
+    running mount hold its writes until it is restarted, even if the config it knew comes
+    back: the holder of a retired key could put that one back to make it write again."""
+    from cryptfs.errors import ReadOnly
+    from cryptfs.format.volume import CONFIG_NAME
+    from tests.fsutil import write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    await write_file(fs, ROOT_INO, b"f", b"data")
+    known = store.objects[CONFIG_NAME][0]
+    await store.put(CONFIG_NAME, known.replace(b'"epoch": 1', b'"epoch": 7'), {})
+    assert not await fs.vol.reload_config()
+    with pytest.raises(ReadOnly):
+        await fs.create(ROOT_INO, b"g", 0o644, 0, 0)
+    await store.put(CONFIG_NAME, known, {})
+    assert not await fs.vol.reload_config()
+    with pytest.raises(ReadOnly):
+        await fs.create(ROOT_INO, b"g", 0o644, 0, 0)
+    again = await make_fs(tmp_path / "restarted", store)  # a restart follows it again
+    await write_file(again, ROOT_INO, b"g", b"written after the restart")
+
+
 def test_a_revision_1_volume_believes_only_its_own_kms_key() -> None:
     """Revision-1 keyslots are outside the MAC: a KMS slot a bucket writer adds names no key
     that data keys may be under."""
