@@ -173,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--to-kms-key-id", help="the new AWS KMS key")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--settle", type=float, default=35.0, help=SETTLE_HELP)
+    p.add_argument(
+        "--discard-late", action="store_true",
+        help="finish although objects were written under a retiring key after the rotation "
+        "began (they stay unreadable)",
+    )  # fmt: skip
     _keys(p)
     _common(p)
 
@@ -390,6 +395,7 @@ def cmd_rotate(args: Any) -> int:
                     concurrency=args.concurrency,
                     progress=bar.update,
                     settle=args.settle,
+                    discard_late=args.discard_late,
                 )
             finally:
                 vol.keyring.close()

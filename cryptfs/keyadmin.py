@@ -29,8 +29,10 @@ Error handling:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,10 +109,14 @@ class RotateReport:
     foreign: int = 0
     vanished: int = 0
     failed: list[str] = field(default_factory=list)
-    # objects that authenticate under no key of the volume (tampered, planted, or written
-    # under a retiring key after the rotation's bound): unreadable before and after, so they
-    # do not hold the rotation back (a bucket writer could otherwise keep it from finishing)
+    # objects that authenticate under no key of the volume (tampered, planted): unreadable
+    # before and after, so they do not hold the rotation back (a bucket writer could
+    # otherwise keep it from finishing)
     unreadable: list[str] = field(default_factory=list)
+    # authentic under a retiring key but written after the rotation's bound (a mount that
+    # did not stop, or the key's holder): never resealed; they hold the rotation back unless
+    # it is told to let them go (--discard-late), since they may be someone's data
+    late: list[str] = field(default_factory=list)
     removed_slots: list[str] = field(default_factory=list)
     new_slot: str = ""
     target: str = ""
@@ -141,6 +147,13 @@ class RotateReport:
                 "EIO; fsck --full lists them):"
             )
             lines += [f"  {k}" for k in sorted(self.unreadable)[:20]]
+        if self.late:
+            lines.append(
+                f"written late:          {len(self.late)} (under a retiring key after the "
+                "rotation began; not resealed: copy them from a mount with the new key, or "
+                "rerun with --discard-late):"
+            )
+            lines += [f"  {k}" for k in sorted(self.late)[:20]]
         if self.failed:
             lines.append(f"FAILED:                {len(self.failed)} (rerun):")
             lines += [f"  {k}" for k in sorted(self.failed)[:20]]
@@ -151,6 +164,7 @@ class RotateReport:
 
 Progress = Callable[[int, int], None]
 SETTLE = 35.0  # the config re-read interval of running mounts (30 s), and a margin
+CLOCK_SKEW = 120  # seconds the S3 server's clock may be ahead of the rotating client's
 
 
 async def rotate(
@@ -162,11 +176,14 @@ async def rotate(
     concurrency: int = 32,
     progress: Progress | None = None,
     settle: float = SETTLE,
+    discard_late: bool = False,
 ) -> RotateReport:
     """Rotate the volume's master key; see the module docstring for the procedure.
     ``settle``: how long after the start the last pass may begin (running mounts re-read the
     config every 30 s, and write under their old keys until then)."""
     cfg = vol.config
+    if not 0 <= settle < 86400:
+        raise UsageError("--settle must be between 0 and 86400 seconds")
     if cfg.version < 2 or 1 in cfg.objects:
         raise UsageError(
             "this volume is still at format revision 1, whose rotation revokes nothing: run "
@@ -201,9 +218,12 @@ async def rotate(
         target, new_slot = await _start(vol, target, to_source, report)
         report.new_slot = new_slot
     await _bound_retiring(vol, settle)
+    await _abort_early_uploads(vol)  # (again before the last pass, once the bound has passed)
     report.target = target.kid
 
     await _rewrap_all(vol, target, report, concurrency, progress, settle)
+    if report.late and not discard_late:
+        report.failed.append("(objects written late under a retiring key: see above)")
 
     if not report.failed:
         await _finish(vol, target, to_source)
@@ -241,7 +261,10 @@ async def _start(
         raise
     old_kms = [cfg.dek["kid"]] if cfg.dek["scheme"] == SCHEME_KMS else []
     cfg.retiring = Retiring(
-        sorted(set(payload.mks) - {kid}), [k for k in old_kms if k != target.kid], until=0
+        sorted(set(payload.mks) - {kid}),
+        [k for k in old_kms if k != target.kid],
+        until=0,
+        began=int(time.time()),
     )
     cfg.dek = {"scheme": target.scheme, "kid": target.kid}
     vol.set_payload(payload)
@@ -265,6 +288,10 @@ async def _bound_retiring(vol: Volume, settle: float) -> None:
     started = (await vol.store.head(CONFIG_NAME)).modified
     if not started:
         raise CryptfsError("the S3 server gave the volume config no Last-Modified time")
+    # (never later than the rotating client's own clock at the first write allows: a bucket
+    # writer who touched the config since, e.g. while a crashed rotation waited for its
+    # rerun, moves nothing)
+    started = min(started, ret.began + CLOCK_SKEW)
     ret.until = math.ceil(started + settle) + 1
     await vol.save_config()
     log.info("rotation: objects under the retiring keys are accepted up to %d", ret.until)
@@ -294,9 +321,16 @@ async def _rewrap_all(
     after the rotation started finds nothing new."""
     started = trio.current_time()
     done: dict[str, str] = {}  # key -> the ETag known to be on target
+    snapshot: dict[str, str] | None = None  # what the first listing showed
+    aborted = False
     for _round in range(6):
         settled = trio.current_time() - started >= settle
+        if settled and not aborted:
+            await _abort_early_uploads(vol)
+            aborted = True
         listing = await vol.store.list("", delimiter=None)
+        if snapshot is None:
+            snapshot = {o.key: _tag(o.etag) for o in listing.objects}
         objs = [
             o for o in listing.objects if o.key != CONFIG_NAME and done.get(o.key) != _tag(o.etag)
         ]
@@ -307,10 +341,25 @@ async def _rewrap_all(
             continue
         if _round == 0:
             report.objects = len(objs)
-        await _pass_over(vol, objs, target, report, done, concurrency, progress)
+        await _pass_over(vol, objs, target, report, done, snapshot, concurrency, progress)
         if report.failed:
             return
     report.failed.append("(objects keep changing: rerun)")
+
+
+async def _abort_early_uploads(vol: Volume) -> None:
+    """Multipart uploads begun before the rotation's bound: on S3 servers that date an object
+    by the start of its upload (AWS), the holder of a retiring key could otherwise begin one
+    in time, then complete it with any content and have it believed (docs/FORMAT.md §7.8).
+    (A mount's own upload begun then was under its old key anyway: it retries, or holds.)"""
+    ret = vol.config.retiring
+    if ret is None:
+        return
+    for key, upload_id, initiated in await vol.store.list_uploads(""):
+        if initiated <= ret.until:
+            with contextlib.suppress(NotFound):
+                await vol.store.abort_multipart(key, upload_id)
+            log.info("rotation: aborted multipart upload %s begun before the bound", upload_id[:16])
 
 
 async def _pass_over(
@@ -319,6 +368,7 @@ async def _pass_over(
     target: Target,
     report: RotateReport,
     done: dict[str, str],
+    snapshot: dict[str, str],
     concurrency: int,
     progress: Progress | None,
 ) -> None:
@@ -329,9 +379,21 @@ async def _pass_over(
         nonlocal count
         async for info in recv:
             try:
-                etag = await _rewrap_one(vol, info, target, report, first=info.key not in done)
+                etag = await _rewrap_one(
+                    vol, info, target, report, snapshot, first=info.key not in done
+                )
                 if etag is not None:
                     done[info.key] = _tag(etag)
+            except _Late as e:
+                if info.key not in report.late:
+                    report.late.append(info.key)
+                done[info.key] = _tag(info.etag)
+                log.error(
+                    "rotation: %s was written under a retiring key after the rotation began "
+                    "(a mount that did not stop, or planted by its holder): not resealed: %s",
+                    lognames.ident(info.key, opaque=vol.names.opaque(info.key)),
+                    e,
+                )
             except (IntegrityError, UnsupportedFormat) as e:
                 if info.key not in report.unreadable:
                     report.unreadable.append(info.key)
@@ -364,8 +426,17 @@ def _tag(etag: str) -> str:
     return etag.strip('"')
 
 
+class _Late(CryptfsError):
+    """Authentic under a retiring key, but written after the rotation's bound."""
+
+
 async def _rewrap_one(
-    vol: Volume, info: ObjectInfo, target: Target, report: RotateReport, first: bool = True
+    vol: Volume,
+    info: ObjectInfo,
+    target: Target,
+    report: RotateReport,
+    snapshot: dict[str, str] | None = None,
+    first: bool = True,
 ) -> str | None:
     """Rewrite one object's metadata under the current master key and its data key under
     ``target``; returns its ETag then (None: not ours, or gone)."""
@@ -383,8 +454,24 @@ async def _rewrap_one(
         codec = vol.meta
         # revision 2: bound to the key, not the path; under a retiring key only if written
         # before the rotation's bound
-        meta = codec.decode(b"", info.key, md, head.modified)
+        try:
+            meta = codec.decode(b"", info.key, md, head.modified)
+        except IntegrityError:
+            codec.decode(b"", info.key, md, window=False)  # raises: authentic under nothing
+            raise _Late("last modified after the bound") from None
         wk = meta.dek
+        retiring = vol.config.retiring_kids() | set(
+            vol.config.retiring.kms if vol.config.retiring else ()
+        )
+        under_retiring = codec.sealed_by(md) in retiring or (wk is not None and wk.kid in retiring)
+        if (
+            under_retiring
+            and "-" in _tag(head.etag)
+            and (snapshot or {}).get(info.key) != _tag(head.etag)
+        ):
+            # a multipart object under a retiring key that the rotation's first listing did
+            # not show: its Last-Modified may be the start of its upload (AWS), not its end
+            raise _Late("a multipart upload completed after the rotation began")
         on_target = wk is None or keyring.on_target(wk, target)
         if on_target and codec.sealed_by(md) == codec.cur:
             if not first:

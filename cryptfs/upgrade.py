@@ -84,6 +84,8 @@ async def upgrade(
 ) -> UpgradeReport:
     """See the module docstring.  ``settle``: how long after the config became revision 2
     the last pass may start (running mounts re-read the config every 30 s)."""
+    if not 0 <= settle < 86400:
+        raise UsageError("--settle must be between 0 and 86400 seconds")
     report = UpgradeReport()
     store: Any = vol.store
     started = trio.current_time()

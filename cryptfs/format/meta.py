@@ -229,6 +229,9 @@ class MetaCodec:
         self.kms_keys = config.allowed_kms()
         self._retiring_keys = retiring | frozenset(config.retiring.kms if config.retiring else ())
         self._payload = payload
+        # set when this mount refused a changed config (its keys may have been retired): from
+        # then on nothing S3 wrote after that config is believed (docs/FORMAT.md §7.8)
+        self.frozen: float | None = None
 
     def __repr__(self) -> str:
         return f"<MetaCodec write={self.write_rev} accept={sorted(self.accept)} cur={self.cur}>"
@@ -285,18 +288,35 @@ class MetaCodec:
         return self.keys.wrap_local(kek, wk.kid, dek, file_id, rev=2)
 
     def decode(
-        self, path: bytes, key: str, md: dict[str, str], modified: float | None = None
+        self,
+        path: bytes,
+        key: str,
+        md: dict[str, str],
+        modified: float | None = None,
+        *,
+        window: bool = True,
     ) -> ObjectMeta:
         """Authenticate and parse; IntegrityError for anything not written for ``key`` (and
         ``path``, in revision 1) by a holder of a key this volume accepts.  ``modified``:
         the object's Last-Modified (S3's clock), which decides whether metadata under a key
-        being retired is believed; without it such metadata is refused."""
+        being retired is believed; without it such metadata is refused (``window=False``:
+        only whether it authenticates at all, for a rotation's report)."""
+        if window and self.frozen is not None and not 0 < (modified or 0.0) <= self.frozen:
+            raise IntegrityError(
+                "written after a config this mount could not authenticate (a rotation "
+                "elsewhere?): restart the mount with the current key"
+            )
         rev = md.get("cfs")
+        timed = window
         if rev == FORMAT2:
             if 2 not in self.accept:
                 raise IntegrityError("revision-2 object in a revision-1 volume")
             meta = self._decode2(key, md)
-            if md["cfs-m"] != self.cur:
+            if md["cfs-m"] == self.cur:
+                # the current key vouches for everything in its AAD, the data key included
+                # (a rename or chmod during a rotation keeps a data key under a retiring key)
+                timed = False
+            elif window:
                 self._check_window(md["cfs-m"], modified or 0.0)
         elif rev == FORMAT:
             if 1 not in self.accept:
@@ -305,7 +325,7 @@ class MetaCodec:
         else:
             meta = decode_meta(self.keys, path, md)  # raises: foreign or unknown revision
         if meta.attrs.kind != KIND_DIR:
-            self.check_wrapping(meta.dek, modified or 0.0)
+            self.check_wrapping(meta.dek, (modified or 0.0) if timed else None)
         return meta
 
     def _decode2(self, key: str, md: dict[str, str]) -> ObjectMeta:

@@ -497,16 +497,22 @@ class Retiring:
     kids: list[str]
     kms: list[str] = field(default_factory=list)
     until: int = 0  # 0: being set (nothing under a retiring key is accepted meanwhile)
+    began: int = 0  # the rotating client's clock at the first write (bounds ``until``)
 
     def to_json(self) -> dict[str, Any]:
-        return {"kids": sorted(self.kids), "kms": sorted(self.kms), "until": self.until}
+        return {
+            "kids": sorted(self.kids),
+            "kms": sorted(self.kms),
+            "until": self.until,
+            "began": self.began,
+        }
 
     @classmethod
     def from_json(cls, v: object) -> Retiring:
-        if not isinstance(v, dict) or set(v) != {"kids", "kms", "until"}:
+        if not isinstance(v, dict) or set(v) != {"kids", "kms", "until", "began"}:
             raise ValueError("retiring")
         r = cls([_str(k) for k in _list(v["kids"])], [_str(k) for k in _list(v["kms"])])
-        r.until = _int(v["until"])
+        r.until, r.began = _int(v["until"]), _int(v["began"])
         return r
 
     def admits(self, modified: float | None) -> bool:

@@ -199,6 +199,8 @@ class Volume:
             # rotation) could write a config that authenticates under it next
             self.config_refused = True
             self.keyring.stale_for_good = True
+            # nor believe, under keys that may be retired now, what S3 wrote after it
+            self.meta.frozen = info.modified or 1.0
             return False
         self.set_config(cfg)
         self.config_etag = etag

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Mapping, Sequence
 
 import trio
@@ -89,7 +88,8 @@ class MemoryStore:
         self._n += 1
         uid = f"u{self._n}"
         self._uploads[uid] = (key, dict(metadata), {})
-        self._started[uid] = time.time()
+        self._tick += 1.0  # the same clock as Last-Modified (S3 dates uploads by its own)
+        self._started[uid] = self._tick
         return uid
 
     async def upload_part(

@@ -3,6 +3,7 @@ over SeaweedFS, through the command line, then used through a real mount."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -105,7 +106,16 @@ def test_upgrade_a_revision_1_volume_in_place(
         assert refused == 1 and set(errs) <= {errno.EIO}
     finally:
         vol.umount()
-    # and now a rotation revokes the old key file
+    # and now a rotation revokes the old key file; the planted object, which authenticates
+    # under no key, is named and left as it is (it does not hold the rotation back)
     new = tmp_path / "new.key"
-    r = cryptfs("rotate", vol.url, *common, "--to-key-file", str(new), "--settle", "0", check=False)
-    assert r.returncode == 3 and "NOT complete" in r.stdout  # the planted object is named
+    r = cryptfs("rotate", vol.url, *common, "--to-key-file", str(new), "--settle", "0")
+    assert "complete" in r.stdout and "do not authenticate:   1" in r.stdout, r.stdout
+    assert victim[len("up/") :] in r.stdout
+    rotated = dataclasses.replace(vol, key=new)
+    rotated.mount()
+    try:
+        assert (mnt / "after.txt").read_bytes() == b"written after\n"
+        assert (mnt / "docs" / "new.txt").read_text() == "written before the upgrade\n"
+    finally:
+        rotated.umount()

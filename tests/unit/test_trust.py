@@ -120,9 +120,11 @@ async def test_what_a_retired_key_plants_during_or_after_a_rotation_is_refused(
     info = await store.head(planted)
     with pytest.raises(IntegrityError, match="retiring"):
         vol.meta.decode(b"", planted, dict(info.metadata), info.modified)
-    done = await rotate(vol, to_source=new, resume=True, settle=0)
-    assert done.finished and done.unreadable == [planted]  # left as it is, not resealed
-    assert store.objects[planted][1]["cfs-m"] == stolen.payload.cur
+    held = await rotate(vol, to_source=new, resume=True, settle=0)
+    assert not held.finished and held.late == [planted]  # not resealed, and named
+    done = await rotate(vol, to_source=new, resume=True, settle=0, discard_late=True)
+    assert done.finished and done.late == [planted]
+    assert store.objects[planted][1]["cfs-m"] == stolen.payload.cur  # left as it was
 
     for state in ("seen", "fresh"):  # the mid-rotation config put back
         if state == "fresh":
@@ -279,3 +281,185 @@ async def test_a_native_file_wins_a_name_clash_with_an_s3ec_object(tmp_path: Pat
         assert await read_file(shown, node.ino) == b"the user's real report\n"
         looked = await shown.lookup(ROOT_INO, b"report.txt")
         assert await read_file(shown, looked.ino) == b"the user's real report\n"
+
+
+# -- second review: rotations in progress --------------------------------------------------
+
+
+async def _rotating(store: MemoryStore, during, discard_late: bool = False):  # type: ignore[no-untyped-def]
+    """Rotate from key file k to n, running ``during(old_volume)`` once the rotation's bound
+    is set and before its passes (a slow rotation, with users and the old key's holder busy
+    meanwhile); returns the report."""
+    import cryptfs.keyadmin as ka
+    from cryptfs.crypto import Secret
+    from cryptfs.format.volume import KeySource
+    from cryptfs.fs.volume import Volume
+
+    old = await Volume.open(store, KeySource(keyfile=Secret(b"k" * 32)))  # kept: the thief's
+    real = ka._rewrap_all
+
+    async def slow(*a, **kw):  # type: ignore[no-untyped-def]
+        for _ in range(5):  # time passes on S3's clock: past the bound
+            await store.put("noise", b"", {})
+        del store.objects["noise"]
+        await during(old)
+        return await real(*a, **kw)
+
+    ka._rewrap_all = slow  # type: ignore[assignment]
+    try:
+        return await ka.rotate(
+            await Volume.open(store, KeySource(keyfile=Secret(b"k" * 32))),
+            to_source=KeySource(keyfile=Secret(b"n" * 32)),
+            settle=0,
+            discard_late=discard_late,
+        )
+    finally:
+        ka._rewrap_all = real  # type: ignore[assignment]
+
+
+async def _new_key_fs(store: MemoryStore, tmp: Path):  # type: ignore[no-untyped-def]
+    from cryptfs.cache.staging import StagingArea
+    from cryptfs.crypto import Secret
+    from cryptfs.format.volume import KeySource
+    from cryptfs.fs.filesystem import Filesystem, Options
+    from cryptfs.fs.volume import Volume
+
+    v = await Volume.open(store, KeySource(keyfile=Secret(b"n" * 32)))
+    f = Filesystem(v, StagingArea(tmp, v.keys.cache, v.chunk), Options(metadata_ttl=0))
+    await f.ensure_root()
+    return f
+
+
+async def test_renames_and_chmods_during_a_rotation_lose_nothing(tmp_path: Path) -> None:
+    """A mount with the new key renames and chmods files mid-rotation: server-side copies
+    that reseal the metadata under the new key but keep a data key under the retiring one,
+    with a fresh Last-Modified. They stay readable, during and after."""
+    from tests.fsutil import read_file, write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store)
+    await write_file(fs, ROOT_INO, b"a.txt", b"file a\n")
+    await write_file(fs, ROOT_INO, b"b.txt", b"file b\n")
+    d = await fs.mkdir(ROOT_INO, b"dir", 0o755, 0, 0)
+    await write_file(fs, d.ino, b"c.txt", b"file c\n")
+
+    async def users(_old) -> None:  # type: ignore[no-untyped-def]
+        m = await _new_key_fs(store, tmp_path / "m")
+        await m.rename(ROOT_INO, b"a.txt", ROOT_INO, b"a2.txt", 0)
+        b = await m.lookup(ROOT_INO, b"b.txt")
+        await m.setattr(b.ino, mode=0o600)
+        await m.sync_node(b)
+        await m.rename(ROOT_INO, b"dir", ROOT_INO, b"dir2", 0)
+        again = await _new_key_fs(store, tmp_path / "m2")
+        assert await read_file(again, (await again.lookup(ROOT_INO, b"a2.txt")).ino) == b"file a\n"
+
+    report = await _rotating(store, users)
+    assert report.finished and not report.unreadable and not report.late, report.summary()
+    after = await _new_key_fs(store, tmp_path / "after")
+    for parent, name, data in (
+        (ROOT_INO, b"a2.txt", b"file a\n"),
+        (ROOT_INO, b"b.txt", b"file b\n"),
+    ):
+        assert await read_file(after, (await after.lookup(parent, name)).ino) == data
+    d2 = await after.lookup(ROOT_INO, b"dir2")
+    assert await read_file(after, (await after.lookup(d2.ino, b"c.txt")).ino) == b"file c\n"
+
+
+@pytest.mark.allow_error_logs
+async def test_a_late_write_under_a_retiring_key_holds_the_rotation_back(tmp_path: Path) -> None:
+    """A mount with the old key that missed the rotation flushes a file after the bound: the
+    rotation does not reseal it (it cannot tell it from a plant), names it, and finishes only
+    when told to let it go."""
+    from tests.fsutil import write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store)
+    await write_file(fs, ROOT_INO, b"early.txt", b"before\n")
+
+    async def late(old) -> None:  # type: ignore[no-untyped-def]
+        await _plant_under(store, old.payload, old.config, b"late.txt", b"flushed late\n")
+
+    report = await _rotating(store, late)
+    assert not report.finished and len(report.late) == 1, report.summary()
+    assert "written late" in report.summary() and report.late[0] in report.summary()
+    from cryptfs.crypto import Secret
+    from cryptfs.format.volume import KeySource
+    from cryptfs.fs.volume import Volume
+    from cryptfs.keyadmin import rotate
+
+    done = await rotate(
+        await Volume.open(store, KeySource(keyfile=Secret(b"n" * 32))),
+        to_source=KeySource(keyfile=Secret(b"n" * 32)),
+        resume=True,
+        settle=0,
+        discard_late=True,
+    )
+    assert done.finished and done.late == report.late
+
+
+async def test_a_multipart_upload_begun_before_the_bound_cannot_be_completed_after(
+    tmp_path: Path,
+) -> None:
+    """On AWS a multipart object's Last-Modified is the start of its upload: the holder of
+    the retiring key begins one in time (metadata sealed under the old key), to complete it
+    later with any content. The rotation aborts every upload begun before its bound, at its
+    start and again before its last pass."""
+    from tests.fsutil import write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store)
+    await write_file(fs, ROOT_INO, b"payroll.csv", b"alice,100\n")
+    early = await store.create_multipart("planted-key", {"cfs": "2"})
+    seen: list[list[str]] = []
+
+    async def during(_old) -> None:  # type: ignore[no-untyped-def]
+        seen.append([u for _k, u, _t in await store.list_uploads("")])
+
+    report = await _rotating(store, during)
+    assert report.finished
+    assert seen == [[]]  # aborted at the start, before the passes
+    assert early not in [u for _k, u, _t in await store.list_uploads("")]
+
+
+@pytest.mark.allow_error_logs
+async def test_a_mount_that_refused_a_config_believes_nothing_written_after_it(
+    tmp_path: Path,
+) -> None:
+    """A mount left running with the old key refuses the rotated config; what the old key's
+    holder plants afterwards is not served by it either (its decoder is frozen at that
+    config's Last-Modified), while what it read before stays readable."""
+    from cryptfs.crypto import Secret
+    from cryptfs.errors import IntegrityError, NoEntry
+    from cryptfs.format.volume import KeySource
+    from cryptfs.fs.volume import Volume
+    from cryptfs.keyadmin import rotate
+    from tests.fsutil import read_file, write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store)
+    await write_file(fs, ROOT_INO, b"report.txt", b"the owner's\n")
+    old = await Volume.open(store, KeySource(keyfile=Secret(b"k" * 32)))
+    await rotate(
+        await Volume.open(store, KeySource(keyfile=Secret(b"k" * 32))),
+        to_source=KeySource(keyfile=Secret(b"n" * 32)),
+        settle=0,
+    )
+    assert not await fs.vol.reload_config()
+    await _plant_under(store, old.payload, old.config, b"planted.txt", b"EVIL\n")
+    with pytest.raises((IntegrityError, NoEntry)):
+        await read_file(fs, (await fs.lookup(ROOT_INO, b"planted.txt")).ino)
+
+
+async def test_settle_must_be_a_sane_number(tmp_path: Path) -> None:
+    from cryptfs.crypto import Secret
+    from cryptfs.errors import UsageError
+    from cryptfs.format.volume import KeySource
+    from cryptfs.fs.volume import Volume
+    from cryptfs.keyadmin import rotate
+
+    store = MemoryStore()
+    await make_fs(tmp_path, store)
+    vol = await Volume.open(store, KeySource(keyfile=Secret(b"k" * 32)))
+    for bad in (-100.0, float("inf"), float("nan")):
+        with pytest.raises(UsageError):
+            await rotate(vol, to_source=KeySource(keyfile=Secret(b"n" * 32)), settle=bad)
