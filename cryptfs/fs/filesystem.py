@@ -45,6 +45,7 @@ from cryptfs.errors import (
     IntegrityError,
     Invalid,
     IsDir,
+    KeyServiceUnavailable,
     KeyTooLong,
     NameTooLong,
     NoEntry,
@@ -2257,7 +2258,11 @@ class Filesystem:
                         await self.store.delete(k)
             raise
         if dst is not None:
-            await self._delete_remote(dst)
+            # (an empty directory replaced: its marker's key is the one the moved directory's
+            # marker was just copied to, so that key must not be deleted now)
+            if dst.remote_etag is not None and self.object_key(dst)[0] not in copied:
+                await self._delete_remote(dst)
+            dst.remote_etag = None
             self._detach(dst)
 
         # the old keys of what was copied (one that vanished since the listing may be back
@@ -2366,7 +2371,9 @@ class Filesystem:
             async with self._limit_for(node):
                 await self.sync_node(node)
             self._retry.pop(node, None)
-        except (StoreError, OSError) as e:
+        except (StoreError, OSError, KeyServiceUnavailable) as e:
+            # (KMS throttling or an outage after its retries: every upload asks KMS for a
+            # fresh data key, so a KMS volume's uploads wait for KMS like for S3)
             self.upload_failures += 1
             backoff = min(60.0, self._retry.get(node, 1.0) * 2)
             self._retry[node] = backoff

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import trio
 
 from cryptfs.fs.filesystem import ROOT_INO
 from cryptfs.store.memory import MemoryStore
@@ -463,3 +464,56 @@ async def test_settle_must_be_a_sane_number(tmp_path: Path) -> None:
     for bad in (-100.0, float("inf"), float("nan")):
         with pytest.raises(UsageError):
             await rotate(vol, to_source=KeySource(keyfile=Secret(b"n" * 32)), settle=bad)
+
+
+@pytest.mark.allow_error_logs
+async def test_a_kms_outage_delays_an_upload_it_does_not_drop_it(tmp_path: Path) -> None:
+    """Every upload asks for a fresh data key: a KMS error that is transient (throttling, an
+    outage after its retries) reschedules the upload like an S3 outage does (issue 18.10)."""
+    from cryptfs.errors import KeyServiceUnavailable
+    from tests.fsutil import read_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    node, h = await fs.create(ROOT_INO, b"f", 0o644, 0, 0)
+    await fs.write(h.fh, 0, b"must not be lost")
+    await fs.release(h.fh)
+    ring = fs.vol.keyring
+    real = ring.new_dek
+    calls = 0
+
+    async def flaky(fid: bytes):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise KeyServiceUnavailable("AWS KMS: ThrottlingException (after 8 attempts)")
+        return await real(fid)
+
+    ring.new_dek = flaky  # type: ignore[method-assign]
+    await fs._background_sync(node)
+    assert node.dirty and node in fs._due  # rescheduled, not given up
+    await fs._background_sync(node)
+    assert not node.dirty
+    fs2 = await make_fs(tmp_path / "2", store)
+    assert await read_file(fs2, (await fs2.lookup(ROOT_INO, b"f")).ino) == b"must not be lost"
+
+
+async def test_a_directory_renamed_onto_an_empty_one_keeps_its_marker(tmp_path: Path) -> None:
+    """``mkdir a b; touch a/f; mv -T a b``: the moved directory's marker was copied to the
+    key of b's, which the rename then deleted (issue 18.1): its mode and times were lost, and
+    its marker write looped on a deleted ETag."""
+    from tests.fsutil import read_file, write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    a = await fs.mkdir(ROOT_INO, b"a", 0o750, 0, 0)
+    await fs.mkdir(ROOT_INO, b"b", 0o755, 0, 0)
+    await write_file(fs, a.ino, b"f", b"inside a")
+    await fs.rename(ROOT_INO, b"a", ROOT_INO, b"b", 0)
+    with trio.fail_after(5):
+        await fs.flush_all()
+    fs2 = await make_fs(tmp_path / "2", store)
+    b = await fs2.lookup(ROOT_INO, b"b")
+    assert b.is_dir and fs2.stat(b).mode & 0o777 == 0o750  # a's marker, not an implicit dir
+    assert b.remote_etag is not None
+    assert await read_file(fs2, (await fs2.lookup(b.ino, b"f")).ino) == b"inside a"
