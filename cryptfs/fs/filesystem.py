@@ -1713,14 +1713,15 @@ class Filesystem:
         except IntegrityError as e:
             self._integrity(key, e, node)
             raise
+        # cached under the generation these bytes authenticated as (the node may hold another
+        # by now: an adopt or our own upload may have landed during the awaits above)
+        salt = cipher.header.salt
         if self.blocks is not None:  # authenticated: worth keeping on disk
             if n == 1:  # a small object, whole: into a pack, with its header
                 header = header or cipher.header_bytes
-            await self._keep_on_disk(
-                node.file_id, node.attrs.salt, header, sealed, len(data), whole=n == 1
-            )
+            await self._keep_on_disk(node.file_id, salt, header, sealed, len(data), whole=n == 1)
         for i, pt in zip(range(first, last + 1), plain, strict=True):
-            self.cache.put((node.file_id, node.attrs.salt, i), pt)
+            self.cache.put((node.file_id, salt, i), pt)
             got[i] = pt
 
     async def _get_unwrapping(self, node: Node, key: str, end: int) -> bytes:

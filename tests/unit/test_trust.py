@@ -517,3 +517,32 @@ async def test_a_directory_renamed_onto_an_empty_one_keeps_its_marker(tmp_path: 
     assert b.is_dir and fs2.stat(b).mode & 0o777 == 0o750  # a's marker, not an implicit dir
     assert b.remote_etag is not None
     assert await read_file(fs2, (await fs2.lookup(b.ino, b"f")).ino) == b"inside a"
+
+
+async def test_bytes_fetched_are_cached_under_the_generation_they_are_of(tmp_path: Path) -> None:
+    """A new version lands (an adopt, or this mount's own upload) while a GET is in flight:
+    the bytes of the old one must not go into the memory cache under the new one's salt,
+    where a later read of the new version would be served them unauthenticated (18.3)."""
+    import os
+
+    from tests.fsutil import write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    await write_file(fs, ROOT_INO, b"f", os.urandom(3 * 4096))
+    reader = await make_fs(tmp_path / "r", store)
+    node = await reader.lookup(ROOT_INO, b"f")
+    old_salt, new_salt = node.attrs.salt, os.urandom(32)
+    real_crypto = reader._crypto
+
+    async def decrypt_then_new_version(fn, nbytes):  # type: ignore[no-untyped-def]
+        out = await real_crypto(fn, nbytes)  # (in a worker thread for large runs)
+        node.attrs = node.attrs.with_(salt=new_salt)  # what an adopt landing now does
+        return out
+
+    reader._crypto = decrypt_then_new_version  # type: ignore[method-assign]
+    got: dict[int, bytes] = {}
+    await reader._fetch_run(node, 0, 2, got)
+    assert len(got) == 3
+    assert reader.cache.get((node.file_id, new_salt, 0)) is None
+    assert reader.cache.get((node.file_id, old_salt, 0)) == got[0]
