@@ -2667,7 +2667,11 @@ class Filesystem:
         node = self._new_node(parent, parts[-1], attrs, fid)
         # the upload makes a fresh data key; a data key an older journal may hold is ignored
         node.stage = sf
-        node.remote_etag = existing.remote_etag if existing is not None else None
+        # the version the staged data was based on, as journaled (FORMAT.md §5): another
+        # host's newer one then makes the upload a conflict copy, not an overwrite; an object
+        # removed since is written anew
+        journaled = rec.get("etag")
+        node.remote_etag = str(journaled) if journaled and existing is not None else None
         if existing is not None:
             self._detach(existing)
         self._insert(parent, node)

@@ -546,3 +546,37 @@ async def test_bytes_fetched_are_cached_under_the_generation_they_are_of(tmp_pat
     assert len(got) == 3
     assert reader.cache.get((node.file_id, new_salt, 0)) is None
     assert reader.cache.get((node.file_id, old_salt, 0)) == got[0]
+
+
+async def test_recovery_replaces_only_the_version_its_journal_names(tmp_path: Path) -> None:
+    """A file changed here, staged, then the daemon dies; another host writes the file
+    meanwhile. The next mount's recovery must make its upload a conflict copy, not overwrite
+    the other host's version with the ETag it has just seen (18.5)."""
+    from tests.fsutil import read_file, write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store)
+    await write_file(fs, ROOT_INO, b"f", b"version 1\n")
+    node = await fs.lookup(ROOT_INO, b"f")
+    h = await fs.open(node.ino, 2)  # O_RDWR
+    await fs.write(h.fh, 0, b"this host's v2\n")
+    await fs.release(h.fh)  # staged and journaled; the daemon dies before the upload
+    other = await make_fs(tmp_path / "b", store)
+    theirs = await other.lookup(ROOT_INO, b"f")
+    await other.setattr(theirs.ino, size=0)
+    h2 = await other.open(theirs.ino, 2)
+    await other.write(h2.fh, 0, b"the other host's v2\n")
+    await other.release(h2.fh)
+    await other.sync_node(theirs)
+    again = await make_fs(tmp_path / "a", store)  # same cache dir: recovery
+    assert await again.recover() == 1
+    await again.flush_all()
+    check = await make_fs(tmp_path / "c", store)
+    names = [n for n, _ in await check.readdir(ROOT_INO) if n not in (b".", b"..")]
+    assert await read_file(check, (await check.lookup(ROOT_INO, b"f")).ino) == (
+        b"the other host's v2\n"
+    )
+    copies = [n for n in names if n.startswith(b"f.conflict-")]
+    assert len(copies) == 1, names
+    copy = await check.lookup(ROOT_INO, copies[0])
+    assert await read_file(check, copy.ino) == b"this host's v2\n"
