@@ -1115,9 +1115,12 @@ class Filesystem:
 
     async def _list_dir(self, d: Node) -> list[tuple[bytes, Node]]:
         prefix = self.dir_prefix(d)
+        # what this mount knew before the LIST: an entry whose version changed while it was
+        # in flight (its first upload, say) cannot be judged by it (issue 18.2)
+        old = dict(d.children or {})
+        before = {name: node.remote_etag for name, node in old.items()}
         async with self._meta_limit:
             listing = await self.store.list(prefix, delimiter="/")
-        old = dict(d.children or {})
         new: dict[bytes, Node] = {}
         foreign: dict[bytes, Node] = {}  # S3EC entries: merged after, a native name wins
         dpath = self.path(d)
@@ -1275,8 +1278,10 @@ class Filesystem:
                 new[name] = node
         for name, node in old.items():
             if name not in new:
-                if (node.remote_etag is None and node.dirty and not node.unlinked) or (
-                    node.is_dir and node.remote_etag is None and node.children is not None
+                if (
+                    (node.remote_etag is None and node.dirty and not node.unlinked)
+                    or (node.is_dir and node.remote_etag is None and node.children is not None)
+                    or (node.remote_etag != before.get(name) and not node.unlinked)
                 ):
                     new[name] = node
                 else:

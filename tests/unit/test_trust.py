@@ -580,3 +580,31 @@ async def test_recovery_replaces_only_the_version_its_journal_names(tmp_path: Pa
     assert len(copies) == 1, names
     copy = await check.lookup(ROOT_INO, copies[0])
     assert await read_file(check, copy.ino) == b"this host's v2\n"
+
+
+async def test_a_file_uploaded_while_a_listing_is_in_flight_stays(tmp_path: Path) -> None:
+    """A new file's first upload lands while an ``ls`` waits for its LIST, which therefore
+    does not show it: the listing must not take it as removed elsewhere (it stopped syncing
+    and its stage was dropped at close, 18.2)."""
+    from tests.fsutil import read_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    node, h = await fs.create(ROOT_INO, b"new", 0o644, 0, 0)
+    await fs.write(h.fh, 0, b"first")
+    real_list = fs.store.list
+
+    async def list_then_upload(*a, **kw):  # type: ignore[no-untyped-def]
+        listing = await real_list(*a, **kw)  # (taken before the upload lands)
+        await fs.fsync(h.fh)
+        return listing
+
+    fs.store.list = list_then_upload  # type: ignore[method-assign]
+    names = [n for n, _ in await fs.readdir(ROOT_INO)]
+    fs.store.list = real_list  # type: ignore[method-assign]
+    assert b"new" in names and not node.unlinked
+    await fs.write(h.fh, 5, b" and more")
+    await fs.release(h.fh)
+    await fs.flush_all()
+    fs2 = await make_fs(tmp_path / "2", store)
+    assert await read_file(fs2, (await fs2.lookup(ROOT_INO, b"new")).ino) == b"first and more"
