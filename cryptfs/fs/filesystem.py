@@ -2137,6 +2137,10 @@ class Filesystem:
         if dst is not None and dst.is_dir:
             await self._delete_remote(dst)
             dst_etag = None
+        elif dst is not None:
+            # a replaced file still open keeps its content: read it before the copy replaces
+            # the object it is read from (after, its old ETag is gone: 412, 18.6)
+            await self._keep_for_open_handles(dst)
         old_key, _ = self.object_key(src)
         new_key, long_name = self._key_for(p2, name, src.kind)
         if src.stage is None and src.remote_etag is not None:

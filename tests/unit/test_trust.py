@@ -608,3 +608,24 @@ async def test_a_file_uploaded_while_a_listing_is_in_flight_stays(tmp_path: Path
     await fs.flush_all()
     fs2 = await make_fs(tmp_path / "2", store)
     assert await read_file(fs2, (await fs2.lookup(ROOT_INO, b"new")).ino) == b"first and more"
+
+
+async def test_replacing_an_open_file_by_rename_keeps_its_readers(tmp_path: Path) -> None:
+    """``mv new.log cur.log`` while ``tail -f cur.log`` runs: the rename replaced the object
+    and only then tried to keep the open file's content from its old version, gone by then
+    (412, EIO after the change had happened, 18.6)."""
+    import os
+
+    from tests.fsutil import read_file, write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    await write_file(fs, ROOT_INO, b"cur.log", b"old log\n")
+    await write_file(fs, ROOT_INO, b"new.log", b"new log\n")
+    cur = await fs.lookup(ROOT_INO, b"cur.log")
+    h = await fs.open(cur.ino, os.O_RDONLY)
+    await fs.rename(ROOT_INO, b"new.log", ROOT_INO, b"cur.log", 0)
+    assert await fs.read(h.fh, 0, 100) == b"old log\n"  # the open reader keeps what it had
+    await fs.release(h.fh)
+    fs2 = await make_fs(tmp_path / "2", store)
+    assert await read_file(fs2, (await fs2.lookup(ROOT_INO, b"cur.log")).ino) == b"new log\n"
