@@ -1872,25 +1872,38 @@ class Filesystem:
             node.materializing = None
 
     async def _materialize_one(self, node: Node) -> StagedFile:
-        sf = self.staging.create(node.file_id)
-        try:
-            size = node.attrs.size
-            if size and node.remote_etag is not None:
-                step = max(1, self.opt.part_size // self.chunk)
-                n = chunk_count(size, self.chunk)
-                for first in range(0, n, step):
-                    last = min(n - 1, first + step - 1)
-                    got: dict[int, bytes] = {}
-                    await self._fetch_chunks(node, first, last, got)
-                    for i in range(first, last + 1):
-                        data = got[i]
-                        sf.write_chunk(i, data + bytes(self.chunk - len(data)))
-                sf.size = size
-        except BaseException:
+        """The node's current version, copied whole into a new staged file.  One version: if
+        another arrives between the batches (an adopt), the copy starts again from it, so
+        the staged file never mixes two, and the upload's If-Match names the one copied."""
+        for _attempt in range(5):
+            sf = self.staging.create(node.file_id)
+            version = (node.remote_etag, node.attrs.salt)
+            try:
+                size = node.attrs.size
+                if size and node.remote_etag is not None:
+                    step = max(1, self.opt.part_size // self.chunk)
+                    n = chunk_count(size, self.chunk)
+                    for first in range(0, n, step):
+                        last = min(n - 1, first + step - 1)
+                        got: dict[int, bytes] = {}
+                        await self._fetch_chunks(node, first, last, got)
+                        if (node.remote_etag, node.attrs.salt) != version:
+                            break  # another version meanwhile: start again from it
+                        for i in range(first, last + 1):
+                            data = got[i]
+                            sf.write_chunk(i, data + bytes(self.chunk - len(data)))
+                    else:
+                        sf.size = size
+                else:
+                    sf.size = size
+            except BaseException:
+                sf.remove()
+                raise
+            if (node.remote_etag, node.attrs.salt) == version and sf.size == size:
+                node.stage = sf
+                return sf
             sf.remove()
-            raise
-        node.stage = sf
-        return sf
+        raise StoreError("the file keeps changing elsewhere while it is opened for writing")
 
     def _touch(self, node: Node, *, data: bool) -> None:
         now = _now_ns()

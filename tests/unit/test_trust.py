@@ -629,3 +629,44 @@ async def test_replacing_an_open_file_by_rename_keeps_its_readers(tmp_path: Path
     await fs.release(h.fh)
     fs2 = await make_fs(tmp_path / "2", store)
     assert await read_file(fs2, (await fs2.lookup(ROOT_INO, b"cur.log")).ino) == b"new log\n"
+
+
+async def test_opening_for_writing_never_mixes_two_versions(tmp_path: Path) -> None:
+    """Another host's version arrives between two batches of the copy that opening a file
+    for writing makes: the staged file was half one version, half the other, and its upload
+    replaced the newer one (18.4). Now the copy starts again from the version that came."""
+    import os
+
+    from tests.fsutil import read_file, write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store)
+    fs.opt.part_size = 2 * fs.chunk  # a batch is two chunks
+    v1, v2 = b"1" * (6 * fs.chunk), b"2" * (6 * fs.chunk)
+    await write_file(fs, ROOT_INO, b"f", v1)
+    other = await make_fs(tmp_path / "b", store)
+    node = await fs.lookup(ROOT_INO, b"f")
+    real = fs._fetch_chunks
+    batches = 0
+
+    async def fetch_then_new_version(n, first, last, got):  # type: ignore[no-untyped-def]
+        nonlocal batches
+        await real(n, first, last, got)
+        batches += 1
+        if batches == 1:  # the other host writes v2; this mount learns of it now
+            theirs = await other.lookup(ROOT_INO, b"f")
+            h2 = await other.open(theirs.ino, os.O_RDWR)
+            await other.write(h2.fh, 0, v2)
+            await other.release(h2.fh)
+            await other.sync_node(theirs)
+            await fs._refresh(node)
+
+    fs._fetch_chunks = fetch_then_new_version  # type: ignore[method-assign]
+    h = await fs.open(node.ino, os.O_RDWR)
+    await fs.write(h.fh, 0, b"X")
+    await fs.release(h.fh)
+    fs._fetch_chunks = real  # type: ignore[method-assign]
+    await fs.flush_all()
+    check = await make_fs(tmp_path / "c", store)
+    got = await read_file(check, (await check.lookup(ROOT_INO, b"f")).ino)
+    assert got == b"X" + v2[1:]  # this host's write over the version it copied: v2, whole
