@@ -739,60 +739,59 @@ def cmd_fsck(args: Any) -> int:
         return EXIT_ERROR
 
 
-def cmd_upgrade(args: Any) -> int:
+def _volume_job(args: Any, label: str, job: Any, failed: Any) -> int:
+    """Open the volume ``args`` names, ``await job(vol, loc, progress)`` with a progress
+    bar, print the report's summary; exit code 3 if ``failed(report)``."""
     from cryptfs.session import open_remote, open_volume
     from cryptfs.store.s3 import S3Location
-    from cryptfs.upgrade import upgrade
 
     loc = S3Location.parse(args.location)
     source = _key_source(args)
     remote = _remote(args)
-    bar = _Progress("upgrading")
+    bar = _Progress(label)
 
     async def main() -> int:
         async with open_remote(loc, remote) as (store, kms):
             vol = await open_volume(store, kms, source, remote)
             try:
-                report = await upgrade(
-                    vol, concurrency=args.concurrency, progress=bar.update, settle=args.settle
-                )
+                report = await job(vol, loc, bar.update)
             finally:
                 vol.keyring.close()
                 bar.close()
         print(report.summary())
-        return 0 if report.finished else 3
+        return 3 if failed(report) else 0
 
     return trio.run(main)
+
+
+def cmd_upgrade(args: Any) -> int:
+    from cryptfs.upgrade import upgrade
+
+    return _volume_job(
+        args,
+        "upgrading",
+        lambda vol, _loc, progress: upgrade(
+            vol, concurrency=args.concurrency, progress=progress, settle=args.settle
+        ),
+        lambda report: not report.finished,
+    )
 
 
 def cmd_import(args: Any) -> int:
     from cryptfs.importer import import_s3ec
-    from cryptfs.session import open_remote, open_volume
-    from cryptfs.store.s3 import S3Location
 
-    loc = S3Location.parse(args.location)
-    source = _key_source(args)
-    remote = _remote(args)
-    bar = _Progress("importing")
-
-    async def main() -> int:
-        async with open_remote(loc, remote) as (store, kms):
-            vol = await open_volume(store, kms, source, remote)
-            try:
-                report = await import_s3ec(
-                    vol,
-                    key_prefix=loc.prefix,
-                    paths=None if args.all else tuple(args.path),
-                    max_size=args.max_size,
-                    progress=bar.update,
-                )
-            finally:
-                vol.keyring.close()
-                bar.close()
-        print(report.summary())
-        return 3 if report.failed else 0
-
-    return trio.run(main)
+    return _volume_job(
+        args,
+        "importing",
+        lambda vol, loc, progress: import_s3ec(
+            vol,
+            key_prefix=loc.prefix,
+            paths=None if args.all else tuple(args.path),
+            max_size=args.max_size,
+            progress=progress,
+        ),
+        lambda report: bool(report.failed),
+    )
 
 
 def cmd_stats(args: Any) -> int:

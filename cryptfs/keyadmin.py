@@ -53,8 +53,8 @@ from cryptfs.format.meta import FORMATS, ObjectMeta
 from cryptfs.format.volume import CONFIG_NAME, KeySource, Retiring, SlotPayload
 from cryptfs.fs.volume import Volume
 from cryptfs.keys.keyring import Target, add_kms_slot
-from cryptfs.store.base import ObjectInfo
-from cryptfs.tasks import open_tasks
+from cryptfs.store.base import ObjectInfo, bare_etag
+from cryptfs.tasks import each
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,14 @@ class RotateReport:
 
 Progress = Callable[[int, int], None]
 SETTLE = 35.0  # the config re-read interval of running mounts (30 s), and a margin
+
+
+def check_settle(settle: float) -> None:
+    """How long a rotation or an upgrade waits for running mounts to re-read the config."""
+    if not 0 <= settle < 86400:
+        raise UsageError("--settle must be between 0 and 86400 seconds")
+
+
 CLOCK_SKEW = 120  # seconds the S3 server's clock may be ahead of the rotating client's
 
 
@@ -182,8 +190,7 @@ async def rotate(
     ``settle``: how long after the start the last pass may begin (running mounts re-read the
     config every 30 s, and write under their old keys until then)."""
     cfg = vol.config
-    if not 0 <= settle < 86400:
-        raise UsageError("--settle must be between 0 and 86400 seconds")
+    check_settle(settle)
     if cfg.version < 2 or 1 in cfg.objects:
         raise UsageError(
             "this volume is still at format revision 1, whose rotation revokes nothing: run "
@@ -330,9 +337,11 @@ async def _rewrap_all(
             aborted = True
         listing = await vol.store.list("", delimiter=None)
         if snapshot is None:
-            snapshot = {o.key: _tag(o.etag) for o in listing.objects}
+            snapshot = {o.key: bare_etag(o.etag) for o in listing.objects}
         objs = [
-            o for o in listing.objects if o.key != CONFIG_NAME and done.get(o.key) != _tag(o.etag)
+            o
+            for o in listing.objects
+            if o.key != CONFIG_NAME and done.get(o.key) != bare_etag(o.etag)
         ]
         if not objs:
             if settled:
@@ -373,57 +382,46 @@ async def _pass_over(
     progress: Progress | None,
 ) -> None:
     count = 0
-    send, recv = trio.open_memory_channel[ObjectInfo](0)
 
-    async def worker() -> None:
+    async def one(info: ObjectInfo) -> None:
         nonlocal count
-        async for info in recv:
-            try:
-                etag = await _rewrap_one(
-                    vol, info, target, report, snapshot, first=info.key not in done
-                )
-                if etag is not None:
-                    done[info.key] = _tag(etag)
-            except _Late as e:
-                if info.key not in report.late:
-                    report.late.append(info.key)
-                done[info.key] = _tag(info.etag)
-                log.error(
-                    "rotation: %s was written under a retiring key after the rotation began "
-                    "(a mount that did not stop, or planted by its holder): not resealed: %s",
-                    lognames.ident(info.key, opaque=vol.names.opaque(info.key)),
-                    e,
-                )
-            except (IntegrityError, UnsupportedFormat) as e:
-                if info.key not in report.unreadable:
-                    report.unreadable.append(info.key)
-                done[info.key] = _tag(info.etag)
-                log.error(
-                    "rotation: %s does not authenticate, left as it is: %s",
-                    lognames.ident(info.key, opaque=vol.names.opaque(info.key)),
-                    lognames.scrub(e, vol.names.opaque),
-                )
-            except CryptfsError as e:
-                report.failed.append(info.key)
-                log.error(
-                    "rotation: %s: %s",
-                    lognames.ident(info.key, opaque=vol.names.opaque(info.key)),
-                    lognames.scrub(e, vol.names.opaque),
-                )
-            count += 1
-            if progress is not None:
-                progress(count, len(objs))
+        try:
+            etag = await _rewrap_one(
+                vol, info, target, report, snapshot, first=info.key not in done
+            )
+            if etag is not None:
+                done[info.key] = bare_etag(etag)
+        except _Late as e:
+            if info.key not in report.late:
+                report.late.append(info.key)
+            done[info.key] = bare_etag(info.etag)
+            log.error(
+                "rotation: %s was written under a retiring key after the rotation began "
+                "(a mount that did not stop, or planted by its holder): not resealed: %s",
+                lognames.ident(info.key, opaque=vol.names.opaque(info.key)),
+                e,
+            )
+        except (IntegrityError, UnsupportedFormat) as e:
+            if info.key not in report.unreadable:
+                report.unreadable.append(info.key)
+            done[info.key] = bare_etag(info.etag)
+            log.error(
+                "rotation: %s does not authenticate, left as it is: %s",
+                lognames.ident(info.key, opaque=vol.names.opaque(info.key)),
+                lognames.scrub(e, vol.names.opaque),
+            )
+        except CryptfsError as e:
+            report.failed.append(info.key)
+            log.error(
+                "rotation: %s: %s",
+                lognames.ident(info.key, opaque=vol.names.opaque(info.key)),
+                lognames.scrub(e, vol.names.opaque),
+            )
+        count += 1
+        if progress is not None:
+            progress(count, len(objs))
 
-    async with open_tasks() as nursery:
-        for _ in range(max(1, concurrency)):
-            nursery.start_soon(worker)
-        async with send:
-            for o in objs:
-                await send.send(o)
-
-
-def _tag(etag: str) -> str:
-    return etag.strip('"')
+    await each(objs, concurrency, one)
 
 
 class _Late(CryptfsError):
@@ -466,8 +464,8 @@ async def _rewrap_one(
         under_retiring = codec.sealed_by(md) in retiring or (wk is not None and wk.kid in retiring)
         if (
             under_retiring
-            and "-" in _tag(head.etag)
-            and (snapshot or {}).get(info.key) != _tag(head.etag)
+            and "-" in bare_etag(head.etag)
+            and (snapshot or {}).get(info.key) != bare_etag(head.etag)
         ):
             # a multipart object under a retiring key that the rotation's first listing did
             # not show: its Last-Modified may be the start of its upload (AWS), not its end

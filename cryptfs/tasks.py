@@ -8,12 +8,15 @@ error of the group is one; anything else (cancellation, a bug) stays a group, un
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 import trio
 
 from cryptfs.errors import CryptfsError
+
+T = TypeVar("T")
 
 
 def _first(group: BaseExceptionGroup[CryptfsError]) -> CryptfsError:
@@ -34,3 +37,20 @@ async def open_tasks() -> AsyncIterator[trio.Nursery]:
         if match is not None and rest is None:
             raise _first(match) from None
         raise
+
+
+async def each(items: Iterable[T], concurrency: int, fn: Callable[[T], Awaitable[None]]) -> None:
+    """``fn(item)`` for every item, ``concurrency`` at a time (at least one), in the order
+    given; failures as ``open_tasks`` reports them."""
+    send, recv = trio.open_memory_channel[T](0)
+
+    async def worker() -> None:
+        async for item in recv:
+            await fn(item)
+
+    async with open_tasks() as nursery:
+        for _ in range(max(1, concurrency)):
+            nursery.start_soon(worker)
+        async with send:
+            for item in items:
+                await send.send(item)

@@ -31,16 +31,13 @@ from cryptfs.format.keys import SCHEME_KMS
 from cryptfs.format.meta import FORMAT, FORMAT2, decode_meta
 from cryptfs.format.volume import CONFIG_NAME
 from cryptfs.fs.volume import MARKER, Volume
-from cryptfs.store.base import ObjectInfo
-from cryptfs.tasks import open_tasks
+from cryptfs.keyadmin import SETTLE, check_settle
+from cryptfs.store.base import ObjectInfo, bare_etag
+from cryptfs.tasks import each
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
-# A running mount re-reads the config every 30 s (daemon.MountConfig.config_interval) and
-# writes revision 2 from then on; the last pass starts after that, so that an object a mount
-# wrote at revision 1 just before is not stranded by ``objects: [2]``.
-SETTLE = 35.0
 
 
 @dataclass
@@ -83,9 +80,10 @@ async def upgrade(
     settle: float = SETTLE,
 ) -> UpgradeReport:
     """See the module docstring.  ``settle``: how long after the config became revision 2
-    the last pass may start (running mounts re-read the config every 30 s)."""
-    if not 0 <= settle < 86400:
-        raise UsageError("--settle must be between 0 and 86400 seconds")
+    the last pass may start (running mounts re-read the config every 30 s and write
+    revision 2 from then on: an object a mount wrote at revision 1 just before is then not
+    stranded by ``objects: [2]``)."""
+    check_settle(settle)
     report = UpgradeReport()
     store: Any = vol.store
     started = trio.current_time()
@@ -115,7 +113,9 @@ async def upgrade(
         settled = trio.current_time() - converted >= settle
         listing = await vol.store.list("", delimiter=None)
         objs = [
-            o for o in listing.objects if o.key != CONFIG_NAME and known.get(o.key) != _tag(o.etag)
+            o
+            for o in listing.objects
+            if o.key != CONFIG_NAME and known.get(o.key) != bare_etag(o.etag)
         ]
         if not objs:
             if settled:
@@ -138,10 +138,6 @@ async def upgrade(
     return report
 
 
-def _tag(etag: str) -> str:
-    return etag.strip('"')
-
-
 async def _pass(
     vol: Volume,
     objs: list[ObjectInfo],
@@ -152,7 +148,7 @@ async def _pass(
     progress: Progress | None,
 ) -> None:
     heads: dict[str, ObjectInfo] = {}
-    await _each(objs, concurrency, lambda o: _head(vol, o, heads, report))
+    await each(objs, concurrency, lambda o: _head(vol, o, heads, report))
     paths = _Paths(vol, heads)
     todo = [heads[o.key] for o in objs if o.key in heads]
     done = 0
@@ -164,7 +160,7 @@ async def _pass(
         try:
             etag = await _upgrade_one(vol, info, paths, report, first)
             if etag is not None:
-                known[info.key] = _tag(etag)
+                known[info.key] = bare_etag(etag)
         except CryptfsError as e:
             report.failed.append(info.key)
             log.error(
@@ -176,22 +172,7 @@ async def _pass(
         if progress is not None:
             progress(done, len(todo))
 
-    await _each(todo, concurrency, one)
-
-
-async def _each(items: list[ObjectInfo], concurrency: int, fn: Any) -> None:
-    send, recv = trio.open_memory_channel[ObjectInfo](0)
-
-    async def worker() -> None:
-        async for item in recv:
-            await fn(item)
-
-    async with open_tasks() as nursery:
-        for _ in range(max(1, concurrency)):
-            nursery.start_soon(worker)
-        async with send:
-            for it in items:
-                await send.send(it)
+    await each(todo, concurrency, one)
 
 
 async def _head(vol: Volume, o: ObjectInfo, heads: dict[str, ObjectInfo], r: UpgradeReport) -> None:

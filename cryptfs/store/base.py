@@ -11,6 +11,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 
+def bare_etag(etag: str) -> str:
+    """An ETag without the quotes some answers put around it (a listing's and a copy's
+    answer for one version then compare equal)."""
+    return etag.strip('"')
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
