@@ -17,15 +17,16 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from tests.reference_decryptor import (
-    Invalid,
     Keys,
+    _payload,
     b64u,
+    body_keys,
     canonical,
-    gcm_open,
     hkdf,
+    open_keyfile_slot,
 )
 
 HEADER = 92
@@ -41,18 +42,9 @@ def b64e(data: bytes) -> str:
 # -- §2 bodies -------------------------------------------------------------------------------
 
 
-def _body_keys(dek: bytes, salt: bytes, chunk_log2: int, file_id: bytes) -> tuple[bytes, bytes]:
-    """(K_content, commitment) of one generation."""
-    prk = hmac.new(salt, dek, "sha256").digest()
-    info_base = b"cryptfs/v1" + bytes([1, chunk_log2]) + file_id
-    k_content = HKDFExpand(hashes.SHA256(), 32, info_base + b"/content").derive(prk)
-    commitment = HKDFExpand(hashes.SHA256(), 32, info_base + b"/commit").derive(prk)
-    return k_content, commitment
-
-
 def seal_body(dek: bytes, file_id: bytes, salt: bytes, chunk_log2: int, plaintext: bytes) -> bytes:
     """A whole object body of FORMAT.md §2, sealed under ``dek`` with the given salt."""
-    k_content, commitment = _body_keys(dek, salt, chunk_log2, file_id)
+    k_content, commitment = body_keys(dek, salt, chunk_log2, file_id)
     header = b"CRYPTFS" + bytes([1, 1, chunk_log2]) + b"\0\0" + file_id + salt + commitment
     assert len(header) == HEADER
     c = 1 << chunk_log2
@@ -68,7 +60,7 @@ def commits_to(dek: bytes, body: bytes) -> bool:
     """Does the body's header carry the key commitment of ``dek``?  (True: ``dek`` opens it.)"""
     header = body[:HEADER]
     chunk_log2, file_id, salt = header[9], header[12:28], header[28:60]
-    _, commitment = _body_keys(dek, salt, chunk_log2, file_id)
+    _, commitment = body_keys(dek, salt, chunk_log2, file_id)
     return hmac.compare_digest(commitment, header[60:92])
 
 
@@ -153,45 +145,15 @@ def config_mac(keys: Keys, cfg: dict[str, Any]) -> str:
     return b64e(mac.digest())
 
 
-def _parse_payload(data: bytes) -> tuple[bytes, dict[str, bytes]]:
-    """VMK and master keys of a slot payload: 32 bytes (the VMK alone), ``0x01 ‖ VMK ‖ (kid,
-    MK)*`` (§1) or ``0x02 ‖ VMK ‖ cur ‖ (kid, MK)*`` (§7.1)."""
-    if len(data) == 32:
-        return data, {}
-    if data[0] not in (1, 2) or len(data) < 33:
-        raise Invalid("payload version")
-    vmk, i = data[1:33], 33
-    if data[0] == 2:
-        i += 1 + data[i]  # the current kid (also one of the kids below)
-    mks: dict[str, bytes] = {}
-    while i < len(data):
-        n = data[i]
-        mks[data[i + 1 : i + 1 + n].decode()] = data[i + 1 + n : i + 1 + n + 32]
-        i += 1 + n + 32
-    return vmk, mks
-
-
 def open_keyslot(config: bytes, keyfile_text: str) -> Keys:
     """What a key file's slot in ``config`` holds (VMK, master keys), without checking the
     config's MAC: all an attacker with that key file and that config copy learns."""
     cfg = json.loads(config)
     volume_id = b64u(cfg["volume_id"])
-    keyfile = keyfile_bytes(keyfile_text)
-    for slot in cfg["keyslots"]:
-        if slot.get("type") != "keyfile":
-            continue
-        kek = hkdf(keyfile, b64u(slot["salt"]), b"cryptfs/v1/keyfile")
-        params = {k: v for k, v in slot.items() if k != "wrapped"}
-        aad = b"cryptfs/v1/keyslot\0" + volume_id + canonical(params)
-        try:
-            payload = gcm_open(kek, b64u(slot["wrapped"]), aad)
-        except Invalid:
-            continue
-        vmk, mks = _parse_payload(payload)
-        keys = Keys(volume_id, vmk, mks, b"", b"", cfg["names"] == "aes-siv", cfg["chunk_log2"])
-        keys.names, keys.attrs = keys.purpose("names", 64), keys.purpose("attrs")
-        return keys
-    raise Invalid("no key-file slot opens with this key")
+    vmk, mks, _current = _payload(open_keyfile_slot(cfg, keyfile_bytes(keyfile_text)))
+    keys = Keys(volume_id, vmk, mks, b"", b"", cfg["names"] == "aes-siv", cfg["chunk_log2"])
+    keys.names, keys.attrs = keys.purpose("names", 64), keys.purpose("attrs")
+    return keys
 
 
 # -- the bucket ------------------------------------------------------------------------------

@@ -72,23 +72,26 @@ class Keys:
         return hkdf(self.vmk, self.volume_id, b"cryptfs/v1/" + label.encode(), n)
 
 
-def unlock_with_keyfile(config: bytes, keyfile: bytes) -> Keys:
-    cfg = json.loads(config)
+def open_keyfile_slot(cfg: dict[str, Any], keyfile: bytes) -> bytes:
+    """The payload of the first key-file slot of ``cfg`` that opens with ``keyfile`` (§1)."""
     volume_id = b64u(cfg["volume_id"])
     for slot in cfg["keyslots"]:
-        if slot["type"] != "keyfile":
+        if slot.get("type") != "keyfile":
             continue
         kek = hkdf(keyfile, b64u(slot["salt"]), b"cryptfs/v1/keyfile")
         params = {k: v for k, v in slot.items() if k != "wrapped"}
         aad = b"cryptfs/v1/keyslot\0" + volume_id + canonical(params)
         try:
-            payload = gcm_open(kek, b64u(slot["wrapped"]), aad)
+            return gcm_open(kek, b64u(slot["wrapped"]), aad)
         except Invalid:
             continue
-        break
-    else:
-        raise Invalid("no key-file slot opens with this key")
-    vmk, mks, current = _payload(payload)
+    raise Invalid("no key-file slot opens with this key")
+
+
+def unlock_with_keyfile(config: bytes, keyfile: bytes) -> Keys:
+    cfg = json.loads(config)
+    volume_id = b64u(cfg["volume_id"])
+    vmk, mks, current = _payload(open_keyfile_slot(cfg, keyfile))
     names = hkdf(vmk, volume_id, b"cryptfs/v1/names", 64)
     keys = Keys(volume_id, vmk, mks, names, b"", cfg["names"] == "aes-siv", cfg["chunk_log2"])
     keys.attrs = keys.purpose("attrs")
@@ -162,6 +165,15 @@ def unwrap_dek(keys: Keys, md: dict[str, str]) -> bytes:
 # -- §2 body -----------------------------------------------------------------------------------
 
 
+def body_keys(dek: bytes, salt: bytes, chunk_log2: int, file_id: bytes) -> tuple[bytes, bytes]:
+    """(K_content, commitment) of one body generation (§2)."""
+    prk = hmac.new(salt, dek, "sha256").digest()
+    info_base = b"cryptfs/v1" + bytes([1, chunk_log2]) + file_id
+    k_content = HKDFExpand(hashes.SHA256(), 32, info_base + b"/content").derive(prk)
+    commit = HKDFExpand(hashes.SHA256(), 32, info_base + b"/commit").derive(prk)
+    return k_content, commit
+
+
 def decrypt_body(body: bytes, dek: bytes, chunk_log2: int) -> tuple[bytes, bytes, bytes]:
     """(plaintext, file_id, salt) of a whole body."""
     header = body[:92]
@@ -170,10 +182,7 @@ def decrypt_body(body: bytes, dek: bytes, chunk_log2: int) -> tuple[bytes, bytes
     if header[9] != chunk_log2:
         raise Invalid("chunk size differs from the volume's")
     file_id, salt, commitment = header[12:28], header[28:60], header[60:92]
-    prk = hmac.new(salt, dek, "sha256").digest()
-    info_base = b"cryptfs/v1" + bytes([1, chunk_log2]) + file_id
-    k_content = HKDFExpand(hashes.SHA256(), 32, info_base + b"/content").derive(prk)
-    commit = HKDFExpand(hashes.SHA256(), 32, info_base + b"/commit").derive(prk)
+    k_content, commit = body_keys(dek, salt, chunk_log2, file_id)
     if not hmac.compare_digest(commit, commitment):
         raise Invalid("key commitment")
     c = 1 << chunk_log2
