@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
+from typing import Any
 
-from cryptfs.fs.filesystem import Filesystem
+from cryptfs.crypto import Secret
+from cryptfs.format.names import b64d
+from cryptfs.format.volume import KeySource
+from cryptfs.fs.filesystem import Filesystem, Node
+from cryptfs.store.memory import MemoryStore
+
+DATA = Path(__file__).resolve().parent / "data"
 
 
 async def write_file(
@@ -25,3 +34,21 @@ async def read_file(fs: Filesystem, ino: int) -> bytes:
         return await fs.read(h.fh, 0, 1 << 30)
     finally:
         await fs.release(h.fh)
+
+
+async def walk(fs: Filesystem, path: str) -> Node:
+    """The node of ``path`` ("/a/b"), looked up component by component."""
+    node = fs.root
+    for comp in path.encode().strip(b"/").split(b"/"):
+        node = await fs.lookup(node.ino, comp)
+    return node
+
+
+async def golden_store(name: str) -> tuple[MemoryStore, dict[str, Any], KeySource]:
+    """A memory store holding the committed golden volume ``tests/data/NAME``, its JSON, and
+    the key that opens it."""
+    golden = json.loads((DATA / name).read_text())
+    store = MemoryStore()
+    for key, obj in golden["objects"].items():
+        await store.put(key, bytes.fromhex(obj["body"]), obj["metadata"])
+    return store, golden, KeySource(keyfile=Secret(b64d(golden["key_file"])))

@@ -22,14 +22,14 @@ from cryptfs.crypto import Secret
 from cryptfs.errors import IntegrityError, UnsupportedFormat
 from cryptfs.format import s3ec
 from cryptfs.format.volume import KeySource
-from cryptfs.fs.filesystem import ROOT_INO, Filesystem, Node
+from cryptfs.fs.filesystem import ROOT_INO, Filesystem
 from cryptfs.fs.volume import Volume
 from cryptfs.importer import import_s3ec
 from cryptfs.session import Remote, open_remote, open_volume
 from cryptfs.store.kms import KmsOptions
 from cryptfs.store.s3 import S3Location, S3Options
 from tests.conftest import ACCESS_KEY, SECRET_KEY, KmsServer, S3Server
-from tests.fsutil import read_file
+from tests.fsutil import read_file, walk
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,13 +118,6 @@ async def _official_objects(s3: S3Server, kms: KmsServer, bucket: str, prefix: s
     return key_arn
 
 
-async def _walk(fs: Filesystem, path: str) -> Node:
-    node = fs.root
-    for comp in path.split("/"):
-        node = await fs.lookup(node.ino, comp.encode())
-    return node
-
-
 _V3_ON_OBJECT = ("x-amz-c", "x-amz-d", "x-amz-i")
 
 
@@ -189,7 +182,7 @@ async def test_import_objects_of_the_official_client(
         )
         await fs.ensure_root()
         for key, (_version, data) in OBJECTS.items():
-            node = await _walk(fs, key)
+            node = await walk(fs, key)
             assert await read_file(fs, node.ino) == data, key
         assert (await fs.lookup(ROOT_INO, b"v3")).is_dir
 
@@ -244,7 +237,7 @@ async def test_mount_shows_them_read_only_under_their_own_names(
         names = [n for n, _ in await fs.readdir(ROOT_INO)]
         assert names == [b"native", b"v2", b"v3"]
         for key, (_v, data) in OBJECTS.items():
-            node = await _walk(fs, key)
+            node = await walk(fs, key)
             st = fs.stat(node)
             assert st.size == len(data) and st.mode & 0o777 == 0o444, key
             if len(data) > 200_000:
@@ -406,7 +399,7 @@ async def test_instruction_files(
         names = [n for n, _ in await fs.readdir(v3.ino)]
         assert names == [b"deep", b"empty", b"hello.txt"]  # no .instruction, no tampered one
         for key in moved:
-            node = await _walk(fs, key[2:])
+            node = await walk(fs, key[2:])
             assert fs.stat(node).size == len(OBJECTS[key[2:]][1])
             assert await read_file(fs, node.ino) == OBJECTS[key[2:]][1], key
         # found by lookup alone, in a directory never listed
@@ -426,7 +419,7 @@ async def test_instruction_files(
         fs3 = new_fs()
         await fs3.ensure_root()
         for key, (_v, data) in OBJECTS.items():
-            node = await _walk(fs3, key)
+            node = await walk(fs3, key)
             assert node.foreign is None and await read_file(fs3, node.ino) == data, key
 
 

@@ -252,27 +252,19 @@ async def test_directory_rename_with_long_names_and_nesting(tmp_path: Path) -> N
     [
         "golden_volume_v1.json",  # cryptfs 0.1: DEKs wrapped under a VMK-derived key ("vmk")
         "golden_volume_v1_mk.json",  # local master key in the slot payload ("mk-…")
+        "golden_volume_v2.json",  # format revision 2 (docs/FORMAT.md §7)
     ],
 )
 async def test_golden_volume_v1_stays_readable(tmp_path: Path, name: str) -> None:
     """Whole volumes written by earlier cryptfs versions must stay mountable."""
-    import json
+    from tests.fsutil import golden_store, walk
 
-    from cryptfs.format.names import b64d
-
-    golden = json.loads((Path(__file__).parent.parent / "data" / name).read_text())
-    store = MemoryStore()
-    for key, obj in golden["objects"].items():
-        await store.put(key, bytes.fromhex(obj["body"]), obj["metadata"])
-    vol = await Volume.open(store, KeySource(keyfile=Secret(b64d(golden["key_file"]))))
+    store, golden, src = await golden_store(name)
+    vol = await Volume.open(store, src)
     fs = Filesystem(vol, StagingArea(tmp_path, vol.keys.cache, vol.chunk))
     await fs.ensure_root()
     for path, data in golden["files"].items():
-        parent = ROOT_INO
-        parts = path.encode().strip(b"/").split(b"/")
-        for comp in parts[:-1]:
-            parent = (await fs.lookup(parent, comp)).ino
-        node = await fs.lookup(parent, parts[-1])
+        node = await walk(fs, path)
         assert await read_file(fs, node.ino) == bytes.fromhex(data)
         st = fs.stat(node)
         assert (st.mode & 0o777, st.uid, st.mtime_ns) == (0o640, 1000, 1_700_000_000_123_456_789)

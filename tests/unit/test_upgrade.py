@@ -4,7 +4,6 @@ revision-1 object (one put back from before the upgrade) is refused."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -17,10 +16,9 @@ from cryptfs.format.volume import CONFIG_NAME, KeySource, VolumeConfig
 from cryptfs.fs.filesystem import ROOT_INO, Filesystem
 from cryptfs.fs.volume import Volume
 from cryptfs.keyadmin import rotate
-from cryptfs.store.memory import MemoryStore
 from cryptfs.upgrade import upgrade
 from tests import reference_decryptor as ref
-from tests.fsutil import read_file
+from tests.fsutil import golden_store, read_file, walk
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 GOLDEN = ["golden_volume_v1.json", "golden_volume_v1_mk.json"]
@@ -32,23 +30,11 @@ def _own_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CRYPTFS_STATE_DIR", str(tmp_path / "state"))
 
 
-async def _golden_store(name: str) -> tuple[MemoryStore, dict, KeySource]:  # type: ignore[type-arg]
-    golden = json.loads((DATA / name).read_text())
-    store = MemoryStore()
-    for key, obj in golden["objects"].items():
-        await store.put(key, bytes.fromhex(obj["body"]), obj["metadata"])
-    return store, golden, KeySource(keyfile=Secret(b64d(golden["key_file"])))
-
-
 async def _read_all(vol: Volume, tmp: Path, golden: dict) -> None:  # type: ignore[type-arg]
     fs = Filesystem(vol, StagingArea(tmp, vol.keys.cache, vol.chunk))
     await fs.ensure_root()
     for path, data in golden["files"].items():
-        parent = ROOT_INO
-        parts = path.encode().strip(b"/").split(b"/")
-        for comp in parts[:-1]:
-            parent = (await fs.lookup(parent, comp)).ino
-        node = await fs.lookup(parent, parts[-1])
+        node = await walk(fs, path)
         assert await read_file(fs, node.ino) == bytes.fromhex(data), path
     assert await fs.readlink((await fs.lookup(ROOT_INO, b"link")).ino) == b"docs/report.pdf"
     assert fs.integrity_failures == 0
@@ -56,7 +42,7 @@ async def _read_all(vol: Volume, tmp: Path, golden: dict) -> None:  # type: igno
 
 @pytest.mark.parametrize("name", GOLDEN)
 async def test_upgrade_golden_volume(tmp_path: Path, name: str) -> None:
-    store, golden, src = await _golden_store(name)
+    store, golden, src = await golden_store(name)
     before = {k: body for k, (body, _md, _e) in store.objects.items() if k != CONFIG_NAME}
     old_meta = {k: dict(md) for k, (_b, md, _e) in store.objects.items()}
     vol = await Volume.open(store, src)
@@ -95,7 +81,7 @@ async def test_upgrade_golden_volume(tmp_path: Path, name: str) -> None:
 
 @pytest.mark.allow_error_logs
 async def test_upgrade_is_resumable(tmp_path: Path) -> None:
-    store, golden, src = await _golden_store("golden_volume_v1_mk.json")
+    store, golden, src = await golden_store("golden_volume_v1_mk.json")
     real_copy = store.copy
     count = 0
 
@@ -123,7 +109,7 @@ async def test_upgrade_is_resumable(tmp_path: Path) -> None:
 
 
 async def test_upgrade_then_rotation_revokes_the_old_key(tmp_path: Path) -> None:
-    store, golden, src = await _golden_store("golden_volume_v1_mk.json")
+    store, golden, src = await golden_store("golden_volume_v1_mk.json")
     old = await Volume.open(store, src)
     await upgrade(old, settle=0)
     stolen = await Volume.open(store, src)  # the pre-rotation key file, kept by a thief
@@ -150,7 +136,7 @@ async def test_an_object_written_at_revision_1_during_the_upgrade_is_upgraded_to
 
     from tests.fsutil import write_file
 
-    store, golden, src = await _golden_store("golden_volume_v1_mk.json")
+    store, golden, src = await golden_store("golden_volume_v1_mk.json")
     stale = await Volume.open(store, src)  # a mount that still holds the revision-1 config
     fs = Filesystem(stale, StagingArea(tmp_path / "stale", stale.keys.cache, stale.chunk))
     await fs.ensure_root()
