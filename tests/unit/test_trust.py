@@ -81,6 +81,23 @@ async def _plant_under(store, payload, cfg, name: bytes, data: bytes) -> str:  #
     return comp
 
 
+async def _rotated_elsewhere(store: MemoryStore):  # type: ignore[no-untyped-def]
+    """A rotation from key file k to n, run to completion by another host; returns the
+    volume as the old key opened it before (what a thief of that key file holds)."""
+    from cryptfs.crypto import Secret
+    from cryptfs.format.volume import KeySource
+    from cryptfs.fs.volume import Volume
+    from cryptfs.keyadmin import rotate
+
+    old = await Volume.open(store, KeySource(keyfile=Secret(b"k" * 32)))
+    await rotate(
+        await Volume.open(store, KeySource(keyfile=Secret(b"k" * 32))),
+        to_source=KeySource(keyfile=Secret(b"n" * 32)),
+        settle=0,
+    )
+    return old
+
+
 @pytest.mark.allow_error_logs
 async def test_what_a_retired_key_plants_during_or_after_a_rotation_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -150,11 +167,8 @@ async def test_a_mount_whose_key_was_retired_follows_no_config_and_writes_nothin
     """A mount left running through a rotation elsewhere: once it has seen a config it cannot
     authenticate, it never follows another (whoever holds its retired key could write one),
     and it writes no metadata, marker or rename under that key."""
-    from cryptfs.crypto import Secret
     from cryptfs.errors import IntegrityError, ReadOnly
-    from cryptfs.format.volume import CONFIG_NAME, KeySource
-    from cryptfs.fs.volume import Volume
-    from cryptfs.keyadmin import rotate
+    from cryptfs.format.volume import CONFIG_NAME
     from tests.fsutil import write_file
 
     store = MemoryStore()
@@ -162,12 +176,7 @@ async def test_a_mount_whose_key_was_retired_follows_no_config_and_writes_nothin
     await write_file(fs, ROOT_INO, b"f", b"data")
     d = await fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
     node = await fs.lookup(ROOT_INO, b"f")
-    old = await Volume.open(store, KeySource(keyfile=Secret(b"k" * 32)))
-    await rotate(
-        await Volume.open(store, KeySource(keyfile=Secret(b"k" * 32))),
-        to_source=KeySource(keyfile=Secret(b"n" * 32)),
-        settle=0,
-    )
+    old = await _rotated_elsewhere(store)
     assert not await fs.vol.reload_config()
     # the old key holder writes the next epoch, MAC'd under the retired master key
     old.config.epoch = 99
@@ -429,22 +438,13 @@ async def test_a_mount_that_refused_a_config_believes_nothing_written_after_it(
     """A mount left running with the old key refuses the rotated config; what the old key's
     holder plants afterwards is not served by it either (its decoder is frozen at that
     config's Last-Modified), while what it read before stays readable."""
-    from cryptfs.crypto import Secret
     from cryptfs.errors import IntegrityError, NoEntry
-    from cryptfs.format.volume import KeySource
-    from cryptfs.fs.volume import Volume
-    from cryptfs.keyadmin import rotate
     from tests.fsutil import read_file, write_file
 
     store = MemoryStore()
     fs = await make_fs(tmp_path / "a", store)
     await write_file(fs, ROOT_INO, b"report.txt", b"the owner's\n")
-    old = await Volume.open(store, KeySource(keyfile=Secret(b"k" * 32)))
-    await rotate(
-        await Volume.open(store, KeySource(keyfile=Secret(b"k" * 32))),
-        to_source=KeySource(keyfile=Secret(b"n" * 32)),
-        settle=0,
-    )
+    old = await _rotated_elsewhere(store)
     assert not await fs.vol.reload_config()
     await _plant_under(store, old.payload, old.config, b"planted.txt", b"EVIL\n")
     with pytest.raises((IntegrityError, NoEntry)):
