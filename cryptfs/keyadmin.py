@@ -39,7 +39,6 @@ from typing import Any
 
 import trio
 
-from cryptfs import lognames
 from cryptfs.errors import (
     CryptfsError,
     IntegrityError,
@@ -398,7 +397,7 @@ async def _pass_over(
             log.error(
                 "rotation: %s was written under a retiring key after the rotation began "
                 "(a mount that did not stop, or planted by its holder): not resealed: %s",
-                lognames.ident(info.key, opaque=vol.names.opaque(info.key)),
+                vol.key_ident(info.key),
                 e,
             )
         except (IntegrityError, UnsupportedFormat) as e:
@@ -407,15 +406,15 @@ async def _pass_over(
             done[info.key] = bare_etag(info.etag)
             log.error(
                 "rotation: %s does not authenticate, left as it is: %s",
-                lognames.ident(info.key, opaque=vol.names.opaque(info.key)),
-                lognames.scrub(e, vol.names.opaque),
+                vol.key_ident(info.key),
+                vol.scrub(e),
             )
         except CryptfsError as e:
             report.failed.append(info.key)
             log.error(
                 "rotation: %s: %s",
-                lognames.ident(info.key, opaque=vol.names.opaque(info.key)),
-                lognames.scrub(e, vol.names.opaque),
+                vol.key_ident(info.key),
+                vol.scrub(e),
             )
         count += 1
         if progress is not None:

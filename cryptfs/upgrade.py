@@ -25,7 +25,6 @@ from typing import Any
 
 import trio
 
-from cryptfs import lognames
 from cryptfs.errors import CryptfsError, IntegrityError, NotFound, PreconditionFailed, UsageError
 from cryptfs.format.keys import SCHEME_KMS
 from cryptfs.format.meta import FORMAT, FORMAT2, decode_meta
@@ -165,8 +164,8 @@ async def _pass(
             report.failed.append(info.key)
             log.error(
                 "upgrade: %s: %s",
-                lognames.ident(info.key, opaque=vol.names.opaque(info.key)),
-                lognames.scrub(e, vol.names.opaque),
+                vol.key_ident(info.key),
+                vol.scrub(e),
             )
         done += 1
         if progress is not None:

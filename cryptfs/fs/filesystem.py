@@ -470,11 +470,11 @@ class Filesystem:
 
     def key_ident(self, key: str, path: bytes | None = None) -> str:
         """How a log line names the object ``key`` (no node of it at hand)."""
-        return lognames.ident(key, opaque=self.vol.names.opaque(key), path=path)
+        return self.vol.key_ident(key, path)
 
     def scrub(self, e: BaseException) -> str:
         """``e``'s message for a log line: names cut out, keys only if they reveal none."""
-        return lognames.scrub(e, self.vol.names.opaque)
+        return self.vol.scrub(e)
 
     # ------------------------------------------------------------------ inode table
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from cryptfs import lognames
 from cryptfs.errors import (
     IntegrityError,
     NotFound,
@@ -79,6 +80,15 @@ class Volume:
         names = NameCodec(keys.names if cfg.encrypt_names else None, cfg.volume_id)
         keyring = Keyring(keys, payload, Target.of(cfg), kms, codec=MetaCodec(keys, payload, cfg))
         return cls(store, cfg, keys, names, keyring, etag, slot_id)
+
+    def key_ident(self, key: str, path: bytes | None = None) -> str:
+        """How a log line names the object ``key``: by the key only if it is made of
+        encrypted names, by ``path`` only with ``--log-names`` (``cryptfs.lognames``)."""
+        return lognames.ident(key, opaque=self.names.opaque(key), path=path)
+
+    def scrub(self, e: BaseException) -> str:
+        """``e``'s message for a log line: names cut out, keys only if they reveal none."""
+        return lognames.scrub(e, self.names.opaque)
 
     def set_payload(self, payload: SlotPayload) -> None:
         """The payload (or config) changed (rotation, upgrade): rebuild what depends on it."""
