@@ -68,6 +68,20 @@ class Volume:
         p = self.cache / "cryptfs.log"
         return p.read_text() if p.exists() else ""
 
+    def flip_byte(self, offset: int) -> str:
+        """Flip a bit of byte ``offset`` of the (first) object longer than that, as a bucket
+        writer could; returns its key."""
+        c = self.server.client()
+        sizes = {
+            k: c.head_object(Bucket=self.bucket, Key=k)["ContentLength"] for k in self.raw_keys()
+        }
+        victim = next(k for k, s in sizes.items() if s > offset)
+        obj = c.get_object(Bucket=self.bucket, Key=victim)
+        body = bytearray(obj["Body"].read())
+        body[offset] ^= 0x40
+        c.put_object(Bucket=self.bucket, Key=victim, Body=bytes(body), Metadata=obj["Metadata"])
+        return victim
+
     def raw_keys(self) -> list[str]:
         c = self.server.client()
         keys = []

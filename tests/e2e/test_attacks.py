@@ -145,6 +145,16 @@ def _cold(vol: Volume) -> None:
                 p.unlink()
 
 
+def _cold_read(vol: Volume, mount: Callable[[], object], name: str) -> tuple[str, dict[str, Any]]:
+    """What a reader of ``name`` gets from a cold mount (``mount()``), and that mount's stats."""
+    _cold(vol)
+    mount()
+    try:
+        return _outcome(vol.mnt / name), _stats(vol.mnt)
+    finally:
+        vol.umount()
+
+
 def _other_machine(vol: Volume, tmp_path: Path, name: str) -> tuple[Volume, dict[str, str]]:
     """The same volume seen from a machine that never mounted it: its own cache and state."""
     base = tmp_path / name
@@ -326,13 +336,7 @@ def test_rotation_does_not_adopt_a_substituted_data_key(kms_volume: KmsVolume) -
     )  # fmt: skip
     b = _bucket(vol)
     body, md = b.get(planted.key)
-    _cold(vol)
-    kms_volume.mount_by_kms()
-    try:
-        got = _outcome(vol.mnt / "ledger.txt")
-        snap = _stats(vol.mnt)
-    finally:
-        vol.umount()
+    got, snap = _cold_read(vol, kms_volume.mount_by_kms, "ledger.txt")
     laundered = md["cfs-kid"] == key_b and commits_to(planted.dek, body)
     assert not laundered, (
         "rotation rewrapped the attacker's data key under the new KMS key:\n" + r.stdout
@@ -363,13 +367,8 @@ def test_s3ec_object_in_place_of_a_native_file(
     md = b.head(key)["Metadata"]
     assert "cfs" not in md and ("x-amz-3" in md or "x-amz-key-v2" in md), md  # theirs now
 
-    _cold(volume)
-    volume.mount(*kms_args)  # a reader that opens the name
-    try:
-        direct = _outcome(volume.mnt / "payroll.txt")
-        snap = _stats(volume.mnt)
-    finally:
-        volume.umount()
+    # a reader that opens the name
+    direct, snap = _cold_read(volume, lambda: volume.mount(*kms_args), "payroll.txt")
     _cold(volume)
     volume.mount(*kms_args)  # a reader that lists first, then reads whatever is there
     try:
@@ -569,13 +568,7 @@ def test_old_key_cannot_plant_content_after_rotation(
     }
     b.put(key, seal_body(dek, file_id, salt, old.chunk_log2, EVIL), md)
 
-    _cold(rotated)
-    rotated.mount()
-    try:
-        got = _outcome(rotated.mnt / "contract.txt")
-        snap = _stats(rotated.mnt)
-    finally:
-        rotated.umount()
+    got, snap = _cold_read(rotated, rotated.mount, "contract.txt")
     assert got != SERVED, f"the mount served a body whose data key the old key wrapped ({kid})"
     assert got == "EIO"
     assert snap["integrity_failures"] >= 1, snap

@@ -52,15 +52,7 @@ def _exercise(volume: Volume, *mount_args: str) -> str:
     with pytest.raises(FileExistsError):
         os.open(m / f"{NAME}link", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     volume.umount()
-    c = volume.server.client()
-    sizes = {
-        k: c.head_object(Bucket=volume.bucket, Key=k)["ContentLength"] for k in volume.raw_keys()
-    }
-    victim = next(k for k, s in sizes.items() if s > 150_000)
-    obj = c.get_object(Bucket=volume.bucket, Key=victim)
-    body = bytearray(obj["Body"].read())
-    body[150_000] ^= 0x40
-    c.put_object(Bucket=volume.bucket, Key=victim, Body=bytes(body), Metadata=obj["Metadata"])
+    victim = volume.flip_byte(150_000)
     volume.mount("-v", "-v", *mount_args)
     with pytest.raises(OSError) as ei:
         (m / f"{NAME}dir" / f"{NAME}beta").read_bytes()
