@@ -101,10 +101,16 @@ def test_dek_wrap_bound_to_file() -> None:
 FAST = {"t": 1, "m": 1024, "p": 1}
 
 
-def test_volume_config_slots() -> None:
+def new_config() -> tuple[VolumeConfig, Secret, SlotPayload]:
+    """A new revision-2 config whose data keys are local, under master key ``mk-1``."""
     cfg, vmk = VolumeConfig.create(16, True)
     payload = SlotPayload(vmk, {"mk-1": Secret(b"m" * 32)}, "mk-1")
     cfg.dek = {"scheme": "gcm", "kid": "mk-1"}
+    return cfg, vmk, payload
+
+
+def test_volume_config_slots() -> None:
+    cfg, vmk, payload = new_config()
     cfg.add_slot(payload, KeySource(keyfile=Secret(b"k" * 32)))
     cfg.add_slot(payload, KeySource(passphrase=Secret(b"correct horse")), argon2=FAST)
     data = cfg.to_bytes(payload)
@@ -130,9 +136,7 @@ def test_config_mac_covers_keyslots_and_epoch() -> None:
     without the current master key, makes the config fail to authenticate."""
     import json
 
-    cfg, vmk = VolumeConfig.create(16, True)
-    payload = SlotPayload(vmk, {"mk-1": Secret(b"m" * 32)}, "mk-1")
-    cfg.dek = {"scheme": "gcm", "kid": "mk-1"}
+    cfg, vmk, payload = new_config()
     cfg.add_slot(payload, KeySource(keyfile=Secret(b"k" * 32)))
     cfg.add_slot(payload, KeySource(passphrase=Secret(b"pw")), argon2=FAST)
     data = cfg.to_bytes(payload)
@@ -165,9 +169,7 @@ def test_config_mac_covers_keyslots_and_epoch() -> None:
 
 
 def test_config_bounds() -> None:
-    cfg, vmk = VolumeConfig.create(16, True)
-    payload = SlotPayload(vmk, {"mk-1": Secret(b"m" * 32)}, "mk-1")
-    cfg.dek = {"scheme": "gcm", "kid": "mk-1"}
+    cfg, _vmk, payload = new_config()
     cfg.add_slot(payload, KeySource(passphrase=Secret(b"pw")), argon2=FAST)
     cfg.keyslots[0]["m"] = 1 << 30  # a planted slot asking for 1 TiB
     with pytest.raises(IntegrityError, match="memory"):

@@ -248,15 +248,13 @@ def test_a_revision_1_volume_believes_only_its_own_kms_key() -> None:
 
 def test_two_keyslots_of_one_id_are_refused() -> None:
     import json
-    import os
 
     from cryptfs.crypto import Secret
     from cryptfs.errors import IntegrityError
-    from cryptfs.format.volume import KeySource, SlotPayload, VolumeConfig
+    from cryptfs.format.volume import KeySource, VolumeConfig
+    from tests.unit.test_names_meta_volume import new_config
 
-    cfg, vmk = VolumeConfig.create(16, True)
-    payload = SlotPayload(vmk, {"mk-1": Secret(os.urandom(32))}, "mk-1")
-    cfg.dek = {"scheme": "gcm", "kid": "mk-1"}
+    cfg, _vmk, payload = new_config()
     cfg.add_slot(payload, KeySource(keyfile=Secret(b"k" * 32)))
     d = json.loads(cfg.to_bytes(payload))
     d["keyslots"].append(dict(d["keyslots"][0]))
