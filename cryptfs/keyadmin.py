@@ -457,9 +457,7 @@ async def _rewrap_one(
             codec.decode(b"", info.key, md, window=False)  # raises: authentic under nothing
             raise _Late("last modified after the bound") from None
         wk = meta.dek
-        retiring = vol.config.retiring_kids() | set(
-            vol.config.retiring.kms if vol.config.retiring else ()
-        )
+        retiring = codec.retiring_keys
         under_retiring = codec.sealed_by(md) in retiring or (wk is not None and wk.kid in retiring)
         if (
             under_retiring

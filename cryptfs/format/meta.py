@@ -227,7 +227,8 @@ class MetaCodec:
             self._meta[kid] = master_derive(mk, vid, "meta", kid)
         # revision 1: only the config's own target (keyslots are outside its MAC)
         self.kms_keys = config.allowed_kms()
-        self._retiring_keys = retiring | frozenset(config.retiring.kms if config.retiring else ())
+        # the master and KMS keys a rotation retires
+        self.retiring_keys = retiring | frozenset(config.retiring.kms if config.retiring else ())
         self._payload = payload
         # set when this mount refused a changed config (its keys may have been retired): from
         # then on nothing S3 wrote after that config is believed (docs/FORMAT.md §7.8)
@@ -249,7 +250,7 @@ class MetaCodec:
             raise IntegrityError(
                 f"data key wrapped under a key this volume does not use ({wk.kid})"
             )
-        if modified is not None and wk.kid in self._retiring_keys:
+        if modified is not None and wk.kid in self.retiring_keys:
             self._check_window(wk.kid, modified)
 
     def _check_window(self, kid: str, modified: float) -> None:

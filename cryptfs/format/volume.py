@@ -119,10 +119,6 @@ class SlotPayload:
             return self.vmk
         return self.mks.get(kid)  # revision 2: "vmk" only while a rotation retires it
 
-    def meta_kids(self) -> set[str]:
-        """Master keys whose metadata seals this payload accepts."""
-        return set(self.mks) if self.current is not None else {LOCAL_KID}
-
     def to_bytes(self) -> bytes:
         if self.current is None and not self.mks:
             return self.vmk.reveal()

@@ -42,7 +42,6 @@ class Volume:
     config_etag: str = ""
     slot_id: str = ""  # the keyslot this volume was opened with
     state: VolumeState | None = None  # what this machine remembers of the volume
-    config_refused: bool = False  # a changed config failed to authenticate: follow no other
 
     @property
     def meta(self) -> MetaCodec:
@@ -162,13 +161,14 @@ class Volume:
     ) -> Volume:
         cfg, etag = await cls.load_config(store)
         state = VolumeState.load(cfg.volume_id)
-        _check_epoch(cfg, state)  # (again below, once it authenticates: a clear refusal now)
+        # (the epoch is read before the config authenticates: that only refuses sooner, and
+        # with a clear message; what is accepted must then authenticate, below)
+        _check_epoch(cfg, state)
         trusted: frozenset[str] | None = None
         if not source.local and kms is not None and (source.kms_keys or state.kms_slot_keys):
             named = [await kms.key_arn(k) for k in source.kms_keys]
             trusted = frozenset(named) | frozenset(state.kms_slot_keys)
         payload, slot_id = await unlock(cfg, source, kms, trusted)
-        _check_epoch(cfg, state)
         vol = cls._assemble(store, cfg, payload, kms, etag, slot_id)
         vol.state = state
         slot = cfg.slot(slot_id)
@@ -185,7 +185,7 @@ class Volume:
         make running mounts hold their writes, staged, as deleting objects denies service;
         docs/SECURITY.md.)
         """
-        if self.config_refused:
+        if self.keyring.stale_for_good:
             return False
         info = await self.store.head(CONFIG_NAME)
         if info.etag == self.config_etag:
@@ -207,7 +207,6 @@ class Volume:
             self.config_etag = etag
             # and for good: whoever holds the key this mount holds (a retired one, after a
             # rotation) could write a config that authenticates under it next
-            self.config_refused = True
             self.keyring.stale_for_good = True
             # nor believe, under keys that may be retired now, what S3 wrote after it
             self.meta.frozen = info.modified or 1.0
