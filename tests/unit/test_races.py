@@ -1,0 +1,220 @@
+"""Issue 18: interleavings and error paths of ``cryptfs.fs`` that lost acknowledged writes,
+served stale bytes or got stuck. Each test drives its interleaving deterministically over the
+memory store, and failed on the code before its fix (docs/CONCURRENCY.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from cryptfs.fs.filesystem import ROOT_INO
+from cryptfs.store.memory import MemoryStore
+from tests.unit.test_filesystem import make_fs
+
+
+@pytest.mark.allow_error_logs
+async def test_a_kms_outage_delays_an_upload_it_does_not_drop_it(tmp_path: Path) -> None:
+    """Every upload asks for a fresh data key: a KMS error that is transient (throttling, an
+    outage after its retries) reschedules the upload like an S3 outage does (issue 18.10)."""
+    from cryptfs.errors import KeyServiceUnavailable
+    from tests.fsutil import read_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    node, h = await fs.create(ROOT_INO, b"f", 0o644, 0, 0)
+    await fs.write(h.fh, 0, b"must not be lost")
+    await fs.release(h.fh)
+    ring = fs.vol.keyring
+    real = ring.new_dek
+    calls = 0
+
+    async def flaky(fid: bytes):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise KeyServiceUnavailable("AWS KMS: ThrottlingException (after 8 attempts)")
+        return await real(fid)
+
+    ring.new_dek = flaky  # type: ignore[method-assign]
+    await fs._background_sync(node)
+    assert node.dirty and node in fs._due  # rescheduled, not given up
+    await fs._background_sync(node)
+    assert not node.dirty
+    fs2 = await make_fs(tmp_path / "2", store)
+    assert await read_file(fs2, (await fs2.lookup(ROOT_INO, b"f")).ino) == b"must not be lost"
+
+
+async def test_a_directory_renamed_onto_an_empty_one_keeps_its_marker(tmp_path: Path) -> None:
+    """``mkdir a b; touch a/f; mv -T a b``: the moved directory's marker was copied to the
+    key of b's, which the rename then deleted (issue 18.1): its mode and times were lost, and
+    its marker write looped on a deleted ETag."""
+    from tests.fsutil import read_file, write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    a = await fs.mkdir(ROOT_INO, b"a", 0o750, 0, 0)
+    await fs.mkdir(ROOT_INO, b"b", 0o755, 0, 0)
+    await write_file(fs, a.ino, b"f", b"inside a")
+    await fs.rename(ROOT_INO, b"a", ROOT_INO, b"b", 0)
+    with trio.fail_after(5):
+        await fs.flush_all()
+    fs2 = await make_fs(tmp_path / "2", store)
+    b = await fs2.lookup(ROOT_INO, b"b")
+    assert b.is_dir and fs2.stat(b).mode & 0o777 == 0o750  # a's marker, not an implicit dir
+    assert b.remote_etag is not None
+    assert await read_file(fs2, (await fs2.lookup(b.ino, b"f")).ino) == b"inside a"
+
+
+async def test_bytes_fetched_are_cached_under_the_generation_they_are_of(tmp_path: Path) -> None:
+    """A new version lands (an adopt, or this mount's own upload) while a GET is in flight:
+    the bytes of the old one must not go into the memory cache under the new one's salt,
+    where a later read of the new version would be served them unauthenticated (18.3)."""
+    import os
+
+    from tests.fsutil import write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    await write_file(fs, ROOT_INO, b"f", os.urandom(3 * 4096))
+    reader = await make_fs(tmp_path / "r", store)
+    node = await reader.lookup(ROOT_INO, b"f")
+    old_salt, new_salt = node.attrs.salt, os.urandom(32)
+    real_crypto = reader._crypto
+
+    async def decrypt_then_new_version(fn, nbytes):  # type: ignore[no-untyped-def]
+        out = await real_crypto(fn, nbytes)  # (in a worker thread for large runs)
+        node.attrs = node.attrs.with_(salt=new_salt)  # what an adopt landing now does
+        return out
+
+    reader._crypto = decrypt_then_new_version  # type: ignore[method-assign]
+    got: dict[int, bytes] = {}
+    await reader._fetch_run(node, 0, 2, got)
+    assert len(got) == 3
+    assert reader.cache.get((node.file_id, new_salt, 0)) is None
+    assert reader.cache.get((node.file_id, old_salt, 0)) == got[0]
+
+
+async def test_recovery_replaces_only_the_version_its_journal_names(tmp_path: Path) -> None:
+    """A file changed here, staged, then the daemon dies; another host writes the file
+    meanwhile. The next mount's recovery must make its upload a conflict copy, not overwrite
+    the other host's version with the ETag it has just seen (18.5)."""
+    from tests.fsutil import read_file, write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store)
+    await write_file(fs, ROOT_INO, b"f", b"version 1\n")
+    node = await fs.lookup(ROOT_INO, b"f")
+    h = await fs.open(node.ino, 2)  # O_RDWR
+    await fs.write(h.fh, 0, b"this host's v2\n")
+    await fs.release(h.fh)  # staged and journaled; the daemon dies before the upload
+    other = await make_fs(tmp_path / "b", store)
+    theirs = await other.lookup(ROOT_INO, b"f")
+    await other.setattr(theirs.ino, size=0)
+    h2 = await other.open(theirs.ino, 2)
+    await other.write(h2.fh, 0, b"the other host's v2\n")
+    await other.release(h2.fh)
+    await other.sync_node(theirs)
+    again = await make_fs(tmp_path / "a", store)  # same cache dir: recovery
+    assert await again.recover() == 1
+    await again.flush_all()
+    check = await make_fs(tmp_path / "c", store)
+    names = [n for n, _ in await check.readdir(ROOT_INO) if n not in (b".", b"..")]
+    assert await read_file(check, (await check.lookup(ROOT_INO, b"f")).ino) == (
+        b"the other host's v2\n"
+    )
+    copies = [n for n in names if n.startswith(b"f.conflict-")]
+    assert len(copies) == 1, names
+    copy = await check.lookup(ROOT_INO, copies[0])
+    assert await read_file(check, copy.ino) == b"this host's v2\n"
+
+
+async def test_a_file_uploaded_while_a_listing_is_in_flight_stays(tmp_path: Path) -> None:
+    """A new file's first upload lands while an ``ls`` waits for its LIST, which therefore
+    does not show it: the listing must not take it as removed elsewhere (it stopped syncing
+    and its stage was dropped at close, 18.2)."""
+    from tests.fsutil import read_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    node, h = await fs.create(ROOT_INO, b"new", 0o644, 0, 0)
+    await fs.write(h.fh, 0, b"first")
+    real_list = fs.store.list
+
+    async def list_then_upload(*a, **kw):  # type: ignore[no-untyped-def]
+        listing = await real_list(*a, **kw)  # (taken before the upload lands)
+        await fs.fsync(h.fh)
+        return listing
+
+    fs.store.list = list_then_upload  # type: ignore[method-assign]
+    names = [n for n, _ in await fs.readdir(ROOT_INO)]
+    fs.store.list = real_list  # type: ignore[method-assign]
+    assert b"new" in names and not node.unlinked
+    await fs.write(h.fh, 5, b" and more")
+    await fs.release(h.fh)
+    await fs.flush_all()
+    fs2 = await make_fs(tmp_path / "2", store)
+    assert await read_file(fs2, (await fs2.lookup(ROOT_INO, b"new")).ino) == b"first and more"
+
+
+async def test_replacing_an_open_file_by_rename_keeps_its_readers(tmp_path: Path) -> None:
+    """``mv new.log cur.log`` while ``tail -f cur.log`` runs: the rename replaced the object
+    and only then tried to keep the open file's content from its old version, gone by then
+    (412, EIO after the change had happened, 18.6)."""
+    import os
+
+    from tests.fsutil import read_file, write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    await write_file(fs, ROOT_INO, b"cur.log", b"old log\n")
+    await write_file(fs, ROOT_INO, b"new.log", b"new log\n")
+    cur = await fs.lookup(ROOT_INO, b"cur.log")
+    h = await fs.open(cur.ino, os.O_RDONLY)
+    await fs.rename(ROOT_INO, b"new.log", ROOT_INO, b"cur.log", 0)
+    assert await fs.read(h.fh, 0, 100) == b"old log\n"  # the open reader keeps what it had
+    await fs.release(h.fh)
+    fs2 = await make_fs(tmp_path / "2", store)
+    assert await read_file(fs2, (await fs2.lookup(ROOT_INO, b"cur.log")).ino) == b"new log\n"
+
+
+async def test_opening_for_writing_never_mixes_two_versions(tmp_path: Path) -> None:
+    """Another host's version arrives between two batches of the copy that opening a file
+    for writing makes: the staged file was half one version, half the other, and its upload
+    replaced the newer one (18.4). Now the copy starts again from the version that came."""
+    import os
+
+    from tests.fsutil import read_file, write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store)
+    fs.opt.part_size = 2 * fs.chunk  # a batch is two chunks
+    v1, v2 = b"1" * (6 * fs.chunk), b"2" * (6 * fs.chunk)
+    await write_file(fs, ROOT_INO, b"f", v1)
+    other = await make_fs(tmp_path / "b", store)
+    node = await fs.lookup(ROOT_INO, b"f")
+    real = fs._fetch_chunks
+    batches = 0
+
+    async def fetch_then_new_version(n, first, last, got):  # type: ignore[no-untyped-def]
+        nonlocal batches
+        await real(n, first, last, got)
+        batches += 1
+        if batches == 1:  # the other host writes v2; this mount learns of it now
+            theirs = await other.lookup(ROOT_INO, b"f")
+            h2 = await other.open(theirs.ino, os.O_RDWR)
+            await other.write(h2.fh, 0, v2)
+            await other.release(h2.fh)
+            await other.sync_node(theirs)
+            await fs._refresh(node)
+
+    fs._fetch_chunks = fetch_then_new_version  # type: ignore[method-assign]
+    h = await fs.open(node.ino, os.O_RDWR)
+    await fs.write(h.fh, 0, b"X")
+    await fs.release(h.fh)
+    fs._fetch_chunks = real  # type: ignore[method-assign]
+    await fs.flush_all()
+    check = await make_fs(tmp_path / "c", store)
+    got = await read_file(check, (await check.lookup(ROOT_INO, b"f")).ino)
+    assert got == b"X" + v2[1:]  # this host's write over the version it copied: v2, whole
