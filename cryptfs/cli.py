@@ -679,16 +679,42 @@ def cmd_umount(args: Any) -> int:
     try:
         status = json.loads(statusfile.read_text())
     except (OSError, ValueError):
-        return 0
-    left = int(status.get("pending", 0))
-    if left:
         print(
-            f"cryptfs: {left} file(s) could not be uploaded; they stay staged and are uploaded"
-            " at the next mount",
+            f"cryptfs: the daemon (pid {pid}) ended without reporting what it uploaded (see"
+            " its log); whatever it had staged is uploaded at the next mount",
             file=sys.stderr,
         )
         return 3
-    return 0
+    return _report_left(mp, status)
+
+
+def _report_left(mp: Path, status: dict[str, Any]) -> int:
+    """Exit code 3 and the names of what an unmount left behind (its daemon's status: paths
+    in the volume, shown under the mount point)."""
+    staged, lost = list(status.get("staged", [])), list(status.get("lost", []))
+    left = int(status.get("pending", 0))
+    if not left:
+        return 0
+
+    def names(paths: list[str]) -> str:
+        shown = [f"  {mp}{p.encode(errors='surrogateescape').decode(errors='replace')}"
+                 for p in paths[:20]]  # fmt: skip
+        more = [f"  … and {len(paths) - 20} more"] if len(paths) > 20 else []
+        return "\n".join(shown + more)
+
+    if staged or not lost:
+        print(
+            f"cryptfs: {len(staged) or left} file(s) could not be uploaded; they stay staged"
+            " and are uploaded at the next mount" + (":\n" + names(staged) if staged else ""),
+            file=sys.stderr,
+        )
+    if lost:
+        print(
+            f"cryptfs: {len(lost)} change(s) of attributes only (mode, owner, times, a new"
+            " directory) could not be uploaded and are lost:\n" + names(lost),
+            file=sys.stderr,
+        )
+    return 3
 
 
 def _pending(mp: Path) -> int | None:

@@ -230,44 +230,61 @@ async def _serve(cfg: MountConfig, fs: Filesystem, ready: Callable[[], None]) ->
     options = mount_options(str(cfg.location), cfg.fuse_options)
     force = trio.CancelScope()
     state = {"mounted": True}
-    left = 0
     rates = Rates()
     snapshot = _snapshot_fn(cfg, fs, rates)
-    async with trio.open_nursery() as outer:
-        watcher = trio.CancelScope()
-        outer.start_soon(_watch_signals, force, watcher, state)
-        # helpers that live through the final flush (stats show its progress)
-        helpers = await outer.start(_helpers, cfg, fs, rates, snapshot)
-        with mounted(ops, str(cfg.mountpoint), options):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(fs.serve_writeback)
-                announce = trio.CancelScope()
+    try:
+        async with trio.open_nursery() as outer:
+            watcher = trio.CancelScope()
+            outer.start_soon(_watch_signals, force, watcher, state)
+            # helpers that live through the final flush (stats show its progress)
+            helpers = await outer.start(_helpers, cfg, fs, rates, snapshot)
+            with mounted(ops, str(cfg.mountpoint), options):
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(fs.serve_writeback)
+                    announce = trio.CancelScope()
 
-                async def announce_task() -> None:
-                    with announce:
-                        await _announce_when_live(cfg, ready)
+                    async def announce_task() -> None:
+                        with announce:
+                            await _announce_when_live(cfg, ready)
 
-                nursery.start_soon(announce_task)
-                await serve()
-                announce.cancel()
-                fs.stop_writeback()
-        state["mounted"] = False
-        sd_notify("STOPPING=1")
-        left = len(fs.pending())
-        if left:
-            log.info("unmounted; uploading %d pending file(s)", left)
-            with force, trio.move_on_after(cfg.flush_timeout):
-                await fs.flush_all()
-            left = len(fs.pending())
-        watcher.cancel()
-        helpers.cancel()
-    write_state(statusfile, json.dumps({"pending": left}) + "\n")
-    pidfile.unlink(missing_ok=True)
-    if left:
-        log.warning("%d file(s) not uploaded; kept staged, uploaded at the next mount", left)
-    else:
-        log.info("unmounted cleanly; nothing pending")
+                    nursery.start_soon(announce_task)
+                    await serve()
+                    announce.cancel()
+                    fs.stop_writeback()
+            state["mounted"] = False
+            sd_notify("STOPPING=1")
+            pending = len(fs.pending())
+            if pending:
+                log.info("unmounted; uploading %d pending file(s)", pending)
+                with force, trio.move_on_after(cfg.flush_timeout):
+                    await fs.flush_all()
+            watcher.cancel()
+            helpers.cancel()
+    finally:
+        # also when serving ended in an error: umount then says what stayed behind
+        left = _report(fs, statusfile, pidfile)
     return left
+
+
+def _report(fs: Filesystem, statusfile: Path, pidfile: Path) -> int:
+    """Write what the unmount left for ``cryptfs umount`` (which names it: the status file is
+    the owner's, mode 0600, unlike the log); returns the number of files left staged."""
+    left = fs.left_behind()
+    staged, lost = left["staged"], left["lost"]
+    status = {
+        "pending": len(staged) + len(lost),
+        "staged": [os.fsdecode(p) for p in staged],
+        "lost": [os.fsdecode(p) for p in lost],
+    }
+    write_state(statusfile, json.dumps(status) + "\n")
+    pidfile.unlink(missing_ok=True)
+    if staged:
+        log.warning("%d file(s) not uploaded; kept staged, uploaded at the next mount", len(staged))
+    if lost:
+        log.error("%d change(s) of attributes only not uploaded, and lost", len(lost))
+    if not staged and not lost:
+        log.info("unmounted cleanly; nothing pending")
+    return len(staged) + len(lost)
 
 
 async def _helpers(

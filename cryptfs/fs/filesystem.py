@@ -397,6 +397,7 @@ class Filesystem:
         self.upload_bytes = 0  # their plaintext bytes
         self.upload_failures = 0  # failed attempts (retried while transient)
         self.conflicts = 0  # conflict copies saved
+        self.unrecovered: list[bytes] = []  # paths of staged files recovery left staged
         now = _now_ns()
         root_attrs = Attrs(KIND_DIR, 0o755, self.opt.uid, self.opt.gid, now, now, now)
         self.root = Node(ROOT_INO, None, b"", root_attrs, bytes(16))
@@ -2337,6 +2338,15 @@ class Filesystem:
         seen = [n for n in self.inodes.values() if n.dirty and not n.unlinked]
         return seen
 
+    def left_behind(self) -> dict[str, list[bytes]]:
+        """What an unmount leaves: ``staged``, files whose data stays staged (with a journal)
+        and is uploaded at the next mount; ``lost``, changes of attributes only (chmod,
+        touch, a directory's marker), which are not staged and end with this process."""
+        staged, lost = list(self.unrecovered), list[bytes]()
+        for n in self.pending():
+            (staged if n.stage is not None else lost).append(self.path(n))
+        return {"staged": sorted(staged), "lost": sorted(lost)}
+
     def counters(self) -> dict[str, int]:
         """What ``cryptfs stats`` and the metrics endpoint report of the file system."""
         pending = self.pending()
@@ -2626,11 +2636,14 @@ class Filesystem:
             try:
                 async with self._limit_for(node):
                     await self.sync_node(node)
-            except CryptfsError as e:
+            except Exception as e:  # one failure never cancels the other uploads
                 log.error(
-                    "could not upload %s: %s (kept staged for the next mount)",
+                    "could not upload %s: %s (%s)",
                     self.ident(node),
-                    self.scrub(e),
+                    self.scrub(e) if isinstance(e, (CryptfsError, OSError)) else type(e).__name__,
+                    "kept staged for the next mount"
+                    if node.stage is not None
+                    else "a change of its attributes only, which is not staged: lost",
                 )
                 failed.append(node)
 
@@ -2662,17 +2675,31 @@ class Filesystem:
             path = b64d(rec["path"])
             try:
                 node = await self._recover_node(sf, rec, path)
-                async with self.ns.shared(), node.lock:
-                    await self._sync_locked(node)
-                count += 1
-                log.info("recovered staged file of %s and uploaded it", self.ident(node))
             except (CryptfsError, OSError) as e:
+                # not in the tree: left staged, as it was, for the next mount
                 log.error(
-                    "staged file of %s not uploaded yet: %s; will retry at next mount",
+                    "staged file of %s not recovered yet: %s; will retry at next mount",
                     lognames.ident(None, opaque=False, path=path, fid=sf.file_id),
                     self.scrub(e),
                 )
                 sf.close()
+                self.unrecovered.append(path)
+                continue
+            try:
+                async with self.ns.shared(), node.lock:
+                    await self._sync_locked(node)
+            except (CryptfsError, OSError) as e:
+                # in the tree with its staged data, readable and writable like any dirty
+                # file, and uploaded by write-back once S3 (or KMS) answers again
+                log.error(
+                    "staged file of %s recovered but not uploaded yet: %s; retrying",
+                    self.ident(node),
+                    self.scrub(e),
+                )
+                self._schedule(node, 1.0)
+                continue
+            count += 1
+            log.info("recovered staged file of %s and uploaded it", self.ident(node))
         return count
 
     async def _recover_node(self, sf: StagedFile, rec: dict[str, Any], path: bytes) -> Node:

@@ -188,6 +188,7 @@ def test_s3_outage_mid_copy_loses_nothing(own_server: S3Server, tmp_path: Path) 
         r = cryptfs("umount", str(mnt), check=False, timeout=300)
         vol.mounted = False
         assert r.returncode == 3 and "stay staged" in r.stderr, r.stderr
+        assert all(f"{mnt}/tree/{n}\n" in r.stderr for n in second[:10]), r.stderr  # named
         assert not os.path.ismount(mnt)
         restart_seaweed(own_server)
     finally:

@@ -218,3 +218,69 @@ async def test_opening_for_writing_never_mixes_two_versions(tmp_path: Path) -> N
     check = await make_fs(tmp_path / "c", store)
     got = await read_file(check, (await check.lookup(ROOT_INO, b"f")).ino)
     assert got == b"X" + v2[1:]  # this host's write over the version it copied: v2, whole
+
+
+@pytest.mark.allow_error_logs
+async def test_a_recovery_that_cannot_upload_keeps_the_file_readable(tmp_path: Path) -> None:
+    """The next mount's recovery fails to upload (S3 still down): the file is in the tree with
+    its staged data, which reads back and is uploaded once S3 answers; its staged file was
+    closed under it (EBADF on every read, 18.7)."""
+    from cryptfs.errors import StoreUnavailable
+    from tests.fsutil import read_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store)
+    _, h = await fs.create(ROOT_INO, b"f", 0o644, 0, 0)
+    await fs.write(h.fh, 0, b"staged before the crash")
+    await fs.release(h.fh)  # journaled; the daemon dies before the upload
+    again = await make_fs(tmp_path / "a", store)
+    real_put = store.put
+
+    async def down(*a, **kw):  # type: ignore[no-untyped-def]
+        raise StoreUnavailable("S3 endpoint unreachable")
+
+    store.put = down  # type: ignore[method-assign]
+    assert await again.recover() == 0
+    back = await again.lookup(ROOT_INO, b"f")
+    assert await read_file(again, back.ino) == b"staged before the crash"
+    assert back.dirty and back in again._due  # write-back retries it
+    store.put = real_put  # type: ignore[method-assign]
+    assert await again.flush_all() == []
+    check = await make_fs(tmp_path / "c", store)
+    assert await read_file(check, (await check.lookup(ROOT_INO, b"f")).ino) == (
+        b"staged before the crash"
+    )
+
+
+@pytest.mark.allow_error_logs
+async def test_one_failed_upload_at_unmount_never_cancels_the_others(tmp_path: Path) -> None:
+    """``flush_all`` with one upload failing with an OSError (its staged file unreadable):
+    the error escaped and cancelled every sibling upload in flight (18.7). Now each is
+    uploaded, the failed one is returned, and what stayed behind is named."""
+    from tests.fsutil import read_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    nodes = []
+    for name in (b"a", b"bad", b"c", b"d"):
+        node, h = await fs.create(ROOT_INO, name, 0o644, 0, 0)
+        await fs.write(h.fh, 0, b"content of " + name)
+        await fs.release(h.fh)
+        nodes.append(node)
+    bad = nodes[1]
+    assert bad.stage is not None
+    real_read = bad.stage.read
+
+    def broken(*a, **kw):  # type: ignore[no-untyped-def]
+        raise OSError(5, "Input/output error")
+
+    bad.stage.read = broken  # type: ignore[method-assign]
+    failed = await fs.flush_all()
+    assert failed == [bad]
+    assert fs.left_behind() == {"staged": [b"/bad"], "lost": []}
+    check = await make_fs(tmp_path / "c", store)
+    for name in (b"a", b"c", b"d"):
+        got = await read_file(check, (await check.lookup(ROOT_INO, name)).ino)
+        assert got == b"content of " + name
+    bad.stage.read = real_read  # type: ignore[method-assign]
+    assert await fs.flush_all() == [] and fs.left_behind() == {"staged": [], "lost": []}
