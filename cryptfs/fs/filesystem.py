@@ -1338,25 +1338,113 @@ class Filesystem:
             raise ReadOnly(self.vol.keyring.stale)
 
     async def _put_marker(self, node: Node, *, create: bool) -> None:
+        """Write a directory's marker: ``create``, If-None-Match (a new directory), else
+        If-Match the version this mount holds.  PreconditionFailed or NotFound if another
+        writer made or removed it meanwhile."""
         self._keys_current()
         key, long_name = self.object_key(node)
-        meta = ObjectMeta(node.file_id, node.attrs, None, long_name)
+        attrs = node.attrs
+        meta = ObjectMeta(node.file_id, attrs, None, long_name)
         md = self.vol.meta.encode(self.path(node), key, meta)
-        node.remote_etag = await self.store.put(
-            key,
-            b"",
-            md,
-            if_none_match=create and node.remote_etag is None,
-            if_match=None if create else node.remote_etag,
-        )
+        try:
+            node.remote_etag = await self.store.put(
+                key,
+                b"",
+                md,
+                if_none_match=create and node.remote_etag is None,
+                if_match=None if create else node.remote_etag,
+            )
+        except (PreconditionFailed, NotFound):
+            # our own request may have landed, its answer lost (a retry then meets it)
+            if not self._holds(node, key, await self._head(key), attrs):
+                raise
         node.refreshed_at = trio.current_time()
+
+    def _holds(self, node: Node, key: str, info: ObjectInfo | None, attrs: Attrs) -> bool:
+        """Is ``info`` (a HEAD of ``key`` just made) ``node`` with ``attrs``, written by this
+        mount although it never saw the answer?  Then ``node`` takes its ETag."""
+        if info is None:
+            return False
+        try:
+            meta = self.vol.meta.decode(self.path(node), key, dict(info.metadata), info.modified)
+        except (IntegrityError, UnsupportedFormat):
+            return False
+        if meta.file_id != node.file_id or meta.attrs != attrs:
+            return False
+        node.remote_etag = info.etag
+        node.remote_modified, node.modified_etag = info.modified, info.etag
+        node.refreshed_at = trio.current_time()
+        return True
+
+    async def _sync_attrs(self, node: Node) -> None:
+        """Write the changed attributes of a file (chmod, chown, utimes; no new data) onto its
+        object: a copy in place, If-Match the version this mount holds."""
+        self._keys_current()
+        key, long_name = self.object_key(node)
+        attrs = node.attrs
+        meta = ObjectMeta(node.file_id, attrs, node.wrapped, long_name)
+        md = self.vol.meta.encode(self.path(node), key, meta)
+        try:
+            node.remote_etag = await self.store.copy(
+                key, key, md, if_match=node.remote_etag, size=self._stored_size(node)
+            )
+        except (PreconditionFailed, NotFound):
+            info = await self._head(key)
+            if not self._holds(node, key, info, attrs):
+                self._attrs_lost(node, info)
+
+    async def _sync_marker(self, node: Node) -> None:
+        try:
+            await self._put_marker(node, create=node.remote_etag is None)
+        except (PreconditionFailed, NotFound):
+            key, _ = self.object_key(node)
+            self._attrs_lost(node, await self._head(key))
+
+    def _attrs_lost(self, node: Node, info: ObjectInfo | None) -> None:
+        """Another writer changed or removed ``node``'s object while this mount had a change
+        of its attributes only to write: theirs stands (no data of ours is lost: an upload of
+        data makes a conflict copy instead).  Retrying, as before, looped forever."""
+        self.conflicts += 1
+        log.warning(
+            "conflict: %s was %s by another writer; this host's change of its attributes"
+            " (mode, owner, times) is dropped",
+            self.ident(node),
+            "removed" if info is None else "changed",
+        )
+        node.meta_dirty = False
+        parent = node.parent
+        if info is None:
+            if node.is_dir:
+                node.remote_etag = None  # known here, its marker gone: implicit from now on
+            elif node.open_count == 0 and node.stage is None:
+                self._gone_elsewhere(node)
+            return
+        if parent is None:
+            return
+        if node.is_dir:
+            # the same directory made or changed elsewhere: one directory (entries are
+            # found by path), with the attributes of the marker that stands
+            with contextlib.suppress(IntegrityError, UnsupportedFormat):
+                meta = self._decode(self.path(node), info)
+                if meta.attrs.kind == KIND_DIR:
+                    node.file_id, node.attrs = meta.file_id, meta.attrs
+                    self._tell_kernel_changed(node)
+                    self._seen(parent, node.name, node, info)
+            return
+        with contextlib.suppress(IntegrityError, UnsupportedFormat):
+            self._adopt(parent, node.name, info, node)
 
     async def ensure_root(self) -> None:
         """Load (or create, on a fresh volume) the root directory's marker."""
         info = await self._head(MARKER)
         if info is None:
-            await self._put_marker(self.root, create=True)
-            return
+            try:
+                await self._put_marker(self.root, create=True)
+                return
+            except PreconditionFailed:  # another mount of a new volume made it first
+                info = await self._head(MARKER)
+                if info is None:
+                    raise
         meta = self._decode(b"/", info)
         self.root.attrs = meta.attrs
         self.root.file_id = meta.file_id
@@ -2445,15 +2533,9 @@ class Filesystem:
                 node.meta_dirty = False
             return
         if node.is_dir:
-            await self._put_marker(node, create=node.remote_etag is None)
+            await self._sync_marker(node)
         elif node.remote_etag is not None:
-            self._keys_current()
-            key, long_name = self.object_key(node)
-            meta = ObjectMeta(node.file_id, node.attrs, node.wrapped, long_name)
-            md = self.vol.meta.encode(self.path(node), key, meta)
-            node.remote_etag = await self.store.copy(
-                key, key, md, if_match=node.remote_etag, size=self._stored_size(node)
-            )
+            await self._sync_attrs(node)
         if node.change == change:
             node.meta_dirty = False
 

@@ -284,3 +284,70 @@ async def test_one_failed_upload_at_unmount_never_cancels_the_others(tmp_path: P
         assert got == b"content of " + name
     bad.stage.read = real_read  # type: ignore[method-assign]
     assert await fs.flush_all() == [] and fs.left_behind() == {"staged": [], "lost": []}
+
+
+async def test_a_chmod_racing_another_hosts_upload_does_not_loop(tmp_path: Path) -> None:
+    """``chmod`` here, a new version written on another host before it is synced: the copy
+    in place gets 412, and was retried forever (18.9). Now the other version stands with its
+    attributes, the change of mode is dropped (logged, counted) and the node is clean."""
+    import os
+
+    from tests.fsutil import read_file, write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store)
+    await write_file(fs, ROOT_INO, b"f", b"version 1")
+    node = await fs.lookup(ROOT_INO, b"f")
+    await fs.setattr(node.ino, mode=0o600)
+    assert node.dirty and node.stage is None  # attributes only
+    other = await make_fs(tmp_path / "b", store)
+    theirs = await other.lookup(ROOT_INO, b"f")
+    h = await other.open(theirs.ino, os.O_RDWR)
+    await other.write(h.fh, 0, b"VERSION 2")
+    await other.release(h.fh)
+    await other.sync_node(theirs)
+    fs._due.clear()  # (as serve_writeback does when it starts an upload that is due)
+    with trio.fail_after(5):
+        await fs._background_sync(node)
+    assert not node.dirty and node not in fs._due and fs.conflicts == 1
+    here = await fs.lookup(ROOT_INO, b"f")
+    assert await read_file(fs, here.ino) == b"VERSION 2"
+    assert fs.stat(here).mode & 0o777 == 0o644
+
+
+async def test_a_directory_chmod_after_it_was_removed_elsewhere_does_not_loop(
+    tmp_path: Path,
+) -> None:
+    """The marker a directory's ``chmod`` would replace was removed by another host: its
+    If-Match PUT failed forever (18.9)."""
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store)
+    d = await fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    other = await make_fs(tmp_path / "b", store)
+    await other.lookup(ROOT_INO, b"d")
+    await other.rmdir(ROOT_INO, b"d")
+    await fs.setattr(d.ino, mode=0o700)
+    fs._due.clear()
+    with trio.fail_after(5):
+        await fs._background_sync(d)
+    assert not d.dirty and d not in fs._due and fs.conflicts == 1
+    assert await fs.flush_all() == []
+
+
+async def test_mkdir_whose_answer_was_lost_is_no_eexist(tmp_path: Path) -> None:
+    """The marker PUT of a ``mkdir`` lands but its answer is lost; the retry's If-None-Match
+    meets our own marker: that was EEXIST for a directory this mount had just made (18.9)."""
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    real = store.put
+
+    async def landed_then_retried(*a, **kw):  # type: ignore[no-untyped-def]
+        await real(*a, **kw)  # it lands; the answer is lost, botocore sends it again
+        return await real(*a, **kw)
+
+    store.put = landed_then_retried  # type: ignore[method-assign]
+    d = await fs.mkdir(ROOT_INO, b"d", 0o750, 0, 0)
+    store.put = real  # type: ignore[method-assign]
+    assert d.remote_etag is not None and not d.dirty
+    fs2 = await make_fs(tmp_path / "2", store)
+    assert fs2.stat(await fs2.lookup(ROOT_INO, b"d")).mode & 0o777 == 0o750
