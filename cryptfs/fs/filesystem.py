@@ -244,8 +244,9 @@ class Node:
     unlinked: bool = False
     cipher: BodyCipher | None = None
     cipher_etag: str | None = None
-    # the data key of a staged file, journaled with it (sealed by the cache key) so that
-    # recovery does not depend on a master key that a rotation may have retired meanwhile
+    # a rename of this node (or onto it) is moving its objects: what S3 shows meanwhile is
+    # the rename's doing, not another writer's (a HEAD 404 of the old key, a LIST without it)
+    renaming: int = 0
     # objects of the AWS S3 Encryption Client, shown read-only under their own key names
     foreign: S3ecObject | None = None
     foreign_key: str | None = None  # its object key (relative to the volume's prefix)
@@ -594,6 +595,12 @@ class Filesystem:
         md = info.metadata
         if self._foreign_allowed(parent) and s3ec.is_s3ec(md) and not s3ec.needs_instruction(md):
             return self._adopt_foreign(parent, name, info, existing, s3ec.parse(md))
+        if existing is not None and existing.renaming:
+            return existing  # (the rename's copy, or the object it is moving away)
+        if existing is not None and (
+            existing.unlinked or existing.parent is not parent or existing.name != name
+        ):
+            existing = None  # removed or moved meanwhile: not the entry of this name any more
         path = self._child_path(parent, name)
         meta = self._decode(path, info)
         if meta.attrs.kind != KIND_DIR:
@@ -628,6 +635,8 @@ class Filesystem:
 
     def _gone_elsewhere(self, node: Node) -> None:
         """Another writer removed or replaced ``node``: forget it, and tell the kernel."""
+        if node.renaming:
+            return  # our own rename removed the object it was looked for at
         parent = node.parent
         if self.kernel is not None and parent is not None and not node.unlinked:
             self.kernel.entry_gone(parent.ino, node.name)
@@ -938,6 +947,8 @@ class Filesystem:
     async def _revalidate(self, node: Node) -> None:
         parent = node.parent
         assert parent is not None
+        if node.renaming:
+            return  # its objects are being moved by this mount: what S3 shows is ours
         if parent.children is not None and parent.listed_at >= 0:
             # one LIST revalidates every unchanged entry of the directory (by ETag): an
             # rsync or find over many files costs a LIST per directory, not a HEAD per file
@@ -1180,8 +1191,8 @@ class Filesystem:
                 except IntegrityError:
                     return False  # (``load`` reports it, or finds a foreign object)
                 cur = old.get(name)
-            if cur is None or cur.unlinked:
-                return False
+            if cur is None or cur.unlinked or cur.parent is not d or cur.name != decoded[key]:
+                return False  # (removed, or renamed away while the LIST was in flight)
             if etag is not None and self._same_version(cur, etag, modified):
                 cur.refreshed_at = trio.current_time()  # the listing revalidated it
             elif not (etag is None and cur.is_dir):
@@ -1278,6 +1289,8 @@ class Filesystem:
             if name not in old and name not in new and not node.unlinked:
                 new[name] = node
         for name, node in old.items():
+            if node.parent is not d or node.name != name or node.renaming:
+                continue  # renamed by this mount while the LIST was in flight: not gone
             if name not in new:
                 if (
                     (node.remote_etag is None and node.dirty and not node.unlinked)
@@ -1290,7 +1303,7 @@ class Filesystem:
                         self.kernel.entry_gone(d.ino, name)
                     node.unlinked = True
                     self._maybe_drop(node)
-        d.children = {n: c for n, c in new.items() if not c.unlinked}
+        d.children = {n: c for n, c in new.items() if not c.unlinked and c.parent is d}
         d.listed_at = trio.current_time()
         return sorted(d.children.items())
 
@@ -2128,6 +2141,8 @@ class Filesystem:
             if node.is_dir:
                 raise IsDir("is a directory")
             async with node.lock:
+                if node.unlinked or node.parent is not parent or node.name != name:
+                    raise _named(NoEntry, name)  # (removed or moved while we waited)
                 await self._keep_for_open_handles(node)
                 await self._delete_remote(node)
                 self._detach(node)
@@ -2151,6 +2166,8 @@ class Filesystem:
             if not node.is_dir:
                 raise NotDir("not a directory")
             async with node.lock:
+                if node.unlinked or node.parent is not parent or node.name != name:
+                    raise _named(NoEntry, name)  # (removed or moved while we waited)
                 await self._check_empty(node)
                 await self._delete_remote(node)
                 self._detach(node)
@@ -2177,6 +2194,7 @@ class Filesystem:
         self._check_parent(p2)
         self._writable(p1)
         self._writable(p2)
+        self._keys_current()
         self.vol.names.encode(self.path(p2), new_name)
         src = await self._find(p1, old_name)
         if src is None:
@@ -2207,10 +2225,18 @@ class Filesystem:
             async with contextlib.AsyncExitStack() as stack:
                 for n in locked:
                     await stack.enter_async_context(n.lock)
-                if src.is_dir:
-                    await self._rename_dir(src, p2, new_name, dst)
-                else:
-                    await self._rename_file(src, p2, new_name, dst)
+                if src.unlinked or src.parent is not p1 or src.name != old_name:
+                    raise _named(NoEntry, old_name)  # (removed or moved while we waited)
+                for n in locked:
+                    n.renaming += 1
+                try:
+                    if src.is_dir:
+                        await self._rename_dir(src, p2, new_name, dst)
+                    else:
+                        await self._rename_file(src, p2, new_name, dst)
+                finally:
+                    for n in locked:
+                        n.renaming -= 1
 
     def _move(self, node: Node, parent: Node, name: bytes) -> None:
         assert node.parent is not None

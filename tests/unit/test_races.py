@@ -4,6 +4,7 @@ memory store, and failed on the code before its fix (docs/CONCURRENCY.md)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -351,3 +352,82 @@ async def test_mkdir_whose_answer_was_lost_is_no_eexist(tmp_path: Path) -> None:
     assert d.remote_etag is not None and not d.dirty
     fs2 = await make_fs(tmp_path / "2", store)
     assert fs2.stat(await fs2.lookup(ROOT_INO, b"d")).mode & 0o777 == 0o750
+
+
+async def test_a_head_404_during_a_rename_does_not_hide_the_renamed_file(tmp_path: Path) -> None:
+    """A ``stat`` of a file being renamed lands between the rename's copy and its delete of
+    the old key: its HEAD 404 took the file as removed elsewhere, and the moved node stayed
+    unlinked, hidden for the rest of the mount (18.11)."""
+    from cryptfs.errors import NoEntry
+    from tests.fsutil import read_file, write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    await write_file(fs, ROOT_INO, b"old", b"moved content")
+    src = await fs.lookup(ROOT_INO, b"old")
+    src.refreshed_at = -1e9  # its attributes are due for revalidation
+    real_delete = store.delete
+
+    async def delete_then_stat(key: str) -> None:
+        await real_delete(key)
+        with contextlib.suppress(NoEntry):  # another task's getattr, answered by S3 now
+            await fs._revalidate(src)
+
+    store.delete = delete_then_stat  # type: ignore[method-assign]
+    await fs.rename(ROOT_INO, b"old", ROOT_INO, b"new", 0)
+    store.delete = real_delete  # type: ignore[method-assign]
+    moved = await fs.lookup(ROOT_INO, b"new")
+    assert moved is src and not src.unlinked
+    assert await read_file(fs, moved.ino) == b"moved content"
+
+
+async def test_a_listing_in_flight_during_a_rename_neither_hides_nor_duplicates_it(
+    tmp_path: Path,
+) -> None:
+    """A LIST of the source directory was taken before a rename of a modified file into
+    another directory, and its answer is merged after: the moved node was taken as removed
+    elsewhere (its upload then skipped: the write lost), or put back under its old name."""
+    import os
+
+    from tests.fsutil import read_file, write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    a = await fs.mkdir(ROOT_INO, b"a", 0o755, 0, 0)
+    b = await fs.mkdir(ROOT_INO, b"b", 0o755, 0, 0)
+    await write_file(fs, a.ino, b"f", b"version 1")
+    await fs.readdir(a.ino)
+    f = await fs.lookup(a.ino, b"f")
+    h = await fs.open(f.ino, os.O_RDWR)
+    await fs.write(h.fh, 0, b"VERSION 2")  # dirty, staged: its upload comes later
+    real_list = store.list
+    listed, renamed = trio.Event(), trio.Event()
+
+    async def list_held_back(*args, **kw):  # type: ignore[no-untyped-def]
+        listing = await real_list(*args, **kw)  # (shows a/f, the old version)
+        store.list = real_list  # type: ignore[method-assign]
+        listed.set()
+        await renamed.wait()
+        return listing
+
+    store.list = list_held_back  # type: ignore[method-assign]
+    a.listed_at = -1e9
+    names: list[bytes] = []
+
+    async def ls() -> None:
+        names.extend(n for n, _ in await fs.readdir(a.ino))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(ls)
+        await listed.wait()
+        await fs.rename(a.ino, b"f", b.ino, b"f", 0)  # while the LIST's answer is on its way
+        renamed.set()
+    assert b"f" not in names and not f.unlinked and f.parent is b
+    assert (await fs.lookup(b.ino, b"f")) is f
+    await fs.release(h.fh)
+    assert await fs.flush_all() == []
+    fs2 = await make_fs(tmp_path / "2", store)
+    b2 = await fs2.lookup(ROOT_INO, b"b")
+    assert await read_file(fs2, (await fs2.lookup(b2.ino, b"f")).ino) == b"VERSION 2"
+    a2 = await fs2.lookup(ROOT_INO, b"a")
+    assert [n for n, _ in await fs2.readdir(a2.ino) if n not in (b".", b"..")] == []
