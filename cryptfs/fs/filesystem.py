@@ -2647,28 +2647,45 @@ class Filesystem:
         node.refreshed_at = trio.current_time()
 
     async def _save_conflict(self, node: Node, sf: StagedFile) -> None:
-        """Another writer changed the object: keep both, ours under a conflict name."""
+        """Another writer changed the object: keep both.  The other version keeps the name;
+        this node carries on as ``NAME.conflict-HOST-TIME``, with our version uploaded
+        there, so that a writer that still has it open goes on writing to the copy (the
+        node was detached: its later writes were dropped at close, 18.8)."""
         self.conflicts += 1
         assert node.parent is not None
-        parent = node.parent
+        parent, name = node.parent, node.name
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        cname = node.name + f".conflict-{socket.gethostname()}-{stamp}".encode()
-        ckey, clong = self._key_for(parent, cname, node.kind)
-        await self._put_body(node, sf, ckey, self._child_path(parent, cname), clong, expect=None)
+        base = name + f".conflict-{socket.gethostname()}-{stamp}".encode()
+        for n in range(1, 100):
+            cname = base if n == 1 else base + b"-%d" % n
+            ckey, clong = self._key_for(parent, cname, node.kind)
+            cpath = self._child_path(parent, cname)
+            try:
+                etag, attrs, cipher = await self._put_body(
+                    node, sf, ckey, cpath, clong, expect=None
+                )
+                break
+            except PreconditionFailed:
+                continue  # a conflict copy of that name exists (two in a second): the next
+        else:
+            raise StoreError("no free name for a conflict copy")
         log.warning(
             "conflict: %s was changed by another writer; this host's version was saved as %s",
             self.ident(node),
-            self.key_ident(ckey, self._child_path(parent, cname)),
+            self.key_ident(ckey, cpath),
         )
         key, _ = self.object_key(node)
         info = await self._head(key)
-        self._detach(node)
-        node.remote_etag = None
-        if node.open_count == 0:
-            sf.remove()
-            node.stage = None
-        if info is not None:
-            self._adopt(parent, node.name, info, None)
+        # the name is the other writer's now: the kernel looks it up again, and finds theirs
+        if self.kernel is not None:
+            self.kernel.entry_gone(parent.ino, name)
+        self._move(node, parent, cname)
+        self._uploaded(node, etag, attrs, cipher)
+        node.journaled = -1
+        self._journal(node)  # (if it changed meanwhile: its record names the copy now)
+        if info is not None and (parent.children or {}).get(name) is None:
+            with contextlib.suppress(IntegrityError, UnsupportedFormat):
+                self._adopt(parent, name, info, None)
 
     async def _multipart(
         self,

@@ -431,3 +431,40 @@ async def test_a_listing_in_flight_during_a_rename_neither_hides_nor_duplicates_
     assert await read_file(fs2, (await fs2.lookup(b2.ino, b"f")).ino) == b"VERSION 2"
     a2 = await fs2.lookup(ROOT_INO, b"a")
     assert [n for n, _ in await fs2.readdir(a2.ino) if n not in (b".", b"..")] == []
+
+
+async def test_a_writer_that_lost_a_conflict_goes_on_writing_to_the_copy(tmp_path: Path) -> None:
+    """A file open for writing here meets another host's version at upload: ours became the
+    conflict copy, but the node was detached, so what the writer wrote after that went to a
+    file nobody could see and was dropped at close (18.8). Now the open file is the conflict
+    copy: every write lands in it, and the name shows the other host's version."""
+    import os
+
+    from tests.fsutil import read_file, write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store)
+    await write_file(fs, ROOT_INO, b"f", b"version 1\n")
+    node = await fs.lookup(ROOT_INO, b"f")
+    h = await fs.open(node.ino, os.O_RDWR)
+    await fs.write(h.fh, 0, b"ours, part 1\n")
+    other = await make_fs(tmp_path / "b", store)
+    theirs = await other.lookup(ROOT_INO, b"f")
+    h2 = await other.open(theirs.ino, os.O_RDWR)
+    await other.write(h2.fh, 0, b"theirs    \n")
+    await other.release(h2.fh)
+    await other.sync_node(theirs)
+    await fs.fsync(h.fh)  # the upload meets their version: a conflict copy
+    assert fs.conflicts == 1 and not node.unlinked and node.name.startswith(b"f.conflict-")
+    await fs.write(h.fh, 13, b"ours, part 2\n")  # the writer carries on
+    await fs.release(h.fh)
+    assert await fs.flush_all() == []
+    here = await fs.lookup(ROOT_INO, b"f")
+    assert here is not node and await read_file(fs, here.ino) == b"theirs    \n"
+    check = await make_fs(tmp_path / "c", store)
+    names = [n for n, _ in await check.readdir(ROOT_INO) if n not in (b".", b"..")]
+    copies = [n for n in names if n.startswith(b"f.conflict-")]
+    assert copies == [node.name], names
+    copy = await check.lookup(ROOT_INO, copies[0])
+    assert await read_file(check, copy.ino) == b"ours, part 1\nours, part 2\n"
+    assert await read_file(check, (await check.lookup(ROOT_INO, b"f")).ino) == b"theirs    \n"
