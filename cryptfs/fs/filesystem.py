@@ -4,9 +4,11 @@ Owns: the inode table (a cache of the bucket's tree), open handles, the decrypte
 the write-back service and crash recovery of staged files.
 Must not import: pyfuse3 (the ``fuse`` package adapts this class to the kernel).
 
-Lock order (docs/CONCURRENCY.md): ``ns`` (shared, or exclusive for directory renames) before
-any ``Node.lock``; several node locks are taken in inode order.  Every S3 mutation of a node
-happens under its ``Node.lock``, so an upload never races a rename or unlink of that node.
+Lock order (docs/CONCURRENCY.md): ``Node.lock`` (several in inode order) before ``ns``
+(shared, or exclusive for directory renames), so that nothing waits for a node while it holds
+``ns``.  Every S3 mutation of a node happens under its ``Node.lock``, so an upload never races
+a rename or unlink of that node.  Uploads take no ``ns``: a directory rename holds back the
+uploads below it and waits for those in flight (``_moving_dir``) before it takes ``ns``.
 
 Error handling:
     Store and integrity errors propagate as ``cryptfs.errors`` types; integrity failures are
@@ -28,7 +30,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -399,6 +401,12 @@ class Filesystem:
         self.upload_failures = 0  # failed attempts (retried while transient)
         self.conflicts = 0  # conflict copies saved
         self.unrecovered: list[bytes] = []  # paths of staged files recovery left staged
+        # uploads in flight (node -> its key) and directory prefixes being renamed: the one
+        # waits for the other (``_moving_dir``), neither holds ``ns`` meanwhile
+        self._uploading: dict[Node, str] = {}
+        self._uploads_changed = trio.Event()
+        self._moving: dict[str, int] = {}
+        self._moved = trio.Event()
         now = _now_ns()
         root_attrs = Attrs(KIND_DIR, 0o755, self.opt.uid, self.opt.gid, now, now, now)
         self.root = Node(ROOT_INO, None, b"", root_attrs, bytes(16))
@@ -2133,22 +2141,21 @@ class Filesystem:
 
     async def unlink(self, parent_ino: int, name: bytes) -> None:
         parent = self.node(parent_ino)
-        async with self.ns.shared():
-            node = await self._find(parent, name)
-            if node is None:
-                raise _named(NoEntry, name)
-            self._writable(node)
-            if node.is_dir:
-                raise IsDir("is a directory")
-            async with node.lock:
-                if node.unlinked or node.parent is not parent or node.name != name:
-                    raise _named(NoEntry, name)  # (removed or moved while we waited)
-                await self._keep_for_open_handles(node)
-                await self._delete_remote(node)
-                self._detach(node)
-                if node.stage is not None and node.open_count == 0:
-                    node.stage.remove()
-                    node.stage = None
+        node = await self._find(parent, name)
+        if node is None:
+            raise _named(NoEntry, name)
+        self._writable(node)
+        if node.is_dir:
+            raise IsDir("is a directory")
+        async with node.lock, self.ns.shared():  # (node locks before ns)
+            if node.unlinked or node.parent is not parent or node.name != name:
+                raise _named(NoEntry, name)  # (removed or moved while we waited)
+            await self._keep_for_open_handles(node)
+            await self._delete_remote(node)
+            self._detach(node)
+            if node.stage is not None and node.open_count == 0:
+                node.stage.remove()
+                node.stage = None
 
     async def _delete_remote(self, node: Node) -> None:
         if node.remote_etag is not None:
@@ -2158,19 +2165,18 @@ class Filesystem:
 
     async def rmdir(self, parent_ino: int, name: bytes) -> None:
         parent = self.node(parent_ino)
-        async with self.ns.shared():
-            node = await self._find(parent, name)
-            if node is None:
-                raise _named(NoEntry, name)
-            self._writable(node)
-            if not node.is_dir:
-                raise NotDir("not a directory")
-            async with node.lock:
-                if node.unlinked or node.parent is not parent or node.name != name:
-                    raise _named(NoEntry, name)  # (removed or moved while we waited)
-                await self._check_empty(node)
-                await self._delete_remote(node)
-                self._detach(node)
+        node = await self._find(parent, name)
+        if node is None:
+            raise _named(NoEntry, name)
+        self._writable(node)
+        if not node.is_dir:
+            raise NotDir("not a directory")
+        async with node.lock, self.ns.shared():  # (node locks before ns)
+            if node.unlinked or node.parent is not parent or node.name != name:
+                raise _named(NoEntry, name)  # (removed or moved while we waited)
+            await self._check_empty(node)
+            await self._delete_remote(node)
+            self._detach(node)
 
     async def _check_empty(self, d: Node) -> None:
         if d.children and any(not c.unlinked for c in d.children.values()):
@@ -2206,8 +2212,7 @@ class Filesystem:
                 if a is src:
                     raise Invalid("cannot move a directory into itself")
                 a = a.parent
-        lock = self.ns.exclusive() if src.is_dir else self.ns.shared()
-        async with lock:
+        for _ in range(10):
             dst = await self._find(p2, new_name)
             if dst is src:
                 return
@@ -2218,15 +2223,31 @@ class Filesystem:
                     raise IsDir("target is a directory")
                 if src.is_dir and not dst.is_dir:
                     raise NotDir("target is not a directory")
-                if dst.is_dir:
-                    await self._check_empty(dst)
             self._key_for(p2, new_name, src.kind)  # ENAMETOOLONG before anything moves
+            # node locks before ns (docs/CONCURRENCY.md): nothing waits for a node (an
+            # upload of it, say) while it holds ns, which a directory rename would queue on
             locked = sorted([n for n in (src, dst) if n is not None], key=lambda n: n.ino)
             async with contextlib.AsyncExitStack() as stack:
                 for n in locked:
                     await stack.enter_async_context(n.lock)
+                if src.is_dir:
+                    # uploads below it finish first, and no new one starts until it is done
+                    # (they hold no ns lock: a rename waiting for one blocks nobody else)
+                    prefix = self.dir_prefix(src)
+                    await stack.enter_async_context(self._moving_dir(prefix))
+                    await stack.enter_async_context(self.ns.exclusive())
+                    if self.dir_prefix(src) != prefix:
+                        continue  # a directory above it was renamed meanwhile
+                else:
+                    await stack.enter_async_context(self.ns.shared())
                 if src.unlinked or src.parent is not p1 or src.name != old_name:
                     raise _named(NoEntry, old_name)  # (removed or moved while we waited)
+                if (p2.children or {}).get(new_name, None if dst is None else dst) is not dst:
+                    continue  # the target was created, replaced or removed while we waited
+                if dst is not None and (dst.unlinked or dst.parent is not p2):
+                    continue
+                if dst is not None and dst.is_dir:
+                    await self._check_empty(dst)
                 for n in locked:
                     n.renaming += 1
                 try:
@@ -2237,6 +2258,27 @@ class Filesystem:
                 finally:
                     for n in locked:
                         n.renaming -= 1
+                return
+        raise StoreError("the target of a rename kept changing")
+
+    @contextlib.asynccontextmanager
+    async def _moving_dir(self, prefix: str) -> AsyncIterator[None]:
+        """Hold back uploads below ``prefix`` (a directory being renamed) and wait until
+        those in flight have ended: their keys are the old ones."""
+        self._moving[prefix] = self._moving.get(prefix, 0) + 1
+        try:
+            while any(k.startswith(prefix) for k in self._uploading.values()):
+                await self._uploads_changed.wait()
+            yield
+        finally:
+            self._moving[prefix] -= 1
+            if not self._moving[prefix]:
+                del self._moving[prefix]
+            self._moved.set()
+            self._moved = trio.Event()
+
+    def _held_back(self, key: str) -> bool:
+        return any(key.startswith(p) for p in self._moving)
 
     def _move(self, node: Node, parent: Node, name: bytes) -> None:
         assert node.parent is not None
@@ -2303,7 +2345,7 @@ class Filesystem:
         new_comp, _ = self._component(p2, name)
         new_prefix = self.dir_prefix(p2) + new_comp + "/"
         new_path = self._child_path(p2, name)
-        # uploads are excluded (exclusive ns lock); objects of dirty nodes are not in S3
+        # uploads below are excluded (``_moving_dir``); objects of dirty nodes are not in S3
         async with self._meta_limit:
             listing = await self.store.list(old_prefix, delimiter=None)
         keys = sorted((o.key for o in listing.objects), key=lambda k: k.count("/"))
@@ -2536,14 +2578,29 @@ class Filesystem:
             log.error("upload of %s failed permanently: %s", self.ident(node), self.scrub(e))
 
     async def sync_node(self, node: Node) -> None:
-        """Make ``node`` durable in S3; returns once everything written before is uploaded."""
+        """Make ``node`` durable in S3; returns once everything written before is uploaded.
+
+        Under the node's lock only, not ``ns``: its key is kept stable by ``_moving_dir``
+        instead (a directory rename above it waits for it, and it for such a rename), so
+        that a rename queued for ``ns`` never waits for the largest upload (18.12)."""
         for _ in range(100):
             if not node.dirty or node.unlinked:
                 return
-            async with self.ns.shared(), node.lock:
+            while self._held_back(self.object_key(node)[0]):
+                await self._moved.wait()
+            async with node.lock:
                 if node.unlinked or not node.dirty:
                     return
-                await self._sync_locked(node)
+                key = self.object_key(node)[0]
+                if self._held_back(key):
+                    continue  # a directory rename above it began while we waited
+                self._uploading[node] = key
+                try:
+                    await self._sync_locked(node)
+                finally:
+                    del self._uploading[node]
+                    self._uploads_changed.set()
+                    self._uploads_changed = trio.Event()
         raise StoreError("file keeps changing during upload")
 
     async def _sync_locked(self, node: Node) -> None:
@@ -2811,8 +2868,7 @@ class Filesystem:
                 self.unrecovered.append(path)
                 continue
             try:
-                async with self.ns.shared(), node.lock:
-                    await self._sync_locked(node)
+                await self.sync_node(node)
             except (CryptfsError, OSError) as e:
                 # in the tree with its staged data, readable and writable like any dirty
                 # file, and uploaded by write-back once S3 (or KMS) answers again

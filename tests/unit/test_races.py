@@ -468,3 +468,65 @@ async def test_a_writer_that_lost_a_conflict_goes_on_writing_to_the_copy(tmp_pat
     copy = await check.lookup(ROOT_INO, copies[0])
     assert await read_file(check, copy.ino) == b"ours, part 1\nours, part 2\n"
     assert await read_file(check, (await check.lookup(ROOT_INO, b"f")).ino) == b"theirs    \n"
+
+
+async def test_a_directory_rename_waits_only_for_uploads_below_it(tmp_path: Path) -> None:
+    """Uploads held ``ns`` for their whole length: a directory rename queued behind one, and
+    every unlink, mkdir and fsync behind the rename, until the largest upload ended (18.12).
+    Now only a rename of a directory above the upload waits for it, and nothing else waits."""
+    import trio.testing
+
+    from tests.fsutil import read_file, write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    a = await fs.mkdir(ROOT_INO, b"a", 0o755, 0, 0)
+    await fs.mkdir(ROOT_INO, b"b", 0o755, 0, 0)
+    c = await fs.mkdir(ROOT_INO, b"c", 0o755, 0, 0)
+    await write_file(fs, c.ino, b"old", b"to be removed")
+    big, h = await fs.create(a.ino, b"big", 0o644, 0, 0)
+    await fs.write(h.fh, 0, b"B" * 50_000)
+    await fs.release(h.fh)
+    _, h2 = await fs.create(c.ino, b"small", 0o644, 0, 0)
+    await fs.write(h2.fh, 0, b"small")
+    big_key = fs.object_key(big)[0]
+    real_put = store.put
+    entered, go = trio.Event(), trio.Event()
+
+    async def slow_put(key: str, *args, **kw):  # type: ignore[no-untyped-def]
+        if key == big_key:
+            entered.set()
+            await go.wait()  # a large upload, still on its way
+        return await real_put(key, *args, **kw)
+
+    store.put = slow_put  # type: ignore[method-assign]
+    moved = trio.Event()
+
+    async def rename_a() -> None:
+        await fs.rename(ROOT_INO, b"a", ROOT_INO, b"a2", 0)
+        moved.set()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(fs.sync_node, big)
+        await entered.wait()
+        with trio.fail_after(2):  # none of these waits for the upload
+            await fs.rename(ROOT_INO, b"b", ROOT_INO, b"b2", 0)
+            await fs.mkdir(c.ino, b"x", 0o755, 0, 0)
+            await fs.unlink(c.ino, b"old")
+            await fs.fsync(h2.fh)
+        n.start_soon(rename_a)  # a rename above the upload waits for it to end
+        await trio.testing.wait_all_tasks_blocked()
+        assert not moved.is_set()
+        go.set()
+    await fs.release(h2.fh)
+    assert moved.is_set() and await fs.flush_all() == []
+    fs2 = await make_fs(tmp_path / "2", store)
+    a2 = await fs2.lookup(ROOT_INO, b"a2")
+    assert await read_file(fs2, (await fs2.lookup(a2.ino, b"big")).ino) == b"B" * 50_000
+    names = sorted(n for n, _ in await fs2.readdir(ROOT_INO) if n not in (b".", b".."))
+    assert names == [b"a2", b"b2", b"c"]
+    c2 = await fs2.lookup(ROOT_INO, b"c")
+    assert sorted(n for n, _ in await fs2.readdir(c2.ino) if n not in (b".", b"..")) == [
+        b"small",
+        b"x",
+    ]
