@@ -2741,8 +2741,9 @@ class Filesystem:
         node.journaled = -1
         self._journal(node)  # (if it changed meanwhile: its record names the copy now)
         if info is not None and (parent.children or {}).get(name) is None:
-            with contextlib.suppress(IntegrityError, UnsupportedFormat):
-                self._adopt(parent, name, info, None)
+            # (an object there that does not authenticate: EIO for the fsync, although our
+            # version is safe in the copy; the name is not the user's, they must know)
+            self._adopt(parent, name, info, None)
 
     async def _multipart(
         self,
