@@ -273,6 +273,9 @@ class StagedFile:
         self.area.recycle(self.path, truncated=emptied)
 
 
+CREATING = "creating:"  # a record in uploads.json of a multipart upload being created
+
+
 class StagingArea:
     def __init__(self, root: Path, cache_key: Secret, chunk: int) -> None:
         self.root = root
@@ -431,9 +434,22 @@ class StagingArea:
             os.close(fd)
         os.replace(tmp, self._uploads_path())
 
-    def note_upload(self, upload_id: str, key: str) -> None:
-        """Remember a multipart upload before its first part (durably)."""
-        self._write_uploads(self._read_uploads() | {upload_id: key})
+    def note_creating(self, key: str) -> str:
+        """Remember (durably) that a multipart upload of ``key`` is about to be created; returns
+        the record's name (``creating:…``).  Should the answer be lost, or the process end
+        before it comes, the upload S3 made meanwhile is found by its key and aborted
+        (``Filesystem.sweep_uploads``)."""
+        intent = CREATING + os.urandom(8).hex()
+        self._write_uploads(self._read_uploads() | {intent: key})
+        return intent
+
+    def note_upload(self, upload_id: str, key: str, intent: str | None = None) -> None:
+        """Remember a multipart upload before its first part (durably), in place of the
+        record ``intent`` of its creation."""
+        uploads = self._read_uploads()
+        if intent is not None:
+            uploads.pop(intent, None)
+        self._write_uploads(uploads | {upload_id: key})
 
     def forget_upload(self, upload_id: str) -> None:
         uploads = self._read_uploads()
@@ -441,7 +457,8 @@ class StagingArea:
             self._write_uploads(uploads)
 
     def leftover_uploads(self) -> dict[str, str]:
-        """Multipart uploads (id -> object key) an earlier run started and never ended."""
+        """Multipart uploads (id -> object key) started and never ended, and creations of
+        them whose answer never came (``creating:…`` -> object key)."""
         return self._read_uploads()
 
     def read_journal(self, path: Path) -> dict[str, Any]:

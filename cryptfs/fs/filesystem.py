@@ -38,7 +38,7 @@ import trio
 
 from cryptfs import lognames
 from cryptfs.cache.blocks import BlockCache
-from cryptfs.cache.staging import StagedFile, StagingArea
+from cryptfs.cache.staging import CREATING, StagedFile, StagingArea
 from cryptfs.crypto import GCM_TAG, Secret, random_bytes, sha256
 from cryptfs.errors import (
     CryptfsError,
@@ -407,6 +407,11 @@ class Filesystem:
         self._uploads_changed = trio.Event()
         self._moving: dict[str, int] = {}
         self._moved = trio.Event()
+        # multipart uploads (and creations of them) in flight; uploads.json holds more when
+        # an outage or a lost answer left some unfinished (``sweep_uploads``)
+        self._mp_active: set[str] = set()
+        self._sweep_due = True  # (an earlier run may have left some)
+        self._sweeping = False
         now = _now_ns()
         root_attrs = Attrs(KIND_DIR, 0o755, self.opt.uid, self.opt.gid, now, now, now)
         self.root = Node(ROOT_INO, None, b"", root_attrs, bytes(16))
@@ -2560,6 +2565,9 @@ class Filesystem:
             async with self._limit_for(node):
                 await self.sync_node(node)
             self._retry.pop(node, None)
+            if self._sweep_due and self._background is not None:
+                # S3 answers again: abort what an outage left unfinished, while mounted
+                self._background.start_soon(self._sweep_in_background)
         except (StoreError, OSError, KeyServiceUnavailable) as e:
             # (KMS throttling or an outage after its retries: every upload asks KMS for a
             # fresh data key, so a KMS volume's uploads wait for KMS like for S3)
@@ -2753,12 +2761,38 @@ class Filesystem:
         md: dict[str, str],
         cond: dict[str, Any],
     ) -> str:
+        # noted before it exists: a CreateMultipartUpload whose answer is lost (or a crash
+        # before it comes) still made an upload, found by its key later (sweep_uploads)
+        intent = self.staging.note_creating(key)
+        self._mp_active.add(intent)
+        try:
+            upload_id = await self.store.create_multipart(key, md)
+        except BaseException:
+            self._sweep_due = True
+            raise
+        finally:
+            self._mp_active.discard(intent)
+        self._mp_active.add(upload_id)
+        try:
+            return await self._multipart_parts(sf, cipher, key, md, cond, upload_id, intent)
+        finally:
+            self._mp_active.discard(upload_id)
+
+    async def _multipart_parts(
+        self,
+        sf: StagedFile,
+        cipher: BodyCipher,
+        key: str,
+        md: dict[str, str],
+        cond: dict[str, Any],
+        upload_id: str,
+        intent: str,
+    ) -> str:
+        self.staging.note_upload(upload_id, key, intent)  # a crash leaves it for the next mount
         size = sf.size
         c = self.chunk
         n = chunk_count(size, c)
         per_part = max(self.opt.part_size // c, -(-n // 9000))
-        upload_id = await self.store.create_multipart(key, md)
-        self.staging.note_upload(upload_id, key)  # a crash leaves it for the next mount
         parts = -(-n // per_part)
         etags: list[str] = [""] * parts
         limit = trio.CapacityLimiter(self.opt.upload_concurrency)
@@ -2804,12 +2838,58 @@ class Filesystem:
                     nursery.start_soon(part, p)
             etag = await self.store.complete_multipart(key, upload_id, etags, **cond)
         except BaseException:
-            with trio.CancelScope(shield=True), contextlib.suppress(StoreError):
-                await self.store.abort_multipart(key, upload_id)
-                self.staging.forget_upload(upload_id)
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.store.abort_multipart(key, upload_id)
+                    self.staging.forget_upload(upload_id)
+                except NotFound:
+                    self.staging.forget_upload(upload_id)
+                except StoreError:
+                    self._sweep_due = True  # (S3 down): aborted once it answers again
             raise
         self.staging.forget_upload(upload_id)
         return etag
+
+    async def sweep_uploads(self) -> bool:
+        """Abort the multipart uploads this cache's mounts began and never ended (an outage
+        during the upload and its abort, a lost answer to its creation, a crash); returns
+        whether all are gone.  Those in flight now are left alone.  A creation whose answer
+        never came is found by its object key: every upload of that key but ours in flight
+        is aborted (another host's upload of the same key then fails and is retried: it only
+        costs that host the upload, never data)."""
+        left = {u: k for u, k in self.staging.leftover_uploads().items()
+                if u not in self._mp_active}  # fmt: skip
+        ours = {u for u in self._mp_active if not u.startswith(CREATING)}
+        done = True
+        for upload_id, key in left.items():
+            try:
+                if upload_id.startswith(CREATING):
+                    ids = [u for k, u, _t in await self.store.list_uploads(key)
+                           if k == key and u not in ours]  # fmt: skip
+                else:
+                    ids = [upload_id]
+                for uid in ids:
+                    with contextlib.suppress(NotFound):  # (completed or aborted meanwhile)
+                        await self.store.abort_multipart(key, uid)
+                    log.info("aborted multipart upload %s of %s, left unfinished",
+                             uid[:16], self.key_ident(key))  # fmt: skip
+            except StoreError as e:
+                log.warning("could not abort multipart uploads of %s yet: %s",
+                            self.key_ident(key), self.scrub(e))  # fmt: skip
+                done = False
+                continue
+            self.staging.forget_upload(upload_id)
+        self._sweep_due = not done
+        return done
+
+    async def _sweep_in_background(self) -> None:
+        if self._sweeping:
+            return
+        self._sweeping = True
+        try:
+            await self.sweep_uploads()
+        finally:
+            self._sweeping = False
 
     async def flush_all(self) -> list[Node]:
         """Upload everything dirty now; returns the nodes that could not be uploaded."""
@@ -2834,6 +2914,8 @@ class Filesystem:
             for node in self.pending():
                 self._due.pop(node, None)
                 n.start_soon(one, node)
+        if self._sweep_due:
+            await self.sweep_uploads()
         return failed
 
     # ------------------------------------------------------------------ crash recovery
@@ -2841,18 +2923,7 @@ class Filesystem:
     async def recover(self) -> int:
         """Upload files staged by an earlier run that ended before uploading them, and abort
         the multipart uploads it left behind."""
-        for upload_id, key in self.staging.leftover_uploads().items():
-            try:
-                await self.store.abort_multipart(key, upload_id)
-                log.info("aborted multipart upload %s left by an earlier run", upload_id[:16])
-            except NotFound:
-                pass  # completed or aborted meanwhile
-            except StoreError as e:
-                log.warning(
-                    "could not abort leftover multipart upload %s: %s", upload_id, self.scrub(e)
-                )
-                continue
-            self.staging.forget_upload(upload_id)
+        await self.sweep_uploads()  # (what it cannot abort now is retried while mounted)
         count = 0
         for sf, rec in self.staging.recover():
             path = b64d(rec["path"])

@@ -530,3 +530,96 @@ async def test_a_directory_rename_waits_only_for_uploads_below_it(tmp_path: Path
         b"small",
         b"x",
     ]
+
+
+class _Crash(BaseException):
+    """The daemon dies here (kill -9): nothing after this point runs."""
+
+
+async def _multipart_fs(tmp_path: Path, store: MemoryStore):  # type: ignore[no-untyped-def]
+    fs = await make_fs(tmp_path, store)
+    fs.opt.multipart_threshold, fs.opt.part_size = 2 * fs.chunk, fs.chunk
+    node, h = await fs.create(ROOT_INO, b"big", 0o644, 0, 0)
+    await fs.write(h.fh, 0, b"M" * (5 * fs.chunk))
+    await fs.release(h.fh)
+    return fs, node
+
+
+@pytest.mark.allow_error_logs
+@pytest.mark.parametrize("fault", ["create answer lost", "outage mid-upload", "crash"])
+async def test_every_multipart_upload_is_completed_or_aborted(tmp_path: Path, fault: str) -> None:
+    """An outage during a large upload left its multipart upload open in the bucket (billed
+    until someone aborts it): its abort failed too, and a CreateMultipartUpload whose answer
+    was lost, or a crash before it was noted, left one nobody knew of. Now every upload this
+    cache's mounts began is completed or aborted: by the mount once S3 answers again, or by
+    the next mount."""
+    from cryptfs.errors import StoreUnavailable
+    from tests.fsutil import read_file
+
+    store = MemoryStore()
+    fs, node = await _multipart_fs(tmp_path, store)
+    real = {m: getattr(store, m) for m in ("create_multipart", "upload_part", "abort_multipart")}
+
+    async def create_then_fail(key, md):  # type: ignore[no-untyped-def]
+        await real["create_multipart"](key, md)  # S3 made it; the answer never comes
+        if fault == "crash":
+            raise _Crash
+        raise StoreUnavailable("connection reset by peer")
+
+    async def down(*a, **kw):  # type: ignore[no-untyped-def]
+        raise StoreUnavailable("S3 endpoint unreachable")
+
+    if fault == "outage mid-upload":
+        store.upload_part = down  # type: ignore[method-assign]
+        store.abort_multipart = down  # type: ignore[method-assign]
+    else:
+        store.create_multipart = create_then_fail  # type: ignore[method-assign]
+    if fault == "crash":
+        with pytest.raises(_Crash):
+            await fs.sync_node(node)
+        for m, f in real.items():
+            setattr(store, m, f)
+        assert len(await store.list_uploads("")) == 1
+        fs = await make_fs(tmp_path, store)  # the next mount, same cache
+        assert await fs.recover() == 1
+    else:
+        assert await fs.flush_all() == [node]  # S3 (or the answer) is gone: kept staged
+        if fault == "outage mid-upload":
+            assert len(await store.list_uploads("")) == 1  # its abort failed too
+        for m, f in real.items():
+            setattr(store, m, f)
+        assert await fs.flush_all() == []  # S3 is back: uploaded, and the leftover aborted
+    assert await store.list_uploads("") == []
+    assert fs.staging.leftover_uploads() == {}
+    check = await make_fs(tmp_path / "c", store)
+    got = await read_file(check, (await check.lookup(ROOT_INO, b"big")).ino)
+    assert got == b"M" * (5 * check.chunk)
+
+
+@pytest.mark.allow_error_logs
+async def test_a_mount_aborts_what_an_outage_left_once_s3_answers(tmp_path: Path) -> None:
+    """The same outage with the mount running: its write-back retries the file, and once an
+    upload succeeds again the upload the outage left open is aborted, without an unmount."""
+    from cryptfs.errors import StoreUnavailable
+
+    store = MemoryStore()
+    fs, node = await _multipart_fs(tmp_path, store)
+    real_part, real_abort = store.upload_part, store.abort_multipart
+
+    async def down(*a, **kw):  # type: ignore[no-untyped-def]
+        raise StoreUnavailable("S3 endpoint unreachable")
+
+    store.upload_part = down  # type: ignore[method-assign]
+    store.abort_multipart = down  # type: ignore[method-assign]
+    async with trio.open_nursery() as n:
+        await n.start(fs.serve_writeback)
+        fs._schedule(node, 0)
+        with trio.fail_after(30):
+            while not fs.upload_failures:
+                await trio.sleep(0.01)
+            assert len(await store.list_uploads("")) == 1
+            store.upload_part, store.abort_multipart = real_part, real_abort  # type: ignore[method-assign]
+            while node.dirty or await store.list_uploads(""):
+                await trio.sleep(0.05)
+        fs.stop_writeback()
+    assert fs.staging.leftover_uploads() == {}
