@@ -1304,18 +1304,17 @@ class Filesystem:
         for name, node in old.items():
             if node.parent is not d or node.name != name or node.renaming:
                 continue  # renamed by this mount while the LIST was in flight: not gone
-            if name not in new:
+            if name not in new and not node.unlinked:
                 if (
-                    (node.remote_etag is None and node.dirty and not node.unlinked)
+                    # changed here and not uploaded: its upload decides (If-Match on a
+                    # removed object: our version is kept as a conflict copy)
+                    node.dirty
                     or (node.is_dir and node.remote_etag is None and node.children is not None)
-                    or (node.remote_etag != before.get(name) and not node.unlinked)
+                    or node.remote_etag != before.get(name)  # (uploaded during the LIST)
                 ):
                     new[name] = node
                 else:
-                    if self.kernel is not None and not node.unlinked:
-                        self.kernel.entry_gone(d.ino, name)
-                    node.unlinked = True
-                    self._maybe_drop(node)
+                    self._gone_elsewhere(node)
         d.children = {n: c for n, c in new.items() if not c.unlinked and c.parent is d}
         d.listed_at = trio.current_time()
         return sorted(d.children.items())
@@ -2640,7 +2639,7 @@ class Filesystem:
                     node, sf, key, self.path(node), long_name, expect=node.remote_etag
                 )
                 break
-            except PreconditionFailed:
+            except (PreconditionFailed, NotFound) as e:
                 # Our own earlier request may have landed although we never saw its
                 # answer (timeout, retry, cancellation): then the object holds one of our
                 # generations and replacing it is no conflict.
@@ -2648,6 +2647,9 @@ class Filesystem:
                 if attempt == 0 and mine is not None:
                     node.remote_etag = mine
                     continue
+                if isinstance(e, NotFound) and mine is None and await self._head(key):
+                    raise  # (not the object but our multipart upload is gone: again later)
+                # changed, or removed (If-Match on a missing object), by another writer
                 await self._save_conflict(node, sf)
                 return
         self._uploaded(node, etag, attrs, cipher)

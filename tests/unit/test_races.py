@@ -623,3 +623,33 @@ async def test_a_mount_aborts_what_an_outage_left_once_s3_answers(tmp_path: Path
                 await trio.sleep(0.05)
         fs.stop_writeback()
     assert fs.staging.leftover_uploads() == {}
+
+
+async def test_a_file_changed_here_and_removed_elsewhere_keeps_our_change(tmp_path: Path) -> None:
+    """Another host removes a file this mount has changed and not uploaded yet; a listing
+    here then took the file as gone, and its upload, never made, lost the change. "Replaced
+    elsewhere" is now one rule (``_gone_elsewhere``) for what is not changed here, and a
+    changed file's upload decides: the removal stands, our version is kept as a copy."""
+    import os
+
+    from tests.fsutil import read_file, write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store)
+    await write_file(fs, ROOT_INO, b"f", b"version 1")
+    node = await fs.lookup(ROOT_INO, b"f")
+    h = await fs.open(node.ino, os.O_RDWR)
+    await fs.write(h.fh, 0, b"OUR CHANGE")
+    await fs.release(h.fh)  # staged, the upload not made yet
+    other = await make_fs(tmp_path / "b", store)
+    await other.lookup(ROOT_INO, b"f")
+    await other.unlink(ROOT_INO, b"f")
+    fs.root.listed_at = -1e9
+    await fs.readdir(ROOT_INO)  # the LIST shows no f
+    assert not node.unlinked
+    assert await fs.flush_all() == []
+    check = await make_fs(tmp_path / "c", store)
+    names = [n for n, _ in await check.readdir(ROOT_INO) if n not in (b".", b"..")]
+    assert len(names) == 1 and names[0].startswith(b"f.conflict-"), names
+    copy = await check.lookup(ROOT_INO, names[0])
+    assert await read_file(check, copy.ino) == b"OUR CHANGE"
