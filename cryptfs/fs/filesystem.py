@@ -2099,7 +2099,9 @@ class Filesystem:
             node.writers -= 1
         if node.unlinked:
             self._maybe_drop(node)
-        elif node.dirty and node.writers == 0:
+        elif node.dirty and node.writers == 0 and (h.writable or node not in self._due):
+            # (a reader's close does not push a due upload back: a program polling a dirty
+            # file deferred it for as long as it polled)
             self._journal(node)
             self._schedule(node)
 

@@ -653,3 +653,22 @@ async def test_a_file_changed_here_and_removed_elsewhere_keeps_our_change(tmp_pa
     assert len(names) == 1 and names[0].startswith(b"f.conflict-"), names
     copy = await check.lookup(ROOT_INO, names[0])
     assert await read_file(check, copy.ino) == b"OUR CHANGE"
+
+
+async def test_a_reader_polling_a_dirty_file_does_not_defer_its_upload(tmp_path: Path) -> None:
+    """Every ``release`` rescheduled the upload of a dirty file, a reader's too: ``tail``-like
+    polling (open, read, close) kept it from ever being uploaded (18, lower)."""
+    import os
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    node, h = await fs.create(ROOT_INO, b"f", 0o644, 0, 0)
+    await fs.write(h.fh, 0, b"written")
+    await fs.release(h.fh)
+    due = fs._due[node]
+    for _ in range(3):
+        await trio.sleep(0.01)
+        r = await fs.open(node.ino, os.O_RDONLY)
+        await fs.read(r.fh, 0, 100)
+        await fs.release(r.fh)
+    assert fs._due[node] == due
