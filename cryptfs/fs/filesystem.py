@@ -2189,8 +2189,10 @@ class Filesystem:
             raise NotEmpty("directory not empty")
         prefix = self.dir_prefix(d)
         async with self._meta_limit:
-            listing = await self.store.list(prefix, delimiter=None)
-        if any(o.key != prefix + MARKER for o in listing.objects):
+            # one level, two entries: anything but the marker is enough (listing the whole
+            # subtree made rmdir of a big tree's root cost a LIST of the tree)
+            listing = await self.store.list(prefix, delimiter="/", max_keys=2)
+        if listing.prefixes or any(o.key != prefix + MARKER for o in listing.objects):
             raise NotEmpty("directory not empty")
 
     # ------------------------------------------------------------------ rename

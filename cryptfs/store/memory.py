@@ -176,8 +176,8 @@ class MemoryStore:
             else:
                 data, _md, etag = self.objects[key]
                 objs.append(ObjectInfo(key, len(data), etag, {}, self.modified.get(key, 0.0)))
-                if max_keys is not None and len(objs) >= max_keys:
-                    break
+            if max_keys is not None and len(objs) + len(prefixes) >= max_keys:
+                break
         return Listing(objs, sorted(prefixes))
 
     async def aclose(self) -> None:

@@ -601,7 +601,8 @@ class S3Store:
                 page = parse_list_page(a.body)
                 objs.extend(ObjectInfo(k[plen:], n, e, {}, m) for k, n, e, m in page.objects)
                 prefixes.extend(p[plen:] for p in page.prefixes)
-                if page.next_token is None or (max_keys is not None and len(objs) >= max_keys):
+                enough = max_keys is not None and len(objs) + len(prefixes) >= max_keys
+                if page.next_token is None or enough:
                     return Listing(objs, prefixes)
                 q["continuation-token"] = page.next_token
 

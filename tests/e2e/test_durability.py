@@ -243,3 +243,44 @@ def test_memory_stays_bounded_with_many_open_files(volume: Volume) -> None:
         assert during - before < 110, (before, during)
     finally:
         volume.umount()
+
+
+@pytest.mark.allow_error_logs
+def test_an_outage_mid_multipart_upload_leaves_no_upload_open(
+    volume: Volume, tmp_path: Path
+) -> None:
+    """S3 answers 503 to everything for 15 s in the middle of a 200 MiB file's multipart
+    upload (its parts and its abort fail): the file is uploaded intact once S3 is back, and
+    the upload the outage left open is aborted by the running mount (issue 18: it stayed open
+    in the bucket, billed, until someone aborted it)."""
+    from tests.faults import FaultProxy
+
+    src = tmp_path / "big"
+    src.write_bytes(os.urandom(200 << 20))
+    client = volume.server.client()
+
+    def open_uploads() -> list[dict[str, object]]:
+        return client.list_multipart_uploads(Bucket=volume.bucket).get("Uploads", [])
+
+    with FaultProxy(volume.endpoint).running() as proxy:
+        volume.try_mount("--key-file", str(volume.key), "--writeback-delay", "0.1",
+                         "--s3-attempts", "2", endpoint=proxy.endpoint, check=True)  # fmt: skip
+        volume.mounted = True
+        subprocess.run(["cp", str(src), str(volume.mnt / "big")], check=True)
+        _wait_for(open_uploads, 60, "the multipart upload to begin")
+        proxy.fail_next(100_000, 503, b"<Error><Code>ServiceUnavailable</Code></Error>")
+        time.sleep(15)  # the outage
+        with proxy._lock:
+            proxy._faults.clear()
+        assert "upload of" in volume.log and "retrying" in volume.log  # the outage hit it
+        _wait_for(lambda: _pending(volume.mnt) == 0, 180, "the upload after the outage")
+        _wait_for(lambda: not open_uploads(), 60, "the upload left open to be aborted")
+        assert "aborted multipart upload" in volume.log
+        volume.umount()
+    volume.mount()
+    try:
+        r = subprocess.run(["cmp", str(src), str(volume.mnt / "big")], capture_output=True)
+        assert r.returncode == 0, r.stdout
+    finally:
+        volume.umount()
+    assert open_uploads() == []

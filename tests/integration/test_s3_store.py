@@ -63,6 +63,10 @@ async def test_store_semantics(s3server: S3Server, bucket: str) -> None:
         for i in range(7):
             await s.put(f"many/{i}", b"", {})
         assert len((await s.list("many/", max_keys=3)).objects) == 3
+        for i in range(5):  # subdirectories count towards max_keys (rmdir's emptiness check)
+            await s.put(f"deep/d{i}/x", b"", {})
+        few = await s.list("deep/", max_keys=2)
+        assert 1 <= len(few.prefixes) <= 2 and not few.objects
         s_all = await s.list("many/")
         assert [o.key for o in s_all.objects] == [f"many/{i}" for i in range(7)]
         # DeleteObjects: absent keys are no error, odd keys are encoded, others stay

@@ -672,3 +672,36 @@ async def test_a_reader_polling_a_dirty_file_does_not_defer_its_upload(tmp_path:
         await fs.read(r.fh, 0, 100)
         await fs.release(r.fh)
     assert fs._due[node] == due
+
+
+async def test_rmdir_asks_for_one_level_two_entries(tmp_path: Path) -> None:
+    """``rmdir`` of a directory listed its whole subtree to see whether it was empty (a LIST
+    per 1000 objects below it); two entries of one level tell (18, lower)."""
+    from cryptfs.errors import NotEmpty
+    from tests.fsutil import write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    top = await fs.mkdir(ROOT_INO, b"top", 0o755, 0, 0)
+    sub = await fs.mkdir(top.ino, b"sub", 0o755, 0, 0)
+    for i in range(30):
+        await write_file(fs, sub.ino, b"f%d" % i, b"x")
+    await fs.mkdir(ROOT_INO, b"empty", 0o755, 0, 0)
+    fs2 = await make_fs(tmp_path / "2", store)  # knows nothing of the tree yet
+    seen: list[int] = []
+    real = store.list
+
+    async def counting(prefix, delimiter="/", max_keys=None):  # type: ignore[no-untyped-def]
+        listing = await real(prefix, delimiter, max_keys)
+        seen.append(len(listing.objects) + len(listing.prefixes))
+        return listing
+
+    store.list = counting  # type: ignore[method-assign]
+    top2 = await fs2.lookup(ROOT_INO, b"top")
+    top2.children = None  # (as if never listed: the emptiness check is S3's)
+    seen.clear()
+    with pytest.raises(NotEmpty):
+        await fs2.rmdir(ROOT_INO, b"top")
+    assert seen and max(seen) <= 2
+    await fs2.rmdir(ROOT_INO, b"empty")
+    assert [n for n, _ in await fs2.readdir(ROOT_INO) if n not in (b".", b"..")] == [b"top"]
