@@ -2440,10 +2440,10 @@ class Filesystem:
                 for item in plan:
                     n.start_soon(move, *item)
         except BaseException:
-            with trio.CancelScope(shield=True):
-                for k in copied:
-                    with contextlib.suppress(StoreError):
-                        await self.store.delete(k)
+            # undo: the copies made so far go, in DeleteObjects of 1000 (one at a time, a
+            # failed rename of a big tree took as long to undo as to make)
+            with trio.CancelScope(shield=True), contextlib.suppress(StoreError):
+                await self.store.delete_many(list(copied))
             raise
         if dst is not None:
             # (an empty directory replaced: its marker's key is the one the moved directory's

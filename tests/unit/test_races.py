@@ -705,3 +705,38 @@ async def test_rmdir_asks_for_one_level_two_entries(tmp_path: Path) -> None:
     assert seen and max(seen) <= 2
     await fs2.rmdir(ROOT_INO, b"empty")
     assert [n for n, _ in await fs2.readdir(ROOT_INO) if n not in (b".", b"..")] == [b"top"]
+
+
+@pytest.mark.allow_error_logs
+async def test_a_failed_directory_rename_is_undone_in_batches(tmp_path: Path) -> None:
+    """A directory rename that fails half way removes the copies it made, in DeleteObjects
+    requests (it removed them one request each), and the tree stays as it was."""
+    from cryptfs.errors import StoreUnavailable
+    from tests.fsutil import read_file, write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    d = await fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    for i in range(20):
+        await write_file(fs, d.ino, b"f%02d" % i, b"content %d" % i)
+    before = set(store.objects)
+    real_copy, copies = store.copy, 0
+
+    async def copy_then_fail(*a, **kw):  # type: ignore[no-untyped-def]
+        nonlocal copies
+        copies += 1
+        if copies > 10:
+            await trio.sleep(0.05)  # (the first ten land meanwhile)
+            raise StoreUnavailable("S3 endpoint unreachable")
+        return await real_copy(*a, **kw)
+
+    store.copy = copy_then_fail  # type: ignore[method-assign]
+    store.calls.clear()
+    with pytest.raises(StoreUnavailable):
+        await fs.rename(ROOT_INO, b"d", ROOT_INO, b"e", 0)
+    store.copy = real_copy  # type: ignore[method-assign]
+    assert set(store.objects) == before  # every copy removed, nothing of the tree lost
+    assert store.calls.get("delete", 0) == 0 and store.calls.get("delete_many", 0) == 1
+    fs2 = await make_fs(tmp_path / "2", store)
+    d2 = await fs2.lookup(ROOT_INO, b"d")
+    assert await read_file(fs2, (await fs2.lookup(d2.ino, b"f07")).ino) == b"content 7"
