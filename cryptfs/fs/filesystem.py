@@ -2700,8 +2700,15 @@ class Filesystem:
         cond: dict[str, Any] = {"if_none_match": expect is None, "if_match": expect}
         try:
             if isinstance(source, bytes) or size <= self.opt.multipart_threshold:
-                data = source if isinstance(source, bytes) else source.read(0, size)
-                etag = await self.store.put(key, cipher.seal_all(data), md, **cond)
+
+                def seal() -> bytes:  # (staging read and AES-GCM: in a worker if large)
+                    data = source if isinstance(source, bytes) else source.read(0, size)
+                    if len(data) < size:  # truncated meanwhile: the next upload has that
+                        data += bytes(size - len(data))
+                    return cipher.seal_all(data)
+
+                body = await self._crypto(seal, size)
+                etag = await self.store.put(key, body, md, **cond)
             else:
                 etag = await self._multipart(source, cipher, key, md, cond)
         except KeyTooLong:

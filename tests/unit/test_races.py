@@ -740,3 +740,30 @@ async def test_a_failed_directory_rename_is_undone_in_batches(tmp_path: Path) ->
     fs2 = await make_fs(tmp_path / "2", store)
     d2 = await fs2.lookup(ROOT_INO, b"d")
     assert await read_file(fs2, (await fs2.lookup(d2.ino, b"f07")).ino) == b"content 7"
+
+
+async def test_a_large_single_put_is_sealed_off_the_trio_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``_put_body`` sealed files up to the multipart threshold (16 MiB) on the trio thread,
+    which answers every FUSE request meanwhile (18, lower); small ones still are (a thread
+    hop costs more than sealing a few KiB)."""
+    import threading
+
+    from cryptfs.format.body import BodyCipher
+    from tests.fsutil import write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    sealed_in: dict[int, str] = {}
+    real = BodyCipher.seal_all
+
+    def spy(self, data):  # type: ignore[no-untyped-def]
+        sealed_in[len(data)] = threading.current_thread().name
+        return real(self, data)
+
+    monkeypatch.setattr(BodyCipher, "seal_all", spy)
+    await write_file(fs, ROOT_INO, b"large", b"L" * (1 << 20))
+    await write_file(fs, ROOT_INO, b"small", b"s" * 1000)
+    main = threading.current_thread().name
+    assert sealed_in[1 << 20] != main and sealed_in[1000] == main
