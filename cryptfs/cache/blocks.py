@@ -31,7 +31,9 @@ instead, so one file larger than the cache does not thrash it).  Staged (dirty) 
 elsewhere and are never evicted.  Errors of the cache disk (full, I/O) only disable caching of
 what failed: the S3 object stays the source of truth.
 
-Called from worker threads and the trio thread alike: a lock guards the bookkeeping.
+Called from worker threads (``get``, ``put``, ``drop``), and from the trio thread only for
+``has``, which takes no lock: the trio thread never waits for a worker's disk I/O.  A lock
+guards the bookkeeping; files are unlinked after it is released.
 Must not import: store, fs, fuse.
 """
 
@@ -122,7 +124,7 @@ class BlockCache:
         for _mtime, name, size in sorted(found):
             self._files[name] = size
             self.used += size
-        self._evict(None)
+        self._unlink(self._evict(None))
 
     def _load_pack(self, n: int) -> tuple[float, str, int]:
         """Index the records of pack ``n`` (a run before wrote it); returns its entry.
@@ -169,9 +171,11 @@ class BlockCache:
         return 0 if index < 0 else self._base + index * self._rec
 
     def has(self, file_id: bytes, salt: bytes) -> bool:
+        """Is a version cached?  Without the lock (a dict lookup is atomic in CPython): the
+        trio thread asks, and must not wait for a worker writing under the lock.  A stale
+        answer is a miss or a hit that ``get`` turns into a miss."""
         name = self._name(file_id, salt)
-        with self._lock:
-            return name in self._files or name in self._packed
+        return name in self._files or name in self._packed
 
     def get(
         self, file_id: bytes, salt: bytes, first: int, last: int, *, header: bool = True
@@ -281,8 +285,9 @@ class BlockCache:
         path = self.root / name
         want = len(chunks) * self._rec + (self._base if header is not None else 0)
         with self._lock:
-            self._evict(name, want)
+            gone = self._evict(name, want)
             room = self.limit - self.used - (self._base if header is not None else 0)
+        self._unlink(gone)
         if want > room:  # only this version is left: it stops growing
             fit = max(0, room // self._rec)
             chunks = {i: chunks[i] for i in sorted(chunks)[:fit]}
@@ -300,7 +305,8 @@ class BlockCache:
             self.used += after - before
             self.stores += len(chunks)
             self.direct_writes += direct
-            self._evict(name, 0)
+            gone = self._evict(name, 0)
+        self._unlink(gone)
 
     def _put_packed(
         self, file_id: bytes, salt: bytes, header: bytes, chunk: bytes | memoryview
@@ -308,32 +314,36 @@ class BlockCache:
         name = self._name(file_id, salt)
         rec = b"".join((_PREC.pack(_PMAGIC, file_id, salt, len(header), len(chunk)), header, chunk))
         want = len(rec) + _PENT.size
-        with self._lock:  # (a few KiB: written under the lock, so records never interleave)
-            if name in self._packed or name in self._files or want > self.limit:
-                return
-            if self._active is None or self._active_size + len(rec) > PACK_MAX:
-                self._active, self._active_size = self._next_pack, 0
-                self._next_pack += 1
-            n, off = self._active, self._active_size
-            key = f"{n}{_PACK}"
-            self._evict(key, want)
-            try:  # the record first: an index entry never points at nothing (unless a crash
-                # loses the record's pages: then it does not match the entry, a miss)
-                self._write_at(key, rec, off)
-                self._write_at(f"{n}{_PIDX}", _PENT.pack(file_id, salt, off, len(header),
-                                                         len(chunk)), None)  # fmt: skip
-            except OSError as e:
-                self.errors += 1
-                self._active = None  # (what follows goes to a new pack)
-                log.warning("block cache: %s: %s (not cached)", key, e.strerror or e)
-                return
-            self._active_size += len(rec)
-            self._packed[name] = (n, off, len(header), len(chunk))
-            self._pack_members.setdefault(n, set()).add(name)
-            self._files[key] = self._files.get(key, 0) + want
-            self._files.move_to_end(key)
-            self.used += want
-            self.stores += 1
+        gone: list[str] = []
+        try:
+            with self._lock:  # (a few KiB: written under the lock, so records never interleave)
+                if name in self._packed or name in self._files or want > self.limit:
+                    return
+                if self._active is None or self._active_size + len(rec) > PACK_MAX:
+                    self._active, self._active_size = self._next_pack, 0
+                    self._next_pack += 1
+                n, off = self._active, self._active_size
+                key = f"{n}{_PACK}"
+                gone = self._evict(key, want)
+                try:  # the record first: an index entry never points at nothing (unless a
+                    # crash loses the record's pages: then it does not match the entry, a miss)
+                    self._write_at(key, rec, off)
+                    self._write_at(f"{n}{_PIDX}", _PENT.pack(file_id, salt, off, len(header),
+                                                             len(chunk)), None)  # fmt: skip
+                except OSError as e:
+                    self.errors += 1
+                    self._active = None  # (what follows goes to a new pack)
+                    log.warning("block cache: %s: %s (not cached)", key, e.strerror or e)
+                    return
+                self._active_size += len(rec)
+                self._packed[name] = (n, off, len(header), len(chunk))
+                self._pack_members.setdefault(n, set()).add(name)
+                self._files[key] = self._files.get(key, 0) + want
+                self._files.move_to_end(key)
+                self.used += want
+                self.stores += 1
+        finally:
+            self._unlink(gone)  # (evicted files: removed once the lock is free)
 
     def _write_at(self, name: str, data: bytes, at: int | None) -> None:
         """``data`` into file ``name`` (made if needed) at ``at``; None: at its end."""
@@ -463,19 +473,21 @@ class BlockCache:
         else:
             self._remove(name)
 
-    def _evict(self, keep: str | None, want: int = 0) -> None:
-        """Remove least recently used versions (other than ``keep``) until ``want`` more
-        bytes fit within the limit."""
+    def _evict(self, keep: str | None, want: int = 0) -> list[str]:
+        """Forget least recently used versions (other than ``keep``) until ``want`` more
+        bytes fit within the limit; returns the files to unlink (under the lock: the caller
+        unlinks them, ``_unlink``, after releasing it)."""
+        paths: list[str] = []
         while self.used + want > self.limit and self._files:
             victim = next(iter(self._files))
             if victim == keep:
                 if len(self._files) == 1:
-                    return
+                    break
                 self._files.move_to_end(victim)
                 victim = next(iter(self._files))
             size = self._files.pop(victim)
             self.used -= size
-            paths = [victim]
+            paths.append(victim)
             if victim.endswith(_PACK):
                 n = int(victim[: -len(_PACK)])
                 for name in self._pack_members.pop(n, ()):
@@ -483,9 +495,12 @@ class BlockCache:
                 if self._active == n:
                     self._active = None
                 paths.append(f"{n}{_PIDX}")
-            for p in paths:
-                with contextlib.suppress(OSError):
-                    (self.root / p).unlink()
+        return paths
+
+    def _unlink(self, paths: list[str]) -> None:
+        for p in paths:
+            with contextlib.suppress(OSError):
+                (self.root / p).unlink()
 
     def _forget(self, name: str) -> None:
         with self._lock:

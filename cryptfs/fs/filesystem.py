@@ -1948,7 +1948,7 @@ class Filesystem:
         try:
             cipher = known or await self._cipher(node, header)
         except IntegrityError:
-            blocks.drop(fid, salt)
+            await trio.to_thread.run_sync(blocks.drop, fid, salt)  # (its lock, its I/O)
             return list(range(first, last + 1))
         size = node.attrs.size
         n = chunk_count(size, self.chunk)
@@ -1960,7 +1960,7 @@ class Filesystem:
             plain = await self._crypto(open_all, len(sealed) * self.chunk)
         except IntegrityError as e:
             log.warning("block cache: %s: %s; fetching it again", self.ident(node), self.scrub(e))
-            blocks.drop(fid, salt)
+            await trio.to_thread.run_sync(blocks.drop, fid, salt)
             return list(range(first, last + 1))
         for i, pt in plain.items():
             self.cache.put((fid, salt, i), pt)

@@ -307,3 +307,34 @@ def test_pack_index_entries_out_of_range_are_misses(tmp_path: Path) -> None:
     for fid in bad:
         assert not again.has(fid, salt), fid
         assert again.get(fid, salt, 0, 0) == (None, {})
+
+
+def test_the_trio_thread_never_waits_for_a_workers_disk_io(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``has`` (the trio thread's question) took the lock a worker holds across disk I/O
+    (appending a packed record, evicting files): a slow cache disk stalled every FUSE
+    request (issue 18, lower). Now ``has`` takes no lock, and evicted files are unlinked
+    after the lock is released."""
+    import threading
+
+    c = BlockCache(tmp_path / "b", 200 << 10, CHUNK)
+    salt = b"s" * 32
+    c.put(b"a" * 16, salt, b"H" * 92, {i: os.urandom(CHUNK + 16) for i in range(20)})
+    answered = threading.Event()
+    with c._lock:  # a worker in the middle of a write
+        t = threading.Thread(target=lambda: (c.has(b"a" * 16, salt), answered.set()))
+        t.start()
+        assert answered.wait(2), "has() waited for the lock"
+    t.join()
+    held: list[bool] = []
+    real_unlink = Path.unlink
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        held.append(c._lock.locked())
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    for k in range(3):  # each evicts the one before
+        c.put(bytes([k]) * 16, salt, b"H" * 92, {i: os.urandom(CHUNK + 16) for i in range(30)})
+    assert held and not any(held)
