@@ -7,14 +7,16 @@ is downloaded (at most ``max_size``), its data key unwrapped by AWS KMS with the
 context stored in the object, the whole body authenticated, and only then is the plaintext
 written as a native file at the same path (directories created as needed) and the original
 deleted (then its instruction file, if it had one).  A rerun skips what is done (resumable):
-an original whose native copy already exists with the same size is only deleted.  Objects
-that fail stay as they are and are listed.
+an original whose native copy already exists with the same content is only deleted; one whose
+name a different native file has is kept and listed.  Objects that fail stay as they are and
+are listed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -147,18 +149,22 @@ async def _import_one(fs: Filesystem, key: str, size: int, env: S3ecObject, max_
     parts = [p.encode(errors="surrogateescape") for p in key.split("/")]
     parent = await _mkdir_p(fs, parts[:-1])
     node = await fs._find(parent, parts[-1])
-    if node is None or node.attrs.size != plain_size:
-        _info, body = await fs.store.get(key)
-        try:
-            data_key = await fs.vol.keyring.unwrap_s3ec(env, key)
-        except CryptfsError as e:
-            e.object_keys += (key,)  # (its message names the object by its key)
-            raise
-        plain = s3ec.decrypt(env, data_key, body)  # authenticated as a whole
-        if node is not None:
+    _info, body = await fs.store.get(key)
+    try:
+        data_key = await fs.vol.keyring.unwrap_s3ec(env, key)
+    except CryptfsError as e:
+        e.object_keys += (key,)  # (its message names the object by its key)
+        raise
+    plain = s3ec.decrypt(env, data_key, body)  # authenticated as a whole
+    if node is not None:
+        # a rerun after a crash between the import and the delete: the original goes only
+        # if the native file holds its content (the same size was taken as enough: another
+        # file of that size and name lost the original)
+        if node.attrs.size != len(plain) or await _content(fs, node) != plain:
             raise Exists(
                 f"{key}: a different native file already has this name", object_keys=(key,)
             )
+    else:
         node, h = await fs.create(parent.ino, parts[-1], 0o644, fs.opt.uid, fs.opt.gid)
         await fs.write(h.fh, 0, plain)
         await fs.release(h.fh)
@@ -171,6 +177,20 @@ async def _import_one(fs: Filesystem, key: str, size: int, env: S3ecObject, max_
     log.info("imported %s as %s (%d bytes, S3EC v%d)", fs.key_ident(key), fs.ident(node),
              plain_size, env.version)  # fmt: skip
     return plain_size
+
+
+async def _content(fs: Filesystem, node: Node) -> bytes:
+    h = await fs.open(node.ino, os.O_RDONLY)
+    try:
+        out = bytearray()
+        while len(out) < node.attrs.size:
+            got = await fs.read(h.fh, len(out), min(4 << 20, node.attrs.size - len(out)))
+            if not got:
+                break
+            out += got
+        return bytes(out)
+    finally:
+        await fs.release(h.fh)
 
 
 async def _mkdir_p(fs: Filesystem, parts: list[bytes]) -> Node:

@@ -127,3 +127,35 @@ async def test_import_skips_keys_that_cannot_be_native_paths(tmp_path: Path) -> 
     assert all("not imported: its key has" in why for why in failed.values()), failed
     for key in failed:
         assert key in store.objects, key  # left as it was
+
+
+@pytest.mark.allow_error_logs
+async def test_import_deletes_an_original_only_if_the_native_file_holds_its_content(
+    tmp_path: Path,
+) -> None:
+    """A rerun of ``cryptfs import`` deleted an S3EC original whenever a native file of its
+    name and size existed: another file of that size lost it (issue 18, lower). Now the
+    original goes only if the native file holds its content."""
+    from cryptfs.importer import import_s3ec
+    from tests.fsutil import read_file, write_file
+
+    store = MemoryStore()
+    vol = await Volume.create(
+        store, KeySource(keyfile=Secret(b"k" * 32)), chunk_log2=12, encrypt_names=True
+    )
+    vol.keyring.s3ec_keys = [WRAPPING]
+    for key, text in (("same.txt", b"the original"), ("other.txt", b"the original")):
+        body, md = _s3ec_v2(text)
+        await store.put(key, body, md)
+    fs = Filesystem(vol, StagingArea(tmp_path / "st", vol.keys.cache, vol.chunk), Options())
+    await fs.ensure_root()
+    await write_file(fs, 1, b"same.txt", b"the original")  # (a crash before the delete)
+    await write_file(fs, 1, b"other.txt", b"ANOTHER FILE")  # same size, other content
+    report = await import_s3ec(vol, key_prefix="", paths=None)
+    assert report.imported == 1 and "same.txt" not in store.objects
+    assert (
+        "other.txt" in store.objects and "different native file" in dict(report.failed)["other.txt"]
+    )
+    check = Filesystem(vol, StagingArea(tmp_path / "st2", vol.keys.cache, vol.chunk), Options())
+    await check.ensure_root()
+    assert await read_file(check, (await check.lookup(1, b"other.txt")).ino) == b"ANOTHER FILE"
