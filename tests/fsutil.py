@@ -52,3 +52,20 @@ async def golden_store(name: str) -> tuple[MemoryStore, dict[str, Any], KeySourc
     for key, obj in golden["objects"].items():
         await store.put(key, bytes.fromhex(obj["body"]), obj["metadata"])
     return store, golden, KeySource(keyfile=Secret(b64d(golden["key_file"])))
+
+
+async def kernel_walk(fs: Filesystem, ino: int, taken: list[int]) -> int:
+    """``find`` over the tree below ``ino`` as the kernel does it: readdir (each entry handed
+    to the kernel takes a reference, ``Filesystem.looked_up``), then into each directory;
+    the inodes referenced go into ``taken``, for a later ``forget`` (as the kernel's when it
+    drops its caches).  Returns the number of names seen."""
+    seen = 0
+    for name, node in await fs.readdir(ino):
+        if name in (b".", b".."):
+            continue
+        fs.looked_up(node)
+        taken.append(node.ino)
+        seen += 1
+        if node.is_dir:
+            seen += await kernel_walk(fs, node.ino, taken)
+    return seen

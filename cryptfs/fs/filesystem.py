@@ -249,6 +249,7 @@ class Node:
     # a rename of this node (or onto it) is moving its objects: what S3 shows meanwhile is
     # the rename's doing, not another writer's (a HEAD 404 of the old key, a LIST without it)
     renaming: int = 0
+    evicted: bool = False  # forgotten by the kernel and clean: dropped from the inode table
     # objects of the AWS S3 Encryption Client, shown read-only under their own key names
     foreign: S3ecObject | None = None
     foreign_key: str | None = None  # its object key (relative to the volume's prefix)
@@ -547,6 +548,62 @@ class Filesystem:
                 continue
             node.lookups = max(0, node.lookups - n)
             self._maybe_drop(node)
+            if node.lookups == 0 and not node.unlinked:
+                self._evict(node)
+
+    def looked_up(self, node: Node) -> None:
+        """The kernel took a reference to ``node`` (a lookup, a readdir entry, a create): an
+        evicted node the reply names (a listing taken before the eviction) is back in the
+        inode table, so that the kernel's inode number keeps working."""
+        node.lookups += 1
+        if node.evicted:
+            node.evicted = False
+            self.inodes[node.ino] = node
+            parent = node.parent
+            if parent is not None and parent.children is not None and not node.unlinked:
+                parent.children.setdefault(node.name, node)
+
+    def _evictable(self, node: Node) -> bool:
+        return (
+            node.lookups == 0
+            and node.open_count == 0
+            and not node.dirty
+            and not node.renaming
+            and not node.lock.locked()
+            and node.parent is not None
+            and node not in self._due
+            and not node.inflight
+            and node.materializing is None
+            and node.relisting is None
+            and node.keyset_loading is None
+            and node.plain is None
+        )
+
+    def _evict(self, node: Node) -> None:
+        """The kernel forgot a clean node: drop it, and the entries below it no one holds,
+        so that memory is bounded by what the kernel caches, not by every name ever walked
+        (a node each, for the life of the mount, before).  Its directory's listing is then
+        incomplete (relisted when next needed); a name looked up again gets a new node."""
+        if not self._evictable(node):
+            return
+        if node.children:
+            for child in list(node.children.values()):
+                if child.lookups == 0:
+                    self._evict(child)  # (entries listed here the kernel never took)
+            if node.children:
+                return  # something below is still referenced
+        node.evicted = True
+        self.inodes.pop(node.ino, None)
+        parent = node.parent
+        assert parent is not None
+        if parent.children is not None and parent.children.get(node.name) is node:
+            del parent.children[node.name]
+            parent.listed_at = -1.0
+            parent.sorted_names = None
+        self._relist_queued.discard(node)
+        self._retry.pop(node, None)
+        if parent.lookups == 0 and not parent.children and parent.parent is not None:
+            self._evict(parent)  # (forgotten before the last entry below it was)
 
     def _maybe_drop(self, node: Node) -> None:
         if node.lookups == 0 and node.open_count == 0 and node.unlinked:

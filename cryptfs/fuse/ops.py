@@ -142,7 +142,7 @@ class Operations(pyfuse3.Operations):
         return a
 
     def _looked_up(self, node: Node) -> pyfuse3.EntryAttributes:
-        node.lookups += 1
+        self.fs.looked_up(node)
         return self._entry(self.fs.stat(node))
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> Any:
@@ -198,7 +198,7 @@ class Operations(pyfuse3.Operations):
                     continue
                 if not pyfuse3.readdir_reply(token, name, self._entry(self.fs.stat(node)), i + 1):
                     return
-                node.lookups += 1
+                self.fs.looked_up(node)
 
         await self._guard("readdir", op)
 
