@@ -250,6 +250,9 @@ class Node:
     # the rename's doing, not another writer's (a HEAD 404 of the old key, a LIST without it)
     renaming: int = 0
     evicted: bool = False  # forgotten by the kernel and clean: dropped from the inode table
+    # directories: names of entries evicted since the last listing (known to exist: during
+    # an outage a lookup of one fails, it is not taken as absent)
+    forgotten: set[bytes] | None = None
     # objects of the AWS S3 Encryption Client, shown read-only under their own key names
     foreign: S3ecObject | None = None
     foreign_key: str | None = None  # its object key (relative to the volume's prefix)
@@ -571,7 +574,6 @@ class Filesystem:
             and not node.renaming
             and not node.lock.locked()
             and node.parent is not None
-            and node not in self._due
             and not node.inflight
             and node.materializing is None
             and node.relisting is None
@@ -600,8 +602,12 @@ class Filesystem:
             del parent.children[node.name]
             parent.listed_at = -1.0
             parent.sorted_names = None
+            if parent.forgotten is None:
+                parent.forgotten = set()
+            parent.forgotten.add(node.name)
         self._relist_queued.discard(node)
         self._retry.pop(node, None)
+        self._due.pop(node, None)  # (clean: an upload due is nothing to do)
         if parent.lookups == 0 and not parent.children and parent.parent is not None:
             self._evict(parent)  # (forgotten before the last entry below it was)
 
@@ -952,6 +958,8 @@ class Filesystem:
         dprefix = dkey[: -len(MARKER)]
         results: dict[str, ObjectInfo | None] = {}
         keys = await self._keyset(parent)
+        if parent.forgotten and name in parent.forgotten:
+            keys = keys | {fkey, dprefix}  # (evicted, so it exists, whatever a LIST said)
 
         async def one(k: str) -> None:
             results[k] = await self._head(k)
@@ -1098,6 +1106,8 @@ class Filesystem:
                     return node if node is not None and not node.unlinked else None
                 return await self._fetch_entry(parent, name)
             except StoreUnavailable as e:
+                if parent.forgotten and name in parent.forgotten:
+                    raise  # (known to exist, evicted: EIO, as for any entry S3 must give)
                 # S3 is down: a name this mount does not know is taken as absent, so that
                 # writers carry on (staged); should another host have created it meanwhile,
                 # the upload's If-None-Match keeps both versions (a conflict copy)
@@ -1374,6 +1384,7 @@ class Filesystem:
                     self._gone_elsewhere(node)
         d.children = {n: c for n, c in new.items() if not c.unlinked and c.parent is d}
         d.listed_at = trio.current_time()
+        d.forgotten = None  # (complete again)
         return sorted(d.children.items())
 
     # ------------------------------------------------------------------ creating entries
@@ -1391,6 +1402,8 @@ class Filesystem:
         if parent.children is None:
             parent.children = {}
         parent.children[node.name] = node
+        if parent.forgotten:
+            parent.forgotten.discard(node.name)
 
     async def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Node:
         parent = self.node(parent_ino)
@@ -2246,10 +2259,11 @@ class Filesystem:
             raise NotEmpty("directory not empty")
         prefix = self.dir_prefix(d)
         async with self._meta_limit:
-            # one level, two entries: anything but the marker is enough (listing the whole
-            # subtree made rmdir of a big tree's root cost a LIST of the tree)
-            listing = await self.store.list(prefix, delimiter="/", max_keys=2)
-        if listing.prefixes or any(o.key != prefix + MARKER for o in listing.objects):
+            # two keys: any but the marker is enough (listing the whole subtree made rmdir of
+            # a big tree's root cost a LIST of the tree). No delimiter: SeaweedFS shows the
+            # prefix of a directory whose objects are all gone as a common prefix
+            listing = await self.store.list(prefix, delimiter=None, max_keys=2)
+        if any(o.key != prefix + MARKER for o in listing.objects):
             raise NotEmpty("directory not empty")
 
     # ------------------------------------------------------------------ rename

@@ -674,9 +674,9 @@ async def test_a_reader_polling_a_dirty_file_does_not_defer_its_upload(tmp_path:
     assert fs._due[node] == due
 
 
-async def test_rmdir_asks_for_one_level_two_entries(tmp_path: Path) -> None:
+async def test_rmdir_asks_for_two_keys(tmp_path: Path) -> None:
     """``rmdir`` of a directory listed its whole subtree to see whether it was empty (a LIST
-    per 1000 objects below it); two entries of one level tell (18, lower)."""
+    per 1000 objects below it); two keys tell (18, lower)."""
     from cryptfs.errors import NotEmpty
     from tests.fsutil import write_file
 
@@ -798,3 +798,50 @@ async def test_nodes_the_kernel_forgot_are_dropped(tmp_path: Path) -> None:
     assert await kernel_walk(fs, ROOT_INO, again) == 1004  # every name still there
     d3 = await fs.lookup(ROOT_INO, b"d3")
     assert await read_file(fs, (await fs.lookup(d3.ino, b"f249")).ino) == b"3/249"
+
+
+@pytest.mark.allow_error_logs
+async def test_an_evicted_entry_is_not_taken_as_absent_during_an_outage(tmp_path: Path) -> None:
+    """S3 is down and a name this mount does not know is taken as absent (writers carry on):
+    an entry dropped because the kernel forgot it is known, and its lookup fails (EIO) like
+    any that needs S3, rather than say the file does not exist."""
+    from cryptfs.errors import NoEntry, StoreUnavailable
+    from tests.fsutil import write_file
+
+    store = MemoryStore()
+    writer = await make_fs(tmp_path / "w", store)
+    await write_file(writer, ROOT_INO, b"before", b"uploaded before the outage")
+    fs = await make_fs(tmp_path / "r", store)
+    node = await fs.lookup(ROOT_INO, b"before")
+    fs.looked_up(node)
+    fs.forget([(node.ino, 1)])
+    assert node.evicted
+
+    async def down(*a, **kw):  # type: ignore[no-untyped-def]
+        raise StoreUnavailable("S3 endpoint unreachable")
+
+    store.head = store.list = store.get = down  # type: ignore[method-assign]
+    with pytest.raises(StoreUnavailable):
+        await fs.lookup(ROOT_INO, b"before")
+    with pytest.raises(NoEntry):  # a name never seen: absent, so that cp can create it
+        await fs.lookup(ROOT_INO, b"new")
+
+
+async def test_an_evicted_entry_is_found_again_whatever_an_older_listing_said(
+    tmp_path: Path,
+) -> None:
+    """The names below a directory (its key set, one LIST per metadata TTL) were listed before
+    this mount made a file there; once the kernel forgot the file and its node went, a lookup
+    believed that older LIST: the file was missing for the rest of the TTL."""
+    from tests.fsutil import read_file, write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store, metadata_ttl=3600)
+    fs.opt.list_ahead_max = 0  # (a large directory: lookups go by its key set, no LIST)
+    await write_file(fs, ROOT_INO, b"mine", b"made here")
+    node = await fs.lookup(ROOT_INO, b"mine")
+    fs.looked_up(node)
+    fs.forget([(node.ino, 1)])
+    assert node.evicted
+    again = await fs.lookup(ROOT_INO, b"mine")
+    assert await read_file(fs, again.ino) == b"made here"
