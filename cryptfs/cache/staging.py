@@ -1,13 +1,15 @@
 """Encrypted staging of dirty files in the cache directory (docs/FORMAT.md §5).
 
-A dirty file lives in ``<cache>/staging/<file-id>.data`` until it is uploaded.  The data file is
-a sequence of fixed slots, one per plaintext chunk: ``nonce(12) ‖ AES-GCM(chunk) ‖ tag(16)``
-with a fresh random nonce on every write of a slot and AAD = file id ‖ slot index, under a key
-derived from the volume's cache key and a per-staging random salt.  A slot whose nonce is all
-zero is a hole (reads as zeros).  A stolen cache disk therefore reveals neither content nor
-names.  ``<file-id>.journal`` holds, sealed under the same key family, what is needed to finish
-the upload after a crash: path, attributes, wrapped data key, size and the ETag the upload
-expects to replace.
+A dirty file lives in ``<cache>/staging/<stage-id>.data`` until it is uploaded (a stage id is
+random, one per staging: two nodes of one file id, a conflict copy and the version that won
+its name, never share a staged file; stagings of earlier versions were named by the file id,
+and are read the same way).  The data file is a sequence of fixed slots, one per plaintext
+chunk: ``nonce(12) ‖ AES-GCM(chunk) ‖ tag(16)`` with a fresh random nonce on every write of a
+slot and AAD = stage id ‖ slot index, under a key derived from the volume's cache key and a
+per-staging random salt.  A slot whose nonce is all zero is a hole (reads as zeros).  A stolen
+cache disk therefore reveals neither content nor names.  ``<stage-id>.journal`` holds, sealed
+under the same key family, what is needed to finish the upload after a crash: path, file id,
+attributes, size and the ETag the upload expects to replace.
 
 Owns: the staging directory.  Synchronous local I/O only.
 Must not import: store, fs, fuse.
@@ -58,17 +60,25 @@ class StagedFile:
     """Random-access encrypted scratch file holding one dirty file's plaintext."""
 
     def __init__(
-        self, area: StagingArea, file_id: bytes, salt: bytes, size: int, *, new: bool = False
+        self,
+        area: StagingArea,
+        stage_id: bytes,
+        salt: bytes,
+        size: int,
+        *,
+        new: bool = False,
+        file_id: bytes | None = None,
     ) -> None:
         self.area = area
-        self.file_id = file_id
+        self.stage_id = stage_id  # names its files, keys and binds its slots and journal
+        self.file_id = file_id if file_id is not None else stage_id  # (of the node: logs)
         self.salt = salt
         self.size = size
         self.chunk = area.chunk
         self._slot = self.chunk + _SLOT_OVERHEAD
-        self._aead = Aead(hkdf(area.key, file_id + salt, b"cryptfs/v1/staging"))
-        self.path = area.root / (file_id.hex() + ".data")
-        self.journal_path = area.root / (file_id.hex() + ".journal")
+        self._aead = Aead(hkdf(area.key, stage_id + salt, b"cryptfs/v1/staging"))
+        self.path = area.root / (stage_id.hex() + ".data")
+        self.journal_path = area.root / (stage_id.hex() + ".journal")
         self._journal_left = not new  # may an earlier run have left a journal?
         self._jseq = 0  # sequence number of the last journal record this process wrote
         # slots are read by upload workers while the trio thread writes: each pread/pwrite of
@@ -78,7 +88,7 @@ class StagedFile:
         self._fd: int = _io(os.open, self.path, flags, 0o600)
 
     def _aad(self, i: int) -> bytes:
-        return self.file_id + i.to_bytes(8, "big")
+        return self.stage_id + i.to_bytes(8, "big")
 
     def read_chunk(self, i: int) -> bytearray:
         """Plaintext of chunk ``i`` (full chunk size, zero-padded past EOF), a new buffer."""
@@ -216,7 +226,7 @@ class StagedFile:
         """
         seq = self._jseq + 1
         record = dict(record, size=self.size, salt=b64e(self.salt), seq=seq)
-        blob = self.area.seal_journal(self.file_id, record)
+        blob = self.area.seal_journal(self.stage_id, record)
         if 8 + len(blob) > _JSLOT:  # paths are bounded by S3's 1024-byte keys: never here
             raise NoSpace("journal record too large")
         slot = _JMAGIC + len(blob).to_bytes(4, "big") + blob
@@ -389,21 +399,23 @@ class StagingArea:
         return total
 
     def create(self, file_id: bytes) -> StagedFile:
-        self.claim(self.root / (file_id.hex() + ".data"))  # new and empty
-        return StagedFile(self, file_id, random_bytes(16), 0, new=True)
+        """A new, empty staged file for a node of ``file_id``, under a fresh stage id."""
+        stage_id = random_bytes(16)
+        self.claim(self.root / (stage_id.hex() + ".data"))  # new and empty
+        return StagedFile(self, stage_id, random_bytes(16), 0, new=True, file_id=file_id)
 
-    def seal_journal(self, file_id: bytes, record: dict[str, Any]) -> bytes:
+    def seal_journal(self, stage_id: bytes, record: dict[str, Any]) -> bytes:
         """A record sealed under a key of its own (``seal_once``: a journal is written at
         every close and fsync, too often for random nonces under one key of the volume's
         lifetime; docs/FORMAT.md §5)."""
         data = json.dumps(record, sort_keys=True).encode()
-        return seal_once(self.key, _J2_INFO, data, _J2_LABEL + file_id)
+        return seal_once(self.key, _J2_INFO, data, _J2_LABEL + stage_id)
 
-    def _open_journal_record(self, blob: bytes, file_id: bytes) -> bytes:
+    def _open_journal_record(self, blob: bytes, stage_id: bytes) -> bytes:
         try:
-            return open_once(self.key, _J2_INFO, blob, _J2_LABEL + file_id)
+            return open_once(self.key, _J2_INFO, blob, _J2_LABEL + stage_id)
         except IntegrityError:  # an earlier version's record: a random nonce under one key
-            return self._journal_aead.open_random(blob, b"cryptfs/v1/journal\0" + file_id)
+            return self._journal_aead.open_random(blob, b"cryptfs/v1/journal\0" + stage_id)
 
     def fsync_dir(self) -> None:
         fd = os.open(self.root, os.O_RDONLY)
@@ -466,7 +478,7 @@ class StagingArea:
 
         A journal of an earlier version is one sealed record, the whole file."""
         raw = path.read_bytes()
-        file_id = bytes.fromhex(path.stem)
+        stage_id = bytes.fromhex(path.stem)
         best: dict[str, Any] | None = None
         for off in (0, _JSLOT):
             rec = raw[off : off + _JSLOT]
@@ -474,13 +486,13 @@ class StagingArea:
                 continue
             n = int.from_bytes(rec[4:8], "big")
             try:
-                got = json.loads(self._open_journal_record(rec[8 : 8 + n], file_id))
+                got = json.loads(self._open_journal_record(rec[8 : 8 + n], stage_id))
             except (ValueError, IntegrityError):
                 continue  # a torn write: the other slot holds the record before it
             if best is None or int(got.get("seq", 0)) > int(best.get("seq", 0)):
                 best = got
         if best is None:
-            best = json.loads(self._open_journal_record(raw, file_id))
+            best = json.loads(self._open_journal_record(raw, stage_id))
         return best
 
     def journals(self) -> list[dict[str, Any]]:
@@ -502,9 +514,10 @@ class StagingArea:
                     jp.unlink()
                     continue
             try:
-                file_id = bytes.fromhex(jp.stem)
+                stage_id = bytes.fromhex(jp.stem)  # (the file id, if staged by an earlier version)
                 rec = self.read_journal(jp)
-                sf = StagedFile(self, file_id, b64d(rec["salt"]), int(rec["size"]))
+                fid = b64d(rec["fid"]) if "fid" in rec else stage_id
+                sf = StagedFile(self, stage_id, b64d(rec["salt"]), int(rec["size"]), file_id=fid)
             except (ValueError, KeyError, IntegrityError, OSError) as e:
                 log.error("staged file %s cannot be recovered (%s); kept for inspection", jp, e)
                 continue

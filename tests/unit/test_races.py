@@ -845,3 +845,45 @@ async def test_an_evicted_entry_is_found_again_whatever_an_older_listing_said(
     assert node.evicted
     again = await fs.lookup(ROOT_INO, b"mine")
     assert await read_file(fs, again.ino) == b"made here"
+
+
+@pytest.mark.allow_error_logs
+async def test_a_conflict_copy_and_the_winner_never_share_a_staged_file(tmp_path: Path) -> None:
+    """The conflict copy (still open, written on) and the node of the version that won its
+    name have one file id, and staged files were named by file id: the winner's upload
+    recycled the copy's staged data and journal, and a crash then lost the copy's last
+    writes (review of 18.8). Staged files are named by a stage id of their own now."""
+    import os
+
+    from tests.fsutil import read_file, write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store)
+    await write_file(fs, ROOT_INO, b"f", b"version 1\n")
+    node = await fs.lookup(ROOT_INO, b"f")
+    h = await fs.open(node.ino, os.O_RDWR)
+    await fs.write(h.fh, 0, b"ours, part 1\n")
+    other = await make_fs(tmp_path / "b", store)
+    theirs = await other.lookup(ROOT_INO, b"f")
+    h2 = await other.open(theirs.ino, os.O_RDWR)
+    await other.write(h2.fh, 0, b"theirs    \n")
+    await other.release(h2.fh)
+    await other.sync_node(theirs)
+    await fs.fsync(h.fh)  # the conflict: node is the copy, still open
+    win = await fs.lookup(ROOT_INO, b"f")
+    assert win.file_id == node.file_id
+    await fs.write(h.fh, 13, b"ours, part 2\n")
+    await fs.flush(h.fh)  # close(2) journals it
+    hw = await fs.open(win.ino, os.O_RDWR)
+    await fs.write(hw.fh, 0, b"THEIRS+edit\n")
+    await fs.release(hw.fh)
+    assert node.stage is not None and win.stage is not None
+    assert node.stage.path != win.stage.path
+    await fs.sync_node(win)  # the winner's upload ends: its staged file is recycled
+    again = await make_fs(tmp_path / "a", store)  # kill -9 now; the next mount recovers
+    assert await again.recover() == 1
+    await again.flush_all()
+    check = await make_fs(tmp_path / "c", store)
+    names = [n for n, _ in await check.readdir(ROOT_INO) if n.startswith(b"f.conflict-")]
+    got = await read_file(check, (await check.lookup(ROOT_INO, names[0])).ino)
+    assert got == b"ours, part 1\nours, part 2\n"

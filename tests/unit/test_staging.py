@@ -61,7 +61,7 @@ def test_journal_of_an_earlier_version_still_recovers_and_is_replaced(tmp_path: 
     sf.close()
     # earlier versions wrote one sealed record as the whole file, by write + rename
     legacy = {"path": "legacy", "size": 5, "salt": b64e(sf.salt)}
-    sf.journal_path.write_bytes(area.seal_journal(sf.file_id, legacy))
+    sf.journal_path.write_bytes(area.seal_journal(sf.stage_id, legacy))
     [(found, rec)] = area.recover()
     assert rec["path"] == "legacy" and found.read(0, 5) == b"older"
     found.save_journal({"path": "after upgrade"})  # exists: replaced atomically, then in place
@@ -91,7 +91,7 @@ def test_new_staged_files_and_journals_take_files_made_ahead(tmp_path: Path) -> 
     _area(tmp_path)  # the next run: files made ahead are never part of a staged file
     assert not list(area.root.glob("*.pool"))
     [(found, rec)] = area.recover()
-    assert found.file_id == sf.file_id and rec["path"] == "p"
+    assert found.stage_id == sf.stage_id and rec["path"] == "p"
 
 
 def test_a_journal_whose_first_record_never_got_written_is_no_journal(tmp_path: Path) -> None:
