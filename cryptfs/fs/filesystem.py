@@ -414,7 +414,12 @@ class Filesystem:
         # multipart uploads (and creations of them) in flight; uploads.json holds more when
         # an outage or a lost answer left some unfinished (``sweep_uploads``)
         self._mp_active: set[str] = set()
+        # per object key: multipart uploads of it this process has going (creation to end),
+        # and how many it ever began (a sweep leaves a key alone that either moved for)
+        self._mp_keys: dict[str, int] = {}
+        self._mp_began: dict[str, int] = {}
         self._sweep_due = True  # (an earlier run may have left some)
+        self._sweep_gen = 0  # bumped whenever something is left for a sweep
         self._sweeping = False
         now = _now_ns()
         root_attrs = Attrs(KIND_DIR, 0o755, self.opt.uid, self.opt.gid, now, now, now)
@@ -2722,8 +2727,12 @@ class Filesystem:
                 if attempt == 0 and mine is not None:
                     node.remote_etag = mine
                     continue
-                if isinstance(e, NotFound) and mine is None and await self._head(key):
-                    raise  # (not the object but our multipart upload is gone: again later)
+                if isinstance(e, NotFound) and (
+                    node.remote_etag is None or await self._head(key) is not None
+                ):
+                    # not the object but our multipart upload is gone (aborted by a sweep
+                    # of another host, or expired): again later, no conflict
+                    raise
                 # changed, or removed (If-Match on a missing object), by another writer
                 await self._save_conflict(node, sf)
                 return
@@ -2849,18 +2858,29 @@ class Filesystem:
         # before it comes) still made an upload, found by its key later (sweep_uploads)
         intent = self.staging.note_creating(key)
         self._mp_active.add(intent)
+        self._mp_keys[key] = self._mp_keys.get(key, 0) + 1
+        self._mp_began[key] = self._mp_began.get(key, 0) + 1
         try:
-            upload_id = await self.store.create_multipart(key, md)
-        except BaseException:
-            self._sweep_due = True
-            raise
+            try:
+                upload_id = await self.store.create_multipart(key, md)
+            except BaseException:
+                self._leave_for_sweep()
+                raise
+            finally:
+                self._mp_active.discard(intent)
+            self._mp_active.add(upload_id)
+            try:
+                return await self._multipart_parts(sf, cipher, key, md, cond, upload_id, intent)
+            finally:
+                self._mp_active.discard(upload_id)
         finally:
-            self._mp_active.discard(intent)
-        self._mp_active.add(upload_id)
-        try:
-            return await self._multipart_parts(sf, cipher, key, md, cond, upload_id, intent)
-        finally:
-            self._mp_active.discard(upload_id)
+            self._mp_keys[key] -= 1
+            if not self._mp_keys[key]:
+                del self._mp_keys[key]
+
+    def _leave_for_sweep(self) -> None:
+        self._sweep_due = True
+        self._sweep_gen += 1
 
     async def _multipart_parts(
         self,
@@ -2929,7 +2949,7 @@ class Filesystem:
                 except NotFound:
                     self.staging.forget_upload(upload_id)
                 except StoreError:
-                    self._sweep_due = True  # (S3 down): aborted once it answers again
+                    self._leave_for_sweep()  # (S3 down): aborted once it answers again
             raise
         self.staging.forget_upload(upload_id)
         return etag
@@ -2941,15 +2961,22 @@ class Filesystem:
         never came is found by its object key: every upload of that key but ours in flight
         is aborted (another host's upload of the same key then fails and is retried: it only
         costs that host the upload, never data)."""
+        gen = self._sweep_gen
         left = {u: k for u, k in self.staging.leftover_uploads().items()
                 if u not in self._mp_active}  # fmt: skip
-        ours = {u for u in self._mp_active if not u.startswith(CREATING)}
         done = True
         for upload_id, key in left.items():
             try:
                 if upload_id.startswith(CREATING):
-                    ids = [u for k, u, _t in await self.store.list_uploads(key)
-                           if k == key and u not in ours]  # fmt: skip
+                    if self._mp_keys.get(key):
+                        done = False  # an upload of it going now: its upload ids are not
+                        continue  # all known to us yet (one being created); a later sweep
+                    began = self._mp_began.get(key, 0)
+                    found = await self.store.list_uploads(key)
+                    if self._mp_keys.get(key) or self._mp_began.get(key, 0) != began:
+                        done = False  # one began while we listed: it may be in the list
+                        continue
+                    ids = [u for k, u, _t in found if k == key]
                 else:
                     ids = [upload_id]
                 for uid in ids:
@@ -2963,7 +2990,8 @@ class Filesystem:
                 done = False
                 continue
             self.staging.forget_upload(upload_id)
-        self._sweep_due = not done
+        # (something left for a sweep while this one ran stays due)
+        self._sweep_due = not done or self._sweep_gen != gen
         return done
 
     async def _sweep_in_background(self) -> None:

@@ -887,3 +887,115 @@ async def test_a_conflict_copy_and_the_winner_never_share_a_staged_file(tmp_path
     names = [n for n, _ in await check.readdir(ROOT_INO) if n.startswith(b"f.conflict-")]
     got = await read_file(check, (await check.lookup(ROOT_INO, names[0])).ino)
     assert got == b"ours, part 1\nours, part 2\n"
+
+
+@pytest.mark.allow_error_logs
+async def test_a_sweep_never_aborts_an_upload_this_mount_is_making(tmp_path: Path) -> None:
+    """A sweep for a creation whose answer was lost aborted every upload of that key, also
+    the retry this mount was making at that moment (its answer not back yet), and the
+    NoSuchUpload that followed made a new file a conflict copy of itself (review of 18)."""
+    from cryptfs.errors import NotFound, StoreUnavailable
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    fs.opt.multipart_threshold, fs.opt.part_size = 2 * fs.chunk, fs.chunk
+    node, h = await fs.create(ROOT_INO, b"big", 0o644, 0, 0)
+    await fs.write(h.fh, 0, b"M" * (5 * fs.chunk))
+    await fs.release(h.fh)
+
+    real_create, real_part, real_list = (
+        store.create_multipart,
+        store.upload_part,
+        store.list_uploads,
+    )
+    created, listed = trio.Event(), trio.Event()
+    calls = 0
+
+    async def create(key, md):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        uid = await real_create(key, md)
+        if calls == 1:
+            raise StoreUnavailable("connection reset (answer lost)")  # S3 made it
+        created.set()  # the retry's CreateMultipartUpload reached S3 ...
+        await listed.wait()  # ... its answer is on its way while the sweep LISTs
+        return uid
+
+    async def part(key, upload_id, number, data):  # type: ignore[no-untyped-def]
+        if upload_id not in store._uploads:  # S3: NoSuchUpload -> NotFound
+            raise NotFound(f"NoSuchUpload {upload_id}")
+        return await real_part(key, upload_id, number, data)
+
+    async def list_uploads(prefix):  # type: ignore[no-untyped-def]
+        await created.wait()
+        out = await real_list(prefix)
+        listed.set()
+        return out
+
+    store.create_multipart = create  # type: ignore[method-assign]
+    store.upload_part = part  # type: ignore[method-assign]
+    with pytest.raises(StoreUnavailable):
+        await fs.sync_node(node)  # first attempt: creation answer lost -> creating: record
+    assert fs._sweep_due
+    store.list_uploads = list_uploads  # type: ignore[method-assign]
+    async with trio.open_nursery() as n:
+        # what _background_sync starts after *another* file's upload succeeds
+        n.start_soon(fs.sweep_uploads)
+        n.start_soon(fs.sync_node, node)  # the write-back retry (or an fsync) of big
+    names = [nm for nm, _ in await fs.readdir(ROOT_INO)]
+    # nobody else ever wrote 'big', yet it is gone and a conflict copy holds it
+    assert fs.conflicts == 0 and b"big" in names and not node.dirty, (node.name, names)
+    store.list_uploads = real_list  # type: ignore[method-assign]
+    assert await fs.sweep_uploads() and await store.list_uploads("") == []
+
+
+@pytest.mark.allow_error_logs
+async def test_what_fails_during_a_sweep_is_left_for_the_next(tmp_path: Path) -> None:
+    """An upload whose parts and abort failed while a sweep was running was forgotten when
+    that sweep ended (it cleared the flag): open in the bucket for the life of the mount."""
+    from cryptfs.errors import StoreUnavailable
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    fs.opt.multipart_threshold, fs.opt.part_size = 2 * fs.chunk, fs.chunk
+    nodes = []
+    for name in (b"a", b"b"):
+        node, h = await fs.create(ROOT_INO, name, 0o644, 0, 0)
+        await fs.write(h.fh, 0, b"M" * (5 * fs.chunk))
+        await fs.release(h.fh)
+        nodes.append(node)
+    _a, b = nodes
+    fs._due.clear()
+    fs._sweep_due = False
+    # an earlier outage left nothing; the sweep below is one started by _background_sync
+    real_part, real_abort, real_list = store.upload_part, store.abort_multipart, store.list_uploads
+    go = trio.Event()
+
+    async def down(*args, **kw):  # type: ignore[no-untyped-def]
+        raise StoreUnavailable("S3 endpoint unreachable")
+
+    async def slow_list(prefix):  # type: ignore[no-untyped-def]
+        await go.wait()
+        return await real_list(prefix)
+
+    # a creating: record from a lost answer earlier, so that the sweep has a LIST to make
+    fs.staging.note_creating("some/other/key")
+    fs._sweep_due = True
+    store.list_uploads = slow_list  # type: ignore[method-assign]
+
+    async def upload_b_during_sweep() -> None:
+        store.upload_part, store.abort_multipart = down, down  # type: ignore[method-assign]
+        with pytest.raises(StoreUnavailable):
+            await fs.sync_node(b)  # parts and abort fail: its upload stays open
+        assert fs._sweep_due
+        store.upload_part, store.abort_multipart = real_part, real_abort  # type: ignore[method-assign]
+        go.set()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(fs.sweep_uploads)
+        await trio.sleep(0)
+        n.start_soon(upload_b_during_sweep)
+    store.list_uploads = real_list  # type: ignore[method-assign]
+    assert await fs.flush_all() == []  # unmount: everything uploaded ...
+    left = await store.list_uploads("")
+    assert left == [], "an open multipart upload is left in the bucket"
