@@ -559,17 +559,54 @@ class Filesystem:
             if node.lookups == 0 and not node.unlinked:
                 self._evict(node)
 
-    def looked_up(self, node: Node) -> None:
-        """The kernel took a reference to ``node`` (a lookup, a readdir entry, a create): an
-        evicted node the reply names (a listing taken before the eviction) is back in the
-        inode table, so that the kernel's inode number keeps working."""
+    def current_entry(self, node: Node) -> Node | None:
+        """What a reply about ``node`` (held since before an await: a readdir's listing, a
+        lookup in flight) should name now: ``node``; or, if it was evicted meanwhile, the
+        node its name has now (None if the name was removed since)."""
+        if not node.evicted:
+            return None if node.unlinked else node
+        parent = node.parent
+        assert parent is not None
+        cur = parent.children.get(node.name) if parent.children is not None else None
+        if cur is not None:
+            return None if cur.unlinked else cur
+        if parent.forgotten and node.name in parent.forgotten:
+            return node  # (evicted, nothing happened to the name since)
+        return None
+
+    def looked_up(self, node: Node) -> Node:
+        """The kernel takes a reference to ``node`` (a lookup, a readdir entry, a create);
+        returns the node to name in the reply.  An evicted node (looked up before its
+        eviction) is replaced by the node its name has now, or put back in the inode table
+        (and, if nothing happened to its name since, in its directory), so that the kernel's
+        inode number keeps working; a removed one is put back as removed."""
+        if node.evicted:
+            node = self.current_entry(node) or node
         node.lookups += 1
         if node.evicted:
             node.evicted = False
             self.inodes[node.ino] = node
             parent = node.parent
-            if parent is not None and parent.children is not None and not node.unlinked:
-                parent.children.setdefault(node.name, node)
+            assert parent is not None
+            if parent.forgotten and node.name in parent.forgotten:
+                parent.forgotten.discard(node.name)
+                if parent.children is not None:
+                    parent.children.setdefault(node.name, node)
+            else:
+                node.unlinked = True  # its name was removed (or taken) since
+        return node
+
+    def _holds_local(self, d: Node) -> bool:
+        """Is anything below directory ``d`` known here only (dirty, or open)?"""
+        stack = list((d.children or {}).values())
+        while stack:
+            n = stack.pop()
+            if n.unlinked:
+                continue
+            if n.dirty or n.open_count:
+                return True
+            stack.extend((n.children or {}).values())
+        return False
 
     def _evictable(self, node: Node) -> bool:
         return (
@@ -1203,7 +1240,7 @@ class Filesystem:
     async def _relist_in_background(self, d: Node) -> None:
         try:
             async with self._relist_limit:
-                if not d.unlinked and not self._fresh(d.listed_at):
+                if not d.unlinked and not d.evicted and not self._fresh(d.listed_at):
                     await self._listed(d, walker=False)
         except Exception as e:  # the walker lists it itself and reports what fails
             log.debug("relisting %s ahead failed: %s", self.ident(d), self.scrub(e))
@@ -1381,7 +1418,9 @@ class Filesystem:
                     # changed here and not uploaded: its upload decides (If-Match on a
                     # removed object: our version is kept as a conflict copy)
                     node.dirty
-                    or (node.is_dir and node.remote_etag is None and node.children is not None)
+                    # a directory without a marker that holds something not in S3 yet
+                    # (implicit ones emptied elsewhere go: they were kept for ever)
+                    or (node.is_dir and node.remote_etag is None and self._holds_local(node))
                     or node.remote_etag != before.get(name)  # (uploaded during the LIST)
                 ):
                     new[name] = node

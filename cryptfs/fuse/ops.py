@@ -142,8 +142,7 @@ class Operations(pyfuse3.Operations):
         return a
 
     def _looked_up(self, node: Node) -> pyfuse3.EntryAttributes:
-        self.fs.looked_up(node)
-        return self._entry(self.fs.stat(node))
+        return self._entry(self.fs.stat(self.fs.looked_up(node)))
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> Any:
         async def op() -> Any:
@@ -193,8 +192,9 @@ class Operations(pyfuse3.Operations):
         async def op() -> None:
             entries = self._dirs.get(fh, [])
             for i in range(start_id, len(entries)):
-                name, node = entries[i]
-                if node.unlinked:
+                name, listed = entries[i]
+                node = self.fs.current_entry(listed)  # (evicted or removed since opendir?)
+                if node is None:
                     continue
                 if not pyfuse3.readdir_reply(token, name, self._entry(self.fs.stat(node)), i + 1):
                     return

@@ -999,3 +999,38 @@ async def test_what_fails_during_a_sweep_is_left_for_the_next(tmp_path: Path) ->
     assert await fs.flush_all() == []  # unmount: everything uploaded ...
     left = await store.list_uploads("")
     assert left == [], "an open multipart upload is left in the bucket"
+
+
+async def test_a_readdir_reply_after_an_eviction_names_what_the_name_has_now(
+    tmp_path: Path,
+) -> None:
+    """``ls -l`` replies from the listing it took at opendir; one of its nodes is evicted and
+    its name removed (``rm`` looked it up anew) meanwhile: the reply put the evicted node
+    back, the removed file came back and took the next write (review of 18)."""
+    from cryptfs.errors import NoEntry
+    from tests.fsutil import write_file
+
+    store = MemoryStore()
+    w = await make_fs(tmp_path / "w", store)
+    d = await w.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    for i in range(3):
+        await write_file(w, d.ino, b"x%d" % i, b"old %d" % i)
+    fs = await make_fs(tmp_path / "r", store, metadata_ttl=10)
+    d = fs.looked_up(await fs.lookup(ROOT_INO, b"d"))
+    x = fs.looked_up(await fs.lookup(d.ino, b"x1"))
+    snapshot = await fs.readdir(d.ino)  # opendir of a long ls
+    fs.forget([(x.ino, 1)])
+    assert x.evicted
+    fs.looked_up(await fs.lookup(d.ino, b"x1"))  # rm looks it up anew ...
+    await fs.unlink(d.ino, b"x1")  # ... and removes it
+    replied = []
+    for name, listed in snapshot:  # what fuse/ops.py's readdir does with it
+        node = fs.current_entry(listed)
+        if node is not None:
+            fs.looked_up(node)
+            replied.append(name)
+    assert b"x1" not in replied and b"x0" in replied
+    with pytest.raises(NoEntry):
+        await fs.lookup(d.ino, b"x1")
+    live = [n for n in fs.inodes.values() if n.file_id == x.file_id and not n.unlinked]
+    assert live == []

@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
 
-import pytest
 import trio
 from hypothesis import HealthCheck, event, given, settings, target
 from hypothesis import strategies as st
@@ -498,16 +497,12 @@ def test_two_mounts_keep_acknowledged_writes_and_converge(steps: list[tuple[Op, 
     check(steps)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 18: a mount keeps showing an implicit directory it once listed after its "
-    "last object is gone (_list_dir keeps a marker-less directory whose children are known)",
-)
 async def test_an_implicit_directory_emptied_elsewhere_goes_away(tmp_path: Path) -> None:
     """What the property test above found, reduced: host B removes ``e`` while host A still
     has a file in it to upload (not coordinated, docs/CONCURRENCY.md), so ``e`` lives on as
     a prefix without a marker, an implicit directory; once A removes that file, B (which
-    listed ``e`` meanwhile) must stop showing ``e``, as A and a fresh mount do."""
+    listed ``e`` meanwhile) must stop showing ``e``, as A and a fresh mount do (it kept every
+    marker-less directory it had listed, for ever)."""
     store = MemoryStore()
     a = await make_fs(tmp_path / "a", store)
     b = await make_fs(tmp_path / "b", store)
