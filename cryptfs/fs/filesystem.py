@@ -596,6 +596,17 @@ class Filesystem:
                 node.unlinked = True  # its name was removed (or taken) since
         return node
 
+    @staticmethod
+    def _in_rename(node: Node) -> bool:
+        """Is ``node``, or a directory above it, being renamed by this mount (what S3 shows
+        of its objects meanwhile is the rename's doing)?"""
+        n: Node | None = node
+        while n is not None:
+            if n.renaming:
+                return True
+            n = n.parent
+        return False
+
     def _holds_local(self, d: Node) -> bool:
         """Is anything below directory ``d`` known here only (dirty, or open)?"""
         stack = list((d.children or {}).values())
@@ -713,7 +724,7 @@ class Filesystem:
         md = info.metadata
         if self._foreign_allowed(parent) and s3ec.is_s3ec(md) and not s3ec.needs_instruction(md):
             return self._adopt_foreign(parent, name, info, existing, s3ec.parse(md))
-        if existing is not None and existing.renaming:
+        if existing is not None and self._in_rename(existing):
             return existing  # (the rename's copy, or the object it is moving away)
         if existing is not None and (
             existing.unlinked or existing.parent is not parent or existing.name != name
@@ -753,7 +764,7 @@ class Filesystem:
 
     def _gone_elsewhere(self, node: Node) -> None:
         """Another writer removed or replaced ``node``: forget it, and tell the kernel."""
-        if node.renaming:
+        if self._in_rename(node):
             return  # our own rename removed the object it was looked for at
         parent = node.parent
         if self.kernel is not None and parent is not None and not node.unlinked:
@@ -1067,7 +1078,7 @@ class Filesystem:
     async def _revalidate(self, node: Node) -> None:
         parent = node.parent
         assert parent is not None
-        if node.renaming:
+        if self._in_rename(node):
             return  # its objects are being moved by this mount: what S3 shows is ours
         if parent.children is not None and parent.listed_at >= 0:
             # one LIST revalidates every unchanged entry of the directory (by ETag): an
@@ -1255,6 +1266,9 @@ class Filesystem:
         before = {name: node.remote_etag for name, node in old.items()}
         async with self._meta_limit:
             listing = await self.store.list(prefix, delimiter="/")
+        # entries made or moved here while the LIST was in flight (before the HEADs below,
+        # which put what they load into d.children)
+        during = {n: c for n, c in (d.children or {}).items() if old.get(n) is not c}
         new: dict[bytes, Node] = {}
         foreign: dict[bytes, Node] = {}  # S3EC entries: merged after, a native name wins
         dpath = self.path(d)
@@ -1410,8 +1424,16 @@ class Filesystem:
         for name, node in current.items():
             if name not in old and name not in new and not node.unlinked:
                 new[name] = node
+        for name, node in during.items():
+            if not node.unlinked and node.parent is d and node.name == name:
+                # newer than what the LIST shows of that name, which may be this very node's
+                # object (a rename's copy: adopting it made a second node of one file)
+                loaded = new.get(name)
+                if loaded is not None and loaded is not node and self._evictable(loaded):
+                    self.inodes.pop(loaded.ino, None)  # (that second node: nobody has it)
+                new[name] = node
         for name, node in old.items():
-            if node.parent is not d or node.name != name or node.renaming:
+            if node.parent is not d or node.name != name or self._in_rename(node):
                 continue  # renamed by this mount while the LIST was in flight: not gone
             if name not in new and not node.unlinked:
                 if (

@@ -1034,3 +1034,92 @@ async def test_a_readdir_reply_after_an_eviction_names_what_the_name_has_now(
         await fs.lookup(d.ino, b"x1")
     live = [n for n in fs.inodes.values() if n.file_id == x.file_id and not n.unlinked]
     assert live == []
+
+
+async def test_a_stat_below_a_directory_being_renamed_does_not_hide_the_file(
+    tmp_path: Path,
+) -> None:
+    """18.11 for what lies below a renamed directory: a ``stat`` of ``d/f`` landing after
+    the rename's DeleteObjects took f as removed elsewhere, and ``e/f`` was ENOENT (review
+    of 18). A node counts as being renamed when a directory above it is."""
+    from cryptfs.errors import NoEntry
+    from tests.fsutil import write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store, metadata_ttl=10)
+    d = await fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    await write_file(fs, d.ino, b"f", b"content")
+    await fs.readdir(d.ino)
+    f = await fs.lookup(d.ino, b"f")
+    f.refreshed_at = -1e9  # due for revalidation
+    real = store.delete_many
+
+    async def stat() -> None:
+        with contextlib.suppress(NoEntry):
+            await fs._revalidate(f)  # another task's getattr of d/f, answered now
+
+    async with trio.open_nursery() as n:
+
+        async def delete_then_stat(keys):  # type: ignore[no-untyped-def]
+            await real(keys)
+            done = trio.Event()
+
+            async def run() -> None:
+                await stat()
+                done.set()
+
+            n.start_soon(run)
+            await done.wait()
+
+        store.delete_many = delete_then_stat  # type: ignore[method-assign]
+        await fs.rename(ROOT_INO, b"d", ROOT_INO, b"e", 0)
+    store.delete_many = real  # type: ignore[method-assign]
+    e = await fs.lookup(ROOT_INO, b"e")
+    got = await fs.lookup(e.ino, b"f")
+    assert got is f
+
+
+async def test_a_listing_across_a_replacing_rename_keeps_one_node(tmp_path: Path) -> None:
+    """``mv a b`` (b exists) while a LIST of the directory is in flight, merged after the
+    rename: the merge adopted a second node for b (the rename's copy, one file id) and
+    dropped the renamed node, so a lookup of b answered another inode than the kernel's."""
+    from tests.fsutil import write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store, metadata_ttl=10)
+    d = await fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    await write_file(fs, d.ino, b"a", b"new content")
+    await write_file(fs, d.ino, b"b", b"old content")
+    await fs.readdir(d.ino)
+    src = await fs.lookup(d.ino, b"a")
+    d.listed_at = -1e9  # the listing is due (metadata TTL passed)
+    copied, listed, renamed = trio.Event(), trio.Event(), trio.Event()
+    real_copy, real_list = store.copy, store.list
+
+    async def copy(*a, **kw):  # type: ignore[no-untyped-def]
+        etag = await real_copy(*a, **kw)
+        copied.set()
+        await listed.wait()  # the `ls`'s LIST is answered now (shows a and the new b)
+        return etag
+
+    async def held_list(*a, **kw):  # type: ignore[no-untyped-def]
+        got = await real_list(*a, **kw)
+        listed.set()
+        await renamed.wait()  # its answer is merged after the rename ended
+        return got
+
+    async def ls() -> None:
+        await copied.wait()
+        store.list = held_list  # type: ignore[method-assign]
+        await fs.readdir(d.ino)
+        store.list = real_list  # type: ignore[method-assign]
+
+    store.copy = copy  # type: ignore[method-assign]
+    async with trio.open_nursery() as n:
+        n.start_soon(ls)
+        await fs.rename(d.ino, b"a", d.ino, b"b", 0)
+        renamed.set()
+    store.copy = real_copy  # type: ignore[method-assign]
+    assert sorted(d.children or {}) == [b"b"]
+    assert await fs.lookup(d.ino, b"b") is src
+    assert [n for n in fs.inodes.values() if n.file_id == src.file_id] == [src]
