@@ -2843,10 +2843,15 @@ class Filesystem:
             if isinstance(source, bytes) or size <= self.opt.multipart_threshold:
 
                 def seal() -> bytes:  # (staging read and AES-GCM: in a worker if large)
-                    data = source if isinstance(source, bytes) else source.read(0, size)
+                    if isinstance(source, bytes):
+                        return cipher.seal_all(source)
+                    data = bytearray()
+                    step = 16 * self.chunk  # (each read holds the staged file's I/O lock,
+                    for off in range(0, size, step):  # which its writers wait for)
+                        data += source.read(off, min(step, size - off))
                     if len(data) < size:  # truncated meanwhile: the next upload has that
                         data += bytes(size - len(data))
-                    return cipher.seal_all(data)
+                    return cipher.seal_all(bytes(data))
 
                 body = await self._crypto(seal, size)
                 etag = await self.store.put(key, body, md, **cond)
@@ -2899,6 +2904,7 @@ class Filesystem:
         if self.kernel is not None:
             self.kernel.entry_gone(parent.ino, name)
         self._move(node, parent, cname)
+        node.attrs = node.attrs.with_(ctime_ns=attrs.ctime_ns)  # (as uploaded: clean)
         self._uploaded(node, etag, attrs, cipher)
         node.journaled = -1
         self._journal(node)  # (if it changed meanwhile: its record names the copy now)
