@@ -1700,6 +1700,15 @@ class Filesystem:
         if writable or flags & os.O_TRUNC:
             self._writable(node)
         h = self._open_handle(node, writable)
+        if flags & os.O_TRUNC and node.kind == KIND_FILE and (node.attrs.size or node.stage):
+            # libfuse enables atomic_o_trunc: the kernel sends O_TRUNC with the open and no
+            # truncate of its own, so the open truncates (``printf x > f`` over a longer f
+            # kept the old bytes after x, and its size)
+            try:
+                await self.setattr(node.ino, size=0)
+            except BaseException:
+                await self.release(h.fh)
+                raise
         # pages cached by the kernel stay valid only while the object is the one they came
         # from (another writer, a conflict or a remount changes the ETag)
         h.keep_cache = not node.dirty and node.kernel_etag == node.remote_etag
@@ -2106,9 +2115,9 @@ class Filesystem:
     async def _materialize(self, node: Node) -> StagedFile:
         """Make ``node`` dirty: copy its current content into a new staged file.
 
-        One at a time per node: a staged file's paths derive from the file id, so a second,
-        concurrent one (two writers, or the kernel's parallel write-back) would truncate and
-        overwrite the first under another key.
+        One at a time per node: a second, concurrent one (two writers, or the kernel's
+        parallel write-back) would make a second staged file, and writes to the first would
+        be lost.
         """
         while node.materializing is not None:
             await node.materializing.wait()

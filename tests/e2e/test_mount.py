@@ -432,3 +432,29 @@ def test_more_staged_files_than_the_soft_open_file_limit(volume: Volume) -> None
     volume.mount()
     assert all((many / f"f{i}").read_bytes() == b"x" * i for i in range(400))
     volume.umount()
+
+
+def test_a_shorter_rewrite_through_o_trunc_leaves_nothing_of_the_old(volume: Volume) -> None:
+    """``printf x > f`` over a longer f: libfuse's atomic_o_trunc hands O_TRUNC to the open
+    and sends no truncate, and the open did not truncate: f kept its old size and every
+    byte after x (found by tests/e2e/test_two_mounts.py, issue 18). Also after a remount,
+    through the shell and through Python's open("w")."""
+    volume.mount()
+    f = volume.mnt / "f"
+    old = b"".join(b"old line %05d\n" % i for i in range(6000))  # 90 KB, two chunks
+    f.write_bytes(old)
+    assert f.read_bytes() == old
+    sh("sh", "-c", 'printf "%s\\n" new > "$1"', "sh", str(f))
+    assert f.read_bytes() == b"new\n" and f.stat().st_size == 4
+    sh("sh", "-c", 'printf "%s\\n" more >> "$1"', "sh", str(f))
+    f2 = volume.mnt / "g"
+    f2.write_bytes(old)
+    volume.umount()
+    volume.mount()
+    assert f.read_bytes() == b"new\nmore\n"
+    f2.write_text("short\n")  # O_WRONLY|O_CREAT|O_TRUNC on a file this mount has not read
+    assert f2.read_bytes() == b"short\n"
+    volume.umount()
+    volume.mount()
+    assert f2.read_bytes() == b"short\n"
+    volume.umount()
