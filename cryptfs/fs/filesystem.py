@@ -2145,7 +2145,17 @@ class Filesystem:
                     for first in range(0, n, step):
                         last = min(n - 1, first + step - 1)
                         got: dict[int, bytes] = {}
-                        await self._fetch_chunks(node, first, last, got)
+                        try:
+                            await self._fetch_chunks(node, first, last, got)
+                        except PreconditionFailed:
+                            # replaced by another writer, and this mount had not seen it:
+                            # learn of the new version, and copy that one instead
+                            node.refreshed_at = -1e18
+                            with contextlib.suppress(NoEntry):
+                                await self._revalidate(node)
+                            if (node.remote_etag, node.attrs.salt) == version:
+                                raise
+                            break
                         if (node.remote_etag, node.attrs.salt) != version:
                             break  # another version meanwhile: start again from it
                         for i in range(first, last + 1):
@@ -2404,15 +2414,29 @@ class Filesystem:
                     await self._check_empty(dst)
                 for n in locked:
                     n.renaming += 1
+                raced = False
                 try:
                     if src.is_dir:
                         await self._rename_dir(src, p2, new_name, dst)
                     else:
                         await self._rename_file(src, p2, new_name, dst)
+                except (PreconditionFailed, NotFound):
+                    if src.is_dir:
+                        raise
+                    raced = True
                 finally:
                     for n in locked:
                         n.renaming -= 1
-                return
+                if not raced:
+                    return
+                # the source's object was replaced or removed by another writer since this
+                # mount looked (the copy's If-Match failed): look again and retry (removed:
+                # ENOENT), rather than EIO for a race in which nothing was lost
+                src.refreshed_at = -1e18
+                with contextlib.suppress(NoEntry):
+                    await self._revalidate(src)
+                if src.unlinked:
+                    raise _named(NoEntry, old_name)
         raise StoreError("the target of a rename kept changing")
 
     @contextlib.asynccontextmanager

@@ -90,6 +90,10 @@ class Operations(pyfuse3.Operations):
             if isinstance(e, _QUIET):  # (ENOENT is frequent: no scrub unless logged)
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("%s: %s", what, self.fs.scrub(e))
+            elif isinstance(e, E.PreconditionFailed):
+                # another host replaced the object while this operation used it (and again
+                # when it looked again): a race lost, nothing lost; EIO, a warning
+                log.warning("%s: changed by another writer meanwhile: %s", what, self.fs.scrub(e))
             elif code == errno.EIO:
                 log.error("%s failed: %s", what, self.fs.scrub(e))
             else:

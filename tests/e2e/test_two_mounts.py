@@ -73,7 +73,7 @@ class Run:
     steps: list[Step] = field(default_factory=list)
     writes: list[Write] = field(default_factory=list)
     lines: set[bytes] = field(default_factory=set)
-    bad_reads: list[str] = field(default_factory=list)
+    bad_reads: list[tuple[Step, str, str]] = field(default_factory=list)
     crashed: list[str] = field(default_factory=list)
 
     def begin(self, host: int, what: str, touches: set[str]) -> Step:
@@ -140,7 +140,8 @@ class Run:
                 self.finish(step, r.returncode)
                 if r.returncode == 0 and not self.whole_lines(r.stdout):
                     with self.lock:
-                        self.bad_reads.append(f"{'AB'[host]}: cat {path}: {r.stdout[:80]!r}")
+                        self.bad_reads.append((step, path, f"{'AB'[host]}: cat {path}: "
+                                               f"{r.stdout[:80]!r}"))  # fmt: skip
             else:
                 time.sleep(rng.random() * 0.4)
 
@@ -263,7 +264,19 @@ def test_two_mounts_edit_one_tree_at_once(volume: Volume, tmp_path: Path) -> Non
                 subprocess.run(["fusermount3", "-u", str(v.mnt)], check=False)
 
     why = f"(seed {seed})"
-    assert not run.bad_reads, f"read bytes no write wrote {why}: {run.bad_reads}"
+    # a read racing a change of that file on the other host may mix the two versions (an
+    # open file follows the version this mount last saw, the kernel its size: docs/
+    # SEMANTICS.md); every other read is whole lines some write wrote
+    bad = [
+        what
+        for cat, path, what in run.bad_reads
+        if not any(
+            s.host != cat.host and path in s.touches
+            and s.end > cat.start - SLACK and s.start < cat.end
+            for s in run.steps
+        )
+    ]  # fmt: skip
+    assert not bad, f"read bytes no write wrote {why}: {bad}"
     # (a) whole lines some write wrote
     for path, data in final.items():
         if data is not None:

@@ -1123,3 +1123,56 @@ async def test_a_listing_across_a_replacing_rename_keeps_one_node(tmp_path: Path
     assert sorted(d.children or {}) == [b"b"]
     assert await fs.lookup(d.ino, b"b") is src
     assert [n for n in fs.inodes.values() if n.file_id == src.file_id] == [src]
+
+
+async def _replaced_elsewhere(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A mount that has seen version 1 of ``f`` (and trusts it for an hour), and another
+    mount that has just replaced it with version 2."""
+    import os
+
+    from tests.fsutil import write_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store, metadata_ttl=3600)
+    await write_file(fs, ROOT_INO, b"f", b"version 1 " * 1000)
+    other = await make_fs(tmp_path / "b", store)
+    theirs = await other.lookup(ROOT_INO, b"f")
+    await other.setattr(theirs.ino, size=0)
+    h = await other.open(theirs.ino, os.O_RDWR)
+    await other.write(h.fh, 0, b"version 2\n")
+    await other.release(h.fh)
+    await other.sync_node(theirs)
+    return store, fs
+
+
+async def test_a_rename_of_a_file_replaced_elsewhere_moves_the_new_version(
+    tmp_path: Path,
+) -> None:
+    """The copy's If-Match named the version this mount had seen, replaced elsewhere since:
+    the rename failed with EIO (found by the two-mount e2e test). It looks again now and
+    moves what is there."""
+    from tests.fsutil import read_file
+
+    store, fs = await _replaced_elsewhere(tmp_path)
+    await fs.rename(ROOT_INO, b"f", ROOT_INO, b"g", 0)
+    check = await make_fs(tmp_path / "c", store)
+    assert await read_file(check, (await check.lookup(ROOT_INO, b"g")).ino) == b"version 2\n"
+
+
+async def test_a_write_to_a_file_replaced_elsewhere_copies_the_new_version(
+    tmp_path: Path,
+) -> None:
+    """Opening for writing copies the version this mount had seen, replaced elsewhere since:
+    its GET's If-Match failed and the write was EIO (found by the two-mount e2e test)."""
+    import os
+
+    from tests.fsutil import read_file
+
+    store, fs = await _replaced_elsewhere(tmp_path)
+    node = await fs.lookup(ROOT_INO, b"f")
+    h = await fs.open(node.ino, os.O_RDWR)
+    await fs.write(h.fh, 0, b"V")
+    await fs.release(h.fh)
+    assert await fs.flush_all() == []
+    check = await make_fs(tmp_path / "c", store)
+    assert await read_file(check, (await check.lookup(ROOT_INO, b"f")).ino) == b"Version 2\n"
