@@ -303,6 +303,11 @@ class Handle:
     node: Node
     writable: bool
     keep_cache: bool = False  # the kernel's cached pages of this file are still valid
+    # O_APPEND without the kernel's write-back cache: the file system puts each write at
+    # the end of the file as this mount knows it (libfuse's rule), not at the offset the
+    # kernel sends, which it takes from a size it may have cached before another host's
+    # change (``printf >>`` onto a file replaced elsewhere wrote past its end: zeros)
+    append: bool = False
     next_offset: int = 0
     window: int = 0
     ra_next: int = 0  # first chunk the read-ahead has not scheduled yet
@@ -1652,7 +1657,7 @@ class Filesystem:
         return node.target
 
     async def create(
-        self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int
+        self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, *, append: bool = False
     ) -> tuple[Node, Handle]:
         parent = self.node(parent_ino)
         self._check_parent(parent)
@@ -1671,7 +1676,9 @@ class Filesystem:
         node.stage = self.staging.create(fid)
         node.change += 1
         self._insert(parent, node)
-        return node, self._open_handle(node, writable=True)
+        h = self._open_handle(node, writable=True)
+        h.append = append
+        return node, h
 
     # ------------------------------------------------------------------ open, read, write
 
@@ -1700,6 +1707,7 @@ class Filesystem:
         if writable or flags & os.O_TRUNC:
             self._writable(node)
         h = self._open_handle(node, writable)
+        h.append = writable and bool(flags & os.O_APPEND)
         if flags & os.O_TRUNC and node.kind == KIND_FILE and (node.attrs.size or node.stage):
             # libfuse enables atomic_o_trunc: the kernel sends O_TRUNC with the open and no
             # truncate of its own, so the open truncates (``printf x > f`` over a longer f
@@ -2183,6 +2191,8 @@ class Filesystem:
         h = self.handle(fh)
         node = h.node
         sf = node.stage or await self._materialize(node)
+        if h.append:
+            offset = sf.size
         sf.write(offset, data)
         node.target = None
         self._touch(node, data=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -257,14 +258,20 @@ class Operations(pyfuse3.Operations):
 
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
         async def op() -> Any:
-            h = await self.fs.open(inode, flags)
+            # O_APPEND is the file system's to honour unless the kernel caches writes
+            # (libfuse: with write-back caching the kernel handles it)
+            mine = flags & ~os.O_APPEND if self.enable_writeback_cache else flags
+            h = await self.fs.open(inode, mine)
             return pyfuse3.FileInfo(fh=h.fh, keep_cache=h.keep_cache)
 
         return await self._guard("open", op)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
         async def op() -> Any:
-            node, h = await self.fs.create(parent_inode, name, mode, ctx.uid, ctx.gid)
+            append = bool(flags & os.O_APPEND) and not self.enable_writeback_cache
+            node, h = await self.fs.create(
+                parent_inode, name, mode, ctx.uid, ctx.gid, append=append
+            )
             return pyfuse3.FileInfo(fh=h.fh), self._looked_up(node)
 
         return await self._guard("create", op)

@@ -313,3 +313,44 @@ def test_two_mounts_edit_one_tree_at_once(volume: Volume, tmp_path: Path) -> Non
         assert "Traceback" not in log, log[-4000:]
         errors = [line for line in log.splitlines() if " ERROR " in line]
         assert not errors, f"daemon logged errors {why}: {errors[:5]}"
+
+
+def test_an_append_on_a_mount_that_had_not_seen_a_replacement_goes_at_the_new_end(
+    volume: Volume, tmp_path: Path
+) -> None:
+    """Mount B has listed ``f`` (96 KB) and trusts its size for a minute (kernel and daemon);
+    mount A replaces ``f`` with one line. ``printf >> f`` on B: the kernel sends the write
+    at the size it kept, B's copy before the write takes A's version (its GET's If-Match
+    names the old one), and ``f`` became A's line, 96 KB of zeros and B's line (found by
+    the random test above). The file system puts O_APPEND writes at the end it knows."""
+    other = tmp_path / "mnt-b"
+    other.mkdir()
+    b = Volume(volume.url, volume.endpoint, volume.key, other, tmp_path / "cache-b",
+               volume.bucket, volume.server)  # fmt: skip
+    flags = ("--writeback-delay", "0.3", "--metadata-ttl", "60")
+    volume.mount(*flags)
+    try:
+        b.mount(*flags)
+        old = b"".join(b"old %05d\n" % i for i in range(9600))
+        (volume.mnt / "f").write_bytes(old)
+        subprocess.run([sys.executable, "-c", FSYNC, str(volume.mnt / "f")], check=True)
+        # B's kernel and daemon now know 96,000 bytes (and no content: a copy of its own
+        # would make B's append a conflict copy of the old version, rightly)
+        assert (b.mnt / "f").stat().st_size == len(old)
+        subprocess.run(["sh", "-c", 'printf "A\\n" > "$1"', "sh", str(volume.mnt / "f")],
+                       check=True)  # fmt: skip
+        subprocess.run([sys.executable, "-c", FSYNC, str(volume.mnt / "f")], check=True)
+        assert (b.mnt / "f").stat().st_size == len(old)  # (B has not seen it: the premise)
+        subprocess.run(["sh", "-c", 'printf "B\\n" >> "$1"', "sh", str(b.mnt / "f")],
+                       check=True)  # fmt: skip
+        subprocess.run([sys.executable, "-c", FSYNC, str(b.mnt / "f")], check=True)
+        assert (b.mnt / "f").read_bytes() == b"A\nB\n"
+        assert (b.mnt / "f").stat().st_size == 4
+        b.umount()
+        volume.umount()
+        volume.mount()
+        assert (volume.mnt / "f").read_bytes() == b"A\nB\n"
+        assert sorted(p.name for p in volume.mnt.iterdir()) == ["f"]  # (and no conflict)
+    finally:
+        if b.mounted:
+            subprocess.run(["fusermount3", "-u", str(other)], check=False)

@@ -1176,3 +1176,35 @@ async def test_a_write_to_a_file_replaced_elsewhere_copies_the_new_version(
     assert await fs.flush_all() == []
     check = await make_fs(tmp_path / "c", store)
     assert await read_file(check, (await check.lookup(ROOT_INO, b"f")).ino) == b"Version 2\n"
+
+
+async def test_an_append_to_a_file_replaced_elsewhere_goes_at_its_new_end(
+    tmp_path: Path,
+) -> None:
+    """``printf >> f`` on a mount whose kernel still had the size of the version replaced
+    elsewhere: the kernel sends the write at that old size (10,000), the copy before the
+    write took the new version (10 bytes), and the file became the new version, 9,990
+    zeros and the line (found by the two-mount e2e test). With O_APPEND (and no kernel
+    write-back cache) the file system puts each write at its end, as libfuse asks."""
+    import os
+
+    from tests.fsutil import read_file
+
+    store, fs = await _replaced_elsewhere(tmp_path)
+    node = await fs.lookup(ROOT_INO, b"f")
+    h = await fs.open(node.ino, os.O_WRONLY | os.O_APPEND)
+    assert await fs.write(h.fh, 10_000, b"appended\n") == 9
+    await fs.write(h.fh, 10_009, b"and again\n")
+    await fs.release(h.fh)
+    assert await fs.flush_all() == []
+    check = await make_fs(tmp_path / "c", store)
+    got = await read_file(check, (await check.lookup(ROOT_INO, b"f")).ino)
+    assert got == b"version 2\nappended\nand again\n"
+    # without O_APPEND the offset is the caller's: a hole stays a hole
+    h = await fs.open(node.ino, os.O_WRONLY)
+    await fs.write(h.fh, 40, b"x")
+    await fs.release(h.fh)
+    assert await fs.flush_all() == []
+    check = await make_fs(tmp_path / "d", store)
+    got = await read_file(check, (await check.lookup(ROOT_INO, b"f")).ino)
+    assert got == b"version 2\nappended\nand again\n" + bytes(11) + b"x"
