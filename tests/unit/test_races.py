@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -1208,3 +1209,34 @@ async def test_an_append_to_a_file_replaced_elsewhere_goes_at_its_new_end(
     check = await make_fs(tmp_path / "d", store)
     got = await read_file(check, (await check.lookup(ROOT_INO, b"f")).ino)
     assert got == b"version 2\nappended\nand again\n" + bytes(11) + b"x"
+
+
+async def test_a_folder_listed_as_an_object_is_no_integrity_failure(tmp_path: Path) -> None:
+    """SeaweedFS lists a folder emptied while the LIST ran (a directory removed on another
+    host) as an object ``<dir>/`` among the contents, as S3 consoles' folder placeholders
+    are: it was decoded as an entry name and logged as an integrity failure (found by the
+    two-mount e2e test; this test fails on any ERROR log). It is a prefix: a directory if
+    something is below it, else nothing."""
+    from cryptfs.store.base import Listing, ObjectInfo
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store)
+    e = await fs.mkdir(ROOT_INO, b"e", 0o755, 0, 0)
+    g = await fs.mkdir(ROOT_INO, b"g", 0o755, 0, 0)
+    ekey = fs.dir_prefix(e)
+    gkey = fs.dir_prefix(g)
+    await fs.rmdir(ROOT_INO, b"e")
+    real = store.list
+
+    async def seaweed_list(prefix: str, delimiter: str | None = None, **kw: Any) -> Listing:
+        got = await real(prefix, delimiter=delimiter, **kw)
+        if delimiter == "/" and prefix == fs.dir_prefix(fs.root):
+            # e, emptied, as an object; g (which has its marker) as both
+            extra = [ObjectInfo(k, 0, '"d41d8cd98f00b204e9800998ecf8427e"') for k in (ekey, gkey)]
+            return Listing(got.objects + extra, got.prefixes)
+        return got
+
+    store.list = seaweed_list  # type: ignore[method-assign]
+    fresh = await make_fs(tmp_path / "b", store)
+    assert [n for n, _ in await fresh.readdir(ROOT_INO)] == [b"g"]
+    assert [n for n, _ in await fs.readdir(ROOT_INO)] == [b"g"]
