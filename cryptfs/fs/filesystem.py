@@ -1771,6 +1771,14 @@ class Filesystem:
             ):
                 self._fetch_at_open(sib)
 
+    async def _look_again(self, node: Node) -> None:
+        """Ask S3 about ``node`` now, whatever its freshness: another writer replaced its
+        object since this mount looked (a request's If-Match failed).  Removed meanwhile:
+        ``node`` is unlinked, no error."""
+        node.refreshed_at = -1e18
+        with contextlib.suppress(NoEntry):
+            await self._revalidate(node)
+
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         h = self.handle(fh)
         node = h.node
@@ -2167,9 +2175,7 @@ class Filesystem:
                         except PreconditionFailed:
                             # replaced by another writer, and this mount had not seen it:
                             # learn of the new version, and copy that one instead
-                            node.refreshed_at = -1e18
-                            with contextlib.suppress(NoEntry):
-                                await self._revalidate(node)
+                            await self._look_again(node)
                             if (node.remote_etag, node.attrs.salt) == version:
                                 raise
                             break
@@ -2451,9 +2457,7 @@ class Filesystem:
                 # the source's object was replaced or removed by another writer since this
                 # mount looked (the copy's If-Match failed): look again and retry (removed:
                 # ENOENT), rather than EIO for a race in which nothing was lost
-                src.refreshed_at = -1e18
-                with contextlib.suppress(NoEntry):
-                    await self._revalidate(src)
+                await self._look_again(src)
                 if src.unlinked:
                     raise _named(NoEntry, old_name)
         raise StoreError("the target of a rename kept changing")
