@@ -525,7 +525,7 @@ def _setup_logging(verbose: int, log_file: Path | None, log_names: bool = False)
 
 def cmd_mount(args: Any) -> int:
     from cryptfs.daemon import MountConfig, check_mountpoint, run_mount
-    from cryptfs.fs.filesystem import Options
+    from cryptfs.fs.model import Options
     from cryptfs.runstate import default_cache_dir
     from cryptfs.store.s3 import S3Location
 

@@ -33,7 +33,8 @@ from cryptfs.cache.blocks import BlockCache
 from cryptfs.cache.staging import StagingArea
 from cryptfs.errors import CryptfsError, UsageError
 from cryptfs.format.volume import KeySource
-from cryptfs.fs.filesystem import Filesystem, Options
+from cryptfs.fs.filesystem import Filesystem
+from cryptfs.fs.model import Options
 from cryptfs.fuse.ops import Operations, mount_options, mounted, request_unmount, serve
 from cryptfs.hardening import disable_core_dumps
 from cryptfs.runstate import ensure_runtime_dir, state_file, write_state

@@ -33,7 +33,8 @@ from cryptfs.errors import CryptfsError, NotFound
 from cryptfs.format.meta import KIND_DIR, KIND_FILE
 from cryptfs.format.names import b64d
 from cryptfs.format.volume import CONFIG_NAME
-from cryptfs.fs.filesystem import Filesystem, Node, Options
+from cryptfs.fs.filesystem import Filesystem
+from cryptfs.fs.model import Node, Options
 from cryptfs.fs.volume import MARKER, Volume
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,8 @@ from cryptfs.errors import NotFound, VolumeNotFound
 from cryptfs.format import s3ec
 from cryptfs.format.meta import KIND_DIR, KIND_LINK
 from cryptfs.format.volume import CONFIG_NAME, KeySource
-from cryptfs.fs.filesystem import ROOT_INO, Filesystem, Node
+from cryptfs.fs.filesystem import Filesystem
+from cryptfs.fs.model import ROOT_INO, Node
 from cryptfs.session import Remote, open_remote, open_volume
 from cryptfs.store.s3 import S3Location
 

@@ -10,7 +10,8 @@ from typing import Any
 from cryptfs.crypto import Secret
 from cryptfs.format.names import b64d
 from cryptfs.format.volume import KeySource
-from cryptfs.fs.filesystem import Filesystem, Node
+from cryptfs.fs.filesystem import Filesystem
+from cryptfs.fs.model import Node
 from cryptfs.store.memory import MemoryStore
 
 DATA = Path(__file__).resolve().parent / "data"

@@ -31,13 +31,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import trio
 
 from cryptfs import lognames
 from cryptfs.cache.blocks import BlockCache
+from cryptfs.cache.chunks import ChunkCache
 from cryptfs.cache.staging import CREATING, StagedFile, StagingArea
 from cryptfs.crypto import GCM_TAG, Secret, random_bytes, sha256
 from cryptfs.errors import (
@@ -72,7 +72,7 @@ from cryptfs.format.body import (
     cipher_size,
     plain_size,
 )
-from cryptfs.format.keys import SCHEME_KMS, WrappedKey
+from cryptfs.format.keys import SCHEME_KMS
 from cryptfs.format.meta import (
     KIND_DIR,
     KIND_FILE,
@@ -84,16 +84,25 @@ from cryptfs.format.names import b64d, b64e
 from cryptfs.format.s3ec import S3ecObject
 from cryptfs.format.volume import CONFIG_NAME
 from cryptfs.fs.locks import RWLock
+from cryptfs.fs.model import (
+    MAX_KEY,
+    ROOT_INO,
+    SYMLINK_MAX,
+    Handle,
+    KernelCache,
+    Node,
+    Options,
+    Stat,
+    join,
+    named,
+    now_ns,
+)
 from cryptfs.fs.volume import MARKER, Volume
 from cryptfs.store.base import ObjectInfo, ObjectStore
 from cryptfs.tasks import open_tasks
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-ROOT_INO = 1
-MAX_KEY = 1024
-SYMLINK_MAX = 4095
 
 
 async def s3ec_envelope(
@@ -142,219 +151,6 @@ def _unit_end(i: int, unit: int) -> int:
     """Last chunk of the fetch unit holding chunk ``i``: units are aligned to multiples of
     ``unit`` chunks, as the parts of a multipart upload are (``Options.part_size``)."""
     return (i // unit + 1) * unit - 1
-
-
-def _join(parent: bytes, name: bytes) -> bytes:
-    return (parent if parent != b"/" else b"") + b"/" + name
-
-
-_E = TypeVar("_E", bound=CryptfsError)
-
-
-def _named(cls: type[_E], name: bytes) -> _E:
-    """``cls`` about the entry ``name``, which is its message (cut out of log lines)."""
-    text = name.decode(errors="replace")
-    return cls(text, names=(text,))
-
-
-def _now_ns() -> int:
-    return time.time_ns()
-
-
-@dataclass
-class Options:
-    writeback_delay: float = 2.0
-    metadata_ttl: float = 10.0
-    memory_cache_bytes: int = 64 << 20
-    max_readahead: int = 32 << 20  # a sequential reader's window: 4 GETs of a part
-    multipart_threshold: int = 16 << 20
-    part_size: int = 8 << 20
-    # bytes per ranged GET when reading a long run, aligned to multiples of itself: one GET
-    # per part of a multipart upload (S3 and SeaweedFS serve a part whole for less work than
-    # two ranges that straddle the server's own pieces of it)
-    fetch_unit: int = 8 << 20
-    small_file_bytes: int = 4 << 20  # files fetched whole at open, and ahead of `cat *`
-    offload_bytes: int = 256 << 10  # decrypt runs at least this long in a worker thread
-    disk_backlog: int = 8 << 20  # downloads waiting for the block cache, at most (bytes)
-    upload_concurrency: int = 4  # large files at once (each with this many parts in flight)
-    small_upload_concurrency: int = 32  # files up to small_upload_bytes at once
-    small_upload_bytes: int = 1 << 20
-    meta_concurrency: int = 32
-    list_ahead_max: int = 5000  # list a looked-up directory whole up to this many entries
-    prefetch_concurrency: int = 6  # read-ahead GETs in flight, all files together
-    # small files read one after another in name order (cat *, cp -r, tar): the next ones
-    # are fetched ahead of the reader, this many (0: never)
-    sibling_readahead: int = 8
-    relist_ahead: int = 8  # background relists of subdirectories ahead of a walk, at once
-    relist_ahead_depth: int = 2  # levels below the directory a walk relisted or entered
-    relist_ahead_max: int = 4096  # directories looked at for that, per directory entered
-    foreign_max_bytes: int = 256 << 20  # largest S3 Encryption Client object read whole
-    # show S3 Encryption Client objects (read-only; --show-s3ec): never at a key that is a
-    # cryptfs key, so a planted one can never stand in for a file (docs/FORMAT.md §7.7)
-    show_foreign: bool = False
-    uid: int = field(default_factory=os.getuid)
-    gid: int = field(default_factory=os.getgid)
-
-
-class KernelCache(Protocol):
-    """What the kernel keeps of entries and attributes (``Stat.ttl``), told when this mount
-    finds that another writer changed them, so that it asks again at once."""
-
-    def attrs_changed(self, ino: int) -> None: ...
-
-    def entry_gone(self, parent_ino: int, name: bytes) -> None: ...
-
-
-@dataclass(frozen=True)
-class Stat:
-    ino: int
-    mode: int
-    nlink: int
-    uid: int
-    gid: int
-    size: int
-    atime_ns: int
-    mtime_ns: int
-    ctime_ns: int
-    blksize: int
-    # seconds the kernel may keep this entry and these attributes without asking again
-    ttl: float = 0.0
-
-
-@dataclass(eq=False)
-class Node:
-    ino: int
-    parent: Node | None
-    name: bytes
-    attrs: Attrs
-    file_id: bytes
-    wrapped: WrappedKey | None = None
-    remote_etag: str | None = None  # ETag of our object in S3, None if not there (yet)
-    # its Last-Modified, valid while ``modified_etag == remote_etag``: a metadata-only change
-    # (CopyObject onto itself: chmod, chown, touch) keeps the ETag and changes only this
-    remote_modified: float = 0.0
-    modified_etag: str | None = None
-    children: dict[bytes, Node] | None = None  # directories: known entries
-    listed_at: float = -1.0  # trio time when ``children`` was last complete (<0: never)
-    refreshed_at: float = 0.0
-    lookups: int = 0
-    open_count: int = 0
-    writers: int = 0
-    stage: StagedFile | None = None
-    meta_dirty: bool = False
-    change: int = 0  # bumped on every local modification
-    unlinked: bool = False
-    cipher: BodyCipher | None = None
-    cipher_etag: str | None = None
-    # a rename of this node (or onto it) is moving its objects: what S3 shows meanwhile is
-    # the rename's doing, not another writer's (a HEAD 404 of the old key, a LIST without it)
-    renaming: int = 0
-    evicted: bool = False  # forgotten by the kernel and clean: dropped from the inode table
-    # directories: names of entries evicted since the last listing (known to exist: during
-    # an outage a lookup of one fails, it is not taken as absent)
-    forgotten: set[bytes] | None = None
-    # objects of the AWS S3 Encryption Client, shown read-only under their own key names
-    foreign: S3ecObject | None = None
-    foreign_key: str | None = None  # its object key (relative to the volume's prefix)
-    raw_prefix: str | None = None  # a directory of such objects: its key prefix
-    plain: bytes | None = None  # a foreign file's authenticated plaintext, while open
-    plain_etag: str | None = None
-    target: bytes | None = None  # symlinks
-    # generations this mount wrote (the last few), with the data key each was sealed under:
-    # an upload whose answer was lost may still have landed
-    own_salts: dict[bytes, WrappedKey] = field(default_factory=dict)
-    journaled: int = -1  # value of ``change`` when the journal was last written
-    kernel_etag: str | None = None  # object version whose pages the kernel may cache
-    materializing: trio.Event | None = None  # set when a staged file being made is ready
-    # keys below this directory in S3 as of ``keyset_at`` (lookups without a full listing)
-    keyset: set[str] | None = None
-    relisting: trio.Event | None = None  # set when the LIST of this directory in flight ends
-    ahead: bool = False  # relisted ahead of a walk that has not entered it yet
-    # object key and directory prefix as of a names generation (``Filesystem._names_gen``)
-    key_memo: tuple[int, str, str, str | None] | None = None  # (gen, kind, key, long name)
-    prefix_memo: tuple[int, str] | None = None
-    keyset_at: float = -1e18
-    keyset_loading: trio.Event | None = None
-    # chunks being fetched by read-ahead: index -> event set when the fetch ended
-    inflight: dict[int, trio.Event] = field(default_factory=dict)
-    # directories: the name of the child last opened for reading, and the children's names
-    # sorted, with what they were sorted from (a hint for read-ahead: a stale list only
-    # misses a file or names one that is gone)
-    read_last: bytes | None = None
-    sorted_names: tuple[int, int, list[bytes]] | None = None  # (id, len of children, names)
-    lock: trio.Lock = field(default_factory=trio.Lock)
-
-    @property
-    def kind(self) -> str:
-        return self.attrs.kind
-
-    @property
-    def is_dir(self) -> bool:
-        return self.attrs.kind == KIND_DIR
-
-    @property
-    def dirty(self) -> bool:
-        return self.stage is not None or self.meta_dirty
-
-
-@dataclass
-class Handle:
-    fh: int
-    node: Node
-    writable: bool
-    keep_cache: bool = False  # the kernel's cached pages of this file are still valid
-    # O_APPEND without the kernel's write-back cache: the file system puts each write at
-    # the end of the file as this mount knows it (libfuse's rule), not at the offset the
-    # kernel sends, which it takes from a size it may have cached before another host's
-    # change (``printf >>`` onto a file replaced elsewhere wrote past its end: zeros)
-    append: bool = False
-    next_offset: int = 0
-    window: int = 0
-    ra_next: int = 0  # first chunk the read-ahead has not scheduled yet
-
-
-class ChunkCache:
-    """Decrypted chunks in memory, LRU bounded by bytes, keyed by (file id, salt, index)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._d: OrderedDict[tuple[bytes, bytes, int], bytes] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: tuple[bytes, bytes, int]) -> bytes | None:
-        v = self._d.get(key)
-        if v is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._d.move_to_end(key)
-        return v
-
-    def put(self, key: tuple[bytes, bytes, int], value: bytes) -> None:
-        self.discard(key)
-        self._d[key] = value
-        self.used += len(value)
-        while self.used > self.limit and self._d:
-            _, v = self._d.popitem(last=False)
-            self.used -= len(v)
-
-    def peek(self, key: tuple[bytes, bytes, int]) -> bytes | None:
-        """Like ``get``, without counting a hit or miss."""
-        v = self._d.get(key)
-        if v is not None:
-            self._d.move_to_end(key)
-        return v
-
-    def discard(self, key: tuple[bytes, bytes, int]) -> None:
-        v = self._d.pop(key, None)
-        if v is not None:
-            self.used -= len(v)
-
-    def clear(self) -> None:
-        self._d.clear()
-        self.used = 0
 
 
 class Filesystem:
@@ -426,7 +222,7 @@ class Filesystem:
         self._sweep_due = True  # (an earlier run may have left some)
         self._sweep_gen = 0  # bumped whenever something is left for a sweep
         self._sweeping = False
-        now = _now_ns()
+        now = now_ns()
         root_attrs = Attrs(KIND_DIR, 0o755, self.opt.uid, self.opt.gid, now, now, now)
         self.root = Node(ROOT_INO, None, b"", root_attrs, bytes(16))
         self.root.children = {}
@@ -809,7 +605,7 @@ class Filesystem:
             )
 
     def _child_path(self, parent: Node, name: bytes) -> bytes:
-        return _join(self.path(parent), name)
+        return join(self.path(parent), name)
 
     async def _implicit_dir(self, prefix: str) -> bool:
         """A prefix without a marker is a directory only if objects live below it.
@@ -822,7 +618,7 @@ class Filesystem:
         return bool(listing.objects)
 
     def _synthetic_dir(self, parent: Node, name: bytes, raw_prefix: str | None = None) -> Node:
-        now = _now_ns()
+        now = now_ns()
         if parent.raw_prefix is not None and raw_prefix is None:
             raw_prefix = parent.raw_prefix + name.decode(errors="surrogateescape") + "/"
         mode = 0o755 if raw_prefix is None else 0o555
@@ -893,7 +689,7 @@ class Filesystem:
             except (IntegrityError, UnsupportedFormat) as e:
                 log.warning(
                     "S3 Encryption Client object %s in %s not shown: %s",
-                    self.key_ident(key, _join(self.path(d), name)),
+                    self.key_ident(key, join(self.path(d), name)),
                     self.ident(d),
                     self.scrub(e),
                 )
@@ -1130,7 +926,7 @@ class Filesystem:
             raise NameTooLong("name longer than 255 bytes")
         node = await self._find(parent, name)
         if node is None:
-            raise _named(NoEntry, name)
+            raise named(NoEntry, name)
         return node
 
     async def _find(self, parent: Node, name: bytes) -> Node | None:
@@ -1470,13 +1266,13 @@ class Filesystem:
     # ------------------------------------------------------------------ creating entries
 
     def _new_attrs(self, kind: str, mode: int, uid: int, gid: int) -> Attrs:
-        now = _now_ns()
+        now = now_ns()
         return Attrs(kind, mode & 0o7777, uid, gid, now, now, now)
 
     async def _require_absent(self, parent: Node, name: bytes) -> None:
         self._check_parent(parent)
         if await self._find(parent, name) is not None:
-            raise _named(Exists, name)
+            raise named(Exists, name)
 
     def _insert(self, parent: Node, node: Node) -> None:
         if parent.children is None:
@@ -1497,7 +1293,7 @@ class Filesystem:
                 await self._put_marker(node, create=True)
             except PreconditionFailed:
                 self.inodes.pop(node.ino, None)
-                raise _named(Exists, name) from None
+                raise named(Exists, name) from None
             except BaseException:
                 self.inodes.pop(node.ino, None)
                 raise
@@ -1646,7 +1442,7 @@ class Filesystem:
                             node, target, key, self.path(node), long_name, expect=None
                         )
                     except PreconditionFailed:
-                        raise _named(Exists, name) from None
+                        raise named(Exists, name) from None
                     self._uploaded(node, *res)
             except BaseException:
                 self.inodes.pop(node.ino, None)
@@ -2198,7 +1994,7 @@ class Filesystem:
         raise StoreError("the file keeps changing elsewhere while it is opened for writing")
 
     def _touch(self, node: Node, *, data: bool) -> None:
-        now = _now_ns()
+        now = now_ns()
         node.attrs = node.attrs.with_(ctime_ns=now, **({"mtime_ns": now} if data else {}))
         node.change += 1
 
@@ -2250,7 +2046,7 @@ class Filesystem:
         if mtime_ns is not None:
             changes["mtime_ns"] = mtime_ns
         if changes:
-            changes["ctime_ns"] = _now_ns()
+            changes["ctime_ns"] = now_ns()
             node.attrs = node.attrs.with_(**changes)
             node.change += 1
             if node.stage is None:
@@ -2329,13 +2125,13 @@ class Filesystem:
         parent = self.node(parent_ino)
         node = await self._find(parent, name)
         if node is None:
-            raise _named(NoEntry, name)
+            raise named(NoEntry, name)
         self._writable(node)
         if node.is_dir:
             raise IsDir("is a directory")
         async with node.lock, self.ns.shared():  # (node locks before ns)
             if node.unlinked or node.parent is not parent or node.name != name:
-                raise _named(NoEntry, name)  # (removed or moved while we waited)
+                raise named(NoEntry, name)  # (removed or moved while we waited)
             await self._keep_for_open_handles(node)
             await self._delete_remote(node)
             self._detach(node)
@@ -2353,13 +2149,13 @@ class Filesystem:
         parent = self.node(parent_ino)
         node = await self._find(parent, name)
         if node is None:
-            raise _named(NoEntry, name)
+            raise named(NoEntry, name)
         self._writable(node)
         if not node.is_dir:
             raise NotDir("not a directory")
         async with node.lock, self.ns.shared():  # (node locks before ns)
             if node.unlinked or node.parent is not parent or node.name != name:
-                raise _named(NoEntry, name)  # (removed or moved while we waited)
+                raise named(NoEntry, name)  # (removed or moved while we waited)
             await self._check_empty(node)
             await self._delete_remote(node)
             self._detach(node)
@@ -2393,7 +2189,7 @@ class Filesystem:
         self.vol.names.encode(self.path(p2), new_name)
         src = await self._find(p1, old_name)
         if src is None:
-            raise _named(NoEntry, old_name)
+            raise named(NoEntry, old_name)
         self._writable(src)
         if src.is_dir:
             a: Node | None = p2
@@ -2407,7 +2203,7 @@ class Filesystem:
                 return
             if dst is not None:
                 if flags & noreplace:
-                    raise _named(Exists, new_name)
+                    raise named(Exists, new_name)
                 if dst.is_dir and not src.is_dir:
                     raise IsDir("target is a directory")
                 if src.is_dir and not dst.is_dir:
@@ -2430,7 +2226,7 @@ class Filesystem:
                 else:
                     await stack.enter_async_context(self.ns.shared())
                 if src.unlinked or src.parent is not p1 or src.name != old_name:
-                    raise _named(NoEntry, old_name)  # (removed or moved while we waited)
+                    raise named(NoEntry, old_name)  # (removed or moved while we waited)
                 if (p2.children or {}).get(new_name, None if dst is None else dst) is not dst:
                     continue  # the target was created, replaced or removed while we waited
                 if dst is not None and (dst.unlinked or dst.parent is not p2):
@@ -2459,7 +2255,7 @@ class Filesystem:
                 # ENOENT), rather than EIO for a race in which nothing was lost
                 await self._look_again(src)
                 if src.unlinked:
-                    raise _named(NoEntry, old_name)
+                    raise named(NoEntry, old_name)
         raise StoreError("the target of a rename kept changing")
 
     @contextlib.asynccontextmanager
@@ -2492,7 +2288,7 @@ class Filesystem:
         else:
             node.key_memo = None
         self._insert(parent, node)
-        node.attrs = node.attrs.with_(ctime_ns=_now_ns())
+        node.attrs = node.attrs.with_(ctime_ns=now_ns())
 
     async def _displace(self, dst: Node) -> None:
         await self._keep_for_open_handles(dst)
@@ -2515,7 +2311,7 @@ class Filesystem:
         old_key, _ = self.object_key(src)
         new_key, long_name = self._key_for(p2, name, src.kind)
         if src.stage is None and src.remote_etag is not None:
-            new_attrs = src.attrs.with_(ctime_ns=_now_ns())
+            new_attrs = src.attrs.with_(ctime_ns=now_ns())
             meta = ObjectMeta(src.file_id, new_attrs, src.wrapped, long_name)
             md = self.vol.meta.encode(self._child_path(p2, name), new_key, meta)
             etag = await self.store.copy(
@@ -2564,7 +2360,7 @@ class Filesystem:
                 long_name = info.metadata.get("cfs-n") if info else None
             plain = self.vol.names.decode(op, comp, long_name)
             ncomp, _ = self.vol.names.encode(np, plain)
-            dirs[prefix] = (_join(op, plain), _join(np, plain), npre + ncomp + "/")
+            dirs[prefix] = (join(op, plain), join(np, plain), npre + ncomp + "/")
             return dirs[prefix]
 
         # (old key, new key, old path, new path, new long name, HEAD result if made yet)
@@ -2595,7 +2391,7 @@ class Filesystem:
                         return
                     stored_long = info.metadata.get("cfs-n")
                 plain = self.vol.names.decode(op, comp, stored_long)
-                opath, npath = _join(op, plain), _join(np, plain)
+                opath, npath = join(op, plain), join(np, plain)
                 ncomp, long_name = self.vol.names.encode(np, plain)
                 nkey = npre + ncomp
             plan.append((key, nkey, opath, npath, long_name, info))

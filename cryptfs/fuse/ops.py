@@ -18,7 +18,8 @@ import pyfuse3
 
 from cryptfs import errors as E
 from cryptfs import lognames
-from cryptfs.fs.filesystem import Filesystem, Node, Stat
+from cryptfs.fs.filesystem import Filesystem
+from cryptfs.fs.model import Node, Stat
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -17,7 +17,8 @@ from cryptfs.cache.staging import StagingArea
 from cryptfs.crypto import Secret
 from cryptfs.format.names import b64e
 from cryptfs.format.volume import KeySource
-from cryptfs.fs.filesystem import ROOT_INO, Filesystem, Options
+from cryptfs.fs.filesystem import Filesystem
+from cryptfs.fs.model import ROOT_INO, Options
 from cryptfs.fs.volume import Volume
 from cryptfs.store.memory import MemoryStore
 

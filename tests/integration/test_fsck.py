@@ -10,7 +10,8 @@ import pytest
 from cryptfs.cache.staging import StagingArea
 from cryptfs.crypto import Secret
 from cryptfs.format.volume import KeySource
-from cryptfs.fs.filesystem import ROOT_INO, Filesystem, Options
+from cryptfs.fs.filesystem import Filesystem
+from cryptfs.fs.model import ROOT_INO, Options
 from cryptfs.fs.volume import MARKER, Volume
 from cryptfs.fsck import EXIT_CLEAN, EXIT_LEFT, fsck
 from cryptfs.session import Remote, open_remote

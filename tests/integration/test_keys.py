@@ -25,7 +25,8 @@ from cryptfs.errors import (
 from cryptfs.format.keys import kms_file_context
 from cryptfs.format.names import b64d
 from cryptfs.format.volume import CONFIG_NAME, KeySource
-from cryptfs.fs.filesystem import ROOT_INO, Filesystem, Options
+from cryptfs.fs.filesystem import Filesystem
+from cryptfs.fs.model import ROOT_INO, Options
 from cryptfs.fs.volume import Volume
 from cryptfs.keyadmin import add_slot, describe_slots, remove_slot, rotate
 from cryptfs.session import Remote, open_remote, open_volume

@@ -12,7 +12,8 @@ from cryptfs.cache.staging import StagingArea
 from cryptfs.crypto import Secret
 from cryptfs.errors import BucketNotFound, NotFound, PreconditionFailed, StoreUnavailable
 from cryptfs.format.volume import KeySource
-from cryptfs.fs.filesystem import ROOT_INO, Filesystem, Options
+from cryptfs.fs.filesystem import Filesystem
+from cryptfs.fs.model import ROOT_INO, Options
 from cryptfs.fs.volume import Volume
 from cryptfs.store.s3 import S3Location, S3Options, open_s3_store
 from tests.conftest import S3Server, free_ports

@@ -22,7 +22,8 @@ from cryptfs.crypto import Secret
 from cryptfs.errors import IntegrityError, UnsupportedFormat
 from cryptfs.format import s3ec
 from cryptfs.format.volume import KeySource
-from cryptfs.fs.filesystem import ROOT_INO, Filesystem
+from cryptfs.fs.filesystem import Filesystem
+from cryptfs.fs.model import ROOT_INO
 from cryptfs.fs.volume import Volume
 from cryptfs.importer import import_s3ec
 from cryptfs.session import Remote, open_remote, open_volume
@@ -210,7 +211,7 @@ async def test_mount_shows_them_read_only_under_their_own_names(
 ) -> None:
     from cryptfs.cache.staging import StagingArea
     from cryptfs.errors import FileTooBig, ReadOnly
-    from cryptfs.fs.filesystem import Options
+    from cryptfs.fs.model import Options
 
     key_arn = await _official_objects(s3server, kms_server, bucket, "m/")
     raw = s3server.client()
@@ -320,7 +321,7 @@ async def test_aes_gcm_wrapped_objects_need_their_key(
 ) -> None:
     from cryptfs.cache.staging import StagingArea
     from cryptfs.errors import KeyAccessDenied
-    from cryptfs.fs.filesystem import Options
+    from cryptfs.fs.model import Options
 
     wrapping = Secret(os.urandom(32))
     raw = s3server.client()
@@ -359,7 +360,7 @@ async def test_instruction_files(
     """Objects whose envelope is in an instruction file: the official client reads them back
     (so the layout is theirs), then a mount shows and reads them and import converts them."""
     from cryptfs.cache.staging import StagingArea
-    from cryptfs.fs.filesystem import Options
+    from cryptfs.fs.model import Options
 
     key_arn = await _official_objects(s3server, kms_server, bucket, "i/")
     raw = s3server.client()

@@ -17,7 +17,8 @@ from cryptfs.cache.staging import StagingArea
 from cryptfs.crypto import Secret
 from cryptfs.errors import AccessDenied, SseMismatch, StoreUnavailable, UsageError
 from cryptfs.format.volume import CONFIG_NAME, KeySource
-from cryptfs.fs.filesystem import ROOT_INO, Filesystem, Options
+from cryptfs.fs.filesystem import Filesystem
+from cryptfs.fs.model import ROOT_INO, Options
 from cryptfs.fs.volume import Volume
 from cryptfs.session import Remote, open_remote, open_volume, sse_from_config
 from cryptfs.store.kms import KmsOptions

@@ -10,7 +10,8 @@ import pytest
 
 from cryptfs.cache.blocks import BlockCache
 from cryptfs.cache.staging import StagingArea
-from cryptfs.fs.filesystem import ROOT_INO, Filesystem, Options
+from cryptfs.fs.filesystem import Filesystem
+from cryptfs.fs.model import ROOT_INO, Options
 from cryptfs.fs.volume import Volume
 from cryptfs.store.memory import MemoryStore
 from tests.fsutil import read_file, write_file

@@ -13,7 +13,8 @@ from cryptfs.cache.staging import StagingArea
 from cryptfs.crypto import Secret
 from cryptfs.errors import Exists, IntegrityError, Invalid, NoEntry, NotEmpty, NotPermitted
 from cryptfs.format.volume import KeySource
-from cryptfs.fs.filesystem import ROOT_INO, Filesystem, Node, Options
+from cryptfs.fs.filesystem import Filesystem
+from cryptfs.fs.model import ROOT_INO, Node, Options
 from cryptfs.fs.volume import Volume
 from cryptfs.store.memory import MemoryStore
 from tests.fsutil import read_file, write_file

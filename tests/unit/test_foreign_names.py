@@ -15,7 +15,8 @@ from cryptfs.cache.staging import StagingArea
 from cryptfs.crypto import Secret
 from cryptfs.format import s3ec
 from cryptfs.format.volume import KeySource
-from cryptfs.fs.filesystem import Filesystem, Options
+from cryptfs.fs.filesystem import Filesystem
+from cryptfs.fs.model import Options
 from cryptfs.fs.volume import Volume
 from cryptfs.offline import decrypt_tree, list_entries
 from cryptfs.store.memory import MemoryStore

@@ -18,7 +18,8 @@ from cryptfs.crypto import Secret
 from cryptfs.errors import NoEntry, StoreUnavailable
 from cryptfs.format.names import NameCodec
 from cryptfs.format.volume import KeySource
-from cryptfs.fs.filesystem import ROOT_INO, Filesystem, Options
+from cryptfs.fs.filesystem import Filesystem
+from cryptfs.fs.model import ROOT_INO, Options
 from cryptfs.fs.volume import Volume
 from cryptfs.fuse.ops import Operations
 from cryptfs.store.memory import MemoryStore

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import trio
 
-from cryptfs.fs.filesystem import ROOT_INO
+from cryptfs.fs.model import ROOT_INO
 from cryptfs.store.memory import MemoryStore
 from tests.unit.test_filesystem import make_fs
 

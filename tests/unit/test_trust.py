@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cryptfs.fs.filesystem import ROOT_INO
+from cryptfs.fs.model import ROOT_INO
 from cryptfs.store.memory import MemoryStore
 from tests.unit.test_filesystem import make_fs
 
@@ -265,7 +265,8 @@ async def test_a_native_file_wins_a_name_clash_with_an_s3ec_object(tmp_path: Pat
     """With S3EC objects shown, one at the plaintext key equal to a native file's name never
     stands in for that file, in listings or lookups, whichever answer comes first."""
     from cryptfs.cache.staging import StagingArea
-    from cryptfs.fs.filesystem import Filesystem, Options
+    from cryptfs.fs.filesystem import Filesystem
+    from cryptfs.fs.model import Options
     from tests.fsutil import read_file, write_file
     from tests.unit.test_foreign_names import WRAPPING, _s3ec_v2
 
@@ -328,7 +329,8 @@ async def _new_key_fs(store: MemoryStore, tmp: Path):  # type: ignore[no-untyped
     from cryptfs.cache.staging import StagingArea
     from cryptfs.crypto import Secret
     from cryptfs.format.volume import KeySource
-    from cryptfs.fs.filesystem import Filesystem, Options
+    from cryptfs.fs.filesystem import Filesystem
+    from cryptfs.fs.model import Options
     from cryptfs.fs.volume import Volume
 
     v = await Volume.open(store, KeySource(keyfile=Secret(b"n" * 32)))

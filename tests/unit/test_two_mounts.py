@@ -52,7 +52,8 @@ from cryptfs.errors import (
     NotFound,
     PreconditionFailed,
 )
-from cryptfs.fs.filesystem import ROOT_INO, Filesystem, Node
+from cryptfs.fs.filesystem import Filesystem
+from cryptfs.fs.model import ROOT_INO, Node
 from cryptfs.store.memory import MemoryStore
 from tests.fsutil import read_file, walk
 from tests.unit.test_filesystem import make_fs

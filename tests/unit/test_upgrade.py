@@ -13,7 +13,8 @@ from cryptfs.crypto import Secret
 from cryptfs.errors import IntegrityError, PreconditionFailed, UsageError
 from cryptfs.format.names import b64d
 from cryptfs.format.volume import CONFIG_NAME, KeySource, VolumeConfig
-from cryptfs.fs.filesystem import ROOT_INO, Filesystem
+from cryptfs.fs.filesystem import Filesystem
+from cryptfs.fs.model import ROOT_INO
 from cryptfs.fs.volume import Volume
 from cryptfs.keyadmin import rotate
 from cryptfs.upgrade import upgrade
