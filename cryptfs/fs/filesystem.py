@@ -85,7 +85,6 @@ from cryptfs.format.s3ec import S3ecObject
 from cryptfs.format.volume import CONFIG_NAME
 from cryptfs.fs.locks import RWLock
 from cryptfs.fs.model import (
-    MAX_KEY,
     ROOT_INO,
     SYMLINK_MAX,
     Handle,
@@ -97,6 +96,7 @@ from cryptfs.fs.model import (
     named,
     now_ns,
 )
+from cryptfs.fs.paths import Paths
 from cryptfs.fs.volume import MARKER, Volume
 from cryptfs.store.base import ObjectInfo, ObjectStore
 from cryptfs.tasks import open_tasks
@@ -165,7 +165,7 @@ class Filesystem:
     ) -> None:
         self.vol = volume
         self.blocks = blocks  # encrypted chunks on local disk (None: not kept)
-        self._key_budget = MAX_KEY - len(key_prefix.encode())
+        self.paths = Paths(volume, key_prefix)
         self.store = volume.store
         self.staging = staging
         self.opt = options or Options()
@@ -186,7 +186,6 @@ class Filesystem:
         self._disk_limit = trio.CapacityLimiter(1)
         self._disk_backlog = 0  # bytes of downloads waiting to be written to the block cache
         self._next_ino = ROOT_INO + 1
-        self._names_gen = 0  # bumped when a node moves: memoised object keys go stale
         self._next_fh = 1
         self.handles: dict[int, Handle] = {}
         self._due: dict[Node, float] = {}  # node -> when its upload is due
@@ -228,78 +227,25 @@ class Filesystem:
         self.root.children = {}
         self.inodes: dict[int, Node] = {ROOT_INO: self.root}
 
-    # ------------------------------------------------------------------ paths and keys
+    # ------------------------------------------------------------------ paths (facade)
 
     def path(self, node: Node) -> bytes:
-        parts = []
-        n: Node | None = node
-        while n is not None and n.parent is not None:
-            parts.append(n.name)
-            n = n.parent
-        return b"/" + b"/".join(reversed(parts))
-
-    def _component(self, parent: Node, name: bytes) -> tuple[str, str | None]:
-        return self.vol.names.encode(self.path(parent), name)
+        return self.paths.path(node)
 
     def dir_prefix(self, node: Node) -> str:
-        if node.raw_prefix is not None:
-            return node.raw_prefix
-        if node.parent is None:
-            return ""
-        memo = node.prefix_memo
-        if memo is not None and memo[0] == self._names_gen:
-            return memo[1]
-        comp, _ = self._component(node.parent, node.name)
-        prefix = self.dir_prefix(node.parent) + comp + "/"
-        node.prefix_memo = (self._names_gen, prefix)
-        return prefix
-
-    def _key_for(self, parent: Node, name: bytes, kind: str) -> tuple[str, str | None]:
-        if parent.raw_prefix is not None:  # inside a directory of S3EC objects: raw names
-            comp = name.decode(errors="surrogateescape")
-            return parent.raw_prefix + comp + ("/" + MARKER if kind == KIND_DIR else ""), None
-        comp, long_name = self._component(parent, name)
-        key = self.dir_prefix(parent) + comp + ("/" + MARKER if kind == KIND_DIR else "")
-        if len(key.encode()) > self._key_budget:
-            raise NameTooLong("path too long for an S3 key once encrypted")
-        return key, long_name
+        return self.paths.dir_prefix(node)
 
     def object_key(self, node: Node) -> tuple[str, str | None]:
-        if node.foreign_key is not None:
-            return node.foreign_key, None
-        if node.parent is None:
-            return MARKER, None
-        memo = node.key_memo
-        if memo is not None and memo[0] == self._names_gen and memo[1] == node.kind:
-            return memo[2], memo[3]
-        key, long_name = self._key_for(node.parent, node.name, node.kind)
-        node.key_memo = (self._names_gen, node.kind, key, long_name)
-        return key, long_name
-
-    # ------------------------------------------------------------------ log lines
+        return self.paths.object_key(node)
 
     def ident(self, node: Node) -> str:
-        """How a log line names ``node``: its object key if that reveals no name, and its
-        inode; its path only with ``--log-names`` (``cryptfs.lognames``)."""
-        try:
-            key: str | None = self.object_key(node)[0]
-        except CryptfsError:  # (a path too long for a key)
-            key = None
-        return lognames.ident(
-            key,
-            opaque=key is not None and self.vol.names.opaque(key),
-            path=self.path(node),
-            ino=node.ino,
-            fid=node.file_id,
-        )
+        return self.paths.ident(node)
 
     def key_ident(self, key: str, path: bytes | None = None) -> str:
-        """How a log line names the object ``key`` (no node of it at hand)."""
-        return self.vol.key_ident(key, path)
+        return self.paths.key_ident(key, path)
 
     def scrub(self, e: BaseException) -> str:
-        """``e``'s message for a log line: names cut out, keys only if they reveal none."""
-        return self.vol.scrub(e)
+        return self.paths.scrub(e)
 
     # ------------------------------------------------------------------ inode table
 
@@ -509,8 +455,8 @@ class Filesystem:
         self.integrity_failures += 1
         if len(self.integrity_log) < 10_000:
             self.integrity_log.append((key, str(why)))
-        who = self.ident(node) if node is not None else self.key_ident(key, path)
-        text = why if isinstance(why, str) else self.scrub(why)
+        who = self.paths.ident(node) if node is not None else self.paths.key_ident(key, path)
+        text = why if isinstance(why, str) else self.paths.scrub(why)
         log.error("integrity failure: %s: %s", who, text)
 
     async def _head(self, key: str) -> ObjectInfo | None:
@@ -531,7 +477,7 @@ class Filesystem:
             existing.unlinked or existing.parent is not parent or existing.name != name
         ):
             existing = None  # removed or moved meanwhile: not the entry of this name any more
-        path = self._child_path(parent, name)
+        path = self.paths.child_path(parent, name)
         meta = self._decode(path, info)
         if meta.attrs.kind != KIND_DIR:
             self._check_size(info, meta.attrs)
@@ -603,9 +549,6 @@ class Filesystem:
             raise IntegrityError(
                 f"{info.key}: object length does not match its metadata", object_keys=(info.key,)
             )
-
-    def _child_path(self, parent: Node, name: bytes) -> bytes:
-        return join(self.path(parent), name)
 
     async def _implicit_dir(self, prefix: str) -> bool:
         """A prefix without a marker is a directory only if objects live below it.
@@ -680,7 +623,9 @@ class Filesystem:
                 if show and problem is not None:
                     # a bucket writer chose this key: never a '..', a NUL or 256 bytes in readdir
                     log.warning(
-                        "S3 Encryption Client object %s not shown: %s", self.key_ident(key), problem
+                        "S3 Encryption Client object %s not shown: %s",
+                        self.paths.key_ident(key),
+                        problem,
                     )
                 elif show:
                     cur = old.get(name)  # (a native entry of this name is never replaced)
@@ -689,9 +634,9 @@ class Filesystem:
             except (IntegrityError, UnsupportedFormat) as e:
                 log.warning(
                     "S3 Encryption Client object %s in %s not shown: %s",
-                    self.key_ident(key, join(self.path(d), name)),
-                    self.ident(d),
-                    self.scrub(e),
+                    self.paths.key_ident(key, join(self.paths.path(d), name)),
+                    self.paths.ident(d),
+                    self.paths.scrub(e),
                 )
             return True
         prefix = key[: -len(MARKER)]
@@ -703,7 +648,7 @@ class Filesystem:
         if problem is not None:
             log.warning(
                 "S3 Encryption Client objects under %s not shown: %s",
-                self.key_ident(prefix),
+                self.paths.key_ident(prefix),
                 problem,
             )
             return True
@@ -790,7 +735,7 @@ class Filesystem:
         d.keyset_loading = trio.Event()
         try:
             async with self._meta_limit:
-                listing = await self.store.list(self.dir_prefix(d), delimiter="/")
+                listing = await self.store.list(self.paths.dir_prefix(d), delimiter="/")
             d.keyset = {o.key for o in listing.objects} | set(listing.prefixes)
             d.keyset_at = trio.current_time()
             return d.keyset
@@ -807,8 +752,8 @@ class Filesystem:
         return node
 
     async def _fetch_entry_uncached(self, parent: Node, name: bytes) -> Node | None:
-        fkey, _ = self._key_for(parent, name, KIND_FILE)
-        dkey, _ = self._key_for(parent, name, KIND_DIR)
+        fkey, _ = self.paths.key_for(parent, name, KIND_FILE)
+        dkey, _ = self.paths.key_for(parent, name, KIND_DIR)
         dprefix = dkey[: -len(MARKER)]
         results: dict[str, ObjectInfo | None] = {}
         keys = await self._keyset(parent)
@@ -826,7 +771,7 @@ class Filesystem:
             and self.vol.config.encrypt_names
             and b"/" not in name
         ):
-            raw = self.dir_prefix(parent) + name.decode(errors="surrogateescape")
+            raw = self.paths.dir_prefix(parent) + name.decode(errors="surrogateescape")
 
         # only what the directory's listing (as of the metadata TTL) says exists is asked for
         heads = [k for k in (fkey, raw) if k is not None and k in keys]
@@ -874,7 +819,7 @@ class Filesystem:
             await self._revalidate(node)
         except StoreUnavailable as e:
             log.info("S3 unreachable, serving cached attributes of %s: %s",
-                     self.ident(node), self.scrub(e))  # fmt: skip
+                     self.paths.ident(node), self.paths.scrub(e))  # fmt: skip
 
     async def _revalidate(self, node: Node) -> None:
         parent = node.parent
@@ -890,7 +835,7 @@ class Filesystem:
                 raise NoEntry("file was removed by another writer")
             if self._fresh(node.refreshed_at) or node.is_dir:
                 return
-        key, _ = self.object_key(node)
+        key, _ = self.paths.object_key(node)
         info = await self._head(key)
         if info is None:
             if node.open_count == 0:
@@ -965,8 +910,8 @@ class Filesystem:
                 # S3 is down: a name this mount does not know is taken as absent, so that
                 # writers carry on (staged); should another host have created it meanwhile,
                 # the upload's If-None-Match keeps both versions (a conflict copy)
-                log.info("S3 unreachable, entry %s of %s taken as absent: %s",
-                         lognames.name(name), self.ident(parent), self.scrub(e))  # fmt: skip
+                log.info("S3 unreachable, entry %s of %s taken as absent: %s", lognames.name(name),
+                         self.paths.ident(parent), self.paths.scrub(e))  # fmt: skip
                 return None
         return await self._fetch_entry(parent, name)
 
@@ -1055,12 +1000,12 @@ class Filesystem:
                 if not d.unlinked and not d.evicted and not self._fresh(d.listed_at):
                     await self._listed(d, walker=False)
         except Exception as e:  # the walker lists it itself and reports what fails
-            log.debug("relisting %s ahead failed: %s", self.ident(d), self.scrub(e))
+            log.debug("relisting %s ahead failed: %s", self.paths.ident(d), self.paths.scrub(e))
         finally:
             self._relist_queued.discard(d)
 
     async def _list_dir(self, d: Node) -> list[tuple[bytes, Node]]:
-        prefix = self.dir_prefix(d)
+        prefix = self.paths.dir_prefix(d)
         # what this mount knew before the LIST: an entry whose version changed while it was
         # in flight (its first upload, say) cannot be judged by it (issue 18.2)
         old = dict(d.children or {})
@@ -1072,7 +1017,7 @@ class Filesystem:
         during = {n: c for n, c in (d.children or {}).items() if old.get(n) is not c}
         new: dict[bytes, Node] = {}
         foreign: dict[bytes, Node] = {}  # S3EC entries: merged after, a native name wins
-        dpath = self.path(d)
+        dpath = self.paths.path(d)
         # (component, key, etag or None for dirs, Last-Modified)
         todo: list[tuple[str, str, str | None, float]] = []
         here = {obj.key for obj in listing.objects}
@@ -1101,25 +1046,12 @@ class Filesystem:
 
         # names decrypted before, by their object keys (memoised while no rename intervened):
         # relisting a directory decrypts only the names that are new to it
-        gen = self._names_gen
+        gen = self.paths.gen
         known = {
             m[2]: n
             for n in old.values()
             if (m := n.key_memo) is not None and m[0] == gen and m[1] == n.kind
         }
-
-        def remember(node: Node, key: str) -> None:
-            # the object key is the listed one: no name encryption when the file is opened
-            if (
-                node.key_memo is None
-                and self._names_gen == gen
-                and node.foreign_key is None
-                and node.raw_prefix is None
-                and key.endswith("/" + MARKER) == node.is_dir
-            ):
-                node.key_memo = (gen, node.kind, key, None)
-                if node.is_dir and node.prefix_memo is None:
-                    node.prefix_memo = (gen, key[: -len(MARKER)])
 
         decoded: dict[str, bytes] = {}
 
@@ -1146,7 +1078,7 @@ class Filesystem:
             # (a known subdirectory: its attributes are revalidated by its own listing, its
             # marker is in there, not by a HEAD per listing here)
             new[cur.name] = cur
-            remember(cur, key)
+            self.paths.remember(cur, key, gen)
             return True
 
         async def load(comp: str, key: str, etag: str | None, modified: float) -> None:
@@ -1156,7 +1088,7 @@ class Filesystem:
                     name = comp.encode(errors="surrogateescape")
                     problem = s3ec.name_problem(name)
                     if problem is not None:  # (a foreign prefix: its keys are the names)
-                        log.warning("%s not shown: %s", self.key_ident(key), problem)
+                        log.warning("%s not shown: %s", self.paths.key_ident(key), problem)
                         return
                 elif not self.vol.names.is_long(comp):
                     name = decoded.get(key) or self.vol.names.decode(dpath, comp)
@@ -1184,7 +1116,7 @@ class Filesystem:
                 node = self._adopt(d, name, info, old.get(name))
                 new[name] = node
                 if not long and d.raw_prefix is None:
-                    remember(node, key)
+                    self.paths.remember(node, key, gen)
             except IntegrityError as e:
                 if (
                     name is None
@@ -1199,8 +1131,8 @@ class Filesystem:
                     ),
                 )
             except UnsupportedFormat as e:
-                log.warning("entry %s of %s skipped: %s", self.key_ident(key), self.ident(d),
-                            self.scrub(e))  # fmt: skip
+                log.warning("entry %s of %s skipped: %s", self.paths.key_ident(key),
+                            self.paths.ident(d), self.paths.scrub(e))  # fmt: skip
 
         todo = [item for item in todo if not unchanged(*item)]
         async with open_tasks() as n:
@@ -1211,7 +1143,7 @@ class Filesystem:
                 # an S3EC object's key that is a native entry's name: it never stands in
                 # for the file (docs/FORMAT.md §7.7), whichever answer came first
                 log.warning("S3 Encryption Client %s not shown: a file has its name",
-                            self.key_ident(node.foreign_key or ""))  # fmt: skip
+                            self.paths.key_ident(node.foreign_key or ""))  # fmt: skip
                 node.unlinked = True
                 self._maybe_drop(node)
                 continue
@@ -1313,10 +1245,10 @@ class Filesystem:
         If-Match the version this mount holds.  PreconditionFailed or NotFound if another
         writer made or removed it meanwhile."""
         self._keys_current()
-        key, long_name = self.object_key(node)
+        key, long_name = self.paths.object_key(node)
         attrs = node.attrs
         meta = ObjectMeta(node.file_id, attrs, None, long_name)
-        md = self.vol.meta.encode(self.path(node), key, meta)
+        md = self.vol.meta.encode(self.paths.path(node), key, meta)
         try:
             node.remote_etag = await self.store.put(
                 key,
@@ -1337,7 +1269,9 @@ class Filesystem:
         if info is None:
             return False
         try:
-            meta = self.vol.meta.decode(self.path(node), key, dict(info.metadata), info.modified)
+            meta = self.vol.meta.decode(
+                self.paths.path(node), key, dict(info.metadata), info.modified
+            )
         except (IntegrityError, UnsupportedFormat):
             return False
         if meta.file_id != node.file_id or meta.attrs != attrs:
@@ -1351,10 +1285,10 @@ class Filesystem:
         """Write the changed attributes of a file (chmod, chown, utimes; no new data) onto its
         object: a copy in place, If-Match the version this mount holds."""
         self._keys_current()
-        key, long_name = self.object_key(node)
+        key, long_name = self.paths.object_key(node)
         attrs = node.attrs
         meta = ObjectMeta(node.file_id, attrs, node.wrapped, long_name)
-        md = self.vol.meta.encode(self.path(node), key, meta)
+        md = self.vol.meta.encode(self.paths.path(node), key, meta)
         try:
             node.remote_etag = await self.store.copy(
                 key, key, md, if_match=node.remote_etag, size=self._stored_size(node)
@@ -1368,7 +1302,7 @@ class Filesystem:
         try:
             await self._put_marker(node, create=node.remote_etag is None)
         except (PreconditionFailed, NotFound):
-            key, _ = self.object_key(node)
+            key, _ = self.paths.object_key(node)
             self._attrs_lost(node, await self._head(key))
 
     def _attrs_lost(self, node: Node, info: ObjectInfo | None) -> None:
@@ -1379,7 +1313,7 @@ class Filesystem:
         log.warning(
             "conflict: %s was %s by another writer; this host's change of its attributes"
             " (mode, owner, times) is dropped",
-            self.ident(node),
+            self.paths.ident(node),
             "removed" if info is None else "changed",
         )
         node.meta_dirty = False
@@ -1396,7 +1330,7 @@ class Filesystem:
             # the same directory made or changed elsewhere: one directory (entries are
             # found by path), with the attributes of the marker that stands
             with contextlib.suppress(IntegrityError, UnsupportedFormat):
-                meta = self._decode(self.path(node), info)
+                meta = self._decode(self.paths.path(node), info)
                 if meta.attrs.kind == KIND_DIR:
                     node.file_id, node.attrs = meta.file_id, meta.attrs
                     self._tell_kernel_changed(node)
@@ -1434,12 +1368,12 @@ class Filesystem:
             fid = random_bytes(16)
             node = self._new_node(parent, name, self._new_attrs(KIND_LINK, 0o777, uid, gid), fid)
             node.target = target
-            key, long_name = self.object_key(node)
+            key, long_name = self.paths.object_key(node)
             try:
                 async with node.lock:
                     try:
                         res = await self._put_body(
-                            node, target, key, self.path(node), long_name, expect=None
+                            node, target, key, self.paths.path(node), long_name, expect=None
                         )
                     except PreconditionFailed:
                         raise named(Exists, name) from None
@@ -1469,14 +1403,14 @@ class Filesystem:
         self._writable(parent)
         # the name is validated (and the key too long: ENAMETOOLONG) before anything else;
         # the key is kept for the upload, unless a rename changes the names meanwhile
-        gen = self._names_gen
-        key, long_name = self._key_for(parent, name, KIND_FILE)
+        gen = self.paths.gen
+        key, long_name = self.paths.key_for(parent, name, KIND_FILE)
         await self._require_absent(parent, name)
         fid = random_bytes(16)
         node = self._new_node(parent, name, self._new_attrs(KIND_FILE, mode, uid, gid), fid)
         if self.vol.keyring.stale is not None:
             raise ReadOnly(self.vol.keyring.stale)
-        if gen == self._names_gen:
+        if gen == self.paths.gen:
             node.key_memo = (gen, KIND_FILE, key, long_name)
         node.stage = self.staging.create(fid)
         node.change += 1
@@ -1622,7 +1556,7 @@ class Filesystem:
         known = self._known_cipher(node)
         if known is not None:
             return known
-        key, _ = self.object_key(node)
+        key, _ = self.paths.object_key(node)
         if header is None:
             _info, header = await self.store.get(key, 0, HEADER_SIZE, if_match=node.remote_etag)
         try:
@@ -1724,7 +1658,7 @@ class Filesystem:
                 if node.remote_etag == etag and not node.unlinked and node.stage is None:
                     await self._fetch_chunks(node, first, last, {})
         except Exception as e:  # the reader fetches again and reports it
-            log.debug("read-ahead of %s failed: %s", self.ident(node), self.scrub(e))
+            log.debug("read-ahead of %s failed: %s", self.paths.ident(node), self.paths.scrub(e))
         finally:
             for k in range(first, last + 1):
                 if node.inflight.get(k) is ev:
@@ -1767,7 +1701,7 @@ class Filesystem:
         n = chunk_count(size, c)
         start, _ = chunk_span(first, size, c)
         lo, ln = chunk_span(last, size, c)
-        key, _ = self.object_key(node)
+        key, _ = self.paths.object_key(node)
         cipher = self._known_cipher(node)
         header = None
         if cipher is None and first == 0:
@@ -1925,7 +1859,11 @@ class Filesystem:
         try:
             plain = await self._crypto(open_all, len(sealed) * self.chunk)
         except IntegrityError as e:
-            log.warning("block cache: %s: %s; fetching it again", self.ident(node), self.scrub(e))
+            log.warning(
+                "block cache: %s: %s; fetching it again",
+                self.paths.ident(node),
+                self.paths.scrub(e),
+            )
             await trio.to_thread.run_sync(blocks.drop, fid, salt)
             return list(range(first, last + 1))
         for i, pt in plain.items():
@@ -2141,7 +2079,7 @@ class Filesystem:
 
     async def _delete_remote(self, node: Node) -> None:
         if node.remote_etag is not None:
-            key, _ = self.object_key(node)
+            key, _ = self.paths.object_key(node)
             await self.store.delete(key)
             node.remote_etag = None
 
@@ -2163,7 +2101,7 @@ class Filesystem:
     async def _check_empty(self, d: Node) -> None:
         if d.children and any(not c.unlinked for c in d.children.values()):
             raise NotEmpty("directory not empty")
-        prefix = self.dir_prefix(d)
+        prefix = self.paths.dir_prefix(d)
         async with self._meta_limit:
             # two keys: any but the marker is enough (listing the whole subtree made rmdir of
             # a big tree's root cost a LIST of the tree). No delimiter: SeaweedFS shows the
@@ -2186,7 +2124,7 @@ class Filesystem:
         self._writable(p1)
         self._writable(p2)
         self._keys_current()
-        self.vol.names.encode(self.path(p2), new_name)
+        self.vol.names.encode(self.paths.path(p2), new_name)
         src = await self._find(p1, old_name)
         if src is None:
             raise named(NoEntry, old_name)
@@ -2208,7 +2146,7 @@ class Filesystem:
                     raise IsDir("target is a directory")
                 if src.is_dir and not dst.is_dir:
                     raise NotDir("target is not a directory")
-            self._key_for(p2, new_name, src.kind)  # ENAMETOOLONG before anything moves
+            self.paths.key_for(p2, new_name, src.kind)  # ENAMETOOLONG before anything moves
             # node locks before ns (docs/CONCURRENCY.md): nothing waits for a node (an
             # upload of it, say) while it holds ns, which a directory rename would queue on
             locked = sorted([n for n in (src, dst) if n is not None], key=lambda n: n.ino)
@@ -2218,10 +2156,10 @@ class Filesystem:
                 if src.is_dir:
                     # uploads below it finish first, and no new one starts until it is done
                     # (they hold no ns lock: a rename waiting for one blocks nobody else)
-                    prefix = self.dir_prefix(src)
+                    prefix = self.paths.dir_prefix(src)
                     await stack.enter_async_context(self._moving_dir(prefix))
                     await stack.enter_async_context(self.ns.exclusive())
-                    if self.dir_prefix(src) != prefix:
+                    if self.paths.dir_prefix(src) != prefix:
                         continue  # a directory above it was renamed meanwhile
                 else:
                     await stack.enter_async_context(self.ns.shared())
@@ -2284,7 +2222,7 @@ class Filesystem:
         node.parent = parent
         node.name = name
         if node.is_dir:
-            self._names_gen += 1  # every memoised key below a moved directory is stale
+            self.paths.moved_dir()  # every memoised key below a moved directory is stale
         else:
             node.key_memo = None
         self._insert(parent, node)
@@ -2308,12 +2246,12 @@ class Filesystem:
             # a replaced file still open keeps its content: read it before the copy replaces
             # the object it is read from (after, its old ETag is gone: 412, 18.6)
             await self._keep_for_open_handles(dst)
-        old_key, _ = self.object_key(src)
-        new_key, long_name = self._key_for(p2, name, src.kind)
+        old_key, _ = self.paths.object_key(src)
+        new_key, long_name = self.paths.key_for(p2, name, src.kind)
         if src.stage is None and src.remote_etag is not None:
             new_attrs = src.attrs.with_(ctime_ns=now_ns())
             meta = ObjectMeta(src.file_id, new_attrs, src.wrapped, long_name)
-            md = self.vol.meta.encode(self._child_path(p2, name), new_key, meta)
+            md = self.vol.meta.encode(self.paths.child_path(p2, name), new_key, meta)
             etag = await self.store.copy(
                 old_key, new_key, md, if_match=src.remote_etag, size=self._stored_size(src)
             )
@@ -2337,11 +2275,10 @@ class Filesystem:
 
     async def _rename_dir(self, src: Node, p2: Node, name: bytes, dst: Node | None) -> None:
         self._keys_current()
-        old_prefix = self.dir_prefix(src)
-        old_path = self.path(src)
-        new_comp, _ = self._component(p2, name)
-        new_prefix = self.dir_prefix(p2) + new_comp + "/"
-        new_path = self._child_path(p2, name)
+        old_prefix = self.paths.dir_prefix(src)
+        old_path = self.paths.path(src)
+        new_prefix = self.paths.prefix_for(p2, name)
+        new_path = self.paths.child_path(p2, name)
         # uploads below are excluded (``_moving_dir``); objects of dirty nodes are not in S3
         async with self._meta_limit:
             listing = await self.store.list(old_prefix, delimiter=None)
@@ -2382,7 +2319,7 @@ class Filesystem:
                     plain = npath.rsplit(b"/", 1)[1]
                     long_name = self.vol.names.encode(npp, plain)[1]
                 else:
-                    long_name = self.vol.names.encode(self.path(p2), name)[1]
+                    long_name = self.vol.names.encode(self.paths.path(p2), name)[1]
             else:
                 stored_long = None
                 if self.vol.names.is_long(comp):
@@ -2400,8 +2337,7 @@ class Filesystem:
             for k in keys:
                 n.start_soon(target, k)
         for _, nkey, *_rest in plan:
-            if len(nkey.encode()) > self._key_budget:
-                raise NameTooLong("a path below the directory would be too long once encrypted")
+            self.paths.check_budget(nkey, "a path below the directory would be")
         copied: dict[str, str] = {}
 
         async def move(
@@ -2437,7 +2373,7 @@ class Filesystem:
         if dst is not None:
             # (an empty directory replaced: its marker's key is the one the moved directory's
             # marker was just copied to, so that key must not be deleted now)
-            if dst.remote_etag is not None and self.object_key(dst)[0] not in copied:
+            if dst.remote_etag is not None and self.paths.object_key(dst)[0] not in copied:
                 await self._delete_remote(dst)
             dst.remote_etag = None
             self._detach(dst)
@@ -2453,7 +2389,7 @@ class Filesystem:
         while stack:
             nd = stack.pop()
             if nd.remote_etag is not None:
-                nd.remote_etag = copied.get(self.object_key(nd)[0], nd.remote_etag)
+                nd.remote_etag = copied.get(self.paths.object_key(nd)[0], nd.remote_etag)
             if nd.stage is not None:
                 self._journal(nd)
             stack.extend((nd.children or {}).values())
@@ -2469,7 +2405,7 @@ class Filesystem:
         if node.journaled == node.change and not durable:
             return
         rec = {
-            "path": b64e(self.path(node)),
+            "path": b64e(self.paths.path(node)),
             "fid": b64e(node.file_id),
             # no data key: every upload makes a fresh one (docs/FORMAT.md §7.4), so nothing
             # here outlives a rotation
@@ -2497,7 +2433,7 @@ class Filesystem:
         touch, a directory's marker), which are not staged and end with this process."""
         staged, lost = list(self.unrecovered), list[bytes]()
         for n in self.pending():
-            (staged if n.stage is not None else lost).append(self.path(n))
+            (staged if n.stage is not None else lost).append(self.paths.path(n))
         return {"staged": sorted(staged), "lost": sorted(lost)}
 
     def counters(self) -> dict[str, int]:
@@ -2568,14 +2504,16 @@ class Filesystem:
             self._retry[node] = backoff
             log.warning(
                 "upload of %s failed (%s); staged locally, retrying in %.0f s",
-                self.ident(node),
-                self.scrub(e),
+                self.paths.ident(node),
+                self.paths.scrub(e),
                 backoff,
             )
             self._schedule(node, backoff)
         except CryptfsError as e:
             self.upload_failures += 1
-            log.error("upload of %s failed permanently: %s", self.ident(node), self.scrub(e))
+            log.error(
+                "upload of %s failed permanently: %s", self.paths.ident(node), self.paths.scrub(e)
+            )
 
     async def sync_node(self, node: Node) -> None:
         """Make ``node`` durable in S3; returns once everything written before is uploaded.
@@ -2586,12 +2524,12 @@ class Filesystem:
         for _ in range(100):
             if not node.dirty or node.unlinked:
                 return
-            while self._held_back(self.object_key(node)[0]):
+            while self._held_back(self.paths.object_key(node)[0]):
                 await self._moved.wait()
             async with node.lock:
                 if node.unlinked or not node.dirty:
                     return
-                key = self.object_key(node)[0]
+                key = self.paths.object_key(node)[0]
                 if self._held_back(key):
                     continue  # a directory rename above it began while we waited
                 self._uploading[node] = key
@@ -2625,11 +2563,11 @@ class Filesystem:
     async def _upload_stage(self, node: Node) -> None:
         sf = node.stage
         assert sf is not None
-        key, long_name = self.object_key(node)
+        key, long_name = self.paths.object_key(node)
         for attempt in range(2):
             try:
                 etag, attrs, cipher = await self._put_body(
-                    node, sf, key, self.path(node), long_name, expect=node.remote_etag
+                    node, sf, key, self.paths.path(node), long_name, expect=node.remote_etag
                 )
                 break
             except (PreconditionFailed, NotFound) as e:
@@ -2656,7 +2594,9 @@ class Filesystem:
         if info is None:
             return None
         try:
-            meta = self.vol.meta.decode(self.path(node), key, dict(info.metadata), info.modified)
+            meta = self.vol.meta.decode(
+                self.paths.path(node), key, dict(info.metadata), info.modified
+            )
         except (IntegrityError, UnsupportedFormat):
             return None
         if meta.file_id == node.file_id and meta.attrs.salt in node.own_salts:
@@ -2734,8 +2674,8 @@ class Filesystem:
         base = name + f".conflict-{socket.gethostname()}-{stamp}".encode()
         for n in range(1, 100):
             cname = base if n == 1 else base + b"-%d" % n
-            ckey, clong = self._key_for(parent, cname, node.kind)
-            cpath = self._child_path(parent, cname)
+            ckey, clong = self.paths.key_for(parent, cname, node.kind)
+            cpath = self.paths.child_path(parent, cname)
             try:
                 etag, attrs, cipher = await self._put_body(
                     node, sf, ckey, cpath, clong, expect=None
@@ -2747,10 +2687,10 @@ class Filesystem:
             raise StoreError("no free name for a conflict copy")
         log.warning(
             "conflict: %s was changed by another writer; this host's version was saved as %s",
-            self.ident(node),
-            self.key_ident(ckey, cpath),
+            self.paths.ident(node),
+            self.paths.key_ident(ckey, cpath),
         )
-        key, _ = self.object_key(node)
+        key, _ = self.paths.object_key(node)
         info = await self._head(key)
         # the name is the other writer's now: the kernel looks it up again, and finds theirs
         if self.kernel is not None:
@@ -2902,10 +2842,10 @@ class Filesystem:
                     with contextlib.suppress(NotFound):  # (completed or aborted meanwhile)
                         await self.store.abort_multipart(key, uid)
                     log.info("aborted multipart upload %s of %s, left unfinished",
-                             uid[:16], self.key_ident(key))  # fmt: skip
+                             uid[:16], self.paths.key_ident(key))  # fmt: skip
             except StoreError as e:
                 log.warning("could not abort multipart uploads of %s yet: %s",
-                            self.key_ident(key), self.scrub(e))  # fmt: skip
+                            self.paths.key_ident(key), self.paths.scrub(e))  # fmt: skip
                 done = False
                 continue
             self.staging.forget_upload(upload_id)
@@ -2933,8 +2873,10 @@ class Filesystem:
             except Exception as e:  # one failure never cancels the other uploads
                 log.error(
                     "could not upload %s: %s (%s)",
-                    self.ident(node),
-                    self.scrub(e) if isinstance(e, (CryptfsError, OSError)) else type(e).__name__,
+                    self.paths.ident(node),
+                    self.paths.scrub(e)
+                    if isinstance(e, (CryptfsError, OSError))
+                    else type(e).__name__,
                     "kept staged for the next mount"
                     if node.stage is not None
                     else "a change of its attributes only, which is not staged: lost",
@@ -2965,7 +2907,7 @@ class Filesystem:
                 log.error(
                     "staged file of %s not recovered yet: %s; will retry at next mount",
                     lognames.ident(None, opaque=False, path=path, fid=sf.file_id),
-                    self.scrub(e),
+                    self.paths.scrub(e),
                 )
                 sf.close()
                 self.unrecovered.append(path)
@@ -2977,13 +2919,13 @@ class Filesystem:
                 # file, and uploaded by write-back once S3 (or KMS) answers again
                 log.error(
                     "staged file of %s recovered but not uploaded yet: %s; retrying",
-                    self.ident(node),
-                    self.scrub(e),
+                    self.paths.ident(node),
+                    self.paths.scrub(e),
                 )
                 self._schedule(node, 1.0)
                 continue
             count += 1
-            log.info("recovered staged file of %s and uploaded it", self.ident(node))
+            log.info("recovered staged file of %s and uploaded it", self.paths.ident(node))
         return count
 
     async def _recover_node(self, sf: StagedFile, rec: dict[str, Any], path: bytes) -> Node:
