@@ -83,9 +83,7 @@ from cryptfs.format.meta import (
 from cryptfs.format.names import b64d, b64e
 from cryptfs.format.s3ec import S3ecObject
 from cryptfs.format.volume import CONFIG_NAME
-from cryptfs.fs.locks import RWLock
 from cryptfs.fs.model import (
-    ROOT_INO,
     SYMLINK_MAX,
     Handle,
     KernelCache,
@@ -96,6 +94,7 @@ from cryptfs.fs.model import (
     named,
     now_ns,
 )
+from cryptfs.fs.namespace import Namespace
 from cryptfs.fs.paths import Paths
 from cryptfs.fs.volume import MARKER, Volume
 from cryptfs.store.base import ObjectInfo, ObjectStore
@@ -170,7 +169,14 @@ class Filesystem:
         self.staging = staging
         self.opt = options or Options()
         self.chunk = volume.chunk
-        self.ns = RWLock()
+        now = now_ns()
+        root_attrs = Attrs(KIND_DIR, 0o755, self.opt.uid, self.opt.gid, now, now, now)
+        self.tree = Namespace(self.paths, root_attrs)
+        self.tree.on_evict = self._forget_pending
+        self.tree.on_detach = self._drop_due
+        self.root = self.tree.root
+        self.inodes = self.tree.inodes
+        self.ns = self.tree.lock
         self.cache = ChunkCache(self.opt.memory_cache_bytes)
         self._meta_limit = trio.CapacityLimiter(self.opt.meta_concurrency)
         self._relist_limit = trio.CapacityLimiter(self.opt.relist_ahead)
@@ -185,7 +191,6 @@ class Filesystem:
         # block-cache writes behind the reads that fetched them: one thread, bounded backlog
         self._disk_limit = trio.CapacityLimiter(1)
         self._disk_backlog = 0  # bytes of downloads waiting to be written to the block cache
-        self._next_ino = ROOT_INO + 1
         self._next_fh = 1
         self.handles: dict[int, Handle] = {}
         self._due: dict[Node, float] = {}  # node -> when its upload is due
@@ -195,10 +200,7 @@ class Filesystem:
         self._due_seq = itertools.count()
         self._wake = trio.Event()
         self._stopping = False
-        self.kernel: KernelCache | None = None  # set by the FUSE layer
         self._retry: dict[Node, float] = {}
-        self.integrity_failures = 0
-        self.integrity_log: list[tuple[str, str]] = []  # (object key, reason), for fsck
         self._foreign_held: OrderedDict[Node, int] = OrderedDict()  # S3EC plaintexts in memory
         self.uploads = 0  # file bodies uploaded
         self.upload_bytes = 0  # their plaintext bytes
@@ -221,11 +223,6 @@ class Filesystem:
         self._sweep_due = True  # (an earlier run may have left some)
         self._sweep_gen = 0  # bumped whenever something is left for a sweep
         self._sweeping = False
-        now = now_ns()
-        root_attrs = Attrs(KIND_DIR, 0o755, self.opt.uid, self.opt.gid, now, now, now)
-        self.root = Node(ROOT_INO, None, b"", root_attrs, bytes(16))
-        self.root.children = {}
-        self.inodes: dict[int, Node] = {ROOT_INO: self.root}
 
     # ------------------------------------------------------------------ paths (facade)
 
@@ -247,21 +244,45 @@ class Filesystem:
     def scrub(self, e: BaseException) -> str:
         return self.paths.scrub(e)
 
-    # ------------------------------------------------------------------ inode table
-
-    def _new_node(self, parent: Node, name: bytes, attrs: Attrs, file_id: bytes) -> Node:
-        node = Node(self._next_ino, parent, name, attrs, file_id)
-        self._next_ino += 1
-        self.inodes[node.ino] = node
-        if attrs.kind == KIND_DIR:
-            node.children = None
-        return node
+    # ------------------------------------------------------------------ inode table (facade)
 
     def node(self, ino: int) -> Node:
-        try:
-            return self.inodes[ino]
-        except KeyError:
-            raise NoEntry(f"stale inode {ino}") from None
+        return self.tree.node(ino)
+
+    def forget(self, items: Iterable[tuple[int, int]]) -> None:
+        self.tree.forget(items)
+
+    def current_entry(self, node: Node) -> Node | None:
+        return self.tree.current_entry(node)
+
+    def looked_up(self, node: Node) -> Node:
+        return self.tree.looked_up(node)
+
+    @property
+    def kernel(self) -> KernelCache | None:
+        return self.tree.kernel
+
+    @kernel.setter
+    def kernel(self, kernel: KernelCache | None) -> None:
+        self.tree.kernel = kernel
+
+    @property
+    def integrity_failures(self) -> int:
+        return self.tree.integrity_failures
+
+    @property
+    def integrity_log(self) -> list[tuple[str, str]]:
+        return self.tree.integrity_log
+
+    def _forget_pending(self, node: Node) -> None:
+        """``node`` was evicted (clean, unreferenced): nothing is pending for it."""
+        self._relist_queued.discard(node)
+        self._retry.pop(node, None)
+        self._due.pop(node, None)
+
+    def _drop_due(self, node: Node) -> None:
+        """``node`` was removed: no upload of it is due."""
+        self._due.pop(node, None)
 
     def stat(self, node: Node) -> Stat:
         a = node.attrs
@@ -296,140 +317,6 @@ class Filesystem:
             seen = parent.listed_at  # a directory's entry is revalidated by its parent's LIST
         return min(ttl, max(0.0, seen + ttl - trio.current_time()))
 
-    def forget(self, items: Iterable[tuple[int, int]]) -> None:
-        for ino, n in items:
-            node = self.inodes.get(ino)
-            if node is None or ino == ROOT_INO:
-                continue
-            node.lookups = max(0, node.lookups - n)
-            self._maybe_drop(node)
-            if node.lookups == 0 and not node.unlinked:
-                self._evict(node)
-
-    def current_entry(self, node: Node) -> Node | None:
-        """What a reply about ``node`` (held since before an await: a readdir's listing, a
-        lookup in flight) should name now: ``node``; or, if it was evicted meanwhile, the
-        node its name has now (None if the name was removed since)."""
-        if not node.evicted:
-            return None if node.unlinked else node
-        parent = node.parent
-        assert parent is not None
-        cur = parent.children.get(node.name) if parent.children is not None else None
-        if cur is not None:
-            return None if cur.unlinked else cur
-        if parent.forgotten and node.name in parent.forgotten:
-            return node  # (evicted, nothing happened to the name since)
-        return None
-
-    def looked_up(self, node: Node) -> Node:
-        """The kernel takes a reference to ``node`` (a lookup, a readdir entry, a create);
-        returns the node to name in the reply.  An evicted node (looked up before its
-        eviction) is replaced by the node its name has now, or put back in the inode table
-        (and, if nothing happened to its name since, in its directory), so that the kernel's
-        inode number keeps working; a removed one is put back as removed."""
-        if node.evicted:
-            node = self.current_entry(node) or node
-        node.lookups += 1
-        if node.evicted:
-            node.evicted = False
-            self.inodes[node.ino] = node
-            parent = node.parent
-            assert parent is not None
-            if parent.forgotten and node.name in parent.forgotten:
-                parent.forgotten.discard(node.name)
-                if parent.children is not None:
-                    parent.children.setdefault(node.name, node)
-            else:
-                node.unlinked = True  # its name was removed (or taken) since
-        return node
-
-    @staticmethod
-    def _in_rename(node: Node) -> bool:
-        """Is ``node``, or a directory above it, being renamed by this mount (what S3 shows
-        of its objects meanwhile is the rename's doing)?"""
-        n: Node | None = node
-        while n is not None:
-            if n.renaming:
-                return True
-            n = n.parent
-        return False
-
-    def _holds_local(self, d: Node) -> bool:
-        """Is anything below directory ``d`` known here only (dirty, or open)?"""
-        stack = list((d.children or {}).values())
-        while stack:
-            n = stack.pop()
-            if n.unlinked:
-                continue
-            if n.dirty or n.open_count:
-                return True
-            stack.extend((n.children or {}).values())
-        return False
-
-    def _evictable(self, node: Node) -> bool:
-        return (
-            node.lookups == 0
-            and node.open_count == 0
-            and not node.dirty
-            and not node.renaming
-            and not node.lock.locked()
-            and node.parent is not None
-            and not node.inflight
-            and node.materializing is None
-            and node.relisting is None
-            and node.keyset_loading is None
-            and node.plain is None
-        )
-
-    def _evict(self, node: Node) -> None:
-        """The kernel forgot a clean node: drop it, and the entries below it no one holds,
-        so that memory is bounded by what the kernel caches, not by every name ever walked
-        (a node each, for the life of the mount, before).  Its directory's listing is then
-        incomplete (relisted when next needed); a name looked up again gets a new node."""
-        if not self._evictable(node):
-            return
-        if node.children:
-            for child in list(node.children.values()):
-                if child.lookups == 0:
-                    self._evict(child)  # (entries listed here the kernel never took)
-            if node.children:
-                return  # something below is still referenced
-        node.evicted = True
-        self.inodes.pop(node.ino, None)
-        parent = node.parent
-        assert parent is not None
-        if parent.children is not None and parent.children.get(node.name) is node:
-            del parent.children[node.name]
-            parent.listed_at = -1.0
-            parent.sorted_names = None
-            if parent.forgotten is None:
-                parent.forgotten = set()
-            parent.forgotten.add(node.name)
-        self._relist_queued.discard(node)
-        self._retry.pop(node, None)
-        self._due.pop(node, None)  # (clean: an upload due is nothing to do)
-        if parent.lookups == 0 and not parent.children and parent.parent is not None:
-            self._evict(parent)  # (forgotten before the last entry below it was)
-
-    def _maybe_drop(self, node: Node) -> None:
-        if node.lookups == 0 and node.open_count == 0 and node.unlinked:
-            self.inodes.pop(node.ino, None)
-            if node.stage is not None:
-                node.stage.remove()
-                node.stage = None
-
-    def _detach(self, node: Node) -> None:
-        """Remove from its parent's entries; forget when the kernel has no reference."""
-        if node.parent is not None and node.parent.children is not None:
-            cur = node.parent.children.get(node.name)
-            if cur is node:
-                del node.parent.children[node.name]
-        node.unlinked = True
-        self._due.pop(node, None)
-        if node.stage is not None:
-            node.stage.drop_journal()  # a crash must not resurrect a removed file
-        self._maybe_drop(node)
-
     # ------------------------------------------------------------------ metadata from S3
 
     def _fresh(self, t: float) -> bool:
@@ -439,25 +326,8 @@ class Filesystem:
         try:
             return self.vol.meta.decode(path, info.key, dict(info.metadata), info.modified)
         except (IntegrityError, UnsupportedFormat) as e:
-            self._integrity(info.key, e, path=path)
+            self.tree.integrity(info.key, e, path=path)
             raise
-
-    def _integrity(
-        self,
-        key: str,
-        why: str | CryptfsError,
-        node: Node | None = None,
-        *,
-        path: bytes | None = None,
-    ) -> None:
-        """Count and log that object ``key`` (of ``node``, or at ``path``) does not
-        authenticate; ``integrity_log`` keeps the key and the whole reason, for fsck."""
-        self.integrity_failures += 1
-        if len(self.integrity_log) < 10_000:
-            self.integrity_log.append((key, str(why)))
-        who = self.paths.ident(node) if node is not None else self.paths.key_ident(key, path)
-        text = why if isinstance(why, str) else self.paths.scrub(why)
-        log.error("integrity failure: %s: %s", who, text)
 
     async def _head(self, key: str) -> ObjectInfo | None:
         async with self._meta_limit:
@@ -471,7 +341,7 @@ class Filesystem:
         md = info.metadata
         if self._foreign_allowed(parent) and s3ec.is_s3ec(md) and not s3ec.needs_instruction(md):
             return self._adopt_foreign(parent, name, info, existing, s3ec.parse(md))
-        if existing is not None and self._in_rename(existing):
+        if existing is not None and self.tree.in_rename(existing):
             return existing  # (the rename's copy, or the object it is moving away)
         if existing is not None and (
             existing.unlinked or existing.parent is not parent or existing.name != name
@@ -487,16 +357,16 @@ class Filesystem:
                 node.cipher = None
                 node.target = None
             if node.attrs != meta.attrs and node.remote_etag is not None:
-                self._tell_kernel_changed(node)
+                self.tree.tell_kernel_changed(node)
             node.attrs = meta.attrs
         elif existing is not None and existing.dirty:
             return existing
         else:
             if existing is not None:
-                self._gone_elsewhere(existing)
-            node = self._new_node(parent, name, meta.attrs, meta.file_id)
+                self.tree.gone_elsewhere(existing)
+            node = self.tree.new_node(parent, name, meta.attrs, meta.file_id)
         node.wrapped = meta.dek
-        return self._seen(parent, name, node, info)
+        return self.tree.seen(parent, name, node, info)
 
     def _foreign_allowed(self, parent: Node) -> bool:
         """May an entry of ``parent`` named as a cryptfs key be an S3EC object?  Only in a
@@ -505,47 +375,14 @@ class Filesystem:
             parent.raw_prefix is not None or not self.vol.config.encrypt_names
         )
 
-    def _tell_kernel_changed(self, node: Node) -> None:
-        if self.kernel is not None:
-            self.kernel.attrs_changed(node.ino)
-
-    def _gone_elsewhere(self, node: Node) -> None:
-        """Another writer removed or replaced ``node``: forget it, and tell the kernel."""
-        if self._in_rename(node):
-            return  # our own rename removed the object it was looked for at
-        parent = node.parent
-        if self.kernel is not None and parent is not None and not node.unlinked:
-            self.kernel.entry_gone(parent.ino, node.name)
-        self._detach(node)
-
-    def _seen(self, parent: Node, name: bytes, node: Node, info: ObjectInfo) -> Node:
-        """``node`` now holds the version ``info`` of ``parent/name`` that S3 just showed."""
-        node.remote_etag = info.etag
-        node.remote_modified, node.modified_etag = info.modified, info.etag
-        node.refreshed_at = trio.current_time()
-        if parent.children is not None:
-            parent.children[name] = node
-        return node
-
-    @staticmethod
-    def _same_version(node: Node, etag: str, modified: float) -> bool:
-        """Is (ETag, Last-Modified) seen in S3 the version ``node`` holds?  The first sight of
-        an object we wrote ourselves (Last-Modified not known yet) is taken as ours."""
-        if node.remote_etag != etag:
-            return False
-        if node.modified_etag != etag or not node.remote_modified or not modified:
-            node.remote_modified, node.modified_etag = modified, etag
-            return True
-        return node.remote_modified == modified
-
     def _check_size(self, info: ObjectInfo, attrs: Attrs) -> None:
         try:
             size = plain_size(info.size, self.chunk)
         except IntegrityError as e:
-            self._integrity(info.key, e)
+            self.tree.integrity(info.key, e)
             raise
         if size != attrs.size:
-            self._integrity(info.key, f"length {info.size} does not match recorded size")
+            self.tree.integrity(info.key, f"length {info.size} does not match recorded size")
             raise IntegrityError(
                 f"{info.key}: object length does not match its metadata", object_keys=(info.key,)
             )
@@ -566,7 +403,7 @@ class Filesystem:
             raw_prefix = parent.raw_prefix + name.decode(errors="surrogateescape") + "/"
         mode = 0o755 if raw_prefix is None else 0o555
         attrs = Attrs(KIND_DIR, mode, self.opt.uid, self.opt.gid, now, now, now)
-        node = self._new_node(parent, name, attrs, random_bytes(16))
+        node = self.tree.new_node(parent, name, attrs, random_bytes(16))
         node.raw_prefix = raw_prefix
         node.refreshed_at = trio.current_time()
         return node
@@ -582,13 +419,13 @@ class Filesystem:
                 self._foreign_held.pop(node, None)
         else:
             if existing is not None:
-                self._gone_elsewhere(existing)
+                self.tree.gone_elsewhere(existing)
             ns = int(info.modified * 1e9)
             attrs = Attrs(KIND_FILE, 0o444, self.opt.uid, self.opt.gid, ns, ns, ns)
-            node = self._new_node(parent, name, attrs, sha256(info.key.encode())[:16])
+            node = self.tree.new_node(parent, name, attrs, sha256(info.key.encode())[:16])
         node.foreign, node.foreign_key = env, info.key
         node.attrs = node.attrs.with_(size=env.plain_size(info.size))
-        return self._seen(parent, name, node, info)
+        return self.tree.seen(parent, name, node, info)
 
     async def _foreign_entry(
         self,
@@ -697,7 +534,7 @@ class Filesystem:
                     raise
                 plain = s3ec.decrypt(env, data_key, body)
             except IntegrityError as e:
-                self._integrity(key, e, node)
+                self.tree.integrity(key, e, node)
                 raise
             node.plain, node.plain_etag = plain, node.remote_etag
             self._hold_foreign(node)
@@ -715,11 +552,6 @@ class Filesystem:
             old, n = self._foreign_held.popitem(last=False)
             old.plain = None
             total -= n
-
-    @staticmethod
-    def _writable(node: Node) -> None:
-        if node.foreign is not None or node.raw_prefix is not None:
-            raise ReadOnly("objects of the AWS S3 Encryption Client are read-only here")
 
     async def _keyset(self, d: Node) -> set[str]:
         """The keys and prefixes directly below ``d`` in S3, from one LIST per metadata TTL:
@@ -748,7 +580,7 @@ class Filesystem:
         node = await self._fetch_entry_uncached(parent, name)
         if node is not None:
             # into ``children`` even if partial (listed_at < 0): a later lookup finds it here
-            self._insert(parent, node)
+            self.tree.insert(parent, node)
         return node
 
     async def _fetch_entry_uncached(self, parent: Node, name: bytes) -> Node | None:
@@ -824,7 +656,7 @@ class Filesystem:
     async def _revalidate(self, node: Node) -> None:
         parent = node.parent
         assert parent is not None
-        if self._in_rename(node):
+        if self.tree.in_rename(node):
             return  # its objects are being moved by this mount: what S3 shows is ours
         if parent.children is not None and parent.listed_at >= 0:
             # one LIST revalidates every unchanged entry of the directory (by ETag): an
@@ -839,10 +671,10 @@ class Filesystem:
         info = await self._head(key)
         if info is None:
             if node.open_count == 0:
-                self._gone_elsewhere(node)
+                self.tree.gone_elsewhere(node)
                 raise NoEntry("file was removed by another writer")
             return
-        if not self._same_version(node, info.etag, info.modified):
+        if not self.tree.same_version(node, info.etag, info.modified):
             if node.foreign is not None:
                 env = await s3ec_envelope(self.store, key, info.metadata, None)
                 if env is None:
@@ -854,15 +686,9 @@ class Filesystem:
 
     # ------------------------------------------------------------------ lookup and listing
 
-    def _check_parent(self, parent: Node) -> None:
-        if not parent.is_dir:
-            raise NotDir("not a directory")
-        if parent.unlinked:
-            raise NoEntry("directory was removed")
-
     async def lookup(self, parent_ino: int, name: bytes) -> Node:
-        parent = self.node(parent_ino)
-        self._check_parent(parent)
+        parent = self.tree.node(parent_ino)
+        self.tree.check_parent(parent)
         if name == b".":
             return parent
         if name == b"..":
@@ -916,20 +742,20 @@ class Filesystem:
         return await self._fetch_entry(parent, name)
 
     async def getattr(self, ino: int) -> Stat:
-        node = self.node(ino)
+        node = self.tree.node(ino)
         await self._refresh(node)
         return self.stat(node)
 
     async def readdir(self, ino: int) -> list[tuple[bytes, Node]]:
         """All entries of a directory with fresh attributes (concurrent HEADs, bounded)."""
-        return await self._listed(self.node(ino))
+        return await self._listed(self.tree.node(ino))
 
     async def _listed(self, d: Node, walker: bool = True) -> list[tuple[bytes, Node]]:
         """``readdir`` of ``d``: by a ``walker`` (a program), or relisting ahead of one.
 
         One LIST per directory at a time: a walker that arrives while the directory is being
         relisted (ahead of it) waits for that LIST instead of sending its own."""
-        self._check_parent(d)
+        self.tree.check_parent(d)
         while d.relisting is not None:
             await d.relisting.wait()
         if d.children is not None and self._fresh(d.listed_at):
@@ -1071,7 +897,7 @@ class Filesystem:
                 cur = old.get(name)
             if cur is None or cur.unlinked or cur.parent is not d or cur.name != decoded[key]:
                 return False  # (removed, or renamed away while the LIST was in flight)
-            if etag is not None and self._same_version(cur, etag, modified):
+            if etag is not None and self.tree.same_version(cur, etag, modified):
                 cur.refreshed_at = trio.current_time()  # the listing revalidated it
             elif not (etag is None and cur.is_dir):
                 return False
@@ -1124,7 +950,7 @@ class Filesystem:
                     and await self._foreign_entry(d, comp, key, etag, old, foreign, here)
                 ):
                     return
-                self._integrity(
+                self.tree.integrity(
                     key,
                     IntegrityError(
                         f"entry skipped in listing: {e}", names=e.names, object_keys=e.object_keys
@@ -1145,7 +971,7 @@ class Filesystem:
                 log.warning("S3 Encryption Client %s not shown: a file has its name",
                             self.paths.key_ident(node.foreign_key or ""))  # fmt: skip
                 node.unlinked = True
-                self._maybe_drop(node)
+                self.tree.maybe_drop(node)
                 continue
             new[name] = node
         if (
@@ -1153,7 +979,7 @@ class Filesystem:
             and d.parent is not None
             and d.remote_etag is not None
             and not d.dirty
-            and not self._same_version(d, own_marker.etag, own_marker.modified)
+            and not self.tree.same_version(d, own_marker.etag, own_marker.modified)
         ):
             # the directory's own attributes changed elsewhere (chmod, chown, utimes)
             info = await self._head(own_marker.key)
@@ -1171,11 +997,11 @@ class Filesystem:
                 # newer than what the LIST shows of that name, which may be this very node's
                 # object (a rename's copy: adopting it made a second node of one file)
                 loaded = new.get(name)
-                if loaded is not None and loaded is not node and self._evictable(loaded):
+                if loaded is not None and loaded is not node and self.tree.evictable(loaded):
                     self.inodes.pop(loaded.ino, None)  # (that second node: nobody has it)
                 new[name] = node
         for name, node in old.items():
-            if node.parent is not d or node.name != name or self._in_rename(node):
+            if node.parent is not d or node.name != name or self.tree.in_rename(node):
                 continue  # renamed by this mount while the LIST was in flight: not gone
             if name not in new and not node.unlinked:
                 if (
@@ -1184,12 +1010,12 @@ class Filesystem:
                     node.dirty
                     # a directory without a marker that holds something not in S3 yet
                     # (implicit ones emptied elsewhere go: they were kept for ever)
-                    or (node.is_dir and node.remote_etag is None and self._holds_local(node))
+                    or (node.is_dir and node.remote_etag is None and self.tree.holds_local(node))
                     or node.remote_etag != before.get(name)  # (uploaded during the LIST)
                 ):
                     new[name] = node
                 else:
-                    self._gone_elsewhere(node)
+                    self.tree.gone_elsewhere(node)
         d.children = {n: c for n, c in new.items() if not c.unlinked and c.parent is d}
         d.listed_at = trio.current_time()
         d.forgotten = None  # (complete again)
@@ -1202,23 +1028,16 @@ class Filesystem:
         return Attrs(kind, mode & 0o7777, uid, gid, now, now, now)
 
     async def _require_absent(self, parent: Node, name: bytes) -> None:
-        self._check_parent(parent)
+        self.tree.check_parent(parent)
         if await self._find(parent, name) is not None:
             raise named(Exists, name)
 
-    def _insert(self, parent: Node, node: Node) -> None:
-        if parent.children is None:
-            parent.children = {}
-        parent.children[node.name] = node
-        if parent.forgotten:
-            parent.forgotten.discard(node.name)
-
     async def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Node:
-        parent = self.node(parent_ino)
-        self._writable(parent)
+        parent = self.tree.node(parent_ino)
+        self.tree.writable(parent)
         async with self.ns.shared():
             await self._require_absent(parent, name)
-            node = self._new_node(
+            node = self.tree.new_node(
                 parent, name, self._new_attrs(KIND_DIR, mode, uid, gid), random_bytes(16)
             )
             try:
@@ -1231,7 +1050,7 @@ class Filesystem:
                 raise
             node.children = {}
             node.listed_at = trio.current_time()
-            self._insert(parent, node)
+            self.tree.insert(parent, node)
             return node
 
     def _keys_current(self) -> None:
@@ -1322,7 +1141,7 @@ class Filesystem:
             if node.is_dir:
                 node.remote_etag = None  # known here, its marker gone: implicit from now on
             elif node.open_count == 0 and node.stage is None:
-                self._gone_elsewhere(node)
+                self.tree.gone_elsewhere(node)
             return
         if parent is None:
             return
@@ -1333,8 +1152,8 @@ class Filesystem:
                 meta = self._decode(self.paths.path(node), info)
                 if meta.attrs.kind == KIND_DIR:
                     node.file_id, node.attrs = meta.file_id, meta.attrs
-                    self._tell_kernel_changed(node)
-                    self._seen(parent, node.name, node, info)
+                    self.tree.tell_kernel_changed(node)
+                    self.tree.seen(parent, node.name, node, info)
             return
         with contextlib.suppress(IntegrityError, UnsupportedFormat):
             self._adopt(parent, node.name, info, node)
@@ -1361,12 +1180,14 @@ class Filesystem:
     ) -> Node:
         if len(target) > SYMLINK_MAX:
             raise NameTooLong("symlink target too long")
-        parent = self.node(parent_ino)
-        self._writable(parent)
+        parent = self.tree.node(parent_ino)
+        self.tree.writable(parent)
         async with self.ns.shared():
             await self._require_absent(parent, name)
             fid = random_bytes(16)
-            node = self._new_node(parent, name, self._new_attrs(KIND_LINK, 0o777, uid, gid), fid)
+            node = self.tree.new_node(
+                parent, name, self._new_attrs(KIND_LINK, 0o777, uid, gid), fid
+            )
             node.target = target
             key, long_name = self.paths.object_key(node)
             try:
@@ -1381,11 +1202,11 @@ class Filesystem:
             except BaseException:
                 self.inodes.pop(node.ino, None)
                 raise
-            self._insert(parent, node)
+            self.tree.insert(parent, node)
             return node
 
     async def readlink(self, ino: int) -> bytes:
-        node = self.node(ino)
+        node = self.tree.node(ino)
         if node.kind != KIND_LINK:
             raise Invalid("not a symlink")
         if node.target is None:
@@ -1398,23 +1219,23 @@ class Filesystem:
     async def create(
         self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, *, append: bool = False
     ) -> tuple[Node, Handle]:
-        parent = self.node(parent_ino)
-        self._check_parent(parent)
-        self._writable(parent)
+        parent = self.tree.node(parent_ino)
+        self.tree.check_parent(parent)
+        self.tree.writable(parent)
         # the name is validated (and the key too long: ENAMETOOLONG) before anything else;
         # the key is kept for the upload, unless a rename changes the names meanwhile
         gen = self.paths.gen
         key, long_name = self.paths.key_for(parent, name, KIND_FILE)
         await self._require_absent(parent, name)
         fid = random_bytes(16)
-        node = self._new_node(parent, name, self._new_attrs(KIND_FILE, mode, uid, gid), fid)
+        node = self.tree.new_node(parent, name, self._new_attrs(KIND_FILE, mode, uid, gid), fid)
         if self.vol.keyring.stale is not None:
             raise ReadOnly(self.vol.keyring.stale)
         if gen == self.paths.gen:
             node.key_memo = (gen, KIND_FILE, key, long_name)
         node.stage = self.staging.create(fid)
         node.change += 1
-        self._insert(parent, node)
+        self.tree.insert(parent, node)
         h = self._open_handle(node, writable=True)
         h.append = append
         return node, h
@@ -1438,13 +1259,13 @@ class Filesystem:
             raise Invalid(f"bad file handle {fh}") from None
 
     async def open(self, ino: int, flags: int) -> Handle:
-        node = self.node(ino)
+        node = self.tree.node(ino)
         if node.is_dir:
             raise IsDir("is a directory")
         await self._refresh(node)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable or flags & os.O_TRUNC:
-            self._writable(node)
+            self.tree.writable(node)
         h = self._open_handle(node, writable)
         h.append = writable and bool(flags & os.O_APPEND)
         if flags & os.O_TRUNC and node.kind == KIND_FILE and (node.attrs.size or node.stage):
@@ -1566,7 +1387,7 @@ class Filesystem:
             if cipher.header.chunk_log2 != self.vol.chunk_log2:
                 raise IntegrityError("body chunk size differs from the volume's")
         except (IntegrityError, UnsupportedFormat) as e:
-            self._integrity(key, e, node)
+            self.tree.integrity(key, e, node)
             raise
         node.cipher, node.cipher_etag = cipher, node.remote_etag
         return cipher
@@ -1711,7 +1532,7 @@ class Filesystem:
             _info, data = await self.store.get(key, start, lo + ln, if_match=node.remote_etag)
         cipher = await self._cipher(node, header)
         if len(data) != lo + ln - start:
-            self._integrity(key, "short read", node)
+            self.tree.integrity(key, "short read", node)
             raise IntegrityError(
                 f"{key}: object shorter than its metadata says", object_keys=(key,)
             )
@@ -1730,7 +1551,7 @@ class Filesystem:
         try:
             plain = await self._crypto(open_all, len(data))
         except IntegrityError as e:
-            self._integrity(key, e, node)
+            self.tree.integrity(key, e, node)
             raise
         # cached under the generation these bytes authenticated as (the node may hold another
         # by now: an adopt or our own upload may have landed during the awaits above)
@@ -1958,8 +1779,8 @@ class Filesystem:
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
     ) -> Stat:
-        node = self.node(ino)
-        self._writable(node)
+        node = self.tree.node(ino)
+        self.tree.writable(node)
         if size is not None:
             if node.is_dir:
                 raise IsDir("is a directory")
@@ -2012,7 +1833,7 @@ class Filesystem:
         if h.writable:
             node.writers -= 1
         if node.unlinked:
-            self._maybe_drop(node)
+            self.tree.maybe_drop(node)
         elif node.dirty and node.writers == 0 and (h.writable or node not in self._due):
             # (a reader's close does not push a due upload back: a program polling a dirty
             # file deferred it for as long as it polled)
@@ -2060,11 +1881,11 @@ class Filesystem:
             await self._materialize(node)
 
     async def unlink(self, parent_ino: int, name: bytes) -> None:
-        parent = self.node(parent_ino)
+        parent = self.tree.node(parent_ino)
         node = await self._find(parent, name)
         if node is None:
             raise named(NoEntry, name)
-        self._writable(node)
+        self.tree.writable(node)
         if node.is_dir:
             raise IsDir("is a directory")
         async with node.lock, self.ns.shared():  # (node locks before ns)
@@ -2072,7 +1893,7 @@ class Filesystem:
                 raise named(NoEntry, name)  # (removed or moved while we waited)
             await self._keep_for_open_handles(node)
             await self._delete_remote(node)
-            self._detach(node)
+            self.tree.detach(node)
             if node.stage is not None and node.open_count == 0:
                 node.stage.remove()
                 node.stage = None
@@ -2084,11 +1905,11 @@ class Filesystem:
             node.remote_etag = None
 
     async def rmdir(self, parent_ino: int, name: bytes) -> None:
-        parent = self.node(parent_ino)
+        parent = self.tree.node(parent_ino)
         node = await self._find(parent, name)
         if node is None:
             raise named(NoEntry, name)
-        self._writable(node)
+        self.tree.writable(node)
         if not node.is_dir:
             raise NotDir("not a directory")
         async with node.lock, self.ns.shared():  # (node locks before ns)
@@ -2096,7 +1917,7 @@ class Filesystem:
                 raise named(NoEntry, name)  # (removed or moved while we waited)
             await self._check_empty(node)
             await self._delete_remote(node)
-            self._detach(node)
+            self.tree.detach(node)
 
     async def _check_empty(self, d: Node) -> None:
         if d.children and any(not c.unlinked for c in d.children.values()):
@@ -2118,17 +1939,17 @@ class Filesystem:
         noreplace, exchange = 1, 2  # RENAME_NOREPLACE, RENAME_EXCHANGE
         if flags & exchange:
             raise Invalid("RENAME_EXCHANGE is not supported")
-        p1, p2 = self.node(old_parent), self.node(new_parent)
-        self._check_parent(p1)
-        self._check_parent(p2)
-        self._writable(p1)
-        self._writable(p2)
+        p1, p2 = self.tree.node(old_parent), self.tree.node(new_parent)
+        self.tree.check_parent(p1)
+        self.tree.check_parent(p2)
+        self.tree.writable(p1)
+        self.tree.writable(p2)
         self._keys_current()
         self.vol.names.encode(self.paths.path(p2), new_name)
         src = await self._find(p1, old_name)
         if src is None:
             raise named(NoEntry, old_name)
-        self._writable(src)
+        self.tree.writable(src)
         if src.is_dir:
             a: Node | None = p2
             while a is not None:
@@ -2215,23 +2036,10 @@ class Filesystem:
     def _held_back(self, key: str) -> bool:
         return any(key.startswith(p) for p in self._moving)
 
-    def _move(self, node: Node, parent: Node, name: bytes) -> None:
-        assert node.parent is not None
-        if node.parent.children is not None and node.parent.children.get(node.name) is node:
-            del node.parent.children[node.name]
-        node.parent = parent
-        node.name = name
-        if node.is_dir:
-            self.paths.moved_dir()  # every memoised key below a moved directory is stale
-        else:
-            node.key_memo = None
-        self._insert(parent, node)
-        node.attrs = node.attrs.with_(ctime_ns=now_ns())
-
     async def _displace(self, dst: Node) -> None:
         await self._keep_for_open_handles(dst)
         dst.remote_etag = None
-        self._detach(dst)
+        self.tree.detach(dst)
         if dst.stage is not None and dst.open_count == 0:
             dst.stage.remove()
             dst.stage = None
@@ -2258,7 +2066,7 @@ class Filesystem:
             await self.store.delete(old_key)
             if dst is not None:
                 await self._displace(dst)
-            self._move(src, p2, name)
+            self.tree.move(src, p2, name)
             src.attrs = new_attrs
             src.remote_etag = etag
             src.meta_dirty = False
@@ -2267,7 +2075,7 @@ class Filesystem:
             await self._delete_remote(src)
             if dst is not None:
                 await self._displace(dst)
-            self._move(src, p2, name)
+            self.tree.move(src, p2, name)
             src.remote_etag = dst_etag
             src.change += 1
             if src.stage is not None:
@@ -2376,14 +2184,14 @@ class Filesystem:
             if dst.remote_etag is not None and self.paths.object_key(dst)[0] not in copied:
                 await self._delete_remote(dst)
             dst.remote_etag = None
-            self._detach(dst)
+            self.tree.detach(dst)
 
         # the old keys of what was copied (one that vanished since the listing may be back
         # by now, another host's): DeleteObjects, at most 1000 keys each (a DeleteObject
         # each made a third of the requests of a directory rename)
         async with self._meta_limit:
             await self.store.delete_many([item[0] for item in plan if item[1] in copied])
-        self._move(src, p2, name)
+        self.tree.move(src, p2, name)
         # loaded descendants now live under new keys
         stack = [src]
         while stack:
@@ -2693,9 +2501,9 @@ class Filesystem:
         key, _ = self.paths.object_key(node)
         info = await self._head(key)
         # the name is the other writer's now: the kernel looks it up again, and finds theirs
-        if self.kernel is not None:
-            self.kernel.entry_gone(parent.ino, name)
-        self._move(node, parent, cname)
+        if self.tree.kernel is not None:
+            self.tree.kernel.entry_gone(parent.ino, name)
+        self.tree.move(node, parent, cname)
         node.attrs = node.attrs.with_(ctime_ns=attrs.ctime_ns)  # (as uploaded: clean)
         self._uploaded(node, etag, attrs, cipher)
         node.journaled = -1
@@ -2939,7 +2747,7 @@ class Filesystem:
         attrs = Attrs.from_json(b64d(rec["attrs"]))
         fid = b64d(rec["fid"])
         existing = await self._find(parent, parts[-1])
-        node = self._new_node(parent, parts[-1], attrs, fid)
+        node = self.tree.new_node(parent, parts[-1], attrs, fid)
         # the upload makes a fresh data key; a data key an older journal may hold is ignored
         node.stage = sf
         # the version the staged data was based on, as journaled (FORMAT.md §5): another
@@ -2948,7 +2756,7 @@ class Filesystem:
         journaled = rec.get("etag")
         node.remote_etag = str(journaled) if journaled and existing is not None else None
         if existing is not None:
-            self._detach(existing)
-        self._insert(parent, node)
+            self.tree.detach(existing)
+        self.tree.insert(parent, node)
         node.change += 1
         return node

@@ -58,3 +58,21 @@ def test_layers_point_down() -> None:
                 if any(mod == x or mod.startswith(x + ".") for x in forbidden):
                     bad.append(f"{f.relative_to(PKG)} imports {mod}")
     assert not bad, bad
+
+
+# inside fs/: each part imports only parts listed before it (the last one is the facade the
+# FUSE layer and the tools use); a new module goes into this order or the test fails
+FS_ORDER = ["locks", "model", "volume", "paths", "namespace", "filesystem"]
+
+
+def test_fs_parts_point_down() -> None:
+    present = {f.stem for f in (PKG / "fs").glob("*.py")} - {"__init__"}
+    assert present == set(FS_ORDER), f"fs/ modules not in FS_ORDER: {present ^ set(FS_ORDER)}"
+    bad = []
+    for i, part in enumerate(FS_ORDER):
+        for mod in _imports(PKG / "fs" / f"{part}.py"):
+            if mod.startswith("cryptfs.fs."):
+                other = mod.split(".")[2]
+                if other not in FS_ORDER[:i]:
+                    bad.append(f"fs/{part}.py imports {mod}")
+    assert not bad, bad
