@@ -28,7 +28,8 @@ from cryptfs.format import s3ec
 from cryptfs.format.meta import KIND_DIR
 from cryptfs.format.s3ec import S3ecObject
 from cryptfs.format.volume import CONFIG_NAME
-from cryptfs.fs.filesystem import Filesystem, s3ec_envelope
+from cryptfs.fs.filesystem import Filesystem
+from cryptfs.fs.foreign import s3ec_envelope
 from cryptfs.fs.model import ROOT_INO, Node, Options
 from cryptfs.fs.volume import Volume
 

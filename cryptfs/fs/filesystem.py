@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import dataclasses
 import functools
 import heapq
 import itertools
@@ -29,8 +28,7 @@ import os
 import socket
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, TypeVar
 
 import trio
@@ -39,11 +37,10 @@ from cryptfs import lognames
 from cryptfs.cache.blocks import BlockCache
 from cryptfs.cache.chunks import ChunkCache
 from cryptfs.cache.staging import CREATING, StagedFile, StagingArea
-from cryptfs.crypto import GCM_TAG, Secret, random_bytes, sha256
+from cryptfs.crypto import GCM_TAG, Secret, random_bytes
 from cryptfs.errors import (
     CryptfsError,
     Exists,
-    FileTooBig,
     IntegrityError,
     Invalid,
     IsDir,
@@ -81,8 +78,8 @@ from cryptfs.format.meta import (
     ObjectMeta,
 )
 from cryptfs.format.names import b64d, b64e
-from cryptfs.format.s3ec import S3ecObject
 from cryptfs.format.volume import CONFIG_NAME
+from cryptfs.fs.foreign import Foreign, s3ec_envelope
 from cryptfs.fs.model import (
     SYMLINK_MAX,
     Handle,
@@ -96,51 +93,13 @@ from cryptfs.fs.model import (
 )
 from cryptfs.fs.namespace import Namespace
 from cryptfs.fs.paths import Paths
+from cryptfs.fs.remote import Remote
 from cryptfs.fs.volume import MARKER, Volume
-from cryptfs.store.base import ObjectInfo, ObjectStore
+from cryptfs.store.base import ObjectInfo
 from cryptfs.tasks import open_tasks
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-async def s3ec_envelope(
-    store: ObjectStore, key: str, md: Mapping[str, str], instruction: bool | None
-) -> S3ecObject | None:
-    """The S3 Encryption Client envelope of object ``key`` (user metadata ``md``), from the
-    object itself or from its instruction file; None if it is not such an object.
-
-    ``instruction`` says whether ``key.instruction`` exists (None: not known, ask S3).
-    IntegrityError / UnsupportedFormat for an envelope cryptfs must not or cannot use.
-    """
-    if s3ec.is_s3ec(md) and not s3ec.needs_instruction(md):
-        return s3ec.parse(md)
-    needed = s3ec.needs_instruction(md)
-    if instruction is False and not needed:
-        return None
-    ikey = key + s3ec.INSTRUCTION_SUFFIX
-    try:
-        info, body = await store.get(ikey, 0, _INSTRUCTION_MAX)
-    except NotFound:
-        if needed:
-            raise IntegrityError(
-                f"S3EC instruction file {ikey} is missing", object_keys=(ikey,)
-            ) from None
-        return None
-    except StoreError as e:
-        if type(e) is not StoreError:  # unavailable, denied…: not a verdict on the file
-            raise
-        raise IntegrityError(
-            f"S3EC instruction file {ikey} is unreadable: {e}",
-            names=e.names,
-            object_keys=(ikey, *e.object_keys),
-        ) from None
-    if info.size > _INSTRUCTION_MAX:
-        raise IntegrityError(f"S3EC instruction file {ikey} is too large", object_keys=(ikey,))
-    return dataclasses.replace(s3ec.parse(s3ec.merge_instruction(md, body)), instruction=True)
-
-
-_INSTRUCTION_MAX = 64 << 10
 
 
 _SEQ_SLACK = 1 << 20  # reads this close to where the last one ended count as sequential
@@ -169,16 +128,15 @@ class Filesystem:
         self.staging = staging
         self.opt = options or Options()
         self.chunk = volume.chunk
-        now = now_ns()
-        root_attrs = Attrs(KIND_DIR, 0o755, self.opt.uid, self.opt.gid, now, now, now)
-        self.tree = Namespace(self.paths, root_attrs)
+        self.remote = Remote(self.store, self.opt.meta_concurrency)
+        self.tree = Namespace(self.paths, self.opt.uid, self.opt.gid)
         self.tree.on_evict = self._forget_pending
         self.tree.on_detach = self._drop_due
         self.root = self.tree.root
         self.inodes = self.tree.inodes
         self.ns = self.tree.lock
+        self.foreign = Foreign(volume, self.opt, self.tree, self.paths, self.remote)
         self.cache = ChunkCache(self.opt.memory_cache_bytes)
-        self._meta_limit = trio.CapacityLimiter(self.opt.meta_concurrency)
         self._relist_limit = trio.CapacityLimiter(self.opt.relist_ahead)
         self._relist_queued: set[Node] = set()
         self._upload_limit = trio.CapacityLimiter(self.opt.upload_concurrency)
@@ -201,7 +159,6 @@ class Filesystem:
         self._wake = trio.Event()
         self._stopping = False
         self._retry: dict[Node, float] = {}
-        self._foreign_held: OrderedDict[Node, int] = OrderedDict()  # S3EC plaintexts in memory
         self.uploads = 0  # file bodies uploaded
         self.upload_bytes = 0  # their plaintext bytes
         self.upload_failures = 0  # failed attempts (retried while transient)
@@ -329,18 +286,11 @@ class Filesystem:
             self.tree.integrity(info.key, e, path=path)
             raise
 
-    async def _head(self, key: str) -> ObjectInfo | None:
-        async with self._meta_limit:
-            try:
-                return await self.store.head(key)
-            except NotFound:
-                return None
-
     def _adopt(self, parent: Node, name: bytes, info: ObjectInfo, existing: Node | None) -> Node:
         """Create or refresh the node for ``parent/name`` from a HEAD result."""
         md = info.metadata
-        if self._foreign_allowed(parent) and s3ec.is_s3ec(md) and not s3ec.needs_instruction(md):
-            return self._adopt_foreign(parent, name, info, existing, s3ec.parse(md))
+        if self.foreign.allowed(parent) and s3ec.is_s3ec(md) and not s3ec.needs_instruction(md):
+            return self.foreign.adopt(parent, name, info, existing, s3ec.parse(md))
         if existing is not None and self.tree.in_rename(existing):
             return existing  # (the rename's copy, or the object it is moving away)
         if existing is not None and (
@@ -368,13 +318,6 @@ class Filesystem:
         node.wrapped = meta.dek
         return self.tree.seen(parent, name, node, info)
 
-    def _foreign_allowed(self, parent: Node) -> bool:
-        """May an entry of ``parent`` named as a cryptfs key be an S3EC object?  Only in a
-        directory of them, or where names are not encrypted (there every key is a name)."""
-        return self.opt.show_foreign and (
-            parent.raw_prefix is not None or not self.vol.config.encrypt_names
-        )
-
     def _check_size(self, info: ObjectInfo, attrs: Attrs) -> None:
         try:
             size = plain_size(info.size, self.chunk)
@@ -386,172 +329,6 @@ class Filesystem:
             raise IntegrityError(
                 f"{info.key}: object length does not match its metadata", object_keys=(info.key,)
             )
-
-    async def _implicit_dir(self, prefix: str) -> bool:
-        """A prefix without a marker is a directory only if objects live below it.
-
-        (SeaweedFS keeps emptied prefixes as "directories" in listings; they must not
-        resurrect removed or renamed directories.)
-        """
-        async with self._meta_limit:
-            listing = await self.store.list(prefix, delimiter=None, max_keys=1)
-        return bool(listing.objects)
-
-    def _synthetic_dir(self, parent: Node, name: bytes, raw_prefix: str | None = None) -> Node:
-        now = now_ns()
-        if parent.raw_prefix is not None and raw_prefix is None:
-            raw_prefix = parent.raw_prefix + name.decode(errors="surrogateescape") + "/"
-        mode = 0o755 if raw_prefix is None else 0o555
-        attrs = Attrs(KIND_DIR, mode, self.opt.uid, self.opt.gid, now, now, now)
-        node = self.tree.new_node(parent, name, attrs, random_bytes(16))
-        node.raw_prefix = raw_prefix
-        node.refreshed_at = trio.current_time()
-        return node
-
-    def _adopt_foreign(
-        self, parent: Node, name: bytes, info: ObjectInfo, existing: Node | None, env: S3ecObject
-    ) -> Node:
-        """An S3 Encryption Client object: read-only, under its own key name."""
-        if existing is not None and existing.foreign is not None:
-            node = existing
-            if node.remote_etag != info.etag:
-                node.plain = None
-                self._foreign_held.pop(node, None)
-        else:
-            if existing is not None:
-                self.tree.gone_elsewhere(existing)
-            ns = int(info.modified * 1e9)
-            attrs = Attrs(KIND_FILE, 0o444, self.opt.uid, self.opt.gid, ns, ns, ns)
-            node = self.tree.new_node(parent, name, attrs, sha256(info.key.encode())[:16])
-        node.foreign, node.foreign_key = env, info.key
-        node.attrs = node.attrs.with_(size=env.plain_size(info.size))
-        return self.tree.seen(parent, name, node, info)
-
-    async def _foreign_entry(
-        self,
-        d: Node,
-        comp: str,
-        key: str,
-        etag: str | None,
-        old: dict[bytes, Node],
-        new: dict[bytes, Node],
-        here: set[str],
-        info: ObjectInfo | None = None,
-    ) -> bool:
-        """A listing entry that is not one of ours: an S3 Encryption Client object or a
-        prefix of them is shown under its own name (an instruction file beside its object is
-        part of that object), if the mount shows them (else it is left out, and is no
-        integrity failure); anything else is not ours.  ``here``: the listing's keys."""
-        show = self.opt.show_foreign
-        name = comp.encode(errors="surrogateescape")
-        if etag is not None:
-            if s3ec.is_instruction_of_listed(key, here):
-                return True
-            info = info or await self._head(key)
-            if info is None:
-                return False
-            try:
-                env = await s3ec_envelope(
-                    self.store, key, info.metadata, s3ec.has_instruction(key, here)
-                )
-                if env is None:
-                    return False
-                problem = s3ec.name_problem(name)
-                if show and problem is not None:
-                    # a bucket writer chose this key: never a '..', a NUL or 256 bytes in readdir
-                    log.warning(
-                        "S3 Encryption Client object %s not shown: %s",
-                        self.paths.key_ident(key),
-                        problem,
-                    )
-                elif show:
-                    cur = old.get(name)  # (a native entry of this name is never replaced)
-                    mine = cur if cur is not None and cur.foreign is not None else None
-                    new[name] = self._adopt_foreign(d, name, info, mine, env)
-            except (IntegrityError, UnsupportedFormat) as e:
-                log.warning(
-                    "S3 Encryption Client object %s in %s not shown: %s",
-                    self.paths.key_ident(key, join(self.paths.path(d), name)),
-                    self.paths.ident(d),
-                    self.paths.scrub(e),
-                )
-            return True
-        prefix = key[: -len(MARKER)]
-        if not await self._foreign_prefix(prefix):
-            return False
-        if not show:
-            return True
-        problem = s3ec.name_problem(name)
-        if problem is not None:
-            log.warning(
-                "S3 Encryption Client objects under %s not shown: %s",
-                self.paths.key_ident(prefix),
-                problem,
-            )
-            return True
-        cur = old.get(name)
-        new[name] = (
-            cur if cur is not None and cur.raw_prefix == prefix
-            else self._synthetic_dir(d, name, raw_prefix=prefix)
-        )  # fmt: skip
-        return True
-
-    async def _foreign_prefix(self, prefix: str) -> bool:
-        """Does ``prefix`` (whose name is not one of ours) hold S3 Encryption Client objects?"""
-        listing = await self.store.list(prefix, delimiter=None, max_keys=8)
-        keys = [o.key for o in listing.objects]
-        first = next((k for k in keys if not s3ec.is_instruction_key(k)), None)
-        if first is None:
-            return False
-        info = await self._head(first)
-        return info is not None and (
-            s3ec.is_s3ec(info.metadata) or s3ec.has_instruction(first, keys)
-        )
-
-    async def _read_foreign(self, node: Node, offset: int, size: int) -> bytes:
-        """Whole object, authenticated as a whole, kept while the file is open."""
-        assert node.foreign is not None
-        assert node.foreign_key is not None
-        if node.plain is None or node.plain_etag != node.remote_etag:
-            if node.attrs.size > self.opt.foreign_max_bytes:
-                raise FileTooBig(
-                    f"S3 Encryption Client object of {node.attrs.size} bytes is over the "
-                    f"{self.opt.foreign_max_bytes}-byte limit (one GCM tag covers it all: it "
-                    "must be read whole); use 'cryptfs import'"
-                )
-            key = node.foreign_key
-            info, body = await self.store.get(key, if_match=node.remote_etag)
-            env = node.foreign
-            try:
-                if env.instruction:  # re-read: its data key may have been re-wrapped since
-                    fresh = await s3ec_envelope(self.store, key, info.metadata, True)
-                    assert fresh is not None
-                    env = fresh
-                try:
-                    data_key = await self.vol.keyring.unwrap_s3ec(env, key)
-                except CryptfsError as e:
-                    e.object_keys += (key,)  # (its message names the object by its key)
-                    raise
-                plain = s3ec.decrypt(env, data_key, body)
-            except IntegrityError as e:
-                self.tree.integrity(key, e, node)
-                raise
-            node.plain, node.plain_etag = plain, node.remote_etag
-            self._hold_foreign(node)
-        else:
-            self._foreign_held.move_to_end(node)
-        return node.plain[offset : offset + size]
-
-    def _hold_foreign(self, node: Node) -> None:
-        """Foreign plaintexts held in memory stay within ``foreign_max_bytes`` in total:
-        the least recently read are dropped (and downloaded again if read again)."""
-        self._foreign_held[node] = len(node.plain or b"")
-        self._foreign_held.move_to_end(node)
-        total = sum(self._foreign_held.values())
-        while total > self.opt.foreign_max_bytes and len(self._foreign_held) > 1:
-            old, n = self._foreign_held.popitem(last=False)
-            old.plain = None
-            total -= n
 
     async def _keyset(self, d: Node) -> set[str]:
         """The keys and prefixes directly below ``d`` in S3, from one LIST per metadata TTL:
@@ -566,8 +343,7 @@ class Filesystem:
                 return d.keyset  # just loaded (metadata TTL 0): use it once
         d.keyset_loading = trio.Event()
         try:
-            async with self._meta_limit:
-                listing = await self.store.list(self.paths.dir_prefix(d), delimiter="/")
+            listing = await self.remote.list(self.paths.dir_prefix(d), delimiter="/")
             d.keyset = {o.key for o in listing.objects} | set(listing.prefixes)
             d.keyset_at = trio.current_time()
             return d.keyset
@@ -593,7 +369,7 @@ class Filesystem:
             keys = keys | {fkey, dprefix}  # (evicted, so it exists, whatever a LIST said)
 
         async def one(k: str) -> None:
-            results[k] = await self._head(k)
+            results[k] = await self.remote.head(k)
 
         # an object of the AWS S3 Encryption Client keeps its own (plaintext) key name
         raw = None
@@ -617,10 +393,10 @@ class Filesystem:
         existing = parent.children.get(name) if parent.children is not None else None
         info = results.get(fkey) or results.get(dkey)
         if info is not None:
-            if "cfs" not in info.metadata and self._foreign_allowed(parent) and info.key == fkey:
+            if "cfs" not in info.metadata and self.foreign.allowed(parent) and info.key == fkey:
                 env = await s3ec_envelope(self.store, fkey, info.metadata, None)
                 if env is not None:
-                    return self._adopt_foreign(parent, name, info, existing, env)
+                    return self.foreign.adopt(parent, name, info, existing, env)
                 if s3ec.is_instruction_key(fkey):
                     return None  # part of its object, as in listings
             return self._adopt(parent, name, info, existing)
@@ -628,12 +404,12 @@ class Filesystem:
         if found is not None and raw is not None and "cfs" not in found.metadata:
             env = await s3ec_envelope(self.store, raw, found.metadata, None)
             if env is not None:
-                return self._adopt_foreign(parent, name, found, existing, env)
-        if dprefix in keys and await self._implicit_dir(dprefix):
+                return self.foreign.adopt(parent, name, found, existing, env)
+        if dprefix in keys and await self.remote.implicit_dir(dprefix):
             node = existing if existing is not None and existing.is_dir else None
-            return node or self._synthetic_dir(parent, name)
-        if raw is not None and raw + "/" in keys and await self._foreign_prefix(raw + "/"):
-            return self._synthetic_dir(parent, name, raw_prefix=raw + "/")
+            return node or self.tree.synthetic_dir(parent, name)
+        if raw is not None and raw + "/" in keys and await self.foreign.prefix(raw + "/"):
+            return self.tree.synthetic_dir(parent, name, raw_prefix=raw + "/")
         return None
 
     async def _refresh(self, node: Node) -> None:
@@ -668,7 +444,7 @@ class Filesystem:
             if self._fresh(node.refreshed_at) or node.is_dir:
                 return
         key, _ = self.paths.object_key(node)
-        info = await self._head(key)
+        info = await self.remote.head(key)
         if info is None:
             if node.open_count == 0:
                 self.tree.gone_elsewhere(node)
@@ -679,7 +455,7 @@ class Filesystem:
                 env = await s3ec_envelope(self.store, key, info.metadata, None)
                 if env is None:
                     raise NoEntry("no longer an S3 Encryption Client object")
-                self._adopt_foreign(parent, node.name, info, node, env)
+                self.foreign.adopt(parent, node.name, info, node, env)
             else:
                 self._adopt(parent, node.name, info, node)
         node.refreshed_at = trio.current_time()
@@ -836,8 +612,7 @@ class Filesystem:
         # in flight (its first upload, say) cannot be judged by it (issue 18.2)
         old = dict(d.children or {})
         before = {name: node.remote_etag for name, node in old.items()}
-        async with self._meta_limit:
-            listing = await self.store.list(prefix, delimiter="/")
+        listing = await self.remote.list(prefix, delimiter="/")
         # entries made or moved here while the LIST was in flight (before the HEADs below,
         # which put what they load into d.children)
         during = {n: c for n, c in (d.children or {}).items() if old.get(n) is not c}
@@ -918,22 +693,24 @@ class Filesystem:
                         return
                 elif not self.vol.names.is_long(comp):
                     name = decoded.get(key) or self.vol.names.decode(dpath, comp)
-                info = await self._head(key)
+                info = await self.remote.head(key)
                 if info is None:
                     if (
                         etag is None
                         and name is not None
-                        and await self._implicit_dir(key[: -len(MARKER)])
+                        and await self.remote.implicit_dir(key[: -len(MARKER)])
                     ):
                         cur = old.get(name)
                         new[name] = (
-                            cur if cur is not None and cur.is_dir else self._synthetic_dir(d, name)
+                            cur
+                            if cur is not None and cur.is_dir
+                            else self.tree.synthetic_dir(d, name)
                         )
                     return
                 if (
                     "cfs" not in info.metadata
-                    and self._foreign_allowed(d)
-                    and await self._foreign_entry(d, comp, key, etag, old, foreign, here, info)
+                    and self.foreign.allowed(d)
+                    and await self.foreign.entry(d, comp, key, etag, old, foreign, here, info)
                 ):
                     return
                 long = name is None
@@ -947,7 +724,7 @@ class Filesystem:
                 if (
                     name is None
                     and not self.vol.names.is_long(comp)  # a long name is a cryptfs key
-                    and await self._foreign_entry(d, comp, key, etag, old, foreign, here)
+                    and await self.foreign.entry(d, comp, key, etag, old, foreign, here)
                 ):
                     return
                 self.tree.integrity(
@@ -982,7 +759,7 @@ class Filesystem:
             and not self.tree.same_version(d, own_marker.etag, own_marker.modified)
         ):
             # the directory's own attributes changed elsewhere (chmod, chown, utimes)
-            info = await self._head(own_marker.key)
+            info = await self.remote.head(own_marker.key)
             if info is not None:
                 with contextlib.suppress(IntegrityError, UnsupportedFormat):
                     self._adopt(d.parent, d.name, info, d)
@@ -1078,7 +855,7 @@ class Filesystem:
             )
         except (PreconditionFailed, NotFound):
             # our own request may have landed, its answer lost (a retry then meets it)
-            if not self._holds(node, key, await self._head(key), attrs):
+            if not self._holds(node, key, await self.remote.head(key), attrs):
                 raise
         node.refreshed_at = trio.current_time()
 
@@ -1113,7 +890,7 @@ class Filesystem:
                 key, key, md, if_match=node.remote_etag, size=self._stored_size(node)
             )
         except (PreconditionFailed, NotFound):
-            info = await self._head(key)
+            info = await self.remote.head(key)
             if not self._holds(node, key, info, attrs):
                 self._attrs_lost(node, info)
 
@@ -1122,7 +899,7 @@ class Filesystem:
             await self._put_marker(node, create=node.remote_etag is None)
         except (PreconditionFailed, NotFound):
             key, _ = self.paths.object_key(node)
-            self._attrs_lost(node, await self._head(key))
+            self._attrs_lost(node, await self.remote.head(key))
 
     def _attrs_lost(self, node: Node, info: ObjectInfo | None) -> None:
         """Another writer changed or removed ``node``'s object while this mount had a change
@@ -1160,13 +937,13 @@ class Filesystem:
 
     async def ensure_root(self) -> None:
         """Load (or create, on a fresh volume) the root directory's marker."""
-        info = await self._head(MARKER)
+        info = await self.remote.head(MARKER)
         if info is None:
             try:
                 await self._put_marker(self.root, create=True)
                 return
             except PreconditionFailed:  # another mount of a new volume made it first
-                info = await self._head(MARKER)
+                info = await self.remote.head(MARKER)
                 if info is None:
                     raise
         meta = self._decode(b"/", info)
@@ -1334,7 +1111,7 @@ class Filesystem:
         h = self.handle(fh)
         node = h.node
         if node.foreign is not None:
-            return await self._read_foreign(node, offset, size)
+            return await self.foreign.read(node, offset, size)
         if node.stage is not None:
             return node.stage.read(offset, size)
         end = min(offset + size, node.attrs.size)
@@ -1829,7 +1606,7 @@ class Filesystem:
         node.open_count -= 1
         if node.open_count == 0 and node.plain is not None:
             node.plain = None  # a foreign file's plaintext lives only while it is open
-            self._foreign_held.pop(node, None)
+            self.foreign.held.pop(node, None)
         if h.writable:
             node.writers -= 1
         if node.unlinked:
@@ -1923,11 +1700,10 @@ class Filesystem:
         if d.children and any(not c.unlinked for c in d.children.values()):
             raise NotEmpty("directory not empty")
         prefix = self.paths.dir_prefix(d)
-        async with self._meta_limit:
-            # two keys: any but the marker is enough (listing the whole subtree made rmdir of
-            # a big tree's root cost a LIST of the tree). No delimiter: SeaweedFS shows the
-            # prefix of a directory whose objects are all gone as a common prefix
-            listing = await self.store.list(prefix, delimiter=None, max_keys=2)
+        # two keys: any but the marker is enough (listing the whole subtree made rmdir of a
+        # big tree's root cost a LIST of the tree). No delimiter: SeaweedFS shows the prefix
+        # of a directory whose objects are all gone as a common prefix
+        listing = await self.remote.list(prefix, delimiter=None, max_keys=2)
         if any(o.key != prefix + MARKER for o in listing.objects):
             raise NotEmpty("directory not empty")
 
@@ -2088,8 +1864,7 @@ class Filesystem:
         new_prefix = self.paths.prefix_for(p2, name)
         new_path = self.paths.child_path(p2, name)
         # uploads below are excluded (``_moving_dir``); objects of dirty nodes are not in S3
-        async with self._meta_limit:
-            listing = await self.store.list(old_prefix, delimiter=None)
+        listing = await self.remote.list(old_prefix, delimiter=None)
         keys = sorted((o.key for o in listing.objects), key=lambda k: k.count("/"))
         dirs: dict[str, tuple[bytes, bytes, str]] = {old_prefix: (old_path, new_path, new_prefix)}
 
@@ -2101,7 +1876,7 @@ class Filesystem:
             comp = prefix[len(parent_prefix) : -1]
             long_name = None
             if self.vol.names.is_long(comp):
-                info = await self._head(prefix + MARKER)
+                info = await self.remote.head(prefix + MARKER)
                 long_name = info.metadata.get("cfs-n") if info else None
             plain = self.vol.names.decode(op, comp, long_name)
             ncomp, _ = self.vol.names.encode(np, plain)
@@ -2131,7 +1906,7 @@ class Filesystem:
             else:
                 stored_long = None
                 if self.vol.names.is_long(comp):
-                    info = await self._head(key)
+                    info = await self.remote.head(key)
                     if info is None:
                         return
                     stored_long = info.metadata.get("cfs-n")
@@ -2158,13 +1933,13 @@ class Filesystem:
         ) -> None:
             """HEAD (the metadata is bound to the path: it is sealed again for the new one)
             and copy, one object after the other, so that HEADs and copies overlap."""
-            info = info or await self._head(key)
+            info = info or await self.remote.head(key)
             if info is None:
                 return  # removed by another host since the listing
             meta = self._decode(opath, info)
             md = self.vol.meta.encode(npath, nkey, ObjectMeta(meta.file_id, meta.attrs, meta.dek,
                                                               long_name))  # fmt: skip
-            async with self._meta_limit:
+            async with self.remote.limit:
                 copied[nkey] = await self.store.copy(key, nkey, md, if_match=info.etag,
                                                      size=info.size)  # fmt: skip
 
@@ -2189,7 +1964,7 @@ class Filesystem:
         # the old keys of what was copied (one that vanished since the listing may be back
         # by now, another host's): DeleteObjects, at most 1000 keys each (a DeleteObject
         # each made a third of the requests of a directory rename)
-        async with self._meta_limit:
+        async with self.remote.limit:
             await self.store.delete_many([item[0] for item in plan if item[1] in copied])
         self.tree.move(src, p2, name)
         # loaded descendants now live under new keys
@@ -2387,7 +2162,7 @@ class Filesystem:
                     node.remote_etag = mine
                     continue
                 if isinstance(e, NotFound) and (
-                    node.remote_etag is None or await self._head(key) is not None
+                    node.remote_etag is None or await self.remote.head(key) is not None
                 ):
                     # not the object but our multipart upload is gone (aborted by a sweep
                     # of another host, or expired): again later, no conflict
@@ -2398,7 +2173,7 @@ class Filesystem:
         self._uploaded(node, etag, attrs, cipher)
 
     async def _own_generation(self, node: Node, key: str) -> str | None:
-        info = await self._head(key)
+        info = await self.remote.head(key)
         if info is None:
             return None
         try:
@@ -2499,7 +2274,7 @@ class Filesystem:
             self.paths.key_ident(ckey, cpath),
         )
         key, _ = self.paths.object_key(node)
-        info = await self._head(key)
+        info = await self.remote.head(key)
         # the name is the other writer's now: the kernel looks it up again, and finds theirs
         if self.tree.kernel is not None:
             self.tree.kernel.entry_gone(parent.ino, name)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 
 import trio
 
+from cryptfs.crypto import random_bytes
 from cryptfs.errors import CryptfsError, NoEntry, NotDir, ReadOnly
 from cryptfs.format.meta import KIND_DIR, Attrs
 from cryptfs.fs.locks import RWLock
@@ -32,8 +33,11 @@ def _nothing(node: Node) -> None:
 
 
 class Namespace:
-    def __init__(self, paths: Paths, root_attrs: Attrs) -> None:
+    def __init__(self, paths: Paths, uid: int, gid: int) -> None:
         self.paths = paths
+        self.uid, self.gid = uid, gid  # owner of directories no marker describes
+        now = now_ns()
+        root_attrs = Attrs(KIND_DIR, 0o755, uid, gid, now, now, now)
         self.lock = RWLock()  # ``ns``: shared by entry changes, exclusive for directory moves
         self.root = Node(ROOT_INO, None, b"", root_attrs, bytes(16))
         self.root.children = {}
@@ -273,3 +277,15 @@ class Namespace:
             node.key_memo = None
         self.insert(parent, node)
         node.attrs = node.attrs.with_(ctime_ns=now_ns())
+
+    def synthetic_dir(self, parent: Node, name: bytes, raw_prefix: str | None = None) -> Node:
+        """A directory no marker describes (an implicit one, or a prefix of S3EC objects)."""
+        now = now_ns()
+        if parent.raw_prefix is not None and raw_prefix is None:
+            raw_prefix = parent.raw_prefix + name.decode(errors="surrogateescape") + "/"
+        mode = 0o755 if raw_prefix is None else 0o555
+        attrs = Attrs(KIND_DIR, mode, self.uid, self.gid, now, now, now)
+        node = self.new_node(parent, name, attrs, random_bytes(16))
+        node.raw_prefix = raw_prefix
+        node.refreshed_at = trio.current_time()
+        return node

@@ -281,7 +281,7 @@ async def test_mount_shows_them_read_only_under_their_own_names(
         assert b.plain is None
         await small.release(ha.fh)
         await small.release(hb.fh)
-        assert not small._foreign_held
+        assert not small.foreign.held
 
 
 def _aes_wrapped_object(version: int, wrapping: Secret, plaintext: bytes) -> tuple[bytes, dict]:  # type: ignore[type-arg]

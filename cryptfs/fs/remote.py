@@ -1,0 +1,43 @@
+"""Metadata requests to S3, bounded: HEADs and LISTs of this mount share ``meta_concurrency``
+slots (a walk of a big tree must not open thousands of connections at once).
+
+Owns: the metadata limiter (``limit``, also taken around copies and batched deletes), and
+what a bare HEAD or LIST means here (absent is None; a prefix is a directory only with
+objects below it).
+Must not import: other parts of ``cryptfs.fs`` but ``model``.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from cryptfs.errors import NotFound
+from cryptfs.store.base import Listing, ObjectInfo, ObjectStore
+
+
+class Remote:
+    def __init__(self, store: ObjectStore, concurrency: int) -> None:
+        self.store = store
+        self.limit = trio.CapacityLimiter(concurrency)
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        async with self.limit:
+            try:
+                return await self.store.head(key)
+            except NotFound:
+                return None
+
+    async def list(
+        self, prefix: str, delimiter: str | None = "/", max_keys: int | None = None
+    ) -> Listing:
+        async with self.limit:
+            return await self.store.list(prefix, delimiter=delimiter, max_keys=max_keys)
+
+    async def implicit_dir(self, prefix: str) -> bool:
+        """A prefix without a marker is a directory only if objects live below it.
+
+        (SeaweedFS keeps emptied prefixes as "directories" in listings; they must not
+        resurrect removed or renamed directories.)
+        """
+        listing = await self.list(prefix, delimiter=None, max_keys=1)
+        return bool(listing.objects)
