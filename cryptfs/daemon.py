@@ -108,7 +108,7 @@ def _tune_malloc() -> None:
     reuse heap memory instead of a fresh mmap each, whose page faults (zeroing 2048 pages per
     8 MiB) were 0.5 s of CPU per GiB of a cold read.  Free memory above 32 MiB at the top of
     the heap goes back to the system (``M_TRIM_THRESHOLD``); a sequential read's memory is
-    bounded by its read-ahead window (``Filesystem._read_remote``), peak RSS 150-175 MiB for
+    bounded by its read-ahead window (``Fetcher.read_remote``), peak RSS 150-175 MiB for
     1 GiB measured."""
     try:
         libc = ctypes.CDLL("libc.so.6")

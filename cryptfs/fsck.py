@@ -212,7 +212,7 @@ async def _check_file(fs: Filesystem, node: Node, key: str, full: bool, report: 
         report.symlinks += 1
     try:
         if node.kind == KIND_FILE and node.attrs.size > 0:
-            await fs._cipher(node)  # data key unwraps, header and commitment match
+            await fs.fetch.cipher(node)  # data key unwraps, header and commitment match
             if full:
                 h = await fs.open(node.ino, os.O_RDONLY)
                 try:

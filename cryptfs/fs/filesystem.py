@@ -18,9 +18,7 @@ Error handling:
 
 from __future__ import annotations
 
-import bisect
 import contextlib
-import functools
 import heapq
 import itertools
 import logging
@@ -28,7 +26,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any, TypeVar
 
 import trio
@@ -37,7 +35,7 @@ from cryptfs import lognames
 from cryptfs.cache.blocks import BlockCache
 from cryptfs.cache.chunks import ChunkCache
 from cryptfs.cache.staging import CREATING, StagedFile, StagingArea
-from cryptfs.crypto import GCM_TAG, Secret, random_bytes
+from cryptfs.crypto import GCM_TAG, random_bytes
 from cryptfs.errors import (
     CryptfsError,
     Exists,
@@ -61,15 +59,11 @@ from cryptfs.errors import (
 )
 from cryptfs.format import s3ec
 from cryptfs.format.body import (
-    HEADER_SIZE,
     BodyCipher,
     chunk_count,
-    chunk_span,
-    chunks_for_range,
     cipher_size,
     plain_size,
 )
-from cryptfs.format.keys import SCHEME_KMS
 from cryptfs.format.meta import (
     KIND_DIR,
     KIND_FILE,
@@ -79,9 +73,11 @@ from cryptfs.format.meta import (
 )
 from cryptfs.format.names import b64d, b64e
 from cryptfs.format.volume import CONFIG_NAME
+from cryptfs.fs.fetch import Fetcher
 from cryptfs.fs.foreign import Foreign, s3ec_envelope
 from cryptfs.fs.model import (
     SYMLINK_MAX,
+    Background,
     Handle,
     KernelCache,
     Node,
@@ -100,15 +96,6 @@ from cryptfs.tasks import open_tasks
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-_SEQ_SLACK = 1 << 20  # reads this close to where the last one ended count as sequential
-
-
-def _unit_end(i: int, unit: int) -> int:
-    """Last chunk of the fetch unit holding chunk ``i``: units are aligned to multiples of
-    ``unit`` chunks, as the parts of a multipart upload are (``Options.part_size``)."""
-    return (i // unit + 1) * unit - 1
 
 
 class Filesystem:
@@ -137,18 +124,16 @@ class Filesystem:
         self.ns = self.tree.lock
         self.foreign = Foreign(volume, self.opt, self.tree, self.paths, self.remote)
         self.cache = ChunkCache(self.opt.memory_cache_bytes)
+        self.background = Background()  # (serve_writeback's nursery)
+        self.fetch = Fetcher(
+            volume, self.opt, self.paths, self.tree, self.cache, blocks, self.background
+        )
         self._relist_limit = trio.CapacityLimiter(self.opt.relist_ahead)
         self._relist_queued: set[Node] = set()
         self._upload_limit = trio.CapacityLimiter(self.opt.upload_concurrency)
         # small files are latency-bound: many in flight; their bodies are in memory, so the
         # bound is small_upload_bytes × small_upload_concurrency
         self._small_upload_limit = trio.CapacityLimiter(self.opt.small_upload_concurrency)
-        self._crypto_limit = trio.CapacityLimiter(2)
-        self._prefetch_limit = trio.CapacityLimiter(self.opt.prefetch_concurrency)
-        self._background: trio.Nursery | None = None  # read-ahead tasks (serve_writeback's)
-        # block-cache writes behind the reads that fetched them: one thread, bounded backlog
-        self._disk_limit = trio.CapacityLimiter(1)
-        self._disk_backlog = 0  # bytes of downloads waiting to be written to the block cache
         self._next_fh = 1
         self.handles: dict[int, Handle] = {}
         self._due: dict[Node, float] = {}  # node -> when its upload is due
@@ -566,7 +551,7 @@ class Filesystem:
         depth first).  Each directory relisted ahead is marked; when the walk enters it,
         the horizon moves on below it, so a walk of any depth stays ahead of its LISTs
         while a look at one directory relists only the few levels under it."""
-        nursery = self._background
+        nursery = self.background.nursery
         if nursery is None or not d.children or self.opt.metadata_ttl <= 0:
             return  # (a TTL of 0: nothing relisted ahead would still be fresh for the walk)
         budget = [self.opt.relist_ahead_max]
@@ -990,7 +975,7 @@ class Filesystem:
             if node.stage is not None:
                 node.target = node.stage.read(0, node.stage.size)
             else:
-                node.target = await self._read_remote(node, 0, node.attrs.size, None)
+                node.target = await self.fetch.read_remote(node, 0, node.attrs.size, None)
         return node.target
 
     async def create(
@@ -1060,44 +1045,9 @@ class Filesystem:
         node.kernel_etag = None if node.dirty else node.remote_etag
         if not writable and not flags & os.O_TRUNC:
             if not h.keep_cache:
-                self._fetch_at_open(node)
-            self._siblings_ahead(node)
+                self.fetch.fetch_at_open(node)
+            self.fetch.siblings_ahead(node)
         return h
-
-    def _siblings_ahead(self, node: Node) -> None:
-        """A reader that opens the small files of a directory one after another in name
-        order (``cat *``, ``cp -r``, ``tar``: readdir answers in that order) finds the next
-        ones fetched (or being fetched) when it opens them: one GET per file stays, its wait
-        goes.  From the second open in a row, the next ``sibling_readahead`` files of up to
-        ``small_file_bytes`` are fetched as at open; a wrong guess costs their GETs, no more.
-        """
-        d = node.parent
-        n_ahead = self.opt.sibling_readahead
-        if (
-            d is None
-            or d.children is None
-            or n_ahead <= 0
-            or node.attrs.size > self.opt.small_file_bytes
-        ):
-            return
-        last, d.read_last = d.read_last, node.name
-        if last is None or last >= node.name:  # not the second of a run in name order
-            return
-        children = d.children
-        memo = d.sorted_names
-        if memo is None or memo[0] != id(children) or memo[1] != len(children):
-            memo = d.sorted_names = (id(children), len(children), sorted(children))
-        names = memo[2]
-        i = bisect.bisect_right(names, node.name)
-        for name in names[i : i + n_ahead]:
-            sib = children.get(name)
-            if (
-                sib is not None
-                and sib.kind == KIND_FILE
-                and sib.open_count == 0
-                and sib.kernel_etag != sib.remote_etag  # else the kernel may have its pages
-            ):
-                self._fetch_at_open(sib)
 
     async def _look_again(self, node: Node) -> None:
         """Ask S3 about ``node`` now, whatever its freshness: another writer replaced its
@@ -1117,357 +1067,19 @@ class Filesystem:
         end = min(offset + size, node.attrs.size)
         if offset >= end:
             return b""
-        # sequential access grows the read-ahead window; a seek resets it.  The kernel has
-        # several reads of one stream in flight, so they may arrive slightly out of order.
-        if abs(offset - h.next_offset) <= _SEQ_SLACK:
-            h.window = min(max(h.window * 2, 2 * self.chunk), self.opt.max_readahead)
-            h.next_offset = max(h.next_offset, end)
-        else:
-            h.window = 0
-            h.ra_next = 0
-            h.next_offset = end
+        self.fetch.track(h, offset, end)
         try:
-            return await self._read_remote(node, offset, end - offset, h)
+            return await self.fetch.read_remote(node, offset, end - offset, h)
         except PreconditionFailed:
             # the object was replaced by another writer since we looked: reload and retry
             node.refreshed_at = -1e18
             await self._refresh(node)
             end = min(offset + size, node.attrs.size)
-            return await self._read_remote(node, offset, max(0, end - offset), h)
+            return await self.fetch.read_remote(node, offset, max(0, end - offset), h)
 
     def _stored_size(self, node: Node) -> int:
         """Size of the node's object in S3 (0 for directory markers)."""
         return 0 if node.is_dir else cipher_size(node.attrs.size, self.chunk)
-
-    async def _dek(self, node: Node) -> Secret:
-        """The node's data key, from the keyring's bounded, expiring cache."""
-        if node.wrapped is None:
-            raise IntegrityError("object has no data key")
-        return await self.vol.keyring.unwrap(node.wrapped, node.file_id)
-
-    def _known_cipher(self, node: Node) -> BodyCipher | None:
-        if node.cipher is not None and node.cipher_etag == node.remote_etag:
-            return node.cipher
-        return None
-
-    async def _cipher(self, node: Node, header: bytes | None = None) -> BodyCipher:
-        known = self._known_cipher(node)
-        if known is not None:
-            return known
-        key, _ = self.paths.object_key(node)
-        if header is None:
-            _info, header = await self.store.get(key, 0, HEADER_SIZE, if_match=node.remote_etag)
-        try:
-            cipher = BodyCipher.open(await self._dek(node), header)
-            if cipher.header.file_id != node.file_id or cipher.header.salt != node.attrs.salt:
-                raise IntegrityError("body header does not belong to this file's metadata")
-            if cipher.header.chunk_log2 != self.vol.chunk_log2:
-                raise IntegrityError("body chunk size differs from the volume's")
-        except (IntegrityError, UnsupportedFormat) as e:
-            self.tree.integrity(key, e, node)
-            raise
-        node.cipher, node.cipher_etag = cipher, node.remote_etag
-        return cipher
-
-    async def _read_remote(
-        self, node: Node, offset: int, length: int, h: Handle | None = None
-    ) -> bytes:
-        if length <= 0:
-            return b""
-        size = node.attrs.size
-        c = self.chunk
-        need = chunks_for_range(offset, length, c)
-        got: dict[int, bytes] = {}
-        missing = self._from_memory(node, need, got, count=True)
-        if missing and node.inflight:
-            # read-ahead is already fetching them: wait for it rather than fetch twice
-            for i in missing:
-                ev = node.inflight.get(i)
-                if ev is not None:
-                    await ev.wait()
-            missing = self._from_memory(node, missing, got, count=False)
-        if h is not None and h.window:
-            last = chunk_count(size, c) - 1
-            self._read_ahead(node, h, need.stop, min(last, (offset + h.window - 1) // c))
-        if missing:
-            await self._fetch_chunks(node, missing[0], missing[-1], got)
-        if h is not None and h.window:
-            # a sequential reader does not come back for what it has read (the kernel keeps
-            # those pages while the object is unchanged): the memory cache keeps only what
-            # is still ahead of it, so a long read holds its read-ahead window, not the LRU
-            end = offset + length
-            fid, salt = node.file_id, node.attrs.salt
-            for i in need:
-                if min((i + 1) * c, size) <= end:
-                    self.cache.discard((fid, salt, i))
-        if len(need) == 1:
-            lo = offset - need.start * c
-            return got[need.start][lo : lo + length]
-        out = b"".join(got[i] for i in need)
-        lo = offset - need.start * c
-        return out[lo : lo + length]
-
-    def _from_memory(
-        self, node: Node, indexes: Iterable[int], got: dict[int, bytes], *, count: bool
-    ) -> list[int]:
-        """Chunks of ``indexes`` in the memory cache go to ``got``; returns the others
-        (``count``: as hits and misses in the statistics)."""
-        lookup = self.cache.get if count else self.cache.peek
-        missing = []
-        for i in indexes:
-            v = lookup((node.file_id, node.attrs.salt, i))
-            if v is None:
-                missing.append(i)
-            else:
-                got[i] = v
-        return missing
-
-    def _read_ahead(self, node: Node, h: Handle, first: int, last: int) -> None:
-        """Fetch chunks [first, last] in the background, one aligned ``fetch_unit`` per GET
-        (``_unit_end``), so that the next reads of a sequential stream find them cached (or
-        in flight).  A unit that reaches past ``last`` waits for the window to cover it."""
-        nursery = self._background
-        if nursery is None:
-            return
-        unit = max(1, self.opt.fetch_unit // self.chunk)
-        final = chunk_count(node.attrs.size, self.chunk) - 1
-        key = (node.file_id, node.attrs.salt)
-        i = max(first, h.ra_next)
-        while i <= last:
-            j = min(final, _unit_end(i, unit))
-            if j > last:
-                break  # wait until the whole unit is inside the window
-            if all(self.cache.peek((*key, k)) is not None or k in node.inflight
-                   for k in range(i, j + 1)):  # fmt: skip
-                i = j + 1
-                continue
-            ev = trio.Event()
-            for k in range(i, j + 1):
-                node.inflight.setdefault(k, ev)
-            nursery.start_soon(self._prefetch, node, i, j, node.remote_etag, ev)
-            i = j + 1
-        h.ra_next = max(h.ra_next, i)
-
-    async def _prefetch(
-        self, node: Node, first: int, last: int, etag: str | None, ev: trio.Event
-    ) -> None:
-        try:
-            async with self._prefetch_limit:
-                if node.remote_etag == etag and not node.unlinked and node.stage is None:
-                    await self._fetch_chunks(node, first, last, {})
-        except Exception as e:  # the reader fetches again and reports it
-            log.debug("read-ahead of %s failed: %s", self.paths.ident(node), self.paths.scrub(e))
-        finally:
-            for k in range(first, last + 1):
-                if node.inflight.get(k) is ev:
-                    del node.inflight[k]
-            ev.set()
-
-    async def _fetch_chunks(self, node: Node, first: int, last: int, got: dict[int, bytes]) -> None:
-        """Fetch, authenticate and cache chunks [first, last].
-
-        A long run is split at multiples of ``fetch_unit`` (the parts of a multipart upload)
-        into pieces fetched concurrently (S3 serves parallel ranged GETs faster than one long
-        one).  When the body's header is not known yet, the first piece (from chunk 0) brings
-        it along.
-        """
-        unit = max(1, self.opt.fetch_unit // self.chunk)
-        todo = list(range(first, last + 1))
-        if self.blocks is not None and self.blocks.has(node.file_id, node.attrs.salt):
-            todo = await self._from_disk(node, first, last, got)
-        runs: list[tuple[int, int]] = []
-        for i in todo:  # consecutive missing chunks, within one aligned unit per GET
-            if runs and runs[-1][1] == i - 1 and i % unit:
-                runs[-1] = (runs[-1][0], i)
-            else:
-                runs.append((i, i))
-        if not runs:
-            return
-        if self._known_cipher(node) is None:
-            await self._fetch_run(node, *runs.pop(0), got)
-        if len(runs) == 1:
-            await self._fetch_run(node, *runs[0], got)
-        elif runs:
-            async with open_tasks() as nursery:
-                for f, la in runs:
-                    nursery.start_soon(self._fetch_run, node, f, la, got)
-
-    async def _fetch_run(self, node: Node, first: int, last: int, got: dict[int, bytes]) -> None:
-        """One ranged GET for chunks [first, last]."""
-        size = node.attrs.size
-        c = self.chunk
-        n = chunk_count(size, c)
-        start, _ = chunk_span(first, size, c)
-        lo, ln = chunk_span(last, size, c)
-        key, _ = self.paths.object_key(node)
-        cipher = self._known_cipher(node)
-        header = None
-        if cipher is None and first == 0:
-            data = await self._get_unwrapping(node, key, lo + ln)
-            header, data = data[:HEADER_SIZE], data[HEADER_SIZE:]
-        else:
-            _info, data = await self.store.get(key, start, lo + ln, if_match=node.remote_etag)
-        cipher = await self._cipher(node, header)
-        if len(data) != lo + ln - start:
-            self.tree.integrity(key, "short read", node)
-            raise IntegrityError(
-                f"{key}: object shorter than its metadata says", object_keys=(key,)
-            )
-
-        sealed: dict[int, memoryview] = {}
-
-        def open_all() -> list[bytes]:
-            view = memoryview(data)
-            out = []
-            for i in range(first, last + 1):
-                off, ln_i = chunk_span(i, size, c)
-                sealed[i] = view[off - start : off - start + ln_i]
-                out.append(cipher.open_chunk(i, i == n - 1, sealed[i]))
-            return out
-
-        try:
-            plain = await self._crypto(open_all, len(data))
-        except IntegrityError as e:
-            self.tree.integrity(key, e, node)
-            raise
-        # cached under the generation these bytes authenticated as (the node may hold another
-        # by now: an adopt or our own upload may have landed during the awaits above)
-        salt = cipher.header.salt
-        if self.blocks is not None:  # authenticated: worth keeping on disk
-            if n == 1:  # a small object, whole: into a pack, with its header
-                header = header or cipher.header_bytes
-            await self._keep_on_disk(node.file_id, salt, header, sealed, len(data), whole=n == 1)
-        for i, pt in zip(range(first, last + 1), plain, strict=True):
-            self.cache.put((node.file_id, salt, i), pt)
-            got[i] = pt
-
-    async def _get_unwrapping(self, node: Node, key: str, end: int) -> bytes:
-        """GET ``[0, end)`` of ``key`` while the data key is unwrapped at the same time (it
-        is cached by the keyring for ``_cipher``) when that is a KMS round trip of its own.
-        (A local unwrap is a few microseconds of CPU: not worth two tasks.)"""
-        got: list[bytes] = []
-
-        async def get() -> None:
-            got.append((await self.store.get(key, 0, end, if_match=node.remote_etag))[1])
-
-        wk = node.wrapped
-        if (
-            wk is None
-            or wk.scheme != SCHEME_KMS
-            or self.vol.keyring.cache.get(node.file_id, wk.blob) is not None
-        ):
-            await get()
-        else:
-            async with open_tasks() as n:
-                n.start_soon(get)
-                await self._dek(node)
-        return got[0]
-
-    def _fetch_at_open(self, node: Node) -> None:
-        """A file opened for reading, with nothing of it cached: a small file (up to
-        ``small_file_bytes``) is fetched whole now, not when the first read arrives, so that
-        the GET overlaps the kernel's turn from open to read.  The read finds the chunks in
-        flight (``node.inflight``) and waits for them."""
-        nursery = self._background
-        size = node.attrs.size
-        if nursery is None or size <= 0 or size > self.opt.small_file_bytes or node.inflight:
-            return  # (a larger file: a random reader would not want its first 4 MiB)
-        if node.stage is not None or node.foreign is not None or node.remote_etag is None:
-            return
-        key = (node.file_id, node.attrs.salt)
-        if self.cache.peek((*key, 0)) is not None:
-            return
-        if self.blocks is not None and self.blocks.has(*key):
-            return
-        last = chunk_count(size, self.chunk) - 1
-        ev = trio.Event()
-        for k in range(last + 1):
-            node.inflight[k] = ev
-        nursery.start_soon(self._prefetch, node, 0, last, node.remote_etag, ev)
-
-    async def _keep_on_disk(
-        self,
-        fid: bytes,
-        salt: bytes,
-        header: bytes | None,
-        sealed: dict[int, memoryview],
-        nbytes: int,
-        *,
-        whole: bool = False,
-    ) -> None:
-        """Write downloaded (authenticated) chunks to the block cache behind the read (a
-        cache file, when it has to be made, costs up to a few tenths of a ms here).  While
-        more than ``disk_backlog`` bytes wait, the reader writes its own chunks (memory
-        stays bounded when the cache disk is slow).  ``whole``: the object of one chunk,
-        with its header (``BlockCache`` packs it with other small ones)."""
-        blocks = self.blocks
-        assert blocks is not None
-        put = functools.partial(blocks.put, fid, salt, header, sealed, whole=whole)
-        nursery = self._background
-        if nursery is None or self._disk_backlog + nbytes > self.opt.disk_backlog:
-            await trio.to_thread.run_sync(put)
-            return
-
-        async def write() -> None:
-            try:
-                await trio.to_thread.run_sync(put, limiter=self._disk_limit)
-            except Exception as e:  # the cache is best effort: never stop the service for it
-                log.warning("block cache write failed: %s", e)
-            finally:
-                self._disk_backlog -= nbytes
-
-        self._disk_backlog += nbytes
-        nursery.start_soon(write)
-
-    async def _crypto(self, fn: Callable[[], T], nbytes: int) -> T:
-        """Run ``fn`` (AES-GCM over ``nbytes``) here if small, else in a worker thread:
-        AES-GCM releases the GIL, and the trio thread stays free for FUSE requests."""
-        if nbytes >= self.opt.offload_bytes:
-            return await trio.to_thread.run_sync(fn, limiter=self._crypto_limit)
-        return fn()
-
-    async def _from_disk(
-        self, node: Node, first: int, last: int, got: dict[int, bytes]
-    ) -> list[int]:
-        """Chunks [first, last] found in the block cache go to ``got`` (authenticated like
-        any download); returns the indexes still to fetch.  A cached chunk that fails
-        authentication drops the cached version: S3 is asked again, nothing is reported."""
-        blocks = self.blocks
-        assert blocks is not None
-        fid, salt = node.file_id, node.attrs.salt
-        known = self._known_cipher(node)
-
-        def load() -> tuple[bytes | None, dict[int, bytes]]:
-            return blocks.get(fid, salt, first, last, header=known is None)
-
-        header, sealed = await trio.to_thread.run_sync(load)
-        if not sealed:
-            return list(range(first, last + 1))
-        try:
-            cipher = known or await self._cipher(node, header)
-        except IntegrityError:
-            await trio.to_thread.run_sync(blocks.drop, fid, salt)  # (its lock, its I/O)
-            return list(range(first, last + 1))
-        size = node.attrs.size
-        n = chunk_count(size, self.chunk)
-
-        def open_all() -> dict[int, bytes]:
-            return {i: cipher.open_chunk(i, i == n - 1, ct) for i, ct in sealed.items()}
-
-        try:
-            plain = await self._crypto(open_all, len(sealed) * self.chunk)
-        except IntegrityError as e:
-            log.warning(
-                "block cache: %s: %s; fetching it again",
-                self.paths.ident(node),
-                self.paths.scrub(e),
-            )
-            await trio.to_thread.run_sync(blocks.drop, fid, salt)
-            return list(range(first, last + 1))
-        for i, pt in plain.items():
-            self.cache.put((fid, salt, i), pt)
-            got[i] = pt
-        return [i for i in range(first, last + 1) if i not in plain]
 
     async def _materialize(self, node: Node) -> StagedFile:
         """Make ``node`` dirty: copy its current content into a new staged file.
@@ -1503,7 +1115,7 @@ class Filesystem:
                         last = min(n - 1, first + step - 1)
                         got: dict[int, bytes] = {}
                         try:
-                            await self._fetch_chunks(node, first, last, got)
+                            await self.fetch.fetch_chunks(node, first, last, got)
                         except PreconditionFailed:
                             # replaced by another writer, and this mount had not seen it:
                             # learn of the new version, and copy that one instead
@@ -2045,7 +1657,7 @@ class Filesystem:
         """Upload dirty files once their write-back delay has passed. Runs until cancelled."""
         task_status.started()
         async with open_tasks() as nursery:
-            self._background = nursery
+            self.background.nursery = nursery
             while not self._stopping:
                 now = trio.current_time()
                 heap = self._due_heap
@@ -2058,7 +1670,7 @@ class Filesystem:
                 self._wake = trio.Event()
                 with trio.move_on_after(max(wait, 0.01)):
                     await self._wake.wait()
-            self._background = None
+            self.background.nursery = None
             # leaving the nursery waits for in-flight uploads: a cancelled PUT may still
             # land on the server without us learning its ETag
 
@@ -2076,9 +1688,9 @@ class Filesystem:
             async with self._limit_for(node):
                 await self.sync_node(node)
             self._retry.pop(node, None)
-            if self._sweep_due and self._background is not None:
+            if self._sweep_due and self.background.nursery is not None:
                 # S3 answers again: abort what an outage left unfinished, while mounted
-                self._background.start_soon(self._sweep_in_background)
+                self.background.nursery.start_soon(self._sweep_in_background)
         except (StoreError, OSError, KeyServiceUnavailable) as e:
             # (KMS throttling or an outage after its retries: every upload asks KMS for a
             # fresh data key, so a KMS volume's uploads wait for KMS like for S3)
@@ -2228,7 +1840,7 @@ class Filesystem:
                         data += bytes(size - len(data))
                     return cipher.seal_all(bytes(data))
 
-                body = await self._crypto(seal, size)
+                body = await self.fetch.crypto(seal, size)
                 etag = await self.store.put(key, body, md, **cond)
             else:
                 etag = await self._multipart(source, cipher, key, md, cond)
@@ -2372,7 +1984,7 @@ class Filesystem:
             async with limit:
                 buf = free.pop() if free else bytearray(len(hdr) + per_part * (c + GCM_TAG))
                 # staging reads and AES-GCM release the GIL: the trio thread stays free
-                body = await trio.to_thread.run_sync(build, p, buf, limiter=self._crypto_limit)
+                body = await trio.to_thread.run_sync(build, p, buf, limiter=self.fetch.crypto_limit)
                 etags[p] = await self.store.upload_part(key, upload_id, p + 1, body)
                 # reused only after a success (the server has read the whole body): the bytes
                 # of a failed request may still sit in a closing connection's send buffer

@@ -196,3 +196,12 @@ class Handle:
     next_offset: int = 0
     window: int = 0
     ra_next: int = 0  # first chunk the read-ahead has not scheduled yet
+
+
+class Background:
+    """Where work behind a request runs (read-ahead, block-cache writes, uploads due, relists
+    ahead): the write-back service's nursery while it serves, else None (the work is then
+    done in line, or not at all)."""
+
+    def __init__(self) -> None:
+        self.nursery: trio.Nursery | None = None

@@ -62,7 +62,17 @@ def test_layers_point_down() -> None:
 
 # inside fs/: each part imports only parts listed before it (the last one is the facade the
 # FUSE layer and the tools use); a new module goes into this order or the test fails
-FS_ORDER = ["locks", "model", "volume", "paths", "remote", "namespace", "foreign", "filesystem"]
+FS_ORDER = [
+    "locks",
+    "model",
+    "volume",
+    "paths",
+    "remote",
+    "namespace",
+    "foreign",
+    "fetch",
+    "filesystem",
+]
 
 
 def test_fs_parts_point_down() -> None:

@@ -83,16 +83,16 @@ async def test_bytes_fetched_are_cached_under_the_generation_they_are_of(tmp_pat
     reader = await make_fs(tmp_path / "r", store)
     node = await reader.lookup(ROOT_INO, b"f")
     old_salt, new_salt = node.attrs.salt, os.urandom(32)
-    real_crypto = reader._crypto
+    real_crypto = reader.fetch.crypto
 
     async def decrypt_then_new_version(fn, nbytes):  # type: ignore[no-untyped-def]
         out = await real_crypto(fn, nbytes)  # (in a worker thread for large runs)
         node.attrs = node.attrs.with_(salt=new_salt)  # what an adopt landing now does
         return out
 
-    reader._crypto = decrypt_then_new_version  # type: ignore[method-assign]
+    reader.fetch.crypto = decrypt_then_new_version  # type: ignore[method-assign]
     got: dict[int, bytes] = {}
-    await reader._fetch_run(node, 0, 2, got)
+    await reader.fetch.fetch_run(node, 0, 2, got)
     assert len(got) == 3
     assert reader.cache.get((node.file_id, new_salt, 0)) is None
     assert reader.cache.get((node.file_id, old_salt, 0)) == got[0]
@@ -196,7 +196,7 @@ async def test_opening_for_writing_never_mixes_two_versions(tmp_path: Path) -> N
     await write_file(fs, ROOT_INO, b"f", v1)
     other = await make_fs(tmp_path / "b", store)
     node = await fs.lookup(ROOT_INO, b"f")
-    real = fs._fetch_chunks
+    real = fs.fetch.fetch_chunks
     batches = 0
 
     async def fetch_then_new_version(n, first, last, got):  # type: ignore[no-untyped-def]
@@ -211,11 +211,11 @@ async def test_opening_for_writing_never_mixes_two_versions(tmp_path: Path) -> N
             await other.sync_node(theirs)
             await fs._refresh(node)
 
-    fs._fetch_chunks = fetch_then_new_version  # type: ignore[method-assign]
+    fs.fetch.fetch_chunks = fetch_then_new_version  # type: ignore[method-assign]
     h = await fs.open(node.ino, os.O_RDWR)
     await fs.write(h.fh, 0, b"X")
     await fs.release(h.fh)
-    fs._fetch_chunks = real  # type: ignore[method-assign]
+    fs.fetch.fetch_chunks = real  # type: ignore[method-assign]
     await fs.flush_all()
     check = await make_fs(tmp_path / "c", store)
     got = await read_file(check, (await check.lookup(ROOT_INO, b"f")).ino)

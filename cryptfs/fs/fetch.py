@@ -1,0 +1,447 @@
+"""The read path: chunks of a file's object fetched, authenticated and cached.
+
+Owns: ranged GETs pinned to the version a node holds (If-Match), opening the body header and
+data key, the memory cache of plaintext chunks and the block cache of sealed ones (what goes
+in, under which version), read-ahead of sequential streams and of the next small files of a
+directory, fetching small files at open, and where AES-GCM runs (here or a worker thread).
+Must not import: other parts of ``cryptfs.fs`` but ``model``, ``volume``, ``paths`` and
+``namespace``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import logging
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+import trio
+
+from cryptfs.cache.blocks import BlockCache
+from cryptfs.cache.chunks import ChunkCache
+from cryptfs.crypto import Secret
+from cryptfs.errors import IntegrityError, UnsupportedFormat
+from cryptfs.format.body import HEADER_SIZE, BodyCipher, chunk_count, chunk_span, chunks_for_range
+from cryptfs.format.keys import SCHEME_KMS
+from cryptfs.format.meta import KIND_FILE
+from cryptfs.fs.model import Background, Handle, Node, Options
+from cryptfs.fs.namespace import Namespace
+from cryptfs.fs.paths import Paths
+from cryptfs.fs.volume import Volume
+from cryptfs.tasks import open_tasks
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_SEQ_SLACK = 1 << 20  # reads this close to where the last one ended count as sequential
+
+
+def _unit_end(i: int, unit: int) -> int:
+    """Last chunk of the fetch unit holding chunk ``i``: units are aligned to multiples of
+    ``unit`` chunks, as the parts of a multipart upload are (``Options.part_size``)."""
+    return (i // unit + 1) * unit - 1
+
+
+class Fetcher:
+    def __init__(
+        self,
+        volume: Volume,
+        options: Options,
+        paths: Paths,
+        tree: Namespace,
+        cache: ChunkCache,
+        blocks: BlockCache | None,
+        background: Background,
+    ) -> None:
+        self.vol = volume
+        self.store = volume.store
+        self.opt = options
+        self.chunk = volume.chunk
+        self.paths = paths
+        self.tree = tree
+        self.cache = cache
+        self.blocks = blocks  # encrypted chunks on local disk (None: not kept)
+        self.background = background
+        self.crypto_limit = trio.CapacityLimiter(2)
+        self.prefetch_limit = trio.CapacityLimiter(self.opt.prefetch_concurrency)
+        # block-cache writes behind the reads that fetched them: one thread, bounded backlog
+        self.disk_limit = trio.CapacityLimiter(1)
+        self.disk_backlog = 0  # bytes of downloads waiting to be written to the block cache
+
+    def track(self, h: Handle, offset: int, end: int) -> None:
+        """A read of [offset, end) through ``h``: sequential access grows its read-ahead
+        window; a seek resets it.  The kernel has several reads of one stream in flight, so
+        they may arrive slightly out of order."""
+        if abs(offset - h.next_offset) <= _SEQ_SLACK:
+            h.window = min(max(h.window * 2, 2 * self.chunk), self.opt.max_readahead)
+            h.next_offset = max(h.next_offset, end)
+        else:
+            h.window = 0
+            h.ra_next = 0
+            h.next_offset = end
+
+    async def dek(self, node: Node) -> Secret:
+        """The node's data key, from the keyring's bounded, expiring cache."""
+        if node.wrapped is None:
+            raise IntegrityError("object has no data key")
+        return await self.vol.keyring.unwrap(node.wrapped, node.file_id)
+
+    def known_cipher(self, node: Node) -> BodyCipher | None:
+        if node.cipher is not None and node.cipher_etag == node.remote_etag:
+            return node.cipher
+        return None
+
+    async def cipher(self, node: Node, header: bytes | None = None) -> BodyCipher:
+        known = self.known_cipher(node)
+        if known is not None:
+            return known
+        key, _ = self.paths.object_key(node)
+        if header is None:
+            _info, header = await self.store.get(key, 0, HEADER_SIZE, if_match=node.remote_etag)
+        try:
+            cipher = BodyCipher.open(await self.dek(node), header)
+            if cipher.header.file_id != node.file_id or cipher.header.salt != node.attrs.salt:
+                raise IntegrityError("body header does not belong to this file's metadata")
+            if cipher.header.chunk_log2 != self.vol.chunk_log2:
+                raise IntegrityError("body chunk size differs from the volume's")
+        except (IntegrityError, UnsupportedFormat) as e:
+            self.tree.integrity(key, e, node)
+            raise
+        node.cipher, node.cipher_etag = cipher, node.remote_etag
+        return cipher
+
+    async def read_remote(
+        self, node: Node, offset: int, length: int, h: Handle | None = None
+    ) -> bytes:
+        if length <= 0:
+            return b""
+        size = node.attrs.size
+        c = self.chunk
+        need = chunks_for_range(offset, length, c)
+        got: dict[int, bytes] = {}
+        missing = self.from_memory(node, need, got, count=True)
+        if missing and node.inflight:
+            # read-ahead is already fetching them: wait for it rather than fetch twice
+            for i in missing:
+                ev = node.inflight.get(i)
+                if ev is not None:
+                    await ev.wait()
+            missing = self.from_memory(node, missing, got, count=False)
+        if h is not None and h.window:
+            last = chunk_count(size, c) - 1
+            self.read_ahead(node, h, need.stop, min(last, (offset + h.window - 1) // c))
+        if missing:
+            await self.fetch_chunks(node, missing[0], missing[-1], got)
+        if h is not None and h.window:
+            # a sequential reader does not come back for what it has read (the kernel keeps
+            # those pages while the object is unchanged): the memory cache keeps only what
+            # is still ahead of it, so a long read holds its read-ahead window, not the LRU
+            end = offset + length
+            fid, salt = node.file_id, node.attrs.salt
+            for i in need:
+                if min((i + 1) * c, size) <= end:
+                    self.cache.discard((fid, salt, i))
+        if len(need) == 1:
+            lo = offset - need.start * c
+            return got[need.start][lo : lo + length]
+        out = b"".join(got[i] for i in need)
+        lo = offset - need.start * c
+        return out[lo : lo + length]
+
+    def from_memory(
+        self, node: Node, indexes: Iterable[int], got: dict[int, bytes], *, count: bool
+    ) -> list[int]:
+        """Chunks of ``indexes`` in the memory cache go to ``got``; returns the others
+        (``count``: as hits and misses in the statistics)."""
+        lookup = self.cache.get if count else self.cache.peek
+        missing = []
+        for i in indexes:
+            v = lookup((node.file_id, node.attrs.salt, i))
+            if v is None:
+                missing.append(i)
+            else:
+                got[i] = v
+        return missing
+
+    def read_ahead(self, node: Node, h: Handle, first: int, last: int) -> None:
+        """Fetch chunks [first, last] in the background, one aligned ``fetch_unit`` per GET
+        (``_unit_end``), so that the next reads of a sequential stream find them cached (or
+        in flight).  A unit that reaches past ``last`` waits for the window to cover it."""
+        nursery = self.background.nursery
+        if nursery is None:
+            return
+        unit = max(1, self.opt.fetch_unit // self.chunk)
+        final = chunk_count(node.attrs.size, self.chunk) - 1
+        key = (node.file_id, node.attrs.salt)
+        i = max(first, h.ra_next)
+        while i <= last:
+            j = min(final, _unit_end(i, unit))
+            if j > last:
+                break  # wait until the whole unit is inside the window
+            if all(self.cache.peek((*key, k)) is not None or k in node.inflight
+                   for k in range(i, j + 1)):  # fmt: skip
+                i = j + 1
+                continue
+            ev = trio.Event()
+            for k in range(i, j + 1):
+                node.inflight.setdefault(k, ev)
+            nursery.start_soon(self.prefetch, node, i, j, node.remote_etag, ev)
+            i = j + 1
+        h.ra_next = max(h.ra_next, i)
+
+    async def prefetch(
+        self, node: Node, first: int, last: int, etag: str | None, ev: trio.Event
+    ) -> None:
+        try:
+            async with self.prefetch_limit:
+                if node.remote_etag == etag and not node.unlinked and node.stage is None:
+                    await self.fetch_chunks(node, first, last, {})
+        except Exception as e:  # the reader fetches again and reports it
+            log.debug("read-ahead of %s failed: %s", self.paths.ident(node), self.paths.scrub(e))
+        finally:
+            for k in range(first, last + 1):
+                if node.inflight.get(k) is ev:
+                    del node.inflight[k]
+            ev.set()
+
+    async def fetch_chunks(self, node: Node, first: int, last: int, got: dict[int, bytes]) -> None:
+        """Fetch, authenticate and cache chunks [first, last].
+
+        A long run is split at multiples of ``fetch_unit`` (the parts of a multipart upload)
+        into pieces fetched concurrently (S3 serves parallel ranged GETs faster than one long
+        one).  When the body's header is not known yet, the first piece (from chunk 0) brings
+        it along.
+        """
+        unit = max(1, self.opt.fetch_unit // self.chunk)
+        todo = list(range(first, last + 1))
+        if self.blocks is not None and self.blocks.has(node.file_id, node.attrs.salt):
+            todo = await self.from_disk(node, first, last, got)
+        runs: list[tuple[int, int]] = []
+        for i in todo:  # consecutive missing chunks, within one aligned unit per GET
+            if runs and runs[-1][1] == i - 1 and i % unit:
+                runs[-1] = (runs[-1][0], i)
+            else:
+                runs.append((i, i))
+        if not runs:
+            return
+        if self.known_cipher(node) is None:
+            await self.fetch_run(node, *runs.pop(0), got)
+        if len(runs) == 1:
+            await self.fetch_run(node, *runs[0], got)
+        elif runs:
+            async with open_tasks() as nursery:
+                for f, la in runs:
+                    nursery.start_soon(self.fetch_run, node, f, la, got)
+
+    async def fetch_run(self, node: Node, first: int, last: int, got: dict[int, bytes]) -> None:
+        """One ranged GET for chunks [first, last]."""
+        size = node.attrs.size
+        c = self.chunk
+        n = chunk_count(size, c)
+        start, _ = chunk_span(first, size, c)
+        lo, ln = chunk_span(last, size, c)
+        key, _ = self.paths.object_key(node)
+        cipher = self.known_cipher(node)
+        header = None
+        if cipher is None and first == 0:
+            data = await self.get_unwrapping(node, key, lo + ln)
+            header, data = data[:HEADER_SIZE], data[HEADER_SIZE:]
+        else:
+            _info, data = await self.store.get(key, start, lo + ln, if_match=node.remote_etag)
+        cipher = await self.cipher(node, header)
+        if len(data) != lo + ln - start:
+            self.tree.integrity(key, "short read", node)
+            raise IntegrityError(
+                f"{key}: object shorter than its metadata says", object_keys=(key,)
+            )
+
+        sealed: dict[int, memoryview] = {}
+
+        def open_all() -> list[bytes]:
+            view = memoryview(data)
+            out = []
+            for i in range(first, last + 1):
+                off, ln_i = chunk_span(i, size, c)
+                sealed[i] = view[off - start : off - start + ln_i]
+                out.append(cipher.open_chunk(i, i == n - 1, sealed[i]))
+            return out
+
+        try:
+            plain = await self.crypto(open_all, len(data))
+        except IntegrityError as e:
+            self.tree.integrity(key, e, node)
+            raise
+        # cached under the generation these bytes authenticated as (the node may hold another
+        # by now: an adopt or our own upload may have landed during the awaits above)
+        salt = cipher.header.salt
+        if self.blocks is not None:  # authenticated: worth keeping on disk
+            if n == 1:  # a small object, whole: into a pack, with its header
+                header = header or cipher.header_bytes
+            await self.keep_on_disk(node.file_id, salt, header, sealed, len(data), whole=n == 1)
+        for i, pt in zip(range(first, last + 1), plain, strict=True):
+            self.cache.put((node.file_id, salt, i), pt)
+            got[i] = pt
+
+    async def get_unwrapping(self, node: Node, key: str, end: int) -> bytes:
+        """GET ``[0, end)`` of ``key`` while the data key is unwrapped at the same time (it
+        is cached by the keyring for ``cipher``) when that is a KMS round trip of its own.
+        (A local unwrap is a few microseconds of CPU: not worth two tasks.)"""
+        got: list[bytes] = []
+
+        async def get() -> None:
+            got.append((await self.store.get(key, 0, end, if_match=node.remote_etag))[1])
+
+        wk = node.wrapped
+        if (
+            wk is None
+            or wk.scheme != SCHEME_KMS
+            or self.vol.keyring.cache.get(node.file_id, wk.blob) is not None
+        ):
+            await get()
+        else:
+            async with open_tasks() as n:
+                n.start_soon(get)
+                await self.dek(node)
+        return got[0]
+
+    def fetch_at_open(self, node: Node) -> None:
+        """A file opened for reading, with nothing of it cached: a small file (up to
+        ``small_file_bytes``) is fetched whole now, not when the first read arrives, so that
+        the GET overlaps the kernel's turn from open to read.  The read finds the chunks in
+        flight (``node.inflight``) and waits for them."""
+        nursery = self.background.nursery
+        size = node.attrs.size
+        if nursery is None or size <= 0 or size > self.opt.small_file_bytes or node.inflight:
+            return  # (a larger file: a random reader would not want its first 4 MiB)
+        if node.stage is not None or node.foreign is not None or node.remote_etag is None:
+            return
+        key = (node.file_id, node.attrs.salt)
+        if self.cache.peek((*key, 0)) is not None:
+            return
+        if self.blocks is not None and self.blocks.has(*key):
+            return
+        last = chunk_count(size, self.chunk) - 1
+        ev = trio.Event()
+        for k in range(last + 1):
+            node.inflight[k] = ev
+        nursery.start_soon(self.prefetch, node, 0, last, node.remote_etag, ev)
+
+    async def keep_on_disk(
+        self,
+        fid: bytes,
+        salt: bytes,
+        header: bytes | None,
+        sealed: dict[int, memoryview],
+        nbytes: int,
+        *,
+        whole: bool = False,
+    ) -> None:
+        """Write downloaded (authenticated) chunks to the block cache behind the read (a
+        cache file, when it has to be made, costs up to a few tenths of a ms here).  While
+        more than ``disk_backlog`` bytes wait, the reader writes its own chunks (memory
+        stays bounded when the cache disk is slow).  ``whole``: the object of one chunk,
+        with its header (``BlockCache`` packs it with other small ones)."""
+        blocks = self.blocks
+        assert blocks is not None
+        put = functools.partial(blocks.put, fid, salt, header, sealed, whole=whole)
+        nursery = self.background.nursery
+        if nursery is None or self.disk_backlog + nbytes > self.opt.disk_backlog:
+            await trio.to_thread.run_sync(put)
+            return
+
+        async def write() -> None:
+            try:
+                await trio.to_thread.run_sync(put, limiter=self.disk_limit)
+            except Exception as e:  # the cache is best effort: never stop the service for it
+                log.warning("block cache write failed: %s", e)
+            finally:
+                self.disk_backlog -= nbytes
+
+        self.disk_backlog += nbytes
+        nursery.start_soon(write)
+
+    async def crypto(self, fn: Callable[[], T], nbytes: int) -> T:
+        """Run ``fn`` (AES-GCM over ``nbytes``) here if small, else in a worker thread:
+        AES-GCM releases the GIL, and the trio thread stays free for FUSE requests."""
+        if nbytes >= self.opt.offload_bytes:
+            return await trio.to_thread.run_sync(fn, limiter=self.crypto_limit)
+        return fn()
+
+    async def from_disk(
+        self, node: Node, first: int, last: int, got: dict[int, bytes]
+    ) -> list[int]:
+        """Chunks [first, last] found in the block cache go to ``got`` (authenticated like
+        any download); returns the indexes still to fetch.  A cached chunk that fails
+        authentication drops the cached version: S3 is asked again, nothing is reported."""
+        blocks = self.blocks
+        assert blocks is not None
+        fid, salt = node.file_id, node.attrs.salt
+        known = self.known_cipher(node)
+
+        def load() -> tuple[bytes | None, dict[int, bytes]]:
+            return blocks.get(fid, salt, first, last, header=known is None)
+
+        header, sealed = await trio.to_thread.run_sync(load)
+        if not sealed:
+            return list(range(first, last + 1))
+        try:
+            cipher = known or await self.cipher(node, header)
+        except IntegrityError:
+            await trio.to_thread.run_sync(blocks.drop, fid, salt)  # (its lock, its I/O)
+            return list(range(first, last + 1))
+        size = node.attrs.size
+        n = chunk_count(size, self.chunk)
+
+        def open_all() -> dict[int, bytes]:
+            return {i: cipher.open_chunk(i, i == n - 1, ct) for i, ct in sealed.items()}
+
+        try:
+            plain = await self.crypto(open_all, len(sealed) * self.chunk)
+        except IntegrityError as e:
+            log.warning(
+                "block cache: %s: %s; fetching it again",
+                self.paths.ident(node),
+                self.paths.scrub(e),
+            )
+            await trio.to_thread.run_sync(blocks.drop, fid, salt)
+            return list(range(first, last + 1))
+        for i, pt in plain.items():
+            self.cache.put((fid, salt, i), pt)
+            got[i] = pt
+        return [i for i in range(first, last + 1) if i not in plain]
+
+    def siblings_ahead(self, node: Node) -> None:
+        """A reader that opens the small files of a directory one after another in name
+        order (``cat *``, ``cp -r``, ``tar``: readdir answers in that order) finds the next
+        ones fetched (or being fetched) when it opens them: one GET per file stays, its wait
+        goes.  From the second open in a row, the next ``sibling_readahead`` files of up to
+        ``small_file_bytes`` are fetched as at open; a wrong guess costs their GETs, no more.
+        """
+        d = node.parent
+        n_ahead = self.opt.sibling_readahead
+        if (
+            d is None
+            or d.children is None
+            or n_ahead <= 0
+            or node.attrs.size > self.opt.small_file_bytes
+        ):
+            return
+        last, d.read_last = d.read_last, node.name
+        if last is None or last >= node.name:  # not the second of a run in name order
+            return
+        children = d.children
+        memo = d.sorted_names
+        if memo is None or memo[0] != id(children) or memo[1] != len(children):
+            memo = d.sorted_names = (id(children), len(children), sorted(children))
+        names = memo[2]
+        i = bisect.bisect_right(names, node.name)
+        for name in names[i : i + n_ahead]:
+            sib = children.get(name)
+            if (
+                sib is not None
+                and sib.kind == KIND_FILE
+                and sib.open_count == 0
+                and sib.kernel_etag != sib.remote_etag  # else the kernel may have its pages
+            ):
+                self.fetch_at_open(sib)
