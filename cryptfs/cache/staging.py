@@ -450,7 +450,7 @@ class StagingArea:
         """Remember (durably) that a multipart upload of ``key`` is about to be created; returns
         the record's name (``creating:…``).  Should the answer be lost, or the process end
         before it comes, the upload S3 made meanwhile is found by its key and aborted
-        (``Filesystem.sweep_uploads``)."""
+        (``Uploader.sweep``)."""
         intent = CREATING + os.urandom(8).hex()
         self._write_uploads(self._read_uploads() | {intent: key})
         return intent

@@ -24,7 +24,6 @@ import itertools
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, TypeVar
@@ -34,8 +33,8 @@ import trio
 from cryptfs import lognames
 from cryptfs.cache.blocks import BlockCache
 from cryptfs.cache.chunks import ChunkCache
-from cryptfs.cache.staging import CREATING, StagedFile, StagingArea
-from cryptfs.crypto import GCM_TAG, random_bytes
+from cryptfs.cache.staging import StagedFile, StagingArea
+from cryptfs.crypto import random_bytes
 from cryptfs.errors import (
     CryptfsError,
     Exists,
@@ -43,7 +42,6 @@ from cryptfs.errors import (
     Invalid,
     IsDir,
     KeyServiceUnavailable,
-    KeyTooLong,
     NameTooLong,
     NoEntry,
     NotDir,
@@ -59,7 +57,6 @@ from cryptfs.errors import (
 )
 from cryptfs.format import s3ec
 from cryptfs.format.body import (
-    BodyCipher,
     chunk_count,
     cipher_size,
     plain_size,
@@ -90,6 +87,7 @@ from cryptfs.fs.model import (
 from cryptfs.fs.namespace import Namespace
 from cryptfs.fs.paths import Paths
 from cryptfs.fs.remote import Remote
+from cryptfs.fs.upload import Uploader
 from cryptfs.fs.volume import MARKER, Volume
 from cryptfs.store.base import ObjectInfo
 from cryptfs.tasks import open_tasks
@@ -128,6 +126,7 @@ class Filesystem:
         self.fetch = Fetcher(
             volume, self.opt, self.paths, self.tree, self.cache, blocks, self.background
         )
+        self.upload = Uploader(volume, self.opt, staging, self.paths, self.remote, self.fetch)
         self._relist_limit = trio.CapacityLimiter(self.opt.relist_ahead)
         self._relist_queued: set[Node] = set()
         self._upload_limit = trio.CapacityLimiter(self.opt.upload_concurrency)
@@ -144,8 +143,6 @@ class Filesystem:
         self._wake = trio.Event()
         self._stopping = False
         self._retry: dict[Node, float] = {}
-        self.uploads = 0  # file bodies uploaded
-        self.upload_bytes = 0  # their plaintext bytes
         self.upload_failures = 0  # failed attempts (retried while transient)
         self.conflicts = 0  # conflict copies saved
         self.unrecovered: list[bytes] = []  # paths of staged files recovery left staged
@@ -155,16 +152,6 @@ class Filesystem:
         self._uploads_changed = trio.Event()
         self._moving: dict[str, int] = {}
         self._moved = trio.Event()
-        # multipart uploads (and creations of them) in flight; uploads.json holds more when
-        # an outage or a lost answer left some unfinished (``sweep_uploads``)
-        self._mp_active: set[str] = set()
-        # per object key: multipart uploads of it this process has going (creation to end),
-        # and how many it ever began (a sweep leaves a key alone that either moved for)
-        self._mp_keys: dict[str, int] = {}
-        self._mp_began: dict[str, int] = {}
-        self._sweep_due = True  # (an earlier run may have left some)
-        self._sweep_gen = 0  # bumped whenever something is left for a sweep
-        self._sweeping = False
 
     # ------------------------------------------------------------------ paths (facade)
 
@@ -215,6 +202,17 @@ class Filesystem:
     @property
     def integrity_log(self) -> list[tuple[str, str]]:
         return self.tree.integrity_log
+
+    @property
+    def uploads(self) -> int:
+        return self.upload.uploads
+
+    @property
+    def upload_bytes(self) -> int:
+        return self.upload.upload_bytes
+
+    async def sweep_uploads(self) -> bool:
+        return await self.upload.sweep()
 
     def _forget_pending(self, node: Node) -> None:
         """``node`` was evicted (clean, unreferenced): nothing is pending for it."""
@@ -955,12 +953,12 @@ class Filesystem:
             try:
                 async with node.lock:
                     try:
-                        res = await self._put_body(
+                        res = await self.upload.put_body(
                             node, target, key, self.paths.path(node), long_name, expect=None
                         )
                     except PreconditionFailed:
                         raise named(Exists, name) from None
-                    self._uploaded(node, *res)
+                    self.upload.uploaded(node, *res)
             except BaseException:
                 self.inodes.pop(node.ino, None)
                 raise
@@ -1688,9 +1686,9 @@ class Filesystem:
             async with self._limit_for(node):
                 await self.sync_node(node)
             self._retry.pop(node, None)
-            if self._sweep_due and self.background.nursery is not None:
+            if self.upload.sweep_due and self.background.nursery is not None:
                 # S3 answers again: abort what an outage left unfinished, while mounted
-                self.background.nursery.start_soon(self._sweep_in_background)
+                self.background.nursery.start_soon(self.upload.sweep_in_background)
         except (StoreError, OSError, KeyServiceUnavailable) as e:
             # (KMS throttling or an outage after its retries: every upload asks KMS for a
             # fresh data key, so a KMS volume's uploads wait for KMS like for S3)
@@ -1761,7 +1759,7 @@ class Filesystem:
         key, long_name = self.paths.object_key(node)
         for attempt in range(2):
             try:
-                etag, attrs, cipher = await self._put_body(
+                etag, attrs, cipher = await self.upload.put_body(
                     node, sf, key, self.paths.path(node), long_name, expect=node.remote_etag
                 )
                 break
@@ -1769,7 +1767,7 @@ class Filesystem:
                 # Our own earlier request may have landed although we never saw its
                 # answer (timeout, retry, cancellation): then the object holds one of our
                 # generations and replacing it is no conflict.
-                mine = await self._own_generation(node, key)
+                mine = await self.upload.own_generation(node, key)
                 if attempt == 0 and mine is not None:
                     node.remote_etag = mine
                     continue
@@ -1782,80 +1780,7 @@ class Filesystem:
                 # changed, or removed (If-Match on a missing object), by another writer
                 await self._save_conflict(node, sf)
                 return
-        self._uploaded(node, etag, attrs, cipher)
-
-    async def _own_generation(self, node: Node, key: str) -> str | None:
-        info = await self.remote.head(key)
-        if info is None:
-            return None
-        try:
-            meta = self.vol.meta.decode(
-                self.paths.path(node), key, dict(info.metadata), info.modified
-            )
-        except (IntegrityError, UnsupportedFormat):
-            return None
-        if meta.file_id == node.file_id and meta.attrs.salt in node.own_salts:
-            node.wrapped = meta.dek
-            return info.etag
-        return None
-
-    async def _put_body(
-        self,
-        node: Node,
-        source: StagedFile | bytes,
-        key: str,
-        path: bytes,
-        long_name: str | None,
-        *,
-        expect: str | None,
-    ) -> tuple[str, Attrs, BodyCipher]:
-        """Seal ``source`` under a fresh salt and write it to ``key``.
-
-        ``expect`` is the ETag being replaced (If-Match) or None for a new object
-        (If-None-Match: *), so another writer's change is never silently overwritten.
-        """
-        # a fresh data key for every upload (docs/FORMAT.md §7.4): whoever once unwrapped an
-        # earlier version's key learns nothing of this one; refused if the keyring is stale
-        dek, wrapped = await self.vol.keyring.new_dek(node.file_id)
-        cipher = BodyCipher.new(dek, node.file_id, self.vol.chunk_log2)
-        node.own_salts[cipher.header.salt] = wrapped
-        while len(node.own_salts) > 16:
-            del node.own_salts[next(iter(node.own_salts))]
-        size = len(source) if isinstance(source, bytes) else source.size
-        attrs = node.attrs.with_(size=size, salt=cipher.header.salt)
-        meta = ObjectMeta(node.file_id, attrs, wrapped, long_name)
-        md = self.vol.meta.encode(path, key, meta)
-        cond: dict[str, Any] = {"if_none_match": expect is None, "if_match": expect}
-        try:
-            if isinstance(source, bytes) or size <= self.opt.multipart_threshold:
-
-                def seal() -> bytes:  # (staging read and AES-GCM: in a worker if large)
-                    if isinstance(source, bytes):
-                        return cipher.seal_all(source)
-                    data = bytearray()
-                    step = 16 * self.chunk  # (each read holds the staged file's I/O lock,
-                    for off in range(0, size, step):  # which its writers wait for)
-                        data += source.read(off, min(step, size - off))
-                    if len(data) < size:  # truncated meanwhile: the next upload has that
-                        data += bytes(size - len(data))
-                    return cipher.seal_all(bytes(data))
-
-                body = await self.fetch.crypto(seal, size)
-                etag = await self.store.put(key, body, md, **cond)
-            else:
-                etag = await self._multipart(source, cipher, key, md, cond)
-        except KeyTooLong:
-            raise NameTooLong("the S3 server refused the encrypted path as too long") from None
-        return etag, attrs, cipher
-
-    def _uploaded(self, node: Node, etag: str, attrs: Attrs, cipher: BodyCipher) -> None:
-        self.uploads += 1
-        self.upload_bytes += attrs.size
-        node.wrapped = node.own_salts.get(attrs.salt, node.wrapped)
-        node.remote_etag = etag
-        node.attrs = node.attrs.with_(size=attrs.size, salt=attrs.salt)
-        node.cipher, node.cipher_etag = cipher, etag
-        node.refreshed_at = trio.current_time()
+        self.upload.uploaded(node, etag, attrs, cipher)
 
     async def _save_conflict(self, node: Node, sf: StagedFile) -> None:
         """Another writer changed the object: keep both.  The other version keeps the name;
@@ -1872,7 +1797,7 @@ class Filesystem:
             ckey, clong = self.paths.key_for(parent, cname, node.kind)
             cpath = self.paths.child_path(parent, cname)
             try:
-                etag, attrs, cipher = await self._put_body(
+                etag, attrs, cipher = await self.upload.put_body(
                     node, sf, ckey, cpath, clong, expect=None
                 )
                 break
@@ -1892,170 +1817,13 @@ class Filesystem:
             self.tree.kernel.entry_gone(parent.ino, name)
         self.tree.move(node, parent, cname)
         node.attrs = node.attrs.with_(ctime_ns=attrs.ctime_ns)  # (as uploaded: clean)
-        self._uploaded(node, etag, attrs, cipher)
+        self.upload.uploaded(node, etag, attrs, cipher)
         node.journaled = -1
         self._journal(node)  # (if it changed meanwhile: its record names the copy now)
         if info is not None and (parent.children or {}).get(name) is None:
             # (an object there that does not authenticate: EIO for the fsync, although our
             # version is safe in the copy; the name is not the user's, they must know)
             self._adopt(parent, name, info, None)
-
-    async def _multipart(
-        self,
-        sf: StagedFile,
-        cipher: BodyCipher,
-        key: str,
-        md: dict[str, str],
-        cond: dict[str, Any],
-    ) -> str:
-        # noted before it exists: a CreateMultipartUpload whose answer is lost (or a crash
-        # before it comes) still made an upload, found by its key later (sweep_uploads)
-        intent = self.staging.note_creating(key)
-        self._mp_active.add(intent)
-        self._mp_keys[key] = self._mp_keys.get(key, 0) + 1
-        self._mp_began[key] = self._mp_began.get(key, 0) + 1
-        try:
-            try:
-                upload_id = await self.store.create_multipart(key, md)
-            except BaseException:
-                self._leave_for_sweep()
-                raise
-            finally:
-                self._mp_active.discard(intent)
-            self._mp_active.add(upload_id)
-            try:
-                return await self._multipart_parts(sf, cipher, key, md, cond, upload_id, intent)
-            finally:
-                self._mp_active.discard(upload_id)
-        finally:
-            self._mp_keys[key] -= 1
-            if not self._mp_keys[key]:
-                del self._mp_keys[key]
-
-    def _leave_for_sweep(self) -> None:
-        self._sweep_due = True
-        self._sweep_gen += 1
-
-    async def _multipart_parts(
-        self,
-        sf: StagedFile,
-        cipher: BodyCipher,
-        key: str,
-        md: dict[str, str],
-        cond: dict[str, Any],
-        upload_id: str,
-        intent: str,
-    ) -> str:
-        self.staging.note_upload(upload_id, key, intent)  # a crash leaves it for the next mount
-        size = sf.size
-        c = self.chunk
-        n = chunk_count(size, c)
-        per_part = max(self.opt.part_size // c, -(-n // 9000))
-        parts = -(-n // per_part)
-        etags: list[str] = [""] * parts
-        limit = trio.CapacityLimiter(self.opt.upload_concurrency)
-
-        hdr = cipher.header_bytes
-        free: list[bytearray] = []  # part buffers of this upload, reused once a part is up
-        scratch = threading.local()  # per worker thread: the staged slots and their plaintext
-
-        def build(p: int, buf: bytearray) -> memoryview:
-            first = p * per_part
-            k = min(n, first + per_part) - first
-            if len(getattr(scratch, "plain", b"")) < k * c:
-                scratch.raw, scratch.plain = bytearray(k * sf.slot), bytearray(k * c)
-            plain = memoryview(scratch.plain)
-            sf.read_run(first, k, memoryview(scratch.raw), plain)
-            out = memoryview(buf)
-            o = 0
-            if p == 0:
-                out[: len(hdr)] = hdr
-                o = len(hdr)
-            for j in range(k):
-                i = first + j
-                ln = min(c, size - i * c)
-                cipher.seal_chunk_into(
-                    i, i == n - 1, plain[j * c : j * c + ln], out[o : o + ln + GCM_TAG]
-                )
-                o += ln + GCM_TAG
-            return out[:o]
-
-        async def part(p: int) -> None:
-            async with limit:
-                buf = free.pop() if free else bytearray(len(hdr) + per_part * (c + GCM_TAG))
-                # staging reads and AES-GCM release the GIL: the trio thread stays free
-                body = await trio.to_thread.run_sync(build, p, buf, limiter=self.fetch.crypto_limit)
-                etags[p] = await self.store.upload_part(key, upload_id, p + 1, body)
-                # reused only after a success (the server has read the whole body): the bytes
-                # of a failed request may still sit in a closing connection's send buffer
-                free.append(buf)
-
-        try:
-            async with open_tasks() as nursery:
-                for p in range(parts):
-                    nursery.start_soon(part, p)
-            etag = await self.store.complete_multipart(key, upload_id, etags, **cond)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                try:
-                    await self.store.abort_multipart(key, upload_id)
-                    self.staging.forget_upload(upload_id)
-                except NotFound:
-                    self.staging.forget_upload(upload_id)
-                except StoreError:
-                    self._leave_for_sweep()  # (S3 down): aborted once it answers again
-            raise
-        self.staging.forget_upload(upload_id)
-        return etag
-
-    async def sweep_uploads(self) -> bool:
-        """Abort the multipart uploads this cache's mounts began and never ended (an outage
-        during the upload and its abort, a lost answer to its creation, a crash); returns
-        whether all are gone.  Those in flight now are left alone.  A creation whose answer
-        never came is found by its object key: every upload of that key but ours in flight
-        is aborted (another host's upload of the same key then fails and is retried: it only
-        costs that host the upload, never data)."""
-        gen = self._sweep_gen
-        left = {u: k for u, k in self.staging.leftover_uploads().items()
-                if u not in self._mp_active}  # fmt: skip
-        done = True
-        for upload_id, key in left.items():
-            try:
-                if upload_id.startswith(CREATING):
-                    if self._mp_keys.get(key):
-                        done = False  # an upload of it going now: its upload ids are not
-                        continue  # all known to us yet (one being created); a later sweep
-                    began = self._mp_began.get(key, 0)
-                    found = await self.store.list_uploads(key)
-                    if self._mp_keys.get(key) or self._mp_began.get(key, 0) != began:
-                        done = False  # one began while we listed: it may be in the list
-                        continue
-                    ids = [u for k, u, _t in found if k == key]
-                else:
-                    ids = [upload_id]
-                for uid in ids:
-                    with contextlib.suppress(NotFound):  # (completed or aborted meanwhile)
-                        await self.store.abort_multipart(key, uid)
-                    log.info("aborted multipart upload %s of %s, left unfinished",
-                             uid[:16], self.paths.key_ident(key))  # fmt: skip
-            except StoreError as e:
-                log.warning("could not abort multipart uploads of %s yet: %s",
-                            self.paths.key_ident(key), self.paths.scrub(e))  # fmt: skip
-                done = False
-                continue
-            self.staging.forget_upload(upload_id)
-        # (something left for a sweep while this one ran stays due)
-        self._sweep_due = not done or self._sweep_gen != gen
-        return done
-
-    async def _sweep_in_background(self) -> None:
-        if self._sweeping:
-            return
-        self._sweeping = True
-        try:
-            await self.sweep_uploads()
-        finally:
-            self._sweeping = False
 
     async def flush_all(self) -> list[Node]:
         """Upload everything dirty now; returns the nodes that could not be uploaded."""
@@ -2082,8 +1850,8 @@ class Filesystem:
             for node in self.pending():
                 self._due.pop(node, None)
                 n.start_soon(one, node)
-        if self._sweep_due:
-            await self.sweep_uploads()
+        if self.upload.sweep_due:
+            await self.upload.sweep()
         return failed
 
     # ------------------------------------------------------------------ crash recovery
@@ -2091,7 +1859,7 @@ class Filesystem:
     async def recover(self) -> int:
         """Upload files staged by an earlier run that ended before uploading them, and abort
         the multipart uploads it left behind."""
-        await self.sweep_uploads()  # (what it cannot abort now is retried while mounted)
+        await self.upload.sweep()  # (what it cannot abort now is retried while mounted)
         count = 0
         for sf, rec in self.staging.recover():
             path = b64d(rec["path"])

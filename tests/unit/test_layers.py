@@ -71,6 +71,7 @@ FS_ORDER = [
     "namespace",
     "foreign",
     "fetch",
+    "upload",
     "filesystem",
 ]
 

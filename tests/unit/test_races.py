@@ -746,7 +746,7 @@ async def test_a_failed_directory_rename_is_undone_in_batches(tmp_path: Path) ->
 async def test_a_large_single_put_is_sealed_off_the_trio_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``_put_body`` sealed files up to the multipart threshold (16 MiB) on the trio thread,
+    """``Uploader.put_body`` sealed files up to the multipart threshold (16 MiB) on the trio thread,
     which answers every FUSE request meanwhile (18, lower); small ones still are (a thread
     hop costs more than sealing a few KiB)."""
     import threading
@@ -937,7 +937,7 @@ async def test_a_sweep_never_aborts_an_upload_this_mount_is_making(tmp_path: Pat
     store.upload_part = part  # type: ignore[method-assign]
     with pytest.raises(StoreUnavailable):
         await fs.sync_node(node)  # first attempt: creation answer lost -> creating: record
-    assert fs._sweep_due
+    assert fs.upload.sweep_due
     store.list_uploads = list_uploads  # type: ignore[method-assign]
     async with trio.open_nursery() as n:
         # what _background_sync starts after *another* file's upload succeeds
@@ -967,7 +967,7 @@ async def test_what_fails_during_a_sweep_is_left_for_the_next(tmp_path: Path) ->
         nodes.append(node)
     _a, b = nodes
     fs._due.clear()
-    fs._sweep_due = False
+    fs.upload.sweep_due = False
     # an earlier outage left nothing; the sweep below is one started by _background_sync
     real_part, real_abort, real_list = store.upload_part, store.abort_multipart, store.list_uploads
     go = trio.Event()
@@ -981,14 +981,14 @@ async def test_what_fails_during_a_sweep_is_left_for_the_next(tmp_path: Path) ->
 
     # a creating: record from a lost answer earlier, so that the sweep has a LIST to make
     fs.staging.note_creating("some/other/key")
-    fs._sweep_due = True
+    fs.upload.sweep_due = True
     store.list_uploads = slow_list  # type: ignore[method-assign]
 
     async def upload_b_during_sweep() -> None:
         store.upload_part, store.abort_multipart = down, down  # type: ignore[method-assign]
         with pytest.raises(StoreUnavailable):
             await fs.sync_node(b)  # parts and abort fail: its upload stays open
-        assert fs._sweep_due
+        assert fs.upload.sweep_due
         store.upload_part, store.abort_multipart = real_part, real_abort  # type: ignore[method-assign]
         go.set()
 

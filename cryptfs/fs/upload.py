@@ -1,0 +1,302 @@
+"""Object bodies written to S3: sealed under a fresh data key, conditional, multipart when
+large, and the multipart uploads an outage or a crash left open swept away.
+
+Owns: every PUT and multipart upload of a file body (If-Match on the version replaced, or
+If-None-Match for a new object: another writer's change is never overwritten), recognising
+our own earlier request that landed unseen (``own_generation``), the uploads.json record of
+multipart uploads in flight, and the sweep that aborts what was left of them.
+Must not import: other parts of ``cryptfs.fs`` but ``model``, ``volume``, ``paths``,
+``remote`` and ``fetch``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Any
+
+import trio
+
+from cryptfs.cache.staging import CREATING, StagedFile, StagingArea
+from cryptfs.crypto import GCM_TAG
+from cryptfs.errors import (
+    IntegrityError,
+    KeyTooLong,
+    NameTooLong,
+    NotFound,
+    StoreError,
+    UnsupportedFormat,
+)
+from cryptfs.format.body import BodyCipher, chunk_count
+from cryptfs.format.meta import Attrs, ObjectMeta
+from cryptfs.fs.fetch import Fetcher
+from cryptfs.fs.model import Node, Options
+from cryptfs.fs.paths import Paths
+from cryptfs.fs.remote import Remote
+from cryptfs.fs.volume import Volume
+from cryptfs.tasks import open_tasks
+
+log = logging.getLogger(__name__)
+
+
+class Uploader:
+    def __init__(
+        self,
+        volume: Volume,
+        options: Options,
+        staging: StagingArea,
+        paths: Paths,
+        remote: Remote,
+        fetch: Fetcher,
+    ) -> None:
+        self.vol = volume
+        self.store = volume.store
+        self.opt = options
+        self.chunk = volume.chunk
+        self.staging = staging
+        self.paths = paths
+        self.remote = remote
+        self.fetch = fetch
+        self.uploads = 0  # file bodies uploaded
+        self.upload_bytes = 0  # their plaintext bytes
+        # multipart uploads (and creations of them) in flight; uploads.json holds more when
+        # an outage or a lost answer left some unfinished (``sweep``)
+        self.mp_active: set[str] = set()
+        # per object key: multipart uploads of it this process has going (creation to end),
+        # and how many it ever began (a sweep leaves a key alone that either moved for)
+        self.mp_keys: dict[str, int] = {}
+        self.mp_began: dict[str, int] = {}
+        self.sweep_due = True  # (an earlier run may have left some)
+        self.sweep_gen = 0  # bumped whenever something is left for a sweep
+        self.sweeping = False
+
+    async def own_generation(self, node: Node, key: str) -> str | None:
+        info = await self.remote.head(key)
+        if info is None:
+            return None
+        try:
+            meta = self.vol.meta.decode(
+                self.paths.path(node), key, dict(info.metadata), info.modified
+            )
+        except (IntegrityError, UnsupportedFormat):
+            return None
+        if meta.file_id == node.file_id and meta.attrs.salt in node.own_salts:
+            node.wrapped = meta.dek
+            return info.etag
+        return None
+
+    async def put_body(
+        self,
+        node: Node,
+        source: StagedFile | bytes,
+        key: str,
+        path: bytes,
+        long_name: str | None,
+        *,
+        expect: str | None,
+    ) -> tuple[str, Attrs, BodyCipher]:
+        """Seal ``source`` under a fresh salt and write it to ``key``.
+
+        ``expect`` is the ETag being replaced (If-Match) or None for a new object
+        (If-None-Match: *), so another writer's change is never silently overwritten.
+        """
+        # a fresh data key for every upload (docs/FORMAT.md §7.4): whoever once unwrapped an
+        # earlier version's key learns nothing of this one; refused if the keyring is stale
+        dek, wrapped = await self.vol.keyring.new_dek(node.file_id)
+        cipher = BodyCipher.new(dek, node.file_id, self.vol.chunk_log2)
+        node.own_salts[cipher.header.salt] = wrapped
+        while len(node.own_salts) > 16:
+            del node.own_salts[next(iter(node.own_salts))]
+        size = len(source) if isinstance(source, bytes) else source.size
+        attrs = node.attrs.with_(size=size, salt=cipher.header.salt)
+        meta = ObjectMeta(node.file_id, attrs, wrapped, long_name)
+        md = self.vol.meta.encode(path, key, meta)
+        cond: dict[str, Any] = {"if_none_match": expect is None, "if_match": expect}
+        try:
+            if isinstance(source, bytes) or size <= self.opt.multipart_threshold:
+
+                def seal() -> bytes:  # (staging read and AES-GCM: in a worker if large)
+                    if isinstance(source, bytes):
+                        return cipher.seal_all(source)
+                    data = bytearray()
+                    step = 16 * self.chunk  # (each read holds the staged file's I/O lock,
+                    for off in range(0, size, step):  # which its writers wait for)
+                        data += source.read(off, min(step, size - off))
+                    if len(data) < size:  # truncated meanwhile: the next upload has that
+                        data += bytes(size - len(data))
+                    return cipher.seal_all(bytes(data))
+
+                body = await self.fetch.crypto(seal, size)
+                etag = await self.store.put(key, body, md, **cond)
+            else:
+                etag = await self.multipart(source, cipher, key, md, cond)
+        except KeyTooLong:
+            raise NameTooLong("the S3 server refused the encrypted path as too long") from None
+        return etag, attrs, cipher
+
+    def uploaded(self, node: Node, etag: str, attrs: Attrs, cipher: BodyCipher) -> None:
+        self.uploads += 1
+        self.upload_bytes += attrs.size
+        node.wrapped = node.own_salts.get(attrs.salt, node.wrapped)
+        node.remote_etag = etag
+        node.attrs = node.attrs.with_(size=attrs.size, salt=attrs.salt)
+        node.cipher, node.cipher_etag = cipher, etag
+        node.refreshed_at = trio.current_time()
+
+    async def multipart(
+        self,
+        sf: StagedFile,
+        cipher: BodyCipher,
+        key: str,
+        md: dict[str, str],
+        cond: dict[str, Any],
+    ) -> str:
+        # noted before it exists: a CreateMultipartUpload whose answer is lost (or a crash
+        # before it comes) still made an upload, found by its key later (``sweep``)
+        intent = self.staging.note_creating(key)
+        self.mp_active.add(intent)
+        self.mp_keys[key] = self.mp_keys.get(key, 0) + 1
+        self.mp_began[key] = self.mp_began.get(key, 0) + 1
+        try:
+            try:
+                upload_id = await self.store.create_multipart(key, md)
+            except BaseException:
+                self.leave_for_sweep()
+                raise
+            finally:
+                self.mp_active.discard(intent)
+            self.mp_active.add(upload_id)
+            try:
+                return await self.multipart_parts(sf, cipher, key, md, cond, upload_id, intent)
+            finally:
+                self.mp_active.discard(upload_id)
+        finally:
+            self.mp_keys[key] -= 1
+            if not self.mp_keys[key]:
+                del self.mp_keys[key]
+
+    def leave_for_sweep(self) -> None:
+        self.sweep_due = True
+        self.sweep_gen += 1
+
+    async def multipart_parts(
+        self,
+        sf: StagedFile,
+        cipher: BodyCipher,
+        key: str,
+        md: dict[str, str],
+        cond: dict[str, Any],
+        upload_id: str,
+        intent: str,
+    ) -> str:
+        self.staging.note_upload(upload_id, key, intent)  # a crash leaves it for the next mount
+        size = sf.size
+        c = self.chunk
+        n = chunk_count(size, c)
+        per_part = max(self.opt.part_size // c, -(-n // 9000))
+        parts = -(-n // per_part)
+        etags: list[str] = [""] * parts
+        limit = trio.CapacityLimiter(self.opt.upload_concurrency)
+
+        hdr = cipher.header_bytes
+        free: list[bytearray] = []  # part buffers of this upload, reused once a part is up
+        scratch = threading.local()  # per worker thread: the staged slots and their plaintext
+
+        def build(p: int, buf: bytearray) -> memoryview:
+            first = p * per_part
+            k = min(n, first + per_part) - first
+            if len(getattr(scratch, "plain", b"")) < k * c:
+                scratch.raw, scratch.plain = bytearray(k * sf.slot), bytearray(k * c)
+            plain = memoryview(scratch.plain)
+            sf.read_run(first, k, memoryview(scratch.raw), plain)
+            out = memoryview(buf)
+            o = 0
+            if p == 0:
+                out[: len(hdr)] = hdr
+                o = len(hdr)
+            for j in range(k):
+                i = first + j
+                ln = min(c, size - i * c)
+                cipher.seal_chunk_into(
+                    i, i == n - 1, plain[j * c : j * c + ln], out[o : o + ln + GCM_TAG]
+                )
+                o += ln + GCM_TAG
+            return out[:o]
+
+        async def part(p: int) -> None:
+            async with limit:
+                buf = free.pop() if free else bytearray(len(hdr) + per_part * (c + GCM_TAG))
+                # staging reads and AES-GCM release the GIL: the trio thread stays free
+                body = await trio.to_thread.run_sync(build, p, buf, limiter=self.fetch.crypto_limit)
+                etags[p] = await self.store.upload_part(key, upload_id, p + 1, body)
+                # reused only after a success (the server has read the whole body): the bytes
+                # of a failed request may still sit in a closing connection's send buffer
+                free.append(buf)
+
+        try:
+            async with open_tasks() as nursery:
+                for p in range(parts):
+                    nursery.start_soon(part, p)
+            etag = await self.store.complete_multipart(key, upload_id, etags, **cond)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.store.abort_multipart(key, upload_id)
+                    self.staging.forget_upload(upload_id)
+                except NotFound:
+                    self.staging.forget_upload(upload_id)
+                except StoreError:
+                    self.leave_for_sweep()  # (S3 down): aborted once it answers again
+            raise
+        self.staging.forget_upload(upload_id)
+        return etag
+
+    async def sweep(self) -> bool:
+        """Abort the multipart uploads this cache's mounts began and never ended (an outage
+        during the upload and its abort, a lost answer to its creation, a crash); returns
+        whether all are gone.  Those in flight now are left alone.  A creation whose answer
+        never came is found by its object key: every upload of that key but ours in flight
+        is aborted (another host's upload of the same key then fails and is retried: it only
+        costs that host the upload, never data)."""
+        gen = self.sweep_gen
+        left = {u: k for u, k in self.staging.leftover_uploads().items()
+                if u not in self.mp_active}  # fmt: skip
+        done = True
+        for upload_id, key in left.items():
+            try:
+                if upload_id.startswith(CREATING):
+                    if self.mp_keys.get(key):
+                        done = False  # an upload of it going now: its upload ids are not
+                        continue  # all known to us yet (one being created); a later sweep
+                    began = self.mp_began.get(key, 0)
+                    found = await self.store.list_uploads(key)
+                    if self.mp_keys.get(key) or self.mp_began.get(key, 0) != began:
+                        done = False  # one began while we listed: it may be in the list
+                        continue
+                    ids = [u for k, u, _t in found if k == key]
+                else:
+                    ids = [upload_id]
+                for uid in ids:
+                    with contextlib.suppress(NotFound):  # (completed or aborted meanwhile)
+                        await self.store.abort_multipart(key, uid)
+                    log.info("aborted multipart upload %s of %s, left unfinished",
+                             uid[:16], self.paths.key_ident(key))  # fmt: skip
+            except StoreError as e:
+                log.warning("could not abort multipart uploads of %s yet: %s",
+                            self.paths.key_ident(key), self.paths.scrub(e))  # fmt: skip
+                done = False
+                continue
+            self.staging.forget_upload(upload_id)
+        # (something left for a sweep while this one ran stays due)
+        self.sweep_due = not done or self.sweep_gen != gen
+        return done
+
+    async def sweep_in_background(self) -> None:
+        if self.sweeping:
+            return
+        self.sweeping = True
+        try:
+            await self.sweep()
+        finally:
+            self.sweeping = False
