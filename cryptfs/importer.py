@@ -150,7 +150,7 @@ async def _import_one(fs: Filesystem, key: str, size: int, env: S3ecObject, max_
         raise UsageError(f"not imported: its key has {problem}")
     parts = [p.encode(errors="surrogateescape") for p in key.split("/")]
     parent = await _mkdir_p(fs, parts[:-1])
-    node = await fs._find(parent, parts[-1])
+    node = await fs.look.find(parent, parts[-1])
     _info, body = await fs.store.get(key)
     try:
         data_key = await fs.vol.keyring.unwrap_s3ec(env, key)
@@ -198,7 +198,7 @@ async def _content(fs: Filesystem, node: Node) -> bytes:
 async def _mkdir_p(fs: Filesystem, parts: list[bytes]) -> Node:
     node = fs.root
     for comp in parts:
-        child = await fs._find(node, comp)
+        child = await fs.look.find(node, comp)
         if child is None:
             child = await fs.mkdir(node.ino, comp, 0o755, fs.opt.uid, fs.opt.gid)
         elif child.attrs.kind != KIND_DIR:

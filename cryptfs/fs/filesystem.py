@@ -52,14 +52,11 @@ from cryptfs.errors import (
     PreconditionFailed,
     ReadOnly,
     StoreError,
-    StoreUnavailable,
     UnsupportedFormat,
 )
-from cryptfs.format import s3ec
 from cryptfs.format.body import (
     chunk_count,
     cipher_size,
-    plain_size,
 )
 from cryptfs.format.meta import (
     KIND_DIR,
@@ -69,9 +66,9 @@ from cryptfs.format.meta import (
     ObjectMeta,
 )
 from cryptfs.format.names import b64d, b64e
-from cryptfs.format.volume import CONFIG_NAME
 from cryptfs.fs.fetch import Fetcher
-from cryptfs.fs.foreign import Foreign, s3ec_envelope
+from cryptfs.fs.foreign import Foreign
+from cryptfs.fs.lookup import Lookup
 from cryptfs.fs.model import (
     SYMLINK_MAX,
     Background,
@@ -121,14 +118,15 @@ class Filesystem:
         self.inodes = self.tree.inodes
         self.ns = self.tree.lock
         self.foreign = Foreign(volume, self.opt, self.tree, self.paths, self.remote)
-        self.cache = ChunkCache(self.opt.memory_cache_bytes)
         self.background = Background()  # (serve_writeback's nursery)
+        self.look = Lookup(
+            volume, self.opt, self.paths, self.tree, self.remote, self.foreign, self.background
+        )
+        self.cache = ChunkCache(self.opt.memory_cache_bytes)
         self.fetch = Fetcher(
             volume, self.opt, self.paths, self.tree, self.cache, blocks, self.background
         )
         self.upload = Uploader(volume, self.opt, staging, self.paths, self.remote, self.fetch)
-        self._relist_limit = trio.CapacityLimiter(self.opt.relist_ahead)
-        self._relist_queued: set[Node] = set()
         self._upload_limit = trio.CapacityLimiter(self.opt.upload_concurrency)
         # small files are latency-bound: many in flight; their bodies are in memory, so the
         # bound is small_upload_bytes × small_upload_concurrency
@@ -216,7 +214,7 @@ class Filesystem:
 
     def _forget_pending(self, node: Node) -> None:
         """``node`` was evicted (clean, unreferenced): nothing is pending for it."""
-        self._relist_queued.discard(node)
+        self.look.relist_queued.discard(node)
         self._retry.pop(node, None)
         self._due.pop(node, None)
 
@@ -245,7 +243,7 @@ class Filesystem:
 
     def _kernel_ttl(self, node: Node) -> float:
         """How long the kernel may answer for ``node`` itself: for as long as this cache
-        would, without asking S3 (``_refresh``), and no longer, so that the kernel's copy is
+        would, without asking S3 (``look.refresh``), and no longer, so that the kernel's copy is
         never older than the metadata TTL allows.  A walk (rsync, find) that comes back
         within the TTL then costs no round trip into this process per name."""
         ttl = self.opt.metadata_ttl
@@ -259,527 +257,19 @@ class Filesystem:
 
     # ------------------------------------------------------------------ metadata from S3
 
-    def _fresh(self, t: float) -> bool:
-        return trio.current_time() - t < self.opt.metadata_ttl
-
-    def _decode(self, path: bytes, info: ObjectInfo) -> ObjectMeta:
-        try:
-            return self.vol.meta.decode(path, info.key, dict(info.metadata), info.modified)
-        except (IntegrityError, UnsupportedFormat) as e:
-            self.tree.integrity(info.key, e, path=path)
-            raise
-
-    def _adopt(self, parent: Node, name: bytes, info: ObjectInfo, existing: Node | None) -> Node:
-        """Create or refresh the node for ``parent/name`` from a HEAD result."""
-        md = info.metadata
-        if self.foreign.allowed(parent) and s3ec.is_s3ec(md) and not s3ec.needs_instruction(md):
-            return self.foreign.adopt(parent, name, info, existing, s3ec.parse(md))
-        if existing is not None and self.tree.in_rename(existing):
-            return existing  # (the rename's copy, or the object it is moving away)
-        if existing is not None and (
-            existing.unlinked or existing.parent is not parent or existing.name != name
-        ):
-            existing = None  # removed or moved meanwhile: not the entry of this name any more
-        path = self.paths.child_path(parent, name)
-        meta = self._decode(path, info)
-        if meta.attrs.kind != KIND_DIR:
-            self._check_size(info, meta.attrs)
-        if existing is not None and existing.file_id == meta.file_id and not existing.dirty:
-            node = existing
-            if node.remote_etag != info.etag:
-                node.cipher = None
-                node.target = None
-            if node.attrs != meta.attrs and node.remote_etag is not None:
-                self.tree.tell_kernel_changed(node)
-            node.attrs = meta.attrs
-        elif existing is not None and existing.dirty:
-            return existing
-        else:
-            if existing is not None:
-                self.tree.gone_elsewhere(existing)
-            node = self.tree.new_node(parent, name, meta.attrs, meta.file_id)
-        node.wrapped = meta.dek
-        return self.tree.seen(parent, name, node, info)
-
-    def _check_size(self, info: ObjectInfo, attrs: Attrs) -> None:
-        try:
-            size = plain_size(info.size, self.chunk)
-        except IntegrityError as e:
-            self.tree.integrity(info.key, e)
-            raise
-        if size != attrs.size:
-            self.tree.integrity(info.key, f"length {info.size} does not match recorded size")
-            raise IntegrityError(
-                f"{info.key}: object length does not match its metadata", object_keys=(info.key,)
-            )
-
-    async def _keyset(self, d: Node) -> set[str]:
-        """The keys and prefixes directly below ``d`` in S3, from one LIST per metadata TTL:
-        lookups in a directory never listed ask S3 only about names that exist."""
-        while True:
-            if d.keyset is not None and self._fresh(d.keyset_at):
-                return d.keyset
-            if d.keyset_loading is None:
-                break
-            await d.keyset_loading.wait()
-            if d.keyset is not None and not self._fresh(d.keyset_at):
-                return d.keyset  # just loaded (metadata TTL 0): use it once
-        d.keyset_loading = trio.Event()
-        try:
-            listing = await self.remote.list(self.paths.dir_prefix(d), delimiter="/")
-            d.keyset = {o.key for o in listing.objects} | set(listing.prefixes)
-            d.keyset_at = trio.current_time()
-            return d.keyset
-        finally:
-            d.keyset_loading.set()
-            d.keyset_loading = None
-
-    async def _fetch_entry(self, parent: Node, name: bytes) -> Node | None:
-        """Look ``name`` up in S3 (file object, directory marker, or implicit directory)."""
-        node = await self._fetch_entry_uncached(parent, name)
-        if node is not None:
-            # into ``children`` even if partial (listed_at < 0): a later lookup finds it here
-            self.tree.insert(parent, node)
-        return node
-
-    async def _fetch_entry_uncached(self, parent: Node, name: bytes) -> Node | None:
-        fkey, _ = self.paths.key_for(parent, name, KIND_FILE)
-        dkey, _ = self.paths.key_for(parent, name, KIND_DIR)
-        dprefix = dkey[: -len(MARKER)]
-        results: dict[str, ObjectInfo | None] = {}
-        keys = await self._keyset(parent)
-        if parent.forgotten and name in parent.forgotten:
-            keys = keys | {fkey, dprefix}  # (evicted, so it exists, whatever a LIST said)
-
-        async def one(k: str) -> None:
-            results[k] = await self.remote.head(k)
-
-        # an object of the AWS S3 Encryption Client keeps its own (plaintext) key name
-        raw = None
-        if (
-            self.opt.show_foreign
-            and parent.raw_prefix is None
-            and self.vol.config.encrypt_names
-            and b"/" not in name
-        ):
-            raw = self.paths.dir_prefix(parent) + name.decode(errors="surrogateescape")
-
-        # only what the directory's listing (as of the metadata TTL) says exists is asked for
-        heads = [k for k in (fkey, raw) if k is not None and k in keys]
-        if dprefix in keys:
-            heads.append(dkey)
-        if not heads and not (raw is not None and raw + "/" in keys):
-            return None
-        async with open_tasks() as n:
-            for k in heads:
-                n.start_soon(one, k)
-        existing = parent.children.get(name) if parent.children is not None else None
-        info = results.get(fkey) or results.get(dkey)
-        if info is not None:
-            if "cfs" not in info.metadata and self.foreign.allowed(parent) and info.key == fkey:
-                env = await s3ec_envelope(self.store, fkey, info.metadata, None)
-                if env is not None:
-                    return self.foreign.adopt(parent, name, info, existing, env)
-                if s3ec.is_instruction_key(fkey):
-                    return None  # part of its object, as in listings
-            return self._adopt(parent, name, info, existing)
-        found = results.get(raw) if raw is not None else None
-        if found is not None and raw is not None and "cfs" not in found.metadata:
-            env = await s3ec_envelope(self.store, raw, found.metadata, None)
-            if env is not None:
-                return self.foreign.adopt(parent, name, found, existing, env)
-        if dprefix in keys and await self.remote.implicit_dir(dprefix):
-            node = existing if existing is not None and existing.is_dir else None
-            return node or self.tree.synthetic_dir(parent, name)
-        if raw is not None and raw + "/" in keys and await self.foreign.prefix(raw + "/"):
-            return self.tree.synthetic_dir(parent, name, raw_prefix=raw + "/")
-        return None
-
-    async def _refresh(self, node: Node) -> None:
-        """Revalidate a clean node's attributes after the metadata TTL (other writers).
-
-        When S3 cannot be reached the cached attributes are served (stale, as an NFS client
-        would): a ``stat`` or the path walk of a writer must not fail during an outage that
-        its writes, staged locally, do not even notice.  Reads of data still fail with EIO.
-        """
-        if node.parent is None or node.dirty or self._fresh(node.refreshed_at):
-            return
-        if node.remote_etag is None:
-            return
-        try:
-            await self._revalidate(node)
-        except StoreUnavailable as e:
-            log.info("S3 unreachable, serving cached attributes of %s: %s",
-                     self.paths.ident(node), self.paths.scrub(e))  # fmt: skip
-
-    async def _revalidate(self, node: Node) -> None:
-        parent = node.parent
-        assert parent is not None
-        if self.tree.in_rename(node):
-            return  # its objects are being moved by this mount: what S3 shows is ours
-        if parent.children is not None and parent.listed_at >= 0:
-            # one LIST revalidates every unchanged entry of the directory (by ETag): an
-            # rsync or find over many files costs a LIST per directory, not a HEAD per file
-            if not self._fresh(parent.listed_at):
-                await self.readdir(parent.ino)
-            if node.unlinked:
-                raise NoEntry("file was removed by another writer")
-            if self._fresh(node.refreshed_at) or node.is_dir:
-                return
-        key, _ = self.paths.object_key(node)
-        info = await self.remote.head(key)
-        if info is None:
-            if node.open_count == 0:
-                self.tree.gone_elsewhere(node)
-                raise NoEntry("file was removed by another writer")
-            return
-        if not self.tree.same_version(node, info.etag, info.modified):
-            if node.foreign is not None:
-                env = await s3ec_envelope(self.store, key, info.metadata, None)
-                if env is None:
-                    raise NoEntry("no longer an S3 Encryption Client object")
-                self.foreign.adopt(parent, node.name, info, node, env)
-            else:
-                self._adopt(parent, node.name, info, node)
-        node.refreshed_at = trio.current_time()
-
     # ------------------------------------------------------------------ lookup and listing
 
     async def lookup(self, parent_ino: int, name: bytes) -> Node:
-        parent = self.tree.node(parent_ino)
-        self.tree.check_parent(parent)
-        if name == b".":
-            return parent
-        if name == b"..":
-            return parent.parent or parent
-        if len(name) > 255:
-            raise NameTooLong("name longer than 255 bytes")
-        node = await self._find(parent, name)
-        if node is None:
-            raise named(NoEntry, name)
-        return node
-
-    async def _find(self, parent: Node, name: bytes) -> Node | None:
-        if parent.ahead:
-            self._walked_into(parent)
-        if (
-            parent.listed_at < 0
-            and parent.keyset is not None
-            and 0 < len(parent.keyset) <= self.opt.list_ahead_max
-            and (parent.children is None or name not in parent.children)
-        ):
-            # a second name looked up in a directory never listed (rsync, find, ls -l,
-            # cat *): list it whole, its entries' HEADs in parallel, instead of one HEAD
-            # after the other for each name the program asks for
-            with contextlib.suppress(StoreUnavailable):
-                await self.readdir(parent.ino)
-        children = parent.children
-        if children is not None:
-            node = children.get(name)
-            if node is not None:
-                await self._refresh(node)
-                return node if not node.unlinked else None
-            if self._fresh(parent.listed_at):
-                return None
-            try:
-                if parent.listed_at >= 0:
-                    # we knew the whole directory once: one LIST refreshes it (HEADs only
-                    # for entries that changed) instead of requests per missing name
-                    await self.readdir(parent.ino)
-                    node = (parent.children or {}).get(name)
-                    return node if node is not None and not node.unlinked else None
-                return await self._fetch_entry(parent, name)
-            except StoreUnavailable as e:
-                if parent.forgotten and name in parent.forgotten:
-                    raise  # (known to exist, evicted: EIO, as for any entry S3 must give)
-                # S3 is down: a name this mount does not know is taken as absent, so that
-                # writers carry on (staged); should another host have created it meanwhile,
-                # the upload's If-None-Match keeps both versions (a conflict copy)
-                log.info("S3 unreachable, entry %s of %s taken as absent: %s", lognames.name(name),
-                         self.paths.ident(parent), self.paths.scrub(e))  # fmt: skip
-                return None
-        return await self._fetch_entry(parent, name)
-
-    async def getattr(self, ino: int) -> Stat:
-        node = self.tree.node(ino)
-        await self._refresh(node)
-        return self.stat(node)
+        return await self.look.lookup(parent_ino, name)
 
     async def readdir(self, ino: int) -> list[tuple[bytes, Node]]:
         """All entries of a directory with fresh attributes (concurrent HEADs, bounded)."""
-        return await self._listed(self.tree.node(ino))
+        return await self.look.readdir(ino)
 
-    async def _listed(self, d: Node, walker: bool = True) -> list[tuple[bytes, Node]]:
-        """``readdir`` of ``d``: by a ``walker`` (a program), or relisting ahead of one.
-
-        One LIST per directory at a time: a walker that arrives while the directory is being
-        relisted (ahead of it) waits for that LIST instead of sending its own."""
-        self.tree.check_parent(d)
-        while d.relisting is not None:
-            await d.relisting.wait()
-        if d.children is not None and self._fresh(d.listed_at):
-            if walker:
-                self._walked_into(d)
-            return sorted(d.children.items())
-        d.relisting = trio.Event()
-        try:
-            entries = await self._list_dir(d)
-        finally:
-            d.relisting.set()
-            d.relisting = None
-        if walker:
-            self._relist_ahead(d)
-        else:
-            d.ahead = True
-        return entries
-
-    def _walked_into(self, d: Node) -> None:
-        """A walker uses ``d``, which was relisted ahead of it: move the horizon on."""
-        if d.ahead:
-            d.ahead = False
-            self._relist_ahead(d)
-
-    def _relist_ahead(self, d: Node) -> None:
-        """After the metadata TTL, a directory relisted is likely being walked again (rsync,
-        find, du): relist the directories below it that were listed before, in parallel and
-        in the background, so the walk finds them fresh instead of waiting for one LIST
-        each in turn.
-
-        ``relist_ahead_depth`` levels below ``d``, in the order a walk meets them (sorted,
-        depth first).  Each directory relisted ahead is marked; when the walk enters it,
-        the horizon moves on below it, so a walk of any depth stays ahead of its LISTs
-        while a look at one directory relists only the few levels under it."""
-        nursery = self.background.nursery
-        if nursery is None or not d.children or self.opt.metadata_ttl <= 0:
-            return  # (a TTL of 0: nothing relisted ahead would still be fresh for the walk)
-        budget = [self.opt.relist_ahead_max]
-
-        def visit(node: Node, level: int) -> None:
-            for _, child in sorted((node.children or {}).items()):
-                if budget[0] <= 0:
-                    return
-                if (
-                    not child.is_dir
-                    or child.children is None
-                    or child.listed_at < 0
-                    or child.raw_prefix is not None
-                    or child.unlinked
-                ):
-                    continue
-                budget[0] -= 1
-                if child.relisting is not None:
-                    pass  # being listed: that sets its horizon
-                elif self._fresh(child.listed_at):
-                    child.ahead = True
-                elif child not in self._relist_queued:
-                    self._relist_queued.add(child)
-                    nursery.start_soon(self._relist_in_background, child)
-                if level + 1 < self.opt.relist_ahead_depth:
-                    visit(child, level + 1)  # (its children as known so far)
-
-        visit(d, 0)
-
-    async def _relist_in_background(self, d: Node) -> None:
-        try:
-            async with self._relist_limit:
-                if not d.unlinked and not d.evicted and not self._fresh(d.listed_at):
-                    await self._listed(d, walker=False)
-        except Exception as e:  # the walker lists it itself and reports what fails
-            log.debug("relisting %s ahead failed: %s", self.paths.ident(d), self.paths.scrub(e))
-        finally:
-            self._relist_queued.discard(d)
-
-    async def _list_dir(self, d: Node) -> list[tuple[bytes, Node]]:
-        prefix = self.paths.dir_prefix(d)
-        # what this mount knew before the LIST: an entry whose version changed while it was
-        # in flight (its first upload, say) cannot be judged by it (issue 18.2)
-        old = dict(d.children or {})
-        before = {name: node.remote_etag for name, node in old.items()}
-        listing = await self.remote.list(prefix, delimiter="/")
-        # entries made or moved here while the LIST was in flight (before the HEADs below,
-        # which put what they load into d.children)
-        during = {n: c for n, c in (d.children or {}).items() if old.get(n) is not c}
-        new: dict[bytes, Node] = {}
-        foreign: dict[bytes, Node] = {}  # S3EC entries: merged after, a native name wins
-        dpath = self.paths.path(d)
-        # (component, key, etag or None for dirs, Last-Modified)
-        todo: list[tuple[str, str, str | None, float]] = []
-        here = {obj.key for obj in listing.objects}
-        d.keyset, d.keyset_at = here | set(listing.prefixes), trio.current_time()
-        own_marker: ObjectInfo | None = None
-        prefixes = list(listing.prefixes)
-        for obj in listing.objects:
-            comp = obj.key[len(prefix) :]
-            if comp == MARKER:
-                own_marker = obj
-                continue
-            if d.parent is None and comp == CONFIG_NAME:
-                continue
-            if comp.endswith("/"):
-                # a folder placeholder ("X/", as consoles make them), or SeaweedFS listing a
-                # folder emptied meanwhile (a directory removed elsewhere) as an object: no
-                # cryptfs entry, at most a directory, as a prefix is (it logged an integrity
-                # failure; found by the two-mount e2e test)
-                if obj.key not in listing.prefixes:
-                    prefixes.append(obj.key)
-                continue
-            todo.append((comp, obj.key, obj.etag, obj.modified))
-        for p in prefixes:
-            comp = p[len(prefix) : -1]
-            todo.append((comp, p + MARKER, None, 0.0))
-
-        # names decrypted before, by their object keys (memoised while no rename intervened):
-        # relisting a directory decrypts only the names that are new to it
-        gen = self.paths.gen
-        known = {
-            m[2]: n
-            for n in old.values()
-            if (m := n.key_memo) is not None and m[0] == gen and m[1] == n.kind
-        }
-
-        decoded: dict[str, bytes] = {}
-
-        def unchanged(comp: str, key: str, etag: str | None, modified: float) -> bool:
-            """An entry this mount knows in the version listed: kept without a request (and
-            without a task: most entries of a relisting are these)."""
-            if d.raw_prefix is not None or self.vol.names.is_long(comp):
-                return False
-            cur = known.get(key)
-            if cur is not None:
-                decoded[key] = cur.name
-            else:
-                try:
-                    name = decoded[key] = self.vol.names.decode(dpath, comp)
-                except IntegrityError:
-                    return False  # (``load`` reports it, or finds a foreign object)
-                cur = old.get(name)
-            if cur is None or cur.unlinked or cur.parent is not d or cur.name != decoded[key]:
-                return False  # (removed, or renamed away while the LIST was in flight)
-            if etag is not None and self.tree.same_version(cur, etag, modified):
-                cur.refreshed_at = trio.current_time()  # the listing revalidated it
-            elif not (etag is None and cur.is_dir):
-                return False
-            # (a known subdirectory: its attributes are revalidated by its own listing, its
-            # marker is in there, not by a HEAD per listing here)
-            new[cur.name] = cur
-            self.paths.remember(cur, key, gen)
-            return True
-
-        async def load(comp: str, key: str, etag: str | None, modified: float) -> None:
-            name: bytes | None = None
-            try:
-                if d.raw_prefix is not None:
-                    name = comp.encode(errors="surrogateescape")
-                    problem = s3ec.name_problem(name)
-                    if problem is not None:  # (a foreign prefix: its keys are the names)
-                        log.warning("%s not shown: %s", self.paths.key_ident(key), problem)
-                        return
-                elif not self.vol.names.is_long(comp):
-                    name = decoded.get(key) or self.vol.names.decode(dpath, comp)
-                info = await self.remote.head(key)
-                if info is None:
-                    if (
-                        etag is None
-                        and name is not None
-                        and await self.remote.implicit_dir(key[: -len(MARKER)])
-                    ):
-                        cur = old.get(name)
-                        new[name] = (
-                            cur
-                            if cur is not None and cur.is_dir
-                            else self.tree.synthetic_dir(d, name)
-                        )
-                    return
-                if (
-                    "cfs" not in info.metadata
-                    and self.foreign.allowed(d)
-                    and await self.foreign.entry(d, comp, key, etag, old, foreign, here, info)
-                ):
-                    return
-                long = name is None
-                if name is None:
-                    name = self.vol.names.decode(dpath, comp, info.metadata.get("cfs-n"))
-                node = self._adopt(d, name, info, old.get(name))
-                new[name] = node
-                if not long and d.raw_prefix is None:
-                    self.paths.remember(node, key, gen)
-            except IntegrityError as e:
-                if (
-                    name is None
-                    and not self.vol.names.is_long(comp)  # a long name is a cryptfs key
-                    and await self.foreign.entry(d, comp, key, etag, old, foreign, here)
-                ):
-                    return
-                self.tree.integrity(
-                    key,
-                    IntegrityError(
-                        f"entry skipped in listing: {e}", names=e.names, object_keys=e.object_keys
-                    ),
-                )
-            except UnsupportedFormat as e:
-                log.warning("entry %s of %s skipped: %s", self.paths.key_ident(key),
-                            self.paths.ident(d), self.paths.scrub(e))  # fmt: skip
-
-        todo = [item for item in todo if not unchanged(*item)]
-        async with open_tasks() as n:
-            for item in todo:
-                n.start_soon(load, *item)
-        for name, node in foreign.items():
-            if name in new and new[name] is not node:
-                # an S3EC object's key that is a native entry's name: it never stands in
-                # for the file (docs/FORMAT.md §7.7), whichever answer came first
-                log.warning("S3 Encryption Client %s not shown: a file has its name",
-                            self.paths.key_ident(node.foreign_key or ""))  # fmt: skip
-                node.unlinked = True
-                self.tree.maybe_drop(node)
-                continue
-            new[name] = node
-        if (
-            own_marker is not None
-            and d.parent is not None
-            and d.remote_etag is not None
-            and not d.dirty
-            and not self.tree.same_version(d, own_marker.etag, own_marker.modified)
-        ):
-            # the directory's own attributes changed elsewhere (chmod, chown, utimes)
-            info = await self.remote.head(own_marker.key)
-            if info is not None:
-                with contextlib.suppress(IntegrityError, UnsupportedFormat):
-                    self._adopt(d.parent, d.name, info, d)
-        # keep local entries that are not in S3 yet (dirty, never uploaded), and entries that
-        # were created while the listing was in flight
-        current = d.children or {}
-        for name, node in current.items():
-            if name not in old and name not in new and not node.unlinked:
-                new[name] = node
-        for name, node in during.items():
-            if not node.unlinked and node.parent is d and node.name == name:
-                # newer than what the LIST shows of that name, which may be this very node's
-                # object (a rename's copy: adopting it made a second node of one file)
-                loaded = new.get(name)
-                if loaded is not None and loaded is not node and self.tree.evictable(loaded):
-                    self.inodes.pop(loaded.ino, None)  # (that second node: nobody has it)
-                new[name] = node
-        for name, node in old.items():
-            if node.parent is not d or node.name != name or self.tree.in_rename(node):
-                continue  # renamed by this mount while the LIST was in flight: not gone
-            if name not in new and not node.unlinked:
-                if (
-                    # changed here and not uploaded: its upload decides (If-Match on a
-                    # removed object: our version is kept as a conflict copy)
-                    node.dirty
-                    # a directory without a marker that holds something not in S3 yet
-                    # (implicit ones emptied elsewhere go: they were kept for ever)
-                    or (node.is_dir and node.remote_etag is None and self.tree.holds_local(node))
-                    or node.remote_etag != before.get(name)  # (uploaded during the LIST)
-                ):
-                    new[name] = node
-                else:
-                    self.tree.gone_elsewhere(node)
-        d.children = {n: c for n, c in new.items() if not c.unlinked and c.parent is d}
-        d.listed_at = trio.current_time()
-        d.forgotten = None  # (complete again)
-        return sorted(d.children.items())
+    async def getattr(self, ino: int) -> Stat:
+        node = self.tree.node(ino)
+        await self.look.refresh(node)
+        return self.stat(node)
 
     # ------------------------------------------------------------------ creating entries
 
@@ -789,7 +279,7 @@ class Filesystem:
 
     async def _require_absent(self, parent: Node, name: bytes) -> None:
         self.tree.check_parent(parent)
-        if await self._find(parent, name) is not None:
+        if await self.look.find(parent, name) is not None:
             raise named(Exists, name)
 
     async def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Node:
@@ -909,14 +399,14 @@ class Filesystem:
             # the same directory made or changed elsewhere: one directory (entries are
             # found by path), with the attributes of the marker that stands
             with contextlib.suppress(IntegrityError, UnsupportedFormat):
-                meta = self._decode(self.paths.path(node), info)
+                meta = self.look.decode(self.paths.path(node), info)
                 if meta.attrs.kind == KIND_DIR:
                     node.file_id, node.attrs = meta.file_id, meta.attrs
                     self.tree.tell_kernel_changed(node)
                     self.tree.seen(parent, node.name, node, info)
             return
         with contextlib.suppress(IntegrityError, UnsupportedFormat):
-            self._adopt(parent, node.name, info, node)
+            self.look.adopt(parent, node.name, info, node)
 
     async def ensure_root(self) -> None:
         """Load (or create, on a fresh volume) the root directory's marker."""
@@ -929,7 +419,7 @@ class Filesystem:
                 info = await self.remote.head(MARKER)
                 if info is None:
                     raise
-        meta = self._decode(b"/", info)
+        meta = self.look.decode(b"/", info)
         self.root.attrs = meta.attrs
         self.root.file_id = meta.file_id
         self.root.remote_etag = info.etag
@@ -1022,7 +512,7 @@ class Filesystem:
         node = self.tree.node(ino)
         if node.is_dir:
             raise IsDir("is a directory")
-        await self._refresh(node)
+        await self.look.refresh(node)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable or flags & os.O_TRUNC:
             self.tree.writable(node)
@@ -1053,7 +543,7 @@ class Filesystem:
         ``node`` is unlinked, no error."""
         node.refreshed_at = -1e18
         with contextlib.suppress(NoEntry):
-            await self._revalidate(node)
+            await self.look.revalidate(node)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         h = self.handle(fh)
@@ -1071,7 +561,7 @@ class Filesystem:
         except PreconditionFailed:
             # the object was replaced by another writer since we looked: reload and retry
             node.refreshed_at = -1e18
-            await self._refresh(node)
+            await self.look.refresh(node)
             end = min(offset + size, node.attrs.size)
             return await self.fetch.read_remote(node, offset, max(0, end - offset), h)
 
@@ -1269,7 +759,7 @@ class Filesystem:
 
     async def unlink(self, parent_ino: int, name: bytes) -> None:
         parent = self.tree.node(parent_ino)
-        node = await self._find(parent, name)
+        node = await self.look.find(parent, name)
         if node is None:
             raise named(NoEntry, name)
         self.tree.writable(node)
@@ -1293,7 +783,7 @@ class Filesystem:
 
     async def rmdir(self, parent_ino: int, name: bytes) -> None:
         parent = self.tree.node(parent_ino)
-        node = await self._find(parent, name)
+        node = await self.look.find(parent, name)
         if node is None:
             raise named(NoEntry, name)
         self.tree.writable(node)
@@ -1332,7 +822,7 @@ class Filesystem:
         self.tree.writable(p2)
         self._keys_current()
         self.vol.names.encode(self.paths.path(p2), new_name)
-        src = await self._find(p1, old_name)
+        src = await self.look.find(p1, old_name)
         if src is None:
             raise named(NoEntry, old_name)
         self.tree.writable(src)
@@ -1343,7 +833,7 @@ class Filesystem:
                     raise Invalid("cannot move a directory into itself")
                 a = a.parent
         for _ in range(10):
-            dst = await self._find(p2, new_name)
+            dst = await self.look.find(p2, new_name)
             if dst is src:
                 return
             if dst is not None:
@@ -1546,7 +1036,7 @@ class Filesystem:
             info = info or await self.remote.head(key)
             if info is None:
                 return  # removed by another host since the listing
-            meta = self._decode(opath, info)
+            meta = self.look.decode(opath, info)
             md = self.vol.meta.encode(npath, nkey, ObjectMeta(meta.file_id, meta.attrs, meta.dek,
                                                               long_name))  # fmt: skip
             async with self.remote.limit:
@@ -1823,7 +1313,7 @@ class Filesystem:
         if info is not None and (parent.children or {}).get(name) is None:
             # (an object there that does not authenticate: EIO for the fsync, although our
             # version is safe in the copy; the name is not the user's, they must know)
-            self._adopt(parent, name, info, None)
+            self.look.adopt(parent, name, info, None)
 
     async def flush_all(self) -> list[Node]:
         """Upload everything dirty now; returns the nodes that could not be uploaded."""
@@ -1895,13 +1385,13 @@ class Filesystem:
         parent = self.root
         parts = [p for p in path.split(b"/") if p]
         for comp in parts[:-1]:
-            child = await self._find(parent, comp)
+            child = await self.look.find(parent, comp)
             if child is None:
                 child = await self.mkdir(parent.ino, comp, 0o755, self.opt.uid, self.opt.gid)
             parent = child
         attrs = Attrs.from_json(b64d(rec["attrs"]))
         fid = b64d(rec["fid"])
-        existing = await self._find(parent, parts[-1])
+        existing = await self.look.find(parent, parts[-1])
         node = self.tree.new_node(parent, parts[-1], attrs, fid)
         # the upload makes a fresh data key; a data key an older journal may hold is ignored
         node.stage = sf

@@ -711,7 +711,7 @@ async def test_a_walk_after_the_ttl_finds_subdirectories_relisted_ahead(
             await fs.readdir(n.ino)  # all fresh when the walk gets there
         assert await fs.lookup(deeper.ino, b"f")
         assert store.calls["list"] - lists == 7
-        assert all(fs._fresh(n.listed_at) for n in (a, *subs, deep, deeper))
+        assert all(fs.look.fresh(n.listed_at) for n in (a, *subs, deep, deeper))
         nursery.cancel_scope.cancel()
 
 

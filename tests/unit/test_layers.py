@@ -70,6 +70,7 @@ FS_ORDER = [
     "remote",
     "namespace",
     "foreign",
+    "lookup",
     "fetch",
     "upload",
     "filesystem",

@@ -209,7 +209,7 @@ async def test_opening_for_writing_never_mixes_two_versions(tmp_path: Path) -> N
             await other.write(h2.fh, 0, v2)
             await other.release(h2.fh)
             await other.sync_node(theirs)
-            await fs._refresh(node)
+            await fs.look.refresh(node)
 
     fs.fetch.fetch_chunks = fetch_then_new_version  # type: ignore[method-assign]
     h = await fs.open(node.ino, os.O_RDWR)
@@ -372,7 +372,7 @@ async def test_a_head_404_during_a_rename_does_not_hide_the_renamed_file(tmp_pat
     async def delete_then_stat(key: str) -> None:
         await real_delete(key)
         with contextlib.suppress(NoEntry):  # another task's getattr, answered by S3 now
-            await fs._revalidate(src)
+            await fs.look.revalidate(src)
 
     store.delete = delete_then_stat  # type: ignore[method-assign]
     await fs.rename(ROOT_INO, b"old", ROOT_INO, b"new", 0)
@@ -1057,7 +1057,7 @@ async def test_a_stat_below_a_directory_being_renamed_does_not_hide_the_file(
 
     async def stat() -> None:
         with contextlib.suppress(NoEntry):
-            await fs._revalidate(f)  # another task's getattr of d/f, answered now
+            await fs.look.revalidate(f)  # another task's getattr of d/f, answered now
 
     async with trio.open_nursery() as n:
 
