@@ -55,7 +55,6 @@ from cryptfs.errors import (
     UnsupportedFormat,
 )
 from cryptfs.format.body import (
-    chunk_count,
     cipher_size,
 )
 from cryptfs.format.meta import (
@@ -65,7 +64,7 @@ from cryptfs.format.meta import (
     Attrs,
     ObjectMeta,
 )
-from cryptfs.format.names import b64d, b64e
+from cryptfs.format.names import b64d
 from cryptfs.fs.fetch import Fetcher
 from cryptfs.fs.foreign import Foreign
 from cryptfs.fs.lookup import Lookup
@@ -84,6 +83,7 @@ from cryptfs.fs.model import (
 from cryptfs.fs.namespace import Namespace
 from cryptfs.fs.paths import Paths
 from cryptfs.fs.remote import Remote
+from cryptfs.fs.staged import Staged
 from cryptfs.fs.upload import Uploader
 from cryptfs.fs.volume import MARKER, Volume
 from cryptfs.store.base import ObjectInfo
@@ -126,6 +126,7 @@ class Filesystem:
         self.fetch = Fetcher(
             volume, self.opt, self.paths, self.tree, self.cache, blocks, self.background
         )
+        self.staged = Staged(volume, self.opt, staging, self.paths, self.look, self.fetch)
         self.upload = Uploader(volume, self.opt, staging, self.paths, self.remote, self.fetch)
         self._upload_limit = trio.CapacityLimiter(self.opt.upload_concurrency)
         # small files are latency-bound: many in flight; their bodies are in memory, so the
@@ -537,14 +538,6 @@ class Filesystem:
             self.fetch.siblings_ahead(node)
         return h
 
-    async def _look_again(self, node: Node) -> None:
-        """Ask S3 about ``node`` now, whatever its freshness: another writer replaced its
-        object since this mount looked (a request's If-Match failed).  Removed meanwhile:
-        ``node`` is unlinked, no error."""
-        node.refreshed_at = -1e18
-        with contextlib.suppress(NoEntry):
-            await self.look.revalidate(node)
-
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         h = self.handle(fh)
         node = h.node
@@ -569,80 +562,15 @@ class Filesystem:
         """Size of the node's object in S3 (0 for directory markers)."""
         return 0 if node.is_dir else cipher_size(node.attrs.size, self.chunk)
 
-    async def _materialize(self, node: Node) -> StagedFile:
-        """Make ``node`` dirty: copy its current content into a new staged file.
-
-        One at a time per node: a second, concurrent one (two writers, or the kernel's
-        parallel write-back) would make a second staged file, and writes to the first would
-        be lost.
-        """
-        while node.materializing is not None:
-            await node.materializing.wait()
-        if node.stage is not None:
-            return node.stage
-        node.materializing = trio.Event()
-        try:
-            return await self._materialize_one(node)
-        finally:
-            node.materializing.set()
-            node.materializing = None
-
-    async def _materialize_one(self, node: Node) -> StagedFile:
-        """The node's current version, copied whole into a new staged file.  One version: if
-        another arrives between the batches (an adopt), the copy starts again from it, so
-        the staged file never mixes two, and the upload's If-Match names the one copied."""
-        for _attempt in range(5):
-            sf = self.staging.create(node.file_id)
-            version = (node.remote_etag, node.attrs.salt)
-            try:
-                size = node.attrs.size
-                if size and node.remote_etag is not None:
-                    step = max(1, self.opt.part_size // self.chunk)
-                    n = chunk_count(size, self.chunk)
-                    for first in range(0, n, step):
-                        last = min(n - 1, first + step - 1)
-                        got: dict[int, bytes] = {}
-                        try:
-                            await self.fetch.fetch_chunks(node, first, last, got)
-                        except PreconditionFailed:
-                            # replaced by another writer, and this mount had not seen it:
-                            # learn of the new version, and copy that one instead
-                            await self._look_again(node)
-                            if (node.remote_etag, node.attrs.salt) == version:
-                                raise
-                            break
-                        if (node.remote_etag, node.attrs.salt) != version:
-                            break  # another version meanwhile: start again from it
-                        for i in range(first, last + 1):
-                            data = got[i]
-                            sf.write_chunk(i, data + bytes(self.chunk - len(data)))
-                    else:
-                        sf.size = size
-                else:
-                    sf.size = size
-            except BaseException:
-                sf.remove()
-                raise
-            if (node.remote_etag, node.attrs.salt) == version and sf.size == size:
-                node.stage = sf
-                return sf
-            sf.remove()
-        raise StoreError("the file keeps changing elsewhere while it is opened for writing")
-
-    def _touch(self, node: Node, *, data: bool) -> None:
-        now = now_ns()
-        node.attrs = node.attrs.with_(ctime_ns=now, **({"mtime_ns": now} if data else {}))
-        node.change += 1
-
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         h = self.handle(fh)
         node = h.node
-        sf = node.stage or await self._materialize(node)
+        sf = node.stage or await self.staged.materialize(node)
         if h.append:
             offset = sf.size
         sf.write(offset, data)
         node.target = None
-        self._touch(node, data=True)
+        self.staged.touch(node, data=True)
         return len(data)
 
     async def setattr(
@@ -667,9 +595,9 @@ class Filesystem:
                 raise Invalid("negative size")
             if node.stage is None and size == 0 and node.materializing is None:
                 node.stage = self.staging.create(node.file_id)  # nothing to download
-            sf = node.stage or await self._materialize(node)
+            sf = node.stage or await self.staged.materialize(node)
             sf.truncate(size)
-            self._touch(node, data=True)
+            self.staged.touch(node, data=True)
         changes: dict[str, Any] = {}
         if mode is not None:
             changes["mode"] = mode & 0o7777
@@ -688,7 +616,7 @@ class Filesystem:
             if node.stage is None:
                 node.meta_dirty = True
         if node.stage is not None and node.open_count == 0:
-            self._journal(node)  # an open file is journaled when it is closed
+            self.staged.journal(node)  # an open file is journaled when it is closed
         if node.dirty and node.writers == 0:
             self._schedule(node)
         return self.stat(node)
@@ -696,7 +624,7 @@ class Filesystem:
     async def flush(self, fh: int) -> None:
         h = self.handle(fh)
         if h.node.stage is not None and not h.node.unlinked:
-            self._journal(h.node)
+            self.staged.journal(h.node)
 
     async def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
@@ -714,7 +642,7 @@ class Filesystem:
         elif node.dirty and node.writers == 0 and (h.writable or node not in self._due):
             # (a reader's close does not push a due upload back: a program polling a dirty
             # file deferred it for as long as it polled)
-            self._journal(node)
+            self.staged.journal(node)
             self._schedule(node)
 
     async def fsync(self, fh: int) -> None:
@@ -723,11 +651,11 @@ class Filesystem:
         first would write every byte to the local disk on the way to S3 (5-10 s for 1 GiB
         here), and until ``fsync`` returns nothing was promised."""
         node = self.handle(fh).node
-        self._journal(node)  # a crash of the daemon during the upload loses nothing
+        self.staged.journal(node)  # a crash of the daemon during the upload loses nothing
         try:
             await self.sync_node(node)
         except BaseException:
-            self._journal(node, durable=True)
+            self.staged.journal(node, durable=True)
             raise
 
     def statfs(self) -> dict[str, int]:
@@ -755,7 +683,7 @@ class Filesystem:
     async def _keep_for_open_handles(self, node: Node) -> None:
         """An unlinked file that is still open keeps its content readable until released."""
         if node.open_count and node.stage is None and node.kind == KIND_FILE:
-            await self._materialize(node)
+            await self.staged.materialize(node)
 
     async def unlink(self, parent_ino: int, name: bytes) -> None:
         parent = self.tree.node(parent_ino)
@@ -888,7 +816,7 @@ class Filesystem:
                 # the source's object was replaced or removed by another writer since this
                 # mount looked (the copy's If-Match failed): look again and retry (removed:
                 # ENOENT), rather than EIO for a race in which nothing was lost
-                await self._look_again(src)
+                await self.look.look_again(src)
                 if src.unlinked:
                     raise named(NoEntry, old_name)
         raise StoreError("the target of a rename kept changing")
@@ -955,7 +883,7 @@ class Filesystem:
             src.remote_etag = dst_etag
             src.change += 1
             if src.stage is not None:
-                self._journal(src)
+                self.staged.journal(src)
 
     async def _rename_dir(self, src: Node, p2: Node, name: bytes, dst: Node | None) -> None:
         self._keys_current()
@@ -1074,29 +1002,13 @@ class Filesystem:
             if nd.remote_etag is not None:
                 nd.remote_etag = copied.get(self.paths.object_key(nd)[0], nd.remote_etag)
             if nd.stage is not None:
-                self._journal(nd)
+                self.staged.journal(nd)
             stack.extend((nd.children or {}).values())
         if src.remote_etag is not None:
             src.meta_dirty = True  # marker carries the new ctime
             self._schedule(src)
 
     # ------------------------------------------------------------------ write-back
-
-    def _journal(self, node: Node, *, durable: bool = False) -> None:
-        if node.stage is None or node.unlinked:
-            return
-        if node.journaled == node.change and not durable:
-            return
-        rec = {
-            "path": b64e(self.paths.path(node)),
-            "fid": b64e(node.file_id),
-            # no data key: every upload makes a fresh one (docs/FORMAT.md §7.4), so nothing
-            # here outlives a rotation
-            "attrs": b64e(node.attrs.to_json()),
-            "etag": node.remote_etag,
-        }
-        node.stage.save_journal(rec, durable=durable)
-        node.journaled = node.change
 
     def _schedule(self, node: Node, delay: float | None = None) -> None:
         when = trio.current_time() + (self.opt.writeback_delay if delay is None else delay)
@@ -1309,7 +1221,7 @@ class Filesystem:
         node.attrs = node.attrs.with_(ctime_ns=attrs.ctime_ns)  # (as uploaded: clean)
         self.upload.uploaded(node, etag, attrs, cipher)
         node.journaled = -1
-        self._journal(node)  # (if it changed meanwhile: its record names the copy now)
+        self.staged.journal(node)  # (if it changed meanwhile: its record names the copy now)
         if info is not None and (parent.children or {}).get(name) is None:
             # (an object there that does not authenticate: EIO for the fsync, although our
             # version is safe in the copy; the name is not the user's, they must know)

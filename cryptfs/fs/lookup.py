@@ -571,3 +571,11 @@ class Lookup:
         d.listed_at = trio.current_time()
         d.forgotten = None  # (complete again)
         return sorted(d.children.items())
+
+    async def look_again(self, node: Node) -> None:
+        """Ask S3 about ``node`` now, whatever its freshness: another writer replaced its
+        object since this mount looked (a request's If-Match failed).  Removed meanwhile:
+        ``node`` is unlinked, no error."""
+        node.refreshed_at = -1e18
+        with contextlib.suppress(NoEntry):
+            await self.revalidate(node)

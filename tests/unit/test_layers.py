@@ -72,6 +72,7 @@ FS_ORDER = [
     "foreign",
     "lookup",
     "fetch",
+    "staged",
     "upload",
     "filesystem",
 ]
