@@ -148,7 +148,7 @@ async def fsck(
                     if node.remote_etag is None:
                         report.implicit_dirs.append(fs.dir_prefix(node))
                         if repair:
-                            await fs._put_marker(node, create=True)
+                            await fs.upload.put_marker(node, create=True)
                             report.repaired.append(f"wrote the marker of {fs.dir_prefix(node)}")
                     stack.append(node)
                     continue

@@ -23,8 +23,6 @@ import heapq
 import itertools
 import logging
 import os
-import socket
-import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, TypeVar
 
@@ -38,7 +36,6 @@ from cryptfs.crypto import random_bytes
 from cryptfs.errors import (
     CryptfsError,
     Exists,
-    IntegrityError,
     Invalid,
     IsDir,
     KeyServiceUnavailable,
@@ -52,10 +49,6 @@ from cryptfs.errors import (
     PreconditionFailed,
     ReadOnly,
     StoreError,
-    UnsupportedFormat,
-)
-from cryptfs.format.body import (
-    cipher_size,
 )
 from cryptfs.format.meta import (
     KIND_DIR,
@@ -127,7 +120,17 @@ class Filesystem:
             volume, self.opt, self.paths, self.tree, self.cache, blocks, self.background
         )
         self.staged = Staged(volume, self.opt, staging, self.paths, self.look, self.fetch)
-        self.upload = Uploader(volume, self.opt, staging, self.paths, self.remote, self.fetch)
+        self.upload = Uploader(
+            volume,
+            self.opt,
+            staging,
+            self.paths,
+            self.tree,
+            self.remote,
+            self.look,
+            self.fetch,
+            self.staged,
+        )
         self._upload_limit = trio.CapacityLimiter(self.opt.upload_concurrency)
         # small files are latency-bound: many in flight; their bodies are in memory, so the
         # bound is small_upload_bytes × small_upload_concurrency
@@ -143,7 +146,6 @@ class Filesystem:
         self._stopping = False
         self._retry: dict[Node, float] = {}
         self.upload_failures = 0  # failed attempts (retried while transient)
-        self.conflicts = 0  # conflict copies saved
         self.unrecovered: list[bytes] = []  # paths of staged files recovery left staged
         # uploads in flight (node -> its key) and directory prefixes being renamed: the one
         # waits for the other (``_moving_dir``), neither holds ``ns`` meanwhile
@@ -209,6 +211,10 @@ class Filesystem:
     @property
     def upload_bytes(self) -> int:
         return self.upload.upload_bytes
+
+    @property
+    def conflicts(self) -> int:
+        return self.upload.conflicts
 
     async def sweep_uploads(self) -> bool:
         return await self.upload.sweep()
@@ -292,7 +298,7 @@ class Filesystem:
                 parent, name, self._new_attrs(KIND_DIR, mode, uid, gid), random_bytes(16)
             )
             try:
-                await self._put_marker(node, create=True)
+                await self.upload.put_marker(node, create=True)
             except PreconditionFailed:
                 self.inodes.pop(node.ino, None)
                 raise named(Exists, name) from None
@@ -304,117 +310,12 @@ class Filesystem:
             self.tree.insert(parent, node)
             return node
 
-    def _keys_current(self) -> None:
-        """Nothing is written under a master key the volume has moved on from (a rotation
-        elsewhere): metadata copies, markers and renames wait like uploads do."""
-        if self.vol.keyring.stale is not None:
-            raise ReadOnly(self.vol.keyring.stale)
-
-    async def _put_marker(self, node: Node, *, create: bool) -> None:
-        """Write a directory's marker: ``create``, If-None-Match (a new directory), else
-        If-Match the version this mount holds.  PreconditionFailed or NotFound if another
-        writer made or removed it meanwhile."""
-        self._keys_current()
-        key, long_name = self.paths.object_key(node)
-        attrs = node.attrs
-        meta = ObjectMeta(node.file_id, attrs, None, long_name)
-        md = self.vol.meta.encode(self.paths.path(node), key, meta)
-        try:
-            node.remote_etag = await self.store.put(
-                key,
-                b"",
-                md,
-                if_none_match=create and node.remote_etag is None,
-                if_match=None if create else node.remote_etag,
-            )
-        except (PreconditionFailed, NotFound):
-            # our own request may have landed, its answer lost (a retry then meets it)
-            if not self._holds(node, key, await self.remote.head(key), attrs):
-                raise
-        node.refreshed_at = trio.current_time()
-
-    def _holds(self, node: Node, key: str, info: ObjectInfo | None, attrs: Attrs) -> bool:
-        """Is ``info`` (a HEAD of ``key`` just made) ``node`` with ``attrs``, written by this
-        mount although it never saw the answer?  Then ``node`` takes its ETag."""
-        if info is None:
-            return False
-        try:
-            meta = self.vol.meta.decode(
-                self.paths.path(node), key, dict(info.metadata), info.modified
-            )
-        except (IntegrityError, UnsupportedFormat):
-            return False
-        if meta.file_id != node.file_id or meta.attrs != attrs:
-            return False
-        node.remote_etag = info.etag
-        node.remote_modified, node.modified_etag = info.modified, info.etag
-        node.refreshed_at = trio.current_time()
-        return True
-
-    async def _sync_attrs(self, node: Node) -> None:
-        """Write the changed attributes of a file (chmod, chown, utimes; no new data) onto its
-        object: a copy in place, If-Match the version this mount holds."""
-        self._keys_current()
-        key, long_name = self.paths.object_key(node)
-        attrs = node.attrs
-        meta = ObjectMeta(node.file_id, attrs, node.wrapped, long_name)
-        md = self.vol.meta.encode(self.paths.path(node), key, meta)
-        try:
-            node.remote_etag = await self.store.copy(
-                key, key, md, if_match=node.remote_etag, size=self._stored_size(node)
-            )
-        except (PreconditionFailed, NotFound):
-            info = await self.remote.head(key)
-            if not self._holds(node, key, info, attrs):
-                self._attrs_lost(node, info)
-
-    async def _sync_marker(self, node: Node) -> None:
-        try:
-            await self._put_marker(node, create=node.remote_etag is None)
-        except (PreconditionFailed, NotFound):
-            key, _ = self.paths.object_key(node)
-            self._attrs_lost(node, await self.remote.head(key))
-
-    def _attrs_lost(self, node: Node, info: ObjectInfo | None) -> None:
-        """Another writer changed or removed ``node``'s object while this mount had a change
-        of its attributes only to write: theirs stands (no data of ours is lost: an upload of
-        data makes a conflict copy instead).  Retrying, as before, looped forever."""
-        self.conflicts += 1
-        log.warning(
-            "conflict: %s was %s by another writer; this host's change of its attributes"
-            " (mode, owner, times) is dropped",
-            self.paths.ident(node),
-            "removed" if info is None else "changed",
-        )
-        node.meta_dirty = False
-        parent = node.parent
-        if info is None:
-            if node.is_dir:
-                node.remote_etag = None  # known here, its marker gone: implicit from now on
-            elif node.open_count == 0 and node.stage is None:
-                self.tree.gone_elsewhere(node)
-            return
-        if parent is None:
-            return
-        if node.is_dir:
-            # the same directory made or changed elsewhere: one directory (entries are
-            # found by path), with the attributes of the marker that stands
-            with contextlib.suppress(IntegrityError, UnsupportedFormat):
-                meta = self.look.decode(self.paths.path(node), info)
-                if meta.attrs.kind == KIND_DIR:
-                    node.file_id, node.attrs = meta.file_id, meta.attrs
-                    self.tree.tell_kernel_changed(node)
-                    self.tree.seen(parent, node.name, node, info)
-            return
-        with contextlib.suppress(IntegrityError, UnsupportedFormat):
-            self.look.adopt(parent, node.name, info, node)
-
     async def ensure_root(self) -> None:
         """Load (or create, on a fresh volume) the root directory's marker."""
         info = await self.remote.head(MARKER)
         if info is None:
             try:
-                await self._put_marker(self.root, create=True)
+                await self.upload.put_marker(self.root, create=True)
                 return
             except PreconditionFailed:  # another mount of a new volume made it first
                 info = await self.remote.head(MARKER)
@@ -557,10 +458,6 @@ class Filesystem:
             await self.look.refresh(node)
             end = min(offset + size, node.attrs.size)
             return await self.fetch.read_remote(node, offset, max(0, end - offset), h)
-
-    def _stored_size(self, node: Node) -> int:
-        """Size of the node's object in S3 (0 for directory markers)."""
-        return 0 if node.is_dir else cipher_size(node.attrs.size, self.chunk)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         h = self.handle(fh)
@@ -748,7 +645,7 @@ class Filesystem:
         self.tree.check_parent(p2)
         self.tree.writable(p1)
         self.tree.writable(p2)
-        self._keys_current()
+        self.upload.keys_current()
         self.vol.names.encode(self.paths.path(p2), new_name)
         src = await self.look.find(p1, old_name)
         if src is None:
@@ -849,7 +746,7 @@ class Filesystem:
             dst.stage = None
 
     async def _rename_file(self, src: Node, p2: Node, name: bytes, dst: Node | None) -> None:
-        self._keys_current()
+        self.upload.keys_current()
         dst_etag = dst.remote_etag if dst is not None else None
         if dst is not None and dst.is_dir:
             await self._delete_remote(dst)
@@ -865,7 +762,7 @@ class Filesystem:
             meta = ObjectMeta(src.file_id, new_attrs, src.wrapped, long_name)
             md = self.vol.meta.encode(self.paths.child_path(p2, name), new_key, meta)
             etag = await self.store.copy(
-                old_key, new_key, md, if_match=src.remote_etag, size=self._stored_size(src)
+                old_key, new_key, md, if_match=src.remote_etag, size=self.upload.stored_size(src)
             )
             await self.store.delete(old_key)
             if dst is not None:
@@ -886,7 +783,7 @@ class Filesystem:
                 self.staged.journal(src)
 
     async def _rename_dir(self, src: Node, p2: Node, name: bytes, dst: Node | None) -> None:
-        self._keys_current()
+        self.upload.keys_current()
         old_prefix = self.paths.dir_prefix(src)
         old_path = self.paths.path(src)
         new_prefix = self.paths.prefix_for(p2, name)
@@ -1040,7 +937,7 @@ class Filesystem:
             "uploads": self.uploads,
             "upload_bytes": self.upload_bytes,
             "upload_failures": self.upload_failures,
-            "conflicts": self.conflicts,
+            "conflicts": self.upload.conflicts,
             "integrity_failures": self.integrity_failures,
             "cache_bytes": self.cache.used,
             "cache_limit_bytes": self.cache.limit,
@@ -1139,7 +1036,7 @@ class Filesystem:
     async def _sync_locked(self, node: Node) -> None:
         change = node.change
         if node.stage is not None:
-            await self._upload_stage(node)
+            await self.upload.upload_stage(node)
             if node.unlinked or node.stage is None:
                 return
             if node.change == change:
@@ -1149,83 +1046,11 @@ class Filesystem:
                 node.meta_dirty = False
             return
         if node.is_dir:
-            await self._sync_marker(node)
+            await self.upload.sync_marker(node)
         elif node.remote_etag is not None:
-            await self._sync_attrs(node)
+            await self.upload.sync_attrs(node)
         if node.change == change:
             node.meta_dirty = False
-
-    async def _upload_stage(self, node: Node) -> None:
-        sf = node.stage
-        assert sf is not None
-        key, long_name = self.paths.object_key(node)
-        for attempt in range(2):
-            try:
-                etag, attrs, cipher = await self.upload.put_body(
-                    node, sf, key, self.paths.path(node), long_name, expect=node.remote_etag
-                )
-                break
-            except (PreconditionFailed, NotFound) as e:
-                # Our own earlier request may have landed although we never saw its
-                # answer (timeout, retry, cancellation): then the object holds one of our
-                # generations and replacing it is no conflict.
-                mine = await self.upload.own_generation(node, key)
-                if attempt == 0 and mine is not None:
-                    node.remote_etag = mine
-                    continue
-                if isinstance(e, NotFound) and (
-                    node.remote_etag is None or await self.remote.head(key) is not None
-                ):
-                    # not the object but our multipart upload is gone (aborted by a sweep
-                    # of another host, or expired): again later, no conflict
-                    raise
-                # changed, or removed (If-Match on a missing object), by another writer
-                await self._save_conflict(node, sf)
-                return
-        self.upload.uploaded(node, etag, attrs, cipher)
-
-    async def _save_conflict(self, node: Node, sf: StagedFile) -> None:
-        """Another writer changed the object: keep both.  The other version keeps the name;
-        this node carries on as ``NAME.conflict-HOST-TIME``, with our version uploaded
-        there, so that a writer that still has it open goes on writing to the copy (the
-        node was detached: its later writes were dropped at close, 18.8)."""
-        self.conflicts += 1
-        assert node.parent is not None
-        parent, name = node.parent, node.name
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        base = name + f".conflict-{socket.gethostname()}-{stamp}".encode()
-        for n in range(1, 100):
-            cname = base if n == 1 else base + b"-%d" % n
-            ckey, clong = self.paths.key_for(parent, cname, node.kind)
-            cpath = self.paths.child_path(parent, cname)
-            try:
-                etag, attrs, cipher = await self.upload.put_body(
-                    node, sf, ckey, cpath, clong, expect=None
-                )
-                break
-            except PreconditionFailed:
-                continue  # a conflict copy of that name exists (two in a second): the next
-        else:
-            raise StoreError("no free name for a conflict copy")
-        log.warning(
-            "conflict: %s was changed by another writer; this host's version was saved as %s",
-            self.paths.ident(node),
-            self.paths.key_ident(ckey, cpath),
-        )
-        key, _ = self.paths.object_key(node)
-        info = await self.remote.head(key)
-        # the name is the other writer's now: the kernel looks it up again, and finds theirs
-        if self.tree.kernel is not None:
-            self.tree.kernel.entry_gone(parent.ino, name)
-        self.tree.move(node, parent, cname)
-        node.attrs = node.attrs.with_(ctime_ns=attrs.ctime_ns)  # (as uploaded: clean)
-        self.upload.uploaded(node, etag, attrs, cipher)
-        node.journaled = -1
-        self.staged.journal(node)  # (if it changed meanwhile: its record names the copy now)
-        if info is not None and (parent.children or {}).get(name) is None:
-            # (an object there that does not authenticate: EIO for the fsync, although our
-            # version is safe in the copy; the name is not the user's, they must know)
-            self.look.adopt(parent, name, info, None)
 
     async def flush_all(self) -> list[Node]:
         """Upload everything dirty now; returns the nodes that could not be uploaded."""

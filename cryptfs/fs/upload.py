@@ -1,19 +1,24 @@
 """Object bodies written to S3: sealed under a fresh data key, conditional, multipart when
 large, and the multipart uploads an outage or a crash left open swept away.
 
-Owns: every PUT and multipart upload of a file body (If-Match on the version replaced, or
-If-None-Match for a new object: another writer's change is never overwritten), recognising
-our own earlier request that landed unseen (``own_generation``), the uploads.json record of
-multipart uploads in flight, and the sweep that aborts what was left of them.
+Owns: every conditional write of a node to S3 and what happens when its precondition is
+lost: file bodies (PUT or multipart; If-Match on the version replaced, or If-None-Match for a
+new object: another writer's change is never overwritten, ours is kept as a conflict copy),
+directory markers, attribute-only changes (a copy in place; theirs stands if they changed it
+meanwhile), recognising our own earlier request that landed unseen (``own_generation``,
+``holds``), nothing written under a retired master key (``keys_current``), the uploads.json
+record of multipart uploads in flight, and the sweep that aborts what was left of them.
 Must not import: other parts of ``cryptfs.fs`` but ``model``, ``volume``, ``paths``,
-``remote`` and ``fetch``.
+``namespace``, ``remote``, ``lookup``, ``fetch`` and ``staged``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
+import time
 from typing import Any
 
 import trio
@@ -25,16 +30,22 @@ from cryptfs.errors import (
     KeyTooLong,
     NameTooLong,
     NotFound,
+    PreconditionFailed,
+    ReadOnly,
     StoreError,
     UnsupportedFormat,
 )
-from cryptfs.format.body import BodyCipher, chunk_count
-from cryptfs.format.meta import Attrs, ObjectMeta
+from cryptfs.format.body import BodyCipher, chunk_count, cipher_size
+from cryptfs.format.meta import KIND_DIR, Attrs, ObjectMeta
 from cryptfs.fs.fetch import Fetcher
+from cryptfs.fs.lookup import Lookup
 from cryptfs.fs.model import Node, Options
+from cryptfs.fs.namespace import Namespace
 from cryptfs.fs.paths import Paths
 from cryptfs.fs.remote import Remote
+from cryptfs.fs.staged import Staged
 from cryptfs.fs.volume import Volume
+from cryptfs.store.base import ObjectInfo
 from cryptfs.tasks import open_tasks
 
 log = logging.getLogger(__name__)
@@ -47,8 +58,11 @@ class Uploader:
         options: Options,
         staging: StagingArea,
         paths: Paths,
+        tree: Namespace,
         remote: Remote,
+        look: Lookup,
         fetch: Fetcher,
+        staged: Staged,
     ) -> None:
         self.vol = volume
         self.store = volume.store
@@ -56,8 +70,12 @@ class Uploader:
         self.chunk = volume.chunk
         self.staging = staging
         self.paths = paths
+        self.tree = tree
         self.remote = remote
+        self.look = look
         self.fetch = fetch
+        self.staged = staged
+        self.conflicts = 0  # conflict copies saved
         self.uploads = 0  # file bodies uploaded
         self.upload_bytes = 0  # their plaintext bytes
         # multipart uploads (and creations of them) in flight; uploads.json holds more when
@@ -300,3 +318,182 @@ class Uploader:
             await self.sweep()
         finally:
             self.sweeping = False
+
+    def stored_size(self, node: Node) -> int:
+        """Size of the node's object in S3 (0 for directory markers)."""
+        return 0 if node.is_dir else cipher_size(node.attrs.size, self.chunk)
+
+    def keys_current(self) -> None:
+        """Nothing is written under a master key the volume has moved on from (a rotation
+        elsewhere): metadata copies, markers and renames wait like uploads do."""
+        if self.vol.keyring.stale is not None:
+            raise ReadOnly(self.vol.keyring.stale)
+
+    async def put_marker(self, node: Node, *, create: bool) -> None:
+        """Write a directory's marker: ``create``, If-None-Match (a new directory), else
+        If-Match the version this mount holds.  PreconditionFailed or NotFound if another
+        writer made or removed it meanwhile."""
+        self.keys_current()
+        key, long_name = self.paths.object_key(node)
+        attrs = node.attrs
+        meta = ObjectMeta(node.file_id, attrs, None, long_name)
+        md = self.vol.meta.encode(self.paths.path(node), key, meta)
+        try:
+            node.remote_etag = await self.store.put(
+                key,
+                b"",
+                md,
+                if_none_match=create and node.remote_etag is None,
+                if_match=None if create else node.remote_etag,
+            )
+        except (PreconditionFailed, NotFound):
+            # our own request may have landed, its answer lost (a retry then meets it)
+            if not self.holds(node, key, await self.remote.head(key), attrs):
+                raise
+        node.refreshed_at = trio.current_time()
+
+    def holds(self, node: Node, key: str, info: ObjectInfo | None, attrs: Attrs) -> bool:
+        """Is ``info`` (a HEAD of ``key`` just made) ``node`` with ``attrs``, written by this
+        mount although it never saw the answer?  Then ``node`` takes its ETag."""
+        if info is None:
+            return False
+        try:
+            meta = self.vol.meta.decode(
+                self.paths.path(node), key, dict(info.metadata), info.modified
+            )
+        except (IntegrityError, UnsupportedFormat):
+            return False
+        if meta.file_id != node.file_id or meta.attrs != attrs:
+            return False
+        node.remote_etag = info.etag
+        node.remote_modified, node.modified_etag = info.modified, info.etag
+        node.refreshed_at = trio.current_time()
+        return True
+
+    async def sync_attrs(self, node: Node) -> None:
+        """Write the changed attributes of a file (chmod, chown, utimes; no new data) onto its
+        object: a copy in place, If-Match the version this mount holds."""
+        self.keys_current()
+        key, long_name = self.paths.object_key(node)
+        attrs = node.attrs
+        meta = ObjectMeta(node.file_id, attrs, node.wrapped, long_name)
+        md = self.vol.meta.encode(self.paths.path(node), key, meta)
+        try:
+            node.remote_etag = await self.store.copy(
+                key, key, md, if_match=node.remote_etag, size=self.stored_size(node)
+            )
+        except (PreconditionFailed, NotFound):
+            info = await self.remote.head(key)
+            if not self.holds(node, key, info, attrs):
+                self.attrs_lost(node, info)
+
+    async def sync_marker(self, node: Node) -> None:
+        try:
+            await self.put_marker(node, create=node.remote_etag is None)
+        except (PreconditionFailed, NotFound):
+            key, _ = self.paths.object_key(node)
+            self.attrs_lost(node, await self.remote.head(key))
+
+    def attrs_lost(self, node: Node, info: ObjectInfo | None) -> None:
+        """Another writer changed or removed ``node``'s object while this mount had a change
+        of its attributes only to write: theirs stands (no data of ours is lost: an upload of
+        data makes a conflict copy instead).  Retrying, as before, looped forever."""
+        self.conflicts += 1
+        log.warning(
+            "conflict: %s was %s by another writer; this host's change of its attributes"
+            " (mode, owner, times) is dropped",
+            self.paths.ident(node),
+            "removed" if info is None else "changed",
+        )
+        node.meta_dirty = False
+        parent = node.parent
+        if info is None:
+            if node.is_dir:
+                node.remote_etag = None  # known here, its marker gone: implicit from now on
+            elif node.open_count == 0 and node.stage is None:
+                self.tree.gone_elsewhere(node)
+            return
+        if parent is None:
+            return
+        if node.is_dir:
+            # the same directory made or changed elsewhere: one directory (entries are
+            # found by path), with the attributes of the marker that stands
+            with contextlib.suppress(IntegrityError, UnsupportedFormat):
+                meta = self.look.decode(self.paths.path(node), info)
+                if meta.attrs.kind == KIND_DIR:
+                    node.file_id, node.attrs = meta.file_id, meta.attrs
+                    self.tree.tell_kernel_changed(node)
+                    self.tree.seen(parent, node.name, node, info)
+            return
+        with contextlib.suppress(IntegrityError, UnsupportedFormat):
+            self.look.adopt(parent, node.name, info, node)
+
+    async def upload_stage(self, node: Node) -> None:
+        sf = node.stage
+        assert sf is not None
+        key, long_name = self.paths.object_key(node)
+        for attempt in range(2):
+            try:
+                etag, attrs, cipher = await self.put_body(
+                    node, sf, key, self.paths.path(node), long_name, expect=node.remote_etag
+                )
+                break
+            except (PreconditionFailed, NotFound) as e:
+                # Our own earlier request may have landed although we never saw its
+                # answer (timeout, retry, cancellation): then the object holds one of our
+                # generations and replacing it is no conflict.
+                mine = await self.own_generation(node, key)
+                if attempt == 0 and mine is not None:
+                    node.remote_etag = mine
+                    continue
+                if isinstance(e, NotFound) and (
+                    node.remote_etag is None or await self.remote.head(key) is not None
+                ):
+                    # not the object but our multipart upload is gone (aborted by a sweep
+                    # of another host, or expired): again later, no conflict
+                    raise
+                # changed, or removed (If-Match on a missing object), by another writer
+                await self.save_conflict(node, sf)
+                return
+        self.uploaded(node, etag, attrs, cipher)
+
+    async def save_conflict(self, node: Node, sf: StagedFile) -> None:
+        """Another writer changed the object: keep both.  The other version keeps the name;
+        this node carries on as ``NAME.conflict-HOST-TIME``, with our version uploaded
+        there, so that a writer that still has it open goes on writing to the copy (the
+        node was detached: its later writes were dropped at close, 18.8)."""
+        self.conflicts += 1
+        assert node.parent is not None
+        parent, name = node.parent, node.name
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = name + f".conflict-{socket.gethostname()}-{stamp}".encode()
+        for n in range(1, 100):
+            cname = base if n == 1 else base + b"-%d" % n
+            ckey, clong = self.paths.key_for(parent, cname, node.kind)
+            cpath = self.paths.child_path(parent, cname)
+            try:
+                etag, attrs, cipher = await self.put_body(node, sf, ckey, cpath, clong, expect=None)
+                break
+            except PreconditionFailed:
+                continue  # a conflict copy of that name exists (two in a second): the next
+        else:
+            raise StoreError("no free name for a conflict copy")
+        log.warning(
+            "conflict: %s was changed by another writer; this host's version was saved as %s",
+            self.paths.ident(node),
+            self.paths.key_ident(ckey, cpath),
+        )
+        key, _ = self.paths.object_key(node)
+        info = await self.remote.head(key)
+        # the name is the other writer's now: the kernel looks it up again, and finds theirs
+        if self.tree.kernel is not None:
+            self.tree.kernel.entry_gone(parent.ino, name)
+        self.tree.move(node, parent, cname)
+        node.attrs = node.attrs.with_(ctime_ns=attrs.ctime_ns)  # (as uploaded: clean)
+        self.uploaded(node, etag, attrs, cipher)
+        node.journaled = -1
+        self.staged.journal(node)  # (if it changed meanwhile: its record names the copy now)
+        if info is not None and (parent.children or {}).get(name) is None:
+            # (an object there that does not authenticate: EIO for the fsync, although our
+            # version is safe in the copy; the name is not the user's, they must know)
+            self.look.adopt(parent, name, info, None)
