@@ -8,7 +8,7 @@ Lock order (docs/CONCURRENCY.md): ``Node.lock`` (several in inode order) before 
 (shared, or exclusive for directory renames), so that nothing waits for a node while it holds
 ``ns``.  Every S3 mutation of a node happens under its ``Node.lock``, so an upload never races
 a rename or unlink of that node.  Uploads take no ``ns``: a directory rename holds back the
-uploads below it and waits for those in flight (``_moving_dir``) before it takes ``ns``.
+uploads below it and waits for those in flight (``writeback.moving_dir``) before it takes ``ns``.
 
 Error handling:
     Store and integrity errors propagate as ``cryptfs.errors`` types; integrity failures are
@@ -19,11 +19,9 @@ Error handling:
 from __future__ import annotations
 
 import contextlib
-import heapq
-import itertools
 import logging
 import os
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
 import trio
@@ -38,7 +36,6 @@ from cryptfs.errors import (
     Exists,
     Invalid,
     IsDir,
-    KeyServiceUnavailable,
     NameTooLong,
     NoEntry,
     NotDir,
@@ -79,6 +76,7 @@ from cryptfs.fs.remote import Remote
 from cryptfs.fs.staged import Staged
 from cryptfs.fs.upload import Uploader
 from cryptfs.fs.volume import MARKER, Volume
+from cryptfs.fs.writeback import Writeback
 from cryptfs.store.base import ObjectInfo
 from cryptfs.tasks import open_tasks
 
@@ -105,8 +103,6 @@ class Filesystem:
         self.chunk = volume.chunk
         self.remote = Remote(self.store, self.opt.meta_concurrency)
         self.tree = Namespace(self.paths, self.opt.uid, self.opt.gid)
-        self.tree.on_evict = self._forget_pending
-        self.tree.on_detach = self._drop_due
         self.root = self.tree.root
         self.inodes = self.tree.inodes
         self.ns = self.tree.lock
@@ -131,28 +127,12 @@ class Filesystem:
             self.fetch,
             self.staged,
         )
-        self._upload_limit = trio.CapacityLimiter(self.opt.upload_concurrency)
-        # small files are latency-bound: many in flight; their bodies are in memory, so the
-        # bound is small_upload_bytes × small_upload_concurrency
-        self._small_upload_limit = trio.CapacityLimiter(self.opt.small_upload_concurrency)
+        self.writeback = Writeback(self.opt, self.paths, self.tree, self.upload, self.background)
+        self.tree.on_evict = self._forget_pending
+        self.tree.on_detach = self.writeback.not_due
         self._next_fh = 1
         self.handles: dict[int, Handle] = {}
-        self._due: dict[Node, float] = {}  # node -> when its upload is due
-        # the same as a heap (stale entries are skipped): no scan of every pending file on
-        # each wake-up, which made thousands of small files quadratic
-        self._due_heap: list[tuple[float, int, Node]] = []
-        self._due_seq = itertools.count()
-        self._wake = trio.Event()
-        self._stopping = False
-        self._retry: dict[Node, float] = {}
-        self.upload_failures = 0  # failed attempts (retried while transient)
         self.unrecovered: list[bytes] = []  # paths of staged files recovery left staged
-        # uploads in flight (node -> its key) and directory prefixes being renamed: the one
-        # waits for the other (``_moving_dir``), neither holds ``ns`` meanwhile
-        self._uploading: dict[Node, str] = {}
-        self._uploads_changed = trio.Event()
-        self._moving: dict[str, int] = {}
-        self._moved = trio.Event()
 
     # ------------------------------------------------------------------ paths (facade)
 
@@ -219,15 +199,33 @@ class Filesystem:
     async def sweep_uploads(self) -> bool:
         return await self.upload.sweep()
 
+    @property
+    def upload_failures(self) -> int:
+        return self.writeback.upload_failures
+
+    def pending(self) -> list[Node]:
+        return self.writeback.pending()
+
+    async def serve_writeback(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Upload dirty files once their write-back delay has passed. Runs until cancelled."""
+        await self.writeback.serve(task_status=task_status)
+
+    def stop_writeback(self) -> None:
+        """Let ``serve_writeback`` return once the uploads it started have finished."""
+        self.writeback.stop()
+
+    async def sync_node(self, node: Node) -> None:
+        await self.writeback.sync_node(node)
+
+    async def flush_all(self) -> list[Node]:
+        """Upload everything dirty now; returns the nodes that could not be uploaded."""
+        return await self.writeback.flush_all()
+
     def _forget_pending(self, node: Node) -> None:
         """``node`` was evicted (clean, unreferenced): nothing is pending for it."""
         self.look.relist_queued.discard(node)
-        self._retry.pop(node, None)
-        self._due.pop(node, None)
-
-    def _drop_due(self, node: Node) -> None:
-        """``node`` was removed: no upload of it is due."""
-        self._due.pop(node, None)
+        self.writeback.retry.pop(node, None)
+        self.writeback.due.pop(node, None)
 
     def stat(self, node: Node) -> Stat:
         a = node.attrs
@@ -401,7 +399,7 @@ class Filesystem:
         node.open_count += 1
         if writable:
             node.writers += 1
-            self._due.pop(node, None)
+            self.writeback.due.pop(node, None)
         return h
 
     def handle(self, fh: int) -> Handle:
@@ -515,7 +513,7 @@ class Filesystem:
         if node.stage is not None and node.open_count == 0:
             self.staged.journal(node)  # an open file is journaled when it is closed
         if node.dirty and node.writers == 0:
-            self._schedule(node)
+            self.writeback.schedule(node)
         return self.stat(node)
 
     async def flush(self, fh: int) -> None:
@@ -536,11 +534,11 @@ class Filesystem:
             node.writers -= 1
         if node.unlinked:
             self.tree.maybe_drop(node)
-        elif node.dirty and node.writers == 0 and (h.writable or node not in self._due):
+        elif node.dirty and node.writers == 0 and (h.writable or node not in self.writeback.due):
             # (a reader's close does not push a due upload back: a program polling a dirty
             # file deferred it for as long as it polled)
             self.staged.journal(node)
-            self._schedule(node)
+            self.writeback.schedule(node)
 
     async def fsync(self, fh: int) -> None:
         """Returns once the file is in S3.  Its staged copy is synced to the cache disk only
@@ -679,7 +677,7 @@ class Filesystem:
                     # uploads below it finish first, and no new one starts until it is done
                     # (they hold no ns lock: a rename waiting for one blocks nobody else)
                     prefix = self.paths.dir_prefix(src)
-                    await stack.enter_async_context(self._moving_dir(prefix))
+                    await stack.enter_async_context(self.writeback.moving_dir(prefix))
                     await stack.enter_async_context(self.ns.exclusive())
                     if self.paths.dir_prefix(src) != prefix:
                         continue  # a directory above it was renamed meanwhile
@@ -717,25 +715,6 @@ class Filesystem:
                 if src.unlinked:
                     raise named(NoEntry, old_name)
         raise StoreError("the target of a rename kept changing")
-
-    @contextlib.asynccontextmanager
-    async def _moving_dir(self, prefix: str) -> AsyncIterator[None]:
-        """Hold back uploads below ``prefix`` (a directory being renamed) and wait until
-        those in flight have ended: their keys are the old ones."""
-        self._moving[prefix] = self._moving.get(prefix, 0) + 1
-        try:
-            while any(k.startswith(prefix) for k in self._uploading.values()):
-                await self._uploads_changed.wait()
-            yield
-        finally:
-            self._moving[prefix] -= 1
-            if not self._moving[prefix]:
-                del self._moving[prefix]
-            self._moved.set()
-            self._moved = trio.Event()
-
-    def _held_back(self, key: str) -> bool:
-        return any(key.startswith(p) for p in self._moving)
 
     async def _displace(self, dst: Node) -> None:
         await self._keep_for_open_handles(dst)
@@ -788,7 +767,7 @@ class Filesystem:
         old_path = self.paths.path(src)
         new_prefix = self.paths.prefix_for(p2, name)
         new_path = self.paths.child_path(p2, name)
-        # uploads below are excluded (``_moving_dir``); objects of dirty nodes are not in S3
+        # uploads below are excluded (``writeback.moving_dir``); dirty nodes are not in S3
         listing = await self.remote.list(old_prefix, delimiter=None)
         keys = sorted((o.key for o in listing.objects), key=lambda k: k.count("/"))
         dirs: dict[str, tuple[bytes, bytes, str]] = {old_prefix: (old_path, new_path, new_prefix)}
@@ -903,21 +882,9 @@ class Filesystem:
             stack.extend((nd.children or {}).values())
         if src.remote_etag is not None:
             src.meta_dirty = True  # marker carries the new ctime
-            self._schedule(src)
+            self.writeback.schedule(src)
 
     # ------------------------------------------------------------------ write-back
-
-    def _schedule(self, node: Node, delay: float | None = None) -> None:
-        when = trio.current_time() + (self.opt.writeback_delay if delay is None else delay)
-        earliest = self._due_heap[0][0] if self._due_heap else None
-        self._due[node] = when
-        heapq.heappush(self._due_heap, (when, next(self._due_seq), node))
-        if earliest is None or when < earliest:
-            self._wake.set()
-
-    def pending(self) -> list[Node]:
-        seen = [n for n in self.inodes.values() if n.dirty and not n.unlinked]
-        return seen
 
     def left_behind(self) -> dict[str, list[bytes]]:
         """What an unmount leaves: ``staged``, files whose data stays staged (with a journal)
@@ -936,7 +903,7 @@ class Filesystem:
             "pending_bytes": sum(n.stage.size for n in pending if n.stage is not None),
             "uploads": self.uploads,
             "upload_bytes": self.upload_bytes,
-            "upload_failures": self.upload_failures,
+            "upload_failures": self.writeback.upload_failures,
             "conflicts": self.upload.conflicts,
             "integrity_failures": self.integrity_failures,
             "cache_bytes": self.cache.used,
@@ -949,137 +916,6 @@ class Filesystem:
             "open_files": len(self.handles),
             "inodes": len(self.inodes),
         }
-
-    async def serve_writeback(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Upload dirty files once their write-back delay has passed. Runs until cancelled."""
-        task_status.started()
-        async with open_tasks() as nursery:
-            self.background.nursery = nursery
-            while not self._stopping:
-                now = trio.current_time()
-                heap = self._due_heap
-                while heap and heap[0][0] <= now:
-                    when, _, node = heapq.heappop(heap)
-                    if self._due.get(node) == when:  # else rescheduled or done meanwhile
-                        del self._due[node]
-                        nursery.start_soon(self._background_sync, node)
-                wait = (heap[0][0] if heap else now + 3600) - now
-                self._wake = trio.Event()
-                with trio.move_on_after(max(wait, 0.01)):
-                    await self._wake.wait()
-            self.background.nursery = None
-            # leaving the nursery waits for in-flight uploads: a cancelled PUT may still
-            # land on the server without us learning its ETag
-
-    def stop_writeback(self) -> None:
-        """Let ``serve_writeback`` return once the uploads it started have finished."""
-        self._stopping = True
-        self._wake.set()
-
-    def _limit_for(self, node: Node) -> trio.CapacityLimiter:
-        small = node.stage is None or node.stage.size <= self.opt.small_upload_bytes
-        return self._small_upload_limit if small else self._upload_limit
-
-    async def _background_sync(self, node: Node) -> None:
-        try:
-            async with self._limit_for(node):
-                await self.sync_node(node)
-            self._retry.pop(node, None)
-            if self.upload.sweep_due and self.background.nursery is not None:
-                # S3 answers again: abort what an outage left unfinished, while mounted
-                self.background.nursery.start_soon(self.upload.sweep_in_background)
-        except (StoreError, OSError, KeyServiceUnavailable) as e:
-            # (KMS throttling or an outage after its retries: every upload asks KMS for a
-            # fresh data key, so a KMS volume's uploads wait for KMS like for S3)
-            self.upload_failures += 1
-            backoff = min(60.0, self._retry.get(node, 1.0) * 2)
-            self._retry[node] = backoff
-            log.warning(
-                "upload of %s failed (%s); staged locally, retrying in %.0f s",
-                self.paths.ident(node),
-                self.paths.scrub(e),
-                backoff,
-            )
-            self._schedule(node, backoff)
-        except CryptfsError as e:
-            self.upload_failures += 1
-            log.error(
-                "upload of %s failed permanently: %s", self.paths.ident(node), self.paths.scrub(e)
-            )
-
-    async def sync_node(self, node: Node) -> None:
-        """Make ``node`` durable in S3; returns once everything written before is uploaded.
-
-        Under the node's lock only, not ``ns``: its key is kept stable by ``_moving_dir``
-        instead (a directory rename above it waits for it, and it for such a rename), so
-        that a rename queued for ``ns`` never waits for the largest upload (18.12)."""
-        for _ in range(100):
-            if not node.dirty or node.unlinked:
-                return
-            while self._held_back(self.paths.object_key(node)[0]):
-                await self._moved.wait()
-            async with node.lock:
-                if node.unlinked or not node.dirty:
-                    return
-                key = self.paths.object_key(node)[0]
-                if self._held_back(key):
-                    continue  # a directory rename above it began while we waited
-                self._uploading[node] = key
-                try:
-                    await self._sync_locked(node)
-                finally:
-                    del self._uploading[node]
-                    self._uploads_changed.set()
-                    self._uploads_changed = trio.Event()
-        raise StoreError("file keeps changing during upload")
-
-    async def _sync_locked(self, node: Node) -> None:
-        change = node.change
-        if node.stage is not None:
-            await self.upload.upload_stage(node)
-            if node.unlinked or node.stage is None:
-                return
-            if node.change == change:
-                # synchronously: a new staged file of this node reuses the same paths
-                node.stage.remove()
-                node.stage = None
-                node.meta_dirty = False
-            return
-        if node.is_dir:
-            await self.upload.sync_marker(node)
-        elif node.remote_etag is not None:
-            await self.upload.sync_attrs(node)
-        if node.change == change:
-            node.meta_dirty = False
-
-    async def flush_all(self) -> list[Node]:
-        """Upload everything dirty now; returns the nodes that could not be uploaded."""
-        failed: list[Node] = []
-
-        async def one(node: Node) -> None:
-            try:
-                async with self._limit_for(node):
-                    await self.sync_node(node)
-            except Exception as e:  # one failure never cancels the other uploads
-                log.error(
-                    "could not upload %s: %s (%s)",
-                    self.paths.ident(node),
-                    self.paths.scrub(e)
-                    if isinstance(e, (CryptfsError, OSError))
-                    else type(e).__name__,
-                    "kept staged for the next mount"
-                    if node.stage is not None
-                    else "a change of its attributes only, which is not staged: lost",
-                )
-                failed.append(node)
-
-        async with open_tasks() as n:
-            for node in self.pending():
-                self._due.pop(node, None)
-                n.start_soon(one, node)
-        if self.upload.sweep_due:
-            await self.upload.sweep()
-        return failed
 
     # ------------------------------------------------------------------ crash recovery
 
@@ -1112,7 +948,7 @@ class Filesystem:
                     self.paths.ident(node),
                     self.paths.scrub(e),
                 )
-                self._schedule(node, 1.0)
+                self.writeback.schedule(node, 1.0)
                 continue
             count += 1
             log.info("recovered staged file of %s and uploaded it", self.paths.ident(node))

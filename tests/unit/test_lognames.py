@@ -129,7 +129,7 @@ async def _exercise(tmp_path: Path, *, encrypt: bool) -> str:
         raise StoreUnavailable(f"S3 server error 503 for {key}", object_keys=(key,))
 
     store.put = unavailable  # type: ignore[method-assign]
-    await fs._background_sync(fs.node(entry.st_ino))  # logs the failure, retries later
+    await fs.writeback.background_sync(fs.node(entry.st_ino))  # logs the failure, retries later
     await ops.rename(d.ino, SECRET + b"alpha", d.ino, SECRET + b"beta", 0, ctx)
     await ops.fsync(info.fh, False)
     await ops.release(info.fh)

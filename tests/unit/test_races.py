@@ -40,9 +40,9 @@ async def test_a_kms_outage_delays_an_upload_it_does_not_drop_it(tmp_path: Path)
         return await real(fid)
 
     ring.new_dek = flaky  # type: ignore[method-assign]
-    await fs._background_sync(node)
-    assert node.dirty and node in fs._due  # rescheduled, not given up
-    await fs._background_sync(node)
+    await fs.writeback.background_sync(node)
+    assert node.dirty and node in fs.writeback.due  # rescheduled, not given up
+    await fs.writeback.background_sync(node)
     assert not node.dirty
     fs2 = await make_fs(tmp_path / "2", store)
     assert await read_file(fs2, (await fs2.lookup(ROOT_INO, b"f")).ino) == b"must not be lost"
@@ -245,7 +245,7 @@ async def test_a_recovery_that_cannot_upload_keeps_the_file_readable(tmp_path: P
     assert await again.recover() == 0
     back = await again.lookup(ROOT_INO, b"f")
     assert await read_file(again, back.ino) == b"staged before the crash"
-    assert back.dirty and back in again._due  # write-back retries it
+    assert back.dirty and back in again.writeback.due  # write-back retries it
     store.put = real_put  # type: ignore[method-assign]
     assert await again.flush_all() == []
     check = await make_fs(tmp_path / "c", store)
@@ -308,10 +308,10 @@ async def test_a_chmod_racing_another_hosts_upload_does_not_loop(tmp_path: Path)
     await other.write(h.fh, 0, b"VERSION 2")
     await other.release(h.fh)
     await other.sync_node(theirs)
-    fs._due.clear()  # (as serve_writeback does when it starts an upload that is due)
+    fs.writeback.due.clear()  # (as serve_writeback does when it starts an upload that is due)
     with trio.fail_after(5):
-        await fs._background_sync(node)
-    assert not node.dirty and node not in fs._due and fs.conflicts == 1
+        await fs.writeback.background_sync(node)
+    assert not node.dirty and node not in fs.writeback.due and fs.conflicts == 1
     here = await fs.lookup(ROOT_INO, b"f")
     assert await read_file(fs, here.ino) == b"VERSION 2"
     assert fs.stat(here).mode & 0o777 == 0o644
@@ -329,10 +329,10 @@ async def test_a_directory_chmod_after_it_was_removed_elsewhere_does_not_loop(
     await other.lookup(ROOT_INO, b"d")
     await other.rmdir(ROOT_INO, b"d")
     await fs.setattr(d.ino, mode=0o700)
-    fs._due.clear()
+    fs.writeback.due.clear()
     with trio.fail_after(5):
-        await fs._background_sync(d)
-    assert not d.dirty and d not in fs._due and fs.conflicts == 1
+        await fs.writeback.background_sync(d)
+    assert not d.dirty and d not in fs.writeback.due and fs.conflicts == 1
     assert await fs.flush_all() == []
 
 
@@ -614,7 +614,7 @@ async def test_a_mount_aborts_what_an_outage_left_once_s3_answers(tmp_path: Path
     store.abort_multipart = down  # type: ignore[method-assign]
     async with trio.open_nursery() as n:
         await n.start(fs.serve_writeback)
-        fs._schedule(node, 0)
+        fs.writeback.schedule(node, 0)
         with trio.fail_after(30):
             while not fs.upload_failures:
                 await trio.sleep(0.01)
@@ -666,13 +666,13 @@ async def test_a_reader_polling_a_dirty_file_does_not_defer_its_upload(tmp_path:
     node, h = await fs.create(ROOT_INO, b"f", 0o644, 0, 0)
     await fs.write(h.fh, 0, b"written")
     await fs.release(h.fh)
-    due = fs._due[node]
+    due = fs.writeback.due[node]
     for _ in range(3):
         await trio.sleep(0.01)
         r = await fs.open(node.ino, os.O_RDONLY)
         await fs.read(r.fh, 0, 100)
         await fs.release(r.fh)
-    assert fs._due[node] == due
+    assert fs.writeback.due[node] == due
 
 
 async def test_rmdir_asks_for_two_keys(tmp_path: Path) -> None:
@@ -940,7 +940,7 @@ async def test_a_sweep_never_aborts_an_upload_this_mount_is_making(tmp_path: Pat
     assert fs.upload.sweep_due
     store.list_uploads = list_uploads  # type: ignore[method-assign]
     async with trio.open_nursery() as n:
-        # what _background_sync starts after *another* file's upload succeeds
+        # what Writeback.background_sync starts after *another* file's upload succeeds
         n.start_soon(fs.sweep_uploads)
         n.start_soon(fs.sync_node, node)  # the write-back retry (or an fsync) of big
     names = [nm for nm, _ in await fs.readdir(ROOT_INO)]
@@ -966,9 +966,9 @@ async def test_what_fails_during_a_sweep_is_left_for_the_next(tmp_path: Path) ->
         await fs.release(h.fh)
         nodes.append(node)
     _a, b = nodes
-    fs._due.clear()
+    fs.writeback.due.clear()
     fs.upload.sweep_due = False
-    # an earlier outage left nothing; the sweep below is one started by _background_sync
+    # an earlier outage left nothing; the sweep below is one started by Writeback.background_sync
     real_part, real_abort, real_list = store.upload_part, store.abort_multipart, store.list_uploads
     go = trio.Event()
 

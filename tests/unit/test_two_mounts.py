@@ -312,9 +312,9 @@ class World:
     async def _writeback(self, op: Op, done: Done) -> None:
         """What ``serve_writeback`` does when uploads are due: start them, don't wait."""
         fs = self.fss[op.host]
-        for node in list(fs._due):
-            del fs._due[node]
-            self.background.start_soon(fs._background_sync, node)
+        for node in list(fs.writeback.due):
+            del fs.writeback.due[node]
+            self.background.start_soon(fs.writeback.background_sync, node)
 
     def trace(self) -> str:
         return "\n".join(f"  [{d.start}-{d.end}] {d.op!r}: {d.outcome}" for d in self.log)
