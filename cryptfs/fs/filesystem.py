@@ -30,36 +30,31 @@ from cryptfs import lognames
 from cryptfs.cache.blocks import BlockCache
 from cryptfs.cache.chunks import ChunkCache
 from cryptfs.cache.staging import StagedFile, StagingArea
-from cryptfs.crypto import random_bytes
 from cryptfs.errors import (
     CryptfsError,
     Exists,
     Invalid,
     IsDir,
-    NameTooLong,
     NoEntry,
     NotDir,
-    NotEmpty,
     NotFound,
     NotPermitted,
     NotSupported,
     PreconditionFailed,
-    ReadOnly,
     StoreError,
 )
 from cryptfs.format.meta import (
-    KIND_DIR,
     KIND_FILE,
     KIND_LINK,
     Attrs,
     ObjectMeta,
 )
 from cryptfs.format.names import b64d
+from cryptfs.fs.entries import Entries
 from cryptfs.fs.fetch import Fetcher
 from cryptfs.fs.foreign import Foreign
 from cryptfs.fs.lookup import Lookup
 from cryptfs.fs.model import (
-    SYMLINK_MAX,
     Background,
     Handle,
     KernelCache,
@@ -126,6 +121,18 @@ class Filesystem:
             self.look,
             self.fetch,
             self.staged,
+        )
+        self.entries = Entries(
+            volume,
+            self.opt,
+            staging,
+            self.paths,
+            self.tree,
+            self.remote,
+            self.look,
+            self.fetch,
+            self.staged,
+            self.upload,
         )
         self.writeback = Writeback(self.opt, self.paths, self.tree, self.upload, self.background)
         self.tree.on_evict = self._forget_pending
@@ -278,117 +285,36 @@ class Filesystem:
 
     # ------------------------------------------------------------------ creating entries
 
-    def _new_attrs(self, kind: str, mode: int, uid: int, gid: int) -> Attrs:
-        now = now_ns()
-        return Attrs(kind, mode & 0o7777, uid, gid, now, now, now)
-
-    async def _require_absent(self, parent: Node, name: bytes) -> None:
-        self.tree.check_parent(parent)
-        if await self.look.find(parent, name) is not None:
-            raise named(Exists, name)
-
-    async def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Node:
-        parent = self.tree.node(parent_ino)
-        self.tree.writable(parent)
-        async with self.ns.shared():
-            await self._require_absent(parent, name)
-            node = self.tree.new_node(
-                parent, name, self._new_attrs(KIND_DIR, mode, uid, gid), random_bytes(16)
-            )
-            try:
-                await self.upload.put_marker(node, create=True)
-            except PreconditionFailed:
-                self.inodes.pop(node.ino, None)
-                raise named(Exists, name) from None
-            except BaseException:
-                self.inodes.pop(node.ino, None)
-                raise
-            node.children = {}
-            node.listed_at = trio.current_time()
-            self.tree.insert(parent, node)
-            return node
+    # ------------------------------------------------------------------ entries (facade)
 
     async def ensure_root(self) -> None:
         """Load (or create, on a fresh volume) the root directory's marker."""
-        info = await self.remote.head(MARKER)
-        if info is None:
-            try:
-                await self.upload.put_marker(self.root, create=True)
-                return
-            except PreconditionFailed:  # another mount of a new volume made it first
-                info = await self.remote.head(MARKER)
-                if info is None:
-                    raise
-        meta = self.look.decode(b"/", info)
-        self.root.attrs = meta.attrs
-        self.root.file_id = meta.file_id
-        self.root.remote_etag = info.etag
-        self.root.refreshed_at = trio.current_time()
+        await self.entries.ensure_root()
+
+    async def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Node:
+        return await self.entries.mkdir(parent_ino, name, mode, uid, gid)
 
     async def symlink(
         self, parent_ino: int, name: bytes, target: bytes, uid: int, gid: int
     ) -> Node:
-        if len(target) > SYMLINK_MAX:
-            raise NameTooLong("symlink target too long")
-        parent = self.tree.node(parent_ino)
-        self.tree.writable(parent)
-        async with self.ns.shared():
-            await self._require_absent(parent, name)
-            fid = random_bytes(16)
-            node = self.tree.new_node(
-                parent, name, self._new_attrs(KIND_LINK, 0o777, uid, gid), fid
-            )
-            node.target = target
-            key, long_name = self.paths.object_key(node)
-            try:
-                async with node.lock:
-                    try:
-                        res = await self.upload.put_body(
-                            node, target, key, self.paths.path(node), long_name, expect=None
-                        )
-                    except PreconditionFailed:
-                        raise named(Exists, name) from None
-                    self.upload.uploaded(node, *res)
-            except BaseException:
-                self.inodes.pop(node.ino, None)
-                raise
-            self.tree.insert(parent, node)
-            return node
+        return await self.entries.symlink(parent_ino, name, target, uid, gid)
 
     async def readlink(self, ino: int) -> bytes:
-        node = self.tree.node(ino)
-        if node.kind != KIND_LINK:
-            raise Invalid("not a symlink")
-        if node.target is None:
-            if node.stage is not None:
-                node.target = node.stage.read(0, node.stage.size)
-            else:
-                node.target = await self.fetch.read_remote(node, 0, node.attrs.size, None)
-        return node.target
+        return await self.entries.readlink(ino)
 
     async def create(
         self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, *, append: bool = False
     ) -> tuple[Node, Handle]:
-        parent = self.tree.node(parent_ino)
-        self.tree.check_parent(parent)
-        self.tree.writable(parent)
-        # the name is validated (and the key too long: ENAMETOOLONG) before anything else;
-        # the key is kept for the upload, unless a rename changes the names meanwhile
-        gen = self.paths.gen
-        key, long_name = self.paths.key_for(parent, name, KIND_FILE)
-        await self._require_absent(parent, name)
-        fid = random_bytes(16)
-        node = self.tree.new_node(parent, name, self._new_attrs(KIND_FILE, mode, uid, gid), fid)
-        if self.vol.keyring.stale is not None:
-            raise ReadOnly(self.vol.keyring.stale)
-        if gen == self.paths.gen:
-            node.key_memo = (gen, KIND_FILE, key, long_name)
-        node.stage = self.staging.create(fid)
-        node.change += 1
-        self.tree.insert(parent, node)
+        node = await self.entries.new_file(parent_ino, name, mode, uid, gid)
         h = self._open_handle(node, writable=True)
         h.append = append
         return node, h
+
+    async def unlink(self, parent_ino: int, name: bytes) -> None:
+        await self.entries.unlink(parent_ino, name)
+
+    async def rmdir(self, parent_ino: int, name: bytes) -> None:
+        await self.entries.rmdir(parent_ino, name)
 
     # ------------------------------------------------------------------ open, read, write
 
@@ -575,61 +501,6 @@ class Filesystem:
 
     # ------------------------------------------------------------------ removing entries
 
-    async def _keep_for_open_handles(self, node: Node) -> None:
-        """An unlinked file that is still open keeps its content readable until released."""
-        if node.open_count and node.stage is None and node.kind == KIND_FILE:
-            await self.staged.materialize(node)
-
-    async def unlink(self, parent_ino: int, name: bytes) -> None:
-        parent = self.tree.node(parent_ino)
-        node = await self.look.find(parent, name)
-        if node is None:
-            raise named(NoEntry, name)
-        self.tree.writable(node)
-        if node.is_dir:
-            raise IsDir("is a directory")
-        async with node.lock, self.ns.shared():  # (node locks before ns)
-            if node.unlinked or node.parent is not parent or node.name != name:
-                raise named(NoEntry, name)  # (removed or moved while we waited)
-            await self._keep_for_open_handles(node)
-            await self._delete_remote(node)
-            self.tree.detach(node)
-            if node.stage is not None and node.open_count == 0:
-                node.stage.remove()
-                node.stage = None
-
-    async def _delete_remote(self, node: Node) -> None:
-        if node.remote_etag is not None:
-            key, _ = self.paths.object_key(node)
-            await self.store.delete(key)
-            node.remote_etag = None
-
-    async def rmdir(self, parent_ino: int, name: bytes) -> None:
-        parent = self.tree.node(parent_ino)
-        node = await self.look.find(parent, name)
-        if node is None:
-            raise named(NoEntry, name)
-        self.tree.writable(node)
-        if not node.is_dir:
-            raise NotDir("not a directory")
-        async with node.lock, self.ns.shared():  # (node locks before ns)
-            if node.unlinked or node.parent is not parent or node.name != name:
-                raise named(NoEntry, name)  # (removed or moved while we waited)
-            await self._check_empty(node)
-            await self._delete_remote(node)
-            self.tree.detach(node)
-
-    async def _check_empty(self, d: Node) -> None:
-        if d.children and any(not c.unlinked for c in d.children.values()):
-            raise NotEmpty("directory not empty")
-        prefix = self.paths.dir_prefix(d)
-        # two keys: any but the marker is enough (listing the whole subtree made rmdir of a
-        # big tree's root cost a LIST of the tree). No delimiter: SeaweedFS shows the prefix
-        # of a directory whose objects are all gone as a common prefix
-        listing = await self.remote.list(prefix, delimiter=None, max_keys=2)
-        if any(o.key != prefix + MARKER for o in listing.objects):
-            raise NotEmpty("directory not empty")
-
     # ------------------------------------------------------------------ rename
 
     async def rename(
@@ -690,7 +561,7 @@ class Filesystem:
                 if dst is not None and (dst.unlinked or dst.parent is not p2):
                     continue
                 if dst is not None and dst.is_dir:
-                    await self._check_empty(dst)
+                    await self.entries.check_empty(dst)
                 for n in locked:
                     n.renaming += 1
                 raced = False
@@ -717,7 +588,7 @@ class Filesystem:
         raise StoreError("the target of a rename kept changing")
 
     async def _displace(self, dst: Node) -> None:
-        await self._keep_for_open_handles(dst)
+        await self.entries.keep_for_open_handles(dst)
         dst.remote_etag = None
         self.tree.detach(dst)
         if dst.stage is not None and dst.open_count == 0:
@@ -728,12 +599,12 @@ class Filesystem:
         self.upload.keys_current()
         dst_etag = dst.remote_etag if dst is not None else None
         if dst is not None and dst.is_dir:
-            await self._delete_remote(dst)
+            await self.entries.delete_remote(dst)
             dst_etag = None
         elif dst is not None:
             # a replaced file still open keeps its content: read it before the copy replaces
             # the object it is read from (after, its old ETag is gone: 412, 18.6)
-            await self._keep_for_open_handles(dst)
+            await self.entries.keep_for_open_handles(dst)
         old_key, _ = self.paths.object_key(src)
         new_key, long_name = self.paths.key_for(p2, name, src.kind)
         if src.stage is None and src.remote_etag is not None:
@@ -752,7 +623,7 @@ class Filesystem:
             src.meta_dirty = False
         else:
             # dirty: the pending upload will write the new key; drop the old object now
-            await self._delete_remote(src)
+            await self.entries.delete_remote(src)
             if dst is not None:
                 await self._displace(dst)
             self.tree.move(src, p2, name)
@@ -861,7 +732,7 @@ class Filesystem:
             # (an empty directory replaced: its marker's key is the one the moved directory's
             # marker was just copied to, so that key must not be deleted now)
             if dst.remote_etag is not None and self.paths.object_key(dst)[0] not in copied:
-                await self._delete_remote(dst)
+                await self.entries.delete_remote(dst)
             dst.remote_etag = None
             self.tree.detach(dst)
 

@@ -74,6 +74,7 @@ FS_ORDER = [
     "fetch",
     "staged",
     "upload",
+    "entries",
     "writeback",
     "filesystem",
 ]
