@@ -76,6 +76,7 @@ FS_ORDER = [
     "upload",
     "entries",
     "writeback",
+    "rename",
     "filesystem",
 ]
 
