@@ -25,12 +25,10 @@ from typing import Any, TypeVar
 
 import trio
 
-from cryptfs import lognames
 from cryptfs.cache.blocks import BlockCache
 from cryptfs.cache.chunks import ChunkCache
-from cryptfs.cache.staging import StagedFile, StagingArea
+from cryptfs.cache.staging import StagingArea
 from cryptfs.errors import (
-    CryptfsError,
     Invalid,
     IsDir,
     NotPermitted,
@@ -40,9 +38,7 @@ from cryptfs.errors import (
 from cryptfs.format.meta import (
     KIND_FILE,
     KIND_LINK,
-    Attrs,
 )
-from cryptfs.format.names import b64d
 from cryptfs.fs.entries import Entries
 from cryptfs.fs.fetch import Fetcher
 from cryptfs.fs.foreign import Foreign
@@ -58,6 +54,7 @@ from cryptfs.fs.model import (
 )
 from cryptfs.fs.namespace import Namespace
 from cryptfs.fs.paths import Paths
+from cryptfs.fs.recovery import Recovery
 from cryptfs.fs.remote import Remote
 from cryptfs.fs.rename import Renamer
 from cryptfs.fs.staged import Staged
@@ -137,11 +134,13 @@ class Filesystem:
             self.entries,
             self.writeback,
         )
+        self.recovery = Recovery(
+            self.opt, staging, self.paths, self.tree, self.look, self.entries, self.writeback
+        )
         self.tree.on_evict = self._forget_pending
         self.tree.on_detach = self.writeback.not_due
         self._next_fh = 1
         self.handles: dict[int, Handle] = {}
-        self.unrecovered: list[bytes] = []  # paths of staged files recovery left staged
 
     # ------------------------------------------------------------------ paths (facade)
 
@@ -516,7 +515,7 @@ class Filesystem:
         """What an unmount leaves: ``staged``, files whose data stays staged (with a journal)
         and is uploaded at the next mount; ``lost``, changes of attributes only (chmod,
         touch, a directory's marker), which are not staged and end with this process."""
-        staged, lost = list(self.unrecovered), list[bytes]()
+        staged, lost = list(self.recovery.unrecovered), list[bytes]()
         for n in self.pending():
             (staged if n.stage is not None else lost).append(self.paths.path(n))
         return {"staged": sorted(staged), "lost": sorted(lost)}
@@ -543,64 +542,13 @@ class Filesystem:
             "inodes": len(self.inodes),
         }
 
-    # ------------------------------------------------------------------ crash recovery
+    # ------------------------------------------------------------------ crash recovery (facade)
 
     async def recover(self) -> int:
         """Upload files staged by an earlier run that ended before uploading them, and abort
-        the multipart uploads it left behind."""
-        await self.upload.sweep()  # (what it cannot abort now is retried while mounted)
-        count = 0
-        for sf, rec in self.staging.recover():
-            path = b64d(rec["path"])
-            try:
-                node = await self._recover_node(sf, rec, path)
-            except (CryptfsError, OSError) as e:
-                # not in the tree: left staged, as it was, for the next mount
-                log.error(
-                    "staged file of %s not recovered yet: %s; will retry at next mount",
-                    lognames.ident(None, opaque=False, path=path, fid=sf.file_id),
-                    self.paths.scrub(e),
-                )
-                sf.close()
-                self.unrecovered.append(path)
-                continue
-            try:
-                await self.sync_node(node)
-            except (CryptfsError, OSError) as e:
-                # in the tree with its staged data, readable and writable like any dirty
-                # file, and uploaded by write-back once S3 (or KMS) answers again
-                log.error(
-                    "staged file of %s recovered but not uploaded yet: %s; retrying",
-                    self.paths.ident(node),
-                    self.paths.scrub(e),
-                )
-                self.writeback.schedule(node, 1.0)
-                continue
-            count += 1
-            log.info("recovered staged file of %s and uploaded it", self.paths.ident(node))
-        return count
+        the multipart uploads it left behind; returns how many were uploaded."""
+        return await self.recovery.recover()
 
-    async def _recover_node(self, sf: StagedFile, rec: dict[str, Any], path: bytes) -> Node:
-        parent = self.root
-        parts = [p for p in path.split(b"/") if p]
-        for comp in parts[:-1]:
-            child = await self.look.find(parent, comp)
-            if child is None:
-                child = await self.mkdir(parent.ino, comp, 0o755, self.opt.uid, self.opt.gid)
-            parent = child
-        attrs = Attrs.from_json(b64d(rec["attrs"]))
-        fid = b64d(rec["fid"])
-        existing = await self.look.find(parent, parts[-1])
-        node = self.tree.new_node(parent, parts[-1], attrs, fid)
-        # the upload makes a fresh data key; a data key an older journal may hold is ignored
-        node.stage = sf
-        # the version the staged data was based on, as journaled (FORMAT.md §5): another
-        # host's newer one then makes the upload a conflict copy, not an overwrite; an object
-        # removed since is written anew
-        journaled = rec.get("etag")
-        node.remote_etag = str(journaled) if journaled and existing is not None else None
-        if existing is not None:
-            self.tree.detach(existing)
-        self.tree.insert(parent, node)
-        node.change += 1
-        return node
+    @property
+    def unrecovered(self) -> list[bytes]:
+        return self.recovery.unrecovered

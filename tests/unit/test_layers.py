@@ -77,6 +77,7 @@ FS_ORDER = [
     "entries",
     "writeback",
     "rename",
+    "recovery",
     "filesystem",
 ]
 
