@@ -20,10 +20,10 @@ from cryptfs import lognames
 from cryptfs.errors import IntegrityError, NameTooLong, NoEntry, StoreUnavailable, UnsupportedFormat
 from cryptfs.format import s3ec
 from cryptfs.format.body import plain_size
-from cryptfs.format.meta import KIND_DIR, KIND_FILE, Attrs, ObjectMeta
+from cryptfs.format.meta import KIND_DIR, KIND_FILE, KIND_LINK, Attrs, ObjectMeta
 from cryptfs.format.volume import CONFIG_NAME
 from cryptfs.fs.foreign import Foreign, s3ec_envelope
-from cryptfs.fs.model import Background, Node, Options, named
+from cryptfs.fs.model import Background, Node, Options, Stat, named
 from cryptfs.fs.namespace import Namespace
 from cryptfs.fs.paths import Paths
 from cryptfs.fs.remote import Remote
@@ -579,3 +579,36 @@ class Lookup:
         node.refreshed_at = -1e18
         with contextlib.suppress(NoEntry):
             await self.revalidate(node)
+
+    def stat(self, node: Node) -> Stat:
+        a = node.attrs
+        size = node.stage.size if node.stage is not None else a.size
+        if node.kind == KIND_LINK and node.target is not None:
+            size = len(node.target)
+        return Stat(
+            ino=node.ino,
+            mode=a.st_mode,
+            nlink=2 if node.is_dir else 1,
+            uid=a.uid,
+            gid=a.gid,
+            size=size,
+            atime_ns=a.atime_ns,
+            mtime_ns=a.mtime_ns,
+            ctime_ns=a.ctime_ns,
+            blksize=self.chunk,
+            ttl=self.kernel_ttl(node),
+        )
+
+    def kernel_ttl(self, node: Node) -> float:
+        """How long the kernel may answer for ``node`` itself: for as long as this cache
+        would, without asking S3 (``refresh``), and no longer, so that the kernel's copy is
+        never older than the metadata TTL allows.  A walk (rsync, find) that comes back
+        within the TTL then costs no round trip into this process per name."""
+        ttl = self.opt.metadata_ttl
+        parent = node.parent
+        if ttl <= 0 or parent is None or node.dirty or node.remote_etag is None:
+            return max(ttl, 0.0)
+        seen = node.refreshed_at
+        if node.is_dir and parent.listed_at > seen:
+            seen = parent.listed_at  # a directory's entry is revalidated by its parent's LIST
+        return min(ttl, max(0.0, seen + ttl - trio.current_time()))

@@ -78,6 +78,7 @@ FS_ORDER = [
     "writeback",
     "rename",
     "recovery",
+    "files",
     "filesystem",
 ]
 
