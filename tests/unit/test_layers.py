@@ -70,6 +70,7 @@ FS_ORDER = [
     "remote",
     "namespace",
     "foreign",
+    "listing",
     "lookup",
     "fetch",
     "staged",
