@@ -198,100 +198,33 @@ class Renamer:
 
     async def rename_dir(self, src: Node, p2: Node, name: bytes, dst: Node | None) -> None:
         self.upload.keys_current()
-        old_prefix = self.paths.dir_prefix(src)
-        old_path = self.paths.path(src)
-        new_prefix = self.paths.prefix_for(p2, name)
-        new_path = self.paths.child_path(p2, name)
+        mv = _DirMove(self, src, p2, name)
         # uploads below are excluded (``writeback.moving_dir``); dirty nodes are not in S3
-        listing = await self.remote.list(old_prefix, delimiter=None)
+        listing = await self.remote.list(mv.old_prefix, delimiter=None)
         keys = sorted((o.key for o in listing.objects), key=lambda k: k.count("/"))
-        dirs: dict[str, tuple[bytes, bytes, str]] = {old_prefix: (old_path, new_path, new_prefix)}
-
-        async def resolve(prefix: str) -> tuple[bytes, bytes, str]:
-            if prefix in dirs:
-                return dirs[prefix]
-            parent_prefix = prefix[: prefix.rstrip("/").rfind("/") + 1]
-            op, np, npre = await resolve(parent_prefix)
-            comp = prefix[len(parent_prefix) : -1]
-            long_name = None
-            if self.vol.names.is_long(comp):
-                info = await self.remote.head(prefix + MARKER)
-                long_name = info.metadata.get("cfs-n") if info else None
-            plain = self.vol.names.decode(op, comp, long_name)
-            ncomp, _ = self.vol.names.encode(np, plain)
-            dirs[prefix] = (join(op, plain), join(np, plain), npre + ncomp + "/")
-            return dirs[prefix]
-
-        # (old key, new key, old path, new path, new long name, HEAD result if made yet)
-        plan: list[tuple[str, str, bytes, bytes, str | None, ObjectInfo | None]] = []
-
-        async def target(key: str) -> None:
-            """Where ``key`` goes: a request only for a long name (its plaintext is in the
-            object's metadata), so that every new key is checked before anything is copied."""
-            parent_prefix = key[: key.rfind("/") + 1]
-            op, np, npre = await resolve(parent_prefix)
-            comp = key[len(parent_prefix) :]
-            info = None
-            if comp == MARKER:
-                opath, npath, nkey, long_name = op, np, npre + MARKER, None
-                if parent_prefix != old_prefix:
-                    # a subdirectory's marker: its own (maybe long) name comes with it
-                    pp = parent_prefix[: parent_prefix.rstrip("/").rfind("/") + 1]
-                    _o, npp, _n = await resolve(pp)
-                    plain = npath.rsplit(b"/", 1)[1]
-                    long_name = self.vol.names.encode(npp, plain)[1]
-                else:
-                    long_name = self.vol.names.encode(self.paths.path(p2), name)[1]
-            else:
-                stored_long = None
-                if self.vol.names.is_long(comp):
-                    info = await self.remote.head(key)
-                    if info is None:
-                        return
-                    stored_long = info.metadata.get("cfs-n")
-                plain = self.vol.names.decode(op, comp, stored_long)
-                opath, npath = join(op, plain), join(np, plain)
-                ncomp, long_name = self.vol.names.encode(np, plain)
-                nkey = npre + ncomp
-            plan.append((key, nkey, opath, npath, long_name, info))
-
         async with open_tasks() as n:
             for k in keys:
-                n.start_soon(target, k)
-        for _, nkey, *_rest in plan:
+                n.start_soon(mv.target, k)
+        for _, nkey, *_rest in mv.plan:
             self.paths.check_budget(nkey, "a path below the directory would be")
-        copied: dict[str, str] = {}
-
-        async def move(
-            key: str,
-            nkey: str,
-            opath: bytes,
-            npath: bytes,
-            long_name: str | None,
-            info: ObjectInfo | None,
-        ) -> None:
-            """HEAD (the metadata is bound to the path: it is sealed again for the new one)
-            and copy, one object after the other, so that HEADs and copies overlap."""
-            info = info or await self.remote.head(key)
-            if info is None:
-                return  # removed by another host since the listing
-            meta = self.look.decode(opath, info)
-            md = self.vol.meta.encode(npath, nkey, ObjectMeta(meta.file_id, meta.attrs, meta.dek,
-                                                              long_name))  # fmt: skip
-            async with self.remote.limit:
-                copied[nkey] = await self.store.copy(key, nkey, md, if_match=info.etag,
-                                                     size=info.size)  # fmt: skip
-
         try:
             async with open_tasks() as n:
-                for item in plan:
-                    n.start_soon(move, *item)
+                for item in mv.plan:
+                    n.start_soon(mv.copy, *item)
         except BaseException:
             # undo: the copies made so far go, in DeleteObjects of 1000 (one at a time, a
             # failed rename of a big tree took as long to undo as to make)
             with trio.CancelScope(shield=True), contextlib.suppress(StoreError):
-                await self.store.delete_many(list(copied))
+                await self.store.delete_many(list(mv.copied))
             raise
+        await self.moved_dir(mv, src, p2, name, dst)
+
+    async def moved_dir(
+        self, mv: _DirMove, src: Node, p2: Node, name: bytes, dst: Node | None
+    ) -> None:
+        """Every object of ``src`` is copied to its new key: the replaced directory and the
+        old keys go, and the nodes below ``src`` take their new keys and ETags."""
+        copied = mv.copied
         if dst is not None:
             # (an empty directory replaced: its marker's key is the one the moved directory's
             # marker was just copied to, so that key must not be deleted now)
@@ -304,7 +237,7 @@ class Renamer:
         # by now, another host's): DeleteObjects, at most 1000 keys each (a DeleteObject
         # each made a third of the requests of a directory rename)
         async with self.remote.limit:
-            await self.store.delete_many([item[0] for item in plan if item[1] in copied])
+            await self.store.delete_many([item[0] for item in mv.plan if item[1] in copied])
         self.tree.move(src, p2, name)
         # loaded descendants now live under new keys
         stack = [src]
@@ -318,3 +251,93 @@ class Renamer:
         if src.remote_etag is not None:
             src.meta_dirty = True  # marker carries the new ctime
             self.writeback.schedule(src)
+
+
+class _DirMove:
+    """The objects below one directory being renamed: where each goes, and what was copied.
+
+    Every new key is known (and checked against S3's key budget) before anything is copied;
+    the metadata of each object is bound to its path, so it is sealed again for the new one.
+    """
+
+    def __init__(self, r: Renamer, src: Node, p2: Node, name: bytes) -> None:
+        self.r = r
+        self.names = r.vol.names
+        self.p2, self.name = p2, name
+        self.old_prefix = r.paths.dir_prefix(src)
+        new_prefix = r.paths.prefix_for(p2, name)
+        # per directory prefix below (and of) ``src``: (old path, new path, new prefix)
+        self.dirs: dict[str, tuple[bytes, bytes, str]] = {
+            self.old_prefix: (r.paths.path(src), r.paths.child_path(p2, name), new_prefix)
+        }
+        # (old key, new key, old path, new path, new long name, HEAD result if made yet)
+        self.plan: list[tuple[str, str, bytes, bytes, str | None, ObjectInfo | None]] = []
+        self.copied: dict[str, str] = {}  # new key -> its ETag
+
+    async def resolve(self, prefix: str) -> tuple[bytes, bytes, str]:
+        dirs = self.dirs
+        if prefix in dirs:
+            return dirs[prefix]
+        parent_prefix = prefix[: prefix.rstrip("/").rfind("/") + 1]
+        op, np, npre = await self.resolve(parent_prefix)
+        comp = prefix[len(parent_prefix) : -1]
+        long_name = None
+        if self.names.is_long(comp):
+            info = await self.r.remote.head(prefix + MARKER)
+            long_name = info.metadata.get("cfs-n") if info else None
+        plain = self.names.decode(op, comp, long_name)
+        ncomp, _ = self.names.encode(np, plain)
+        dirs[prefix] = (join(op, plain), join(np, plain), npre + ncomp + "/")
+        return dirs[prefix]
+
+    async def target(self, key: str) -> None:
+        """Where ``key`` goes: a request only for a long name (its plaintext is in the
+        object's metadata), so that every new key is checked before anything is copied."""
+        parent_prefix = key[: key.rfind("/") + 1]
+        op, np, npre = await self.resolve(parent_prefix)
+        comp = key[len(parent_prefix) :]
+        info = None
+        if comp == MARKER:
+            opath, npath, nkey, long_name = op, np, npre + MARKER, None
+            if parent_prefix != self.old_prefix:
+                # a subdirectory's marker: its own (maybe long) name comes with it
+                pp = parent_prefix[: parent_prefix.rstrip("/").rfind("/") + 1]
+                _o, npp, _n = await self.resolve(pp)
+                plain = npath.rsplit(b"/", 1)[1]
+                long_name = self.names.encode(npp, plain)[1]
+            else:
+                long_name = self.names.encode(self.r.paths.path(self.p2), self.name)[1]
+        else:
+            stored_long = None
+            if self.names.is_long(comp):
+                info = await self.r.remote.head(key)
+                if info is None:
+                    return
+                stored_long = info.metadata.get("cfs-n")
+            plain = self.names.decode(op, comp, stored_long)
+            opath, npath = join(op, plain), join(np, plain)
+            ncomp, long_name = self.names.encode(np, plain)
+            nkey = npre + ncomp
+        self.plan.append((key, nkey, opath, npath, long_name, info))
+
+    async def copy(
+        self,
+        key: str,
+        nkey: str,
+        opath: bytes,
+        npath: bytes,
+        long_name: str | None,
+        info: ObjectInfo | None,
+    ) -> None:
+        """HEAD (the metadata is bound to the path: it is sealed again for the new one)
+        and copy, one object after the other, so that HEADs and copies overlap."""
+        r = self.r
+        info = info or await r.remote.head(key)
+        if info is None:
+            return  # removed by another host since the listing
+        meta = r.look.decode(opath, info)
+        md = r.vol.meta.encode(npath, nkey, ObjectMeta(meta.file_id, meta.attrs, meta.dek,
+                                                       long_name))  # fmt: skip
+        async with r.remote.limit:
+            self.copied[nkey] = await r.store.copy(key, nkey, md, if_match=info.etag,
+                                                   size=info.size)  # fmt: skip
