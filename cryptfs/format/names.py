@@ -105,8 +105,11 @@ class NameCodec:
         return self._key is not None and component.startswith(LONG_PREFIX)
 
     def decode(self, parent: bytes, component: str, long_name: str | None = None) -> bytes:
-        if self._key is None:
-            return component.encode("utf-8")
+        if self._key is None:  # every key is a name here, whoever wrote it
+            name = component.encode("utf-8", errors="surrogateescape")
+            if not name or name in (b".", b"..") or b"\0" in name or len(name) > 255:
+                raise IntegrityError("a key component that is no entry name")
+            return name
         if component.startswith(LONG_PREFIX):
             if long_name is None or LONG_PREFIX + b64e(sha256(long_name.encode())) != component:
                 raise IntegrityError("long name does not match its hashed key component")

@@ -222,6 +222,7 @@ class Entries:
         # two keys: any but the marker is enough (listing the whole subtree made rmdir of a
         # big tree's root cost a LIST of the tree). No delimiter: SeaweedFS shows the prefix
         # of a directory whose objects are all gone as a common prefix
-        listing = await self.remote.list(prefix, delimiter=None, max_keys=2)
-        if any(o.key != prefix + MARKER for o in listing.objects):
+        # (three: the directory's folder placeholder, "X/", is no entry either)
+        listing = await self.remote.list(prefix, delimiter=None, max_keys=3)
+        if any(o.key not in (prefix, prefix + MARKER) for o in listing.objects):
             raise NotEmpty("directory not empty")

@@ -21,7 +21,7 @@ import trio
 from cryptfs.cache.blocks import BlockCache
 from cryptfs.cache.chunks import ChunkCache
 from cryptfs.crypto import Secret
-from cryptfs.errors import IntegrityError, UnsupportedFormat
+from cryptfs.errors import IntegrityError, PreconditionFailed, UnsupportedFormat
 from cryptfs.format.body import HEADER_SIZE, BodyCipher, chunk_count, chunk_span, chunks_for_range
 from cryptfs.format.keys import SCHEME_KMS
 from cryptfs.format.meta import KIND_FILE
@@ -242,13 +242,19 @@ class Fetcher:
         start, _ = chunk_span(first, size, c)
         lo, ln = chunk_span(last, size, c)
         key, _ = self.paths.object_key(node)
+        etag = node.remote_etag
         cipher = self.known_cipher(node)
         header = None
         if cipher is None and first == 0:
-            data = await self.get_unwrapping(node, key, lo + ln)
+            data = await self.get_unwrapping(node, key, lo + ln, etag)
             header, data = data[:HEADER_SIZE], data[HEADER_SIZE:]
         else:
-            _info, data = await self.store.get(key, start, lo + ln, if_match=node.remote_etag)
+            _info, data = await self.store.get(key, start, lo + ln, if_match=etag)
+        if node.remote_etag != etag:
+            # another version adopted while the GET was in flight (a listing, our own
+            # upload): these bytes are the version asked for, not the one the node holds,
+            # whose header and data key must not judge them (an integrity failure was told)
+            raise PreconditionFailed("another version of the file arrived during the read")
         cipher = await self.cipher(node, header)
         if len(data) != lo + ln - start:
             self.tree.integrity(key, "short read", node)
@@ -283,14 +289,14 @@ class Fetcher:
             self.cache.put((node.file_id, salt, i), pt)
             got[i] = pt
 
-    async def get_unwrapping(self, node: Node, key: str, end: int) -> bytes:
+    async def get_unwrapping(self, node: Node, key: str, end: int, etag: str | None) -> bytes:
         """GET ``[0, end)`` of ``key`` while the data key is unwrapped at the same time (it
         is cached by the keyring for ``cipher``) when that is a KMS round trip of its own.
         (A local unwrap is a few microseconds of CPU: not worth two tasks.)"""
         got: list[bytes] = []
 
         async def get() -> None:
-            got.append((await self.store.get(key, 0, end, if_match=node.remote_etag))[1])
+            got.append((await self.store.get(key, 0, end, if_match=etag))[1])
 
         wk = node.wrapped
         if (

@@ -16,7 +16,7 @@ import os
 from typing import Any
 
 from cryptfs.cache.staging import StagingArea
-from cryptfs.errors import Invalid, IsDir, PreconditionFailed
+from cryptfs.errors import Invalid, IsDir, PreconditionFailed, StoreError
 from cryptfs.format.meta import KIND_FILE, KIND_LINK
 from cryptfs.fs.fetch import Fetcher
 from cryptfs.fs.foreign import Foreign
@@ -112,6 +112,10 @@ class Files:
         try:
             return await self.fetch.read_remote(node, offset, end - offset, h)
         except PreconditionFailed:
+            if node.unlinked:  # (replaced by a rename while open, before its content was kept)
+                raise StoreError(
+                    "the file was replaced while open, and its version is gone from S3"
+                ) from None
             # the object was replaced by another writer since we looked: reload and retry
             node.refreshed_at = -1e18
             await self.look.refresh(node)

@@ -293,7 +293,7 @@ class Filesystem:
 
     @property
     def conflicts(self) -> int:
-        return self.upload.conflicts
+        return self.tree.conflicts
 
     async def sweep_uploads(self) -> bool:
         return await self.upload.sweep()
@@ -338,7 +338,7 @@ class Filesystem:
             "uploads": self.uploads,
             "upload_bytes": self.upload_bytes,
             "upload_failures": self.writeback.upload_failures,
-            "conflicts": self.upload.conflicts,
+            "conflicts": self.tree.conflicts,
             "integrity_failures": self.integrity_failures,
             "cache_bytes": self.cache.used,
             "cache_limit_bytes": self.cache.limit,

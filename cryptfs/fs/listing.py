@@ -67,6 +67,8 @@ class Listing:
         self.during: dict[bytes, Node] = {}
         self.new: dict[bytes, Node] = {}
         self.foreign_found: dict[bytes, Node] = {}  # S3EC entries: merged after, a native wins
+        # directories found by their prefix: merged after, a file of the same name wins
+        self.from_prefix: dict[bytes, Node] = {}
         self.decoded: dict[str, bytes] = {}  # object key -> its name, decrypted once
         self.known: dict[str, Node] = {}
         self.here: set[str] = set()
@@ -80,6 +82,7 @@ class Listing:
         async with open_tasks() as n:
             for item in todo:
                 n.start_soon(self.load, *item)
+        self.merge_dirs()
         self.merge_foreign()
         await self.own_attributes()
         return self.merge()
@@ -99,6 +102,8 @@ class Listing:
             comp = obj.key[len(prefix) :]
             if comp == MARKER:
                 self.own_marker = obj
+                continue
+            if not comp:  # the directory's own folder placeholder ("X/"): no entry of it
                 continue
             if d.parent is None and comp == CONFIG_NAME:
                 continue
@@ -147,7 +152,7 @@ class Listing:
             return False
         # (a known subdirectory: its attributes are revalidated by its own listing, its
         # marker is in there, not by a HEAD per listing here)
-        self.new[cur.name] = cur
+        (self.from_prefix if etag is None else self.new)[cur.name] = cur
         self.paths.remember(cur, key, self.gen)
         return True
 
@@ -174,7 +179,7 @@ class Listing:
                     cur = old.get(name)
                     if cur is None or not cur.is_dir:
                         cur = self.tree.synthetic_dir(d, name)
-                    new[name] = cur
+                    self.from_prefix[name] = cur
                 return
             if (
                 "cfs" not in info.metadata
@@ -188,7 +193,7 @@ class Listing:
             if name is None:
                 name = self.vol.names.decode(self.dpath, comp, info.metadata.get("cfs-n"))
             node = self.adopt(d, name, info, old.get(name))
-            new[name] = node
+            (self.from_prefix if etag is None and node.is_dir else new)[name] = node
             if not long and d.raw_prefix is None:
                 self.paths.remember(node, key, self.gen)
         except IntegrityError as e:
@@ -207,6 +212,27 @@ class Listing:
         except UnsupportedFormat as e:
             log.warning("entry %s of %s skipped: %s", self.paths.key_ident(key),
                         self.paths.ident(d), self.paths.scrub(e))  # fmt: skip
+
+    def merge_dirs(self) -> None:
+        """Directories found by their prefix join the entries, unless a file has the same
+        name: the authenticated file is shown, never hidden behind a directory a bucket
+        writer can make with one empty object (``<file key>/``, no key needed)."""
+        new = self.new
+        for name, node in self.from_prefix.items():
+            cur = new.get(name)
+            if cur is None or cur is node:
+                new[name] = node
+                continue
+            key = self.paths.dir_prefix(node)
+            if node.remote_etag is None:  # no marker: nothing cryptfs wrote
+                self.tree.integrity(key, "a prefix without a marker has a file's name")
+            else:  # two hosts made a file and a directory of one name at once (or a replay)
+                log.warning("directory %s not shown: a file has its name", self.paths.ident(node))
+            if node is self.old.get(name):
+                self.tree.gone_elsewhere(node)  # (the kernel looks the name up again)
+            else:
+                node.unlinked = True
+                self.tree.maybe_drop(node)
 
     def merge_foreign(self) -> None:
         new = self.new

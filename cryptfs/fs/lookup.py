@@ -82,6 +82,8 @@ class Lookup:
         meta = self.decode(path, info)
         if meta.attrs.kind != KIND_DIR:
             self.check_size(info, meta.attrs)
+        if existing is not None and existing.file_id == meta.file_id and existing.dirty:
+            self.attrs_only_lost(existing, info)  # (then clean: it takes their version)
         if existing is not None and existing.file_id == meta.file_id and not existing.dirty:
             node = existing
             if node.remote_etag != info.etag:
@@ -98,6 +100,23 @@ class Lookup:
             node = self.tree.new_node(parent, name, meta.attrs, meta.file_id)
         node.wrapped = meta.dek
         return self.tree.seen(parent, name, node, info)
+
+    def attrs_only_lost(self, node: Node, info: ObjectInfo) -> bool:
+        """``node`` has a change of its attributes only to write (chmod, touch), and another
+        writer's version of the object is here: theirs stands, as ``Uploader.attrs_lost``
+        decides when the change is written; decided now, the next write starts from their
+        version (each write failed with EIO while the file was open: its copy's If-Match
+        named the version replaced, and the node kept it)."""
+        if node.stage is not None or not node.meta_dirty or node.remote_etag == info.etag:
+            return False
+        self.tree.conflicts += 1
+        log.warning(
+            "conflict: %s was changed by another writer; this host's change of its attributes"
+            " (mode, owner, times) is dropped",
+            self.paths.ident(node),
+        )
+        node.meta_dirty = False
+        return True
 
     def check_size(self, info: ObjectInfo, attrs: Attrs) -> None:
         try:
@@ -227,7 +246,7 @@ class Lookup:
         key, _ = self.paths.object_key(node)
         info = await self.remote.head(key)
         if info is None:
-            if node.open_count == 0:
+            if node.open_count == 0 and not node.dirty:  # (a dirty one: its upload decides)
                 self.tree.gone_elsewhere(node)
                 raise NoEntry("file was removed by another writer")
             return

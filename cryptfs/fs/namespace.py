@@ -46,6 +46,7 @@ class Namespace:
         self.kernel: KernelCache | None = None  # set by the FUSE layer
         self.integrity_failures = 0
         self.integrity_log: list[tuple[str, str]] = []  # (object key, reason), for fsck
+        self.conflicts = 0  # changes of ours another writer's won over (kept as copies, or lost)
         # what other parts keep for a node that left the table: an evicted one (clean), a
         # removed one
         self.on_evict: Callable[[Node], None] = _nothing

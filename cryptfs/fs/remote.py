@@ -37,7 +37,8 @@ class Remote:
         """A prefix without a marker is a directory only if objects live below it.
 
         (SeaweedFS keeps emptied prefixes as "directories" in listings; they must not
-        resurrect removed or renamed directories.)
+        resurrect removed or renamed directories.  A folder placeholder, ``X/`` or one below
+        it, is no object: one of them made a directory of any name, a file's too.)
         """
-        listing = await self.list(prefix, delimiter=None, max_keys=1)
-        return bool(listing.objects)
+        listing = await self.list(prefix, delimiter=None, max_keys=8)
+        return any(not o.key.endswith("/") for o in listing.objects)

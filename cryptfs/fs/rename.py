@@ -13,6 +13,7 @@ Must not import: other parts of ``cryptfs.fs`` but ``model``, ``volume``, ``path
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import trio
 
@@ -39,6 +40,8 @@ from cryptfs.fs.volume import MARKER, Volume
 from cryptfs.fs.writeback import Writeback
 from cryptfs.store.base import ObjectInfo
 from cryptfs.tasks import open_tasks
+
+log = logging.getLogger(__name__)
 
 
 class Renamer:
@@ -128,31 +131,45 @@ class Renamer:
                     await self.entries.check_empty(dst)
                 for n in locked:
                     n.renaming += 1
-                raced = False
+                raced: Node | None = None
                 try:
                     if src.is_dir:
                         await self.rename_dir(src, p2, new_name, dst)
                     else:
                         await self.rename_file(src, p2, new_name, dst)
-                except (PreconditionFailed, NotFound):
-                    if src.is_dir:
-                        raise
-                    raced = True
+                except _Raced as e:
+                    raced = e.node
                 finally:
                     for n in locked:
                         n.renaming -= 1
-                if not raced:
+                if raced is None:
                     return
-                # the source's object was replaced or removed by another writer since this
-                # mount looked (the copy's If-Match failed): look again and retry (removed:
-                # ENOENT), rather than EIO for a race in which nothing was lost
-                await self.look.look_again(src)
+                # the object of the source (its copy's If-Match failed) or of the target (its
+                # content, kept for a reader, could not be read) was replaced or removed by
+                # another writer since this mount looked, and nothing has moved yet: look
+                # again at that one, now that it is not being renamed, and retry (the source
+                # removed: ENOENT), rather than EIO for a race in which nothing was lost
+                await self.look.look_again(raced)
                 if src.unlinked:
                     raise named(NoEntry, old_name)
         raise StoreError("the target of a rename kept changing")
 
     async def displace(self, dst: Node) -> None:
-        await self.entries.keep_for_open_handles(dst)
+        """``dst`` was replaced (the rename has happened in S3): it leaves the tree; a reader
+        that still has it open keeps reading its content, kept here before."""
+        try:
+            await self.entries.keep_for_open_handles(dst)
+        except (PreconditionFailed, NotFound) as e:
+            # opened while the copy over it was in flight (it was kept before the copy, for
+            # the readers then): that version is gone from S3, the rename stands.  Its ETag
+            # stays, so that those readers get EIO (If-Match), never bytes of another version
+            log.warning(
+                "%s was replaced while a reader opened it: its reads fail (%s)",
+                self.paths.ident(dst),
+                self.paths.scrub(e),
+            )
+            self.tree.detach(dst)
+            return
         dst.remote_etag = None
         self.tree.detach(dst)
         if dst.stage is not None and dst.open_count == 0:
@@ -168,16 +185,26 @@ class Renamer:
         elif dst is not None:
             # a replaced file still open keeps its content: read it before the copy replaces
             # the object it is read from (after, its old ETag is gone: 412, 18.6)
-            await self.entries.keep_for_open_handles(dst)
+            try:
+                await self.entries.keep_for_open_handles(dst)
+            except (PreconditionFailed, NotFound):
+                raise _Raced(dst) from None  # (replaced elsewhere: nothing has moved yet)
         old_key, _ = self.paths.object_key(src)
         new_key, long_name = self.paths.key_for(p2, name, src.kind)
         if src.stage is None and src.remote_etag is not None:
             new_attrs = src.attrs.with_(ctime_ns=now_ns())
             meta = ObjectMeta(src.file_id, new_attrs, src.wrapped, long_name)
             md = self.vol.meta.encode(self.paths.child_path(p2, name), new_key, meta)
-            etag = await self.store.copy(
-                old_key, new_key, md, if_match=src.remote_etag, size=self.upload.stored_size(src)
-            )
+            try:
+                etag = await self.store.copy(
+                    old_key,
+                    new_key,
+                    md,
+                    if_match=src.remote_etag,
+                    size=self.upload.stored_size(src),
+                )
+            except (PreconditionFailed, NotFound):
+                raise _Raced(src) from None  # (replaced or removed elsewhere: nothing moved)
             await self.store.delete(old_key)
             if dst is not None:
                 await self.displace(dst)
@@ -251,6 +278,15 @@ class Renamer:
         if src.remote_etag is not None:
             src.meta_dirty = True  # marker carries the new ctime
             self.writeback.schedule(src)
+
+
+class _Raced(Exception):
+    """A rename lost an If-Match race on ``node`` (the source or the target) before anything
+    moved: another writer replaced or removed it since this mount looked."""
+
+    def __init__(self, node: Node) -> None:
+        super().__init__("lost a race with another writer")
+        self.node = node
 
 
 class _DirMove:

@@ -75,7 +75,6 @@ class Uploader:
         self.look = look
         self.fetch = fetch
         self.staged = staged
-        self.conflicts = 0  # conflict copies saved
         self.uploads = 0  # file bodies uploaded
         self.upload_bytes = 0  # their plaintext bytes
         # multipart uploads (and creations of them) in flight; uploads.json holds more when
@@ -398,7 +397,7 @@ class Uploader:
         """Another writer changed or removed ``node``'s object while this mount had a change
         of its attributes only to write: theirs stands (no data of ours is lost: an upload of
         data makes a conflict copy instead).  Retrying, as before, looped forever."""
-        self.conflicts += 1
+        self.tree.conflicts += 1
         log.warning(
             "conflict: %s was %s by another writer; this host's change of its attributes"
             " (mode, owner, times) is dropped",
@@ -462,7 +461,7 @@ class Uploader:
         this node carries on as ``NAME.conflict-HOST-TIME``, with our version uploaded
         there, so that a writer that still has it open goes on writing to the copy (the
         node was detached: its later writes were dropped at close, 18.8)."""
-        self.conflicts += 1
+        self.tree.conflicts += 1
         assert node.parent is not None
         parent, name = node.parent, node.name
         stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -1,0 +1,262 @@
+"""Issue 18, from the attacker's and concurrency reviewer's read of the fix (helper review of
+57edf90..539d62f): each test failed on the code before its fix.  Memory store, driven
+deterministically; no test here needs S3 or a mount."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from cryptfs.crypto import Secret
+from cryptfs.errors import CryptfsError, StoreError
+from cryptfs.format.volume import KeySource
+from cryptfs.fs.model import ROOT_INO
+from cryptfs.store.memory import MemoryStore
+from tests.fsutil import read_file, write_file
+from tests.unit.test_filesystem import make_fs
+
+KEY = KeySource(keyfile=Secret(b"k" * 32))  # make_fs's volume key
+
+
+async def _replace(other_store_fs, name: bytes, data: bytes) -> None:  # type: ignore[no-untyped-def]
+    """Another host writes ``data`` over ``name``."""
+    other = other_store_fs
+    theirs = await other.lookup(ROOT_INO, name)
+    h = await other.open(theirs.ino, os.O_RDWR)
+    await other.write(h.fh, 0, data)
+    await other.release(h.fh)
+    await other.sync_node(theirs)
+
+
+@pytest.mark.allow_error_logs
+async def test_a_rename_onto_an_open_file_replaced_elsewhere_keeps_the_new_file(
+    tmp_path: Path,
+) -> None:
+    """``echo data > tmp; mv tmp g`` while ``tail -f g`` runs and another host replaced g:
+    keeping g's content for its reader lost the If-Match race of *g*, the rename took it for
+    a race of its source, and its look again at ``tmp`` (never uploaded: 404) removed it with
+    its staged data and journal.  mv said ENOENT and the acknowledged data was gone."""
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store, metadata_ttl=3600)
+    await write_file(fs, ROOT_INO, b"g", b"old g " * 100)
+    g = await fs.lookup(ROOT_INO, b"g")
+    reader = await fs.open(g.ino, os.O_RDONLY)
+    tmp, h = await fs.create(ROOT_INO, b"tmp", 0o644, 0, 0)
+    fs.looked_up(tmp)
+    await fs.write(h.fh, 0, b"acknowledged data")
+    await fs.release(h.fh)  # close() returned 0: staged and journaled
+    await _replace(await make_fs(tmp_path / "b", store), b"g", b"G")
+
+    await fs.rename(ROOT_INO, b"tmp", ROOT_INO, b"g", 0)
+    assert not tmp.unlinked and tmp.name == b"g"
+    assert await fs.flush_all() == []
+    check = await make_fs(tmp_path / "c", store)
+    assert [n for n, _ in await check.readdir(ROOT_INO)] == [b"g"]
+    assert await read_file(check, (await check.lookup(ROOT_INO, b"g")).ino) == b"acknowledged data"
+    got = await fs.read(reader.fh, 0, 10)  # the reader keeps a whole version of the old g
+    assert got in (b"old g old ", b"Gld g old ")
+    await fs.release(reader.fh)
+
+
+@pytest.mark.allow_error_logs
+async def test_looking_again_never_drops_a_file_changed_here(tmp_path: Path) -> None:
+    """A file written here and not uploaded yet, whose object another host removed: looking
+    at S3 again (after a lost If-Match) removed the node, its staged data and its journal;
+    its upload decides instead (a new object: nothing of theirs to keep)."""
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store, metadata_ttl=3600)
+    await write_file(fs, ROOT_INO, b"f", b"version 1")
+    node = await fs.lookup(ROOT_INO, b"f")
+    h = await fs.open(node.ino, os.O_RDWR)
+    await fs.write(h.fh, 0, b"VERSION 2")
+    await fs.release(h.fh)
+    other = await make_fs(tmp_path / "b", store)
+    await other.unlink(ROOT_INO, b"f")
+    await fs.look.look_again(node)
+    assert not node.unlinked and node.stage is not None and fs.staging.journals()
+    assert await fs.flush_all() == []
+    check = await make_fs(tmp_path / "c", store)
+    names = [n for n, _ in await check.readdir(ROOT_INO)]
+    assert len(names) == 1
+    assert await read_file(check, (await check.lookup(ROOT_INO, names[0])).ino) == b"VERSION 2"
+
+
+@pytest.mark.allow_error_logs
+async def test_a_rename_that_landed_is_not_reported_failed(tmp_path: Path) -> None:
+    """A reader opens the target while the rename's copy is in flight: copy and delete
+    land, keeping the target's old content for that reader then fails (its version is gone)
+    and the rename answered ENOENT although S3 had the new name.  Now the rename succeeds;
+    that reader gets EIO, not bytes of another version, and no integrity failure is told."""
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store, metadata_ttl=3600)
+    await write_file(fs, ROOT_INO, b"f", b"new content")
+    await write_file(fs, ROOT_INO, b"g", b"old content")
+    g = await fs.lookup(ROOT_INO, b"g")
+    real = store.copy
+    held: list[int] = []
+
+    async def copy(*a, **kw):  # type: ignore[no-untyped-def]
+        etag = await real(*a, **kw)
+        if not held:
+            held.append((await fs.open(g.ino, os.O_RDONLY)).fh)  # cat g, meanwhile
+        return etag
+
+    store.copy = copy  # type: ignore[method-assign]
+    await fs.rename(ROOT_INO, b"f", ROOT_INO, b"g", 0)
+    store.copy = real  # type: ignore[method-assign]
+    fs.cache.clear()
+    with pytest.raises(StoreError):
+        await fs.read(held[0], 0, 100)
+    assert fs.integrity_failures == 0
+    check = await make_fs(tmp_path / "c", store)
+    assert [n for n, _ in await check.readdir(ROOT_INO)] == [b"g"]
+    assert await read_file(check, (await check.lookup(ROOT_INO, b"g")).ino) == b"new content"
+
+
+@pytest.mark.allow_error_logs
+async def test_a_folder_placeholder_never_hides_a_file(tmp_path: Path) -> None:
+    """Attack: one empty object ``<file key>/`` (a console's folder placeholder), written
+    with bucket access only, made readdir show the file as a directory (without a marker,
+    unauthenticated), no integrity failure told; lookup disagreed.  The authenticated file
+    is shown now: a lone placeholder is no object (no directory at all), and a prefix of
+    objects with a file's name and no marker is an integrity failure."""
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store)
+    await write_file(fs, ROOT_INO, b"secret", b"precious data")
+    fkey, _ = fs.object_key(await fs.lookup(ROOT_INO, b"secret"))
+    for planted, told in ((fkey + "/", False), (fkey + "/anything", True)):
+        await store.put(planted, b"", {})
+        fresh = await make_fs(tmp_path / f"b{len(planted)}", store)
+        node = dict(await fresh.readdir(ROOT_INO))[b"secret"]
+        assert not node.is_dir
+        assert await read_file(fresh, node.ino) == b"precious data"
+        assert (fresh.integrity_failures > 0) == told  # (told at each listing)
+        other = await make_fs(tmp_path / f"c{int(told)}", store, metadata_ttl=3600)
+        assert not (await other.lookup(ROOT_INO, b"secret")).is_dir  # lookup agrees
+        await store.delete(planted)
+
+
+@pytest.mark.allow_error_logs
+async def test_fsck_repair_never_turns_a_placeholder_into_a_directory(tmp_path: Path) -> None:
+    """``fsck --repair`` wrote an authenticated marker for the attacker's placeholder: the
+    file behind it was an orphan for good.  It reports the name as both, repairs nothing."""
+    from cryptfs.fs.volume import Volume
+    from cryptfs.fsck import fsck
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store)
+    await write_file(fs, ROOT_INO, b"secret", b"precious data")
+    fkey, _ = fs.object_key(await fs.lookup(ROOT_INO, b"secret"))
+    await store.put(fkey + "/", b"", {})
+    vol = await Volume.open(store, KEY)
+    rep = await fsck(vol, key_prefix="", repair=True)
+    assert fkey + "/.cryptfs.dir" not in store.objects
+    assert rep.files == 1 and rep.problems() and not rep.repaired
+    for i in range(5):
+        fresh = await make_fs(tmp_path / f"m{i}", store)
+        assert not dict(await fresh.readdir(ROOT_INO))[b"secret"].is_dir
+
+
+@pytest.mark.allow_error_logs
+async def test_a_version_adopted_during_a_read_is_no_integrity_failure(tmp_path: Path) -> None:
+    """A GET of version 1 (If-Match) in flight when a listing adopts version 2: the bytes of
+    version 1 were opened with version 2's header and key, an integrity failure was logged
+    and the read got EIO, for a race in which nothing was tampered with.  The read now goes
+    again, from the version the node holds."""
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store, metadata_ttl=0)
+    await write_file(fs, ROOT_INO, b"f", b"version 1 " * 2000)
+    node = await fs.lookup(ROOT_INO, b"f")
+    fs.cache.clear()
+    node.cipher = None  # (as after a remount: the header comes with the first GET)
+    other = await make_fs(tmp_path / "b", store)
+    real = store.get
+    gate, parked = trio.Event(), trio.Event()
+
+    async def get(key, start=None, end=None, if_match=None):  # type: ignore[no-untyped-def]
+        got = await real(key, start, end, if_match=if_match)
+        if not parked.is_set():
+            parked.set()
+            await gate.wait()
+        return got
+
+    store.get = get  # type: ignore[method-assign]
+    h = await fs.open(node.ino, os.O_RDONLY)
+    result: list[object] = []
+
+    async def reader() -> None:
+        try:
+            result.append(await fs.read(h.fh, 3 * 4096, 10))
+        except CryptfsError as e:
+            result.append(e)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            n.start_soon(reader)
+            await parked.wait()
+            await _replace(other, b"f", b"VERSION 2 ")
+            await fs.readdir(ROOT_INO)  # adopts version 2
+            gate.set()
+    assert fs.integrity_failures == 0, fs.integrity_log
+    assert result == [(b"VERSION 2 " + b"version 1 " * 2000)[3 * 4096 : 3 * 4096 + 10]]
+
+
+@pytest.mark.allow_error_logs
+async def test_a_placeholder_inside_its_own_directory_is_not_an_entry(tmp_path: Path) -> None:
+    """The ``<dir>/`` placeholder (S3 console "Create folder", SeaweedFS) in the directory's
+    own listing was an entry of an empty name: an integrity failure at every listing, and
+    rmdir answered ENOTEMPTY for ever."""
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store)
+    d = await fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    await store.put(fs.dir_prefix(d), b"", {})
+    assert await fs.readdir(d.ino) == []
+    assert fs.integrity_failures == 0
+    await fs.rmdir(ROOT_INO, b"d")
+    fresh = await make_fs(tmp_path / "b", store)
+    assert await fresh.readdir(ROOT_INO) == []
+
+
+@pytest.mark.allow_error_logs
+async def test_plaintext_names_that_are_no_entry_names_are_not_listed(tmp_path: Path) -> None:
+    """A volume of plaintext names: keys ``//x`` and ``../x`` gave readdir entries ``b""``
+    and ``b".."`` (the kernel refuses a listing with an empty name: EIO for all of it)."""
+    from cryptfs.cache.staging import StagingArea
+    from cryptfs.fs.filesystem import Filesystem
+    from cryptfs.fs.model import Options
+    from cryptfs.fs.volume import Volume
+
+    store = MemoryStore()
+    vol = await Volume.create(store, KEY, chunk_log2=12, encrypt_names=False)
+    fs = Filesystem(vol, StagingArea(tmp_path / "s", vol.keys.cache, vol.chunk), Options())
+    await fs.ensure_root()
+    await write_file(fs, ROOT_INO, b"ok", b"fine")
+    for key in ("//x", "../x", "./x"):
+        await store.put(key, b"junk", {})
+    assert [n for n, _ in await fs.readdir(ROOT_INO)] == [b"ok"]
+
+
+@pytest.mark.allow_error_logs
+async def test_a_pending_chmod_does_not_stop_writes_to_a_file_replaced_elsewhere(
+    tmp_path: Path,
+) -> None:
+    """``chmod 600 f; echo x >> f`` on a file another host replaced: the pending chmod made
+    the node dirty, looking again kept this mount's version, and every write failed with EIO
+    (the copy before it used the replaced version's If-Match) while the file was open.  The
+    change of attributes loses to their version (as when it is written), the write goes on."""
+    from tests.unit.test_races import _replaced_elsewhere
+
+    store, fs = await _replaced_elsewhere(tmp_path)
+    node = await fs.lookup(ROOT_INO, b"f")
+    await fs.setattr(node.ino, mode=0o600)
+    h = await fs.open(node.ino, os.O_WRONLY | os.O_APPEND)
+    await fs.write(h.fh, 10_000, b"appended\n")
+    await fs.release(h.fh)
+    assert await fs.flush_all() == [] and fs.conflicts == 1
+    check = await make_fs(tmp_path / "c", store)
+    f = await check.lookup(ROOT_INO, b"f")
+    assert await read_file(check, f.ino) == b"version 2\nappended\n"
+    assert f.attrs.mode & 0o777 != 0o600
