@@ -279,9 +279,9 @@ def _key_source(args: Any, *, create: bool = False) -> KeySource:
 
 
 def cmd_init(args: Any) -> int:
-    from cryptfs.fs.volume import Volume
     from cryptfs.session import open_remote, sse_from_config
     from cryptfs.store.s3 import S3Location
+    from cryptfs.volume import Volume
 
     loc = S3Location.parse(args.location)
     c = args.chunk_size

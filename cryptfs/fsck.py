@@ -35,7 +35,7 @@ from cryptfs.format.names import b64d
 from cryptfs.format.volume import CONFIG_NAME
 from cryptfs.fs.filesystem import Filesystem
 from cryptfs.fs.model import Node, Options
-from cryptfs.fs.volume import MARKER, Volume
+from cryptfs.volume import MARKER, Volume
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from cryptfs.format.volume import CONFIG_NAME
 from cryptfs.fs.filesystem import Filesystem
 from cryptfs.fs.foreign import s3ec_envelope
 from cryptfs.fs.model import ROOT_INO, Node, Options
-from cryptfs.fs.volume import Volume
+from cryptfs.volume import Volume
 
 log = logging.getLogger(__name__)
 

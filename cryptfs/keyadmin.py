@@ -50,10 +50,10 @@ from cryptfs.errors import (
 from cryptfs.format.keys import LOCAL_KID, SCHEME_KMS, SCHEME_LOCAL, new_master_key
 from cryptfs.format.meta import FORMATS, ObjectMeta
 from cryptfs.format.volume import CONFIG_NAME, KeySource, Retiring, SlotPayload
-from cryptfs.fs.volume import Volume
 from cryptfs.keys.keyring import Target, add_kms_slot
 from cryptfs.store.base import ObjectInfo, bare_etag
 from cryptfs.tasks import each
+from cryptfs.volume import Volume
 
 log = logging.getLogger(__name__)
 

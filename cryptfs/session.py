@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from cryptfs.crypto import Secret
 from cryptfs.errors import AccessDenied, SseMismatch, UsageError
 from cryptfs.format.volume import KeySource
-from cryptfs.fs.volume import Volume
 from cryptfs.store.kms import KmsClient, KmsOptions, open_kms
 from cryptfs.store.s3 import S3Location, S3Options, S3Store, Sse, open_s3_store
+from cryptfs.volume import Volume
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,10 @@ from cryptfs.errors import CryptfsError, IntegrityError, NotFound, PreconditionF
 from cryptfs.format.keys import SCHEME_KMS
 from cryptfs.format.meta import FORMAT, FORMAT2, decode_meta
 from cryptfs.format.volume import CONFIG_NAME
-from cryptfs.fs.volume import MARKER, Volume
 from cryptfs.keyadmin import SETTLE, check_settle
 from cryptfs.store.base import ObjectInfo, bare_etag
 from cryptfs.tasks import each
+from cryptfs.volume import MARKER, Volume
 
 log = logging.getLogger(__name__)
 

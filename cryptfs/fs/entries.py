@@ -4,7 +4,7 @@ Owns: creating an entry without replacing one another host made meanwhile (If-No
 its object or marker), the root's marker on a fresh volume, reading a link's target,
 removing an entry (an open file keeps its content readable until it is released) and what
 makes a directory empty enough to remove (nothing below its prefix but its marker).
-Must not import: other parts of ``cryptfs.fs`` but ``model``, ``volume``, ``paths``,
+Must not import: other parts of ``cryptfs.fs`` but ``model``, ``paths``,
 ``remote``, ``namespace``, ``lookup``, ``fetch``, ``staged`` and ``upload``.
 """
 
@@ -34,7 +34,7 @@ from cryptfs.fs.paths import Paths
 from cryptfs.fs.remote import Remote
 from cryptfs.fs.staged import Staged
 from cryptfs.fs.upload import Uploader
-from cryptfs.fs.volume import MARKER, Volume
+from cryptfs.volume import MARKER, Volume
 
 
 class Entries:

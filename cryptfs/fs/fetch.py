@@ -4,7 +4,7 @@ Owns: ranged GETs pinned to the version a node holds (If-Match), opening the bod
 data key, the memory cache of plaintext chunks and the block cache of sealed ones (what goes
 in, under which version), read-ahead of sequential streams and of the next small files of a
 directory, fetching small files at open, and where AES-GCM runs (here or a worker thread).
-Must not import: other parts of ``cryptfs.fs`` but ``model``, ``volume``, ``paths`` and
+Must not import: other parts of ``cryptfs.fs`` but ``model``, ``paths`` and
 ``namespace``.
 """
 
@@ -28,8 +28,8 @@ from cryptfs.format.meta import KIND_FILE
 from cryptfs.fs.model import Background, Handle, Node, Options
 from cryptfs.fs.namespace import Namespace
 from cryptfs.fs.paths import Paths
-from cryptfs.fs.volume import Volume
 from cryptfs.tasks import open_tasks
+from cryptfs.volume import Volume
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -6,7 +6,7 @@ reads (the staged copy of a dirty file, else the read path, again from the newer
 when another writer replaced the object meanwhile), writes (O_APPEND at the end as this mount
 knows it), setattr (size, mode, owner, times), and when a change is journaled and its upload
 scheduled (at close, when the last writer is gone; ``fsync`` now).
-Must not import: other parts of ``cryptfs.fs`` but ``model``, ``volume``, ``namespace``,
+Must not import: other parts of ``cryptfs.fs`` but ``model``, ``namespace``,
 ``lookup``, ``foreign``, ``fetch``, ``staged`` and ``writeback``.
 """
 
@@ -24,8 +24,8 @@ from cryptfs.fs.lookup import Lookup
 from cryptfs.fs.model import Handle, Node, Options, Stat, now_ns
 from cryptfs.fs.namespace import Namespace
 from cryptfs.fs.staged import Staged
-from cryptfs.fs.volume import Volume
 from cryptfs.fs.writeback import Writeback
+from cryptfs.volume import Volume
 
 
 class Files:

@@ -58,8 +58,8 @@ from cryptfs.fs.remote import Remote
 from cryptfs.fs.rename import Renamer
 from cryptfs.fs.staged import Staged
 from cryptfs.fs.upload import Uploader
-from cryptfs.fs.volume import Volume
 from cryptfs.fs.writeback import Writeback
+from cryptfs.volume import Volume
 
 
 class Filesystem:

@@ -31,8 +31,8 @@ from cryptfs.fs.model import Node, Options, join
 from cryptfs.fs.namespace import Namespace
 from cryptfs.fs.paths import Paths
 from cryptfs.fs.remote import Remote
-from cryptfs.fs.volume import MARKER, Volume
 from cryptfs.store.base import ObjectInfo, ObjectStore
+from cryptfs.volume import MARKER, Volume
 
 log = logging.getLogger(__name__)
 

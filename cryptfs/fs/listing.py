@@ -6,7 +6,7 @@ mount or changed since: by ETag and Last-Modified), S3 Encryption Client objects
 native ones (a native name always wins), and the merge: entries made, uploaded or moved while
 the LIST was in flight are not judged by it (issue 18.2), dirty ones are kept for their
 upload to decide, and what is gone from S3 and clean is gone here.
-Must not import: other parts of ``cryptfs.fs`` but ``model``, ``volume``, ``paths``,
+Must not import: other parts of ``cryptfs.fs`` but ``model``, ``paths``,
 ``remote``, ``namespace`` and ``foreign``.
 """
 
@@ -26,10 +26,10 @@ from cryptfs.fs.model import Node
 from cryptfs.fs.namespace import Namespace
 from cryptfs.fs.paths import Paths
 from cryptfs.fs.remote import Remote
-from cryptfs.fs.volume import MARKER, Volume
 from cryptfs.store.base import Listing as S3Listing
 from cryptfs.store.base import ObjectInfo
 from cryptfs.tasks import open_tasks
+from cryptfs.volume import MARKER, Volume
 
 log = logging.getLogger(__name__)
 

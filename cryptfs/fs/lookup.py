@@ -5,7 +5,7 @@ metadata, the object's length checked against it, another writer's version repla
 or taking the name), looking a name up with as few requests as a directory's key set allows,
 listing a directory (only new or changed entries cost a HEAD; entries made, uploaded or
 moved while the LIST was in flight are not judged by it) and relisting ahead of a walk.
-Must not import: other parts of ``cryptfs.fs`` but ``model``, ``volume``, ``paths``,
+Must not import: other parts of ``cryptfs.fs`` but ``model``, ``paths``,
 ``remote``, ``namespace`` and ``foreign``.
 """
 
@@ -27,9 +27,9 @@ from cryptfs.fs.model import Background, Node, Options, Stat, named
 from cryptfs.fs.namespace import Namespace
 from cryptfs.fs.paths import Paths
 from cryptfs.fs.remote import Remote
-from cryptfs.fs.volume import MARKER, Volume
 from cryptfs.store.base import ObjectInfo
 from cryptfs.tasks import open_tasks
+from cryptfs.volume import MARKER, Volume
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from cryptfs import lognames
 from cryptfs.errors import CryptfsError, NameTooLong
 from cryptfs.format.meta import KIND_DIR
 from cryptfs.fs.model import MAX_KEY, Node, join
-from cryptfs.fs.volume import MARKER, Volume
+from cryptfs.volume import MARKER, Volume
 
 
 class Paths:

@@ -6,7 +6,7 @@ RENAME_EXCHANGE), the lock order of a rename (node locks, then ``ns``: exclusive
 directory, whose uploads below are held back meanwhile), retrying when another writer
 replaced the source or the target while it waited, a replaced file that is still open
 keeping its content, and undoing a directory rename's copies when it fails half way.
-Must not import: other parts of ``cryptfs.fs`` but ``model``, ``volume``, ``paths``,
+Must not import: other parts of ``cryptfs.fs`` but ``model``, ``paths``,
 ``remote``, ``namespace``, ``lookup``, ``staged``, ``upload``, ``entries`` and ``writeback``.
 """
 
@@ -36,10 +36,10 @@ from cryptfs.fs.paths import Paths
 from cryptfs.fs.remote import Remote
 from cryptfs.fs.staged import Staged
 from cryptfs.fs.upload import Uploader
-from cryptfs.fs.volume import MARKER, Volume
 from cryptfs.fs.writeback import Writeback
 from cryptfs.store.base import ObjectInfo
 from cryptfs.tasks import open_tasks
+from cryptfs.volume import MARKER, Volume
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Owns: making a node dirty (``materialize``: its current version copied whole int
 file, one version pinned for the whole copy), what a change does to its times and change
 count (``touch``), and the journal record that lets recovery upload a staged file after a
 crash (path, file id, attributes, and the ETag it replaces: docs/FORMAT.md §5).
-Must not import: other parts of ``cryptfs.fs`` but ``model``, ``volume``, ``paths``,
+Must not import: other parts of ``cryptfs.fs`` but ``model``, ``paths``,
 ``lookup`` and ``fetch``.
 """
 
@@ -20,7 +20,7 @@ from cryptfs.fs.fetch import Fetcher
 from cryptfs.fs.lookup import Lookup
 from cryptfs.fs.model import Node, Options, now_ns
 from cryptfs.fs.paths import Paths
-from cryptfs.fs.volume import Volume
+from cryptfs.volume import Volume
 
 
 class Staged:

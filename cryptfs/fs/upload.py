@@ -8,7 +8,7 @@ directory markers, attribute-only changes (a copy in place; theirs stands if the
 meanwhile), recognising our own earlier request that landed unseen (``own_generation``,
 ``holds``), nothing written under a retired master key (``keys_current``), the uploads.json
 record of multipart uploads in flight, and the sweep that aborts what was left of them.
-Must not import: other parts of ``cryptfs.fs`` but ``model``, ``volume``, ``paths``,
+Must not import: other parts of ``cryptfs.fs`` but ``model``, ``paths``,
 ``namespace``, ``remote``, ``lookup``, ``fetch`` and ``staged``.
 """
 
@@ -44,9 +44,9 @@ from cryptfs.fs.namespace import Namespace
 from cryptfs.fs.paths import Paths
 from cryptfs.fs.remote import Remote
 from cryptfs.fs.staged import Staged
-from cryptfs.fs.volume import Volume
 from cryptfs.store.base import ObjectInfo
 from cryptfs.tasks import open_tasks
+from cryptfs.volume import Volume
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from cryptfs.format.names import b64e
 from cryptfs.format.volume import KeySource
 from cryptfs.fs.filesystem import Filesystem
 from cryptfs.fs.model import ROOT_INO, Options
-from cryptfs.fs.volume import Volume
 from cryptfs.store.memory import MemoryStore
+from cryptfs.volume import Volume
 
 KEY = bytes(range(32))
 MTIME = 1_700_000_000_123_456_789

@@ -12,10 +12,10 @@ from cryptfs.crypto import Secret
 from cryptfs.format.volume import KeySource
 from cryptfs.fs.filesystem import Filesystem
 from cryptfs.fs.model import ROOT_INO, Options
-from cryptfs.fs.volume import MARKER, Volume
 from cryptfs.fsck import EXIT_CLEAN, EXIT_LEFT, fsck
 from cryptfs.session import Remote, open_remote
 from cryptfs.store.s3 import S3Location, S3Options
+from cryptfs.volume import MARKER, Volume
 from tests.conftest import S3Server
 from tests.fsutil import write_file
 

@@ -27,11 +27,11 @@ from cryptfs.format.names import b64d
 from cryptfs.format.volume import CONFIG_NAME, KeySource
 from cryptfs.fs.filesystem import Filesystem
 from cryptfs.fs.model import ROOT_INO, Options
-from cryptfs.fs.volume import Volume
 from cryptfs.keyadmin import add_slot, describe_slots, remove_slot, rotate
 from cryptfs.session import Remote, open_remote, open_volume
 from cryptfs.store.kms import KmsOptions
 from cryptfs.store.s3 import S3Location, S3Options
+from cryptfs.volume import Volume
 from tests.conftest import KmsServer, S3Server
 from tests.fsutil import write_file
 

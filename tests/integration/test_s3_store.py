@@ -14,8 +14,8 @@ from cryptfs.errors import BucketNotFound, NotFound, PreconditionFailed, StoreUn
 from cryptfs.format.volume import KeySource
 from cryptfs.fs.filesystem import Filesystem
 from cryptfs.fs.model import ROOT_INO, Options
-from cryptfs.fs.volume import Volume
 from cryptfs.store.s3 import S3Location, S3Options, open_s3_store
+from cryptfs.volume import Volume
 from tests.conftest import S3Server, free_ports
 
 pytestmark = pytest.mark.integration

@@ -24,11 +24,11 @@ from cryptfs.format import s3ec
 from cryptfs.format.volume import KeySource
 from cryptfs.fs.filesystem import Filesystem
 from cryptfs.fs.model import ROOT_INO
-from cryptfs.fs.volume import Volume
 from cryptfs.importer import import_s3ec
 from cryptfs.session import Remote, open_remote, open_volume
 from cryptfs.store.kms import KmsOptions
 from cryptfs.store.s3 import S3Location, S3Options
+from cryptfs.volume import Volume
 from tests.conftest import ACCESS_KEY, SECRET_KEY, KmsServer, S3Server
 from tests.fsutil import read_file, walk
 

@@ -12,8 +12,8 @@ from cryptfs.cache.blocks import BlockCache
 from cryptfs.cache.staging import StagingArea
 from cryptfs.fs.filesystem import Filesystem
 from cryptfs.fs.model import ROOT_INO, Options
-from cryptfs.fs.volume import Volume
 from cryptfs.store.memory import MemoryStore
+from cryptfs.volume import Volume
 from tests.fsutil import read_file, write_file
 from tests.unit.test_filesystem import make_fs
 

@@ -16,8 +16,8 @@ from cryptfs.errors import CryptfsError
 from cryptfs.format.volume import KeySource
 from cryptfs.fs.filesystem import Filesystem
 from cryptfs.fs.model import ROOT_INO, Options
-from cryptfs.fs.volume import Volume
 from cryptfs.store.memory import MemoryStore
+from cryptfs.volume import Volume
 from tests.faults import FaultyStore
 
 KEY = KeySource(keyfile=Secret(b"f" * 32))

@@ -15,8 +15,8 @@ from cryptfs.errors import Exists, IntegrityError, Invalid, NoEntry, NotEmpty, N
 from cryptfs.format.volume import KeySource
 from cryptfs.fs.filesystem import Filesystem
 from cryptfs.fs.model import ROOT_INO, Node, Options
-from cryptfs.fs.volume import Volume
 from cryptfs.store.memory import MemoryStore
+from cryptfs.volume import Volume
 from tests.fsutil import read_file, write_file
 
 

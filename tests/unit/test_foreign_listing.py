@@ -12,8 +12,8 @@ from cryptfs.crypto import Secret
 from cryptfs.format.volume import KeySource
 from cryptfs.fs.filesystem import Filesystem
 from cryptfs.fs.model import ROOT_INO, Options
-from cryptfs.fs.volume import Volume
 from cryptfs.store.memory import MemoryStore
+from cryptfs.volume import Volume
 from tests.unit.test_foreign_names import _s3ec_v2
 
 

@@ -17,9 +17,9 @@ from cryptfs.format import s3ec
 from cryptfs.format.volume import KeySource
 from cryptfs.fs.filesystem import Filesystem
 from cryptfs.fs.model import Options
-from cryptfs.fs.volume import Volume
 from cryptfs.offline import decrypt_tree, list_entries
 from cryptfs.store.memory import MemoryStore
+from cryptfs.volume import Volume
 
 WRAPPING = Secret(os.urandom(32))
 

@@ -20,9 +20,9 @@ from cryptfs.format.names import NameCodec
 from cryptfs.format.volume import KeySource
 from cryptfs.fs.filesystem import Filesystem
 from cryptfs.fs.model import ROOT_INO, Options
-from cryptfs.fs.volume import Volume
 from cryptfs.fuse.ops import Operations
 from cryptfs.store.memory import MemoryStore
+from cryptfs.volume import Volume
 
 SECRET = b"secret-name-"
 

@@ -143,8 +143,8 @@ async def test_a_folder_placeholder_never_hides_a_file(tmp_path: Path) -> None:
 async def test_fsck_repair_never_turns_a_placeholder_into_a_directory(tmp_path: Path) -> None:
     """``fsck --repair`` wrote an authenticated marker for the attacker's placeholder: the
     file behind it was an orphan for good.  It reports the name as both, repairs nothing."""
-    from cryptfs.fs.volume import Volume
     from cryptfs.fsck import fsck
+    from cryptfs.volume import Volume
 
     store = MemoryStore()
     fs = await make_fs(tmp_path / "a", store)
@@ -227,7 +227,7 @@ async def test_plaintext_names_that_are_no_entry_names_are_not_listed(tmp_path: 
     from cryptfs.cache.staging import StagingArea
     from cryptfs.fs.filesystem import Filesystem
     from cryptfs.fs.model import Options
-    from cryptfs.fs.volume import Volume
+    from cryptfs.volume import Volume
 
     store = MemoryStore()
     vol = await Volume.create(store, KEY, chunk_log2=12, encrypt_names=False)

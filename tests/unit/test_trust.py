@@ -85,8 +85,8 @@ async def _rotated_elsewhere(store: MemoryStore):  # type: ignore[no-untyped-def
     volume as the old key opened it before (what a thief of that key file holds)."""
     from cryptfs.crypto import Secret
     from cryptfs.format.volume import KeySource
-    from cryptfs.fs.volume import Volume
     from cryptfs.keyadmin import rotate
+    from cryptfs.volume import Volume
 
     old = await Volume.open(store, KeySource(keyfile=Secret(b"k" * 32)))
     await rotate(
@@ -110,8 +110,8 @@ async def test_what_a_retired_key_plants_during_or_after_a_rotation_is_refused(
     from cryptfs.errors import IntegrityError, NoEntry, StoreUnavailable
     from cryptfs.format.volume import CONFIG_NAME, KeySource, VolumeConfig
     from cryptfs.fs.filesystem import Filesystem
-    from cryptfs.fs.volume import Volume
     from cryptfs.keyadmin import rotate
+    from cryptfs.volume import Volume
     from tests.fsutil import read_file, write_file
 
     old, new = KeySource(keyfile=Secret(b"k" * 32)), KeySource(keyfile=Secret(b"n" * 32))
@@ -301,7 +301,7 @@ async def _rotating(store: MemoryStore, during, discard_late: bool = False):  # 
     import cryptfs.keyadmin as ka
     from cryptfs.crypto import Secret
     from cryptfs.format.volume import KeySource
-    from cryptfs.fs.volume import Volume
+    from cryptfs.volume import Volume
 
     old = await Volume.open(store, KeySource(keyfile=Secret(b"k" * 32)))  # kept: the thief's
     real = ka._rewrap_all
@@ -331,7 +331,7 @@ async def _new_key_fs(store: MemoryStore, tmp: Path):  # type: ignore[no-untyped
     from cryptfs.format.volume import KeySource
     from cryptfs.fs.filesystem import Filesystem
     from cryptfs.fs.model import Options
-    from cryptfs.fs.volume import Volume
+    from cryptfs.volume import Volume
 
     v = await Volume.open(store, KeySource(keyfile=Secret(b"n" * 32)))
     f = Filesystem(v, StagingArea(tmp, v.keys.cache, v.chunk), Options(metadata_ttl=0))
@@ -393,8 +393,8 @@ async def test_a_late_write_under_a_retiring_key_holds_the_rotation_back(tmp_pat
     assert "written late" in report.summary() and report.late[0] in report.summary()
     from cryptfs.crypto import Secret
     from cryptfs.format.volume import KeySource
-    from cryptfs.fs.volume import Volume
     from cryptfs.keyadmin import rotate
+    from cryptfs.volume import Volume
 
     done = await rotate(
         await Volume.open(store, KeySource(keyfile=Secret(b"n" * 32))),
@@ -454,8 +454,8 @@ async def test_settle_must_be_a_sane_number(tmp_path: Path) -> None:
     from cryptfs.crypto import Secret
     from cryptfs.errors import UsageError
     from cryptfs.format.volume import KeySource
-    from cryptfs.fs.volume import Volume
     from cryptfs.keyadmin import rotate
+    from cryptfs.volume import Volume
 
     store = MemoryStore()
     await make_fs(tmp_path, store)

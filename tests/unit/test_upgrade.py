@@ -15,9 +15,9 @@ from cryptfs.format.names import b64d
 from cryptfs.format.volume import CONFIG_NAME, KeySource, VolumeConfig
 from cryptfs.fs.filesystem import Filesystem
 from cryptfs.fs.model import ROOT_INO
-from cryptfs.fs.volume import Volume
 from cryptfs.keyadmin import rotate
 from cryptfs.upgrade import upgrade
+from cryptfs.volume import Volume
 from tests import reference_decryptor as ref
 from tests.fsutil import golden_store, read_file, walk
 

@@ -1,7 +1,9 @@
-"""An opened volume: config, purpose keys, name codec and the path → object-key mapping.
+"""An opened volume: its config, purpose keys, name and metadata codecs, and keyring.
 
-Owns: creating and unlocking volumes (the config object), and key layout (docs/FORMAT.md §4).
-Must not import: fuse, pyfuse3.
+Owns: creating and unlocking volumes (the config object), the volume-level key layout
+(docs/FORMAT.md §4: the config and directory-marker names), and how log lines name a key.
+The mapping from a path to an object key is ``cryptfs.fs.paths``'s.
+Must not import: ``cryptfs.fs``, ``cryptfs.fuse``, pyfuse3.
 """
 
 from __future__ import annotations
