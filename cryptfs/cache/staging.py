@@ -24,12 +24,14 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptfs.crypto import GCM_NONCE, GCM_TAG, Aead, Secret, hkdf, random_bytes
 from cryptfs.errors import IntegrityError, NoSpace
 from cryptfs.format.keys import open_once, seal_once
+from cryptfs.format.meta import Attrs
 from cryptfs.format.names import b64d, b64e
 
 _J2_LABEL = b"cryptfs/v2/journal\0"
@@ -54,6 +56,40 @@ def _io(fn: Any, *args: Any) -> Any:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise NoSpace("cache directory is full") from None
         raise
+
+
+@dataclass(frozen=True)
+class JournalRecord:
+    """What a journal says of its staged file (docs/FORMAT.md §5): enough to finish the
+    upload after a crash.  No data key: every upload makes a fresh one (§7.4), so nothing
+    here outlives a rotation."""
+
+    path: bytes  # where the file was, as of the record
+    file_id: bytes
+    attrs: Attrs
+    etag: str | None  # the version the staged data was based on (None: a new file)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": b64e(self.path),
+            "fid": b64e(self.file_id),
+            "attrs": b64e(self.attrs.to_json()),
+            "etag": self.etag,
+        }
+
+    @classmethod
+    def from_dict(cls, rec: dict[str, Any]) -> JournalRecord:
+        """IntegrityError if ``rec`` (authenticated: sealed under the cache key) is not one."""
+        try:
+            etag = rec.get("etag")
+            return cls(
+                b64d(rec["path"]),
+                b64d(rec["fid"]),
+                Attrs.from_json(b64d(rec["attrs"])),
+                str(etag) if etag else None,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise IntegrityError(f"journal record is malformed ({type(e).__name__})") from None
 
 
 class StagedFile:

@@ -12,13 +12,10 @@ Must not import: other parts of ``cryptfs.fs`` but ``model``, ``paths``, ``names
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from cryptfs import lognames
-from cryptfs.cache.staging import StagedFile, StagingArea
-from cryptfs.errors import CryptfsError
-from cryptfs.format.meta import Attrs
-from cryptfs.format.names import b64d
+from cryptfs.cache.staging import JournalRecord, StagedFile, StagingArea
+from cryptfs.errors import CryptfsError, IntegrityError
 from cryptfs.fs.entries import Entries
 from cryptfs.fs.lookup import Lookup
 from cryptfs.fs.model import Node, Options
@@ -55,10 +52,17 @@ class Recovery:
         the multipart uploads it left behind."""
         await self.upload.sweep()  # (what it cannot abort now is retried while mounted)
         count = 0
-        for sf, rec in self.staging.recover():
-            path = b64d(rec["path"])
+        for sf, raw in self.staging.recover():
             try:
-                node = await self.recover_node(sf, rec, path)
+                rec = JournalRecord.from_dict(raw)
+            except IntegrityError as e:  # (sealed by us: only a bug writes such a record)
+                log.error("staged file %s not recovered: %s", sf.stage_id.hex()[:16], e)
+                sf.close()
+                self.unrecovered.append(b"(staged file %s)" % sf.stage_id.hex()[:16].encode())
+                continue
+            path = rec.path
+            try:
+                node = await self.recover_node(sf, rec)
             except (CryptfsError, OSError) as e:
                 # not in the tree: left staged, as it was, for the next mount
                 log.error(
@@ -85,9 +89,9 @@ class Recovery:
             log.info("recovered staged file of %s and uploaded it", self.paths.ident(node))
         return count
 
-    async def recover_node(self, sf: StagedFile, rec: dict[str, Any], path: bytes) -> Node:
+    async def recover_node(self, sf: StagedFile, rec: JournalRecord) -> Node:
         parent = self.tree.root
-        parts = [p for p in path.split(b"/") if p]
+        parts = [p for p in rec.path.split(b"/") if p]
         for comp in parts[:-1]:
             child = await self.look.find(parent, comp)
             if child is None:
@@ -95,17 +99,14 @@ class Recovery:
                     parent.ino, comp, 0o755, self.opt.uid, self.opt.gid
                 )
             parent = child
-        attrs = Attrs.from_json(b64d(rec["attrs"]))
-        fid = b64d(rec["fid"])
         existing = await self.look.find(parent, parts[-1])
-        node = self.tree.new_node(parent, parts[-1], attrs, fid)
+        node = self.tree.new_node(parent, parts[-1], rec.attrs, rec.file_id)
         # the upload makes a fresh data key; a data key an older journal may hold is ignored
         node.stage = sf
         # the version the staged data was based on, as journaled (FORMAT.md §5): another
         # host's newer one then makes the upload a conflict copy, not an overwrite; an object
         # removed since is written anew
-        journaled = rec.get("etag")
-        node.remote_etag = str(journaled) if journaled and existing is not None else None
+        node.remote_etag = rec.etag if existing is not None else None
         if existing is not None:
             self.tree.detach(existing)
         self.tree.insert(parent, node)

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import trio
 
-from cryptfs.cache.staging import StagedFile, StagingArea
+from cryptfs.cache.staging import JournalRecord, StagedFile, StagingArea
 from cryptfs.errors import PreconditionFailed, StoreError
 from cryptfs.format.body import chunk_count
-from cryptfs.format.names import b64e
 from cryptfs.fs.fetch import Fetcher
 from cryptfs.fs.lookup import Lookup
 from cryptfs.fs.model import Node, Options, now_ns
@@ -110,13 +109,6 @@ class Staged:
             return
         if node.journaled == node.change and not durable:
             return
-        rec = {
-            "path": b64e(self.paths.path(node)),
-            "fid": b64e(node.file_id),
-            # no data key: every upload makes a fresh one (docs/FORMAT.md §7.4), so nothing
-            # here outlives a rotation
-            "attrs": b64e(node.attrs.to_json()),
-            "etag": node.remote_etag,
-        }
-        node.stage.save_journal(rec, durable=durable)
+        rec = JournalRecord(self.paths.path(node), node.file_id, node.attrs, node.remote_etag)
+        node.stage.save_journal(rec.to_dict(), durable=durable)
         node.journaled = node.change

@@ -189,3 +189,39 @@ def test_a_run_read_gives_zeros_for_holes_and_refuses_a_tampered_chunk(tmp_path:
     with pytest.raises(IntegrityError, match="staged chunk 2"):
         sf.read_run(0, 4, memoryview(raw), memoryview(plain))
     assert not any(plain)  # nothing unauthenticated left in the caller's buffer
+
+
+def test_a_journal_record_is_a_typed_object_and_a_malformed_one_is_refused() -> None:
+    from cryptfs.cache.staging import JournalRecord
+    from cryptfs.format.meta import KIND_FILE, Attrs
+
+    attrs = Attrs(KIND_FILE, 0o640, 1, 2, 3, 4, 5, size=6, salt=os.urandom(32))
+    rec = JournalRecord(b"/a/b", os.urandom(16), attrs, '"etag"')
+    assert JournalRecord.from_dict(rec.to_dict()) == rec
+    assert JournalRecord.from_dict({**rec.to_dict(), "etag": None}).etag is None
+    for bad in ({}, {**rec.to_dict(), "attrs": "!!"}, {**rec.to_dict(), "fid": 3}):
+        with pytest.raises(IntegrityError):
+            JournalRecord.from_dict(bad)
+
+
+@pytest.mark.allow_error_logs
+async def test_a_malformed_journal_record_leaves_its_file_staged_and_the_mount_up(
+    tmp_path: Path,
+) -> None:
+    """A record recovery cannot read (only a bug writes one: they are sealed) made the mount
+    fail with a KeyError; the file stays staged and is named at unmount."""
+    from cryptfs.fs.model import ROOT_INO
+    from cryptfs.store.memory import MemoryStore
+    from tests.fsutil import write_file
+    from tests.unit.test_filesystem import make_fs
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    await write_file(fs, ROOT_INO, b"ok", b"fine")
+    sf = fs.staging.create(os.urandom(16))
+    sf.save_journal({"path": b64e(b"/x")})  # (no file id, no attributes)
+    sf.close()
+    again = await make_fs(tmp_path, store)
+    assert await again.recover() == 0
+    assert len(again.unrecovered) == 1
+    assert [n for n, _ in await again.readdir(ROOT_INO)] == [b"ok"]
