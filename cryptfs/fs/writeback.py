@@ -120,24 +120,33 @@ class Writeback:
             if self.upload.sweep_due and self.background.nursery is not None:
                 # S3 answers again: abort what an outage left unfinished, while mounted
                 self.background.nursery.start_soon(self.upload.sweep_in_background)
-        except (StoreError, OSError, KeyServiceUnavailable) as e:
-            # (KMS throttling or an outage after its retries: every upload asks KMS for a
-            # fresh data key, so a KMS volume's uploads wait for KMS like for S3)
-            self.upload_failures += 1
+        except Exception as e:  # (one failure never stops the service or other uploads)
+            if not self.failed(node, e):
+                log.error("upload of %s failed permanently: %s", self.paths.ident(node),
+                          self.describe(e))  # fmt: skip
+                return
             backoff = min(60.0, self.retry.get(node, 1.0) * 2)
             self.retry[node] = backoff
             log.warning(
                 "upload of %s failed (%s); staged locally, retrying in %.0f s",
                 self.paths.ident(node),
-                self.paths.scrub(e),
+                self.describe(e),
                 backoff,
             )
             self.schedule(node, backoff)
-        except CryptfsError as e:
-            self.upload_failures += 1
-            log.error(
-                "upload of %s failed permanently: %s", self.paths.ident(node), self.paths.scrub(e)
-            )
+
+    def failed(self, node: Node, e: Exception) -> bool:
+        """An upload of ``node`` failed with ``e`` (the one policy of the service and of
+        ``flush_all``): counted; True if it is worth trying again (S3 or KMS unreachable or
+        throttling after their retries, a local I/O error: every upload asks KMS for a fresh
+        data key, so a KMS volume's uploads wait for KMS like for S3); False if trying again
+        cannot help (an integrity failure, a name too long, a retired key, a bug)."""
+        self.upload_failures += 1
+        return isinstance(e, (StoreError, OSError, KeyServiceUnavailable))
+
+    def describe(self, e: Exception) -> str:
+        """``e`` for a log line: scrubbed of names, or only its type (not one of ours)."""
+        return self.paths.scrub(e) if isinstance(e, (CryptfsError, OSError)) else type(e).__name__
 
     async def sync_node(self, node: Node) -> None:
         """Make ``node`` durable in S3; returns once everything written before is uploaded.
@@ -193,12 +202,11 @@ class Writeback:
                 async with self.limit_for(node):
                     await self.sync_node(node)
             except Exception as e:  # one failure never cancels the other uploads
+                self.failed(node, e)
                 log.error(
                     "could not upload %s: %s (%s)",
                     self.paths.ident(node),
-                    self.paths.scrub(e)
-                    if isinstance(e, (CryptfsError, OSError))
-                    else type(e).__name__,
+                    self.describe(e),
                     "kept staged for the next mount"
                     if node.stage is not None
                     else "a change of its attributes only, which is not staged: lost",

@@ -1241,3 +1241,41 @@ async def test_a_folder_listed_as_an_object_is_no_integrity_failure(tmp_path: Pa
     fresh = await make_fs(tmp_path / "b", store)
     assert [n for n, _ in await fresh.readdir(ROOT_INO)] == [b"g"]
     assert [n for n, _ in await fs.readdir(ROOT_INO)] == [b"g"]
+
+
+@pytest.mark.allow_error_logs
+async def test_an_unexpected_error_in_one_upload_does_not_stop_the_service(
+    tmp_path: Path,
+) -> None:
+    """The service and ``flush_all`` have one error policy (issue 19): an exception that is
+    not one of ours (a bug) in one background upload escaped the write-back nursery and took
+    the service (and the mount) down with it; it is logged, counted, and the others go on."""
+    from tests.fsutil import read_file
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    real = store.put
+    broken: list[str] = []
+
+    async def put(key, body, metadata, **kw):  # type: ignore[no-untyped-def]
+        if not broken:
+            broken.append(key)
+            raise RuntimeError("a bug")
+        return await real(key, body, metadata, **kw)
+
+    store.put = put  # type: ignore[method-assign]
+    async with trio.open_nursery() as n:
+        await n.start(fs.serve_writeback)
+        for name in (b"a", b"b"):
+            _node, h = await fs.create(ROOT_INO, name, 0o644, 0, 0)
+            await fs.write(h.fh, 0, name * 10)
+            await fs.release(h.fh)
+        with trio.fail_after(5):
+            while len(fs.pending()) > 1:
+                await trio.sleep(0.05)
+        fs.stop_writeback()
+    assert broken and fs.upload_failures == 1 and len(fs.pending()) == 1
+    assert await fs.flush_all() == []  # (the one that failed, now)
+    check = await make_fs(tmp_path / "c", store)
+    for name in (b"a", b"b"):
+        assert await read_file(check, (await check.lookup(ROOT_INO, name)).ino) == name * 10
