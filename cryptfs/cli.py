@@ -327,7 +327,7 @@ def cmd_init(args: Any) -> int:
 
 def cmd_key(args: Any) -> int:
     from cryptfs.keyadmin import add_slot, describe_slots, remove_slot
-    from cryptfs.session import open_remote, open_volume
+    from cryptfs.session import open_remote, volume_session
     from cryptfs.store.s3 import S3Location
 
     loc = S3Location.parse(args.location)
@@ -335,29 +335,26 @@ def cmd_key(args: Any) -> int:
     remote = _remote(args)
 
     async def main() -> None:
-        async with open_remote(loc, remote) as (store, kms):
-            vol = await open_volume(store, kms, source)
-            try:
-                if args.key_cmd == "list":
-                    for line in describe_slots(vol):
-                        print(line)
-                elif args.key_cmd == "add":
-                    new = KeySource()
-                    if args.new_key_file is not None:
-                        new.keyfile = _read_or_create_key(args.new_key_file, True)
-                    if args.new_passphrase_file is not None:
-                        new.passphrase = read_passphrase_file(args.new_passphrase_file)
-                    slot = await add_slot(vol, new, args.new_kms_key_id)
-                    print(f"added keyslot {slot}")
-                else:
-                    if args.slot == vol.slot_id:
-                        print(
-                            f"note: removing {args.slot}, the slot you opened with", file=sys.stderr
-                        )
-                    await remove_slot(vol, args.slot)
-                    print(f"removed keyslot {args.slot}")
-            finally:
-                vol.keyring.close()
+        async with (
+            open_remote(loc, remote) as (store, kms),
+            volume_session(store, kms, source) as vol,
+        ):
+            if args.key_cmd == "list":
+                for line in describe_slots(vol):
+                    print(line)
+            elif args.key_cmd == "add":
+                new = KeySource()
+                if args.new_key_file is not None:
+                    new.keyfile = _read_or_create_key(args.new_key_file, True)
+                if args.new_passphrase_file is not None:
+                    new.passphrase = read_passphrase_file(args.new_passphrase_file)
+                slot = await add_slot(vol, new, args.new_kms_key_id)
+                print(f"added keyslot {slot}")
+            else:
+                if args.slot == vol.slot_id:
+                    print(f"note: removing {args.slot}, the slot you opened with", file=sys.stderr)
+                await remove_slot(vol, args.slot)
+                print(f"removed keyslot {args.slot}")
 
     trio.run(main)
     return 0
@@ -731,7 +728,7 @@ def _pending(mp: Path) -> int | None:
 def cmd_fsck(args: Any) -> int:
     from cryptfs.fsck import EXIT_ERROR, fsck
     from cryptfs.runstate import default_cache_dir
-    from cryptfs.session import open_remote, open_volume
+    from cryptfs.session import open_remote, volume_session
     from cryptfs.store.s3 import S3Location
 
     bar = _Progress("checking")
@@ -740,8 +737,10 @@ def cmd_fsck(args: Any) -> int:
         loc = S3Location.parse(args.location)
         source = _key_source(args)
         remote = _remote(args)
-        async with open_remote(loc, remote) as (store, kms):
-            vol = await open_volume(store, kms, source, remote)
+        async with (
+            open_remote(loc, remote) as (store, kms),
+            volume_session(store, kms, source, remote) as vol,
+        ):
             try:
                 report = await fsck(
                     vol,
@@ -753,7 +752,6 @@ def cmd_fsck(args: Any) -> int:
                     progress=bar.update,
                 )
             finally:
-                vol.keyring.close()
                 bar.close()
         print(report.summary())
         return report.exit_code()
@@ -768,7 +766,7 @@ def cmd_fsck(args: Any) -> int:
 def _volume_job(args: Any, label: str, job: Any, failed: Any) -> int:
     """Open the volume ``args`` names, ``await job(vol, loc, progress)`` with a progress
     bar, print the report's summary; exit code 3 if ``failed(report)``."""
-    from cryptfs.session import open_remote, open_volume
+    from cryptfs.session import open_remote, volume_session
     from cryptfs.store.s3 import S3Location
 
     loc = S3Location.parse(args.location)
@@ -777,12 +775,13 @@ def _volume_job(args: Any, label: str, job: Any, failed: Any) -> int:
     bar = _Progress(label)
 
     async def main() -> int:
-        async with open_remote(loc, remote) as (store, kms):
-            vol = await open_volume(store, kms, source, remote)
+        async with (
+            open_remote(loc, remote) as (store, kms),
+            volume_session(store, kms, source, remote) as vol,
+        ):
             try:
                 report = await job(vol, loc, bar.update)
             finally:
-                vol.keyring.close()
                 bar.close()
         print(report.summary())
         return 3 if failed(report) else 0

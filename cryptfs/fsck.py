@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from cryptfs.format.names import b64d
 from cryptfs.format.volume import CONFIG_NAME
 from cryptfs.fs.filesystem import Filesystem
 from cryptfs.fs.model import Node, Options
+from cryptfs.fs.unmounted import unmounted
 from cryptfs.volume import MARKER, Volume
 
 log = logging.getLogger(__name__)
@@ -123,14 +123,8 @@ async def fsck(
     report.objects = len(keys)
     reached: set[str] = set()
 
-    with tempfile.TemporaryDirectory(prefix="cryptfs-fsck-") as tmp:
-        fs = Filesystem(
-            vol,
-            StagingArea(Path(tmp), vol.keys.cache, vol.chunk),
-            Options(metadata_ttl=3600.0),
-            key_prefix=key_prefix,
-        )
-        await fs.ensure_root()
+    options = Options(metadata_ttl=3600.0)
+    async with unmounted(vol, options, key_prefix=key_prefix, tool="fsck") as fs:
         reached.add(MARKER)
         stack: list[Node] = [fs.root]
         while stack:

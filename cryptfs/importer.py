@@ -14,15 +14,11 @@ are listed.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from cryptfs.cache.staging import StagingArea
 from cryptfs.errors import CryptfsError, Exists, IntegrityError, UsageError
 from cryptfs.format import s3ec
 from cryptfs.format.meta import KIND_DIR
@@ -31,6 +27,7 @@ from cryptfs.format.volume import CONFIG_NAME
 from cryptfs.fs.filesystem import Filesystem
 from cryptfs.fs.foreign import s3ec_envelope
 from cryptfs.fs.model import ROOT_INO, Node, Options
+from cryptfs.fs.unmounted import unmounted
 from cryptfs.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -81,18 +78,9 @@ async def import_s3ec(
         and (paths is None or any(_under(o.key, p) for p in paths))
     ]
     report.scanned = len(keys)
-    with contextlib.ExitStack() as stack:
-        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="cryptfs-import-"))
-        staging = StagingArea(Path(tmp), vol.keys.cache, vol.chunk)
-        stack.callback(staging.close)  # (first: no pool file is made while tmp is removed)
-        fs = Filesystem(
-            vol,
-            staging,
-            # native entries only: the S3EC originals must never be mistaken for the copies
-            Options(writeback_delay=3600.0, show_foreign=False),
-            key_prefix=key_prefix,
-        )
-        await fs.ensure_root()
+    # native entries only: the S3EC originals must never be mistaken for the copies
+    options = Options(writeback_delay=3600.0, show_foreign=False)
+    async with unmounted(vol, options, key_prefix=key_prefix, tool="import") as fs:
         for i, key in enumerate(keys):
             if progress is not None:
                 progress(i + 1, len(keys))

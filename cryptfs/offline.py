@@ -10,20 +10,19 @@ import contextlib
 import logging
 import os
 import stat
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from cryptfs.cache.staging import StagingArea
 from cryptfs.errors import NotFound, VolumeNotFound
 from cryptfs.format import s3ec
 from cryptfs.format.meta import KIND_DIR, KIND_LINK
 from cryptfs.format.volume import CONFIG_NAME, KeySource
 from cryptfs.fs.filesystem import Filesystem
 from cryptfs.fs.model import ROOT_INO, Node
-from cryptfs.session import Remote, open_remote, open_volume
+from cryptfs.fs.unmounted import unmounted
+from cryptfs.session import Remote, open_remote, volume_session
 from cryptfs.store.s3 import S3Location
 
 log = logging.getLogger(__name__)
@@ -49,17 +48,10 @@ async def open_offline(
             break
         else:
             raise VolumeNotFound(f"no cryptfs volume at or above {url}")
-        volume = await open_volume(store, kms, source, remote)
-        with contextlib.ExitStack() as stack:
-            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="cryptfs-offline-"))
-            staging = StagingArea(Path(tmp), volume.keys.cache, volume.chunk)
-            stack.callback(staging.close)  # (first: no pool file is made while tmp is removed)
-            fs = Filesystem(
-                volume,
-                staging,
-                key_prefix=store.loc.prefix,
-            )
-            await fs.ensure_root()
+        async with (
+            volume_session(store, kms, source, remote) as volume,
+            unmounted(volume, key_prefix=store.loc.prefix, tool="offline") as fs,
+        ):
             node = fs.root
             for comp in inner:
                 node = await fs.lookup(node.ino, comp.encode())

@@ -82,3 +82,16 @@ async def open_volume(
         vol.keyring.s3ec_keys = list(remote.s3ec_keys)
         vol.keyring.s3ec_kms_keys = [await kms.key_arn(k) for k in remote.s3ec_kms_keys]
     return vol
+
+
+@asynccontextmanager
+async def volume_session(
+    store: S3Store, kms: KmsClient, source: KeySource, remote: Remote | None = None
+) -> AsyncIterator[Volume]:
+    """``open_volume``, and its keyring closed when the block ends, however it ends: the
+    master key and the unwrapped data keys leave memory with the command."""
+    vol = await open_volume(store, kms, source, remote)
+    try:
+        yield vol
+    finally:
+        vol.keyring.close()

@@ -63,8 +63,9 @@ def test_layers_point_down() -> None:
     assert not bad, bad
 
 
-# inside fs/: each part imports only parts listed before it (the last one is the facade the
-# FUSE layer and the tools use); a new module goes into this order or the test fails
+# inside fs/: each part imports only parts listed before it (``filesystem`` is the facade the
+# FUSE layer and the tools use; ``unmounted`` builds one for the tools); a new module goes
+# into this order or the test fails
 FS_ORDER = [
     "locks",
     "model",
@@ -83,6 +84,7 @@ FS_ORDER = [
     "recovery",
     "files",
     "filesystem",
+    "unmounted",
 ]
 
 
