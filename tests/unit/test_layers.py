@@ -1,4 +1,5 @@
-"""Third-party libraries stay confined to their layer (STYLE.md "Layers, one direction")."""
+"""Third-party libraries stay confined to their layer, and imports point down: between the
+package's layers, and between the parts of ``cryptfs/fs`` (docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
