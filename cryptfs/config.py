@@ -1,6 +1,10 @@
 """Settings: one table of every option, resolved as command line > environment > TOML file >
 default (docs/CONFIGURATION.md is generated from ``OPTIONS`` and checked by a test).
 
+The table is the one source of an option: the command line's flags (``cli.options``), the
+argv a mount hands its daemon (``daemon_argv``) and the file system's ``Options``
+(``Opt.fs``) are all made from it.
+
 A config file is ``/etc/cryptfs/NAME.toml`` (``--config NAME``) or any path (``--config
 PATH``).  Unknown keys and wrongly typed values are refused with the key's name.  Relative
 paths in a file are relative to the file.  Secrets are never values here: only paths to files
@@ -21,12 +25,21 @@ from cryptfs.errors import UsageError
 CONFIG_DIR = Path("/etc/cryptfs")
 
 
+# which commands take an option's flag
+VOLUME = "volume"  # every command that opens a volume (init, mount, ls, key, fsck, …)
+KEYS = "keys"  # every command that opens an existing volume (not init: it makes the key)
+MOUNT = "mount"  # mount only
+
+
 @dataclass(frozen=True)
 class Opt:
     name: str  # key in the file; --name-with-dashes on the command line; CRYPTFS_NAME in env
     kind: type  # str, Path, float, int, bool, list
     default: Any
     help: str
+    on: str = MOUNT  # VOLUME, KEYS or MOUNT: the commands whose command line has it
+    size: bool = False  # a number of bytes: "64K", "2G" on the command line
+    fs: str | None = None  # the field of ``cryptfs.fs.model.Options`` it sets
 
     @property
     def env(self) -> str:
@@ -38,26 +51,67 @@ class Opt:
 
 
 OPTIONS: list[Opt] = [
-    Opt("location", str, None, "the volume, s3://BUCKET[/PREFIX]"),
+    Opt("location", str, None, "the volume, s3://BUCKET[/PREFIX]", VOLUME),
     Opt("mountpoint", Path, None, "where to mount (mount only)"),
-    Opt("key_file", Path, None, "key file that opens the volume (mode 0600)"),
-    Opt("passphrase_file", Path, None, "file holding a passphrase (mode 0600)"),
-    Opt("endpoint_url", str, None, "S3 endpoint; default AWS_ENDPOINT_URL, else AWS"),
-    Opt("region", str, None, "S3/KMS region; default from the AWS config, else us-east-1"),
-    Opt("ca_bundle", Path, None, "CA bundle for private TLS endpoints (S3 and KMS)"),
-    Opt("kms_endpoint_url", str, None, "AWS KMS endpoint; default AWS_ENDPOINT_URL_KMS, else AWS"),
-    Opt("sse_c_key_file", Path, None, "SSE-C customer key file (volumes made with --sse c)"),
-    Opt("s3_attempts", int, 5, "attempts per S3 request (exponential backoff with jitter)"),
-    Opt("s3_timeout", float, 60.0, "seconds to wait for an S3 answer (connect: at most 10)"),
-    Opt("s3ec_key_file", Path, None, "raw AES key (key-file format) of S3EC objects"),
-    Opt("s3ec_max_size", int, 256 << 20, "largest S3EC object a mount reads (bytes, read whole)"),
-    Opt("show_s3ec", bool, False, "show AWS S3 Encryption Client objects (read-only)"),
-    Opt("s3ec_kms_key_id", list, [], "KMS keys S3EC objects' data keys may be under"),
-    Opt("kms_key_id", str, None, "the KMS key whose keyslot opens the volume (or, init: wraps)"),
+    Opt("key_file", Path, None, "key file that opens the volume (mode 0600)", KEYS),
+    Opt("passphrase_file", Path, None, "file holding a passphrase (mode 0600)", KEYS),
+    Opt("endpoint_url", str, None, "S3 endpoint; default AWS_ENDPOINT_URL, else AWS", VOLUME),
+    Opt("region", str, None, "S3/KMS region; default from the AWS config, else us-east-1", VOLUME),
+    Opt("ca_bundle", Path, None, "CA bundle for private TLS endpoints (S3 and KMS)", VOLUME),
+    Opt(
+        "kms_endpoint_url",
+        str,
+        None,
+        "AWS KMS endpoint; default AWS_ENDPOINT_URL_KMS, else AWS",
+        VOLUME,
+    ),
+    Opt(
+        "sse_c_key_file", Path, None, "SSE-C customer key file (volumes made with --sse c)", VOLUME
+    ),
+    Opt("s3_attempts", int, 5, "attempts per S3 request (exponential backoff with jitter)", VOLUME),
+    Opt(
+        "s3_timeout", float, 60.0, "seconds to wait for an S3 answer (connect: at most 10)", VOLUME
+    ),
+    Opt("s3ec_key_file", Path, None, "raw AES key (key-file format) of S3EC objects", VOLUME),
+    Opt(
+        "s3ec_max_size",
+        int,
+        256 << 20,
+        "largest S3EC object a mount reads (bytes, read whole)",
+        size=True,
+        fs="foreign_max_bytes",
+    ),
+    Opt(
+        "show_s3ec",
+        bool,
+        False,
+        "show AWS S3 Encryption Client objects (read-only)",
+        fs="show_foreign",
+    ),
+    Opt("s3ec_kms_key_id", list, [], "KMS keys S3EC objects' data keys may be under", VOLUME),
+    Opt(
+        "kms_key_id",
+        str,
+        None,
+        "the KMS key whose keyslot opens the volume (or, init: wraps)",
+        KEYS,
+    ),
     Opt("cache_dir", Path, None, "staging/cache directory; default /var/cache/cryptfs (root)"),
     Opt("log_file", Path, None, "daemon log; default CACHE_DIR/cryptfs.log when daemonised"),
-    Opt("writeback_delay", float, 2.0, "seconds a closed file waits before its upload"),
-    Opt("metadata_ttl", float, 10.0, "seconds attributes and listings are trusted (kernel too)"),
+    Opt(
+        "writeback_delay",
+        float,
+        2.0,
+        "seconds a closed file waits before its upload",
+        fs="writeback_delay",
+    ),
+    Opt(
+        "metadata_ttl",
+        float,
+        10.0,
+        "seconds attributes and listings are trusted (kernel too)",
+        fs="metadata_ttl",
+    ),
     Opt("options", list, [], 'FUSE mount options, e.g. ["allow_other"] (-o on the CLI)'),
     Opt("metrics_address", str, None, "serve Prometheus metrics on HOST:PORT"),
     Opt(
@@ -66,11 +120,25 @@ OPTIONS: list[Opt] = [
         False,
         "kernel batches small writes (much faster); single-host volumes only",
     ),
-    Opt("cache_size", int, 2 << 30, "encrypted chunks kept on the cache disk, bytes (0: none)"),
+    Opt(
+        "cache_size",
+        int,
+        2 << 30,
+        "encrypted chunks kept on the cache disk, bytes (0: none)",
+        size=True,
+    ),
     Opt("read_ahead_kb", int, 4096, "kernel read-ahead of the mount, KiB (0: the kernel's 128)"),
-    Opt("read_ahead_files", int, 8, "small files fetched ahead of a reader going in name order"),
-    Opt("verbose", int, 0, "log detail: 0 warnings, 1 info, 2 debug (-v, -vv)"),
-    Opt("log_names", bool, False, "logs show paths and names (default: object keys, inodes)"),
+    Opt(
+        "read_ahead_files",
+        int,
+        8,
+        "small files fetched ahead of a reader going in name order",
+        fs="sibling_readahead",
+    ),
+    Opt("verbose", int, 0, "log detail: 0 warnings, 1 info, 2 debug (-v, -vv)", VOLUME),
+    Opt(
+        "log_names", bool, False, "logs show paths and names (default: object keys, inodes)", VOLUME
+    ),
 ]
 BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -157,6 +225,60 @@ def resolve(
     if creds and out["sse_c_key_file"] is None and (Path(creds) / "sse-c-key").exists():
         out["sse_c_key_file"] = Path(creds) / "sse-c-key"
     return out
+
+
+def parse_size(text: str) -> int:
+    """``64K``, ``2G``, ``1MiB``, ``4096``: a number of bytes."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().rstrip("ib").rstrip("b")
+    mult = units.get(t[-1:], 1)
+    if t[-1:] in units:
+        t = t[:-1]
+    try:
+        return int(t) * mult
+    except ValueError:
+        raise UsageError(f"not a size: {text!r}") from None
+
+
+def takes(command: str, opt: Opt) -> bool:
+    """Does ``command``'s command line have ``opt``'s flag?"""
+    if opt.on == VOLUME:
+        return command not in ("umount", "stats")
+    if opt.on == KEYS:
+        return command not in ("umount", "stats", "init")
+    return command == "mount"
+
+
+# set by the daemon's own argv, not copied into it
+_NOT_HANDED_ON = {"location", "mountpoint", "cache_dir", "log_file", "verbose", "options"}
+
+
+def daemon_argv(values: dict[str, Any]) -> list[str]:
+    """The flags that hand ``values`` (every option of a mount, resolved) to its daemon:
+    each option the table has, whatever the command line, the environment or a file said,
+    so that the daemon reads no file and no environment of its own for them."""
+    argv: list[str] = []
+    for opt in OPTIONS:
+        value = values.get(opt.name)
+        if opt.name in _NOT_HANDED_ON or not takes("mount", opt):
+            continue
+        if value is None or value is False or value == []:  # (0 is a value: no disk cache)
+            continue
+        if opt.kind is bool:
+            argv.append(opt.flag)
+        elif opt.kind is list:
+            for v in value:
+                argv += [opt.flag, str(v)]
+        elif opt.kind is Path:
+            argv += [opt.flag, str(Path(value).absolute())]
+        else:
+            argv += [opt.flag, str(value)]
+    return argv
+
+
+def fs_options(values: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``cryptfs.fs.model.Options`` the table's options set."""
+    return {o.fs: values[o.name] for o in OPTIONS if o.fs is not None}
 
 
 def markdown_table() -> str:

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from cryptfs import cli
+from cryptfs.cli import common as cli
 from cryptfs.mount_helper import translate
 
 
@@ -19,7 +19,7 @@ class _Tty(io.StringIO):
 def test_progress_bar_on_a_terminal_quiet_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
     tty = _Tty()
     monkeypatch.setattr("sys.stderr", tty)
-    bar = cli._Progress("rewrapping")
+    bar = cli.Progress("rewrapping")
     for i in range(1, 4):
         bar.update(i, 3)
     bar.close()
@@ -27,7 +27,7 @@ def test_progress_bar_on_a_terminal_quiet_otherwise(monkeypatch: pytest.MonkeyPa
     assert tty.getvalue().endswith("\n")
     plain = io.StringIO()
     monkeypatch.setattr("sys.stderr", plain)
-    bar = cli._Progress("rewrapping")
+    bar = cli.Progress("rewrapping")
     bar.update(3, 3)
     bar.close()
     assert plain.getvalue() == ""
@@ -55,7 +55,7 @@ def test_journald_priorities(monkeypatch: pytest.MonkeyPatch) -> None:
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     try:
-        cli._setup_logging(0, None)
+        cli.setup_logging(0, None)
         logging.getLogger("cryptfs.x").info("mounted")
         logging.getLogger("cryptfs.x").error("integrity failure")
     finally:

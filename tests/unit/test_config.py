@@ -78,3 +78,34 @@ def test_every_option_has_its_flag_on_mount() -> None:
         value = [] if o.kind is bool else [sample.get(o.kind, "/some/path")]
         args = build_parser().parse_args(["mount", "s3://b/p", "/m", o.flag, *value])
         assert getattr(args, o.name) is not None, o.flag
+
+
+def test_the_daemon_gets_every_setting_the_mount_resolved(tmp_path: Path) -> None:
+    """The daemon's argv is made from the option table (it was written by hand, a third copy
+    of every flag): whatever the command line, the environment or a file set, the daemon
+    parses back the same values, 0 included (``--cache-size 0``: no disk cache)."""
+    from cryptfs.cli import build_parser
+    from cryptfs.config import daemon_argv, fs_options
+
+    conf = tmp_path / "m.toml"
+    conf.write_text('metrics_address = "127.0.0.1:9"\ns3ec_kms_key_id = ["a", "b"]\n')
+    argv = ["mount", "s3://b/p", str(tmp_path / "m"), "--config", str(conf), "--cache-size",
+            "0", "--read-ahead-kb", "0", "--show-s3ec", "--key-file", "k", "-o", "ro"]  # fmt: skip
+    env = {"CRYPTFS_METADATA_TTL": "2.5"}
+    first = build_parser().parse_args(argv)
+    values = resolve({o.name: getattr(first, o.name, None) for o in OPTIONS}, first.config, env)
+    again = build_parser().parse_args(["mount", "s3://b/p", "/m", *daemon_argv(values)])
+    back = resolve({o.name: getattr(again, o.name, None) for o in OPTIONS}, None, {})
+    skip = {"location", "mountpoint", "cache_dir", "log_file", "verbose", "options"}
+    for o in OPTIONS:
+        if o.name not in skip:
+            want = values[o.name]
+            if o.kind is Path and want is not None:
+                want = Path(want).absolute()  # (the daemon runs in "/": absolute paths)
+            assert back[o.name] == want, o.name
+    assert values["cache_size"] == 0 and values["metadata_ttl"] == 2.5
+    assert back["key_file"] == (Path("k").absolute())
+    assert fs_options(values)["show_foreign"] is True
+    from cryptfs.fs.model import Options
+
+    Options(**fs_options(values))  # (every field the table names exists)
