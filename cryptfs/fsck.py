@@ -125,30 +125,7 @@ async def fsck(
 
     options = Options(metadata_ttl=3600.0)
     async with unmounted(vol, options, key_prefix=key_prefix, tool="fsck") as fs:
-        reached.add(MARKER)
-        stack: list[Node] = [fs.root]
-        while stack:
-            d = stack.pop()
-            report.directories += 1
-            try:
-                entries = await fs.readdir(d.ino)
-            except CryptfsError as e:
-                report.unreadable.append((fs.dir_prefix(d) or "/", f"listing failed: {e}"))
-                continue
-            for _name, node in entries:
-                key = fs.dir_prefix(node) + MARKER if node.is_dir else fs.object_key(node)[0]
-                reached.add(key)
-                if node.is_dir:
-                    if node.remote_etag is None:
-                        report.implicit_dirs.append(fs.dir_prefix(node))
-                        if repair:
-                            await fs.upload.put_marker(node, create=True)
-                            report.repaired.append(f"wrote the marker of {fs.dir_prefix(node)}")
-                    stack.append(node)
-                    continue
-                await _check_file(fs, node, key, full, report)
-                if progress is not None:
-                    progress(len(reached), max(report.objects, len(reached)))
+        await _walk(fs, report, reached, full=full, repair=repair, progress=progress)
         # what the walk could not authenticate; names that do not decode at all belong to
         # objects that are not ours (reported below, as orphans)
         first: dict[str, str] = {}
@@ -163,18 +140,7 @@ async def fsck(
     for key in sorted(keys - reached - bad):
         report.orphans.append((key, await _why_orphan(vol, key)))
 
-    now = time.time()
-    for key, upload_id, started in await store.list_uploads(""):
-        age = now - started
-        if age >= upload_age:
-            report.stale_uploads.append((key, upload_id, age))
-            if repair:
-                try:
-                    await store.abort_multipart(key, upload_id)
-                    report.repaired.append(f"aborted multipart upload {upload_id[:16]}… of {key}")
-                except NotFound:
-                    report.repaired.append(f"multipart upload {upload_id[:16]}… already gone")
-
+    await _stale_uploads(vol, report, upload_age, repair)
     if cache_dir is not None:
         staging = cache_dir / vol.volume_id.hex() / "staging"
         if staging.is_dir():
@@ -183,6 +149,58 @@ async def fsck(
                 path = b64d(rec["path"]).decode(errors="replace") if rec.get("path") else "?"
                 report.staged.append(path)
     return report
+
+
+async def _walk(
+    fs: Filesystem,
+    report: FsckReport,
+    reached: set[str],
+    *,
+    full: bool,
+    repair: bool,
+    progress: Progress | None,
+) -> None:
+    """The tree as a mount sees it, from the root: every entry authenticated (``--full``:
+    every chunk too); the keys it reaches go to ``reached``."""
+    reached.add(MARKER)
+    stack: list[Node] = [fs.root]
+    while stack:
+        d = stack.pop()
+        report.directories += 1
+        try:
+            entries = await fs.readdir(d.ino)
+        except CryptfsError as e:
+            report.unreadable.append((fs.dir_prefix(d) or "/", f"listing failed: {e}"))
+            continue
+        for _name, node in entries:
+            key = fs.dir_prefix(node) + MARKER if node.is_dir else fs.object_key(node)[0]
+            reached.add(key)
+            if node.is_dir:
+                if node.remote_etag is None:
+                    report.implicit_dirs.append(fs.dir_prefix(node))
+                    if repair:
+                        await fs.upload.put_marker(node, create=True)
+                        report.repaired.append(f"wrote the marker of {fs.dir_prefix(node)}")
+                stack.append(node)
+                continue
+            await _check_file(fs, node, key, full, report)
+            if progress is not None:
+                progress(len(reached), max(report.objects, len(reached)))
+
+
+async def _stale_uploads(vol: Volume, report: FsckReport, upload_age: float, repair: bool) -> None:
+    """Multipart uploads older than ``upload_age`` (``--repair``: aborted)."""
+    now = time.time()
+    for key, upload_id, started in await vol.store.list_uploads(""):
+        age = now - started
+        if age >= upload_age:
+            report.stale_uploads.append((key, upload_id, age))
+            if repair:
+                try:
+                    await vol.store.abort_multipart(key, upload_id)
+                    report.repaired.append(f"aborted multipart upload {upload_id[:16]}… of {key}")
+                except NotFound:
+                    report.repaired.append(f"multipart upload {upload_id[:16]}… already gone")
 
 
 async def _check_file(fs: Filesystem, node: Node, key: str, full: bool, report: FsckReport) -> None:
