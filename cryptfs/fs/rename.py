@@ -98,12 +98,7 @@ class Renamer:
             if dst is src:
                 return
             if dst is not None:
-                if flags & noreplace:
-                    raise named(Exists, new_name)
-                if dst.is_dir and not src.is_dir:
-                    raise IsDir("target is a directory")
-                if src.is_dir and not dst.is_dir:
-                    raise NotDir("target is not a directory")
+                _may_replace(src, dst, new_name, noreplace=bool(flags & noreplace))
             self.paths.key_for(p2, new_name, src.kind)  # ENAMETOOLONG before anything moves
             # node locks before ns (docs/CONCURRENCY.md): nothing waits for a node (an
             # upload of it, say) while it holds ns, which a directory rename would queue on
@@ -278,6 +273,16 @@ class Renamer:
         if src.remote_etag is not None:
             src.meta_dirty = True  # marker carries the new ctime
             self.writeback.schedule(src)
+
+
+def _may_replace(src: Node, dst: Node, name: bytes, *, noreplace: bool) -> None:
+    """POSIX: a file replaces a file, a directory an (empty) directory."""
+    if noreplace:
+        raise named(Exists, name)
+    if dst.is_dir and not src.is_dir:
+        raise IsDir("target is a directory")
+    if src.is_dir and not dst.is_dir:
+        raise NotDir("target is not a directory")
 
 
 class _Raced(Exception):
