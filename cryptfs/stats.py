@@ -22,36 +22,11 @@ from typing import Any
 
 import trio
 
+from cryptfs.metrics import CONTENT_TYPE_LATEST, exposition
+
 log = logging.getLogger(__name__)
 
 Snapshot = Callable[[], dict[str, Any]]
-
-# name, type, help (Prometheus); the keys of a snapshot
-METRICS = [
-    ("pending_files", "gauge", "Closed or fsynced files not yet uploaded"),
-    ("pending_bytes", "gauge", "Bytes of files not yet uploaded"),
-    ("uploads", "counter", "File bodies uploaded"),
-    ("upload_bytes", "counter", "Plaintext bytes uploaded"),
-    ("upload_failures", "counter", "Failed upload attempts (transient ones are retried)"),
-    ("conflicts", "counter", "Conflict copies saved (another host changed a file)"),
-    ("integrity_failures", "counter", "Objects that failed authentication (read as EIO)"),
-    ("cache_bytes", "gauge", "Decrypted chunk cache in memory"),
-    ("cache_limit_bytes", "gauge", "Its bound"),
-    ("cache_hits", "counter", "Chunk cache hits"),
-    ("cache_misses", "counter", "Chunk cache misses"),
-    ("staging_bytes", "gauge", "Encrypted staging files on the cache disk"),
-    ("disk_cache_bytes", "gauge", "Encrypted chunks kept on the cache disk"),
-    ("disk_cache_limit_bytes", "gauge", "Their bound (--cache-size)"),
-    ("disk_cache_hits", "counter", "Chunks read from the cache disk instead of S3"),
-    ("s3_requests", "counter", "S3 requests"),
-    ("s3_errors", "counter", "S3 requests failed after retries"),
-    ("s3_bytes_in", "counter", "Bytes downloaded from S3"),
-    ("s3_bytes_out", "counter", "Bytes uploaded to S3"),
-    ("kms_requests", "counter", "AWS KMS requests"),
-    ("dek_cache_entries", "gauge", "Unwrapped data keys held in memory"),
-    ("open_files", "gauge", "Open file handles"),
-    ("uptime_seconds", "gauge", "Seconds since the mount started"),
-]
 
 
 class Rates:
@@ -69,18 +44,6 @@ class Rates:
         (t0, i0, o0), (t1, i1, o1) = self._samples[0], self._samples[-1]
         dt = max(t1 - t0, 1e-6)
         return (i1 - i0) / dt, (o1 - o0) / dt
-
-
-def prometheus_text(snap: dict[str, Any]) -> str:
-    out = []
-    for name, kind, help_text in METRICS:
-        metric = f"cryptfs_{name}" + ("_total" if kind == "counter" else "")
-        out += [
-            f"# HELP {metric} {help_text}",
-            f"# TYPE {metric} {kind}",
-            f'{metric}{{mountpoint="{snap["mountpoint"]}"}} {snap.get(name, 0)}',
-        ]
-    return "\n".join(out) + "\n"
 
 
 def _size(n: float) -> str:
@@ -146,7 +109,9 @@ async def serve_socket(path: Path, snapshot: Snapshot, *, task_status: Any) -> N
 
 
 async def serve_metrics(address: str, snapshot: Snapshot, *, task_status: Any) -> None:
-    """A minimal HTTP/1.0 server: any GET returns the Prometheus text exposition."""
+    """Any GET returns the Prometheus text exposition (``cryptfs.metrics``).  HTTP/1.0 on a
+    trio listener, not prometheus-client's own server: that one answers from a thread of its
+    own, and the snapshot must be taken on the trio thread, which owns what it reads."""
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"--metrics-address must be HOST:PORT, got {address!r}")
@@ -162,9 +127,9 @@ async def serve_metrics(address: str, snapshot: Snapshot, *, task_status: Any) -
                         if not data:
                             return
                         request += data
-                body = prometheus_text(snapshot()).encode()
+                body = exposition(snapshot)  # (prometheus-client: escaping, histograms)
                 head = (
-                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                    f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
                     f"Content-Length: {len(body)}\r\n\r\n"
                 ).encode()
                 await stream.send_all(head + body)

@@ -125,14 +125,42 @@ def key_source(args: Any, *, create: bool = False) -> KeySource:
 
 
 class Progress:
-    """A one-line progress bar on a terminal; a log line every 10 % otherwise."""
+    """A progress bar with rate and time left on a terminal (``rich``); off a terminal, a log
+    line every 10 % (a service's journal wants no bar).  ``unit="bytes"``: sizes and a
+    transfer rate; a total equal to what is done means the size is not known yet."""
 
     def __init__(self, what: str, unit: str = "") -> None:
         self.what = what
         self.unit = unit
         self.tty = sys.stderr.isatty()
         self.last = -1.0
-        self.shown = False
+        self._bar: Any = None
+        self._task: Any = None
+
+    def _start(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+        from rich.progress import Progress as Bar
+
+        counts = (MofNCompleteColumn(), TextColumn("{task.fields[rate]}"))
+        sizes = (DownloadColumn(binary_units=True), TransferSpeedColumn())
+        self._bar = Bar(
+            TextColumn(self.what),
+            BarColumn(),
+            *(sizes if self.unit == "bytes" else counts),
+            TimeRemainingColumn(),
+            console=Console(file=sys.stderr),
+            auto_refresh=False,  # (no thread of its own: redrawn on update, 10 times a second)
+        )
+        self._bar.start()
+        self._task = self._bar.add_task(self.what, total=None, rate="")
 
     def update(self, done: int, total: int) -> None:
         frac = done / total if total else 1.0
@@ -141,22 +169,20 @@ class Progress:
             if now - self.last < 0.1 and done != total:
                 return
             self.last = now
-            width = 30
-            fill = int(frac * width)
-            if self.unit == "bytes" and total == done:  # size unknown (a tree): a counter
-                text = f"\r{self.what}: {done / 2**20:.1f} MiB"
-            else:
-                text = f"\r{self.what} [{'#' * fill}{'.' * (width - fill)}] {done}/{total}"
-            sys.stderr.write(text)
-            sys.stderr.flush()
-            self.shown = True
+            if self._bar is None:
+                self._start()
+            unknown = self.unit == "bytes" and total == done  # (a tree: size not known)
+            self._bar.update(self._task, completed=done, total=None if unknown else total)
+            speed = self._bar.tasks[0].speed
+            self._bar.update(self._task, rate=f"{speed:,.0f}/s" if speed else "")
+            self._bar.refresh()
         elif int(frac * 10) > self.last:
             self.last = int(frac * 10)
             log.info("%s: %d/%d", self.what, done, total)
 
     def close(self) -> None:
-        if self.shown:
-            sys.stderr.write("\n")
+        if self._bar is not None:
+            self._bar.stop()
 
 
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3}

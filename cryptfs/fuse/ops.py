@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -20,6 +21,7 @@ from cryptfs import errors as E
 from cryptfs import lognames
 from cryptfs.fs.filesystem import Filesystem
 from cryptfs.fs.model import Node, Stat
+from cryptfs.metrics import FUSE_SECONDS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -81,6 +83,15 @@ class Operations(pyfuse3.Operations):
         self._next_dh = 1
 
     async def _guard(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """``fn()``, timed as FUSE operation ``what`` (``cryptfs.metrics``), its errors
+        answered as errno."""
+        start = time.monotonic()
+        try:
+            return await self._answer(what, fn)
+        finally:
+            FUSE_SECONDS.labels(what).observe(time.monotonic() - start)
+
+    async def _answer(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
         """``fn()``, its errors answered as errno (and logged: without names, see
         ``cryptfs.lognames``)."""
         try:

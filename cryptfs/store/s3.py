@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
@@ -50,6 +51,7 @@ from cryptfs.errors import (
     StoreUnavailable,
     UsageError,
 )
+from cryptfs.metrics import S3_SECONDS
 from cryptfs.store.base import Listing, ObjectInfo
 from cryptfs.store.bridge import AsyncioBridge, open_bridge
 from cryptfs.store.lean import (
@@ -284,12 +286,13 @@ class S3Store:
         return self.loc.prefix + key
 
     async def _call(
-        self, what: str, fn: Any, *args: Any, keys: tuple[str, ...] | None = None
+        self, op: str, what: str, fn: Any, *args: Any, keys: tuple[str, ...] | None = None
     ) -> Any:
-        """``fn(*args)`` on the loop thread; failures as domain errors about ``what``, which
-        names the object ``keys`` (default: ``what`` is a key)."""
+        """``fn(*args)`` on the loop thread, timed as S3 operation ``op``; failures as domain
+        errors about ``what``, which names the object ``keys`` (default: ``what`` is a key)."""
         async with self._limiter:
             self.requests += 1
+            start = time.monotonic()
             try:
                 return await self._bridge.run(fn, *args)
             except (ClientError, BotoCoreError, OSError, aiohttp.ClientError) as e:
@@ -297,6 +300,8 @@ class S3Store:
                 if not isinstance(err, NotFound | PreconditionFailed):
                     self.errors += 1  # answers that are part of the protocol are not errors
                 raise err from None
+            finally:
+                S3_SECONDS.labels(op).observe(time.monotonic() - start)
 
     def _meta_headers(self, metadata: Mapping[str, str]) -> dict[str, str]:
         """Headers of a new object (PUT, destination of a copy): metadata, type, SSE."""
@@ -325,7 +330,7 @@ class S3Store:
                 http_date(h.get("Last-Modified", "")),
             )
 
-        return await self._call(key, op)  # type: ignore[no-any-return]
+        return await self._call("head", key, op)  # type: ignore[no-any-return]
 
     async def get(
         self,
@@ -359,7 +364,7 @@ class S3Store:
                 size = int(cr.rsplit("/", 1)[1])
             return ObjectInfo(key, size, h["ETag"], a.metadata()), data
 
-        return await self._call(key, op)  # type: ignore[no-any-return]
+        return await self._call("get", key, op)  # type: ignore[no-any-return]
 
     @staticmethod
     def _cond(kw: dict[str, Any], if_match: str | None, if_none_match: bool) -> None:
@@ -388,7 +393,7 @@ class S3Store:
             self.bytes_out += len(body)
             return a.headers["ETag"]
 
-        return await self._call(key, op)  # type: ignore[no-any-return]
+        return await self._call("put", key, op)  # type: ignore[no-any-return]
 
     async def create_multipart(self, key: str, metadata: Mapping[str, str]) -> str:
         async def op() -> str:
@@ -401,7 +406,7 @@ class S3Store:
             )
             return str(r["UploadId"])
 
-        return await self._call(key, op)  # type: ignore[no-any-return]
+        return await self._call("create_multipart", key, op)  # type: ignore[no-any-return]
 
     async def upload_part(
         self, key: str, upload_id: str, number: int, data: bytes | memoryview
@@ -418,7 +423,7 @@ class S3Store:
             self.bytes_out += len(data)
             return a.headers["ETag"]
 
-        return await self._call(f"{key} part {number}", op, keys=(key,))  # type: ignore[no-any-return]
+        return await self._call("upload_part", f"{key} part {number}", op, keys=(key,))  # type: ignore[no-any-return]
 
     async def complete_multipart(
         self,
@@ -443,7 +448,7 @@ class S3Store:
             r = await self._client.complete_multipart_upload(**kw)
             return str(r["ETag"])
 
-        return await self._call(key, op)  # type: ignore[no-any-return]
+        return await self._call("complete_multipart", key, op)  # type: ignore[no-any-return]
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
         async def op() -> None:
@@ -451,7 +456,7 @@ class S3Store:
                 Bucket=self.loc.bucket, Key=self._k(key), UploadId=upload_id
             )
 
-        await self._call(key, op)
+        await self._call("abort_multipart", key, op)
 
     async def list_uploads(self, prefix: str) -> list[tuple[str, str, float]]:
         plen = len(self.loc.prefix)
@@ -471,7 +476,7 @@ class S3Store:
                 kw["UploadIdMarker"] = r.get("NextUploadIdMarker", "")
 
         what = f"uploads under {prefix or '/'}"
-        return await self._call(what, op, keys=(prefix,))  # type: ignore[no-any-return]
+        return await self._call("list_uploads", what, op, keys=(prefix,))  # type: ignore[no-any-return]
 
     async def copy(
         self,
@@ -500,7 +505,7 @@ class S3Store:
             )
             return copy_etag(a.body)
 
-        return await self._call(f"{src} -> {dst}", op, keys=(src, dst))  # type: ignore[no-any-return]
+        return await self._call("copy", f"{src} -> {dst}", op, keys=(src, dst))  # type: ignore[no-any-return]
 
     async def _multipart_copy(
         self, src: str, dst: str, metadata: Mapping[str, str], if_match: str | None, size: int
@@ -528,7 +533,9 @@ class S3Store:
                     r = await self._client.upload_part_copy(**kw)
                     return str(r["CopyPartResult"]["ETag"])
 
-                etags[i] = await self._call(f"{src} -> {dst} part {i + 1}", op, keys=(src, dst))
+                etags[i] = await self._call(
+                    "upload_part_copy", f"{src} -> {dst} part {i + 1}", op, keys=(src, dst)
+                )
 
             async with open_tasks() as nursery:
                 for i, (a, b) in enumerate(ranges):
@@ -546,7 +553,7 @@ class S3Store:
         async def op() -> None:
             await self._lean.request("DELETE", self.loc.bucket, self._k(key), {})
 
-        await self._call(key, op)
+        await self._call("delete", key, op)
 
     async def delete_many(self, keys: Sequence[str]) -> None:
         """DeleteObjects, 1000 keys a request (quiet: only failures are answered)."""
@@ -571,13 +578,13 @@ class S3Store:
         size = min(1000, max(100, -(-len(keys) // 4)))
         batches = [keys[i : i + size] for i in range(0, len(keys), size)]
         if len(batches) == 1:
-            await self._call(batches[0][0], op, batches[0])
+            await self._call("delete_many", batches[0][0], op, batches[0])
             return
         limit = trio.CapacityLimiter(4)
 
         async def one(batch: Sequence[str]) -> None:
             async with limit:
-                await self._call(batch[0], op, batch)
+                await self._call("delete_many", batch[0], op, batch)
 
         async with open_tasks() as n:
             for b in batches:
@@ -606,7 +613,7 @@ class S3Store:
                     return Listing(objs, prefixes)
                 q["continuation-token"] = page.next_token
 
-        return await self._call(prefix or "/", op, keys=(prefix,))  # type: ignore[no-any-return]
+        return await self._call("list", prefix or "/", op, keys=(prefix,))  # type: ignore[no-any-return]
 
     async def aclose(self) -> None:
         pass
@@ -672,7 +679,7 @@ async def open_s3_store(loc: S3Location, opts: S3Options) -> AsyncIterator[S3Sto
             # AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else the profile's endpoint_url
             store.secure = urlparse(str(client.meta.endpoint_url)).scheme.lower() == "https"
             try:
-                await store._call(loc.bucket, probe, keys=())
+                await store._call("head_bucket", loc.bucket, probe, keys=())
             except NotFound:
                 raise BucketNotFound(f"bucket {loc.bucket!r} does not exist") from None
             yield store

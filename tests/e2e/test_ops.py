@@ -176,8 +176,12 @@ def test_config_file_stats_and_metrics(volume: Volume, tmp_path: Path) -> None:
         assert "pending uploads     0 file(s)" in human and "hit rate" in human
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
         text = body.decode()
-        assert f'cryptfs_uploads_total{{mountpoint="{volume.mnt}"}} 5' in text
+        assert f'cryptfs_uploads_total{{mountpoint="{volume.mnt}"}} 5.0' in text
         assert "# TYPE cryptfs_pending_files gauge" in text
+        # histograms of S3 requests and FUSE operations (prometheus-client), a hit ratio
+        assert 'cryptfs_s3_request_seconds_count{op="put"}' in text
+        assert 'cryptfs_fuse_op_seconds_bucket{le="0.005",op="write"}' in text
+        assert f'cryptfs_cache_hit_ratio{{mountpoint="{volume.mnt}"}}' in text
     finally:
         volume.umount()
     # a wrong key in the file is named
