@@ -223,6 +223,6 @@ class Entries:
         # big tree's root cost a LIST of the tree). No delimiter: SeaweedFS shows the prefix
         # of a directory whose objects are all gone as a common prefix
         # (three: the directory's folder placeholder, "X/", is no entry either)
-        listing = await self.remote.list(prefix, delimiter=None, max_keys=3)
-        if any(o.key not in (prefix, prefix + MARKER) for o in listing.objects):
+        listing = await self.remote.list(prefix, delimiter=None, max_keys=1000)
+        if any(o.key != prefix + MARKER and not o.key.endswith("/") for o in listing.objects):
             raise NotEmpty("directory not empty")

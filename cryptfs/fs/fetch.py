@@ -97,10 +97,16 @@ class Fetcher:
         if known is not None:
             return known
         key, _ = self.paths.object_key(node)
+        etag = node.remote_etag
         if header is None:
-            _info, header = await self.store.get(key, 0, HEADER_SIZE, if_match=node.remote_etag)
+            _info, header = await self.store.get(key, 0, HEADER_SIZE, if_match=etag)
+        if node.remote_etag != etag:  # (another version adopted during the GET: as fetch_run)
+            raise PreconditionFailed("another version of the file arrived during the read")
+        dek = await self.dek(node)
+        if node.remote_etag != etag:  # (... or during the unwrap, a KMS round trip)
+            raise PreconditionFailed("another version of the file arrived during the read")
         try:
-            cipher = BodyCipher.open(await self.dek(node), header)
+            cipher = BodyCipher.open(dek, header)
             if cipher.header.file_id != node.file_id or cipher.header.salt != node.attrs.salt:
                 raise IntegrityError("body header does not belong to this file's metadata")
             if cipher.header.chunk_log2 != self.vol.chunk_log2:
@@ -108,7 +114,7 @@ class Fetcher:
         except (IntegrityError, UnsupportedFormat) as e:
             self.tree.integrity(key, e, node)
             raise
-        node.cipher, node.cipher_etag = cipher, node.remote_etag
+        node.cipher, node.cipher_etag = cipher, etag
         return cipher
 
     async def read_remote(

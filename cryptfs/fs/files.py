@@ -16,7 +16,7 @@ import os
 from typing import Any
 
 from cryptfs.cache.staging import StagingArea
-from cryptfs.errors import Invalid, IsDir, PreconditionFailed, StoreError
+from cryptfs.errors import Invalid, IsDir, PreconditionFailed
 from cryptfs.format.meta import KIND_FILE, KIND_LINK
 from cryptfs.fs.fetch import Fetcher
 from cryptfs.fs.foreign import Foreign
@@ -112,8 +112,8 @@ class Files:
         try:
             return await self.fetch.read_remote(node, offset, end - offset, h)
         except PreconditionFailed:
-            if node.unlinked:  # (replaced by a rename while open, before its content was kept)
-                raise StoreError(
+            if node.unlinked:  # (replaced while open, before its content was kept: EIO, warned)
+                raise PreconditionFailed(
                     "the file was replaced while open, and its version is gone from S3"
                 ) from None
             # the object was replaced by another writer since we looked: reload and retry

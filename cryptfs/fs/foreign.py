@@ -187,7 +187,10 @@ class Foreign:
         """Does ``prefix`` (whose name is not one of ours) hold S3 Encryption Client objects?"""
         listing = await self.store.list(prefix, delimiter=None, max_keys=8)
         keys = [o.key for o in listing.objects]
-        first = next((k for k in keys if not s3ec.is_instruction_key(k)), None)
+        # (a folder placeholder, "X/" or one below, is no object: never the one looked at)
+        first = next(
+            (k for k in keys if not s3ec.is_instruction_key(k) and not k.endswith("/")), None
+        )
         if first is None:
             return False
         info = await self.remote.head(first)

@@ -192,7 +192,10 @@ class Listing:
             long = name is None
             if name is None:
                 name = self.vol.names.decode(self.dpath, comp, info.metadata.get("cfs-n"))
-            node = self.adopt(d, name, info, old.get(name))
+            existing = old.get(name)
+            if existing is not None and existing.is_dir != (etag is None):
+                existing = None  # (a file and a directory of one name: merge_dirs decides)
+            node = self.adopt(d, name, info, existing)
             (self.from_prefix if etag is None and node.is_dir else new)[name] = node
             if not long and d.raw_prefix is None:
                 self.paths.remember(node, key, self.gen)

@@ -109,6 +109,8 @@ class Lookup:
         named the version replaced, and the node kept it)."""
         if node.stage is not None or not node.meta_dirty or node.remote_etag == info.etag:
             return False
+        if node.attrs_sending:  # our own copy in flight: its answer decides (attrs_lost)
+            return False
         self.tree.conflicts += 1
         log.warning(
             "conflict: %s was changed by another writer; this host's change of its attributes"
@@ -234,6 +236,8 @@ class Lookup:
         assert parent is not None
         if self.tree.in_rename(node):
             return  # its objects are being moved by this mount: what S3 shows is ours
+        if node.unlinked:  # (its name is another node's now, or nobody's: nothing to ask)
+            raise NoEntry("file was removed")
         if parent.children is not None and parent.listed_at >= 0:
             # one LIST revalidates every unchanged entry of the directory (by ETag): an
             # rsync or find over many files costs a LIST per directory, not a HEAD per file
@@ -246,7 +250,10 @@ class Lookup:
         key, _ = self.paths.object_key(node)
         info = await self.remote.head(key)
         if info is None:
-            if node.open_count == 0 and not node.dirty:  # (a dirty one: its upload decides)
+            if node.open_count == 0 and node.stage is None and not node.is_dir:
+                if node.meta_dirty:  # (theirs stands, as Uploader.attrs_lost decides)
+                    node.meta_dirty = False
+                    self.tree.conflicts += 1
                 self.tree.gone_elsewhere(node)
                 raise NoEntry("file was removed by another writer")
             return

@@ -127,6 +127,7 @@ class Node:
     writers: int = 0
     stage: StagedFile | None = None
     meta_dirty: bool = False
+    attrs_sending: int = 0  # copies in place of its attributes in flight (sync_attrs)
     change: int = 0  # bumped on every local modification
     unlinked: bool = False
     cipher: BodyCipher | None = None

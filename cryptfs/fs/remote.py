@@ -40,5 +40,5 @@ class Remote:
         resurrect removed or renamed directories.  A folder placeholder, ``X/`` or one below
         it, is no object: one of them made a directory of any name, a file's too.)
         """
-        listing = await self.list(prefix, delimiter=None, max_keys=8)
+        listing = await self.list(prefix, delimiter=None, max_keys=1000)
         return any(not o.key.endswith("/") for o in listing.objects)

@@ -182,7 +182,9 @@ class Renamer:
             # the object it is read from (after, its old ETag is gone: 412, 18.6)
             try:
                 await self.entries.keep_for_open_handles(dst)
-            except (PreconditionFailed, NotFound):
+            except NotFound:
+                dst_etag = None  # removed elsewhere: nothing to keep (its reads fail)
+            except PreconditionFailed:
                 raise _Raced(dst) from None  # (replaced elsewhere: nothing has moved yet)
         old_key, _ = self.paths.object_key(src)
         new_key, long_name = self.paths.key_for(p2, name, src.kind)
@@ -334,6 +336,8 @@ class _DirMove:
     async def target(self, key: str) -> None:
         """Where ``key`` goes: a request only for a long name (its plaintext is in the
         object's metadata), so that every new key is checked before anything is copied."""
+        if key.endswith("/"):
+            return  # a folder placeholder: no object (left behind, as any placeholder is)
         parent_prefix = key[: key.rfind("/") + 1]
         op, np, npre = await self.resolve(parent_prefix)
         comp = key[len(parent_prefix) :]

@@ -377,6 +377,7 @@ class Uploader:
         attrs = node.attrs
         meta = ObjectMeta(node.file_id, attrs, node.wrapped, long_name)
         md = self.vol.meta.encode(self.paths.path(node), key, meta)
+        node.attrs_sending += 1  # (a listing meanwhile may see it: ours, not another's)
         try:
             node.remote_etag = await self.store.copy(
                 key, key, md, if_match=node.remote_etag, size=self.stored_size(node)
@@ -385,6 +386,8 @@ class Uploader:
             info = await self.remote.head(key)
             if not self.holds(node, key, info, attrs):
                 self.attrs_lost(node, info)
+        finally:
+            node.attrs_sending -= 1
 
     async def sync_marker(self, node: Node) -> None:
         try:

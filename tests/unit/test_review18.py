@@ -1,5 +1,6 @@
-"""Issue 18, from the attacker's and concurrency reviewer's read of the fix (helper review of
-57edf90..539d62f): each test failed on the code before its fix.  Memory store, driven
+"""Issue 18, from the attacker's and concurrency reviewer's reads of the fix (helper reviews of
+57edf90..539d62f and of 6a494a3, the fix of the first): each test failed on the code before
+its fix.  Memory store, driven
 deterministically; no test here needs S3 or a mount."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import trio
 
 from cryptfs.crypto import Secret
 from cryptfs.errors import CryptfsError, StoreError
+from cryptfs.format.body import HEADER_SIZE
 from cryptfs.format.volume import KeySource
 from cryptfs.fs.model import ROOT_INO
 from cryptfs.store.memory import MemoryStore
@@ -260,3 +262,265 @@ async def test_a_pending_chmod_does_not_stop_writes_to_a_file_replaced_elsewhere
     f = await check.lookup(ROOT_INO, b"f")
     assert await read_file(check, f.ino) == b"version 2\nappended\n"
     assert f.attrs.mode & 0o777 != 0o600
+
+
+# ---------------------------------------------------------------- the second review (of 6a494a3)
+@pytest.mark.allow_error_logs
+async def test_a_target_replaced_while_read_never_takes_its_name_back(
+    tmp_path: Path,
+) -> None:
+    """displace()'s early return keeps dst.remote_etag; a later getattr (fstat by the
+    reader, after the TTL) revalidates the detached node by HEAD of *its name's* key, which
+    is now the renamed file's object: adopt makes a second node and puts it into
+    parent.children in place of the node the rename moved there."""
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store, metadata_ttl=3600)
+    await write_file(fs, ROOT_INO, b"f", b"new content")
+    await write_file(fs, ROOT_INO, b"g", b"old content")
+    f = await fs.lookup(ROOT_INO, b"f")
+    g = await fs.lookup(ROOT_INO, b"g")
+    real = store.copy
+    held: list[int] = []
+
+    async def copy(*a, **kw):  # type: ignore[no-untyped-def]
+        etag = await real(*a, **kw)
+        if not held:
+            held.append((await fs.open(g.ino, os.O_RDONLY)).fh)  # cat g, meanwhile
+        return etag
+
+    store.copy = copy  # type: ignore[method-assign]
+    await fs.rename(ROOT_INO, b"f", ROOT_INO, b"g", 0)
+    store.copy = real  # type: ignore[method-assign]
+    assert fs.tree.root.children[b"g"] is f
+    g.refreshed_at = -1e18  # (the metadata TTL has passed)
+    fs.tree.root.listed_at = -1.0  # (the root's listing incomplete: an entry was evicted)
+    try:  # an fstat of the reader's fd (ENOENT or EIO would be fine)
+        st = await fs.getattr(g.ino)
+        assert st.size >= 0
+    except CryptfsError:
+        pass
+    # ... but the name must still be the renamed node's
+    now = fs.tree.root.children[b"g"]
+    assert now is f, (
+        f"a second node (ino {now.ino}, f is {f.ino}) took the rename's name; "
+        f"looked up: {(await fs.lookup(ROOT_INO, b'g')).ino}"
+    )
+    await fs.release(held[0])
+
+
+@pytest.mark.allow_error_logs
+async def test_a_marker_beside_a_known_file_hides_neither(tmp_path: Path) -> None:
+    """Two hosts: A creates file x (uploaded at close), B mkdir x before it saw A's file
+    (or an attacker replays an old marker of a directory x).  A's next listing: the marker's
+    load adopts it with existing=the known file node, and adopt gone_elsewhere()s the file
+    (kernel told it is gone, an open writer's later writes dropped at close) before
+    merge_dirs() decides 'the file wins'; the listing then shows neither."""
+    store = MemoryStore()
+    a = await make_fs(tmp_path / "a", store, metadata_ttl=0)
+    b = await make_fs(tmp_path / "b", store, metadata_ttl=0)
+    xb = await b.mkdir(ROOT_INO, b"x", 0o755, 0, 0)  # B's directory
+    marker_key = b.object_key(xb)[0]
+    saved = store.objects[marker_key]
+    await b.rmdir(ROOT_INO, b"x")
+    await write_file(a, ROOT_INO, b"x", b"A's file")
+    assert [n for n, _ in await a.readdir(ROOT_INO)] == [b"x"]
+    x = await a.lookup(ROOT_INO, b"x")
+    w = await a.open(x.ino, os.O_RDWR)  # a writer holds it open, nothing written yet
+    store.objects[marker_key] = saved  # (B's mkdir racing A's create, or a replay)
+    listed = dict(await a.readdir(ROOT_INO))
+    assert b"x" in listed and not listed[b"x"].is_dir, listed  # the file wins ...
+    assert not x.unlinked, "the authenticated file node was detached"  # ... and stays
+    await a.write(w.fh, 0, b"A's new data")
+    await a.release(w.fh)
+    assert await a.flush_all() == []
+    check = await make_fs(tmp_path / "c", store)
+    got = dict(await check.readdir(ROOT_INO))[b"x"]
+    assert await read_file(check, got.ino) == b"A's new data"
+
+
+@pytest.mark.allow_error_logs
+async def test_a_directory_with_its_own_placeholder_can_be_renamed(tmp_path: Path) -> None:
+    """I11: 'a directory's own placeholder is no entry of it'.  rename_dir lists the prefix
+    without a delimiter and plans every key: the placeholder ``X/`` (and ``X/sub/``) is
+    decoded as an entry name "" and the rename fails (EIO) before anything moves."""
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store)
+    d = await fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    await write_file(fs, d.ino, b"f", b"inside")
+    await store.put(fs.dir_prefix(d), b"", {})  # console "Create folder" / SeaweedFS
+    await fs.rename(ROOT_INO, b"d", ROOT_INO, b"e", 0)
+    check = await make_fs(tmp_path / "c", store)
+    e = await check.lookup(ROOT_INO, b"e")
+    assert await read_file(check, (await check.lookup(e.ino, b"f")).ino) == b"inside"
+
+
+@pytest.mark.allow_error_logs
+async def test_a_subfolder_placeholder_is_no_entry_for_rmdir_either(tmp_path: Path) -> None:
+    """``X/sub/`` (an empty object): readdir of X shows nothing (implicit_dir ignores
+    placeholders now), but check_empty counts it: rmdir is ENOTEMPTY for an empty listing."""
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store)
+    d = await fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    sub = await fs.mkdir(d.ino, b"sub", 0o755, 0, 0)
+    placeholder = fs.dir_prefix(sub)
+    await fs.rmdir(d.ino, b"sub")
+    await store.put(placeholder, b"", {})  # (console "Create folder", or a bucket writer)
+    assert await fs.readdir(d.ino) == []
+    assert fs.integrity_failures == 0
+    await fs.rmdir(ROOT_INO, b"d")
+
+
+async def test_a_second_chmod_during_an_attribute_upload_is_not_lost(
+    tmp_path: Path,
+) -> None:
+    """attrs_only_lost cannot tell this mount's own in-flight copy-in-place from another
+    writer's version.  When the copy changes the ETag (S3 CopyObject of a multipart object
+    or an SSE-KMS one; SeaweedFS), a listing that HEADs it while the copy's answer is in
+    flight drops the pending *second* chmod: node.attrs are reset to the first, meta_dirty
+    cleared, nothing uploads it; a conflict is counted though no other writer exists."""
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store, metadata_ttl=0)
+    await write_file(fs, ROOT_INO, b"f", b"data")
+    node = await fs.lookup(ROOT_INO, b"f")
+    await fs.readdir(ROOT_INO)
+    real = store.copy
+    gate, parked = trio.Event(), trio.Event()
+
+    async def copy(src, dst, metadata, *, if_match=None, size=None):  # type: ignore[no-untyped-def]
+        await real(src, dst, metadata, if_match=if_match, size=size)
+        data, md, _ = store.objects[dst]
+        store.objects[dst] = (data, md, '"new-etag-of-the-copy"')  # as a multipart source
+        if not parked.is_set():
+            parked.set()
+            await gate.wait()
+        return '"new-etag-of-the-copy"'
+
+    store.copy = copy  # type: ignore[method-assign]
+    await fs.setattr(node.ino, mode=0o600)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            n.start_soon(fs.sync_node, node)
+            await parked.wait()
+            await fs.setattr(node.ino, mode=0o640)  # chmod again, meanwhile
+            await fs.readdir(ROOT_INO)  # any ls meanwhile
+            gate.set()
+    store.copy = real  # type: ignore[method-assign]
+    assert await fs.flush_all() == []
+    assert node.attrs.mode & 0o777 == 0o640
+    assert fs.conflicts == 0
+    check = await make_fs(tmp_path / "c", store)
+    assert (await check.lookup(ROOT_INO, b"f")).attrs.mode & 0o777 == 0o640
+
+
+@pytest.mark.allow_error_logs
+async def test_a_version_adopted_during_the_header_get_is_no_integrity_failure(
+    tmp_path: Path,
+) -> None:
+    """Finding 4's fix checks node.remote_etag after the body's GET only; Fetcher.cipher()
+    does a GET of its own (the header, for a first read past chunk 0) and then opens it with
+    the data key the node holds *then*: a version adopted during that GET still reads as an
+    integrity failure."""
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store, metadata_ttl=0)
+    await write_file(fs, ROOT_INO, b"f", b"version 1 " * 2000)
+    node = await fs.lookup(ROOT_INO, b"f")
+    fs.cache.clear()
+    node.cipher = None  # (as after a remount)
+    other = await make_fs(tmp_path / "b", store)
+    real = store.get
+    gate, parked = trio.Event(), trio.Event()
+
+    async def get(key, start=None, end=None, if_match=None):  # type: ignore[no-untyped-def]
+        got = await real(key, start, end, if_match=if_match)
+        if start == 0 and end == HEADER_SIZE and not parked.is_set():
+            parked.set()
+            await gate.wait()
+        return got
+
+    store.get = get  # type: ignore[method-assign]
+    h = await fs.open(node.ino, os.O_RDONLY)
+    result: list[object] = []
+
+    async def reader() -> None:
+        try:
+            result.append(await fs.read(h.fh, 3 * 4096, 10))
+        except CryptfsError as e:
+            result.append(e)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            n.start_soon(reader)
+            await parked.wait()
+            theirs = await other.lookup(ROOT_INO, b"f")
+            hh = await other.open(theirs.ino, os.O_RDWR)
+            await other.write(hh.fh, 0, b"VERSION 2 ")
+            await other.release(hh.fh)
+            await other.sync_node(theirs)
+            await fs.readdir(ROOT_INO)  # adopts version 2
+            gate.set()
+    store.get = real  # type: ignore[method-assign]
+    assert fs.integrity_failures == 0, fs.integrity_log
+
+
+@pytest.mark.allow_error_logs
+async def test_a_rename_onto_an_open_target_removed_elsewhere_succeeds(
+    tmp_path: Path,
+) -> None:
+    """``tail -f g`` here, another host ``rm g``, then ``mv tmp g`` here: keeping g's
+    content fails (NotFound), _Raced(g), look_again(g) sees no object but g is open so it
+    stays, and the loop meets the same NotFound ten times: EIO ("the target of a rename
+    kept changing") for as long as the reader keeps g open within the metadata TTL."""
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store, metadata_ttl=3600)
+    await write_file(fs, ROOT_INO, b"g", b"old g")
+    await write_file(fs, ROOT_INO, b"tmp", b"new g")
+    g = await fs.lookup(ROOT_INO, b"g")
+    await fs.lookup(ROOT_INO, b"tmp")
+    reader = await fs.open(g.ino, os.O_RDONLY)
+    other = await make_fs(tmp_path / "b", store)
+    await other.unlink(ROOT_INO, b"g")
+    await fs.rename(ROOT_INO, b"tmp", ROOT_INO, b"g", 0)
+    check = await make_fs(tmp_path / "c", store)
+    assert await read_file(check, (await check.lookup(ROOT_INO, b"g")).ino) == b"new g"
+    await fs.release(reader.fh)
+
+
+@pytest.mark.allow_error_logs
+async def test_a_rename_of_a_chmodded_file_removed_elsewhere_is_enoent(
+    tmp_path: Path,
+) -> None:
+    """``chmod 600 f`` here (pending), another host ``rm f``, ``mv f g`` here: the copy
+    404s, _Raced(f), look_again(f) no longer removes a dirty node (revalidate: 'its upload
+    decides'), so the rename retries the same copy ten times and says EIO, where ENOENT
+    (as before, and as for a clean file) is the answer: the chmod alone is lost anyway
+    (Uploader.attrs_lost)."""
+    from cryptfs.errors import NoEntry
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store, metadata_ttl=3600)
+    await write_file(fs, ROOT_INO, b"f", b"data")
+    node = await fs.lookup(ROOT_INO, b"f")
+    await fs.setattr(node.ino, mode=0o600)
+    other = await make_fs(tmp_path / "b", store)
+    await other.unlink(ROOT_INO, b"f")
+    n0 = store.objects.copy()
+    with pytest.raises(NoEntry):
+        await fs.rename(ROOT_INO, b"f", ROOT_INO, b"g", 0)
+    assert store.objects.keys() == n0.keys()
+
+
+@pytest.mark.allow_error_logs
+async def test_folder_placeholders_do_not_hide_an_implicit_directory(tmp_path: Path) -> None:
+    """Remote.implicit_dir looks at 8 keys and ignores those ending in '/': 8 folder
+    placeholders sorted before the first object hide a marker-less directory that holds
+    files (a directory whose marker was lost, or another tool's, with empty folders)."""
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store)
+    d = await fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    await write_file(fs, d.ino, b"f", b"kept")
+    prefix = fs.dir_prefix(d)
+    del store.objects[fs.object_key(d)[0]]  # (its marker gone: implicit from now on)
+    for i in range(8):
+        await store.put(prefix + "-" * 5 + str(i) + "/", b"", {})  # (sorts before any name)
+    fresh = await make_fs(tmp_path / "b", store)
+    assert [n for n, _ in await fresh.readdir(ROOT_INO)] == [b"d"]
