@@ -3,8 +3,10 @@
     mount -t cryptfs s3://bucket/prefix /mnt -o keyfile=/etc/cryptfs/k,endpoint=URL,_netdev
     s3://bucket/prefix  /mnt  cryptfs  keyfile=/etc/cryptfs/k,_netdev,nofail  0 0   (fstab)
 
-Options named in ``_OURS`` become cryptfs flags; fstab/systemd bookkeeping options are
-dropped; everything else goes to FUSE (``-o``).  The helper returns once the mount answers
+Options named as a setting of a mount (``cryptfs.config.OPTIONS``: ``key_file=…``,
+``metadata_ttl=…``, a bare ``show_s3ec``…, and the aliases ``keyfile``, ``endpoint``,
+``kms_endpoint``) become cryptfs flags; fstab/systemd bookkeeping options are dropped;
+everything else goes to FUSE (``-o``).  The helper returns once the mount answers
 (the daemon keeps running).  umount(8) runs ``umount.fuse.cryptfs MOUNTPOINT`` for our
 mounts, which waits until every pending upload is in S3, like ``cryptfs umount``.
 """
@@ -14,26 +16,19 @@ from __future__ import annotations
 import sys
 
 from cryptfs import cli
+from cryptfs.config import OPTIONS, takes
 
-# mount option -> cryptfs flag (aliases for fstab brevity)
+_NOT_OPTIONS = {"location", "mountpoint", "options", "verbose"}
+# mount option -> cryptfs flag: every setting of a mount (the option table), and aliases for
+# fstab brevity
 _OURS = {
-    "keyfile": "--key-file",
-    "key_file": "--key-file",
-    "passphrase_file": "--passphrase-file",
-    "config": "--config",
-    "endpoint": "--endpoint-url",
-    "endpoint_url": "--endpoint-url",
-    "region": "--region",
-    "ca_bundle": "--ca-bundle",
-    "kms_endpoint": "--kms-endpoint-url",
-    "kms_endpoint_url": "--kms-endpoint-url",
-    "sse_c_key_file": "--sse-c-key-file",
-    "cache_dir": "--cache-dir",
-    "log_file": "--log-file",
-    "writeback_delay": "--writeback-delay",
-    "metadata_ttl": "--metadata-ttl",
-    "metrics_address": "--metrics-address",
+    o.name: o.flag
+    for o in OPTIONS
+    if takes("mount", o) and o.name not in _NOT_OPTIONS and o.kind is not bool
 }
+_OURS |= {"keyfile": "--key-file", "endpoint": "--endpoint-url", "config": "--config",
+          "kms_endpoint": "--kms-endpoint-url"}  # fmt: skip
+_SWITCHES = {o.name: o.flag for o in OPTIONS if takes("mount", o) and o.kind is bool}
 _DROPPED = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "rw", "nouser"}
 _DROPPED_PREFIX = ("x-systemd.", "x-", "comment=")
 
@@ -45,7 +40,9 @@ def translate(source: str, target: str, options: str) -> list[str]:
         if not opt or opt in _DROPPED or opt.startswith(_DROPPED_PREFIX):
             continue
         name, eq, value = opt.partition("=")
-        if name in _OURS:
+        if name in _SWITCHES and not eq:
+            argv.append(_SWITCHES[name])
+        elif name in _OURS:
             if not eq or not value:
                 raise SystemExit(f"mount.cryptfs: option {name} needs a value")
             argv += [_OURS[name], value]

@@ -46,6 +46,10 @@ def test_mount_options_translate() -> None:
     ]  # fmt: skip
     with pytest.raises(SystemExit, match="keyfile needs a value"):
         translate("s3://b/p", "/mnt", "keyfile")
+    # every setting of the option table is a mount option too (a switch: a bare word)
+    argv = translate("s3://b/p", "/mnt", "cache_size=0,show_s3ec,read_ahead_kb=128,noatime")
+    assert argv[3:] == ["--cache-size", "0", "--show-s3ec", "--read-ahead-kb", "128",
+                        "-o", "noatime"]  # fmt: skip
 
 
 @pytest.mark.allow_error_logs
