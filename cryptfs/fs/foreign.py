@@ -30,7 +30,7 @@ from cryptfs.format.s3ec import S3ecObject
 from cryptfs.fs.model import Node, Options, join
 from cryptfs.fs.namespace import Namespace
 from cryptfs.fs.paths import Paths
-from cryptfs.fs.remote import Remote
+from cryptfs.fs.remote import PAGE, Remote
 from cryptfs.store.base import ObjectInfo, ObjectStore
 from cryptfs.volume import MARKER, Volume
 
@@ -185,7 +185,7 @@ class Foreign:
 
     async def prefix(self, prefix: str) -> bool:
         """Does ``prefix`` (whose name is not one of ours) hold S3 Encryption Client objects?"""
-        listing = await self.store.list(prefix, delimiter=None, max_keys=8)
+        listing = await self.store.list(prefix, delimiter=None, max_keys=PAGE)
         keys = [o.key for o in listing.objects]
         # (a folder placeholder, "X/" or one below, is no object: never the one looked at)
         first = next(

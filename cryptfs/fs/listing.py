@@ -194,6 +194,16 @@ class Listing:
                 name = self.vol.names.decode(self.dpath, comp, info.metadata.get("cfs-n"))
             existing = old.get(name)
             if existing is not None and existing.is_dir != (etag is None):
+                if (
+                    etag is None
+                    and not existing.unlinked
+                    and (existing.dirty or self.tree.in_rename(existing))
+                ):
+                    # a file changed here and not uploaded yet (or being renamed) keeps its
+                    # name from a directory made elsewhere, or a marker replayed: its upload
+                    # decides, and the file wins the name (merge_dirs) until then
+                    new[name] = existing
+                    return
                 existing = None  # (a file and a directory of one name: merge_dirs decides)
             node = self.adopt(d, name, info, existing)
             (self.from_prefix if etag is None and node.is_dir else new)[name] = node
@@ -284,7 +294,11 @@ class Listing:
         for name, node in old.items():
             if node.parent is not d or node.name != name or self.tree.in_rename(node):
                 continue  # renamed by this mount while the LIST was in flight: not gone
-            if name not in new and not node.unlinked:
+            if name in new and new[name] is not node and not node.unlinked and not node.dirty:
+                # its name is another entry's now (a directory where this file was, which
+                # merge_dirs let in as the file is gone from S3): gone, and the kernel told
+                self.tree.gone_elsewhere(node)
+            elif name not in new and not node.unlinked:
                 if (
                     # changed here and not uploaded: its upload decides (If-Match on a
                     # removed object: our version is kept as a conflict copy)

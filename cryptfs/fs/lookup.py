@@ -236,8 +236,10 @@ class Lookup:
         assert parent is not None
         if self.tree.in_rename(node):
             return  # its objects are being moved by this mount: what S3 shows is ours
-        if node.unlinked:  # (its name is another node's now, or nobody's: nothing to ask)
-            raise NoEntry("file was removed")
+        if node.unlinked:
+            # its name is another node's now, or nobody's: nothing to ask S3, and an open
+            # file's fstat gets the attributes it had (as a file removed here keeps them)
+            return
         if parent.children is not None and parent.listed_at >= 0:
             # one LIST revalidates every unchanged entry of the directory (by ETag): an
             # rsync or find over many files costs a LIST per directory, not a HEAD per file

@@ -14,6 +14,8 @@ import trio
 from cryptfs.errors import NotFound
 from cryptfs.store.base import Listing, ObjectInfo, ObjectStore
 
+PAGE = 1000  # keys in one LIST answer (S3's most)
+
 
 class Remote:
     def __init__(self, store: ObjectStore, concurrency: int) -> None:
@@ -40,5 +42,6 @@ class Remote:
         resurrect removed or renamed directories.  A folder placeholder, ``X/`` or one below
         it, is no object: one of them made a directory of any name, a file's too.)
         """
-        listing = await self.list(prefix, delimiter=None, max_keys=1000)
-        return any(not o.key.endswith("/") for o in listing.objects)
+        listing = await self.list(prefix, delimiter=None, max_keys=PAGE)
+        # (a full page of placeholders: what follows is not known; shown rather than hidden)
+        return len(listing.objects) >= PAGE or any(not o.key.endswith("/") for o in listing.objects)

@@ -1,6 +1,6 @@
-"""Issue 18, from the attacker's and concurrency reviewer's reads of the fix (helper reviews of
-57edf90..539d62f and of 6a494a3, the fix of the first): each test failed on the code before
-its fix.  Memory store, driven
+"""Issue 18, from the attacker's and concurrency reviewer's reads of the fix (helper reviews
+of 57edf90..539d62f, of 6a494a3 (the fix of the first) and of 2305cf2 (the fix of the
+second)): each test failed on the code before its fix.  Memory store, driven
 deterministically; no test here needs S3 or a mount."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from cryptfs.crypto import Secret
-from cryptfs.errors import CryptfsError, StoreError
+from cryptfs.errors import CryptfsError, NotEmpty, StoreError
 from cryptfs.format.body import HEADER_SIZE
 from cryptfs.format.volume import KeySource
 from cryptfs.fs.model import ROOT_INO
@@ -524,3 +524,111 @@ async def test_folder_placeholders_do_not_hide_an_implicit_directory(tmp_path: P
         await store.put(prefix + "-" * 5 + str(i) + "/", b"", {})  # (sorts before any name)
     fresh = await make_fs(tmp_path / "b", store)
     assert [n for n, _ in await fresh.readdir(ROOT_INO)] == [b"d"]
+
+
+# ---------------------------------------------------------------- the third review (of 2305cf2)
+@pytest.mark.allow_error_logs
+async def test_a_marker_never_hides_a_file_not_uploaded_yet(tmp_path: Path) -> None:
+    """A creates x and is still writing it (staged, not uploaded); B mkdir x (it cannot see
+    A's file), or a bucket writer replays an old marker of a directory x.  A's ls showed the
+    directory, and dropped the file from the listing without a word."""
+    store = MemoryStore()
+    a = await make_fs(tmp_path / "a", store, metadata_ttl=0)
+    b = await make_fs(tmp_path / "b", store, metadata_ttl=0)
+    x, h = await a.create(ROOT_INO, b"x", 0o644, 0, 0)
+    a.looked_up(x)
+    await a.write(h.fh, 0, b"A's acknowledged data")
+    await b.mkdir(ROOT_INO, b"x", 0o755, 0, 0)
+    listed = dict(await a.readdir(ROOT_INO))
+    # the file A is writing is shown (it was, before 2305cf2: adopt kept a dirty existing)
+    assert listed[b"x"] is x, (listed[b"x"].ino, listed[b"x"].is_dir, x.ino, x.unlinked)
+
+
+@pytest.mark.allow_error_logs
+async def test_a_page_of_placeholders_never_lets_rmdir_remove_a_directory(
+    tmp_path: Path,
+) -> None:
+    """Folder placeholders are no entries; one LIST page of nothing else (a bucket writer
+    needs no key to PUT a thousand) made a non-empty directory look empty to rmdir."""
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store)
+    d = await fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    await write_file(fs, d.ino, b"f", b"kept")
+    prefix = fs.dir_prefix(d)
+    for i in range(1000):  # a bucket writer: 1000 empty PUTs, no key needed
+        await store.put(prefix + f"-----{i:04d}/", b"", {})
+    fresh = await make_fs(tmp_path / "b", store)  # d never listed there
+    with pytest.raises(NotEmpty):
+        await fresh.rmdir(ROOT_INO, b"d")
+
+
+@pytest.mark.allow_error_logs
+async def test_a_page_of_placeholders_does_not_hide_an_implicit_directory(tmp_path: Path) -> None:
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store)
+    d = await fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    await write_file(fs, d.ino, b"f", b"kept")
+    prefix = fs.dir_prefix(d)
+    del store.objects[fs.object_key(d)[0]]
+    for i in range(1000):
+        await store.put(prefix + f"-----{i:04d}/", b"", {})
+    fresh = await make_fs(tmp_path / "b", store)
+    assert [n for n, _ in await fresh.readdir(ROOT_INO)] == [b"d"]
+
+
+@pytest.mark.allow_error_logs
+async def test_fstat_of_an_open_file_removed_elsewhere_answers(tmp_path: Path) -> None:
+    """tail -f g here; another host rm g; a rename here over g (content not kept: 404):
+    the reader's fstat after the TTL."""
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store, metadata_ttl=3600)
+    await write_file(fs, ROOT_INO, b"g", b"old g")
+    await write_file(fs, ROOT_INO, b"tmp", b"new g")
+    g = await fs.lookup(ROOT_INO, b"g")
+    await fs.lookup(ROOT_INO, b"tmp")
+    reader = await fs.open(g.ino, os.O_RDONLY)
+    other = await make_fs(tmp_path / "b", store)
+    await other.unlink(ROOT_INO, b"g")
+    await fs.rename(ROOT_INO, b"tmp", ROOT_INO, b"g", 0)
+    g.refreshed_at = -1e18
+    st = await fs.getattr(g.ino)  # (was ENOENT)
+    assert st.ino == g.ino
+    await fs.release(reader.fh)
+
+
+@pytest.mark.allow_error_logs
+async def test_mv_after_a_directory_was_made_of_its_name_moves_the_file(tmp_path: Path) -> None:
+    store = MemoryStore()
+    a = await make_fs(tmp_path / "a", store, metadata_ttl=0)
+    b = await make_fs(tmp_path / "b", store, metadata_ttl=0)
+    x, h = await a.create(ROOT_INO, b"x", 0o644, 0, 0)
+    a.looked_up(x)
+    await a.write(h.fh, 0, b"A's acknowledged data")
+    await b.mkdir(ROOT_INO, b"x", 0o755, 0, 0)
+    await a.readdir(ROOT_INO)
+    got = await a.lookup(ROOT_INO, b"x")
+    assert got is x  # the file being written, not the directory made of its name elsewhere
+    await a.release(h.fh)
+    await a.rename(ROOT_INO, b"x", ROOT_INO, b"y", 0)  # the writer's "mv x y"
+    assert await a.flush_all() == []
+    check = await make_fs(tmp_path / "c", store)
+    listed = {n: c.is_dir for n, c in await check.readdir(ROOT_INO)}
+    # before 2305cf2: {x: dir (B's), y: file (A's)}; now A's mv moved B's directory
+    assert listed == {b"x": True, b"y": False}, listed
+
+
+@pytest.mark.allow_error_logs
+async def test_a_rename_of_an_open_source_removed_elsewhere_is_enoent(tmp_path: Path) -> None:
+    """less f here (open, clean); another host rm f; mv f g here: ENOENT expected."""
+    from cryptfs.errors import NoEntry
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store, metadata_ttl=3600)
+    await write_file(fs, ROOT_INO, b"f", b"data")
+    f = await fs.lookup(ROOT_INO, b"f")
+    reader = await fs.open(f.ino, os.O_RDONLY)
+    other = await make_fs(tmp_path / "b", store)
+    await other.unlink(ROOT_INO, b"f")
+    with pytest.raises(NoEntry):
+        await fs.rename(ROOT_INO, b"f", ROOT_INO, b"g", 0)
+    await fs.release(reader.fh)
