@@ -774,7 +774,11 @@ def main() -> int:
     )
     import cryptfs
 
-    rv = subprocess.run(["rclone", "version"], capture_output=True, text=True).stdout.split("\n")[0]
+    rv = (
+        subprocess.run(["rclone", "version"], capture_output=True, text=True).stdout.split("\n")[0]
+        if rclone
+        else ""
+    )  # (with --no-rclone, rclone need not be installed: the report failed at its very end)
     meta = (
         f"cryptfs {cryptfs.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
         f"({(time.time() - started) / 60:.0f} min), "
