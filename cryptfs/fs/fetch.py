@@ -388,14 +388,16 @@ class Fetcher:
         authentication drops the cached version: S3 is asked again, nothing is reported."""
         blocks = self.blocks
         assert blocks is not None
-        fid, salt = node.file_id, node.attrs.salt
+        fid, salt, etag = node.file_id, node.attrs.salt, node.remote_etag
         known = self.known_cipher(node)
 
         def load() -> tuple[bytes | None, dict[int, bytes]]:
             return blocks.get(fid, salt, first, last, header=known is None)
 
         header, sealed = await trio.to_thread.run_sync(load)
-        if not sealed:
+        if not sealed or node.remote_etag != etag or node.attrs.salt != salt:
+            # (another version adopted during the load: these chunks are not the one the
+            # node holds, whose header must not judge them; S3 is asked for that one)
             return list(range(first, last + 1))
         try:
             cipher = known or await self.cipher(node, header)
