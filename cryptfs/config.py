@@ -68,6 +68,13 @@ OPTIONS: list[Opt] = [
     Opt(
         "sse_c_key_file", Path, None, "SSE-C customer key file (volumes made with --sse c)", VOLUME
     ),
+    Opt(
+        "addressing_style",
+        str,
+        "auto",
+        "how requests name the bucket: path, virtual (bucket.host) or auto (virtual on AWS)",
+        VOLUME,
+    ),
     Opt("s3_attempts", int, 5, "attempts per S3 request (exponential backoff with jitter)", VOLUME),
     Opt(
         "s3_timeout", float, 60.0, "seconds to wait for an S3 answer (connect: at most 10)", VOLUME

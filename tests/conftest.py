@@ -26,6 +26,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--fsx-seed", default=None, help="replay the fsx-style test with a seed")
 
 
+S3_DOMAIN = "s3.cryptfs.test"
+
+
 def free_ports(n: int) -> list[int]:
     socks, ports = [], []
     for _ in range(n):
@@ -106,6 +109,9 @@ def start_seaweed(workdir: Path, tls: tuple[Path, Path] | None = None) -> S3Serv
         "-admin.ui=false",
         "-webdav=false",
         "-master.telemetry=false",
+        # virtual-hosted requests too: {bucket}.s3.cryptfs.test (tests map such names to
+        # 127.0.0.1 in /etc/hosts); path-style ones to 127.0.0.1 are unaffected
+        f"-s3.domainName={S3_DOMAIN}",
     ]
     if tls is not None:
         argv += [f"-s3.cert.file={tls[0]}", f"-s3.key.file={tls[1]}", f"-s3.port.https={p[11]}"]

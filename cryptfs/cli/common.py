@@ -92,6 +92,7 @@ def remote_of(args: Any) -> Any:
             region=args.region,
             verify=verify,
             max_attempts=max(1, args.s3_attempts),
+            addressing_style=args.addressing_style,
             read_timeout=args.s3_timeout,
             connect_timeout=min(10.0, args.s3_timeout),
         ),

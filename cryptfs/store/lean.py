@@ -257,6 +257,39 @@ def _ssl_context(verify: bool | str, ca_bundle: str | None) -> ssl.SSLContext | 
     return ctx
 
 
+STYLES = ("auto", "path", "virtual")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+
+
+def addressing_style(style: str, endpoint_url: str | None, bucket: str) -> str:
+    """How requests name ``bucket``: ``path`` (``host/bucket/key``) or ``virtual``
+    (``bucket.host/key``).  ``auto``, as botocore's: virtual-hosted on AWS endpoints for a
+    bucket name that can be a host name (over https, one without dots: the certificate is a
+    wildcard of one label), path style on a custom endpoint (``endpoint_url``: an
+    S3-compatible server, which may know no bucket host names)."""
+    if style not in STYLES:
+        raise ValueError(f"addressing style must be one of {', '.join(STYLES)}, not {style!r}")
+    if style != "auto":
+        return style
+    if endpoint_url is not None:
+        host = (urlsplit(endpoint_url).hostname or "").lower()
+        if not (host == "amazonaws.com" or host.endswith(".amazonaws.com")):
+            return "path"
+        https = urlsplit(endpoint_url).scheme == "https"
+    else:
+        https = True
+    return "virtual" if _dns_bucket(bucket, https) else "path"
+
+
+def _dns_bucket(bucket: str, https: bool) -> bool:
+    if not 3 <= len(bucket) <= 63 or (https and "." in bucket):
+        return False
+    labels = bucket.split(".")
+    if all(label.isdigit() for label in labels):  # (an IP address)
+        return False
+    return all(_DNS_LABEL.match(label) for label in labels)
+
+
 class LeanS3:
     """Object requests, signed here, sent with aiohttp.  Loop-thread only."""
 
@@ -271,10 +304,14 @@ class LeanS3:
         read_timeout: float,
         attempts: int,
         verify: bool | str,
+        style: str = "path",
     ) -> None:
         self._botocore = session
         u = urlsplit(endpoint_url)
+        self._scheme, self._netloc = u.scheme, u.netloc
         self._origin = f"{u.scheme}://{u.netloc}"
+        self.style = style  # "path" or "virtual" (``addressing_style``)
+        self._proxies: dict[str, str | None] = {}
         self._path_base = quote(u.path.rstrip("/"), safe="/~")
         self.host = u.netloc.lower()
         if (u.scheme, u.port) in (("https", 443), ("http", 80)):
@@ -299,6 +336,7 @@ class LeanS3:
             trust_env=False,
         )
         self._proxy = _env_proxy(self._origin)
+        self._proxies = {self._origin: self._proxy}
 
     async def aclose(self) -> None:
         if self._http is not None:
@@ -318,19 +356,28 @@ class LeanS3:
     ) -> Answer:
         """One S3 object request, retried while the failure is transient."""
         assert self._http is not None
-        path = f"{self._path_base}/{bucket}" + (f"/{quote(key, safe='/~')}" if key else "")
         qs = canonical_query(query) if query else ""
-        url = URL(self._origin + path + (f"?{qs}" if qs else ""), encoded=True)
+        origin, host, path = self._origin, self.host, self._path_base
+        if self.style == "virtual":  # bucket.host/key, signed for the Host actually sent
+            origin = f"{self._scheme}://{bucket}.{self._netloc}"
+            host = f"{bucket}.{self.host}"
+            path += "/" + quote(key, safe="/~")
+        else:
+            path += f"/{bucket}" + (f"/{quote(key, safe='/~')}" if key else "")
+        url = URL(origin + path + (f"?{qs}" if qs else ""), encoded=True)
+        if origin not in self._proxies:
+            self._proxies[origin] = _env_proxy(origin)
+        proxy = self._proxies[origin]
         attempt = 0
         while True:
             attempt += 1
             try:
                 creds = await self._credentials()
                 now = datetime.datetime.now(datetime.UTC)
-                signed = self.signer.sign(method, self.host, path, headers, creds, now, qs)
+                signed = self.signer.sign(method, host, path, headers, creds, now, qs)
                 payload = None if body is None else _Body(body)
                 async with self._http.request(
-                    method, url, headers=signed, data=payload, proxy=self._proxy
+                    method, url, headers=signed, data=payload, proxy=proxy
                 ) as r:
                     data = await r.read()
                     status, got = r.status, r.headers

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -56,6 +57,7 @@ from cryptfs.store.base import Listing, ObjectInfo
 from cryptfs.store.bridge import AsyncioBridge, open_bridge
 from cryptfs.store.lean import (
     LeanS3,
+    addressing_style,
     copy_etag,
     http_date,
     parse_list_page,
@@ -98,6 +100,7 @@ class S3Options:
     read_timeout: float = 60.0
     max_attempts: int = 5
     verify: bool | str = True  # False, True or a CA bundle path
+    addressing_style: str = "auto"  # "path", "virtual" or "auto" (store/lean.py)
 
 
 _SSE_HEADER = {"s3": "AES256", "kms": "aws:kms"}
@@ -619,7 +622,7 @@ class S3Store:
         pass
 
 
-def make_config(opts: S3Options) -> AioConfig:
+def make_config(opts: S3Options, style: str = "path") -> AioConfig:
     return AioConfig(
         max_pool_connections=opts.max_concurrency,
         connect_timeout=opts.connect_timeout,
@@ -627,7 +630,7 @@ def make_config(opts: S3Options) -> AioConfig:
         retries={"mode": "standard", "total_max_attempts": opts.max_attempts},
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
-        s3={"addressing_style": "path", "payload_signing_enabled": False},
+        s3={"addressing_style": style, "payload_signing_enabled": False},
     )
 
 
@@ -641,9 +644,17 @@ async def open_s3_store(loc: S3Location, opts: S3Options) -> AsyncIterator[S3Sto
     async with open_bridge() as bridge:
         stack = AsyncExitStack()
 
+        # the endpoint botocore will use: --endpoint-url (AWS_ENDPOINT_URL is folded into it by
+        # the command line), else AWS_ENDPOINT_URL_S3; else AWS's own
+        endpoint = opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or None
+        try:
+            style = addressing_style(opts.addressing_style, endpoint, loc.bucket)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
         def client_kw(o: S3Options) -> dict[str, Any]:
             session = get_session()
-            kw: dict[str, Any] = {"config": make_config(o), "verify": o.verify}
+            kw: dict[str, Any] = {"config": make_config(o, style), "verify": o.verify}
             if o.endpoint_url:
                 kw["endpoint_url"] = o.endpoint_url
             kw["region_name"] = o.region or session.get_config_variable("region") or "us-east-1"
@@ -662,6 +673,7 @@ async def open_s3_store(loc: S3Location, opts: S3Options) -> AsyncIterator[S3Sto
                 read_timeout=opts.read_timeout,
                 attempts=opts.max_attempts,
                 verify=opts.verify,
+                style=style,
             )
             await lean.open()
             stack.push_async_callback(lean.aclose)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,65 @@ async def test_filesystem_over_s3_large_file_multipart(
             got += chunk
         assert bytes(got) == data
         assert await fs2.read(h2.fh, 7_000_000, 4096) == data[7_000_000:7_004_096]
+
+
+@pytest.fixture
+def virtual_host(bucket: str) -> Iterator[str]:
+    """``{bucket}.s3.cryptfs.test`` resolves to 127.0.0.1 (an /etc/hosts line, removed after);
+    the bare ``s3.cryptfs.test`` does not, so a path-style request to it cannot succeed."""
+    from tests.conftest import S3_DOMAIN
+
+    hosts = Path("/etc/hosts")
+    before = hosts.read_text()
+    line = f"127.0.0.1 {bucket}.{S3_DOMAIN}  # cryptfs test\n"
+    hosts.write_text(before + ("" if before.endswith("\n") else "\n") + line)
+    try:
+        yield S3_DOMAIN
+    finally:
+        hosts.write_text(before)
+
+
+async def test_virtual_hosted_requests_end_to_end(
+    s3server: S3Server, bucket: str, virtual_host: str, tmp_path: Path
+) -> None:
+    """``--addressing-style virtual`` against SeaweedFS with its S3 domain name set: every
+    request (the lean object calls, signed here, and botocore's control calls) names the
+    bucket in the Host it is signed for; a file system works over it."""
+    import socket
+
+    port = s3server.endpoint.rsplit(":", 1)[1]
+    endpoint = f"http://{virtual_host}:{port}"
+    with pytest.raises(OSError):
+        socket.getaddrinfo(virtual_host, int(port))  # (no path-style request can get through)
+    loc = S3Location.parse(f"s3://{bucket}/v")
+    opts = S3Options(endpoint_url=endpoint, addressing_style="virtual")
+    async with open_s3_store(loc, opts) as s:
+        etag = await s.put("a/b", b"0123456789", {"cfs": "1"}, if_none_match=True)
+        info, data = await s.get("a/b", 2, 5)
+        assert data == b"234" and info.metadata == {"cfs": "1"}
+        await s.copy("a/b", "a/c", {"cfs": "2"}, if_match=etag)
+        assert (await s.head("a/c")).metadata == {"cfs": "2"}
+        assert [o.key for o in (await s.list("a/")).objects] == ["a/b", "a/c"]
+        uid = await s.create_multipart("mp", {"cfs": "1"})
+        part = await s.upload_part("mp", uid, 1, b"x" * 10)
+        await s.complete_multipart("mp", uid, [part])
+        assert (await s.head("mp")).size == 10
+        await s.delete_many(["a/b", "a/c", "mp"])
+        assert (await s.list("")).objects == []
+        src = KeySource(keyfile=Secret(b"k" * 32))
+        vol = await Volume.create(s, src, chunk_log2=12)
+        fs = Filesystem(vol, StagingArea(tmp_path / "s", vol.keys.cache, vol.chunk), Options())
+        await fs.ensure_root()
+        node, h = await fs.create(ROOT_INO, b"f", 0o644, 0, 0)
+        await fs.write(h.fh, 0, b"virtual" * 1000)
+        await fs.release(h.fh)
+        assert await fs.flush_all() == []
+        fs.cache.clear()
+        h = await fs.open(node.ino, os.O_RDONLY)
+        assert await fs.read(h.fh, 0, 7000) == b"virtual" * 1000
+        await fs.release(h.fh)
+        vol.keyring.close()
+    # auto, on a custom endpoint: path style (botocore's rule), which this name cannot serve
+    with pytest.raises(StoreUnavailable):
+        async with open_s3_store(loc, S3Options(endpoint_url=endpoint, max_attempts=1)):
+            pass

@@ -129,3 +129,34 @@ def test_list_page_and_copy_answer_parsing() -> None:
         b"2026-12-01T17:46:54.000Z</LastModified><ETag>&#34;abc&#34;</ETag></CopyObjectResult>"
     )
     assert copy_etag(copied) == '"abc"'
+
+
+def test_addressing_style_auto_is_botocores() -> None:
+    """``auto``: virtual-hosted on AWS for a bucket that can be a host name (not over https
+    with a dot: the certificate covers one label), path style on a custom endpoint."""
+    from cryptfs.store.lean import addressing_style
+
+    aws = "https://s3.eu-west-3.amazonaws.com"
+    assert addressing_style("auto", None, "my-bucket") == "virtual"
+    assert addressing_style("auto", aws, "my-bucket") == "virtual"
+    assert addressing_style("auto", aws, "my.bucket") == "path"
+    assert addressing_style("auto", "http://s3.amazonaws.com", "my.bucket") == "virtual"
+    for bad in ("My-Bucket", "ab", "a" * 64, "192.168.1.2", "-x-", "a..b", "a_b"):
+        assert addressing_style("auto", aws, bad) == "path", bad
+    assert addressing_style("auto", "http://127.0.0.1:8333", "my-bucket") == "path"
+    assert addressing_style("auto", "https://minio.example", "my-bucket") == "path"
+    assert addressing_style("virtual", "http://127.0.0.1:8333", "b") == "virtual"
+    assert addressing_style("path", None, "my-bucket") == "path"
+    with pytest.raises(ValueError, match="addressing style"):
+        addressing_style("dns", None, "b")
+
+
+def test_a_virtual_hosted_request_is_signed_for_the_host_it_goes_to() -> None:
+    """Virtual-hosted: the bucket is in the Host (signed), not in the path; botocore signs
+    the same request the same way."""
+    creds = Credentials("AKIDEXAMPLE", "secret")
+    host, path = "my-bucket.s3.eu-west-3.amazonaws.com", "/vol/Zm9v"
+    headers = {"Range": "bytes=0-9"}
+    ours = SigV4("eu-west-3").sign("GET", host, path, headers, creds.get_frozen_credentials(), NOW)
+    theirs = botocore_authorization("GET", f"https://{host}{path}", headers, creds, "eu-west-3")
+    assert ours["Authorization"] == theirs and ours["Host"] == host
