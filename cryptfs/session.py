@@ -20,7 +20,8 @@ from cryptfs.crypto import Secret
 from cryptfs.errors import AccessDenied, SseMismatch, UsageError
 from cryptfs.format.volume import KeySource
 from cryptfs.store.kms import KmsClient, KmsOptions, open_kms
-from cryptfs.store.s3 import S3Location, S3Options, S3Store, Sse, open_s3_store
+from cryptfs.store.s3 import S3Location, S3Options, S3Store, open_s3_store
+from cryptfs.store.sse import Sse
 from cryptfs.volume import Volume
 
 log = logging.getLogger(__name__)

@@ -484,3 +484,76 @@ def _error_of(status: int, body: bytes) -> tuple[str, str]:
         code.group(1).decode("utf-8", "replace") if code else str(status),
         message.group(1).decode("utf-8", "replace") if message else "",
     )
+
+
+def _root(body: bytes) -> tuple[ElementTree.Element, str]:
+    # the S3 server's own answer; expat (Python >= 3.11) refuses entity expansion attacks
+    root = ElementTree.fromstring(body)  # noqa: S314
+    return root, (root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else "")
+
+
+def xml_text(body: bytes, tag: str) -> str:
+    """The text of the first ``tag`` of an S3 answer (CreateMultipartUpload's UploadId,
+    CompleteMultipartUpload's ETag); an answer without one is an S3 error."""
+    try:
+        root, ns = _root(body)
+    except ElementTree.ParseError:
+        root, ns = None, ""
+    value = root.findtext(f".//{ns}{tag}") if root is not None else None
+    if not value:
+        raise ClientError({"Error": {"Code": "InvalidAnswer", "Message": f"no {tag}"}}, tag)
+    return value
+
+
+@dataclass(frozen=True)
+class UploadsPage:
+    """One page of ListMultipartUploads: (key, upload id, initiated) per upload."""
+
+    uploads: list[tuple[str, str, float]]
+    next: tuple[str, str] | None  # (key marker, upload id marker); None: the last page
+
+
+def parse_uploads_page(body: bytes) -> UploadsPage:
+    """A ListMultipartUploads answer asked with ``encoding-type=url``."""
+    root, ns = _root(body)
+    encoded = root.findtext(f"{ns}EncodingType") == "url"
+
+    def name(v: str | None) -> str:
+        return unquote_plus(v or "") if encoded else (v or "")
+
+    uploads = [
+        (
+            name(u.findtext(f"{ns}Key")),
+            u.findtext(f"{ns}UploadId") or "",
+            iso_date(u.findtext(f"{ns}Initiated") or ""),
+        )
+        for u in root.iter(f"{ns}Upload")
+    ]
+    if (root.findtext(f"{ns}IsTruncated") or "").lower() != "true":
+        return UploadsPage(uploads, None)
+    marker = (name(root.findtext(f"{ns}NextKeyMarker")), root.findtext(f"{ns}NextUploadIdMarker"))
+    return UploadsPage(uploads, (marker[0], marker[1] or ""))
+
+
+def delete_body(keys: list[str]) -> bytes:
+    """DeleteObjects' request, quiet (only failures are answered)."""
+    objects = "".join(f"<Object><Key>{html.escape(k)}</Key></Object>" for k in keys)
+    return f"<Delete><Quiet>true</Quiet>{objects}</Delete>".encode()
+
+
+def content_md5(body: bytes) -> str:
+    """DeleteObjects must carry one (an integrity check of the request, not security)."""
+    return base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
+
+
+def parse_delete_errors(body: bytes) -> list[tuple[str, str, str]]:
+    """(key, code, message) of each key a DeleteObjects answer says it could not delete."""
+    root, ns = _root(body)
+    return [
+        (
+            e.findtext(f"{ns}Key") or "",
+            e.findtext(f"{ns}Code") or "",
+            e.findtext(f"{ns}Message") or "",
+        )
+        for e in root.iter(f"{ns}Error")
+    ]

@@ -1,23 +1,26 @@
-"""``ObjectStore`` on S3, running on the bridge's asyncio loop thread: object requests through
-the lean path (``store.lean``), multipart bookkeeping, UploadPartCopy and the bucket probe
-through aiobotocore.
+"""``ObjectStore`` on S3, running on the bridge's asyncio loop thread: every request of the
+store through one transport (``store.lean``: signed here, one retry policy, one builder of
+SSE headers, ``Sse``); aiobotocore for what it does best and only that: the credential
+chain, the endpoint and region it resolves, and the bucket probe at open (one HeadBucket
+with botocore's own short retry policy, so a dead endpoint is reported in seconds).
 
-Owns: the aiobotocore client, request concurrency, and the one place where S3 errors (of both
-paths) are classified into ``cryptfs.errors``.
+Owns: the aiobotocore client, request concurrency, and the one place where S3 errors are
+classified into ``cryptfs.errors``.
 Must not import: fs, fuse, format.
 
 Resource handling:
     ``open_s3_store()`` creates the client on the loop thread and closes it there.  Response
     bodies are read and closed inside the submitted coroutine; only bytes and dicts cross.
 Error handling:
-    botocore retries transient errors itself (standard mode, bounded attempts, with connect
-    and read timeouts so no call blocks forever), the lean path likewise with the same policy;
+    The transport retries transient errors (full-jitter exponential backoff, bounded
+    attempts, connect and read timeouts so no call blocks forever: botocore's standard mode);
     whatever is left is mapped by ``_classify``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import html
 import logging
 import os
 import time
@@ -40,7 +43,6 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from cryptfs.crypto import Secret
 from cryptfs.errors import (
     AccessDenied,
     BucketNotFound,
@@ -58,11 +60,16 @@ from cryptfs.store.bridge import AsyncioBridge, open_bridge
 from cryptfs.store.lean import (
     LeanS3,
     addressing_style,
+    content_md5,
     copy_etag,
+    delete_body,
     http_date,
+    parse_delete_errors,
     parse_list_page,
-    sse_customer_headers,
+    parse_uploads_page,
+    xml_text,
 )
+from cryptfs.store.sse import Sse
 from cryptfs.tasks import open_tasks
 
 log = logging.getLogger(__name__)
@@ -101,89 +108,6 @@ class S3Options:
     max_attempts: int = 5
     verify: bool | str = True  # False, True or a CA bundle path
     addressing_style: str = "auto"  # "path", "virtual" or "auto" (store/lean.py)
-
-
-_SSE_HEADER = {"s3": "AES256", "kms": "aws:kms"}
-
-
-@dataclass(frozen=True, repr=False)
-class Sse:
-    """Server-side encryption applied to every object call (on top of client-side).
-
-    ``s3``: SSE-S3 (AES256); ``kms``: SSE-KMS with ``kms_key_id`` (else the bucket's default
-    AWS managed key); ``c``: SSE-C with ``customer_key``, sent on every PUT, GET, HEAD, COPY
-    and multipart call.  Responses to reads are checked: an object stored without the
-    required encryption is an ``SseMismatch``, never silently accepted.
-    """
-
-    mode: str
-    kms_key_id: str | None = None
-    customer_key: Secret | None = None
-
-    def __repr__(self) -> str:
-        return f"<Sse {self.mode}{' ' + self.kms_key_id if self.kms_key_id else ''}>"
-
-    def _customer(self, prefix: str = "") -> dict[str, Any]:
-        assert self.customer_key is not None
-        # botocore base64-encodes the key and adds its MD5 header itself
-        return {
-            f"{prefix}SSECustomerAlgorithm": "AES256",
-            f"{prefix}SSECustomerKey": self.customer_key.reveal(),
-        }
-
-    def create_kw(self) -> dict[str, Any]:
-        """For PutObject, CreateMultipartUpload and the destination of CopyObject."""
-        if self.mode == "c":
-            return self._customer()
-        kw: dict[str, Any] = {"ServerSideEncryption": _SSE_HEADER[self.mode]}
-        if self.mode == "kms" and self.kms_key_id:
-            kw["SSEKMSKeyId"] = self.kms_key_id
-        return kw
-
-    def access_kw(self) -> dict[str, Any]:
-        """For GetObject, HeadObject, UploadPart and CompleteMultipartUpload."""
-        return self._customer() if self.mode == "c" else {}
-
-    def copy_source_kw(self) -> dict[str, Any]:
-        return self._customer("CopySource") if self.mode == "c" else {}
-
-    def _customer_headers(self, prefix: str = "") -> dict[str, str]:
-        if self.mode != "c":
-            return {}
-        assert self.customer_key is not None
-        return sse_customer_headers(self.customer_key.reveal(), prefix)
-
-    def copy_source_headers(self) -> dict[str, str]:
-        """``copy_source_kw`` as HTTP headers."""
-        return self._customer_headers("copy-source-")
-
-    def create_headers(self) -> dict[str, str]:
-        """``create_kw`` as HTTP headers, for the lean path (``store.lean``)."""
-        if self.mode == "c":
-            return self.access_headers()
-        h = {"x-amz-server-side-encryption": _SSE_HEADER[self.mode]}
-        if self.mode == "kms" and self.kms_key_id:
-            h["x-amz-server-side-encryption-aws-kms-key-id"] = self.kms_key_id
-        return h
-
-    def access_headers(self) -> dict[str, str]:
-        """``access_kw`` as HTTP headers."""
-        return self._customer_headers()
-
-    def check(self, resp: Mapping[str, Any], what: str) -> None:
-        if self.mode == "c":
-            ok = resp.get("SSECustomerAlgorithm") == "AES256"
-        else:
-            ok = resp.get("ServerSideEncryption") == _SSE_HEADER[self.mode]
-            if ok and self.mode == "kms" and self.kms_key_id and resp.get("SSEKMSKeyId"):
-                got = str(resp["SSEKMSKeyId"])
-                ok = got == self.kms_key_id or got.endswith(self.kms_key_id.split(":")[-1])
-        if not ok:
-            raise SseMismatch(
-                f"{what}: stored without the volume's required server-side encryption "
-                f"(SSE-{self.mode.upper()})",
-                object_keys=(what,),
-            )
 
 
 def _classify(exc: Exception, what: str, keys: tuple[str, ...]) -> StoreError:
@@ -275,12 +199,6 @@ class S3Store:
             )
         self.sse = sse
 
-    def _create_kw(self) -> dict[str, Any]:
-        return self.sse.create_kw() if self.sse else {}
-
-    def _access_kw(self) -> dict[str, Any]:
-        return self.sse.access_kw() if self.sse else {}
-
     def _check(self, resp: Mapping[str, Any], what: str) -> None:
         if self.sse is not None:
             self.sse.check(resp, what)
@@ -369,13 +287,6 @@ class S3Store:
 
         return await self._call("get", key, op)  # type: ignore[no-any-return]
 
-    @staticmethod
-    def _cond(kw: dict[str, Any], if_match: str | None, if_none_match: bool) -> None:
-        if if_match is not None:
-            kw["IfMatch"] = if_match
-        if if_none_match:
-            kw["IfNoneMatch"] = "*"
-
     async def put(
         self,
         key: str,
@@ -400,14 +311,11 @@ class S3Store:
 
     async def create_multipart(self, key: str, metadata: Mapping[str, str]) -> str:
         async def op() -> str:
-            r = await self._client.create_multipart_upload(
-                Bucket=self.loc.bucket,
-                Key=self._k(key),
-                Metadata=dict(metadata),
-                ContentType="application/octet-stream",
-                **self._create_kw(),
-            )
-            return str(r["UploadId"])
+            a = await self._lean.request(
+                "POST", self.loc.bucket, self._k(key), self._meta_headers(metadata), None,
+                {"uploads": ""},
+            )  # fmt: skip
+            return xml_text(a.body, "UploadId")
 
         return await self._call("create_multipart", key, op)  # type: ignore[no-any-return]
 
@@ -438,25 +346,29 @@ class S3Store:
         if_none_match: bool = False,
     ) -> str:
         async def op() -> str:
-            kw: dict[str, Any] = {
-                "Bucket": self.loc.bucket,
-                "Key": self._k(key),
-                "UploadId": upload_id,
-                "MultipartUpload": {
-                    "Parts": [{"PartNumber": i + 1, "ETag": e} for i, e in enumerate(etags)]
-                },
-                **self._access_kw(),
-            }
-            self._cond(kw, if_match, if_none_match)
-            r = await self._client.complete_multipart_upload(**kw)
-            return str(r["ETag"])
+            parts = "".join(
+                f"<Part><PartNumber>{i + 1}</PartNumber><ETag>{html.escape(e)}</ETag></Part>"
+                for i, e in enumerate(etags)
+            )
+            body = f"<CompleteMultipartUpload>{parts}</CompleteMultipartUpload>".encode()
+            hdr = self._sse_headers(False)
+            if if_match is not None:
+                hdr["If-Match"] = if_match
+            if if_none_match:
+                hdr["If-None-Match"] = "*"
+            # (it can fail after its 200 status line, as CopyObject: the error is the body)
+            a = await self._lean.request(
+                "POST", self.loc.bucket, self._k(key), hdr, body, {"uploadId": upload_id},
+                error_in_200=True,
+            )  # fmt: skip
+            return xml_text(a.body, "ETag")
 
         return await self._call("complete_multipart", key, op)  # type: ignore[no-any-return]
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
         async def op() -> None:
-            await self._client.abort_multipart_upload(
-                Bucket=self.loc.bucket, Key=self._k(key), UploadId=upload_id
+            await self._lean.request(
+                "DELETE", self.loc.bucket, self._k(key), {}, None, {"uploadId": upload_id}
             )
 
         await self._call("abort_multipart", key, op)
@@ -466,17 +378,14 @@ class S3Store:
 
         async def op() -> list[tuple[str, str, float]]:
             out: list[tuple[str, str, float]] = []
-            kw: dict[str, Any] = {"Bucket": self.loc.bucket, "Prefix": self._k(prefix)}
+            q = {"uploads": "", "prefix": self._k(prefix), "encoding-type": "url"}
             while True:
-                r = await self._client.list_multipart_uploads(**kw)
-                for u in r.get("Uploads", []):
-                    started = u.get("Initiated")
-                    when = started.timestamp() if started is not None else 0.0
-                    out.append((u["Key"][plen:], u["UploadId"], when))
-                if not r.get("IsTruncated"):
+                a = await self._lean.request("GET", self.loc.bucket, "", {}, None, q)
+                page = parse_uploads_page(a.body)
+                out += [(k[plen:], uid, when) for k, uid, when in page.uploads]
+                if page.next is None:
                     return out
-                kw["KeyMarker"] = r.get("NextKeyMarker", "")
-                kw["UploadIdMarker"] = r.get("NextUploadIdMarker", "")
+                q["key-marker"], q["upload-id-marker"] = page.next
 
         what = f"uploads under {prefix or '/'}"
         return await self._call("list_uploads", what, op, keys=(prefix,))  # type: ignore[no-any-return]
@@ -520,21 +429,18 @@ class S3Store:
 
             async def part(i: int, a: int, b: int) -> None:
                 async def op() -> str:
-                    kw: dict[str, Any] = {
-                        "Bucket": self.loc.bucket,
-                        "Key": self._k(dst),
-                        "UploadId": upload_id,
-                        "PartNumber": i + 1,
-                        "CopySource": {"Bucket": self.loc.bucket, "Key": self._k(src)},
-                        "CopySourceRange": f"bytes={a}-{b - 1}",
-                        **self._access_kw(),
-                    }
+                    hdr = self._sse_headers(False)
+                    hdr["x-amz-copy-source"] = quote(f"{self.loc.bucket}/{self._k(src)}", safe="/~")
+                    hdr["x-amz-copy-source-range"] = f"bytes={a}-{b - 1}"
                     if self.sse is not None:
-                        kw.update(self.sse.copy_source_kw())
+                        hdr.update(self.sse.copy_source_headers())
                     if if_match is not None:
-                        kw["CopySourceIfMatch"] = if_match
-                    r = await self._client.upload_part_copy(**kw)
-                    return str(r["CopyPartResult"]["ETag"])
+                        hdr["x-amz-copy-source-if-match"] = if_match
+                    r = await self._lean.request(
+                        "PUT", self.loc.bucket, self._k(dst), hdr, None,
+                        {"partNumber": str(i + 1), "uploadId": upload_id}, error_in_200=True,
+                    )  # fmt: skip
+                    return copy_etag(r.body)
 
                 etags[i] = await self._call(
                     "upload_part_copy", f"{src} -> {dst} part {i + 1}", op, keys=(src, dst)
@@ -562,17 +468,16 @@ class S3Store:
         """DeleteObjects, 1000 keys a request (quiet: only failures are answered)."""
 
         async def op(batch: Sequence[str]) -> None:
-            r = await self._client.delete_objects(
-                Bucket=self.loc.bucket,
-                Delete={"Objects": [{"Key": self._k(k)} for k in batch], "Quiet": True},
-            )
-            errors = [e for e in r.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+            body = delete_body([self._k(k) for k in batch])
+            hdr = {"Content-MD5": content_md5(body), "Content-Type": "application/xml"}
+            a = await self._lean.request("POST", self.loc.bucket, "", hdr, body, {"delete": ""})
+            errors = [e for e in parse_delete_errors(a.body) if e[1] != "NoSuchKey"]
             if errors:
-                e = errors[0]
+                key, code, message = errors[0]
                 raise StoreError(
-                    f"{e.get('Key', '?')}: {e.get('Code', '?')}: {e.get('Message', '')}"
+                    f"{key}: {code}: {message}"
                     + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""),
-                    object_keys=(str(e.get("Key", "")),),
+                    object_keys=(key,),
                 )
 
         # S3 takes at most 1000 keys a request; a server deletes one request's keys one

@@ -21,7 +21,8 @@ from cryptfs.fs.filesystem import Filesystem
 from cryptfs.fs.model import ROOT_INO, Options
 from cryptfs.session import Remote, open_remote, open_volume, sse_from_config
 from cryptfs.store.kms import KmsOptions
-from cryptfs.store.s3 import S3Location, S3Options, Sse, open_s3_store
+from cryptfs.store.s3 import S3Location, S3Options, open_s3_store
+from cryptfs.store.sse import Sse
 from cryptfs.volume import Volume
 from tests.conftest import KmsServer, S3Server, botocore_client, make_self_signed
 from tests.fsutil import read_file, write_file

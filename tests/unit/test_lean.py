@@ -160,3 +160,40 @@ def test_a_virtual_hosted_request_is_signed_for_the_host_it_goes_to() -> None:
     ours = SigV4("eu-west-3").sign("GET", host, path, headers, creds.get_frozen_credentials(), NOW)
     theirs = botocore_authorization("GET", f"https://{host}{path}", headers, creds, "eu-west-3")
     assert ours["Authorization"] == theirs and ours["Host"] == host
+
+
+def test_multipart_and_delete_answers_parsing() -> None:
+    """The control calls moved off botocore (issue 19): their answers, and requests."""
+    from cryptfs.store.lean import (
+        content_md5,
+        delete_body,
+        parse_delete_errors,
+        parse_uploads_page,
+        xml_text,
+    )
+
+    ns = 'xmlns="http://s3.amazonaws.com/doc/2006-03-01/"'
+    started = f"<InitiateMultipartUploadResult {ns}><Bucket>b</Bucket><UploadId>u/+="
+    assert xml_text((started + "</UploadId></InitiateMultipartUploadResult>").encode(),
+                    "UploadId") == "u/+="  # fmt: skip
+    assert xml_text(b"<CompleteMultipartUploadResult><ETag>&quot;ab-2&quot;</ETag>"
+                    b"</CompleteMultipartUploadResult>", "ETag") == '"ab-2"'  # fmt: skip
+    with pytest.raises(Exception, match="InvalidAnswer"):
+        xml_text(b"<x/>", "UploadId")
+    page = parse_uploads_page(
+        f"<ListMultipartUploadsResult {ns}><EncodingType>url</EncodingType>"
+        "<IsTruncated>true</IsTruncated><NextKeyMarker>p%2Fk</NextKeyMarker>"
+        "<NextUploadIdMarker>u2</NextUploadIdMarker><Upload><Key>p/a%20b</Key>"
+        "<UploadId>u1</UploadId><Initiated>2026-12-01T17:46:54.000Z</Initiated></Upload>"
+        "</ListMultipartUploadsResult>".encode()
+    )
+    assert page.uploads == [("p/a b", "u1", NOW.timestamp())] and page.next == ("p/k", "u2")
+    body = delete_body(["a&b", "c<d"])
+    assert body == (b"<Delete><Quiet>true</Quiet><Object><Key>a&amp;b</Key></Object>"
+                    b"<Object><Key>c&lt;d</Key></Object></Delete>")  # fmt: skip
+    assert content_md5(b"") == "1B2M2Y8AsgTpgAmY7PhCfg=="
+    errs = parse_delete_errors(
+        f"<DeleteResult {ns}><Error><Key>k</Key><Code>AccessDenied</Code>"
+        "<Message>no</Message></Error></DeleteResult>".encode()
+    )
+    assert errs == [("k", "AccessDenied", "no")]
