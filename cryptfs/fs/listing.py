@@ -233,6 +233,17 @@ class Listing:
         new = self.new
         for name, node in self.from_prefix.items():
             cur = new.get(name)
+            mine = self.old.get(name)
+            if (
+                cur is None
+                and mine is not None
+                and not mine.is_dir
+                and not mine.unlinked
+                and (mine.dirty or self.tree.in_rename(mine))
+            ):
+                # a file changed here and not uploaded yet keeps its name (its upload
+                # decides): not in the LIST, it is in no entry yet
+                cur = new[name] = mine
             if cur is None or cur is node:
                 new[name] = node
                 continue

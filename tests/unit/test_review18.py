@@ -632,3 +632,26 @@ async def test_a_rename_of_an_open_source_removed_elsewhere_is_enoent(tmp_path: 
     with pytest.raises(NoEntry):
         await fs.rename(ROOT_INO, b"f", ROOT_INO, b"g", 0)
     await fs.release(reader.fh)
+
+
+@pytest.mark.allow_error_logs
+async def test_a_prefix_without_a_marker_never_hides_a_file_not_uploaded_yet(
+    tmp_path: Path,
+) -> None:
+    """The same as a marker, for a marker-less prefix a bucket writer makes at the name of a
+    file this mount is writing (``<file key>/x``, one empty object): the listing showed the
+    directory and the file, staged, left its directory's entries without a word."""
+    store = MemoryStore()
+    a = await make_fs(tmp_path / "a", store, metadata_ttl=0)
+    x, h = await a.create(ROOT_INO, b"x", 0o644, 0, 0)
+    a.looked_up(x)
+    await a.write(h.fh, 0, b"A's acknowledged data")
+    fkey, _ = a.object_key(x)
+    await store.put(fkey + "/x", b"", {})
+    listed = dict(await a.readdir(ROOT_INO))
+    assert listed[b"x"] is x
+    await a.release(h.fh)
+    assert await a.flush_all() == []
+    check = await make_fs(tmp_path / "c", store)
+    got = dict(await check.readdir(ROOT_INO))[b"x"]
+    assert not got.is_dir and await read_file(check, got.ino) == b"A's acknowledged data"
