@@ -112,6 +112,10 @@ def start_seaweed(workdir: Path, tls: tuple[Path, Path] | None = None) -> S3Serv
         # virtual-hosted requests too: {bucket}.s3.cryptfs.test (tests map such names to
         # 127.0.0.1 in /etc/hosts); path-style ones to 127.0.0.1 are unaffected
         f"-s3.domainName={S3_DOMAIN}",
+        # every bucket is a collection of its own, which takes several volumes: the default
+        # bound (free disk / 128 MB) ran out on a machine with 57 GB free ("no writable
+        # volumes"); volumes are sparse files, so a high bound costs no disk
+        "-volume.max=2000",
     ]
     if tls is not None:
         argv += [f"-s3.cert.file={tls[0]}", f"-s3.key.file={tls[1]}", f"-s3.port.https={p[11]}"]

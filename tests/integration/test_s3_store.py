@@ -183,7 +183,7 @@ async def test_virtual_hosted_requests_end_to_end(
         await s.delete_many(["a/b", "a/c", "mp"])
         assert (await s.list("")).objects == []
         src = KeySource(keyfile=Secret(b"k" * 32))
-        vol = await Volume.create(s, src, chunk_log2=12)
+        vol = await Volume.create(s, src, chunk_log2=12, encrypt_names=True)
         fs = Filesystem(vol, StagingArea(tmp_path / "s", vol.keys.cache, vol.chunk), Options())
         await fs.ensure_root()
         node, h = await fs.create(ROOT_INO, b"f", 0o644, 0, 0)
