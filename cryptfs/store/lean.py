@@ -487,19 +487,22 @@ def _error_of(status: int, body: bytes) -> tuple[str, str]:
 
 
 def _root(body: bytes) -> tuple[ElementTree.Element, str]:
-    # the S3 server's own answer; expat (Python >= 3.11) refuses entity expansion attacks
-    root = ElementTree.fromstring(body)  # noqa: S314
+    """An S3 answer's XML; one that is not XML is an S3 error (never a parser's exception)."""
+    try:
+        # the S3 server's own answer; expat (Python >= 3.11) refuses entity expansion attacks
+        root = ElementTree.fromstring(body)  # noqa: S314
+    except ElementTree.ParseError:
+        raise ClientError(
+            {"Error": {"Code": "InvalidAnswer", "Message": "not XML"}}, "answer"
+        ) from None
     return root, (root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else "")
 
 
 def xml_text(body: bytes, tag: str) -> str:
     """The text of the first ``tag`` of an S3 answer (CreateMultipartUpload's UploadId,
     CompleteMultipartUpload's ETag); an answer without one is an S3 error."""
-    try:
-        root, ns = _root(body)
-    except ElementTree.ParseError:
-        root, ns = None, ""
-    value = root.findtext(f".//{ns}{tag}") if root is not None else None
+    root, ns = _root(body)
+    value = root.findtext(f".//{ns}{tag}")
     if not value:
         raise ClientError({"Error": {"Code": "InvalidAnswer", "Message": f"no {tag}"}}, tag)
     return value

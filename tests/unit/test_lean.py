@@ -197,3 +197,6 @@ def test_multipart_and_delete_answers_parsing() -> None:
         "<Message>no</Message></Error></DeleteResult>".encode()
     )
     assert errs == [("k", "AccessDenied", "no")]
+    for junk in (b"", b"<html>502 Bad Gateway"):  # (an answer that is not XML: an S3 error)
+        with pytest.raises(Exception, match="InvalidAnswer"):
+            parse_delete_errors(junk)
