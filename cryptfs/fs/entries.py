@@ -31,7 +31,7 @@ from cryptfs.fs.lookup import Lookup
 from cryptfs.fs.model import SYMLINK_MAX, Node, Options, named, now_ns
 from cryptfs.fs.namespace import Namespace
 from cryptfs.fs.paths import Paths
-from cryptfs.fs.remote import PAGE, Remote
+from cryptfs.fs.remote import Remote
 from cryptfs.fs.staged import Staged
 from cryptfs.fs.upload import Uploader
 from cryptfs.volume import MARKER, Volume
@@ -219,14 +219,7 @@ class Entries:
         if d.children and any(not c.unlinked for c in d.children.values()):
             raise NotEmpty("directory not empty")
         prefix = self.paths.dir_prefix(d)
-        # two keys: any but the marker is enough (listing the whole subtree made rmdir of a
-        # big tree's root cost a LIST of the tree). No delimiter: SeaweedFS shows the prefix
-        # of a directory whose objects are all gone as a common prefix
-        # (three: the directory's folder placeholder, "X/", is no entry either)
-        listing = await self.remote.list(prefix, delimiter=None, max_keys=PAGE)
-        if any(o.key != prefix + MARKER and not o.key.endswith("/") for o in listing.objects):
+        # one page of keys, not the whole subtree (listing it made rmdir of a big tree's root
+        # cost a LIST of the tree): any object but the marker is enough
+        if await self.remote.has_objects(prefix, but=(prefix + MARKER,)):
             raise NotEmpty("directory not empty")
-        if len(listing.objects) >= PAGE:
-            # a page of placeholders and nothing else (a bucket writer can make a thousand):
-            # what follows is not known, so it is not taken as empty (fails safe: ENOTEMPTY)
-            raise NotEmpty("directory not empty (a page of folder placeholders)")

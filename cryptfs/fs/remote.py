@@ -42,6 +42,15 @@ class Remote:
         resurrect removed or renamed directories.  A folder placeholder, ``X/`` or one below
         it, is no object: one of them made a directory of any name, a file's too.)
         """
+        return await self.has_objects(prefix)
+
+    async def has_objects(self, prefix: str, but: tuple[str, ...] = ()) -> bool:
+        """Do objects live below ``prefix`` (other than ``but``)?  One LIST page, without a
+        delimiter (SeaweedFS shows the prefix of a folder whose objects are all gone as a
+        common prefix).  Folder placeholders (keys ending in ``/``) are no objects; a full
+        page of nothing else counts as objects, since what follows is not known (a bucket
+        writer can make a thousand: the answer fails safe, a directory shown, not empty)."""
         listing = await self.list(prefix, delimiter=None, max_keys=PAGE)
-        # (a full page of placeholders: what follows is not known; shown rather than hidden)
-        return len(listing.objects) >= PAGE or any(not o.key.endswith("/") for o in listing.objects)
+        return len(listing.objects) >= PAGE or any(
+            not o.key.endswith("/") and o.key not in but for o in listing.objects
+        )
