@@ -111,13 +111,7 @@ class Lookup:
             return False
         if node.attrs_sending:  # our own copy in flight: its answer decides (attrs_lost)
             return False
-        self.tree.conflicts += 1
-        log.warning(
-            "conflict: %s was changed by another writer; this host's change of its attributes"
-            " (mode, owner, times) is dropped",
-            self.paths.ident(node),
-        )
-        node.meta_dirty = False
+        self.tree.attrs_dropped(node, "changed")
         return True
 
     def check_size(self, info: ObjectInfo, attrs: Attrs) -> None:
@@ -254,8 +248,7 @@ class Lookup:
         if info is None:
             if node.open_count == 0 and node.stage is None and not node.is_dir:
                 if node.meta_dirty:  # (theirs stands, as Uploader.attrs_lost decides)
-                    node.meta_dirty = False
-                    self.tree.conflicts += 1
+                    self.tree.attrs_dropped(node, "removed")
                 self.tree.gone_elsewhere(node)
                 raise NoEntry("file was removed by another writer")
             return

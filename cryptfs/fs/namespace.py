@@ -215,6 +215,18 @@ class Namespace:
         text = why if isinstance(why, str) else self.paths.scrub(why)
         log.error("integrity failure: %s: %s", who, text)
 
+    def attrs_dropped(self, node: Node, how: str) -> None:
+        """Another writer ``how`` ("changed", "removed") ``node``'s object while this mount
+        had a change of its attributes only to write: theirs stands (counted, warned)."""
+        self.conflicts += 1
+        log.warning(
+            "conflict: %s was %s by another writer; this host's change of its attributes"
+            " (mode, owner, times) is dropped",
+            self.paths.ident(node),
+            how,
+        )
+        node.meta_dirty = False
+
     def tell_kernel_changed(self, node: Node) -> None:
         if self.kernel is not None:
             self.kernel.attrs_changed(node.ino)

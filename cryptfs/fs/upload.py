@@ -400,14 +400,7 @@ class Uploader:
         """Another writer changed or removed ``node``'s object while this mount had a change
         of its attributes only to write: theirs stands (no data of ours is lost: an upload of
         data makes a conflict copy instead).  Retrying, as before, looped forever."""
-        self.tree.conflicts += 1
-        log.warning(
-            "conflict: %s was %s by another writer; this host's change of its attributes"
-            " (mode, owner, times) is dropped",
-            self.paths.ident(node),
-            "removed" if info is None else "changed",
-        )
-        node.meta_dirty = False
+        self.tree.attrs_dropped(node, "removed" if info is None else "changed")
         parent = node.parent
         if info is None:
             if node.is_dir:
