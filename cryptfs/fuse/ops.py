@@ -84,44 +84,42 @@ class Operations(pyfuse3.Operations):
 
     async def _guard(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
         """``fn()``, timed as FUSE operation ``what`` (``cryptfs.metrics``), its errors
-        answered as errno."""
+        answered as errno (and logged: without names, see ``cryptfs.lognames``).  One
+        frame: every FUSE request passes here."""
         start = time.monotonic()
         try:
-            return await self._answer(what, fn)
+            try:
+                return await fn()
+            except pyfuse3.FUSEError:
+                raise
+            except E.CryptfsError as e:
+                code = errno_of(e)
+                if isinstance(e, _QUIET):  # (ENOENT is frequent: no scrub unless logged)
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug("%s: %s", what, self.fs.scrub(e))
+                elif isinstance(e, E.PreconditionFailed):
+                    # another host replaced the object while this operation used it (and again
+                    # when it looked again): a race lost, nothing lost; EIO, a warning
+                    log.warning(
+                        "%s: changed by another writer meanwhile: %s", what, self.fs.scrub(e)
+                    )
+                elif code == errno.EIO:
+                    log.error("%s failed: %s", what, self.fs.scrub(e))
+                else:
+                    log.info("%s: %s", what, self.fs.scrub(e))
+                raise pyfuse3.FUSEError(code) from None
+            except OSError as e:
+                log.error("%s failed: %s", what, self.fs.scrub(e))
+                raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+            except Exception as e:
+                log.error(
+                    "unexpected error in %s\n%s",
+                    what,
+                    lognames.traceback_text(e, self.fs.vol.names.opaque),
+                )
+                raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
             FUSE_SECONDS.labels(what).observe(time.monotonic() - start)
-
-    async def _answer(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
-        """``fn()``, its errors answered as errno (and logged: without names, see
-        ``cryptfs.lognames``)."""
-        try:
-            return await fn()
-        except pyfuse3.FUSEError:
-            raise
-        except E.CryptfsError as e:
-            code = errno_of(e)
-            if isinstance(e, _QUIET):  # (ENOENT is frequent: no scrub unless logged)
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("%s: %s", what, self.fs.scrub(e))
-            elif isinstance(e, E.PreconditionFailed):
-                # another host replaced the object while this operation used it (and again
-                # when it looked again): a race lost, nothing lost; EIO, a warning
-                log.warning("%s: changed by another writer meanwhile: %s", what, self.fs.scrub(e))
-            elif code == errno.EIO:
-                log.error("%s failed: %s", what, self.fs.scrub(e))
-            else:
-                log.info("%s: %s", what, self.fs.scrub(e))
-            raise pyfuse3.FUSEError(code) from None
-        except OSError as e:
-            log.error("%s failed: %s", what, self.fs.scrub(e))
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-        except Exception as e:
-            log.error(
-                "unexpected error in %s\n%s",
-                what,
-                lognames.traceback_text(e, self.fs.vol.names.opaque),
-            )
-            raise pyfuse3.FUSEError(errno.EIO) from None
 
     # KernelCache: another writer's change found, the kernel's copy (Stat.ttl) is stale
 
