@@ -43,6 +43,15 @@ def _unit_end(i: int, unit: int) -> int:
     return (i // unit + 1) * unit - 1
 
 
+def _still(node: Node, etag: str | None) -> None:
+    """``node`` still holds version ``etag`` after an await.  Else another version was
+    adopted meanwhile (a listing, our own upload): bytes fetched are the version asked for,
+    not the one the node holds, whose header and data key must not judge them (that told a
+    false integrity failure); the caller's read goes again, from the new version."""
+    if node.remote_etag != etag:
+        raise PreconditionFailed("another version of the file arrived during the read")
+
+
 class Fetcher:
     def __init__(
         self,
@@ -100,11 +109,9 @@ class Fetcher:
         etag = node.remote_etag
         if header is None:
             _info, header = await self.store.get(key, 0, HEADER_SIZE, if_match=etag)
-        if node.remote_etag != etag:  # (another version adopted during the GET: as fetch_run)
-            raise PreconditionFailed("another version of the file arrived during the read")
+        _still(node, etag)  # (another version adopted during the GET: as fetch_run)
         dek = await self.dek(node)
-        if node.remote_etag != etag:  # (... or during the unwrap, a KMS round trip)
-            raise PreconditionFailed("another version of the file arrived during the read")
+        _still(node, etag)  # (... or during the unwrap, a KMS round trip)
         try:
             cipher = BodyCipher.open(dek, header)
             if cipher.header.file_id != node.file_id or cipher.header.salt != node.attrs.salt:
@@ -256,11 +263,7 @@ class Fetcher:
             header, data = data[:HEADER_SIZE], data[HEADER_SIZE:]
         else:
             _info, data = await self.store.get(key, start, lo + ln, if_match=etag)
-        if node.remote_etag != etag:
-            # another version adopted while the GET was in flight (a listing, our own
-            # upload): these bytes are the version asked for, not the one the node holds,
-            # whose header and data key must not judge them (an integrity failure was told)
-            raise PreconditionFailed("another version of the file arrived during the read")
+        _still(node, etag)
         cipher = await self.cipher(node, header)
         if len(data) != lo + ln - start:
             self.tree.integrity(key, "short read", node)
