@@ -194,11 +194,7 @@ class Listing:
                 name = self.vol.names.decode(self.dpath, comp, info.metadata.get("cfs-n"))
             existing = old.get(name)
             if existing is not None and existing.is_dir != (etag is None):
-                if (
-                    etag is None
-                    and not existing.unlinked
-                    and (existing.dirty or self.tree.in_rename(existing))
-                ):
+                if etag is None and self.kept_here(existing):
                     # a file changed here and not uploaded yet (or being renamed) keeps its
                     # name from a directory made elsewhere, or a marker replayed: its upload
                     # decides, and the file wins the name (merge_dirs) until then
@@ -226,6 +222,11 @@ class Listing:
             log.warning("entry %s of %s skipped: %s", self.paths.key_ident(key),
                         self.paths.ident(d), self.paths.scrub(e))  # fmt: skip
 
+    def kept_here(self, node: Node) -> bool:
+        """Is ``node`` a file changed here and not uploaded yet (or being renamed), which
+        keeps its name from a directory a LIST shows there (its upload decides)?"""
+        return not node.is_dir and not node.unlinked and (node.dirty or self.tree.in_rename(node))
+
     def merge_dirs(self) -> None:
         """Directories found by their prefix join the entries, unless a file has the same
         name: the authenticated file is shown, never hidden behind a directory a bucket
@@ -234,13 +235,7 @@ class Listing:
         for name, node in self.from_prefix.items():
             cur = new.get(name)
             mine = self.old.get(name)
-            if (
-                cur is None
-                and mine is not None
-                and not mine.is_dir
-                and not mine.unlinked
-                and (mine.dirty or self.tree.in_rename(mine))
-            ):
+            if cur is None and mine is not None and self.kept_here(mine):
                 # a file changed here and not uploaded yet keeps its name (its upload
                 # decides): not in the LIST, it is in no entry yet
                 cur = new[name] = mine
