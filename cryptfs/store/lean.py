@@ -1,27 +1,29 @@
-"""A lean request path for the object calls: HEAD, GET, PUT, UploadPart, CopyObject,
-DeleteObject and ListObjectsV2.
+"""The one request path of the store's S3 calls: HEAD, GET, PUT, CopyObject, DeleteObject,
+DeleteObjects, ListObjectsV2, the multipart calls (create, UploadPart, UploadPartCopy,
+complete, abort, ListMultipartUploads).
 
 Owns: AWS Signature Version 4 for those requests (``SigV4``), their aiohttp session and
-connection pool, and their retries (``LeanS3``).  Runs on the bridge's asyncio loop thread,
+connection pool, their one retry policy (``LeanS3``), the parsers of S3's XML answers, and
+the error an S3 refusal raises (``ErrorAnswer``).  Runs on the bridge's asyncio loop thread,
 inside the coroutines ``store.s3.S3Store`` submits; only ``store.s3`` uses it.
 Must not import: fs, fuse, format.
 
-Why beside aiobotocore rather than through it: botocore spends 1.0–1.3 ms of CPU on every
-request here (event hooks, parameter validation, endpoint rules, user-agent assembly, model-
-driven serialising and parsing, dateutil), against 0.2–0.3 ms for the same signed request
-built directly (docs/PERFORMANCE.md has the measurement).  On two cores shared with the S3
-server that is most of a small file's cost.  Everything else stays with aiobotocore: the
-credential chain (this module asks the same botocore session for credentials on every
-request, so refreshable credentials refresh), multipart create/complete/abort, UploadPartCopy,
-DeleteObjects, the listing of multipart uploads, KMS and the bucket probe at mount.
+Why a signer of our own rather than botocore's request path: botocore spends 1.0–1.3 ms of
+CPU on every request here (event hooks, parameter validation, endpoint rules, user-agent
+assembly, model-driven serialising and parsing, dateutil), against 0.2–0.3 ms for the same
+signed request built directly (docs/PERFORMANCE.md has the measurement).  On two cores shared
+with the S3 server that is most of a small file's cost.  botocore keeps what it does best: the
+credential chain (this module asks the same botocore session for credentials on every request,
+so refreshable credentials refresh), endpoint and region resolution, and the bucket probe at
+mount (``store.s3``); the unit tests check this signer against botocore's.
 
 Error handling:
-    A non-2xx answer becomes a botocore ``ClientError`` carrying the S3 error code and HTTP
-    status, the shape ``store.s3._classify`` already maps; transport errors (connection reset,
+    A non-2xx answer raises ``ErrorAnswer`` (S3's error code, message and HTTP status), which
+    ``store.classify`` maps to ``cryptfs.errors``; transport errors (connection reset,
     timeout, truncated body) and answers S3 documents as transient (500, 502, 503, 504, 429,
     ``SlowDown``, ``RequestTimeout`` …) are retried like botocore's "standard" mode: at most
     ``attempts`` tries in all, exponential backoff with full jitter, capped at 20 s.  What is
-    left is raised unchanged for ``_classify``.
+    left is raised unchanged for ``store.classify``.
 """
 
 from __future__ import annotations
@@ -44,11 +46,25 @@ from xml.etree import ElementTree
 
 import aiohttp
 import aiohttp.payload
-from botocore.exceptions import ClientError, NoCredentialsError
+from botocore.exceptions import NoCredentialsError
 from botocore.httpsession import create_urllib3_context, get_cert_path
 from yarl import URL
 
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+
+
+class ErrorAnswer(Exception):
+    """S3 refused a request: a non-2xx answer, an error body after a 200 status line, or an
+    answer that is not what the request calls for.  ``store.classify`` maps it to a domain
+    error; its text holds no key (the request's URL is not kept)."""
+
+    def __init__(self, status: int, code: str, message: str = "") -> None:
+        super().__init__(f"{code} (HTTP {status})" + (f": {message}" if message else ""))
+        self.status = status
+        self.code = code
+        self.message = message
+
+
 _TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 # botocore's standard retry mode: transient and throttling error codes
 _TRANSIENT_CODES = frozenset(
@@ -394,13 +410,7 @@ class LeanS3:
             if attempt < self.attempts and transient:
                 await self._backoff(attempt)
                 continue
-            raise ClientError(
-                {
-                    "Error": {"Code": code, "Message": message},
-                    "ResponseMetadata": {"HTTPStatusCode": status},
-                },
-                method,
-            )
+            raise ErrorAnswer(status, code, message)
 
     async def _credentials(self) -> FrozenCredentials:
         creds = await self._botocore.get_credentials()
@@ -455,7 +465,7 @@ def copy_etag(body: bytes) -> str:
     """The new object's ETag from a CopyObject answer."""
     m = _ETAG.search(body)
     if m is None:
-        raise ClientError({"Error": {"Code": "InvalidCopyAnswer"}}, "CopyObject")
+        raise ErrorAnswer(200, "InvalidCopyAnswer", "no ETag")
     return html.unescape(m.group(1).decode())
 
 
@@ -492,9 +502,7 @@ def _root(body: bytes) -> tuple[ElementTree.Element, str]:
         # the S3 server's own answer; expat (Python >= 3.11) refuses entity expansion attacks
         root = ElementTree.fromstring(body)  # noqa: S314
     except ElementTree.ParseError:
-        raise ClientError(
-            {"Error": {"Code": "InvalidAnswer", "Message": "not XML"}}, "answer"
-        ) from None
+        raise ErrorAnswer(200, "InvalidAnswer", "not XML") from None
     return root, (root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else "")
 
 
@@ -504,7 +512,7 @@ def xml_text(body: bytes, tag: str) -> str:
     root, ns = _root(body)
     value = root.findtext(f".//{ns}{tag}")
     if not value:
-        raise ClientError({"Error": {"Code": "InvalidAnswer", "Message": f"no {tag}"}}, tag)
+        raise ErrorAnswer(200, "InvalidAnswer", f"no {tag}")
     return value
 
 

@@ -4,8 +4,8 @@ SSE headers, ``Sse``); aiobotocore for what it does best and only that: the cred
 chain, the endpoint and region it resolves, and the bucket probe at open (one HeadBucket
 with botocore's own short retry policy, so a dead endpoint is reported in seconds).
 
-Owns: the aiobotocore client, request concurrency, and the one place where S3 errors are
-classified into ``cryptfs.errors``.
+Owns: the aiobotocore client, request concurrency and the store's counters; every failed
+request goes through ``store.classify``.
 Must not import: fs, fuse, format.
 
 Resource handling:
@@ -14,7 +14,7 @@ Resource handling:
 Error handling:
     The transport retries transient errors (full-jitter exponential backoff, bounded
     attempts, connect and read timeouts so no call blocks forever: botocore's standard mode);
-    whatever is left is mapped by ``_classify``.
+    whatever is left is mapped by ``store.classify``.
 """
 
 from __future__ import annotations
@@ -30,26 +30,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote, urlparse
 
-import aiohttp
 import trio
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    NoCredentialsError,
-    ReadTimeoutError,
-)
 
 from cryptfs.errors import (
-    AccessDenied,
     BucketNotFound,
-    KeyTooLong,
     NotFound,
     PreconditionFailed,
-    SseMismatch,
     StoreError,
     StoreUnavailable,
     UsageError,
@@ -57,6 +45,7 @@ from cryptfs.errors import (
 from cryptfs.metrics import S3_SECONDS
 from cryptfs.store.base import Listing, ObjectInfo
 from cryptfs.store.bridge import AsyncioBridge, open_bridge
+from cryptfs.store.classify import FAILURES, classify
 from cryptfs.store.lean import (
     LeanS3,
     addressing_style,
@@ -73,10 +62,6 @@ from cryptfs.store.sse import Sse
 from cryptfs.tasks import open_tasks
 
 log = logging.getLogger(__name__)
-
-_NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
-_PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
-_DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"}
 
 
 @dataclass(frozen=True)
@@ -108,48 +93,6 @@ class S3Options:
     max_attempts: int = 5
     verify: bool | str = True  # False, True or a CA bundle path
     addressing_style: str = "auto"  # "path", "virtual" or "auto" (store/lean.py)
-
-
-def _classify(exc: Exception, what: str, keys: tuple[str, ...]) -> StoreError:
-    """The domain error of a failed request about ``what``, which holds the object ``keys``
-    (``CryptfsError.object_keys``: a log line may have to cut them out)."""
-    if isinstance(exc, ClientError):
-        err = exc.response.get("Error", {})
-        code = str(err.get("Code", ""))
-        status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-        if code in _NOT_FOUND or (code == "" and status == "404"):
-            return NotFound(what, object_keys=keys)
-        if code in _PRECONDITION or status == "412":
-            return PreconditionFailed(what, object_keys=keys)
-        if code == "NoSuchBucket":
-            return BucketNotFound(f"bucket does not exist ({what})", object_keys=keys)
-        if code in _DENIED or status == "403":
-            return AccessDenied(
-                f"access denied by the S3 server ({code or status}) for {what}", object_keys=keys
-            )
-        msg = str(err.get("Message", ""))
-        if "customer" in msg.lower() and ("key" in msg.lower()):
-            return SseMismatch(
-                f"{what}: {msg} (this volume needs --sse-c-key-file)", object_keys=keys
-            )
-        if code == "KeyTooLongError":
-            return KeyTooLong(what, object_keys=keys)
-        if status.startswith("5") or code in ("SlowDown", "RequestTimeout"):
-            return StoreUnavailable(
-                f"S3 server error {code or status} for {what}", object_keys=keys
-            )
-        return StoreError(f"S3 error {code or status} for {what}", object_keys=keys)
-    if isinstance(exc, NoCredentialsError):
-        return AccessDenied("no S3 credentials found (set AWS_ACCESS_KEY_ID/… or a profile)")
-    # botocore's transport errors quote the request's URL, the object key in it
-    url = getattr(exc, "kwargs", {}).get("endpoint_url")
-    info = getattr(exc, "request_info", None)  # aiohttp's answer errors
-    keys += (str(url),) if url else (str(info.real_url),) if info is not None else ()
-    if isinstance(exc, EndpointConnectionError | ConnectTimeoutError | ReadTimeoutError):
-        return StoreUnavailable(f"S3 endpoint unreachable: {exc}", object_keys=keys)
-    if isinstance(exc, BotoCoreError | OSError | aiohttp.ClientError):
-        return StoreUnavailable(f"S3 request failed: {type(exc).__name__}: {exc}", object_keys=keys)
-    raise exc
 
 
 class S3Store:
@@ -216,8 +159,8 @@ class S3Store:
             start = time.monotonic()
             try:
                 return await self._bridge.run(fn, *args)
-            except (ClientError, BotoCoreError, OSError, aiohttp.ClientError) as e:
-                err = _classify(e, what, (what,) if keys is None else keys)
+            except FAILURES as e:
+                err = classify(e, what, (what,) if keys is None else keys)
                 if not isinstance(err, NotFound | PreconditionFailed):
                     self.errors += 1  # answers that are part of the protocol are not errors
                 raise err from None

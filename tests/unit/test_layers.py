@@ -12,8 +12,8 @@ ALLOWED = {
     "cryptography": {"crypto/__init__.py"},
     "pyfuse3": {"fuse/ops.py"},
     "aiobotocore": {"store/s3.py", "store/kms.py"},
-    "botocore": {"store/s3.py", "store/kms.py", "store/lean.py"},
-    "aiohttp": {"store/s3.py", "store/lean.py"},
+    "botocore": {"store/s3.py", "store/kms.py", "store/lean.py", "store/classify.py"},
+    "aiohttp": {"store/lean.py", "store/classify.py"},
     # the bridge owns the loop thread; the lean S3 path runs on it (its retry backoff sleeps)
     "asyncio": {"store/bridge.py", "store/lean.py"},
     "prometheus_client": {"metrics.py"},

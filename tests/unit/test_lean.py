@@ -12,6 +12,7 @@ from botocore.config import Config
 from botocore.credentials import Credentials
 
 from cryptfs.store.lean import (
+    ErrorAnswer,
     SigV4,
     _error_of,
     canonical_query,
@@ -178,7 +179,7 @@ def test_multipart_and_delete_answers_parsing() -> None:
                     "UploadId") == "u/+="  # fmt: skip
     assert xml_text(b"<CompleteMultipartUploadResult><ETag>&quot;ab-2&quot;</ETag>"
                     b"</CompleteMultipartUploadResult>", "ETag") == '"ab-2"'  # fmt: skip
-    with pytest.raises(Exception, match="InvalidAnswer"):
+    with pytest.raises(ErrorAnswer, match="InvalidAnswer"):
         xml_text(b"<x/>", "UploadId")
     page = parse_uploads_page(
         f"<ListMultipartUploadsResult {ns}><EncodingType>url</EncodingType>"
@@ -198,5 +199,35 @@ def test_multipart_and_delete_answers_parsing() -> None:
     )
     assert errs == [("k", "AccessDenied", "no")]
     for junk in (b"", b"<html>502 Bad Gateway"):  # (an answer that is not XML: an S3 error)
-        with pytest.raises(Exception, match="InvalidAnswer"):
+        with pytest.raises(ErrorAnswer, match="InvalidAnswer"):
             parse_delete_errors(junk)
+
+
+def test_an_s3_refusal_is_classified_by_its_code_and_status() -> None:
+    """The transport's own error type (no botocore type in the object path) maps as S3's
+    codes say; a HEAD answer has no body, so its status alone decides."""
+    from cryptfs.errors import (
+        AccessDenied,
+        KeyTooLong,
+        NotFound,
+        PreconditionFailed,
+        SseMismatch,
+        StoreError,
+        StoreUnavailable,
+    )
+    from cryptfs.store.classify import classify
+
+    def kind(status: int, code: str, message: str = "") -> type:
+        return type(classify(ErrorAnswer(status, code, message), "k", ("k",)))
+
+    assert kind(404, "NoSuchKey") is NotFound and kind(404, "404") is NotFound
+    assert kind(412, "PreconditionFailed") is PreconditionFailed
+    assert kind(409, "ConditionalRequestConflict") is PreconditionFailed
+    assert kind(403, "403") is AccessDenied and kind(403, "SignatureDoesNotMatch") is AccessDenied
+    assert kind(400, "KeyTooLongError") is KeyTooLong
+    assert kind(503, "SlowDown") is StoreUnavailable
+    assert kind(500, "InternalError") is StoreUnavailable
+    assert kind(400, "InvalidRequest", "The customer-provided key is wrong") is SseMismatch
+    assert kind(200, "InvalidAnswer", "not XML") is StoreError
+    with pytest.raises(ErrorAnswer, match="InvalidCopyAnswer"):
+        copy_etag(b"<CopyObjectResult></CopyObjectResult>")

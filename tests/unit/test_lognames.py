@@ -178,11 +178,14 @@ async def test_log_names_shows_paths(
 def test_s3_errors_declare_the_keys_they_quote() -> None:
     from botocore.exceptions import ClientError, EndpointConnectionError
 
-    from cryptfs.store.s3 import _classify
+    from cryptfs.store.classify import classify
+    from cryptfs.store.lean import ErrorAnswer
 
-    answer = {"Error": {"Code": "InternalError"}, "ResponseMetadata": {"HTTPStatusCode": 503}}
-    e = _classify(ClientError(answer, "GET"), "d/report.txt", ("d/report.txt",))
+    e = classify(ErrorAnswer(503, "InternalError"), "d/report.txt", ("d/report.txt",))
     assert "d/report.txt" in str(e) and lognames.scrub(e) == "S3 server error InternalError for …"
+    answer = {"Error": {"Code": "InternalError"}, "ResponseMetadata": {"HTTPStatusCode": 503}}
+    e = classify(ClientError(answer, "HeadBucket"), "d/report.txt", ("d/report.txt",))
+    assert lognames.scrub(e) == "S3 server error InternalError for …"
     url = "http://s3.example:9000/bucket/d/report.txt?uploads"
-    e = _classify(EndpointConnectionError(endpoint_url=url), "d/report.txt", ("d/report.txt",))
+    e = classify(EndpointConnectionError(endpoint_url=url), "d/report.txt", ("d/report.txt",))
     assert url in str(e) and "report" not in lognames.scrub(e)
