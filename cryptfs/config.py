@@ -49,6 +49,20 @@ class Opt:
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """Its flags on a command line (none: a positional argument)."""
+        if self.name in POSITIONAL:
+            return ()
+        return SPECIAL_FLAGS.get(self.name, (self.flag,))
+
+
+# the options that are not a plain --flag VALUE: positional arguments, and flags of their own
+POSITIONAL = frozenset({"location", "mountpoint"})
+SPECIAL_FLAGS = {"options": ("-o",), "verbose": ("-v", "--verbose")}
+# what a mount(8) option (fstab's -o) cannot set: the two places, the -o list itself, -v
+NOT_MOUNT_OPTIONS = POSITIONAL | set(SPECIAL_FLAGS)
+
 
 OPTIONS: list[Opt] = [
     Opt("location", str, None, "the volume, s3://BUCKET[/PREFIX]", VOLUME),
@@ -256,8 +270,8 @@ def takes(command: str, opt: Opt) -> bool:
     return command == "mount"
 
 
-# set by the daemon's own argv, not copied into it
-_NOT_HANDED_ON = {"location", "mountpoint", "cache_dir", "log_file", "verbose", "options"}
+# set by the daemon's own argv (its places, cache and log paths, -o, -v), not copied into it
+_NOT_HANDED_ON = NOT_MOUNT_OPTIONS | {"cache_dir", "log_file"}
 
 
 def daemon_argv(values: dict[str, Any]) -> list[str]:
@@ -295,8 +309,7 @@ def markdown_table() -> str:
     ]
     for o in OPTIONS:
         default = "—" if o.default in (None, []) else f"`{o.default}`"
-        flag = {"location": "positional", "mountpoint": "positional", "options": "`-o`",
-                "verbose": "`-v`"}.get(o.name, f"`{o.flag}`")  # fmt: skip
+        flag = f"`{o.flags[0]}`" if o.flags else "positional"
         rows.append(f"| `{o.name}` | {flag} | `{o.env}` | {default} | {o.help} |")
     return "\n".join(rows) + "\n"
 

@@ -16,15 +16,14 @@ from __future__ import annotations
 import sys
 
 from cryptfs import cli
-from cryptfs.config import OPTIONS, takes
+from cryptfs.config import NOT_MOUNT_OPTIONS, OPTIONS, takes
 
-_NOT_OPTIONS = {"location", "mountpoint", "options", "verbose"}
 # mount option -> cryptfs flag: every setting of a mount (the option table), and aliases for
 # fstab brevity
 _OURS = {
     o.name: o.flag
     for o in OPTIONS
-    if takes("mount", o) and o.name not in _NOT_OPTIONS and o.kind is not bool
+    if takes("mount", o) and o.name not in NOT_MOUNT_OPTIONS and o.kind is not bool
 }
 _OURS |= {"keyfile": "--key-file", "endpoint": "--endpoint-url", "config": "--config",
           "kms_endpoint": "--kms-endpoint-url"}  # fmt: skip

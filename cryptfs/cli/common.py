@@ -41,23 +41,18 @@ def size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-# flags the table's options have on a command line, besides --name-with-dashes
-_SPECIAL = {"options": ("-o",), "verbose": ("-v", "--verbose")}
-_POSITIONAL = {"location", "mountpoint"}
-
-
 def add_options(p: argparse.ArgumentParser, command: str) -> None:
     """The flags of every option of the table (``cryptfs.config.OPTIONS``) ``command``
     takes, and ``--config``; none has a default here (None: not given), so that
     ``apply_config`` can tell the command line from the environment, a file, the default."""
     for opt in OPTIONS:
-        if opt.name not in _POSITIONAL and takes(command, opt):
+        if opt.flags and takes(command, opt):
             _add(p, opt)
     p.add_argument("--config", help="TOML settings: NAME (/etc/cryptfs/NAME.toml) or a path")
 
 
 def _add(p: argparse.ArgumentParser, opt: Opt) -> None:
-    flags = _SPECIAL.get(opt.name, (opt.flag,))
+    flags = opt.flags
     if opt.name == "verbose":
         p.add_argument(*flags, action="count", default=0, help=opt.help)
     elif opt.kind is bool:
