@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cryptfs.errors import NotFound, VolumeNotFound
 from cryptfs.format import s3ec
-from cryptfs.format.meta import KIND_DIR, KIND_LINK
+from cryptfs.format.meta import DEVICE_KINDS, KIND_DIR, KIND_LINK, SPECIAL_KINDS
 from cryptfs.format.volume import CONFIG_NAME, KeySource
 from cryptfs.fs.filesystem import Filesystem
 from cryptfs.fs.model import ROOT_INO, Node
@@ -87,7 +87,12 @@ async def list_entries(fs: Filesystem, node: Node, long: bool) -> list[str]:
         if long:
             st = fs.stat(child)
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(st.mtime_ns / 1e9))
-            text = f"{stat.filemode(st.mode)} {st.uid:>5} {st.gid:>5} {st.size:>12} {when} {text}"
+            size = (
+                f"{os.major(st.rdev)}, {os.minor(st.rdev)}"
+                if child.kind in DEVICE_KINDS
+                else st.size
+            )
+            text = f"{stat.filemode(st.mode)} {st.uid:>5} {st.gid:>5} {size:>12} {when} {text}"
         out.append(text)
     return out
 
@@ -113,6 +118,14 @@ async def decrypt_tree(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(dest)
         os.symlink(await fs.readlink(node.ino), dest)
+    elif node.kind in SPECIAL_KINDS:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(dest)
+        if node.kind in DEVICE_KINDS and os.geteuid() != 0:
+            log.warning("%s skipped: only root can make a device node", fs.ident(node))
+            return 0, 0
+        # (a socket is made as mknod(2) makes one: a name, no listener; as tar and cp do)
+        os.mknod(dest, st.mode, st.rdev)
     else:
         h = await fs.open(node.ino, os.O_RDONLY)
         try:

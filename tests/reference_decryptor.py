@@ -301,8 +301,17 @@ def decrypt_volume(
             if len(data) != attrs["sz"]:
                 raise Invalid("size")
             entry["data"] = data
-        entry["mode"] = {"f": stat.S_IFREG, "d": stat.S_IFDIR, "l": stat.S_IFLNK}[
-            attrs["t"]
-        ] | attrs["m"]
+        types = {"f": stat.S_IFREG, "d": stat.S_IFDIR, "l": stat.S_IFLNK, "p": stat.S_IFIFO,
+                 "c": stat.S_IFCHR, "b": stat.S_IFBLK, "s": stat.S_IFSOCK}  # fmt: skip
+        if attrs["t"] not in types:
+            raise Invalid("unknown object kind")
+        entry["mode"] = types[attrs["t"]] | attrs["m"]
+        # §7.9: a device carries its number ("rd"), no other object does; special files
+        # have an empty body
+        if ("rd" in attrs) != (attrs["t"] in ("c", "b")):
+            raise Invalid("device number on the wrong kind")
+        if attrs["t"] in ("p", "c", "b", "s") and entry["data"] != b"":
+            raise Invalid("special file with a body")
+        entry["rdev"] = attrs.get("rd", 0)
         out[path] = entry
     return out

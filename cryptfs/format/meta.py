@@ -53,7 +53,23 @@ FORMATS = (FORMAT, FORMAT2)
 KIND_FILE = "f"
 KIND_DIR = "d"
 KIND_LINK = "l"
-_KIND_BITS = {KIND_FILE: stat.S_IFREG, KIND_DIR: stat.S_IFDIR, KIND_LINK: stat.S_IFLNK}
+# special files (FORMAT.md §7.9): an empty body; devices carry their number (``rdev``)
+KIND_FIFO = "p"
+KIND_CHR = "c"
+KIND_BLK = "b"
+KIND_SOCK = "s"
+_KIND_BITS = {
+    KIND_FILE: stat.S_IFREG,
+    KIND_DIR: stat.S_IFDIR,
+    KIND_LINK: stat.S_IFLNK,
+    KIND_FIFO: stat.S_IFIFO,
+    KIND_CHR: stat.S_IFCHR,
+    KIND_BLK: stat.S_IFBLK,
+    KIND_SOCK: stat.S_IFSOCK,
+}
+KIND_OF_TYPE = {bits: kind for kind, bits in _KIND_BITS.items()}
+SPECIAL_KINDS = frozenset({KIND_FIFO, KIND_CHR, KIND_BLK, KIND_SOCK})
+DEVICE_KINDS = frozenset({KIND_CHR, KIND_BLK})
 _ATTR_LABEL = b"cryptfs/v1/attrs\0"
 
 
@@ -68,6 +84,7 @@ class Attrs:
     atime_ns: int
     size: int = 0  # plaintext size of the body this metadata belongs to
     salt: bytes = b""  # body generation this metadata belongs to (empty for directories)
+    rdev: int = 0  # device number of a character or block device (0 for every other kind)
 
     @property
     def st_mode(self) -> int:
@@ -88,6 +105,8 @@ class Attrs:
             "sz": self.size,
             "gen": b64e(self.salt),
         }
+        if self.kind in DEVICE_KINDS:
+            d["rd"] = self.rdev  # (only devices carry it: other objects' bytes are unchanged)
         return json.dumps(d, separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod
@@ -104,11 +123,14 @@ class Attrs:
                 atime_ns=int(d["at"]),
                 size=int(d["sz"]),
                 salt=b64d(str(d["gen"])),
+                rdev=int(d.get("rd", 0)),
             )
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise IntegrityError("malformed attributes") from None
         if a.kind not in _KIND_BITS:
             raise UnsupportedFormat(f"unknown object kind {a.kind!r}")
+        if ("rd" in d) != (a.kind in DEVICE_KINDS) or not 0 <= a.rdev < 1 << 64:
+            raise IntegrityError("malformed attributes (device number)")
         return a
 
 

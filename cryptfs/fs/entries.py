@@ -1,4 +1,5 @@
-"""Entries made and removed: directories, symbolic links, new files, unlink and rmdir.
+"""Entries made and removed: directories, symbolic links, special files (FIFOs, sockets,
+devices), new files, unlink and rmdir.
 
 Owns: creating an entry without replacing one another host made meanwhile (If-None-Match on
 its object or marker), the root's marker on a fresh volume, reading a link's target,
@@ -9,6 +10,8 @@ Must not import: other parts of ``cryptfs.fs`` but ``model``, ``paths``,
 """
 
 from __future__ import annotations
+
+import stat
 
 import trio
 
@@ -25,7 +28,15 @@ from cryptfs.errors import (
     PreconditionFailed,
     ReadOnly,
 )
-from cryptfs.format.meta import KIND_DIR, KIND_FILE, KIND_LINK, Attrs
+from cryptfs.format.meta import (
+    DEVICE_KINDS,
+    KIND_DIR,
+    KIND_FILE,
+    KIND_LINK,
+    KIND_OF_TYPE,
+    SPECIAL_KINDS,
+    Attrs,
+)
 from cryptfs.fs.fetch import Fetcher
 from cryptfs.fs.lookup import Lookup
 from cryptfs.fs.model import SYMLINK_MAX, Node, Options, named, now_ns
@@ -63,9 +74,19 @@ class Entries:
         self.staged = staged
         self.upload = upload
 
-    def new_attrs(self, kind: str, mode: int, uid: int, gid: int) -> Attrs:
+    def new_attrs(
+        self, parent: Node, kind: str, mode: int, uid: int, gid: int, rdev: int = 0
+    ) -> Attrs:
+        """A new entry's attributes.  In a set-group-ID directory it takes the directory's
+        group, and a new subdirectory the bit too (as Linux does for a local file system; a
+        FUSE file system must do it itself: the kernel hands it the caller's group)."""
         now = now_ns()
-        return Attrs(kind, mode & 0o7777, uid, gid, now, now, now)
+        mode &= 0o7777
+        if parent.attrs.mode & stat.S_ISGID:
+            gid = parent.attrs.gid
+            if kind == KIND_DIR:
+                mode |= stat.S_ISGID
+        return Attrs(kind, mode, uid, gid, now, now, now, rdev=rdev)
 
     async def require_absent(self, parent: Node, name: bytes) -> None:
         self.tree.check_parent(parent)
@@ -78,7 +99,7 @@ class Entries:
         async with self.tree.lock.shared():
             await self.require_absent(parent, name)
             node = self.tree.new_node(
-                parent, name, self.new_attrs(KIND_DIR, mode, uid, gid), random_bytes(16)
+                parent, name, self.new_attrs(parent, KIND_DIR, mode, uid, gid), random_bytes(16)
             )
             try:
                 await self.upload.put_marker(node, create=True)
@@ -119,24 +140,47 @@ class Entries:
         self.tree.writable(parent)
         async with self.tree.lock.shared():
             await self.require_absent(parent, name)
-            fid = random_bytes(16)
-            node = self.tree.new_node(parent, name, self.new_attrs(KIND_LINK, 0o777, uid, gid), fid)
-            node.target = target
-            key, long_name = self.paths.object_key(node)
-            try:
-                async with node.lock:
-                    try:
-                        res = await self.upload.put_body(
-                            node, target, key, self.paths.path(node), long_name, expect=None
-                        )
-                    except PreconditionFailed:
-                        raise named(Exists, name) from None
-                    self.upload.uploaded(node, *res)
-            except BaseException:
-                self.tree.inodes.pop(node.ino, None)
-                raise
-            self.tree.insert(parent, node)
-            return node
+            attrs = self.new_attrs(parent, KIND_LINK, 0o777, uid, gid)
+            return await self.put_entry(parent, name, attrs, target)
+
+    async def special(
+        self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int, gid: int
+    ) -> Node:
+        """A FIFO, socket or device node (``mknod``): an object like a symlink's with an
+        empty body, its type (and a device's number) in its sealed attributes.  The kernel
+        opens such a file itself: no read or write of it ever reaches this file system."""
+        kind = KIND_OF_TYPE.get(stat.S_IFMT(mode))
+        if kind not in SPECIAL_KINDS:
+            raise Invalid("mknod: not a FIFO, socket or device")
+        parent = self.tree.node(parent_ino)
+        self.tree.writable(parent)
+        async with self.tree.lock.shared():
+            await self.require_absent(parent, name)
+            dev = rdev if kind in DEVICE_KINDS else 0
+            attrs = self.new_attrs(parent, kind, mode, uid, gid, dev)
+            return await self.put_entry(parent, name, attrs, b"")
+
+    async def put_entry(self, parent: Node, name: bytes, attrs: Attrs, body: bytes) -> Node:
+        """A new entry whose whole content is ``body`` (a symlink's target, nothing for a
+        special file), uploaded now, If-None-Match: another host's entry is never replaced."""
+        node = self.tree.new_node(parent, name, attrs, random_bytes(16))
+        if attrs.kind == KIND_LINK:
+            node.target = body
+        key, long_name = self.paths.object_key(node)
+        try:
+            async with node.lock:
+                try:
+                    res = await self.upload.put_body(
+                        node, body, key, self.paths.path(node), long_name, expect=None
+                    )
+                except PreconditionFailed:
+                    raise named(Exists, name) from None
+                self.upload.uploaded(node, *res)
+        except BaseException:
+            self.tree.inodes.pop(node.ino, None)
+            raise
+        self.tree.insert(parent, node)
+        return node
 
     async def readlink(self, ino: int) -> bytes:
         node = self.tree.node(ino)
@@ -161,7 +205,9 @@ class Entries:
         key, long_name = self.paths.key_for(parent, name, KIND_FILE)
         await self.require_absent(parent, name)
         fid = random_bytes(16)
-        node = self.tree.new_node(parent, name, self.new_attrs(KIND_FILE, mode, uid, gid), fid)
+        node = self.tree.new_node(
+            parent, name, self.new_attrs(parent, KIND_FILE, mode, uid, gid), fid
+        )
         if self.vol.keyring.stale is not None:
             raise ReadOnly(self.vol.keyring.stale)
         if gen == self.paths.gen:

@@ -12,7 +12,7 @@ others through its constructor (docs/ARCHITECTURE.md has the map):
     fetch      the read path: pinned ranged GETs, caches, read-ahead
     staged     staged copies of dirty files, their journal records
     upload     every conditional write to S3, and what a lost precondition does
-    entries    mkdir, symlink, create, unlink, rmdir
+    entries    mkdir, symlink, mknod, create, unlink, rmdir
     writeback  uploads due, the service, sync_node, flush_all
     rename     rename, of files and of whole directories
     recovery   staged files of an earlier run, uploaded at mount
@@ -36,6 +36,7 @@ Error handling:
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Iterable
 from typing import Any
 
@@ -200,6 +201,18 @@ class Filesystem:
 
     async def readlink(self, ino: int) -> bytes:
         return await self.entries.readlink(ino)
+
+    async def mknod(
+        self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int, gid: int
+    ) -> Node:
+        """``mknod(2)``: a special file, or an empty regular file (the kernel sends a
+        ``mknod`` for ``S_IFREG`` too), uploaded like a closed new file."""
+        if stat.S_ISREG(mode):
+            node = await self.entries.new_file(parent_ino, name, mode, uid, gid)
+            self.staged.journal(node)
+            self.writeback.schedule(node)
+            return node
+        return await self.entries.special(parent_ino, name, mode, rdev, uid, gid)
 
     async def create(
         self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, *, append: bool = False

@@ -422,7 +422,7 @@ class Lookup:
         return Stat(
             ino=node.ino,
             mode=a.st_mode,
-            nlink=2 if node.is_dir else 1,
+            nlink=node.nlink,
             uid=a.uid,
             gid=a.gid,
             size=size,
@@ -431,6 +431,7 @@ class Lookup:
             ctime_ns=a.ctime_ns,
             blksize=self.chunk,
             ttl=self.kernel_ttl(node),
+            rdev=a.rdev,
         )
 
     def kernel_ttl(self, node: Node) -> float:

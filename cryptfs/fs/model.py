@@ -104,6 +104,7 @@ class Stat:
     blksize: int
     # seconds the kernel may keep this entry and these attributes without asking again
     ttl: float = 0.0
+    rdev: int = 0
 
 
 @dataclass(eq=False)
@@ -181,6 +182,20 @@ class Node:
     @property
     def dirty(self) -> bool:
         return self.stage is not None or self.meta_dirty
+
+    @property
+    def nlink(self) -> int:
+        """Its link count: a file 1 (0 once unlinked: an open file's ``fstat``); a
+        directory 2 and one per subdirectory (its ``..``), as ext4 counts them, once it is
+        listed; 1 until then ("not counted", as GNU find and fts read it), since counting
+        would cost a LIST per directory ``stat``."""
+        if self.unlinked:
+            return 0
+        if not self.is_dir:
+            return 1
+        if self.children is None or self.listed_at < 0:
+            return 1
+        return 2 + sum(1 for c in self.children.values() if c.is_dir and not c.unlinked)
 
 
 @dataclass

@@ -147,7 +147,7 @@ class Operations(pyfuse3.Operations):
         a.st_nlink = st.nlink
         a.st_uid = st.uid
         a.st_gid = st.gid
-        a.st_rdev = 0
+        a.st_rdev = st.rdev
         a.st_size = st.size
         a.st_blksize = st.blksize
         a.st_blocks = -(-st.size // 512)
@@ -262,7 +262,8 @@ class Operations(pyfuse3.Operations):
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
         async def op() -> Any:
-            raise E.NotPermitted("only regular files, directories and symlinks are supported")
+            node = await self.fs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid)
+            return self._looked_up(node)
 
         return await self._guard("mknod", op)
 

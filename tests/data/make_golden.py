@@ -1,4 +1,5 @@
-"""Write a golden volume for the format tests: ``python -m tests.data.make_golden OUT.json``.
+"""Write a golden volume for the format tests: ``python -m tests.data.make_golden OUT.json``
+(``--special``: with special files, FORMAT.md §7.9).
 
 Run once per format change and commit the result; tests must keep reading every golden file
 ever committed (a later cryptfs must mount volumes written by an earlier one).
@@ -7,6 +8,8 @@ ever committed (a later cryptfs must mount volumes written by an earlier one).
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -32,12 +35,21 @@ FILES = {
 }
 
 
-async def build() -> dict[str, object]:
+SPECIAL = [
+    ("fifo", stat.S_IFIFO | 0o640, 0),
+    ("tty", stat.S_IFCHR | 0o620, os.makedev(4, 64)),
+    ("disk", stat.S_IFBLK | 0o660, os.makedev(8, 1)),
+    ("socket", stat.S_IFSOCK | 0o755, 0),
+]
+
+
+async def build(special: bool = False) -> dict[str, object]:
     store = MemoryStore()
     vol = await Volume.create(
         store, KeySource(keyfile=Secret(KEY)), chunk_log2=12, encrypt_names=True
     )
-    with tempfile.TemporaryDirectory() as tmp:
+    # (the staging area's pool of spare files is refilled by a thread: it may add one late)
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         fs = Filesystem(vol, StagingArea(Path(tmp), vol.keys.cache, vol.chunk), Options())
         await fs.ensure_root()
         docs = await fs.mkdir(ROOT_INO, b"docs", 0o750, 1000, 1000)
@@ -49,6 +61,9 @@ async def build() -> dict[str, object]:
             await fs.setattr(node.ino, mtime_ns=MTIME)
             await fs.sync_node(node)
         await fs.symlink(ROOT_INO, b"link", b"docs/report.pdf", 1000, 1000)
+        if special:  # FORMAT.md §7.9 (golden_volume_v2_special.json)
+            for name, mode, rdev in SPECIAL:
+                await fs.mknod(docs.ino, name.encode(), mode, rdev, 1000, 1000)
         await fs.flush_all()
     return {
         "key_file": b64e(KEY),
@@ -60,6 +75,6 @@ async def build() -> dict[str, object]:
     }
 
 
-if __name__ == "__main__":
-    out = json.dumps(trio.run(build), indent=1, sort_keys=True)
+if __name__ == "__main__":  # OUT.json [--special]
+    out = json.dumps(trio.run(build, "--special" in sys.argv), indent=1, sort_keys=True)
     Path(sys.argv[1]).write_text(out + "\n")

@@ -254,6 +254,7 @@ async def test_directory_rename_with_long_names_and_nesting(tmp_path: Path) -> N
         "golden_volume_v1.json",  # cryptfs 0.1: DEKs wrapped under a VMK-derived key ("vmk")
         "golden_volume_v1_mk.json",  # local master key in the slot payload ("mk-…")
         "golden_volume_v2.json",  # format revision 2 (docs/FORMAT.md §7)
+        "golden_volume_v2_special.json",  # with special files (§7.9)
     ],
 )
 async def test_golden_volume_v1_stays_readable(tmp_path: Path, name: str) -> None:

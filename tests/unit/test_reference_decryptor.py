@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,13 @@ def test_body_vectors() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["golden_volume_v1.json", "golden_volume_v1_mk.json", "golden_volume_v2.json"]
+    "name",
+    [
+        "golden_volume_v1.json",
+        "golden_volume_v1_mk.json",
+        "golden_volume_v2.json",
+        "golden_volume_v2_special.json",
+    ],
 )
 def test_golden_volumes(name: str) -> None:
     golden = json.loads((DATA / name).read_text())
@@ -47,6 +55,20 @@ def test_golden_volumes(name: str) -> None:
     assert tree[b"/link"]["data"] == b"docs/report.pdf"
     assert tree[b"/docs"]["mode"] & 0o7777 == 0o750
     assert set(tree) >= {b"/", b"/docs", b"/link"}
+
+
+def test_special_files_from_the_document_alone() -> None:
+    """FORMAT.md §7.9: FIFOs, devices and sockets, with a device's number."""
+    golden = json.loads((DATA / "golden_volume_v2_special.json").read_text())
+    objects = {
+        k: (bytes.fromhex(o["body"]), dict(o["metadata"])) for k, o in golden["objects"].items()
+    }
+    tree = ref.decrypt_volume(objects, ref.b64u(golden["key_file"]))
+    got = {p: (e["mode"], e["rdev"], e["data"]) for p, e in tree.items() if p.count(b"/") == 2}
+    assert got[b"/docs/fifo"] == (stat.S_IFIFO | 0o640, 0, b"")
+    assert got[b"/docs/tty"] == (stat.S_IFCHR | 0o620, os.makedev(4, 64), b"")
+    assert got[b"/docs/disk"] == (stat.S_IFBLK | 0o660, os.makedev(8, 1), b"")
+    assert got[b"/docs/socket"] == (stat.S_IFSOCK | 0o755, 0, b"")
 
 
 @pytest.mark.parametrize("name", ["golden_volume_v1_mk.json", "golden_volume_v2.json"])
