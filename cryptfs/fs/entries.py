@@ -112,6 +112,7 @@ class Entries:
             node.children = {}
             node.listed_at = trio.current_time()
             self.tree.insert(parent, node)
+            self.tree.entries_changed(parent)
             return node
 
     async def ensure_root(self) -> None:
@@ -180,6 +181,7 @@ class Entries:
             self.tree.inodes.pop(node.ino, None)
             raise
         self.tree.insert(parent, node)
+        self.tree.entries_changed(parent)
         return node
 
     async def readlink(self, ino: int) -> bytes:
@@ -215,6 +217,7 @@ class Entries:
         node.stage = self.staging.create(fid)
         node.change += 1
         self.tree.insert(parent, node)
+        self.tree.entries_changed(parent)
         return node
 
     async def keep_for_open_handles(self, node: Node) -> None:
@@ -236,6 +239,7 @@ class Entries:
             await self.keep_for_open_handles(node)
             await self.delete_remote(node)
             self.tree.detach(node)
+            self.tree.entries_changed(parent)
             if node.stage is not None and node.open_count == 0:
                 node.stage.remove()
                 node.stage = None
@@ -260,6 +264,7 @@ class Entries:
             await self.check_empty(node)
             await self.delete_remote(node)
             self.tree.detach(node)
+            self.tree.entries_changed(parent)
 
     async def check_empty(self, d: Node) -> None:
         if d.children and any(not c.unlinked for c in d.children.values()):

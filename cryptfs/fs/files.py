@@ -175,6 +175,7 @@ class Files:
             node.change += 1
             if node.stage is None:
                 node.meta_dirty = True
+            node.times_only = False
         if node.stage is not None and node.open_count == 0:
             self.staged.journal(node)  # an open file is journaled when it is closed
         if node.dirty and node.writers == 0:

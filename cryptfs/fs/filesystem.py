@@ -105,6 +105,7 @@ class Filesystem:
         # a node that leaves the table takes what the parts keep pending for it along
         tree.on_evict = self._forget_pending
         tree.on_detach = writeback.not_due
+        tree.on_dir_times = writeback.dir_times
 
         # shared state the FUSE layer and the tools read
         self.root = tree.root

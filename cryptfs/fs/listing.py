@@ -308,7 +308,7 @@ class Listing:
                 if (
                     # changed here and not uploaded: its upload decides (If-Match on a
                     # removed object: our version is kept as a conflict copy)
-                    node.dirty
+                    (node.dirty and not node.only_times_pending)
                     # a directory without a marker that holds something not in S3 yet
                     # (implicit ones emptied elsewhere go: they were kept for ever)
                     or (node.is_dir and node.remote_etag is None and self.tree.holds_local(node))

@@ -111,6 +111,9 @@ class Lookup:
             return False
         if node.attrs_sending:  # our own copy in flight: its answer decides (attrs_lost)
             return False
+        if node.only_times_pending:  # (times its entries changed: theirs are as recent)
+            node.meta_dirty = False
+            return True
         self.tree.attrs_dropped(node, "changed")
         return True
 

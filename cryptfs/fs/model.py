@@ -128,6 +128,9 @@ class Node:
     writers: int = 0
     stage: StagedFile | None = None
     meta_dirty: bool = False
+    # directories: the attributes to write are only times its entries changed (merged with
+    # another writer's marker, not given up to it, when the write meets one)
+    times_only: bool = False
     attrs_sending: int = 0  # copies in place of its attributes in flight (sync_attrs)
     change: int = 0  # bumped on every local modification
     unlinked: bool = False
@@ -182,6 +185,13 @@ class Node:
     @property
     def dirty(self) -> bool:
         return self.stage is not None or self.meta_dirty
+
+    @property
+    def only_times_pending(self) -> bool:
+        """A directory whose one change to write is the times its entries changed: it does
+        not keep a directory alive that another writer removed, nor win over their change
+        of its attributes (unlike a change made by a chmod, chown or touch of it)."""
+        return self.meta_dirty and self.times_only and self.is_dir
 
     @property
     def nlink(self) -> int:

@@ -7,7 +7,8 @@ an entry, moving and removing nodes, eviction of what the kernel forgot (memory 
 what the kernel caches), and the integrity log (what did not authenticate, for fsck).
 Must not import: ``cryptfs.store`` (but its ``ObjectInfo`` type); other parts of
 ``cryptfs.fs`` but ``model``, ``paths`` and ``locks``.  Other parts learn of a node leaving
-through the ``on_evict`` / ``on_detach`` hooks (to drop what they keep pending for it).
+through the ``on_evict`` / ``on_detach`` hooks (to drop what they keep pending for it), of a
+directory whose times its entries changed through ``on_dir_times``.
 """
 
 from __future__ import annotations
@@ -51,6 +52,27 @@ class Namespace:
         # removed one
         self.on_evict: Callable[[Node], None] = _nothing
         self.on_detach: Callable[[Node], None] = _nothing
+        # a directory's times changed with its entries: its marker is due (write-back)
+        self.on_dir_times: Callable[[Node], None] = _nothing
+
+    def entries_changed(self, *dirs: Node) -> None:
+        """An entry of each of ``dirs`` was created, removed or renamed: its mtime and ctime
+        are now (POSIX).  Its marker carries them to S3 when the write-back service gets to
+        it, at most one write per directory per write-back delay however many entries
+        change (``on_dir_times``), and at unmount.  A directory without a marker (made by
+        another tool: implicit) or of S3EC objects keeps its new times in memory only."""
+        now = now_ns()
+        for d in dict.fromkeys(dirs):  # (one rename within a directory names it twice)
+            if d.unlinked:
+                continue
+            d.attrs = d.attrs.with_(mtime_ns=now, ctime_ns=now)
+            d.change += 1
+            if d.remote_etag is None or d.raw_prefix is not None:
+                continue
+            if not d.meta_dirty:
+                d.meta_dirty = True
+                d.times_only = True  # (an explicit change of its attributes clears it)
+            self.on_dir_times(d)
 
     def new_node(self, parent: Node, name: bytes, attrs: Attrs, file_id: bytes) -> Node:
         node = Node(self.next_ino, parent, name, attrs, file_id)

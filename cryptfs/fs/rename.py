@@ -138,6 +138,7 @@ class Renamer:
                     for n in locked:
                         n.renaming -= 1
                 if raced is None:
+                    self.tree.entries_changed(p1, p2)
                     return
                 # the object of the source (its copy's If-Match failed) or of the target (its
                 # content, kept for a reader, could not be read) was replaced or removed by
@@ -274,6 +275,7 @@ class Renamer:
             stack.extend((nd.children or {}).values())
         if src.remote_etag is not None:
             src.meta_dirty = True  # marker carries the new ctime
+            src.times_only = False
             self.writeback.schedule(src)
 
 

@@ -390,11 +390,45 @@ class Uploader:
             node.attrs_sending -= 1
 
     async def sync_marker(self, node: Node) -> None:
+        for _ in range(3):
+            try:
+                await self.put_marker(node, create=node.remote_etag is None)
+                return
+            except (PreconditionFailed, NotFound):
+                key, _ = self.paths.object_key(node)
+                info = await self.remote.head(key)
+                if not (node.times_only and info is not None and self.merge_times(node, info)):
+                    self.attrs_lost(node, info)
+                    return
+        log.info("%s: directory times not written (its marker keeps changing)",
+                 self.paths.ident(node))  # fmt: skip
+        node.meta_dirty = False
+
+    def merge_times(self, node: Node, info: ObjectInfo) -> bool:
+        """Another writer changed directory ``node``'s marker while this mount had only the
+        times its entries changed to write: take theirs with the later of each time (both
+        hosts changed entries; neither change of the directory is lost).  False if theirs
+        is not a marker of this directory."""
+        parent = node.parent
         try:
-            await self.put_marker(node, create=node.remote_etag is None)
-        except (PreconditionFailed, NotFound):
-            key, _ = self.paths.object_key(node)
-            self.attrs_lost(node, await self.remote.head(key))
+            meta = self.look.decode(self.paths.path(node), info)
+        except (IntegrityError, UnsupportedFormat):
+            return False
+        if meta.attrs.kind != KIND_DIR:
+            return False
+        ours = node.attrs
+        node.file_id = meta.file_id
+        node.attrs = meta.attrs.with_(
+            mtime_ns=max(ours.mtime_ns, meta.attrs.mtime_ns),
+            ctime_ns=max(ours.ctime_ns, meta.attrs.ctime_ns),
+        )
+        if parent is not None:
+            self.tree.seen(parent, node.name, node, info)
+        else:  # (the root)
+            node.remote_etag = info.etag
+            node.remote_modified, node.modified_etag = info.modified, info.etag
+        self.tree.tell_kernel_changed(node)
+        return True
 
     def attrs_lost(self, node: Node, info: ObjectInfo | None) -> None:
         """Another writer changed or removed ``node``'s object while this mount had a change

@@ -78,6 +78,13 @@ class Writeback:
         if earliest is None or when < earliest:
             self.wake.set()
 
+    def dir_times(self, d: Node) -> None:
+        """``d``'s marker is due for times its entries changed: once per write-back delay
+        (a due write is not pushed back by the next change, so a directory that keeps
+        changing is still written every delay)."""
+        if d not in self.due:
+            self.schedule(d)
+
     def pending(self) -> list[Node]:
         seen = [n for n in self.tree.inodes.values() if n.dirty and not n.unlinked]
         return seen

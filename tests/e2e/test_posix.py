@@ -300,3 +300,49 @@ def test_utimensat_rules(volume: Volume) -> None:
     remount(volume, "-o", "allow_other")
     st = private.stat()
     assert (st.st_atime_ns, st.st_mtime_ns, st.st_mode & 0o777) == (7, 981173106 * 10**9, 0o640)
+
+
+# ------------------------------------------------------------------ directory times
+
+
+def test_directory_times_follow_their_entries_and_persist(volume: Volume) -> None:
+    volume.mount()
+    d, e = volume.mnt / "d", volume.mnt / "e"
+    d.mkdir()
+    e.mkdir()
+    old = 1_000_000_000 * 10**9
+    for x in (d, e):
+        os.utime(x, ns=(old, old))
+
+    def moved(what: str, fn: object, *args: object) -> None:
+        before = d.stat()
+        fn(*args)  # type: ignore[operator]
+        after = d.stat()
+        assert after.st_mtime_ns > before.st_mtime_ns, what
+        assert after.st_ctime_ns > before.st_ctime_ns, what
+        assert after.st_atime_ns == old, what  # (no atime implied: noatime)
+
+    moved("create", (d / "f").write_bytes, b"x")
+    moved("mkdir", os.mkdir, d / "sub")
+    moved("symlink", os.symlink, "f", d / "l")
+    moved("mkfifo", os.mkfifo, d / "p")
+    moved("unlink", os.unlink, d / "l")
+    moved("rmdir", os.rmdir, d / "sub")
+    moved("rename within", os.rename, d / "p", d / "q")
+    f_ctime = (d / "f").stat().st_ctime_ns
+    e_before = e.stat().st_mtime_ns
+    moved("rename out", os.rename, d / "f", e / "f")
+    assert e.stat().st_mtime_ns > e_before
+    assert (e / "f").stat().st_ctime_ns > f_ctime  # (the renamed entry's ctime too)
+    # find -newer sees the directory changed
+    stamp = volume.mnt / "stamp"
+    stamp.write_bytes(b"")
+    os.utime(stamp, ns=(old + 1, old + 1))
+    found = subprocess.run(
+        ["find", str(volume.mnt), "-maxdepth", "1", "-newer", str(stamp), "-name", "[de]"],
+        check=True, capture_output=True, text=True,
+    ).stdout.split()  # fmt: skip
+    assert sorted(found) == [str(d), str(e)]
+    want = (d.stat().st_mtime_ns, e.stat().st_mtime_ns)
+    remount(volume)  # (the unmount writes the markers due)
+    assert (d.stat().st_mtime_ns, e.stat().st_mtime_ns) == want

@@ -9,6 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import trio
 
 from cryptfs.errors import Exists, IntegrityError, Invalid
 from cryptfs.format.meta import Attrs
@@ -125,3 +126,113 @@ async def test_set_group_id_directories_hand_on_their_group(tmp_path: Path) -> N
     plain = await fs.mkdir(ROOT_INO, b"plain", 0o755, 0, 50)
     other = await fs.mkdir(plain.ino, b"x", 0o755, 1000, 1000)
     assert other.attrs.gid == 1000
+
+
+async def test_entries_change_their_directory_times_and_one_marker_write_keeps_them(
+    tmp_path: Path,
+) -> None:
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    d = await fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    e = await fs.mkdir(ROOT_INO, b"e", 0o755, 0, 0)
+    await fs.flush_all()
+    old = 1_000_000_000_000_000_000
+    for x in (d, e):
+        await fs.setattr(x.ino, mtime_ns=old, atime_ns=old)
+    await fs.flush_all()
+
+    async def changes(what: object) -> None:
+        before = (d.attrs.mtime_ns, d.attrs.ctime_ns)
+        await what  # type: ignore[misc]
+        assert d.attrs.mtime_ns > before[0] and d.attrs.ctime_ns > before[1], what
+        assert d.meta_dirty and d.times_only
+
+    store.calls.clear()
+    _, h = await fs.create(d.ino, b"f", 0o644, 0, 0)
+    await fs.release(h.fh)
+    await changes(fs.mkdir(d.ino, b"sub", 0o755, 0, 0))
+    await changes(fs.symlink(d.ino, b"l", b"f", 0, 0))
+    await changes(fs.mknod(d.ino, b"p", stat.S_IFIFO | 0o600, 0, 0, 0))
+    await changes(fs.unlink(d.ino, b"l"))
+    await changes(fs.rmdir(d.ino, b"sub"))
+    await changes(fs.rename(d.ino, b"p", d.ino, b"q", 0))
+    e_before = e.attrs.mtime_ns
+    await changes(fs.rename(d.ino, b"q", e.ino, b"q", 0))
+    assert e.attrs.mtime_ns > e_before and e.attrs.atime_ns == old  # (atime: never implied)
+    assert d in fs.writeback.due and e in fs.writeback.due
+    puts = store.calls.get("put", 0)
+    await fs.flush_all()
+    # one marker write each, however many entries changed (and the file's upload)
+    assert store.calls.get("put", 0) - puts == 3
+    fs2 = await make_fs(tmp_path / "2", store)
+    d2 = await fs2.lookup(ROOT_INO, b"d")
+    assert (d2.attrs.mtime_ns, d2.attrs.ctime_ns) == (d.attrs.mtime_ns, d.attrs.ctime_ns)
+    assert d2.attrs.atime_ns == old
+
+
+async def test_a_due_marker_write_is_not_pushed_back_by_more_changes(tmp_path: Path) -> None:
+    fs = await make_fs(tmp_path)
+    d = await fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    await fs.flush_all()
+    await fs.mknod(d.ino, b"a", stat.S_IFIFO | 0o600, 0, 0, 0)
+    due = fs.writeback.due[d]
+    await trio.sleep(0.05)
+    await fs.mknod(d.ino, b"b", stat.S_IFIFO | 0o600, 0, 0, 0)
+    assert fs.writeback.due[d] == due
+
+
+class RandomEtagStore(MemoryStore):
+    """PUT answers an ETag of its own each time, as S3 does under SSE-KMS and SSE-C (the MD5
+    of the body otherwise: every marker, an empty body, then has the same ETag, and
+    If-Match on markers cannot tell one host's write from another's)."""
+
+    async def put(self, key: str, body: bytes, metadata: object, **kw: object) -> str:
+        await super().put(key, body, metadata, **kw)  # type: ignore[arg-type]
+        data, md, _ = self.objects[key]
+        etag = '"' + os.urandom(16).hex() + '"'
+        self.objects[key] = (data, md, etag)
+        return etag
+
+
+@pytest.mark.parametrize("store_type", [MemoryStore, RandomEtagStore])
+async def test_two_hosts_changing_one_directory_keep_the_later_times(
+    tmp_path: Path, store_type: type[MemoryStore]
+) -> None:
+    """Both hosts created an entry: the marker keeps the later times whichever host writes
+    last (a write that meets the other's marker merges them and writes again), and no
+    conflict is counted (nothing of a user's is lost)."""
+    for a_last in (True, False):
+        store = store_type()
+        a = await make_fs(tmp_path / f"a{a_last}", store)
+        d = await a.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+        await a.flush_all()
+        b = await make_fs(tmp_path / f"b{a_last}", store)
+        db = await b.lookup(ROOT_INO, b"d")
+        await a.mknod(d.ino, b"from-a", stat.S_IFIFO | 0o600, 0, 0, 0)
+        await trio.sleep(0.01)
+        await b.mknod(db.ino, b"from-b", stat.S_IFIFO | 0o600, 0, 0, 0)
+        later = db.attrs.mtime_ns
+        first, last = (b, a) if a_last else (a, b)
+        await first.flush_all()
+        await last.flush_all()
+        if store_type is MemoryStore and a_last:
+            # (If-Match cannot see b's marker: a's earlier times stand, as any last write's)
+            later = d.attrs.mtime_ns
+        assert a.tree.conflicts == b.tree.conflicts == 0
+        assert not d.meta_dirty and not db.meta_dirty
+        c = await make_fs(tmp_path / f"c{a_last}", store)
+        dc = await c.lookup(ROOT_INO, b"d")
+        assert dc.attrs.mtime_ns == later, a_last
+        assert sorted(n for n, _ in await c.readdir(dc.ino)) == [b"from-a", b"from-b"]
+
+
+async def test_an_explicit_change_of_a_directory_is_not_a_time_update(tmp_path: Path) -> None:
+    fs = await make_fs(tmp_path)
+    d = await fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    await fs.flush_all()
+    await fs.mknod(d.ino, b"a", stat.S_IFIFO | 0o600, 0, 0, 0)
+    assert d.only_times_pending
+    await fs.setattr(d.ino, mode=0o700)
+    assert d.meta_dirty and not d.only_times_pending
+    await fs.mknod(d.ino, b"b", stat.S_IFIFO | 0o600, 0, 0, 0)
+    assert not d.only_times_pending  # (still the chmod's: conflicts decide as for a chmod)
