@@ -71,6 +71,11 @@ class UnsupportedFormat(VolumeError):
     pass
 
 
+class NewerFormat(UnsupportedFormat):
+    """An object that authenticates but holds what this cryptfs does not know (a kind of
+    entry of a later release): never left behind by a rotation, which would strand it."""
+
+
 class IntegrityError(CryptfsError):
     """Authentication of stored data failed. Final: never retried, never served partially."""
 

@@ -42,6 +42,7 @@ import trio
 from cryptfs.errors import (
     CryptfsError,
     IntegrityError,
+    NewerFormat,
     NotFound,
     PreconditionFailed,
     UnsupportedFormat,
@@ -400,6 +401,10 @@ async def _pass_over(
                 vol.key_ident(info.key),
                 e,
             )
+        except NewerFormat as e:  # (authenticated: left behind, the new key would strand it)
+            report.failed.append(info.key)
+            log.error("rotation: %s was written by a later cryptfs (upgrade this host): %s",
+                      vol.key_ident(info.key), vol.scrub(e))  # fmt: skip
         except (IntegrityError, UnsupportedFormat) as e:
             if info.key not in report.unreadable:
                 report.unreadable.append(info.key)

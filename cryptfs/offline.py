@@ -119,11 +119,11 @@ async def decrypt_tree(
             os.unlink(dest)
         os.symlink(await fs.readlink(node.ino), dest)
     elif node.kind in SPECIAL_KINDS:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(dest)
         if node.kind in DEVICE_KINDS and os.geteuid() != 0:
             log.warning("%s skipped: only root can make a device node", fs.ident(node))
-            return 0, 0
+            return 0, 0  # (and whatever DEST holds of that name is left as it is)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(dest)
         # (a socket is made as mknod(2) makes one: a name, no listener; as tar and cp do)
         os.mknod(dest, st.mode, st.rdev)
     else:

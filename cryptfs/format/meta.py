@@ -33,7 +33,7 @@ import stat
 from dataclasses import dataclass, replace
 
 from cryptfs.crypto import Secret
-from cryptfs.errors import IntegrityError, UnsupportedFormat
+from cryptfs.errors import IntegrityError, NewerFormat, UnsupportedFormat
 from cryptfs.format.keys import (
     LOCAL_KID,
     SCHEME_KMS,
@@ -128,7 +128,7 @@ class Attrs:
         except (ValueError, KeyError, TypeError, AttributeError):
             raise IntegrityError("malformed attributes") from None
         if a.kind not in _KIND_BITS:
-            raise UnsupportedFormat(f"unknown object kind {a.kind!r}")
+            raise NewerFormat(f"unknown object kind {a.kind!r} (written by a later cryptfs?)")
         if ("rd" in d) != (a.kind in DEVICE_KINDS) or not 0 <= a.rdev < 1 << 64:
             raise IntegrityError("malformed attributes (device number)")
         return a

@@ -83,9 +83,13 @@ class Entries:
         now = now_ns()
         mode &= 0o7777
         if parent.attrs.mode & stat.S_ISGID:
-            gid = parent.attrs.gid
             if kind == KIND_DIR:
                 mode |= stat.S_ISGID
+            elif gid != parent.attrs.gid and uid != 0:
+                # a file that would run as a group its maker is not in (as Linux strips it
+                # itself since 6.0; the maker's other groups are not known here: stripped)
+                mode &= ~stat.S_ISGID
+            gid = parent.attrs.gid
         return Attrs(kind, mode, uid, gid, now, now, now, rdev=rdev)
 
     async def require_absent(self, parent: Node, name: bytes) -> None:

@@ -33,6 +33,7 @@ ERRNO_OF: dict[type[E.CryptfsError], int] = {
     E.VolumeExists: errno.EEXIST,
     E.WrongKey: errno.EACCES,
     E.UnsupportedFormat: errno.EIO,
+    E.NewerFormat: errno.EIO,
     E.IntegrityError: errno.EIO,
     E.NotFound: errno.ENOENT,
     E.PreconditionFailed: errno.EIO,

@@ -123,6 +123,13 @@ async def test_set_group_id_directories_hand_on_their_group(tmp_path: Path) -> N
     assert [n.attrs.gid for n in (sub, node, fifo, link)] == [50] * 4
     assert sub.attrs.mode & stat.S_ISGID  # a subdirectory takes the bit too
     assert not node.attrs.mode & stat.S_ISGID
+    # a file made there by someone not in that group does not run as it
+    mine, h = await fs.create(d.ino, b"sgid", 0o2755, 1000, 1000)
+    await fs.release(h.fh)
+    theirs, h = await fs.create(d.ino, b"sgid2", 0o2755, 1000, 50)
+    await fs.release(h.fh)
+    assert not mine.attrs.mode & stat.S_ISGID and theirs.attrs.mode & stat.S_ISGID
+    assert mine.attrs.gid == theirs.attrs.gid == 50
     plain = await fs.mkdir(ROOT_INO, b"plain", 0o755, 0, 50)
     other = await fs.mkdir(plain.ino, b"x", 0o755, 1000, 1000)
     assert other.attrs.gid == 1000
@@ -236,3 +243,30 @@ async def test_an_explicit_change_of_a_directory_is_not_a_time_update(tmp_path: 
     assert d.meta_dirty and not d.only_times_pending
     await fs.mknod(d.ino, b"b", stat.S_IFIFO | 0o600, 0, 0, 0)
     assert not d.only_times_pending  # (still the chmod's: conflicts decide as for a chmod)
+
+
+@pytest.mark.allow_error_logs
+async def test_an_object_at_a_key_of_the_other_kind_is_refused(tmp_path: Path) -> None:
+    """Revision 1 binds the path, which a file and a directory of one name share: a file's
+    (here a device's) object copied to a directory's marker key must not stand in for the
+    directory (found by the review of the special files).  Revision 2 binds the key."""
+    from cryptfs.cache.staging import StagingArea
+    from cryptfs.errors import IntegrityError as Integrity
+    from cryptfs.fs.filesystem import Filesystem
+    from cryptfs.volume import Volume
+    from tests.fsutil import golden_store
+
+    store, _, src = await golden_store("golden_volume_v1_mk.json")  # (a revision-1 volume)
+    vol = await Volume.open(store, src)
+    fs = Filesystem(vol, StagingArea(tmp_path, vol.keys.cache, vol.chunk))
+    await fs.ensure_root()
+    dev = await fs.mknod(ROOT_INO, b"x", stat.S_IFBLK | 0o666, os.makedev(8, 1), 0, 0)
+    assert store.objects[fs.paths.object_key(dev)[0]][1]["cfs"] == "1"
+    planted = store.objects[fs.paths.object_key(dev)[0]]
+    await fs.unlink(ROOT_INO, b"x")
+    d = await fs.mkdir(ROOT_INO, b"x", 0o700, 0, 0)
+    marker, _ = fs.paths.object_key(d)
+    store.objects[marker] = planted
+    info = await store.head(marker)
+    with pytest.raises(Integrity, match="kind does not match"):
+        fs.look.adopt(fs.root, b"x", info, None)
