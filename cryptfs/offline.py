@@ -6,7 +6,7 @@ throw-away staging directory.  Owns nothing persistent.
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import logging
 import os
 import stat
@@ -109,27 +109,28 @@ async def decrypt_tree(
     files = total = 0
     st = fs.stat(node)
     if node.kind == KIND_DIR:
-        os.makedirs(dest, exist_ok=True)  # offline CLI: local I/O inline is fine
+        if not _clear(dest, keep_dir=True):
+            os.mkdir(dest)  # offline CLI: local I/O inline is fine
         for name, child in await _entries(fs, node):
             f, b = await decrypt_tree(fs, child, dest / os.fsdecode(name), progress)
             files += f
             total += b
     elif node.kind == KIND_LINK:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(dest)
-        os.symlink(await fs.readlink(node.ino), dest)
+        target = await fs.readlink(node.ino)
+        _clear(dest)
+        os.symlink(target, dest)
     elif node.kind in SPECIAL_KINDS:
         if node.kind in DEVICE_KINDS and os.geteuid() != 0:
             log.warning("%s skipped: only root can make a device node", fs.ident(node))
             return 0, 0  # (and whatever DEST holds of that name is left as it is)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(dest)
+        _clear(dest)
         # (a socket is made as mknod(2) makes one: a name, no listener; as tar and cp do)
         os.mknod(dest, st.mode, st.rdev)
     else:
         h = await fs.open(node.ino, os.O_RDONLY)
         try:
-            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            _clear(dest)  # (never written through: a device, FIFO or symlink found there)
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             try:
                 off = 0
                 while True:
@@ -151,6 +152,23 @@ async def decrypt_tree(
         os.chmod(dest, stat.S_IMODE(st.mode))
     os.utime(dest, ns=(st.atime_ns, st.mtime_ns), follow_symlinks=False)
     return files, total
+
+
+def _clear(dest: Path, *, keep_dir: bool = False) -> bool:
+    """Make room at ``dest`` for what is restored there: whatever is there that is not a
+    directory to keep (a file, a symlink, a device, a FIFO) is removed, never written or
+    followed.  True if ``dest`` is a directory, kept.  A directory where something else is
+    to go is an error (its content is not ours to remove)."""
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        if keep_dir:
+            return True
+        raise IsADirectoryError(errno.EISDIR, "a directory is in the way", str(dest))
+    os.unlink(dest)
+    return False
 
 
 __all__ = ["ROOT_INO", "decrypt_tree", "list_entries", "open_offline"]

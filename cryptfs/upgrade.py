@@ -27,7 +27,7 @@ import trio
 
 from cryptfs.errors import CryptfsError, IntegrityError, NotFound, PreconditionFailed, UsageError
 from cryptfs.format.keys import SCHEME_KMS
-from cryptfs.format.meta import FORMAT, FORMAT2, decode_meta
+from cryptfs.format.meta import FORMAT, FORMAT2, decode_meta, kind_fits_key
 from cryptfs.format.volume import CONFIG_NAME
 from cryptfs.keyadmin import SETTLE, check_settle
 from cryptfs.store.base import ObjectInfo, bare_etag
@@ -234,6 +234,8 @@ async def _upgrade_one(
             return info.etag
         path = paths.path_of(info)
         meta = decode_meta(vol.keys, path, md)  # revision 1: authenticated for its path
+        if not kind_fits_key(meta.attrs.kind, info.key):  # (never sealed to its key: §7.9)
+            raise IntegrityError("object kind does not match its key")
         vol.meta.check_wrapping(meta.dek)
         new = vol.meta.encode(path, info.key, meta)
         try:

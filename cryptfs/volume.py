@@ -21,6 +21,7 @@ from cryptfs.errors import (
     VolumeNotFound,
 )
 from cryptfs.format.keys import SCHEME_KMS, SCHEME_LOCAL, VolumeKeys, new_master_key
+from cryptfs.format.meta import MARKER as MARKER
 from cryptfs.format.meta import MetaCodec
 from cryptfs.format.names import NameCodec
 from cryptfs.format.volume import CONFIG_NAME, KeySource, SlotPayload, VolumeConfig
@@ -30,8 +31,6 @@ from cryptfs.store.base import ObjectStore
 from cryptfs.store.kms import KmsClient
 
 log = logging.getLogger(__name__)
-
-MARKER = ".cryptfs.dir"
 
 
 @dataclass

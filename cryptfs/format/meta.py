@@ -71,6 +71,13 @@ KIND_OF_TYPE = {bits: kind for kind, bits in _KIND_BITS.items()}
 SPECIAL_KINDS = frozenset({KIND_FIFO, KIND_CHR, KIND_BLK, KIND_SOCK})
 DEVICE_KINDS = frozenset({KIND_CHR, KIND_BLK})
 _ATTR_LABEL = b"cryptfs/v1/attrs\0"
+MARKER = ".cryptfs.dir"  # the last component of a directory marker's key (FORMAT.md §3)
+
+
+def kind_fits_key(kind: str, key: str) -> bool:
+    """A directory's attributes only in a marker, anything else only at an entry's key
+    (FORMAT.md §7.9): revision 1 binds the path, which a file and a directory share."""
+    return (kind == KIND_DIR) == (key == MARKER or key.endswith("/" + MARKER))
 
 
 @dataclass(frozen=True)
@@ -334,7 +341,14 @@ class MetaCodec:
         if rev == FORMAT2:
             if 2 not in self.accept:
                 raise IntegrityError("revision-2 object in a revision-1 volume")
-            meta = self._decode2(key, md)
+            try:
+                meta = self._decode2(key, md)
+            except NewerFormat:
+                # authentic, of a kind this release does not know: believed (so that a
+                # rotation stops at it) only as far as the key it is sealed under is
+                if window and md["cfs-m"] != self.cur:
+                    self._check_window(md["cfs-m"], modified or 0.0)
+                raise
             if md["cfs-m"] == self.cur:
                 # the current key vouches for everything in its AAD, the data key included
                 # (a rename or chmod during a rotation keeps a data key under a retiring key)
@@ -347,6 +361,8 @@ class MetaCodec:
             meta = decode_meta(self.keys, path, md)
         else:
             meta = decode_meta(self.keys, path, md)  # raises: foreign or unknown revision
+        if not kind_fits_key(meta.attrs.kind, key):
+            raise IntegrityError("object kind does not match its key")
         if meta.attrs.kind != KIND_DIR:
             self.check_wrapping(meta.dek, (modified or 0.0) if timed else None)
         return meta

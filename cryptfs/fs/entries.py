@@ -11,6 +11,7 @@ Must not import: other parts of ``cryptfs.fs`` but ``model``, ``paths``,
 
 from __future__ import annotations
 
+import os
 import stat
 
 import trio
@@ -46,6 +47,19 @@ from cryptfs.fs.remote import Remote
 from cryptfs.fs.staged import Staged
 from cryptfs.fs.upload import Uploader
 from cryptfs.volume import MARKER, Volume
+
+
+def _kernel_strips_sgid() -> bool:
+    """Linux >= 6.0 clears a new file's set-group-ID bit itself (``mode_strip_sgid``) when
+    its maker is not in the directory's group, knowing all of the maker's groups."""
+    try:
+        major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (6, 0)
+
+
+_STRIP_SGID = not _kernel_strips_sgid()
 
 
 class Entries:
@@ -85,9 +99,10 @@ class Entries:
         if parent.attrs.mode & stat.S_ISGID:
             if kind == KIND_DIR:
                 mode |= stat.S_ISGID
-            elif gid != parent.attrs.gid and uid != 0:
-                # a file that would run as a group its maker is not in (as Linux strips it
-                # itself since 6.0; the maker's other groups are not known here: stripped)
+            elif _STRIP_SGID and gid != parent.attrs.gid and uid != 0 and mode & stat.S_IXGRP:
+                # a file that would run as a group its maker is not in: what Linux strips
+                # itself before a FUSE file system sees the mode since 6.0; before it, here
+                # (the maker's other groups are not known: a member through one loses it)
                 mode &= ~stat.S_ISGID
             gid = parent.attrs.gid
         return Attrs(kind, mode, uid, gid, now, now, now, rdev=rdev)

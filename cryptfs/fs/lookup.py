@@ -32,7 +32,6 @@ from cryptfs.tasks import open_tasks
 from cryptfs.volume import MARKER, Volume
 
 log = logging.getLogger(__name__)
-_MARKER = "/" + MARKER
 
 
 class Lookup:
@@ -81,11 +80,6 @@ class Lookup:
             existing = None  # removed or moved meanwhile: not the entry of this name any more
         path = self.paths.child_path(parent, name)
         meta = self.decode(path, info)
-        if (meta.attrs.kind == KIND_DIR) != (info.key == MARKER or info.key.endswith(_MARKER)):
-            # (revision 1 binds the path, which a file and a directory of one name share:
-            # an entry's object copied to a directory's marker key, or back, is refused)
-            self.tree.integrity(info.key, "a marker key holds no directory, or a file key one")
-            raise IntegrityError("object kind does not match its key")
         if meta.attrs.kind != KIND_DIR:
             self.check_size(info, meta.attrs)
         if existing is not None and existing.file_id == meta.file_id and existing.dirty:

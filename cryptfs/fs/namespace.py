@@ -239,7 +239,13 @@ class Namespace:
 
     def attrs_dropped(self, node: Node, how: str) -> None:
         """Another writer ``how`` ("changed", "removed") ``node``'s object while this mount
-        had a change of its attributes only to write: theirs stands (counted, warned)."""
+        had a change of its attributes only to write: theirs stands (counted, warned; a
+        directory's times its entries changed, and nothing else: theirs stand, quietly)."""
+        if node.only_times_pending:
+            log.info("%s was %s by another writer; its times from here are not written",
+                     self.paths.ident(node), how)  # fmt: skip
+            node.meta_dirty = False
+            return
         self.conflicts += 1
         log.warning(
             "conflict: %s was %s by another writer; this host's change of its attributes"

@@ -390,44 +390,51 @@ class Uploader:
             node.attrs_sending -= 1
 
     async def sync_marker(self, node: Node) -> None:
+        """Write a directory's changed attributes onto its marker, If-Match the version this
+        mount holds.  Times its entries changed, and nothing else, are merged first with
+        the marker S3 holds now (a HEAD): If-Match cannot tell another host's marker from
+        ours where S3's ETag is the body's MD5 (every marker has an empty body), and a
+        create here must not undo a chmod or chown made there."""
+        times_only = node.only_times_pending
+        key, _ = self.paths.object_key(node)
         for _ in range(3):
+            if times_only and node.remote_etag is not None:
+                info = await self.remote.head(key)
+                if info is None or not self.merge_times(node, info):
+                    self.attrs_lost(node, info)  # (quietly: times only, Namespace)
+                    return
             try:
                 await self.put_marker(node, create=node.remote_etag is None)
                 return
             except (PreconditionFailed, NotFound):
-                key, _ = self.paths.object_key(node)
-                info = await self.remote.head(key)
-                if not (node.times_only and info is not None and self.merge_times(node, info)):
-                    self.attrs_lost(node, info)
+                if not times_only:
+                    self.attrs_lost(node, await self.remote.head(key))
                     return
         log.info("%s: directory times not written (its marker keeps changing)",
                  self.paths.ident(node))  # fmt: skip
         node.meta_dirty = False
 
     def merge_times(self, node: Node, info: ObjectInfo) -> bool:
-        """Another writer changed directory ``node``'s marker while this mount had only the
-        times its entries changed to write: take theirs with the later of each time (both
-        hosts changed entries; neither change of the directory is lost).  False if theirs
-        is not a marker of this directory."""
-        parent = node.parent
+        """``info`` is directory ``node``'s marker in S3 now, and this mount has only times
+        its entries changed to write: take that marker's attributes, with the later of each
+        time (neither host's change of the directory is lost).  False if it is not this
+        directory's marker (removed and made again elsewhere, or not a directory)."""
         try:
             meta = self.look.decode(self.paths.path(node), info)
         except (IntegrityError, UnsupportedFormat):
             return False
-        if meta.attrs.kind != KIND_DIR:
+        if meta.attrs.kind != KIND_DIR or meta.file_id != node.file_id or node.unlinked:
             return False
         ours = node.attrs
-        node.file_id = meta.file_id
-        node.attrs = meta.attrs.with_(
+        theirs = meta.attrs.with_(
             mtime_ns=max(ours.mtime_ns, meta.attrs.mtime_ns),
             ctime_ns=max(ours.ctime_ns, meta.attrs.ctime_ns),
         )
-        if parent is not None:
-            self.tree.seen(parent, node.name, node, info)
-        else:  # (the root)
-            node.remote_etag = info.etag
-            node.remote_modified, node.modified_etag = info.modified, info.etag
-        self.tree.tell_kernel_changed(node)
+        if theirs.mode != ours.mode or theirs.uid != ours.uid or theirs.gid != ours.gid:
+            self.tree.tell_kernel_changed(node)
+        node.attrs = theirs
+        node.remote_etag = info.etag
+        node.remote_modified, node.modified_etag = info.modified, info.etag
         return True
 
     def attrs_lost(self, node: Node, info: ObjectInfo | None) -> None:

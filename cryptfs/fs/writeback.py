@@ -122,7 +122,7 @@ class Writeback:
     async def background_sync(self, node: Node) -> None:
         try:
             async with self.limit_for(node):
-                await self.sync_node(node)
+                await self.sync_node(node, settle=False)
             self.retry.pop(node, None)
             if self.upload.sweep_due and self.background.nursery is not None:
                 # S3 answers again: abort what an outage left unfinished, while mounted
@@ -155,8 +155,10 @@ class Writeback:
         """``e`` for a log line: scrubbed of names, or only its type (not one of ours)."""
         return self.paths.scrub(e) if isinstance(e, (CryptfsError, OSError)) else type(e).__name__
 
-    async def sync_node(self, node: Node) -> None:
-        """Make ``node`` durable in S3; returns once everything written before is uploaded.
+    async def sync_node(self, node: Node, *, settle: bool = True) -> None:
+        """Make ``node`` durable in S3; returns once everything written before is uploaded
+        (``settle=False``, the service's: a directory's times written once, not until its
+        entries stop changing).
 
         Under the node's lock only, not ``ns``: its key is kept stable by ``moving_dir``
         instead (a directory rename above it waits for it, and it for such a rename), so
@@ -179,6 +181,11 @@ class Writeback:
                     del self.uploading[node]
                     self.uploads_changed.set()
                     self.uploads_changed = trio.Event()
+                if not settle and node.only_times_pending:
+                    # entries changed during the write: the next one waits for its delay
+                    # (a busy directory's marker was rewritten back to back)
+                    self.dir_times(node)
+                    return
         raise StoreError("file keeps changing during upload")
 
     async def sync_locked(self, node: Node) -> None:
