@@ -55,7 +55,7 @@ def test_journal_records_have_a_key_each_and_old_ones_still_read(tmp_path: Path)
 # -- rotation: what the holder of a retired key can still do (review of issue 17) ----------
 
 
-async def _plant_under(store, payload, cfg, name: bytes, data: bytes) -> str:  # type: ignore[no-untyped-def]
+async def _plant_under(store, payload, cfg, name: bytes, data: bytes, kind: str = "f") -> str:  # type: ignore[no-untyped-def]
     """The holder of ``payload`` (e.g. an old key file) writes a file of its own, sealed and
     wrapped under that payload's current master key, as FORMAT.md says."""
     import os
@@ -75,7 +75,7 @@ async def _plant_under(store, payload, cfg, name: bytes, data: bytes) -> str:  #
     dek, wk = await ring.new_dek(fid)
     body = BodyCipher.new(dek, fid, cfg.chunk_log2)
     now = time.time_ns()
-    attrs = Attrs(KIND_FILE, 0o644, 0, 0, now, now, now, len(data), body.header.salt)
+    attrs = Attrs(kind or KIND_FILE, 0o644, 0, 0, now, now, now, len(data), body.header.salt)
     await store.put(comp, body.seal_all(data), codec.encode(b"", comp, ObjectMeta(fid, attrs, wk)))
     return comp
 
@@ -463,3 +463,39 @@ async def test_settle_must_be_a_sane_number(tmp_path: Path) -> None:
     for bad in (-100.0, float("inf"), float("nan")):
         with pytest.raises(UsageError):
             await rotate(vol, to_source=KeySource(keyfile=Secret(b"n" * 32)), settle=bad)
+
+
+@pytest.mark.allow_error_logs
+async def test_an_unknown_kind_planted_under_a_retiring_key_does_not_stop_a_rotation(
+    tmp_path: Path,
+) -> None:
+    """The holder of a retiring key plants an object of a kind this release does not know,
+    after the rotation's bound: it is late (named, not resealed), not a rotation-stopper
+    (the second review: it sat in ``failed`` for good, so a leaked key could never be
+    revoked)."""
+    from cryptfs.crypto import Secret
+    from cryptfs.errors import StoreUnavailable
+    from cryptfs.format.volume import KeySource
+    from cryptfs.keyadmin import rotate
+    from cryptfs.volume import Volume
+    from tests.fsutil import write_file
+
+    old, new = KeySource(keyfile=Secret(b"k" * 32)), KeySource(keyfile=Secret(b"n" * 32))
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store)
+    await write_file(fs, ROOT_INO, b"real.txt", b"the owner's\n")
+    stolen = await Volume.open(store, old)
+    real_copy = store.copy
+
+    async def down(*a, **kw):  # type: ignore[no-untyped-def]
+        raise StoreUnavailable("injected outage")
+
+    store.copy = down  # type: ignore[method-assign]
+    assert not (await rotate(await Volume.open(store, old), to_source=new, settle=0)).finished
+    store.copy = real_copy  # type: ignore[method-assign]
+    planted = await _plant_under(store, stolen.payload, stolen.config, b"x", b"", kind="z")
+    vol = await Volume.open(store, new)
+    held = await rotate(vol, to_source=new, resume=True, settle=0)
+    assert not held.finished and held.late == [planted] and planted not in held.failed
+    done = await rotate(vol, to_source=new, resume=True, settle=0, discard_late=True)
+    assert done.finished and done.late == [planted]
