@@ -6,6 +6,7 @@ throw-away staging directory.  Owns nothing persistent.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -20,7 +21,7 @@ from cryptfs.format import s3ec
 from cryptfs.format.meta import DEVICE_KINDS, KIND_DIR, KIND_LINK, SPECIAL_KINDS
 from cryptfs.format.volume import CONFIG_NAME, KeySource
 from cryptfs.fs.filesystem import Filesystem
-from cryptfs.fs.model import ROOT_INO, Node
+from cryptfs.fs.model import ROOT_INO, Node, Stat
 from cryptfs.fs.unmounted import unmounted
 from cryptfs.session import Remote, open_remote, volume_session
 from cryptfs.store.s3 import S3Location
@@ -103,72 +104,135 @@ async def decrypt_tree(
     dest: Path,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[int, int]:
-    """Write ``node`` (file, symlink or whole directory) to ``dest``; (files, bytes).
+    """Write ``node`` (file, symlink, special file or whole directory) to ``dest``; (files,
+    bytes).  ``progress`` is told every chunk of bytes written.
 
-    ``progress`` is told every chunk of bytes written."""
-    files = total = 0
+    Below ``dest``'s own directory, which the user named, every step is taken relative to a
+    directory opened without following symlinks, and every attribute is set on what was
+    opened, never through a path again: someone who can write into the destination meanwhile
+    (swapping a name for a symlink to /etc between two steps of a restore run as root) makes
+    it write, chmod or remove nothing outside it.  What is found at a name to restore is
+    replaced, never written through or followed."""
+    parent = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)  # offline CLI: inline I/O
+    try:
+        return await _restore(fs, node, parent, os.fsencode(dest.name), progress)
+    finally:
+        os.close(parent)
+
+
+async def _restore(
+    fs: Filesystem,
+    node: Node,
+    at: int,
+    name: bytes,
+    progress: Callable[[int], None] | None,
+) -> tuple[int, int]:
+    """``node`` as ``name`` in the directory open as ``at``."""
     st = fs.stat(node)
     if node.kind == KIND_DIR:
-        if not _clear(dest, keep_dir=True):
-            os.mkdir(dest)  # offline CLI: local I/O inline is fine
-        for name, child in await _entries(fs, node):
-            f, b = await decrypt_tree(fs, child, dest / os.fsdecode(name), progress)
-            files += f
-            total += b
-    elif node.kind == KIND_LINK:
+        fd = _directory_at(at, name)
+        try:
+            files = total = 0
+            for child_name, child in await _entries(fs, node):
+                f, b = await _restore(fs, child, fd, child_name, progress)
+                files += f
+                total += b
+            _set_attrs(fd, st)
+        finally:
+            os.close(fd)
+        return files, total
+    if node.kind == KIND_LINK:
         target = await fs.readlink(node.ino)
-        _clear(dest)
-        os.symlink(target, dest)
-    elif node.kind in SPECIAL_KINDS:
+        _clear_at(at, name)
+        os.symlink(target, name, dir_fd=at)
+        if os.geteuid() == 0:
+            os.chown(name, st.uid, st.gid, dir_fd=at, follow_symlinks=False)
+        os.utime(name, ns=(st.atime_ns, st.mtime_ns), dir_fd=at, follow_symlinks=False)
+        return 0, 0
+    if node.kind in SPECIAL_KINDS:
         if node.kind in DEVICE_KINDS and os.geteuid() != 0:
             log.warning("%s skipped: only root can make a device node", fs.ident(node))
-            return 0, 0  # (and whatever DEST holds of that name is left as it is)
-        _clear(dest)
+            return 0, 0  # (and whatever the destination holds of that name is left alone)
+        _clear_at(at, name)
         # (a socket is made as mknod(2) makes one: a name, no listener; as tar and cp do)
-        os.mknod(dest, st.mode, st.rdev)
-    else:
-        h = await fs.open(node.ino, os.O_RDONLY)
+        os.mknod(name, stat.S_IFMT(st.mode) | 0o600, st.rdev, dir_fd=at)
+        # its attributes through an O_PATH descriptor of what was made (opening a FIFO or a
+        # device for real could block or act): never through the name again
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=at)
         try:
-            _clear(dest)  # (never written through: a device, FIFO or symlink found there)
-            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            try:
-                off = 0
-                while True:
-                    data = await fs.read(h.fh, off, _READ)
-                    if not data:
-                        break
-                    os.write(fd, data)
-                    off += len(data)
-                    if progress is not None:
-                        progress(len(data))
-            finally:
-                os.close(fd)
+            if stat.S_IFMT(os.fstat(fd).st_mode) != stat.S_IFMT(st.mode):
+                raise FileExistsError(errno.EEXIST, "replaced while restored", os.fsdecode(name))
+            _set_attrs(fd, st, via_proc=True)
         finally:
-            await fs.release(h.fh)
-        files, total = 1, off
-    if os.geteuid() == 0:
-        os.lchown(dest, st.uid, st.gid)
-    if node.kind != KIND_LINK:
-        os.chmod(dest, stat.S_IMODE(st.mode))
-    os.utime(dest, ns=(st.atime_ns, st.mtime_ns), follow_symlinks=False)
-    return files, total
-
-
-def _clear(dest: Path, *, keep_dir: bool = False) -> bool:
-    """Make room at ``dest`` for what is restored there: whatever is there that is not a
-    directory to keep (a file, a symlink, a device, a FIFO) is removed, never written or
-    followed.  True if ``dest`` is a directory, kept.  A directory where something else is
-    to go is an error (its content is not ours to remove)."""
+            os.close(fd)
+        return 0, 0
+    h = await fs.open(node.ino, os.O_RDONLY)
     try:
-        st = os.lstat(dest)
+        _clear_at(at, name)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        fd = os.open(name, flags, 0o600, dir_fd=at)
+        try:
+            off = 0
+            while True:
+                data = await fs.read(h.fh, off, _READ)
+                if not data:
+                    break
+                os.write(fd, data)
+                off += len(data)
+                if progress is not None:
+                    progress(len(data))
+            _set_attrs(fd, st)
+        finally:
+            os.close(fd)
+    finally:
+        await fs.release(h.fh)
+    return 1, off
+
+
+def _directory_at(at: int, name: bytes) -> int:
+    """The directory ``name`` in ``at``, made if absent (a symlink or anything else there is
+    replaced; a directory there is kept), opened without following a symlink."""
+    for _ in range(3):
+        try:
+            return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=at)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise
+            os.unlink(name, dir_fd=at)  # (a symlink, or a file, where a directory goes)
+        with contextlib.suppress(FileExistsError):  # (made meanwhile: opened next time)
+            os.mkdir(name, 0o700, dir_fd=at)
+    raise FileExistsError(errno.EEXIST, "keeps changing while restored", os.fsdecode(name))
+
+
+def _clear_at(at: int, name: bytes) -> None:
+    """Make room for a file, symlink or special file ``name`` in ``at``: whatever is there
+    that is not a directory is removed (a directory in the way is an error: its content is
+    not ours to remove)."""
+    try:
+        os.unlink(name, dir_fd=at)
     except FileNotFoundError:
-        return False
-    if stat.S_ISDIR(st.st_mode):
-        if keep_dir:
-            return True
-        raise IsADirectoryError(errno.EISDIR, "a directory is in the way", str(dest))
-    os.unlink(dest)
-    return False
+        pass
+    except IsADirectoryError:
+        raise IsADirectoryError(
+            errno.EISDIR, "a directory is in the way", os.fsdecode(name)
+        ) from None
+    except PermissionError as e:  # (Linux: EPERM for unlink of a directory)
+        if not stat.S_ISDIR(os.stat(name, dir_fd=at, follow_symlinks=False).st_mode):
+            raise
+        raise IsADirectoryError(errno.EISDIR, "a directory is in the way", os.fsdecode(name)) from e
+
+
+def _set_attrs(fd: int, st: Stat, *, via_proc: bool = False) -> None:
+    """Owner (as root), mode and times of what ``fd`` is open on.  ``via_proc``: an O_PATH
+    descriptor, which fchmod and fchown refuse; its /proc/self/fd link names that very
+    inode (not a path someone can swap)."""
+    target: int | str = f"/proc/self/fd/{fd}" if via_proc else fd
+    if os.geteuid() == 0:
+        os.chown(target, st.uid, st.gid)
+    os.chmod(target, stat.S_IMODE(st.mode))
+    os.utime(target, ns=(st.atime_ns, st.mtime_ns))
 
 
 __all__ = ["ROOT_INO", "decrypt_tree", "list_entries", "open_offline"]

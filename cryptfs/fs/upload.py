@@ -395,12 +395,15 @@ class Uploader:
         the marker S3 holds now (a HEAD): If-Match cannot tell another host's marker from
         ours where S3's ETag is the body's MD5 (every marker has an empty body), and a
         create here must not undo a chmod or chown made there."""
-        times_only = node.only_times_pending
         key, _ = self.paths.object_key(node)
         for _ in range(3):
+            times_only = node.only_times_pending
             if times_only and node.remote_etag is not None:
                 info = await self.remote.head(key)
-                if info is None or not self.merge_times(node, info):
+                # (a chmod, chown or touch here during the HEAD: an explicit change now,
+                # written as one, never replaced by S3's attributes)
+                times_only = node.only_times_pending
+                if times_only and (info is None or not self.merge_times(node, info)):
                     self.attrs_lost(node, info)  # (quietly: times only, Namespace)
                     return
             try:

@@ -424,3 +424,65 @@ async def test_upgrade_does_not_seal_an_object_at_a_key_of_the_other_kind(
     report = await upgrade(await Volume.open(store, src), settle=0)
     assert not report.finished
     assert store.objects[marker][1]["cfs"] == "1"  # left as it was, not resealed
+
+
+async def test_a_chmod_here_during_a_time_write_is_not_replaced(tmp_path: Path) -> None:
+    """A chmod that lands while the write of a directory's times waits for its HEAD is an
+    explicit change from then on: written as it is, not merged away (the third review)."""
+    store = MemoryStore()
+    fs = await make_fs(tmp_path, store)
+    d = await fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    await fs.flush_all()
+    await fs.mknod(d.ino, b"p", stat.S_IFIFO | 0o600, 0, 0, 0)
+    marker, _ = fs.paths.object_key(d)
+    head = store.head
+
+    async def head_then_chmod(key: str) -> object:
+        info = await head(key)
+        if key == marker:
+            await fs.setattr(d.ino, mode=0o700)
+        return info
+
+    store.head = head_then_chmod  # type: ignore[method-assign,assignment]
+    await fs.flush_all()
+    store.head = head  # type: ignore[method-assign]
+    fs2 = await make_fs(tmp_path / "2", store)
+    assert (await fs2.lookup(ROOT_INO, b"d")).attrs.mode == 0o700
+
+
+async def test_decrypt_is_not_led_outside_its_destination_by_a_swapped_directory(
+    tmp_path: Path,
+) -> None:
+    """Someone who can write into the destination swaps a directory being restored for a
+    symlink to elsewhere (as root, decrypt would then write and chmod there): every step
+    after is relative to the directory decrypt opened, so nothing lands elsewhere (the
+    third review)."""
+    from cryptfs.offline import decrypt_tree
+
+    fs = await make_fs(tmp_path)
+    d = await fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    for name in (b"a", b"b"):
+        await write_file(fs, d.ino, name, b"data " + name)
+    dest, elsewhere = tmp_path / "dest", tmp_path / "elsewhere"
+    dest.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "b").write_bytes(b"theirs")
+    os.chmod(elsewhere / "b", 0o600)
+    read = fs.read
+    swapped = False
+
+    async def swap_then_read(fh: int, off: int, size: int) -> bytes:
+        nonlocal swapped
+        if not swapped:  # (during the first file of d)
+            swapped = True
+            os.rename(dest / "d", tmp_path / "moved")
+            os.symlink(elsewhere, dest / "d")
+        return await read(fh, off, size)
+
+    fs.read = swap_then_read  # type: ignore[method-assign]
+    await decrypt_tree(fs, fs.root, dest)
+    assert swapped
+    assert (elsewhere / "b").read_bytes() == b"theirs"
+    assert stat.S_IMODE((elsewhere / "b").stat().st_mode) == 0o600
+    assert sorted(os.listdir(elsewhere)) == ["b"]
+    assert (tmp_path / "moved" / "b").read_bytes() == b"data b"
