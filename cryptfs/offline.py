@@ -113,6 +113,14 @@ async def decrypt_tree(
     (swapping a name for a symlink to /etc between two steps of a restore run as root) makes
     it write, chmod or remove nothing outside it.  What is found at a name to restore is
     replaced, never written through or followed."""
+    if dest.name in ("", ".", ".."):  # ("decrypt … ." or "/": the directory itself)
+        if node.kind != KIND_DIR:
+            raise IsADirectoryError(errno.EISDIR, "a directory is in the way", str(dest))
+        fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)  # (followed: the user named it)
+        try:
+            return await _restore_dir(fs, node, fd, progress)
+        finally:
+            os.close(fd)
     parent = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)  # offline CLI: inline I/O
     try:
         return await _restore(fs, node, parent, os.fsencode(dest.name), progress)
@@ -132,15 +140,9 @@ async def _restore(
     if node.kind == KIND_DIR:
         fd = _directory_at(at, name)
         try:
-            files = total = 0
-            for child_name, child in await _entries(fs, node):
-                f, b = await _restore(fs, child, fd, child_name, progress)
-                files += f
-                total += b
-            _set_attrs(fd, st)
+            return await _restore_dir(fs, node, fd, progress)
         finally:
             os.close(fd)
-        return files, total
     if node.kind == KIND_LINK:
         target = await fs.readlink(node.ino)
         _clear_at(at, name)
@@ -187,6 +189,25 @@ async def _restore(
     finally:
         await fs.release(h.fh)
     return 1, off
+
+
+async def _restore_dir(
+    fs: Filesystem, node: Node, fd: int, progress: Callable[[int], None] | None
+) -> tuple[int, int]:
+    """``node``'s entries into the directory open as ``fd``, then its own attributes.  As
+    root, the directory is root's and 0700 while its entries are made (one kept from before
+    may be someone else's, who could otherwise swap names in it meanwhile, or read what is
+    restored before its owner and mode are): its owner and mode come last."""
+    if os.geteuid() == 0:
+        os.fchown(fd, 0, 0)
+        os.fchmod(fd, 0o700)
+    files = total = 0
+    for child_name, child in await _entries(fs, node):
+        f, b = await _restore(fs, child, fd, child_name, progress)
+        files += f
+        total += b
+    _set_attrs(fd, fs.stat(node))
+    return files, total
 
 
 def _directory_at(at: int, name: bytes) -> int:

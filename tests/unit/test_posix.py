@@ -486,3 +486,35 @@ async def test_decrypt_is_not_led_outside_its_destination_by_a_swapped_directory
     assert stat.S_IMODE((elsewhere / "b").stat().st_mode) == 0o600
     assert sorted(os.listdir(elsewhere)) == ["b"]
     assert (tmp_path / "moved" / "b").read_bytes() == b"data b"
+
+
+async def test_decrypt_into_the_current_directory_and_over_a_kept_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``decrypt … .`` restores into the directory itself (the dir_fd rewrite refused it:
+    the fourth review); a directory kept from before is root's and 0700 while its entries
+    are made, then gets the volume's owner and mode."""
+    from cryptfs.offline import decrypt_tree
+
+    fs = await make_fs(tmp_path)
+    d = await fs.mkdir(ROOT_INO, b"d", 0o755, 1000, 1000)
+    await write_file(fs, d.ino, b"f", b"data")
+    out = tmp_path / "out"
+    (out / "d").mkdir(parents=True)
+    os.chown(out / "d", 4242, 4242)  # (someone else's, from an earlier run)
+    modes = []
+    read = fs.read
+
+    async def look_then_read(fh: int, off: int, size: int) -> bytes:
+        st = (out / "d").stat()
+        modes.append((st.st_uid, stat.S_IMODE(st.st_mode)))
+        return await read(fh, off, size)
+
+    fs.read = look_then_read  # type: ignore[method-assign]
+    monkeypatch.chdir(out)
+    files, _ = await decrypt_tree(fs, fs.root, Path("."))
+    assert files == 1 and (out / "d" / "f").read_bytes() == b"data"
+    if os.geteuid() == 0:
+        assert modes and all(m == (0, 0o700) for m in modes)
+        st = (out / "d").stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (1000, 0o755)
