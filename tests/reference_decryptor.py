@@ -315,3 +315,55 @@ def decrypt_volume(
         entry["rdev"] = attrs.get("rd", 0)
         out[path] = entry
     return out
+
+
+def decrypt_body3(
+    body: bytes, dek: bytes, volume_id: bytes, file_id: bytes, gen: bytes, seg: int, chunk: int
+) -> tuple[bytes, int]:
+    """A revision-3 body (FORMAT.md §8.5, a design not yet written by cryptfs): (plaintext,
+    mtime ns).  Written from the document alone."""
+    end_len, magic = int.from_bytes(body[-8:-4], "big"), body[-4:]
+    if magic != b"CFT3" or end_len > len(body):
+        raise Invalid("no trailer")
+    t = body[len(body) - end_len :]
+    r, sealed, commit = t[:32], t[32:-40], t[-40:-8]
+    prk = hmac.new(r, dek, hashlib.sha256).digest()
+    k_man = HKDFExpand(hashes.SHA256(), 32, b"cryptfs/v3/manifest/key").derive(prk)
+    c_man = HKDFExpand(hashes.SHA256(), 32, b"cryptfs/v3/manifest/commit").derive(prk)
+    if not hmac.compare_digest(c_man, commit):
+        raise Invalid("manifest commitment")
+    aad = b"cryptfs/v3/manifest\0" + volume_id + file_id + gen
+    manifest = AESGCM(k_man).decrypt(bytes(12), sealed, aad)
+    size = int.from_bytes(manifest[0:8], "big")
+    mtime = int.from_bytes(manifest[8:16], "big", signed=True)
+    n = int.from_bytes(manifest[16:20], "big")
+    entries = [manifest[20 + 96 * j : 20 + 96 * (j + 1)] for j in range(n)]
+    out, pos = [], 0
+    for j, e in enumerate(entries):
+        pk, salt, table_hash = e[:32], e[32:64], e[64:96]
+        b = min(seg, size - j * seg)
+        k = max(1, -(-b // chunk))
+        header = body[pos : pos + 88]
+        table = body[pos + 88 : pos + 88 + 16 * k]
+        if hashlib.sha256(header + table).digest() != table_hash:
+            raise Invalid("segment not pinned by the manifest")
+        if header[:4] != b"CFS3" or int.from_bytes(header[4:8], "big") != j:
+            raise Invalid("segment header")
+        if header[8:24] != file_id or header[24:56] != salt:
+            raise Invalid("segment of another file")
+        sprk = hmac.new(salt, pk, hashlib.sha256).digest()
+        key = HKDFExpand(hashes.SHA256(), 32, b"cryptfs/v3/seg").derive(sprk)
+        if HKDFExpand(hashes.SHA256(), 32, b"cryptfs/v3/commit").derive(sprk) != header[56:88]:
+            raise Invalid("segment commitment")
+        pos += 88 + 16 * k
+        for i in range(k):
+            ln = min(chunk, b - i * chunk) + 16 if b else 16
+            c = body[pos : pos + ln]
+            if hashlib.sha256(c).digest()[:16] != table[16 * i : 16 * (i + 1)]:
+                raise Invalid("chunk not in its table")
+            nonce = i.to_bytes(11, "big") + (b"\x01" if i == k - 1 else b"\x00")
+            out.append(AESGCM(key).decrypt(nonce, c, header + k.to_bytes(4, "big")))
+            pos += ln
+    if pos != len(body) - end_len:
+        raise Invalid("length is not the manifest's")
+    return b"".join(out), mtime

@@ -102,3 +102,21 @@ def test_revision_2_metadata_is_bound_to_the_key_and_the_wrapping() -> None:
         changed[a] = (objects[a][0], dict(objects[a][1], **{field: "x"}))
         with pytest.raises(ref.Invalid):
             ref.decrypt_volume(changed, key)
+
+
+def test_body_revision_3_from_the_document_alone() -> None:
+    """FORMAT.md §8.5 (a design: cryptfs does not write it yet) is complete enough to
+    decrypt its golden vector without cryptfs."""
+    v = json.loads((DATA / "body3_vectors.json").read_text())
+    got, mtime = ref.decrypt_body3(
+        bytes.fromhex(v["body"]), bytes.fromhex(v["dek"]), bytes.fromhex(v["volume_id"]),
+        bytes.fromhex(v["file_id"]), bytes.fromhex(v["gen"]), v["segment"], v["chunk"],
+    )  # fmt: skip
+    assert got == bytes.fromhex(v["plaintext"]) and mtime == v["mtime_ns"]
+    tampered = bytearray.fromhex(v["body"])
+    tampered[200] ^= 1
+    with pytest.raises(ref.Invalid):
+        ref.decrypt_body3(
+            bytes(tampered), bytes.fromhex(v["dek"]), bytes.fromhex(v["volume_id"]),
+            bytes.fromhex(v["file_id"]), bytes.fromhex(v["gen"]), v["segment"], v["chunk"],
+        )  # fmt: skip

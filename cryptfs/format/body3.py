@@ -1,0 +1,293 @@
+"""Object body revision 3: segments, each under a key of its own and pinned by a hash table,
+then a sealed manifest trailer (docs/FORMAT.md §8.5).
+
+Not yet written by the file system (issue 21 wires it in); this module is the byte layout,
+its arithmetic and its checks, pure and synchronous, with golden vectors and tamper tests
+(tests/unit/test_body3.py) so that the code after it builds on settled bytes.
+
+Owns: the segment header, the per-segment hash table, the segment key schedule, the manifest
+and its trailer, and the offset and size arithmetic between plaintext and object bytes.
+Must not import: store, fs, fuse, cache.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cryptfs.crypto import Aead, Secret, constant_time_eq, hkdf_expand, hkdf_extract, sha256
+from cryptfs.crypto import random_bytes as _random
+from cryptfs.errors import IntegrityError
+
+SEG_MAGIC = b"CFS3"
+TRAILER_MAGIC = b"CFT3"
+SEG_HEADER_SIZE = 88
+HASH_SIZE = 16  # SHA-256 of a chunk's ciphertext, cut to 16 bytes, in the hash table
+TAG_SIZE = 16
+KEY_SIZE = 32
+ENTRY_SIZE = 96  # PK_j (32) ‖ s_j (32) ‖ T_j (32)
+_SEG_HEADER = struct.Struct(">4sI16s32s32s")
+_TRAILER_END = struct.Struct(">I4s")
+_MANIFEST_HEAD = struct.Struct(">QqI")
+assert _SEG_HEADER.size == SEG_HEADER_SIZE
+
+
+def chunks_in(b: int, chunk: int) -> int:
+    """Chunks of a segment of ``b`` plaintext bytes (an empty one has one empty chunk)."""
+    return max(1, -(-b // chunk))
+
+
+def segment_size(b: int, chunk: int) -> int:
+    """Bytes of a segment holding ``b`` plaintext bytes: header, hash table, chunks."""
+    k = chunks_in(b, chunk)
+    return SEG_HEADER_SIZE + HASH_SIZE * k + b + TAG_SIZE * k
+
+
+def trailer_size(n: int) -> int:
+    """Bytes of the trailer of a body of ``n`` segments."""
+    return KEY_SIZE + (_MANIFEST_HEAD.size + ENTRY_SIZE * n) + TAG_SIZE + KEY_SIZE + 8
+
+
+def segments_of(size: int, seg: int) -> int:
+    """Segments of a body of ``size`` plaintext bytes (an empty file has one)."""
+    return max(1, -(-size // seg))
+
+
+def body_size(size: int, seg: int, chunk: int) -> int:
+    """Object length of a body of ``size`` plaintext bytes."""
+    n = segments_of(size, seg)
+    last = size - (n - 1) * seg
+    return (n - 1) * segment_size(seg, chunk) + segment_size(last, chunk) + trailer_size(n)
+
+
+def plain_size(length: int, seg: int, chunk: int) -> tuple[int, int]:
+    """(segments, plaintext size) of the body whose object length is ``length``; a length
+    no body has is a cut or extended object.  Unique: the length grows strictly with the
+    last segment's size, and jumps from n segments to n + 1 (FORMAT.md §8.5)."""
+    full = segment_size(seg, chunk)
+    n = max(1, length // (full + ENTRY_SIZE))
+    for cand in (n - 1, n, n + 1):
+        if cand < 1:
+            continue
+        rest = length - (cand - 1) * full - trailer_size(cand)  # the last segment's bytes
+        b = _last_segment_plain(rest, seg, chunk)
+        if b is not None and (b > 0 or cand == 1):  # (only an empty file ends empty)
+            return cand, (cand - 1) * seg + b
+    raise IntegrityError(f"object length {length} is no revision-3 body length")
+
+
+def _last_segment_plain(rest: int, seg: int, chunk: int) -> int | None:
+    """The b with ``segment_size(b) == rest``, 1 <= b <= seg (0 for the one empty segment)."""
+    body = rest - SEG_HEADER_SIZE
+    per = chunk + HASH_SIZE + TAG_SIZE  # one full chunk with its hash and tag
+    if body == HASH_SIZE + TAG_SIZE:
+        return 0
+    if body <= HASH_SIZE + TAG_SIZE:
+        return None
+    k = -(-body // per)
+    b = body - (HASH_SIZE + TAG_SIZE) * k
+    if b < 1 or b > seg or chunks_in(b, chunk) != k:
+        return None
+    return b
+
+
+def segment_offset(j: int, seg: int, chunk: int) -> int:
+    """Where segment ``j`` starts in the object (every segment before it is full)."""
+    return j * segment_size(seg, chunk)
+
+
+def chunk_offset(i: int, k: int, chunk: int) -> int:
+    """Where chunk ``i`` of a segment of ``k`` chunks starts, from the segment's start."""
+    return SEG_HEADER_SIZE + HASH_SIZE * k + i * (chunk + TAG_SIZE)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A segment as a manifest names it: its key, its salt, the hash of its header and
+    hash table (``T_j``: the exact bytes of the segment, pinned)."""
+
+    key: Secret
+    salt: bytes
+    table_hash: bytes
+
+    def pack(self) -> bytes:
+        return self.key.reveal() + self.salt + self.table_hash
+
+
+def _segment_keys(pk: Secret, salt: bytes) -> tuple[Secret, bytes]:
+    prk = hkdf_extract(salt, pk)
+    return hkdf_expand(prk, b"cryptfs/v3/seg"), hkdf_expand(prk, b"cryptfs/v3/commit").reveal()
+
+
+def _nonce(i: int, last: bool) -> bytes:
+    return i.to_bytes(11, "big") + (b"\x01" if last else b"\x00")
+
+
+def seal_segment(
+    file_id: bytes, j: int, plaintext: bytes | memoryview, chunk: int, pk: Secret | None = None
+) -> tuple[bytes, Entry]:
+    """Segment ``j`` of file ``file_id`` holding ``plaintext`` (a full segment, or the last),
+    under a fresh key unless ``pk`` is given (golden vectors); its bytes and its entry."""
+    pk = pk or Secret(_random(KEY_SIZE))
+    salt = _random(32)
+    key, commit = _segment_keys(pk, salt)
+    header = _SEG_HEADER.pack(SEG_MAGIC, j, file_id, salt, commit)
+    k = chunks_in(len(plaintext), chunk)
+    aad = header + k.to_bytes(4, "big")
+    aead = Aead(key)
+    view = memoryview(plaintext)
+    sealed = [aead.seal(_nonce(i, i == k - 1), view[i * chunk : (i + 1) * chunk], aad)
+              for i in range(k)]  # fmt: skip
+    table = b"".join(sha256(c)[:HASH_SIZE] for c in sealed)
+    return header + table + b"".join(sealed), Entry(pk, salt, sha256(header + table))
+
+
+class SegmentReader:
+    """Opens the chunks of one segment, once its header and hash table match the manifest's
+    entry (the bytes the version that wrote the manifest pinned)."""
+
+    def __init__(
+        self, file_id: bytes, j: int, entry: Entry, head: bytes | memoryview, k: int
+    ) -> None:
+        head = bytes(head[: SEG_HEADER_SIZE + HASH_SIZE * k])
+        if len(head) != SEG_HEADER_SIZE + HASH_SIZE * k:
+            raise IntegrityError(f"segment {j}: header and hash table cut short")
+        if not constant_time_eq(sha256(head), entry.table_hash):
+            raise IntegrityError(f"segment {j}: not the segment this version's manifest names")
+        magic, index, fid, salt, commit = _SEG_HEADER.unpack(head[:SEG_HEADER_SIZE])
+        key, expect = _segment_keys(entry.key, salt)
+        if magic != SEG_MAGIC or index != j or fid != file_id or salt != entry.salt:
+            raise IntegrityError(f"segment {j}: header of another segment or file")
+        if not constant_time_eq(commit, expect):
+            raise IntegrityError(f"segment {j}: key commitment mismatch")
+        self.j = j
+        self.k = k
+        self._aad = head[:SEG_HEADER_SIZE] + k.to_bytes(4, "big")
+        self._table = head[SEG_HEADER_SIZE:]
+        self._aead = Aead(key)
+
+    def open_chunk(self, i: int, ciphertext: bytes | memoryview) -> bytes:
+        if not 0 <= i < self.k:
+            raise IntegrityError(f"segment {self.j}: no chunk {i}")
+        want = self._table[i * HASH_SIZE : (i + 1) * HASH_SIZE]
+        if not constant_time_eq(sha256(bytes(ciphertext))[:HASH_SIZE], want):
+            raise IntegrityError(f"segment {self.j}: chunk {i} is not the one its table names")
+        try:
+            return self._aead.open(_nonce(i, i == self.k - 1), ciphertext, self._aad)
+        except IntegrityError:
+            raise IntegrityError(f"segment {self.j}: chunk {i} failed authentication") from None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    size: int
+    mtime_ns: int
+    entries: tuple[Entry, ...]
+
+
+def _manifest_keys(dek: Secret, r: bytes) -> tuple[Secret, bytes]:
+    prk = hkdf_extract(r, dek)
+    key = hkdf_expand(prk, b"cryptfs/v3/manifest/key")
+    return key, hkdf_expand(prk, b"cryptfs/v3/manifest/commit").reveal()
+
+
+def _manifest_aad(volume_id: bytes, file_id: bytes, gen: bytes) -> bytes:
+    return b"cryptfs/v3/manifest\0" + volume_id + file_id + gen
+
+
+def seal_trailer(
+    dek: Secret, volume_id: bytes, file_id: bytes, gen: bytes, manifest: Manifest
+) -> bytes:
+    """The trailer that ends a body: the manifest sealed under a key of its own (r)."""
+    r = _random(KEY_SIZE)
+    key, commit = _manifest_keys(dek, r)
+    plain = _MANIFEST_HEAD.pack(manifest.size, manifest.mtime_ns, len(manifest.entries))
+    plain += b"".join(e.pack() for e in manifest.entries)
+    sealed = Aead(key).seal(bytes(12), plain, _manifest_aad(volume_id, file_id, gen))
+    body = r + sealed + commit
+    return body + _TRAILER_END.pack(len(body) + _TRAILER_END.size, TRAILER_MAGIC)
+
+
+def trailer_length(tail: bytes | memoryview) -> int:
+    """The trailer's length, from the last 8 bytes of an object (a suffix GET)."""
+    if len(tail) < _TRAILER_END.size:
+        raise IntegrityError("object shorter than a trailer")
+    length, magic = _TRAILER_END.unpack(bytes(tail[-_TRAILER_END.size :]))
+    if magic != TRAILER_MAGIC or length < trailer_size(1):
+        raise IntegrityError("no revision-3 trailer at the end of the object")
+    return int(length)
+
+
+def open_trailer(
+    dek: Secret, volume_id: bytes, file_id: bytes, gen: bytes, tail: bytes | memoryview
+) -> Manifest:
+    """The manifest of the trailer at the end of ``tail`` (the object's last bytes)."""
+    length = trailer_length(tail)
+    if len(tail) < length:
+        raise IntegrityError("trailer cut short")
+    t = bytes(tail[len(tail) - length :])
+    r, sealed, commit = t[:KEY_SIZE], t[KEY_SIZE : -KEY_SIZE - 8], t[-KEY_SIZE - 8 : -8]
+    key, expect = _manifest_keys(dek, r)
+    if not constant_time_eq(commit, expect):
+        raise IntegrityError("manifest key commitment mismatch (wrong data key?)")
+    try:
+        plain = Aead(key).open(bytes(12), sealed, _manifest_aad(volume_id, file_id, gen))
+    except IntegrityError:
+        raise IntegrityError("manifest does not authenticate for this version") from None
+    size, mtime, n = _MANIFEST_HEAD.unpack(plain[: _MANIFEST_HEAD.size])
+    rest = plain[_MANIFEST_HEAD.size :]
+    if n < 1 or len(rest) != ENTRY_SIZE * n or length != trailer_size(n):
+        raise IntegrityError("malformed manifest")
+    entries = tuple(
+        Entry(Secret(rest[o : o + 32]), rest[o + 32 : o + 64], rest[o + 64 : o + 96])
+        for o in range(0, len(rest), ENTRY_SIZE)
+    )
+    return Manifest(size, mtime, entries)
+
+
+def seal_body(
+    dek: Secret,
+    volume_id: bytes,
+    file_id: bytes,
+    gen: bytes,
+    plaintext: bytes,
+    mtime_ns: int,
+    seg: int,
+    chunk: int,
+    keys: Sequence[Secret] | None = None,
+) -> bytes:
+    """A whole body held in memory (small files, golden vectors); ``keys``: the segment keys
+    to use (golden vectors), else fresh ones."""
+    n = segments_of(len(plaintext), seg)
+    parts, entries = [], []
+    for j in range(n):
+        data, entry = seal_segment(
+            file_id, j, plaintext[j * seg : (j + 1) * seg], chunk, keys[j] if keys else None
+        )
+        parts.append(data)
+        entries.append(entry)
+    manifest = Manifest(len(plaintext), mtime_ns, tuple(entries))
+    return b"".join(parts) + seal_trailer(dek, volume_id, file_id, gen, manifest)
+
+
+def open_body(
+    dek: Secret, volume_id: bytes, file_id: bytes, gen: bytes, body: bytes, seg: int, chunk: int
+) -> tuple[bytes, Manifest]:
+    """Every byte of a body held in memory, checked as a reader of any range checks it."""
+    n, size = plain_size(len(body), seg, chunk)
+    manifest = open_trailer(dek, volume_id, file_id, gen, body)
+    if len(manifest.entries) != n or manifest.size != size:
+        raise IntegrityError("the manifest's size is not the one the object's length gives")
+    out = []
+    for j, entry in enumerate(manifest.entries):
+        b = min(seg, size - j * seg)
+        k = chunks_in(b, chunk)
+        start = segment_offset(j, seg, chunk)
+        head = body[start : start + SEG_HEADER_SIZE + HASH_SIZE * k]
+        reader = SegmentReader(file_id, j, entry, head, k)
+        for i in range(k):
+            off = start + chunk_offset(i, k, chunk)
+            ln = min(chunk, b - i * chunk) + TAG_SIZE if b else TAG_SIZE
+            out.append(reader.open_chunk(i, body[off : off + ln]))
+    return b"".join(out), manifest
