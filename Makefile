@@ -39,6 +39,8 @@ test: lint
 bench: install
 	@if ! command -v rclone >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rclone >/dev/null; fi
+	@if ! command -v s3fs >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq s3fs >/dev/null; fi
 	$(BIN)/python benchmarks/bench.py
 
 demo: install

@@ -1,20 +1,22 @@
 """cryptfs benchmark: workloads through a real mount vs. raw S3 on the same server, and the
-same workloads through ``rclone mount`` of an rclone ``crypt`` remote, all in one run.
+same workloads through ``rclone mount`` of an rclone ``crypt`` remote and through ``s3fs``
+(s3fs-fuse, no client-side encryption), all in one run.
 
 Usage: ``make bench`` or ``python benchmarks/bench.py [--size-mib 1024] [--files 2000]``.
 Starts its own SeaweedFS on free loopback ports, prints a Markdown table and writes it with
 machine, versions and date to ``benchmarks/results/``.  Ratios are cryptfs / ceiling (for
 throughput: higher is better; for times the ratio is ceiling-time / cryptfs-time, so 1.0
-means "as fast as the ceiling" everywhere), and likewise cryptfs / rclone (> 1: cryptfs is
-faster).  Write figures run until the data is in S3 (dd conv=fsync, then unmount, which
-waits for uploads), so that a mount that uploads after close is not flattered.
+means "as fast as the ceiling" everywhere), and likewise cryptfs / each other mount (> 1:
+cryptfs is faster).  Write figures run until the data is in S3 (dd conv=fsync, then
+unmount, which waits for uploads), so that a mount that uploads after close is not flattered.
 
-Rounds (``--rounds``, 3 by default): every round measures the raw ceiling and both mounts
-afresh (a volume, a remote and keys of its own), cryptfs first in odd rounds and rclone first
-in even ones, so that a machine getting slower or faster during the run does not favour
-either.  The table gives each figure's median over the rounds, and each ratio as the median
-of the ratios taken within one round (with their range); the CPU table says which process
-spent the time (``/proc/PID/stat`` of the daemon and of SeaweedFS, rusage of the tool).
+Rounds (``--rounds``, 3 by default): every round measures the raw ceiling and every mount
+afresh (a volume, a remote and keys of its own), a different mount first in each round, so
+that a machine getting slower or faster during the run favours none.  The table gives each
+figure's median over the rounds, and each ratio as the median of the ratios taken within one
+round (with their range); the CPU table says which process spent the time (``/proc/PID/stat``
+of the daemon and of SeaweedFS, rusage of the tool).  ``--no-rclone`` / ``--no-s3fs`` leave a
+column out (each is also left out when its program is not installed).
 
 "Cold" means nothing of the data on the client: the mount is remounted (the kernel drops a
 FUSE file's pages with its inode) and its cache directory emptied.  The page cache of the
@@ -42,6 +44,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -262,6 +265,57 @@ class Rclone(Target):
     def cold(self) -> None:
         self.umount()
         shutil.rmtree(self.cache, ignore_errors=True)
+        self.mount()
+
+
+class S3fs(Target):
+    """``s3fs`` (s3fs-fuse, Debian's package) over the same server and bucket: no client-side
+    encryption, the most installed S3 mount; its defaults (no local cache directory), in the
+    foreground so that its process is the one measured."""
+
+    name = "s3fs"
+
+    def __init__(self, endpoint: str, bucket: str, work: Path, tag: str, client: Any) -> None:
+        self.mnt = work / f"smnt-{tag}"
+        self.mnt.mkdir()
+        self.cache = work / f"scache-{tag}"  # (unused: s3fs keeps no disk cache by default)
+        self.cache.mkdir()
+        self.passwd = work / f"s3fs-{tag}.passwd"
+        self.passwd.write_text(f"{ACCESS_KEY}:{SECRET_KEY}\n")
+        self.passwd.chmod(0o600)
+        self.source = f"{bucket}:/s3fs-{tag}"
+        self.endpoint = endpoint
+        self.log = work / "s3fs.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        # s3fs mounts a prefix only once something is under it
+        client.put_object(Bucket=bucket, Key=f"s3fs-{tag}/", Body=b"")
+
+    def mount(self) -> int:
+        self.proc = subprocess.Popen(
+            ["s3fs", self.source, str(self.mnt), "-f",
+             "-o", f"url={self.endpoint},use_path_request_style,passwd_file={self.passwd}",
+             "-o", "dbglevel=warn"],
+            stdout=subprocess.DEVNULL, stderr=self.log.open("ab"),
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(self.mnt):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"s3fs did not come up: {self.log.read_text()[-500:]}")
+            time.sleep(0.05)  # noqa: TID251 - a script, no event loop
+        self.pid = self.proc.pid
+        return self.pid
+
+    def umount(self) -> None:
+        """Returns once s3fs has exited (it uploads at close: nothing is left then)."""
+        assert self.proc is not None
+        subprocess.run(["fusermount3", "-u", str(self.mnt)], check=False)
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.proc.wait(600)
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.cli_cpu += ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime
+
+    def cold(self) -> None:
+        self.umount()
         self.mount()
 
 
@@ -507,6 +561,24 @@ def workloads(
         r["rsync1_s"] = timed(rsync)
     with measured("rsync2"):
         r["rsync2_s"] = timed(rsync)
+    m.cold()
+    with measured("walk"):  # every name and its attributes, as backup tools begin
+        r["walk_s"] = timed(
+            lambda: run("find", f"{m.mnt}/tree", "-printf", "%s %T@ %m %p\\n",
+                        stdout=subprocess.DEVNULL)
+        )  # fmt: skip
+    m.cold()
+    out = Path(f"{small.parent}/out-{m.name.replace(' ', '-')}")
+
+    def copy_out() -> None:
+        res = subprocess.run(["cp", "-a", f"{m.mnt}/tree", str(out)], capture_output=True,
+                             text=True)  # fmt: skip
+        if res.returncode != 0:  # (what a mount left broken shows here: reported, timed)
+            print(f"  ({m.name}: cp -a out exit {res.returncode}: {res.stderr.strip()[:200]})")
+
+    with measured("copyout"):
+        r["copyout_s"] = timed(copy_out)
+    shutil.rmtree(out, ignore_errors=True)
 
     (m.mnt / "ren").mkdir()
     for i in range(args.rename_files):
@@ -547,6 +619,7 @@ def main() -> int:
     ap.add_argument("--tree-mib", type=int, default=60)
     ap.add_argument("--rename-files", type=int, default=500)
     ap.add_argument("--no-rclone", action="store_true", help="skip the rclone crypt column")
+    ap.add_argument("--no-s3fs", action="store_true", help="skip the s3fs column")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
     args = ap.parse_args()
     size = args.size_mib << 20
@@ -556,9 +629,15 @@ def main() -> int:
     server = start_seaweed(work / "s3")
     spid = server.proc.pid
     rclone = shutil.which("rclone") is not None and not args.no_rclone
+    s3fs = shutil.which("s3fs") is not None and not args.no_s3fs
     raws: list[dict[str, float]] = []
     cfs: list[dict[str, float]] = []
-    rcs: list[dict[str, float]] = []
+    # the other mounts' results by name, in the order of the table's columns
+    others: dict[str, list[dict[str, float]]] = {}
+    if rclone:
+        others["rclone crypt"] = []
+    if s3fs:
+        others["s3fs"] = []
     locals_: list[tuple[float, float]] = []
     started = time.time()
     try:
@@ -587,12 +666,14 @@ def main() -> int:
             targets: list[Target] = [m]
             if rclone:
                 targets.append(Rclone(server.endpoint, "bench", work, tag))
-            if rnd % 2:
-                targets.reverse()  # alternate who goes first
+            if s3fs:
+                targets.append(S3fs(server.endpoint, "bench", work, tag, c))
+            # each round a different mount goes first (the machine's drift favours nobody)
+            targets = targets[rnd % len(targets) :] + targets[: rnd % len(targets)]
             for t in targets:
                 print(f"round {rnd + 1}/{args.rounds}: {t.name} workloads…", flush=True)
                 res = workloads(t, args, small, tree, spid)
-                (cfs if t is m else rcs).append(res)
+                (cfs if t is m else others[t.name]).append(res)
 
         # master-key rotation of the last round's volume: server-side rewrap, no download
         assert m is not None
@@ -605,17 +686,21 @@ def main() -> int:
             str(work / "new.key"),
             "--endpoint-url",
             m.endpoint,
+            # nothing is mounted: no window for mounts to see the new config (the default
+            # 35 s of it was most of the row: 8502 objects at a steady "240/s")
+            "--settle",
+            "0",
         )
         line = next(x for x in out.splitlines() if x.startswith("data keys rewrapped"))
         n_rot, rate = line.split(":")[1].split()[0], float(line.split("(")[1].split("/s")[0])
         dl = next(x for x in out.splitlines() if x.startswith("bytes downloaded")).split()[-1]
     finally:
-        for d in [*work.glob("mnt-*"), *work.glob("rmnt-*")]:
+        for d in [*work.glob("mnt-*"), *work.glob("rmnt-*"), *work.glob("smnt-*")]:
             subprocess.run(["fusermount3", "-uz", str(d)], check=False, stderr=subprocess.DEVNULL)
         stop_seaweed(server)
 
     mib = args.size_mib
-    for d in (*cfs, *rcs):
+    for d in (*cfs, *(d for ds in others.values() for d in ds)):
         d["write_mib_s"] = mib / d["write_s"]
         d["read_mib_s"] = mib / d["read_s"]
         d["reread_mib_s"] = mib / d["reread_s"]
@@ -642,11 +727,9 @@ def main() -> int:
             cells += [ceil_txt.format(fmt(med(cv))), spread(rs)]
         else:
             cells += ["—", "—"]
-        if rcs:
-            rv = [d[key] for d in rcs]
-            cells += [fmt(med(rv)), spread([ratio(a, b) for a, b in zip(v, rv, strict=True)])]
-        else:
-            cells += ["—", "—"]
+        for ds in others.values():
+            ov = [d[key] for d in ds]
+            cells += [fmt(med(ov)), spread([ratio(a, b) for a, b in zip(v, ov, strict=True)])]
         rows.append(tuple(cells))
 
     row(
@@ -682,8 +765,7 @@ def main() -> int:
             rss(cfs),
             "—",
             "—",
-            rss(rcs) if rcs else "—",
-            "—",
+            *(x for ds in others.values() for x in (rss(ds), "—")),
         )
     )
     row(f"random 4 KiB reads in a {args.random_mib} MiB file, cold", "rand_cold", None, "",
@@ -714,10 +796,19 @@ def main() -> int:
             f"{med(ttl):.2f} s",
             f"{med([d['local2_s'] for d in raws]):.2f} s (local disk)",
             spread([d["local2_s"] / v for d, v in zip(raws, ttl, strict=True)]),
-            f"{med([d['rsync2_s'] for d in rcs]):.2f} s" if rcs else "—",
-            spread([d["rsync2_s"] / v for d, v in zip(rcs, ttl, strict=True)]) if rcs else "—",
+            *(
+                x
+                for ds in others.values()
+                for x in (
+                    f"{med([d['rsync2_s'] for d in ds]):.2f} s",
+                    spread([d["rsync2_s"] / v for d, v in zip(ds, ttl, strict=True)]),
+                )
+            ),
         )
     )
+    row(f"cold find of the {args.tree_files} files (name, size, mtime, mode)", "walk_s", None,
+        "", "s")  # fmt: skip
+    row(f"cold cp -a of the {args.tree_files} files out of the mount", "copyout_s", None, "", "s")
     row(f"rename a directory of {args.rename_files} files", "rename_s", None, "", "s")
     ceil = raws[-1]["small_rewrap_per_s"]
     rows.append(
@@ -726,14 +817,14 @@ def main() -> int:
             f"{rate:.0f} obj/s",
             f"{ceil:.0f} obj/s (HEAD+COPY ×32)",
             f"{rate / ceil:.2f}",
-            "—",
-            "—",
+            *(["—", "—"] * len(others)),
         )
     )
 
+    cols = "".join(f" {n} | cryptfs vs {n} |" for n in others)
     head = (
-        "| workload | cryptfs | ceiling | ratio | rclone crypt | cryptfs vs rclone |\n"
-        "| --- | --- | --- | --- | --- | --- |\n"
+        f"| workload | cryptfs | ceiling | ratio |{cols}\n"
+        f"| --- | --- | --- | --- |{' --- | --- |' * len(others)}\n"
     )
     table = head + "".join("| " + " | ".join(r) + " |\n" for r in rows)
 
@@ -762,13 +853,18 @@ def main() -> int:
          raw_cell("small_get", [d["small_get_s"] for d in raws])),
         (f"rsync -a of {args.tree_files} files", "rsync1", "rsync1_s", "—"),
         ("no-op rsync -a", "rsync2", "rsync2_s", "—"),
+        (f"cold find of the {args.tree_files} files", "walk", "walk_s", "—"),
+        (f"cold cp -a out of {args.tree_files} files", "copyout", "copyout_s", "—"),
     ]  # fmt: skip
     cpu_table = (
         "CPU seconds by process (medians over the rounds): wall / the mount's daemon (or the raw "
         "client) / SeaweedFS / the tool (dd, cp, cat, rsync); two cores in all\n\n"
-        "| workload | cryptfs | raw S3 | rclone crypt |\n| --- | --- | --- | --- |\n"
+        f"| workload | cryptfs | raw S3 |{''.join(f' {n} |' for n in others)}\n"
+        f"| --- | --- | --- |{' --- |' * len(others)}\n"
         + "".join(
-            f"| {label} | {cpu_cell(cfs, n, w)} | {raw_txt} | {cpu_cell(rcs, n, w)} |\n"
+            f"| {label} | {cpu_cell(cfs, n, w)} | {raw_txt} |"
+            + "".join(f" {cpu_cell(ds, n, w)} |" for ds in others.values())
+            + "\n"
             for label, n, w, raw_txt in cpu_rows
         )
     )
@@ -777,17 +873,22 @@ def main() -> int:
     rv = (
         subprocess.run(["rclone", "version"], capture_output=True, text=True).stdout.split("\n")[0]
         if rclone
-        else ""
+        else "no rclone"
     )  # (with --no-rclone, rclone need not be installed: the report failed at its very end)
+    sv = (
+        subprocess.run(["s3fs", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+        if s3fs
+        else "no s3fs"
+    )
     meta = (
         f"cryptfs {cryptfs.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
         f"({(time.time() - started) / 60:.0f} min), "
         f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"SeaweedFS on loopback, {rv if rclone else 'no rclone'}; sizes: {mib} MiB / "
-        f"{args.files} files; {args.rounds} round(s), cryptfs first in odd rounds, rclone in "
-        f"even ones; medians, ratios as median (range) of the ratios within each round; "
+        f"SeaweedFS on loopback, {rv}, {sv}; sizes: {mib} MiB / "
+        f"{args.files} files; {args.rounds} round(s), a different mount first in each round; "
+        f"medians, ratios as median (range) of the ratios within each round; "
         f"dd write cryptfs {med([d['write_dd_s'] for d in cfs]):.2f} s"
-        + (f", rclone {med([d['write_dd_s'] for d in rcs]):.2f} s" if rcs else "")
+        + "".join(f", {n} {med([d['write_dd_s'] for d in ds]):.2f} s" for n, ds in others.items())
         + " (the rest is the upload at unmount); ratios > 1 mean cryptfs is faster\n\n"
     )
     text = meta + table + "\n" + cpu_table
