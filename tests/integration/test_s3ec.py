@@ -415,7 +415,13 @@ async def test_instruction_files(
         report = await import_s3ec(vol, key_prefix=loc.prefix, paths=None)
         assert report.imported == len(OBJECTS), report.summary()
         assert [k for k, _ in report.failed] == ["v3/bad"]
-        left = {o["Key"] for o in raw.list_objects_v2(Bucket=bucket, Prefix="i/v")["Contents"]}
+        # (the foreign objects' own folders: "i/v" alone also matched, one run in 32, an
+        # encrypted name of the volume's own that began with a "v")
+        left = {
+            o["Key"]
+            for p in ("i/v2/", "i/v3/")
+            for o in raw.list_objects_v2(Bucket=bucket, Prefix=p).get("Contents", [])
+        }
         assert left == {"i/v3/bad", "i/v3/bad.instruction"}  # instruction files went too
         fs3 = new_fs()
         await fs3.ensure_root()
