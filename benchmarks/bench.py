@@ -211,7 +211,36 @@ class Cryptfs(Target):
         self.mount()
 
 
-class Rclone(Target):
+class Foreground(Target):
+    """A mount that runs as a process of ours in the foreground (rclone, s3fs): measured as
+    that process; unmounted by fusermount, done when the process has exited."""
+
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, argv: list[str], env: dict[str, str] | None = None) -> int:
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=self.log.open("ab"), env=env
+        )
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(self.mnt):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not come up: {self.log.read_text()[-500:]}")
+            time.sleep(0.05)  # noqa: TID251 - a script, no event loop
+        self.pid = self.proc.pid
+        return self.pid
+
+    def umount(self) -> None:
+        """Returns once the process has exited, i.e. after it finished its uploads."""
+        assert self.proc is not None
+        subprocess.run(["fusermount3", "-u", str(self.mnt)], check=False)
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.proc.wait(600)
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # (its whole life: not the tool's)
+        self.cli_cpu += ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime
+
+
+class Rclone(Foreground):
     """``rclone mount`` of an rclone ``crypt`` remote over the same server and bucket
     (``--vfs-cache-mode writes``, uploads on close without delay)."""
 
@@ -234,33 +263,15 @@ class Rclone(Target):
             f"password = {obscure(os.urandom(16).hex())}\n"
             f"password2 = {obscure(os.urandom(16).hex())}\n"
         )
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def mount(self) -> int:
-        self.proc = subprocess.Popen(
+        return self.start(
             ["rclone", "--config", str(self.conf), "mount", "secret:", str(self.mnt),
              "--vfs-cache-mode", "writes", "--vfs-write-back", "0s",
              "--cache-dir", str(self.cache), "--allow-non-empty"],
-            stdout=subprocess.DEVNULL, stderr=self.log.open("ab"),
             # rclone's S3 backend refuses AWS_CA_BUNDLE with its own HTTP transport
             env={k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"},
         )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while not os.path.ismount(self.mnt):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"rclone mount did not come up: {self.log.read_text()[-500:]}")
-            time.sleep(0.05)  # noqa: TID251 - a script, no event loop
-        self.pid = self.proc.pid
-        return self.pid
-
-    def umount(self) -> None:
-        """Returns once rclone has exited, i.e. after it finished its uploads."""
-        assert self.proc is not None
-        subprocess.run(["fusermount3", "-u", str(self.mnt)], check=False)
-        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        self.proc.wait(600)
-        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # (rclone's whole life: not the tool's)
-        self.cli_cpu += ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime
 
     def cold(self) -> None:
         self.umount()
@@ -268,7 +279,7 @@ class Rclone(Target):
         self.mount()
 
 
-class S3fs(Target):
+class S3fs(Foreground):
     """``s3fs`` (s3fs-fuse, Debian's package) over the same server and bucket: no client-side
     encryption, the most installed S3 mount; its defaults (no local cache directory), in the
     foreground so that its process is the one measured."""
@@ -286,33 +297,15 @@ class S3fs(Target):
         self.source = f"{bucket}:/s3fs-{tag}"
         self.endpoint = endpoint
         self.log = work / "s3fs.log"
-        self.proc: subprocess.Popen[bytes] | None = None
         # s3fs mounts a prefix only once something is under it
         client.put_object(Bucket=bucket, Key=f"s3fs-{tag}/", Body=b"")
 
     def mount(self) -> int:
-        self.proc = subprocess.Popen(
+        return self.start(
             ["s3fs", self.source, str(self.mnt), "-f",
              "-o", f"url={self.endpoint},use_path_request_style,passwd_file={self.passwd}",
              "-o", "dbglevel=warn"],
-            stdout=subprocess.DEVNULL, stderr=self.log.open("ab"),
         )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while not os.path.ismount(self.mnt):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"s3fs did not come up: {self.log.read_text()[-500:]}")
-            time.sleep(0.05)  # noqa: TID251 - a script, no event loop
-        self.pid = self.proc.pid
-        return self.pid
-
-    def umount(self) -> None:
-        """Returns once s3fs has exited (it uploads at close: nothing is left then)."""
-        assert self.proc is not None
-        subprocess.run(["fusermount3", "-u", str(self.mnt)], check=False)
-        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        self.proc.wait(600)
-        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        self.cli_cpu += ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime
 
     def cold(self) -> None:
         self.umount()
