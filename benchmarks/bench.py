@@ -239,6 +239,10 @@ class Foreground(Target):
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # (its whole life: not the tool's)
         self.cli_cpu += ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime
 
+    def cold(self) -> None:
+        self.umount()
+        self.mount()
+
 
 class Rclone(Foreground):
     """``rclone mount`` of an rclone ``crypt`` remote over the same server and bucket
@@ -306,10 +310,6 @@ class S3fs(Foreground):
              "-o", f"url={self.endpoint},use_path_request_style,passwd_file={self.passwd}",
              "-o", "dbglevel=warn"],
         )  # fmt: skip
-
-    def cold(self) -> None:
-        self.umount()
-        self.mount()
 
 
 async def raw_s3(
@@ -540,15 +540,15 @@ def workloads(
             lambda: run("cat", *[f"{m.mnt}/small/{n}" for n in names], stdout=subprocess.DEVNULL)
         )
 
-    def rsync(dest: str = "tree") -> None:
-        res = subprocess.run(
-            ["rsync", "-a", f"{tree}/", f"{m.mnt}/{dest}/"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+    def reported(what: str, *cmd: str) -> None:
+        """``cmd``, timed whatever it ends with; a failure (what a mount left broken) is
+        reported, not fatal."""
+        res = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if res.returncode != 0:
-            print(f"  ({m.name}: rsync exit {res.returncode}: {res.stderr.strip()[:200]})")
+            print(f"  ({m.name}: {what} exit {res.returncode}: {res.stderr.strip()[:200]})")
+
+    def rsync(dest: str = "tree") -> None:
+        reported("rsync", "rsync", "-a", f"{tree}/", f"{m.mnt}/{dest}/")
 
     with measured("rsync1"):
         r["rsync1_s"] = timed(rsync)
@@ -562,15 +562,8 @@ def workloads(
         )  # fmt: skip
     m.cold()
     out = Path(f"{small.parent}/out-{m.name.replace(' ', '-')}")
-
-    def copy_out() -> None:
-        res = subprocess.run(["cp", "-a", f"{m.mnt}/tree", str(out)], capture_output=True,
-                             text=True)  # fmt: skip
-        if res.returncode != 0:  # (what a mount left broken shows here: reported, timed)
-            print(f"  ({m.name}: cp -a out exit {res.returncode}: {res.stderr.strip()[:200]})")
-
     with measured("copyout"):
-        r["copyout_s"] = timed(copy_out)
+        r["copyout_s"] = timed(lambda: reported("cp -a out", "cp", "-a", f"{m.mnt}/tree", str(out)))
     shutil.rmtree(out, ignore_errors=True)
 
     (m.mnt / "ren").mkdir()

@@ -136,13 +136,13 @@ async def _restore(
     progress: Callable[[int], None] | None,
 ) -> tuple[int, int]:
     """``node`` as ``name`` in the directory open as ``at``."""
-    st = fs.stat(node)
     if node.kind == KIND_DIR:
         fd = _directory_at(at, name)
         try:
             return await _restore_dir(fs, node, fd, progress)
         finally:
             os.close(fd)
+    st = fs.stat(node)
     if node.kind == KIND_LINK:
         target = await fs.readlink(node.ino)
         _clear_at(at, name)
@@ -235,14 +235,12 @@ def _clear_at(at: int, name: bytes) -> None:
         os.unlink(name, dir_fd=at)
     except FileNotFoundError:
         pass
-    except IsADirectoryError:
+    except (IsADirectoryError, PermissionError):  # (Linux: EPERM for unlink of a directory)
+        if not stat.S_ISDIR(os.stat(name, dir_fd=at, follow_symlinks=False).st_mode):
+            raise
         raise IsADirectoryError(
             errno.EISDIR, "a directory is in the way", os.fsdecode(name)
         ) from None
-    except PermissionError as e:  # (Linux: EPERM for unlink of a directory)
-        if not stat.S_ISDIR(os.stat(name, dir_fd=at, follow_symlinks=False).st_mode):
-            raise
-        raise IsADirectoryError(errno.EISDIR, "a directory is in the way", os.fsdecode(name)) from e
 
 
 def _set_attrs(fd: int, st: Stat, *, via_proc: bool = False) -> None:

@@ -111,10 +111,7 @@ class Lookup:
             return False
         if node.attrs_sending:  # our own copy in flight: its answer decides (attrs_lost)
             return False
-        if node.only_times_pending:  # (times its entries changed: theirs are as recent)
-            node.meta_dirty = False
-            return True
-        self.tree.attrs_dropped(node, "changed")
+        self.tree.attrs_dropped(node, "changed")  # (quietly for a directory's times)
         return True
 
     def check_size(self, info: ObjectInfo, attrs: Attrs) -> None:
