@@ -15,6 +15,7 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
@@ -333,7 +334,10 @@ def decrypt_body3(
     if not hmac.compare_digest(c_man, commit):
         raise Invalid("manifest commitment")
     aad = b"cryptfs/v3/manifest\0" + volume_id + file_id + gen
-    manifest = AESGCM(k_man).decrypt(bytes(12), sealed, aad)
+    try:
+        manifest = AESGCM(k_man).decrypt(bytes(12), sealed, aad)
+    except InvalidTag:
+        raise Invalid("manifest does not authenticate") from None
     size = int.from_bytes(manifest[0:8], "big")
     mtime = int.from_bytes(manifest[8:16], "big", signed=True)
     n = int.from_bytes(manifest[16:20], "big")
@@ -344,7 +348,7 @@ def decrypt_body3(
         b = min(seg, size - j * seg)
         k = max(1, -(-b // chunk))
         header = body[pos : pos + 88]
-        table = body[pos + 88 : pos + 88 + 16 * k]
+        table = body[pos + 88 : pos + 88 + 32 * k]
         if hashlib.sha256(header + table).digest() != table_hash:
             raise Invalid("segment not pinned by the manifest")
         if header[:4] != b"CFS3" or int.from_bytes(header[4:8], "big") != j:
@@ -355,15 +359,15 @@ def decrypt_body3(
         key = HKDFExpand(hashes.SHA256(), 32, b"cryptfs/v3/seg").derive(sprk)
         if HKDFExpand(hashes.SHA256(), 32, b"cryptfs/v3/commit").derive(sprk) != header[56:88]:
             raise Invalid("segment commitment")
-        pos += 88 + 16 * k
+        pos += 88 + 32 * k
         for i in range(k):
             ln = min(chunk, b - i * chunk) + 16 if b else 16
             c = body[pos : pos + ln]
-            if hashlib.sha256(c).digest()[:16] != table[16 * i : 16 * (i + 1)]:
+            if hashlib.sha256(c).digest() != table[32 * i : 32 * (i + 1)]:
                 raise Invalid("chunk not in its table")
             nonce = i.to_bytes(11, "big") + (b"\x01" if i == k - 1 else b"\x00")
             out.append(AESGCM(key).decrypt(nonce, c, header + k.to_bytes(4, "big")))
             pos += ln
-    if pos != len(body) - end_len:
+    if pos != len(body) - end_len or end_len != 108 + 96 * n:
         raise Invalid("length is not the manifest's")
     return b"".join(out), mtime

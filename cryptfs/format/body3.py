@@ -23,7 +23,9 @@ from cryptfs.errors import IntegrityError
 SEG_MAGIC = b"CFS3"
 TRAILER_MAGIC = b"CFT3"
 SEG_HEADER_SIZE = 88
-HASH_SIZE = 16  # SHA-256 of a chunk's ciphertext, cut to 16 bytes, in the hash table
+# SHA-256 of a chunk's ciphertext, whole, in the hash table: the author of a segment a later
+# version copies holds its key, and a cut hash would leave them a 2^64 collision search
+HASH_SIZE = 32
 TAG_SIZE = 16
 KEY_SIZE = 32
 ENTRY_SIZE = 96  # PK_j (32) ‖ s_j (32) ‖ T_j (32)
@@ -129,6 +131,8 @@ def seal_segment(
 ) -> tuple[bytes, Entry]:
     """Segment ``j`` of file ``file_id`` holding ``plaintext`` (a full segment, or the last),
     under a fresh key unless ``pk`` is given (golden vectors); its bytes and its entry."""
+    if len(file_id) != 16:
+        raise ValueError("file ids are 16 bytes")
     pk = pk or Secret(_random(KEY_SIZE))
     salt = _random(32)
     key, commit = _segment_keys(pk, salt)
@@ -139,7 +143,7 @@ def seal_segment(
     view = memoryview(plaintext)
     sealed = [aead.seal(_nonce(i, i == k - 1), view[i * chunk : (i + 1) * chunk], aad)
               for i in range(k)]  # fmt: skip
-    table = b"".join(sha256(c)[:HASH_SIZE] for c in sealed)
+    table = b"".join(sha256(c) for c in sealed)
     return header + table + b"".join(sealed), Entry(pk, salt, sha256(header + table))
 
 
@@ -171,7 +175,7 @@ class SegmentReader:
         if not 0 <= i < self.k:
             raise IntegrityError(f"segment {self.j}: no chunk {i}")
         want = self._table[i * HASH_SIZE : (i + 1) * HASH_SIZE]
-        if not constant_time_eq(sha256(bytes(ciphertext))[:HASH_SIZE], want):
+        if not constant_time_eq(sha256(bytes(ciphertext)), want):
             raise IntegrityError(f"segment {self.j}: chunk {i} is not the one its table names")
         try:
             return self._aead.open(_nonce(i, i == self.k - 1), ciphertext, self._aad)
@@ -193,6 +197,9 @@ def _manifest_keys(dek: Secret, r: bytes) -> tuple[Secret, bytes]:
 
 
 def _manifest_aad(volume_id: bytes, file_id: bytes, gen: bytes) -> bytes:
+    # (fixed widths: the concatenation must be one way to read)
+    if (len(volume_id), len(file_id), len(gen)) != (16, 16, 32):
+        raise ValueError("volume id, file id and gen are 16, 16 and 32 bytes")
     return b"cryptfs/v3/manifest\0" + volume_id + file_id + gen
 
 
@@ -220,12 +227,21 @@ def trailer_length(tail: bytes | memoryview) -> int:
 
 
 def open_trailer(
-    dek: Secret, volume_id: bytes, file_id: bytes, gen: bytes, tail: bytes | memoryview
+    dek: Secret,
+    volume_id: bytes,
+    file_id: bytes,
+    gen: bytes,
+    tail: bytes | memoryview,
+    object_length: int,
+    seg: int,
+    chunk: int,
 ) -> Manifest:
-    """The manifest of the trailer at the end of ``tail`` (the object's last bytes)."""
+    """The manifest of the trailer at the end of ``tail`` (the object's last bytes, at least
+    ``trailer_length`` of them), checked against the object's whole length: a body cut or
+    extended anywhere, the trailer kept, is refused here, not only by a reader of it all."""
     length = trailer_length(tail)
     if len(tail) < length:
-        raise IntegrityError("trailer cut short")
+        raise ValueError(f"{len(tail)} bytes of the object's end given, its trailer is {length}")
     t = bytes(tail[len(tail) - length :])
     r, sealed, commit = t[:KEY_SIZE], t[KEY_SIZE : -KEY_SIZE - 8], t[-KEY_SIZE - 8 : -8]
     key, expect = _manifest_keys(dek, r)
@@ -239,6 +255,8 @@ def open_trailer(
     rest = plain[_MANIFEST_HEAD.size :]
     if n < 1 or len(rest) != ENTRY_SIZE * n or length != trailer_size(n):
         raise IntegrityError("malformed manifest")
+    if plain_size(object_length, seg, chunk) != (n, size):
+        raise IntegrityError("the manifest's size is not the one the object's length gives")
     entries = tuple(
         Entry(Secret(rest[o : o + 32]), rest[o + 32 : o + 64], rest[o + 64 : o + 96])
         for o in range(0, len(rest), ENTRY_SIZE)
@@ -275,10 +293,8 @@ def open_body(
     dek: Secret, volume_id: bytes, file_id: bytes, gen: bytes, body: bytes, seg: int, chunk: int
 ) -> tuple[bytes, Manifest]:
     """Every byte of a body held in memory, checked as a reader of any range checks it."""
-    n, size = plain_size(len(body), seg, chunk)
-    manifest = open_trailer(dek, volume_id, file_id, gen, body)
-    if len(manifest.entries) != n or manifest.size != size:
-        raise IntegrityError("the manifest's size is not the one the object's length gives")
+    size = plain_size(len(body), seg, chunk)[1]
+    manifest = open_trailer(dek, volume_id, file_id, gen, body, len(body), seg, chunk)
     out = []
     for j, entry in enumerate(manifest.entries):
         b = min(seg, size - j * seg)

@@ -50,7 +50,7 @@ def test_no_other_length_is_a_body() -> None:
 def test_a_reader_of_one_chunk_fetches_the_table_and_that_chunk() -> None:
     data = random_bytes(3 * S + 5)
     raw = body(data)
-    manifest = b3.open_trailer(DEK, VOL, FID, GEN, raw[-4096:])
+    manifest = b3.open_trailer(DEK, VOL, FID, GEN, raw[-4096:], len(raw), S, C)
     j, k, i = 1, 4, 2
     start = b3.segment_offset(j, S, C)
     head = raw[start : start + b3.SEG_HEADER_SIZE + b3.HASH_SIZE * k]
@@ -119,9 +119,22 @@ def test_a_holder_of_an_old_data_key_cannot_forge_a_copied_segment() -> None:
     table_at = b3.SEG_HEADER_SIZE + b3.HASH_SIZE
     from cryptfs.crypto import sha256
 
-    bad2 = bad[:table_at] + sha256(forged)[:16] + bad[table_at + 16 :]
+    bad2 = bad[:table_at] + sha256(forged) + bad[table_at + b3.HASH_SIZE :]
     with pytest.raises(IntegrityError, match="manifest names"):
         b3.open_body(dek2, VOL, FID, GEN, bad2, S, C)
+
+
+def test_a_reader_of_the_trailer_alone_refuses_an_extended_object() -> None:
+    """A reader that fetches the trailer and then single chunks never reads the whole object:
+    the trailer is checked against the object's length (the review of this module found
+    1,000 bytes put before an intact trailer accepted there)."""
+    raw = body(random_bytes(2 * S + 7))
+    n = b3.segments_of(2 * S + 7, S)
+    cut = len(raw) - b3.trailer_size(n)
+    for bad in (raw[:cut] + bytes(1000) + raw[cut:], raw[: cut - 100] + raw[cut:]):
+        with pytest.raises(IntegrityError):
+            b3.open_trailer(DEK, VOL, FID, GEN, bad[-4096:], len(bad), S, C)
+    assert b3.open_trailer(DEK, VOL, FID, GEN, raw[-4096:], len(raw), S, C).size == 2 * S + 7
 
 
 def test_wrong_keys_and_contexts() -> None:
