@@ -24,7 +24,13 @@ from cryptfs.format.keys import SCHEME_KMS, SCHEME_LOCAL, VolumeKeys, new_master
 from cryptfs.format.meta import MARKER as MARKER
 from cryptfs.format.meta import MetaCodec
 from cryptfs.format.names import NameCodec
-from cryptfs.format.volume import CONFIG_NAME, KeySource, SlotPayload, VolumeConfig
+from cryptfs.format.volume import (
+    CONFIG_NAME,
+    SEGMENTS_DEFAULT,
+    KeySource,
+    SlotPayload,
+    VolumeConfig,
+)
 from cryptfs.keys.keyring import Keyring, Target, add_kms_slot, unlock
 from cryptfs.state import VolumeState
 from cryptfs.store.base import ObjectStore
@@ -57,6 +63,13 @@ class Volume:
     @property
     def chunk(self) -> int:
         return 1 << self.config.chunk_log2
+
+    @property
+    def segment(self) -> int | None:
+        """Plaintext bytes of a revision-3 body's segment; None: bodies are written as
+        revision 1 (a volume made before revision 3, until ``cryptfs upgrade``)."""
+        s = self.config.segment_log2
+        return None if s is None else 1 << s
 
     @property
     def volume_id(self) -> bytes:
@@ -106,6 +119,7 @@ class Volume:
         *,
         chunk_log2: int,
         encrypt_names: bool,
+        segment_log2: int | None = SEGMENTS_DEFAULT,
         kms: KmsClient | None = None,
         kms_key_id: str | None = None,
         sse: dict[str, str] | None = None,
@@ -116,7 +130,7 @@ class Volume:
             raise VolumeExists("a cryptfs volume already exists at this location")
         except NotFound:
             pass
-        cfg, vmk = VolumeConfig.create(chunk_log2, encrypt_names)
+        cfg, vmk = VolumeConfig.create(chunk_log2, encrypt_names, segment_log2)
         cfg.sse = sse
         # every revision-2 volume has a master key: it authenticates the config and all
         # metadata, and wraps the data keys unless KMS does (docs/FORMAT.md §7.1)

@@ -51,6 +51,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from cryptfs.format.body import HEADER_SIZE, TAG_SIZE
+from cryptfs.format.body3 import SMALL_HEAD
 
 log = logging.getLogger(__name__)
 _LEN = struct.Struct(">I")
@@ -66,6 +67,9 @@ _PMAGIC = b"CFK1"
 _PREC = struct.Struct(">4s16s32sII")  # magic, file id, salt, header length, chunk length
 _PENT = struct.Struct(">16s32sQII")  # file id, salt, record offset, header and chunk length
 PACK_MAX = 16 << 20  # a pack past this size is closed; the next record begins a new one
+# what a packed record holds before its chunk: a revision-1 body's header, or a revision-3
+# body's segment head and trailer (FORMAT.md §8.5)
+_PACK_HEADERS = (HEADER_SIZE, SMALL_HEAD)
 
 
 def _aligned(n: int) -> int:
@@ -82,7 +86,7 @@ class BlockCache:
         # a packed record: header and one chunk (of at least its tag); a pack is closed past
         # PACK_MAX, so it holds at most that and the record that went over it
         self._min_rec = _PREC.size + HEADER_SIZE + TAG_SIZE
-        self._pack_max = PACK_MAX + _PREC.size + HEADER_SIZE + chunk + TAG_SIZE
+        self._pack_max = PACK_MAX + _PREC.size + max(_PACK_HEADERS) + chunk + TAG_SIZE
         self._lock = threading.Lock()
         self.direct = True  # until the cache disk refuses O_DIRECT
         self.direct_writes = 0  # puts written around the page cache
@@ -152,7 +156,7 @@ class BlockCache:
         bad = ist.st_size - len(raw) >= 2 * _PENT.size
         for k in range(len(raw) // _PENT.size):
             fid, salt, off, hl, cl = _PENT.unpack_from(raw, k * _PENT.size)
-            if hl != HEADER_SIZE or not TAG_SIZE <= cl <= self.chunk + TAG_SIZE:
+            if hl not in _PACK_HEADERS or not TAG_SIZE <= cl <= self.chunk + TAG_SIZE:
                 bad = True
             elif off + _PREC.size + hl + cl <= end:
                 name = self._name(fid, salt)

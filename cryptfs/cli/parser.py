@@ -61,6 +61,11 @@ def _init(p: argparse.ArgumentParser) -> None:
     p.add_argument("--passphrase-file", type=Path, help="file holding a passphrase")
     p.add_argument("--kms-key-id", help="AWS KMS key (id, ARN or alias) for per-file data keys")
     p.add_argument("--chunk-size", type=size_arg, default=64 << 10, help="default 64K")
+    p.add_argument(
+        "--segment-size",
+        type=size_arg,
+        help="a file body's unit of rewriting (FORMAT.md §8.5): default 8M (or the chunk size)",
+    )
     p.add_argument("--plaintext-names", action="store_true", help="do not encrypt names")
     p.add_argument("--sse", choices=("s3", "kms", "c"), help="also use S3 server-side encryption")
     p.add_argument("--sse-kms-key-id", help="KMS key for --sse kms (default: the AWS one)")

@@ -7,6 +7,7 @@ Must not import: anything else from cryptfs except ``errors``.
 
 from __future__ import annotations
 
+import hashlib
 import hmac as _hmac
 import os
 from collections.abc import Sequence
@@ -74,10 +75,10 @@ def random_bytes(n: int) -> bytes:
     return os.urandom(n)
 
 
-def sha256(data: bytes) -> bytes:
-    h = hashes.Hash(hashes.SHA256())
-    h.update(data)
-    return h.finalize()
+def sha256(data: bytes | bytearray | memoryview) -> bytes:
+    # (hashlib, OpenSSL's SHA-256 as cryptography's: it lets go of the GIL on large inputs,
+    # so hashing chunks in worker threads runs beside the trio thread)
+    return hashlib.sha256(data).digest()
 
 
 def hmac_sha256(key: Secret, data: bytes) -> bytes:

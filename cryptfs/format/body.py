@@ -154,6 +154,20 @@ class BodyCipher:
             raise IntegrityError("key commitment mismatch (wrong data key or swapped header)")
         return cls(dek, header)
 
+    # -- what a reader of any body revision asks (``Body3`` answers the same) ---------------
+
+    @property
+    def gen(self) -> bytes:
+        """The version's generation: its salt (the metadata's ``gen``)."""
+        return self.header.salt
+
+    def span(self, index: int, plain: int) -> tuple[int, int]:
+        return chunk_span(index, plain, self.chunk)
+
+    def open_at(self, index: int, count: int, ciphertext: bytes | memoryview) -> bytes:
+        """Chunk ``index`` of a body of ``count`` chunks."""
+        return self.open_chunk(index, index == count - 1, ciphertext)
+
     @staticmethod
     def nonce(index: int, final: bool) -> bytes:
         if not 0 <= index < _MAX_CHUNKS:

@@ -1,9 +1,9 @@
 """Object body revision 3: segments, each under a key of its own and pinned by a hash table,
 then a sealed manifest trailer (docs/FORMAT.md §8.5).
 
-Not yet written by the file system (issue 21 wires it in); this module is the byte layout,
-its arithmetic and its checks, pure and synchronous, with golden vectors and tamper tests
-(tests/unit/test_body3.py) so that the code after it builds on settled bytes.
+Written for regular files on volumes whose config names a segment size; this module is the
+byte layout, its arithmetic and its checks, pure and synchronous, with golden vectors and
+tamper tests (tests/unit/test_body3.py); ``Body3`` is what the read path holds of a version.
 
 Owns: the segment header, the per-segment hash table, the segment key schedule, the manifest
 and its trailer, and the offset and size arithmetic between plaintext and object bytes.
@@ -38,6 +38,12 @@ assert _SEG_HEADER.size == SEG_HEADER_SIZE
 def chunks_in(b: int, chunk: int) -> int:
     """Chunks of a segment of ``b`` plaintext bytes (an empty one has one empty chunk)."""
     return max(1, -(-b // chunk))
+
+
+def small_head(body: bytes | memoryview) -> bytes:
+    """What a block cache keeps of a body of one chunk beside that chunk: its segment's
+    header and hash table, and its trailer (``SMALL_HEAD`` bytes)."""
+    return bytes(body[: SEG_HEADER_SIZE + HASH_SIZE]) + bytes(body[len(body) - trailer_size(1) :])
 
 
 def segment_size(b: int, chunk: int) -> int:
@@ -131,20 +137,44 @@ def seal_segment(
 ) -> tuple[bytes, Entry]:
     """Segment ``j`` of file ``file_id`` holding ``plaintext`` (a full segment, or the last),
     under a fresh key unless ``pk`` is given (golden vectors); its bytes and its entry."""
+    out = bytearray(segment_size(len(plaintext), chunk))
+    entry = seal_segment_into(file_id, j, plaintext, chunk, memoryview(out), pk)
+    return bytes(out), entry
+
+
+def seal_segment_into(
+    file_id: bytes,
+    j: int,
+    plaintext: bytes | memoryview,
+    chunk: int,
+    out: memoryview,
+    pk: Secret | None = None,
+) -> Entry:
+    """``seal_segment`` into ``out`` (exactly ``segment_size(len(plaintext))`` bytes): no
+    copy of the segment is made on the way (uploads seal straight into a part's buffer)."""
     if len(file_id) != 16:
         raise ValueError("file ids are 16 bytes")
+    b = len(plaintext)
+    if len(out) != segment_size(b, chunk):
+        raise ValueError("the buffer is not the segment's size")
     pk = pk or Secret(_random(KEY_SIZE))
     salt = _random(32)
     key, commit = _segment_keys(pk, salt)
     header = _SEG_HEADER.pack(SEG_MAGIC, j, file_id, salt, commit)
-    k = chunks_in(len(plaintext), chunk)
+    k = chunks_in(b, chunk)
     aad = header + k.to_bytes(4, "big")
     aead = Aead(key)
     view = memoryview(plaintext)
-    sealed = [aead.seal(_nonce(i, i == k - 1), view[i * chunk : (i + 1) * chunk], aad)
-              for i in range(k)]  # fmt: skip
-    table = b"".join(sha256(c) for c in sealed)
-    return header + table + b"".join(sealed), Entry(pk, salt, sha256(header + table))
+    out[:SEG_HEADER_SIZE] = header
+    o = SEG_HEADER_SIZE + HASH_SIZE * k
+    for i in range(k):
+        pt = view[i * chunk : (i + 1) * chunk]
+        ct = out[o : o + len(pt) + TAG_SIZE]
+        aead.seal_into(_nonce(i, i == k - 1), pt, aad, ct)
+        t = SEG_HEADER_SIZE + HASH_SIZE * i
+        out[t : t + HASH_SIZE] = sha256(ct)
+        o += len(ct)
+    return Entry(pk, salt, sha256(out[: SEG_HEADER_SIZE + HASH_SIZE * k]))
 
 
 class SegmentReader:
@@ -307,3 +337,87 @@ def open_body(
             ln = min(chunk, b - i * chunk) + TAG_SIZE if b else TAG_SIZE
             out.append(reader.open_chunk(i, body[off : off + ln]))
     return b"".join(out), manifest
+
+
+def trailer_span(size: int, seg: int, chunk: int) -> tuple[int, int]:
+    """(offset, length) of the trailer of a body of ``size`` plaintext bytes."""
+    t = trailer_size(segments_of(size, seg))
+    return body_size(size, seg, chunk) - t, t
+
+
+class Body3:
+    """What a reader holds of one version's revision-3 body: its manifest (authenticated,
+    and of the size the metadata says) and the segments whose header and hash table it has
+    checked so far.  Answers what ``BodyCipher`` answers for a revision-1 body (``gen``,
+    ``span``, ``open_at``), plus which segment heads a run of chunks still needs."""
+
+    def __init__(
+        self, file_id: bytes, gen: bytes, size: int, seg: int, chunk: int, manifest: Manifest
+    ) -> None:
+        if manifest.size != size or len(manifest.entries) != segments_of(size, seg):
+            raise IntegrityError("the manifest's size is not the metadata's")
+        self.file_id = file_id
+        self.gen = gen
+        self.size = size
+        self.seg = seg
+        self.chunk = chunk
+        self.per = seg // chunk  # chunks of a full segment
+        self.manifest = manifest
+        self.readers: dict[int, SegmentReader] = {}
+
+    @classmethod
+    def open(
+        cls,
+        dek: Secret,
+        volume_id: bytes,
+        file_id: bytes,
+        gen: bytes,
+        size: int,
+        seg: int,
+        chunk: int,
+        tail: bytes | memoryview,
+    ) -> Body3:
+        """From the object's last bytes (its trailer at least); its length is the one
+        ``size`` gives (the metadata's, authenticated)."""
+        length = body_size(size, seg, chunk)
+        manifest = open_trailer(dek, volume_id, file_id, gen, tail, length, seg, chunk)
+        return cls(file_id, gen, size, seg, chunk, manifest)
+
+    def segment_bytes(self, j: int) -> int:
+        return min(self.seg, self.size - j * self.seg)
+
+    def head_span(self, j: int) -> tuple[int, int]:
+        """(offset, length) of segment ``j``'s header and hash table in the object."""
+        k = chunks_in(self.segment_bytes(j), self.chunk)
+        return segment_offset(j, self.seg, self.chunk), SEG_HEADER_SIZE + HASH_SIZE * k
+
+    def span(self, i: int, plain: int | None = None) -> tuple[int, int]:
+        """(offset, length) of file chunk ``i``'s ciphertext in the object."""
+        j, li = divmod(i, self.per)
+        b = self.segment_bytes(j)
+        k = chunks_in(b, self.chunk)
+        if not 0 <= j < len(self.manifest.entries) or li >= k:
+            raise ValueError(f"chunk {i} outside the body")
+        ln = (min(self.chunk, b - li * self.chunk) if b else 0) + TAG_SIZE
+        return segment_offset(j, self.seg, self.chunk) + chunk_offset(li, k, self.chunk), ln
+
+    def heads_missing(self, first: int, last: int) -> list[int]:
+        """Segments of chunks [first, last] whose head is not checked yet."""
+        return [j for j in range(first // self.per, last // self.per + 1)
+                if j not in self.readers]  # fmt: skip
+
+    def add_head(self, j: int, head: bytes | memoryview) -> None:
+        """Segment ``j``'s header and hash table, checked against the manifest."""
+        k = chunks_in(self.segment_bytes(j), self.chunk)
+        self.readers[j] = SegmentReader(self.file_id, j, self.manifest.entries[j], head, k)
+
+    def open_at(self, i: int, count: int, ciphertext: bytes | memoryview) -> bytes:
+        """File chunk ``i`` (``count``: unused, the segment knows its last chunk)."""
+        j, li = divmod(i, self.per)
+        reader = self.readers.get(j)
+        if reader is None:
+            raise ValueError(f"segment {j}'s head was not read before its chunks")
+        return reader.open_chunk(li, ciphertext)
+
+
+SMALL_HEAD = SEG_HEADER_SIZE + HASH_SIZE + trailer_size(1)

@@ -70,6 +70,7 @@ _KIND_BITS = {
 KIND_OF_TYPE = {bits: kind for kind, bits in _KIND_BITS.items()}
 SPECIAL_KINDS = frozenset({KIND_FIFO, KIND_CHR, KIND_BLK, KIND_SOCK})
 DEVICE_KINDS = frozenset({KIND_CHR, KIND_BLK})
+BODY_REVISIONS = (1, 3)  # §2 and §8.5 bodies (revision 2 changed metadata only)
 _ATTR_LABEL = b"cryptfs/v1/attrs\0"
 MARKER = ".cryptfs.dir"  # the last component of a directory marker's key (FORMAT.md §3)
 
@@ -92,6 +93,9 @@ class Attrs:
     size: int = 0  # plaintext size of the body this metadata belongs to
     salt: bytes = b""  # body generation this metadata belongs to (empty for directories)
     rdev: int = 0  # device number of a character or block device (0 for every other kind)
+    # the body's revision: 1 = §2 (one salt, one key), 3 = §8.5 (segments, sealed manifest);
+    # only regular files' bodies are ever revision 3 (docs/FORMAT.md §8.5)
+    body: int = 1
 
     @property
     def st_mode(self) -> int:
@@ -114,6 +118,8 @@ class Attrs:
         }
         if self.kind in DEVICE_KINDS:
             d["rd"] = self.rdev  # (only devices carry it: other objects' bytes are unchanged)
+        if self.body != 1:
+            d["b"] = self.body  # (absent on §2 bodies: their bytes are unchanged)
         return json.dumps(d, separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod
@@ -131,6 +137,7 @@ class Attrs:
                 size=int(d["sz"]),
                 salt=b64d(str(d["gen"])),
                 rdev=int(d.get("rd", 0)),
+                body=int(d.get("b", 1)),
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             raise IntegrityError("malformed attributes") from None
@@ -138,6 +145,10 @@ class Attrs:
             raise NewerFormat(f"unknown object kind {a.kind!r} (written by a later cryptfs?)")
         if ("rd" in d) != (a.kind in DEVICE_KINDS) or not 0 <= a.rdev < 1 << 64:
             raise IntegrityError("malformed attributes (device number)")
+        if "b" in d and (a.body == 1 or a.kind != KIND_FILE or isinstance(d["b"], bool)):
+            raise IntegrityError("malformed attributes (body revision)")
+        if a.body not in BODY_REVISIONS:
+            raise NewerFormat(f"body revision {a.body} (written by a later cryptfs?)")
         return a
 
 
@@ -233,6 +244,7 @@ class MetaCodec:
     def __init__(self, keys: VolumeKeys, payload: SlotPayload, config: VolumeConfig) -> None:
         self.keys = keys
         self.write_rev = config.write_rev
+        self.segment_log2 = config.segment_log2
         self.accept = config.accepted_objects
         self.cur = payload.cur
         vid = keys.volume_id
@@ -363,6 +375,8 @@ class MetaCodec:
             meta = decode_meta(self.keys, path, md)  # raises: foreign or unknown revision
         if not kind_fits_key(meta.attrs.kind, key):
             raise IntegrityError("object kind does not match its key")
+        if meta.attrs.body == 3 and self.segment_log2 is None:
+            raise IntegrityError("a revision-3 body in a volume whose config has no segments")
         if meta.attrs.kind != KIND_DIR:
             self.check_wrapping(meta.dek, (modified or 0.0) if timed else None)
         return meta

@@ -50,7 +50,11 @@ ARGON2_MAX = {"t": 16, "m": 1 << 20, "p": 64}
 _KNOWN_FIELDS = {
     "cryptfs", "volume_id", "chunk_log2", "names", "suite", "keyslots", "mac", "dek", "sse"
 }  # fmt: skip
-_KNOWN_FIELDS_V2 = _KNOWN_FIELDS | {"epoch", "objects", "kms_keys", "retiring"}
+_KNOWN_FIELDS_V2 = _KNOWN_FIELDS | {"epoch", "objects", "kms_keys", "retiring", "segment_log2"}
+# revision-3 bodies (docs/FORMAT.md §8.5): segments of 2^segment_log2 plaintext bytes
+SEGMENT_LOG2_DEFAULT = 23
+SEGMENTS_DEFAULT = -1  # (``create``: the default, or the chunk size if that is larger)
+MAX_SEGMENT_LOG2 = 30
 LEGACY_DEK = {"scheme": SCHEME_LOCAL, "kid": LOCAL_KID}
 SSE_MODES = ("s3", "kms", "c")
 
@@ -241,6 +245,9 @@ class VolumeConfig:
     # (the S3 server's Last-Modified clock, epoch seconds; 0 = not known yet) an object under
     # one of them may have been written (docs/FORMAT.md §7.8)
     retiring: Retiring | None = None
+    # set: files are uploaded with revision-3 bodies, segments of 2^segment_log2 bytes
+    # (docs/FORMAT.md §8.5); absent on volumes made before it (and until `cryptfs upgrade`)
+    segment_log2: int | None = None
 
     @property
     def accepted_objects(self) -> frozenset[int]:
@@ -407,6 +414,8 @@ class VolumeConfig:
             body["sse"] = self.sse
         if self.retiring is not None:
             body["retiring"] = self.retiring.to_json()
+        if self.segment_log2 is not None:
+            body["segment_log2"] = self.segment_log2
         return body
 
     def _mac(self, payload: SlotPayload) -> str:
@@ -463,6 +472,8 @@ class VolumeConfig:
                 cfg.kms_keys = [_str(x) for x in _list(d["kms_keys"])]
                 if "retiring" in d:
                     cfg.retiring = Retiring.from_json(d["retiring"])
+                if "segment_log2" in d:
+                    cfg.segment_log2 = _int(d["segment_log2"])
         except (KeyError, TypeError, ValueError, AttributeError):
             raise IntegrityError("volume config is malformed") from None
         if len(cfg.volume_id) != 16 or len(cfg.keyslots) > MAX_SLOTS:
@@ -476,13 +487,34 @@ class VolumeConfig:
         if cfg.sse is not None and cfg.sse.get("mode") not in SSE_MODES:
             raise UnsupportedFormat(f"server-side encryption {cfg.sse!r} not supported")
         check_chunk_log2(cfg.chunk_log2)
+        if cfg.segment_log2 is not None:
+            check_segment_log2(cfg.segment_log2, cfg.chunk_log2)
         return cfg
 
     @classmethod
-    def create(cls, chunk_log2: int, encrypt_names: bool) -> tuple[VolumeConfig, Secret]:
+    def create(
+        cls, chunk_log2: int, encrypt_names: bool, segment_log2: int | None = SEGMENTS_DEFAULT
+    ) -> tuple[VolumeConfig, Secret]:
+        """A new volume's config; ``segment_log2`` None: its files get revision-1 bodies
+        (tests of what volumes made before revision 3 hold)."""
         check_chunk_log2(chunk_log2)
+        seg = segment_log2
+        if seg == SEGMENTS_DEFAULT:
+            seg = max(SEGMENT_LOG2_DEFAULT, chunk_log2)
+        if seg is not None:
+            check_segment_log2(seg, chunk_log2)
         cfg = cls(random_bytes(16), chunk_log2, encrypt_names, epoch=1, objects=[2])
+        cfg.segment_log2 = seg
         return cfg, Secret(random_bytes(VMK_SIZE))
+
+
+def check_segment_log2(segment_log2: int, chunk_log2: int) -> None:
+    """A segment holds whole chunks, and at most 2^30 bytes (FORMAT.md §8.5)."""
+    if isinstance(segment_log2, bool) or not chunk_log2 <= segment_log2 <= MAX_SEGMENT_LOG2:
+        raise UnsupportedFormat(
+            f"segment size 2^{segment_log2} outside 2^{chunk_log2} (the chunk)"
+            f"..2^{MAX_SEGMENT_LOG2}"
+        )
 
 
 @dataclass

@@ -11,6 +11,7 @@ Must not import: other parts of ``cryptfs.fs`` but ``model``, ``paths`` and
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterable
@@ -22,7 +23,10 @@ from cryptfs.cache.blocks import BlockCache
 from cryptfs.cache.chunks import ChunkCache
 from cryptfs.crypto import Secret
 from cryptfs.errors import IntegrityError, PreconditionFailed, UnsupportedFormat
-from cryptfs.format.body import HEADER_SIZE, BodyCipher, chunk_count, chunk_span, chunks_for_range
+from cryptfs.format import body3
+from cryptfs.format.body import HEADER_SIZE, BodyCipher, chunk_count, chunks_for_range
+from cryptfs.format.body import chunk_span as chunk_span_v1
+from cryptfs.format.body3 import Body3
 from cryptfs.format.keys import SCHEME_KMS
 from cryptfs.format.meta import KIND_FILE
 from cryptfs.fs.model import Background, Handle, Node, Options
@@ -96,33 +100,79 @@ class Fetcher:
             raise IntegrityError("object has no data key")
         return await self.vol.keyring.unwrap(node.wrapped, node.file_id)
 
-    def known_cipher(self, node: Node) -> BodyCipher | None:
+    def known_cipher(self, node: Node) -> BodyCipher | Body3 | None:
         if node.cipher is not None and node.cipher_etag == node.remote_etag:
             return node.cipher
         return None
 
-    async def cipher(self, node: Node, header: bytes | None = None) -> BodyCipher:
+    def segment(self) -> int:
+        seg = self.vol.segment
+        if seg is None:  # (MetaCodec refuses such metadata: never reached)
+            raise IntegrityError("a revision-3 body in a volume without segments")
+        return seg
+
+    async def cipher(
+        self, node: Node, header: bytes | memoryview | None = None
+    ) -> BodyCipher | Body3:
+        """The node's body as its version's header (revision 1) or trailer (revision 3, its
+        manifest) says; ``header``: those bytes, when a GET brought them along (a revision-3
+        trailer: any bytes ending the object)."""
         known = self.known_cipher(node)
         if known is not None:
             return known
         key, _ = self.paths.object_key(node)
         etag = node.remote_etag
+        three = node.attrs.body == 3
         if header is None:
-            _info, header = await self.store.get(key, 0, HEADER_SIZE, if_match=etag)
+            if three:
+                lo, ln = body3.trailer_span(node.attrs.size, self.segment(), self.chunk)
+            else:
+                lo, ln = 0, HEADER_SIZE
+            _info, header = await self.store.get(key, lo, lo + ln, if_match=etag)
         _still(node, etag)  # (another version adopted during the GET: as fetch_run)
         dek = await self.dek(node)
         _still(node, etag)  # (... or during the unwrap, a KMS round trip)
+        cipher: BodyCipher | Body3
         try:
-            cipher = BodyCipher.open(dek, header)
-            if cipher.header.file_id != node.file_id or cipher.header.salt != node.attrs.salt:
-                raise IntegrityError("body header does not belong to this file's metadata")
-            if cipher.header.chunk_log2 != self.vol.chunk_log2:
-                raise IntegrityError("body chunk size differs from the volume's")
+            if three:
+                a = node.attrs
+                cipher = Body3.open(dek, self.vol.volume_id, node.file_id, a.salt, a.size,
+                                    self.segment(), self.chunk, header)  # fmt: skip
+            else:
+                cipher = BodyCipher.open(dek, bytes(header))
+                if cipher.header.file_id != node.file_id or cipher.gen != node.attrs.salt:
+                    raise IntegrityError("body header does not belong to this file's metadata")
+                if cipher.header.chunk_log2 != self.vol.chunk_log2:
+                    raise IntegrityError("body chunk size differs from the volume's")
         except (IntegrityError, UnsupportedFormat) as e:
             self.tree.integrity(key, e, node)
             raise
         node.cipher, node.cipher_etag = cipher, etag
         return cipher
+
+    async def heads(self, node: Node, body: Body3, segments: Iterable[int]) -> None:
+        """Read and check the header and hash table of each of ``segments`` not known yet
+        (one ranged GET each, concurrently)."""
+        key, _ = self.paths.object_key(node)
+        etag = node.remote_etag
+
+        async def one(j: int) -> None:
+            lo, ln = body.head_span(j)
+            _info, data = await self.store.get(key, lo, lo + ln, if_match=etag)
+            _still(node, etag)
+            try:
+                body.add_head(j, data)
+            except IntegrityError as e:
+                self.tree.integrity(key, e, node)
+                raise
+
+        todo = [j for j in segments if j not in body.readers]
+        if len(todo) == 1:
+            await one(todo[0])
+        elif todo:
+            async with open_tasks() as nursery:
+                for j in todo:
+                    nursery.start_soon(one, j)
 
     async def read_remote(
         self, node: Node, offset: int, length: int, h: Handle | None = None
@@ -248,38 +298,70 @@ class Fetcher:
                     nursery.start_soon(self.fetch_run, node, f, la, got)
 
     async def fetch_run(self, node: Node, first: int, last: int, got: dict[int, bytes]) -> None:
-        """One ranged GET for chunks [first, last]."""
+        """One ranged GET for chunks [first, last] (a revision-3 body: with the heads of the
+        segments it crosses, and its trailer first if not known yet)."""
         size = node.attrs.size
         c = self.chunk
         n = chunk_count(size, c)
-        start, _ = chunk_span(first, size, c)
-        lo, ln = chunk_span(last, size, c)
         key, _ = self.paths.object_key(node)
         etag = node.remote_etag
         cipher = self.known_cipher(node)
-        header = None
-        if cipher is None and first == 0:
-            data = await self.get_unwrapping(node, key, lo + ln, etag)
-            header, data = data[:HEADER_SIZE], data[HEADER_SIZE:]
+        header: bytes | None = None
+        three = node.attrs.body == 3
+        if three:
+            length = body3.body_size(size, self.segment(), c)
+            if cipher is None and length <= self.opt.small_file_bytes:
+                # a small object, whole: its trailer and segment heads ride along
+                data = await self.get_unwrapping(node, key, length, etag)
+                _still(node, etag)
+                cipher = await self.cipher(node, data)
+                start = 0
+            else:
+                cipher = cipher or await self.cipher(node)
+                start = cipher.span(first, size)[0]
+                assert isinstance(cipher, Body3)
+                if first % cipher.per == 0 and first // cipher.per not in cipher.readers:
+                    start = cipher.head_span(first // cipher.per)[0]  # (right before it)
+                else:
+                    await self.heads(node, cipher, [first // cipher.per])
+                lo, ln = cipher.span(last, size)
+                _info, data = await self.store.get(key, start, lo + ln, if_match=etag)
+                length = lo + ln
         else:
-            _info, data = await self.store.get(key, start, lo + ln, if_match=etag)
+            start, _ = self.span(first, size)
+            lo, ln = self.span(last, size)
+            length = lo + ln
+            if cipher is None and first == 0:
+                data = await self.get_unwrapping(node, key, length, etag)
+                header, data = data[:HEADER_SIZE], data[HEADER_SIZE:]
+                start = HEADER_SIZE
+            else:
+                _info, data = await self.store.get(key, start, length, if_match=etag)
         _still(node, etag)
         cipher = await self.cipher(node, header)
-        if len(data) != lo + ln - start:
+        if len(data) != length - start:
             self.tree.integrity(key, "short read", node)
             raise IntegrityError(
                 f"{key}: object shorter than its metadata says", object_keys=(key,)
             )
+        view = memoryview(data)
+        if isinstance(cipher, Body3):
+            try:
+                for j in cipher.heads_missing(first, last):  # (inside the range: all of them)
+                    h_lo, h_ln = cipher.head_span(j)
+                    cipher.add_head(j, view[h_lo - start : h_lo - start + h_ln])
+            except IntegrityError as e:
+                self.tree.integrity(key, e, node)
+                raise
 
         sealed: dict[int, memoryview] = {}
 
         def open_all() -> list[bytes]:
-            view = memoryview(data)
             out = []
             for i in range(first, last + 1):
-                off, ln_i = chunk_span(i, size, c)
+                off, ln_i = cipher.span(i, size)
                 sealed[i] = view[off - start : off - start + ln_i]
-                out.append(cipher.open_chunk(i, i == n - 1, sealed[i]))
+                out.append(cipher.open_at(i, n, sealed[i]))
             return out
 
         try:
@@ -289,14 +371,22 @@ class Fetcher:
             raise
         # cached under the generation these bytes authenticated as (the node may hold another
         # by now: an adopt or our own upload may have landed during the awaits above)
-        salt = cipher.header.salt
+        salt = cipher.gen
         if self.blocks is not None:  # authenticated: worth keeping on disk
-            if n == 1:  # a small object, whole: into a pack, with its header
+            whole = n == 1  # a small object, whole: into a pack, with its header
+            if whole and isinstance(cipher, BodyCipher):
                 header = header or cipher.header_bytes
-            await self.keep_on_disk(node.file_id, salt, header, sealed, len(data), whole=n == 1)
+            elif whole:  # (revision 3: the segment's head and the trailer, from the object)
+                whole = start == 0 and len(data) == length
+                header = body3.small_head(view) if whole else None
+            await self.keep_on_disk(node.file_id, salt, header, sealed, len(data), whole=whole)
         for i, pt in zip(range(first, last + 1), plain, strict=True):
             self.cache.put((node.file_id, salt, i), pt)
             got[i] = pt
+
+    def span(self, i: int, size: int) -> tuple[int, int]:
+        """Chunk ``i``'s ciphertext in a revision-1 body of ``size`` bytes."""
+        return chunk_span_v1(i, size, self.chunk)
 
     async def get_unwrapping(self, node: Node, key: str, end: int, etag: str | None) -> bytes:
         """GET ``[0, end)`` of ``key`` while the data key is unwrapped at the same time (it
@@ -407,11 +497,16 @@ class Fetcher:
         except IntegrityError:
             await trio.to_thread.run_sync(blocks.drop, fid, salt)  # (its lock, its I/O)
             return list(range(first, last + 1))
+        if isinstance(cipher, Body3):
+            if header is not None and 0 not in cipher.readers:  # (a packed small object)
+                with contextlib.suppress(IntegrityError):  # (else S3's, as below)
+                    cipher.add_head(0, header[: cipher.head_span(0)[1]])
+            await self.heads(node, cipher, sorted({i // cipher.per for i in sealed}))
         size = node.attrs.size
         n = chunk_count(size, self.chunk)
 
         def open_all() -> dict[int, bytes]:
-            return {i: cipher.open_chunk(i, i == n - 1, ct) for i, ct in sealed.items()}
+            return {i: cipher.open_at(i, n, ct) for i, ct in sealed.items()}
 
         try:
             plain = await self.crypto(open_all, len(sealed) * self.chunk)

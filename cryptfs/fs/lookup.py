@@ -18,7 +18,7 @@ import trio
 
 from cryptfs import lognames
 from cryptfs.errors import IntegrityError, NameTooLong, NoEntry, StoreUnavailable, UnsupportedFormat
-from cryptfs.format import s3ec
+from cryptfs.format import body3, s3ec
 from cryptfs.format.body import plain_size
 from cryptfs.format.meta import KIND_DIR, KIND_FILE, KIND_LINK, Attrs, ObjectMeta
 from cryptfs.fs.foreign import Foreign, s3ec_envelope
@@ -116,7 +116,13 @@ class Lookup:
 
     def check_size(self, info: ObjectInfo, attrs: Attrs) -> None:
         try:
-            size = plain_size(info.size, self.chunk)
+            if attrs.body == 3:
+                seg = self.vol.segment
+                if seg is None:  # (MetaCodec refuses such metadata first)
+                    raise IntegrityError("a revision-3 body in a volume without segments")
+                size = body3.plain_size(info.size, seg, self.chunk)[1]
+            else:
+                size = plain_size(info.size, self.chunk)
         except IntegrityError as e:
             self.tree.integrity(info.key, e)
             raise

@@ -18,6 +18,7 @@ import trio
 from cryptfs.cache.staging import StagedFile
 from cryptfs.errors import CryptfsError
 from cryptfs.format.body import BodyCipher
+from cryptfs.format.body3 import Body3
 from cryptfs.format.keys import WrappedKey
 from cryptfs.format.meta import KIND_DIR, Attrs
 from cryptfs.format.s3ec import S3ecObject
@@ -134,7 +135,7 @@ class Node:
     attrs_sending: int = 0  # copies in place of its attributes in flight (sync_attrs)
     change: int = 0  # bumped on every local modification
     unlinked: bool = False
-    cipher: BodyCipher | None = None
+    cipher: BodyCipher | Body3 | None = None  # its version's body, as far as read
     cipher_etag: str | None = None
     # a rename of this node (or onto it) is moving its objects: what S3 shows meanwhile is
     # the rename's doing, not another writer's (a HEAD 404 of the old key, a LIST without it)

@@ -24,7 +24,7 @@ from typing import Any
 import trio
 
 from cryptfs.cache.staging import CREATING, StagedFile, StagingArea
-from cryptfs.crypto import GCM_TAG
+from cryptfs.crypto import GCM_TAG, Secret, random_bytes
 from cryptfs.errors import (
     IntegrityError,
     KeyTooLong,
@@ -35,8 +35,9 @@ from cryptfs.errors import (
     StoreError,
     UnsupportedFormat,
 )
-from cryptfs.format.body import BodyCipher, chunk_count, cipher_size
-from cryptfs.format.meta import KIND_DIR, Attrs, ObjectMeta
+from cryptfs.format import body3
+from cryptfs.format.body import SALT_SIZE, BodyCipher, chunk_count, cipher_size
+from cryptfs.format.meta import KIND_DIR, KIND_FILE, Attrs, ObjectMeta
 from cryptfs.fs.fetch import Fetcher
 from cryptfs.fs.lookup import Lookup
 from cryptfs.fs.model import Node, Options
@@ -112,8 +113,10 @@ class Uploader:
         long_name: str | None,
         *,
         expect: str | None,
-    ) -> tuple[str, Attrs, BodyCipher]:
-        """Seal ``source`` under a fresh salt and write it to ``key``.
+    ) -> tuple[str, Attrs, BodyCipher | None]:
+        """Seal ``source`` under a fresh data key and generation and write it to ``key``: a
+        regular file as a revision-3 body on a volume with segments (FORMAT.md §8.5), else
+        (and symlinks, special files) as revision 1 (§2).
 
         ``expect`` is the ETag being replaced (If-Match) or None for a new object
         (If-None-Match: *), so another writer's change is never silently overwritten.
@@ -121,53 +124,64 @@ class Uploader:
         # a fresh data key for every upload (docs/FORMAT.md §7.4): whoever once unwrapped an
         # earlier version's key learns nothing of this one; refused if the keyring is stale
         dek, wrapped = await self.vol.keyring.new_dek(node.file_id)
-        cipher = BodyCipher.new(dek, node.file_id, self.vol.chunk_log2)
-        node.own_salts[cipher.header.salt] = wrapped
+        seg = self.vol.segment if node.kind == KIND_FILE else None
+        cipher = None if seg else BodyCipher.new(dek, node.file_id, self.vol.chunk_log2)
+        gen = cipher.gen if cipher else random_bytes(SALT_SIZE)
+        node.own_salts[gen] = wrapped
         while len(node.own_salts) > 16:
             del node.own_salts[next(iter(node.own_salts))]
         size = len(source) if isinstance(source, bytes) else source.size
-        attrs = node.attrs.with_(size=size, salt=cipher.header.salt)
+        attrs = node.attrs.with_(size=size, salt=gen, body=1 if cipher else 3)
         meta = ObjectMeta(node.file_id, attrs, wrapped, long_name)
         md = self.vol.meta.encode(path, key, meta)
         cond: dict[str, Any] = {"if_none_match": expect is None, "if_match": expect}
+        parts: _Parts
         try:
             if isinstance(source, bytes) or size <= self.opt.multipart_threshold:
 
                 def seal() -> bytes:  # (staging read and AES-GCM: in a worker if large)
                     if isinstance(source, bytes):
-                        return cipher.seal_all(source)
-                    data = bytearray()
-                    step = 16 * self.chunk  # (each read holds the staged file's I/O lock,
-                    for off in range(0, size, step):  # which its writers wait for)
-                        data += source.read(off, min(step, size - off))
-                    if len(data) < size:  # truncated meanwhile: the next upload has that
-                        data += bytes(size - len(data))
-                    return cipher.seal_all(bytes(data))
+                        data = source
+                    else:
+                        buf = bytearray()
+                        step = 16 * self.chunk  # (each read holds the staged file's I/O lock,
+                        for off in range(0, size, step):  # which its writers wait for)
+                            buf += source.read(off, min(step, size - off))
+                        if len(buf) < size:  # truncated meanwhile: the next upload has that
+                            buf += bytes(size - len(buf))
+                        data = bytes(buf)
+                    if cipher is not None:
+                        return cipher.seal_all(data)
+                    assert seg is not None
+                    return body3.seal_body(dek, self.vol.volume_id, node.file_id, gen, data,
+                                           attrs.mtime_ns, seg, self.chunk)  # fmt: skip
 
                 body = await self.fetch.crypto(seal, size)
                 etag = await self.store.put(key, body, md, **cond)
             else:
-                etag = await self.multipart(source, cipher, key, md, cond)
+                if cipher is not None:
+                    parts = _ChunkParts(source, cipher, self.opt.part_size)
+                else:
+                    assert seg is not None
+                    parts = _SegmentParts(source, dek, self.vol.volume_id, node.file_id, gen,
+                                          attrs.mtime_ns, seg, self.opt.part_size)  # fmt: skip
+                etag = await self.multipart(parts, key, md, cond)
         except KeyTooLong:
             raise NameTooLong("the S3 server refused the encrypted path as too long") from None
         return etag, attrs, cipher
 
-    def uploaded(self, node: Node, etag: str, attrs: Attrs, cipher: BodyCipher) -> None:
+    def uploaded(self, node: Node, etag: str, attrs: Attrs, cipher: BodyCipher | None) -> None:
         self.uploads += 1
         self.upload_bytes += attrs.size
         node.wrapped = node.own_salts.get(attrs.salt, node.wrapped)
         node.remote_etag = etag
-        node.attrs = node.attrs.with_(size=attrs.size, salt=attrs.salt)
+        node.attrs = node.attrs.with_(size=attrs.size, salt=attrs.salt, body=attrs.body)
+        # (a revision-3 body's trailer and heads are read back when it is first read)
         node.cipher, node.cipher_etag = cipher, etag
         node.refreshed_at = trio.current_time()
 
     async def multipart(
-        self,
-        sf: StagedFile,
-        cipher: BodyCipher,
-        key: str,
-        md: dict[str, str],
-        cond: dict[str, Any],
+        self, parts: _Parts, key: str, md: dict[str, str], cond: dict[str, Any]
     ) -> str:
         # noted before it exists: a CreateMultipartUpload whose answer is lost (or a crash
         # before it comes) still made an upload, found by its key later (``sweep``)
@@ -185,7 +199,7 @@ class Uploader:
                 self.mp_active.discard(intent)
             self.mp_active.add(upload_id)
             try:
-                return await self.multipart_parts(sf, cipher, key, md, cond, upload_id, intent)
+                return await self.multipart_parts(parts, key, cond, upload_id, intent)
             finally:
                 self.mp_active.discard(upload_id)
         finally:
@@ -198,54 +212,33 @@ class Uploader:
         self.sweep_gen += 1
 
     async def multipart_parts(
-        self,
-        sf: StagedFile,
-        cipher: BodyCipher,
-        key: str,
-        md: dict[str, str],
-        cond: dict[str, Any],
-        upload_id: str,
-        intent: str,
+        self, parts: _Parts, key: str, cond: dict[str, Any], upload_id: str, intent: str
     ) -> str:
         self.staging.note_upload(upload_id, key, intent)  # a crash leaves it for the next mount
-        size = sf.size
-        c = self.chunk
-        n = chunk_count(size, c)
-        per_part = max(self.opt.part_size // c, -(-n // 9000))
-        parts = -(-n // per_part)
-        etags: list[str] = [""] * parts
+        count = parts.count
+        etags: list[str] = [""] * count
         limit = trio.CapacityLimiter(self.opt.upload_concurrency)
-
-        hdr = cipher.header_bytes
         free: list[bytearray] = []  # part buffers of this upload, reused once a part is up
-        scratch = threading.local()  # per worker thread: the staged slots and their plaintext
-
-        def build(p: int, buf: bytearray) -> memoryview:
-            first = p * per_part
-            k = min(n, first + per_part) - first
-            if len(getattr(scratch, "plain", b"")) < k * c:
-                scratch.raw, scratch.plain = bytearray(k * sf.slot), bytearray(k * c)
-            plain = memoryview(scratch.plain)
-            sf.read_run(first, k, memoryview(scratch.raw), plain)
-            out = memoryview(buf)
-            o = 0
-            if p == 0:
-                out[: len(hdr)] = hdr
-                o = len(hdr)
-            for j in range(k):
-                i = first + j
-                ln = min(c, size - i * c)
-                cipher.seal_chunk_into(
-                    i, i == n - 1, plain[j * c : j * c + ln], out[o : o + ln + GCM_TAG]
-                )
-                o += ln + GCM_TAG
-            return out[:o]
+        # the last part of a revision-3 body ends with the manifest of every segment: it is
+        # built once the others are (sealed, not uploaded)
+        built = 0
+        all_built = trio.Event()
+        if count == 1 or not parts.last_waits:
+            all_built.set()
 
         async def part(p: int) -> None:
+            nonlocal built
+            if p == count - 1:
+                await all_built.wait()
             async with limit:
-                buf = free.pop() if free else bytearray(len(hdr) + per_part * (c + GCM_TAG))
-                # staging reads and AES-GCM release the GIL: the trio thread stays free
-                body = await trio.to_thread.run_sync(build, p, buf, limiter=self.fetch.crypto_limit)
+                buf = free.pop() if free else bytearray(parts.buffer_size)
+                # staging reads, AES-GCM and SHA-256 release the GIL: the trio thread stays free
+                body = await trio.to_thread.run_sync(
+                    parts.build, p, buf, limiter=self.fetch.crypto_limit
+                )
+                built += 1
+                if built == count - 1:
+                    all_built.set()
                 etags[p] = await self.store.upload_part(key, upload_id, p + 1, body)
                 # reused only after a success (the server has read the whole body): the bytes
                 # of a failed request may still sit in a closing connection's send buffer
@@ -253,7 +246,7 @@ class Uploader:
 
         try:
             async with open_tasks() as nursery:
-                for p in range(parts):
+                for p in range(count):
                     nursery.start_soon(part, p)
             etag = await self.store.complete_multipart(key, upload_id, etags, **cond)
         except BaseException:
@@ -320,7 +313,11 @@ class Uploader:
 
     def stored_size(self, node: Node) -> int:
         """Size of the node's object in S3 (0 for directory markers)."""
-        return 0 if node.is_dir else cipher_size(node.attrs.size, self.chunk)
+        if node.is_dir:
+            return 0
+        if node.attrs.body == 3:
+            return body3.body_size(node.attrs.size, self.fetch.segment(), self.chunk)
+        return cipher_size(node.attrs.size, self.chunk)
 
     def keys_current(self) -> None:
         """Nothing is written under a master key the volume has moved on from (a rotation
@@ -536,3 +533,112 @@ class Uploader:
             # (an object there that does not authenticate: EIO for the fsync, although our
             # version is safe in the copy; the name is not the user's, they must know)
             self.look.adopt(parent, name, info, None)
+
+
+class _Parts:
+    """The parts of one multipart upload of a staged file: how many, the buffer each is
+    built in, and building part ``p`` (in a worker thread)."""
+
+    count: int
+    buffer_size: int
+    last_waits = False  # the last part needs every other part built first
+
+    def build(self, p: int, buf: bytearray) -> memoryview:
+        raise NotImplementedError
+
+
+class _ChunkParts(_Parts):
+    """A revision-1 body: the header, then runs of chunks (FORMAT.md §2)."""
+
+    def __init__(self, sf: StagedFile, cipher: BodyCipher, part_size: int) -> None:
+        self.sf = sf
+        self.cipher = cipher
+        self.size = sf.size
+        c = self.c = cipher.chunk
+        self.n = chunk_count(self.size, c)
+        self.per_part = max(part_size // c, -(-self.n // 9000))
+        self.count = -(-self.n // self.per_part)
+        self.buffer_size = len(cipher.header_bytes) + self.per_part * (c + GCM_TAG)
+        self.scratch = threading.local()  # per worker thread: the staged slots, their plaintext
+
+    def build(self, p: int, buf: bytearray) -> memoryview:
+        c, n, size, scratch = self.c, self.n, self.size, self.scratch
+        first = p * self.per_part
+        k = min(n, first + self.per_part) - first
+        if len(getattr(scratch, "plain", b"")) < k * c:
+            scratch.raw, scratch.plain = bytearray(k * self.sf.slot), bytearray(k * c)
+        plain = memoryview(scratch.plain)
+        self.sf.read_run(first, k, memoryview(scratch.raw), plain)
+        out = memoryview(buf)
+        o = 0
+        if p == 0:
+            hdr = self.cipher.header_bytes
+            out[: len(hdr)] = hdr
+            o = len(hdr)
+        for j in range(k):
+            i = first + j
+            ln = min(c, size - i * c)
+            self.cipher.seal_chunk_into(
+                i, i == n - 1, plain[j * c : j * c + ln], out[o : o + ln + GCM_TAG]
+            )
+            o += ln + GCM_TAG
+        return out[:o]
+
+
+class _SegmentParts(_Parts):
+    """A revision-3 body (FORMAT.md §8.5): runs of whole segments, each under a key of its
+    own; the last part ends with the trailer, whose manifest names every segment."""
+
+    last_waits = True
+
+    def __init__(
+        self,
+        sf: StagedFile,
+        dek: Secret,
+        volume_id: bytes,
+        file_id: bytes,
+        gen: bytes,
+        mtime_ns: int,
+        seg: int,
+        part_size: int,
+    ) -> None:
+        self.sf = sf
+        self.dek, self.volume_id, self.file_id, self.gen = dek, volume_id, file_id, gen
+        self.mtime_ns = mtime_ns
+        self.seg = seg
+        self.c = sf.chunk
+        self.size = sf.size
+        self.n = body3.segments_of(self.size, seg)
+        # (every part but the last at least S3's 5 MiB; at most 10,000 parts)
+        self.per_part = max(-(-part_size // seg), -(-self.n // 9000))
+        self.count = -(-self.n // self.per_part)
+        self.buffer_size = self.per_part * body3.segment_size(seg, self.c)
+        self.buffer_size += body3.trailer_size(self.n)
+        self.entries: list[body3.Entry | None] = [None] * self.n
+        self.scratch = threading.local()
+
+    def build(self, p: int, buf: bytearray) -> memoryview:
+        seg, c, scratch = self.seg, self.c, self.scratch
+        per = seg // c
+        if len(getattr(scratch, "plain", b"")) < seg:
+            scratch.raw, scratch.plain = bytearray(per * self.sf.slot), bytearray(seg)
+        plain = memoryview(scratch.plain)
+        out = memoryview(buf)
+        o = 0
+        for j in range(p * self.per_part, min(self.n, (p + 1) * self.per_part)):
+            b = min(seg, self.size - j * seg)
+            k = body3.chunks_in(b, c)
+            self.sf.read_run(j * per, k, memoryview(scratch.raw), plain)
+            ln = body3.segment_size(b, c)
+            self.entries[j] = body3.seal_segment_into(
+                self.file_id, j, plain[:b], c, out[o : o + ln]
+            )
+            o += ln
+        if p == self.count - 1:
+            entries = tuple(e for e in self.entries if e is not None)
+            assert len(entries) == self.n  # (every other part was built first)
+            manifest = body3.Manifest(self.size, self.mtime_ns, entries)
+            trailer = body3.seal_trailer(self.dek, self.volume_id, self.file_id, self.gen, manifest)
+            out[o : o + len(trailer)] = trailer
+            o += len(trailer)
+        return out[:o]

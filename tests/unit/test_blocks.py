@@ -139,9 +139,12 @@ async def test_small_files_read_again_from_packs_after_a_remount(tmp_path: Path)
     assert fs3.integrity_failures == 0 and store.calls.get("get", 0) == 1
 
 
-async def test_remount_reads_from_disk_and_a_bad_copy_is_fetched_again(tmp_path: Path) -> None:
+@pytest.mark.parametrize("segment_log2", [None, 14])
+async def test_remount_reads_from_disk_and_a_bad_copy_is_fetched_again(
+    tmp_path: Path, segment_log2: int | None
+) -> None:
     store = MemoryStore()
-    fs = await make_fs(tmp_path, store)
+    fs = await make_fs(tmp_path, store, segment_log2=segment_log2)
     data = os.urandom(200_000)
     await write_file(fs, ROOT_INO, b"f", data)
     vol = fs.vol
@@ -151,8 +154,20 @@ async def test_remount_reads_from_disk_and_a_bad_copy_is_fetched_again(tmp_path:
     fs2 = await _mount(tmp_path, vol, 2)  # a remount: memory empty, disk cache kept
     node = await fs2.lookup(ROOT_INO, b"f")
     store.calls.clear()
+    spans: list[int] = []
+    real_get = store.get
+
+    async def get(key, start=None, end=None, if_match=None):  # type: ignore[no-untyped-def]
+        spans.append(end - start)
+        return await real_get(key, start, end, if_match=if_match)
+
+    store.get = get  # type: ignore[method-assign]
     assert await read_file(fs2, node.ino) == data
-    assert store.calls.get("get", 0) == 0  # not one byte of the body downloaded
+    store.get = real_get  # type: ignore[method-assign]
+    if segment_log2 is None:
+        assert spans == []  # not one byte of the body downloaded
+    else:  # a revision-3 body: its trailer and the heads of its 13 segments, no chunk
+        assert len(spans) == 14 and max(spans) < 4096, spans
     assert fs2.blocks is not None and fs2.blocks.hits >= len(data) // vol.chunk
 
     # flip a byte of a cached chunk: the copy is dropped and S3 asked again, no EIO

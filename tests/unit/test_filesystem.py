@@ -26,13 +26,19 @@ async def make_fs(
     chunk_log2: int = 12,
     *,
     metadata_ttl: float = 0,
+    segment_log2: int | None = 14,
 ) -> Filesystem:
+    """A file system over ``store``, made (a new volume) if it has none: its files' bodies
+    are revision 3 with segments of 4 chunks (every read and write crosses segments), or
+    revision 1 with ``segment_log2=None``."""
     store = store or MemoryStore()
     src = KeySource(keyfile=Secret(b"k" * 32))
     try:
         vol = await Volume.open(store, src)
     except Exception:
-        vol = await Volume.create(store, src, chunk_log2=chunk_log2, encrypt_names=True)
+        vol = await Volume.create(
+            store, src, chunk_log2=chunk_log2, encrypt_names=True, segment_log2=segment_log2
+        )
     staging = StagingArea(tmp_path / vol.volume_id.hex(), vol.keys.cache, vol.chunk)
     fs = Filesystem(vol, staging, Options(writeback_delay=0.1, metadata_ttl=metadata_ttl))
     await fs.ensure_root()
@@ -363,10 +369,12 @@ async def _written_elsewhere(
     *,
     fetch_unit: int | None = None,
     readahead: int | None = None,
+    segment_log2: int | None = 14,
 ) -> Filesystem:
     """``/f`` holding ``data``, written by one mount; returns a second mount that has not
     read it yet (with the read-ahead bounds given)."""
-    await write_file(await make_fs(tmp_path, store), ROOT_INO, b"f", data)
+    first = await make_fs(tmp_path, store, segment_log2=segment_log2)
+    await write_file(first, ROOT_INO, b"f", data)
     fs2 = await make_fs(tmp_path / "2", store)
     if fetch_unit is not None:  # (and files up to it are fetched whole at open)
         fs2.opt.fetch_unit = fs2.opt.small_file_bytes = fetch_unit
@@ -416,7 +424,9 @@ async def test_read_ahead_fetches_aligned_units_and_keeps_only_what_is_ahead(
     store = MemoryStore()
     data = os.urandom(5 << 20)
     unit = 256 << 10
-    fs2 = await _written_elsewhere(tmp_path, store, data, fetch_unit=unit, readahead=1 << 20)
+    fs2 = await _written_elsewhere(
+        tmp_path, store, data, fetch_unit=unit, readahead=1 << 20, segment_log2=None
+    )
     ranges: list[tuple[int, int]] = []
     real_get = store.get
 
@@ -900,16 +910,23 @@ async def test_a_listing_remembers_object_keys_and_a_relisting_decrypts_only_new
     assert await read_file(b, again[b"f3"].ino) == b"xxx"
 
 
-async def test_a_sparse_multipart_file_uploads_parts_that_read_back(tmp_path: Path) -> None:
-    """Parts are sealed into reused buffers from runs of staged chunks: holes, a short last
-    part and a short last chunk all come back as written, through a fresh mount."""
+@pytest.mark.parametrize("segment_log2", [None, 14])
+async def test_a_sparse_multipart_file_uploads_parts_that_read_back(
+    tmp_path: Path, segment_log2: int | None
+) -> None:
+    """Parts are sealed into reused buffers from runs of staged chunks (revision 1) or of
+    segments (revision 3, the trailer in the last part): holes, a short last part and a
+    short last chunk all come back as written, through a fresh mount."""
     store = MemoryStore()
     src = KeySource(keyfile=Secret(b"k" * 32))
-    vol = await Volume.create(store, src, chunk_log2=12, encrypt_names=True)
+    vol = await Volume.create(
+        store, src, chunk_log2=12, encrypt_names=True, segment_log2=segment_log2
+    )
     opts = Options(writeback_delay=0.1, multipart_threshold=32 << 10, part_size=16 << 10)
     fs = Filesystem(vol, StagingArea(tmp_path / "a", vol.keys.cache, vol.chunk), opts)
     await fs.ensure_root()
-    ref = bytearray(200_000 + 77)  # 49 chunks of 4 KiB: 13 parts, the last one of 1 chunk
+    # 49 chunks of 4 KiB: 13 parts, the last one of 1 chunk; or 13 segments of 4 chunks
+    ref = bytearray(200_000 + 77)
     node, h = await fs.create(ROOT_INO, b"sparse", 0o644, 0, 0)
     for off, n in ((5000, 9000), (70_000, 3), (131_072, 8192), (200_000, 77)):
         piece = os.urandom(n)

@@ -753,19 +753,25 @@ async def test_a_large_single_put_is_sealed_off_the_trio_thread(
     hop costs more than sealing a few KiB)."""
     import threading
 
+    from cryptfs.format import body3
     from cryptfs.format.body import BodyCipher
     from tests.fsutil import write_file
 
     store = MemoryStore()
     fs = await make_fs(tmp_path, store)
     sealed_in: dict[int, str] = {}
-    real = BodyCipher.seal_all
+    real, real3 = BodyCipher.seal_all, body3.seal_body
 
     def spy(self, data):  # type: ignore[no-untyped-def]
         sealed_in[len(data)] = threading.current_thread().name
         return real(self, data)
 
+    def spy3(dek, vid, fid, gen, data, *rest):  # type: ignore[no-untyped-def]
+        sealed_in[len(data)] = threading.current_thread().name
+        return real3(dek, vid, fid, gen, data, *rest)
+
     monkeypatch.setattr(BodyCipher, "seal_all", spy)
+    monkeypatch.setattr(body3, "seal_body", spy3)
     await write_file(fs, ROOT_INO, b"large", b"L" * (1 << 20))
     await write_file(fs, ROOT_INO, b"small", b"s" * 1000)
     main = threading.current_thread().name
