@@ -60,6 +60,7 @@ class Keys:
     revision: int = 1
     current: str | None = None  # §7.1: the payload's current master key (revision 2)
     objects: tuple[int, ...] = (1,)
+    segment_log2: int | None = None  # §8.5: files' bodies are revision 3, segments of 2^this
 
     def master(self, kid: str) -> bytes:
         """§7.1: MK(kid); MK("vmk") = VMK only in a revision-1 payload."""
@@ -101,6 +102,7 @@ def unlock_with_keyfile(config: bytes, keyfile: bytes) -> Keys:
         # §7.2: HMAC under K_config of the current master key, over every field but "mac"
         keys.revision = 2
         keys.objects = tuple(cfg["objects"])
+        keys.segment_log2 = cfg.get("segment_log2")
         cur = current or "vmk"
         k_config = hkdf(keys.master(cur), volume_id, b"cryptfs/v2/config\0" + cur.encode())
         body2 = {k: v for k, v in cfg.items() if k != "mac"}
@@ -295,7 +297,18 @@ def decrypt_volume(
             path = _join(parent, decrypt_name(keys, parent, parts[-1], md.get("cfs-n")))
         attrs = decrypt_attrs(keys, md, path, key)
         entry: dict[str, Any] = {"attrs": attrs}
-        if attrs["t"] != "d":
+        if attrs.get("b", 1) == 3:  # §8.5: a regular file's body of revision 3
+            if attrs["t"] != "f" or keys.segment_log2 is None:
+                raise Invalid("a revision-3 body where none may be")
+            data, _mtime = decrypt_body3(body, unwrap_dek(keys, md), keys.volume_id,
+                                         b64u(md["cfs-f"]), b64u(attrs["gen"]),
+                                         1 << keys.segment_log2, 1 << keys.chunk_log2)  # fmt: skip
+            if len(data) != attrs["sz"]:
+                raise Invalid("size")
+            entry["data"] = data
+        elif attrs["t"] != "d":
+            if "b" in attrs:
+                raise Invalid("body revision 1 is never written out")
             data, file_id, salt = decrypt_body(body, unwrap_dek(keys, md), keys.chunk_log2)
             if file_id != b64u(md["cfs-f"]) or salt != b64u(attrs["gen"]):
                 raise Invalid("body does not belong to this metadata")
@@ -321,8 +334,8 @@ def decrypt_volume(
 def decrypt_body3(
     body: bytes, dek: bytes, volume_id: bytes, file_id: bytes, gen: bytes, seg: int, chunk: int
 ) -> tuple[bytes, int]:
-    """A revision-3 body (FORMAT.md §8.5, a design not yet written by cryptfs): (plaintext,
-    mtime ns).  Written from the document alone."""
+    """A revision-3 body (FORMAT.md §8.5): (plaintext, the manifest's mtime ns).  Written
+    from the document alone."""
     end_len, magic = int.from_bytes(body[-8:-4], "big"), body[-4:]
     if magic != b"CFT3" or end_len > len(body):
         raise Invalid("no trailer")

@@ -1,5 +1,7 @@
 """Write a golden volume for the format tests: ``python -m tests.data.make_golden OUT.json``
-(``--special``: with special files, FORMAT.md §7.9).
+(``--special``: with special files, FORMAT.md §7.9; ``--segments``: files with revision-3
+bodies, FORMAT.md §8.5, segments of 8 KiB; without it, revision-1 bodies as volumes made
+before revision 3 hold).
 
 Run once per format change and commit the result; tests must keep reading every golden file
 ever committed (a later cryptfs must mount volumes written by an earlier one).
@@ -43,10 +45,14 @@ SPECIAL = [
 ]
 
 
-async def build(special: bool = False) -> dict[str, object]:
+async def build(special: bool = False, segments: bool = False) -> dict[str, object]:
     store = MemoryStore()
     vol = await Volume.create(
-        store, KeySource(keyfile=Secret(KEY)), chunk_log2=12, encrypt_names=True
+        store,
+        KeySource(keyfile=Secret(KEY)),
+        chunk_log2=12,
+        encrypt_names=True,
+        segment_log2=13 if segments else None,
     )
     # (the staging area's pool of spare files is refilled by a thread: it may add one late)
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
@@ -75,6 +81,7 @@ async def build(special: bool = False) -> dict[str, object]:
     }
 
 
-if __name__ == "__main__":  # OUT.json [--special]
-    out = json.dumps(trio.run(build, "--special" in sys.argv), indent=1, sort_keys=True)
+if __name__ == "__main__":  # OUT.json [--special] [--segments]
+    golden = trio.run(build, "--special" in sys.argv, "--segments" in sys.argv)
+    out = json.dumps(golden, indent=1, sort_keys=True)
     Path(sys.argv[1]).write_text(out + "\n")

@@ -1,5 +1,5 @@
-"""Body revision 3 (docs/FORMAT.md §8.5; not yet written by the file system): its arithmetic,
-and every mix of parts the design says a reader refuses, attacked here."""
+"""Body revision 3 (docs/FORMAT.md §8.5): its arithmetic, and every mix of parts the design
+says a reader refuses, attacked here (on a mount: tests/unit/test_trust.py)."""
 
 from __future__ import annotations
 
