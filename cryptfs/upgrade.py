@@ -8,7 +8,10 @@ Procedure:
      rebuilt from its key), and rewritten in place as revision 2 by a server-side copy with
      new metadata (``CopySourceIfMatch``; nothing downloaded).  Concurrent; resumable (a
      rerun skips objects already at revision 2); an object changed meanwhile is read again;
-  3. when none is left: ``objects: [2]``, and a revision-1 object is refused from then on.
+  3. when none is left: ``objects: [2]``, and a revision-1 object is refused from then on;
+  4. the config names a segment size (``segment_log2``, FORMAT.md §8.5): files are uploaded
+     with revision-3 bodies from then on.  Nothing is rewritten for it: a file's body stays
+     revision 1, and reads as such, until the file is next written.
 
 Error handling:
     An object that does not authenticate is reported (by key) and left; step 3 then waits
@@ -28,7 +31,7 @@ import trio
 from cryptfs.errors import CryptfsError, IntegrityError, NotFound, PreconditionFailed, UsageError
 from cryptfs.format.keys import SCHEME_KMS
 from cryptfs.format.meta import FORMAT, FORMAT2, decode_meta, kind_fits_key
-from cryptfs.format.volume import CONFIG_NAME
+from cryptfs.format.volume import CONFIG_NAME, SEGMENT_LOG2_DEFAULT
 from cryptfs.keyadmin import SETTLE, check_settle
 from cryptfs.store.base import ObjectInfo, bare_etag
 from cryptfs.tasks import each
@@ -48,6 +51,7 @@ class UpgradeReport:
     vanished: int = 0
     failed: list[str] = field(default_factory=list)
     config_upgraded: bool = False
+    segments_enabled: bool = False  # step 4 done by this run
     finished: bool = False
     seconds: float = 0.0
     bytes_downloaded: int = 0
@@ -64,6 +68,8 @@ class UpgradeReport:
             lines.append(f"not cryptfs objects:   {self.foreign} (left alone)")
         if self.vanished:
             lines.append(f"deleted meanwhile:     {self.vanished}")
+        if self.segments_enabled:
+            lines.append("file bodies:           revision 3 from now on (FORMAT.md §8.5)")
         if self.failed:
             lines.append(f"FAILED:                {len(self.failed)} (see the log; rerun)")
         state = "complete" if self.finished else "NOT complete: rerun the same command"
@@ -89,6 +95,8 @@ async def upgrade(
     bytes0 = getattr(store, "bytes_in", 0)
     cfg = vol.config
     if cfg.version >= 2 and 1 not in cfg.objects:
+        if _segments(vol, report):
+            await vol.save_config()
         report.finished = True
         return report
     if cfg.version < 2:
@@ -129,12 +137,25 @@ async def upgrade(
         report.failed.append("(objects keep changing: rerun)")
     if not report.failed:
         vol.config.objects = [2]
+        _segments(vol, report)
         await vol.save_config()
         report.finished = True
         log.info("upgrade finished: revision-1 objects are refused from now on")
     report.seconds = trio.current_time() - started
     report.bytes_downloaded = getattr(store, "bytes_in", 0) - bytes0
     return report
+
+
+def _segments(vol: Volume, report: UpgradeReport) -> bool:
+    """Step 4: revision-3 bodies for files written from now on (the config, to be saved,
+    names a segment size); False if it already does."""
+    cfg = vol.config
+    if cfg.segment_log2 is not None:
+        return False
+    cfg.segment_log2 = max(SEGMENT_LOG2_DEFAULT, cfg.chunk_log2)
+    report.segments_enabled = True
+    log.info("files are written with revision-3 bodies from now on")
+    return True
 
 
 async def _pass(

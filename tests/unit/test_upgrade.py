@@ -4,6 +4,7 @@ revision-1 object (one put back from before the upgrade) is refused."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,42 @@ async def test_every_golden_volume_mounts_and_reads(tmp_path: Path, name: str) -
         assert max(sizes) > 4 * vol.segment
 
 
+async def test_upgrade_of_a_revision_2_volume_turns_on_revision_3_bodies(tmp_path: Path) -> None:
+    """A revision-2 volume made before revision-3 bodies: ``upgrade`` writes the config only
+    (a segment size); its files keep their bodies and read as they are; a file written
+    afterwards gets a revision-3 body, which the reference decryptor reads too."""
+    import json
+
+    store, golden, src = await golden_store("golden_volume_v2.json")
+    before = {k: (b, dict(md)) for k, (b, md, _e) in store.objects.items() if k != CONFIG_NAME}
+    report = await upgrade(await Volume.open(store, src), settle=0)
+    assert report.finished and report.segments_enabled and report.upgraded == 0
+    assert report.bytes_downloaded == 0
+    after = {k: (b, dict(md)) for k, (b, md, _e) in store.objects.items() if k != CONFIG_NAME}
+    assert after == before
+    vol = await Volume.open(store, src)
+    assert vol.segment == 8 << 20
+    await _read_all(vol, tmp_path / "a", golden)
+    fs = Filesystem(vol, StagingArea(tmp_path / "b", vol.keys.cache, vol.chunk))
+    await fs.ensure_root()
+    data = bytes(range(256)) * 100
+    node = await walk(fs, "/hello.txt")
+    h = await fs.open(node.ino, os.O_WRONLY | os.O_APPEND)
+    await fs.write(h.fh, node.attrs.size, data)
+    await fs.release(h.fh)
+    await fs.sync_node(node)
+    assert node.attrs.body == 3
+    want = bytes.fromhex(golden["files"]["/hello.txt"]) + data
+    assert await read_file(fs, node.ino) == want
+    tree = ref.decrypt_volume(
+        {k: (b, dict(md)) for k, (b, md, _e) in store.objects.items()},
+        b64d(golden["key_file"]),
+    )
+    assert tree[b"/hello.txt"]["data"] == want and tree[b"/hello.txt"]["attrs"]["b"] == 3
+    assert json.loads(store.objects[CONFIG_NAME][0])["segment_log2"] == 23
+    assert (await upgrade(await Volume.open(store, src), settle=0)).segments_enabled is False
+
+
 @pytest.mark.parametrize("name", GOLDEN)
 async def test_upgrade_golden_volume(tmp_path: Path, name: str) -> None:
     store, golden, src = await golden_store(name)
@@ -74,7 +111,8 @@ async def test_upgrade_golden_volume(tmp_path: Path, name: str) -> None:
     assert after == before
     assert {md["cfs"] for k, (_b, md, _e) in store.objects.items() if k != CONFIG_NAME} == {"2"}
     cfg = VolumeConfig.from_bytes(store.objects[CONFIG_NAME][0])
-    assert (cfg.version, cfg.objects, cfg.epoch) == (2, [2], 2)
+    assert (cfg.version, cfg.objects, cfg.epoch, cfg.segment_log2) == (2, [2], 2, 23)
+    assert report.segments_enabled
     await _read_all(await Volume.open(store, src), tmp_path / "a", golden)
     # the reference decryptor, from docs/FORMAT.md alone, reads the upgraded volume
     objects = {k: (body, dict(md)) for k, (body, md, _e) in store.objects.items()}
