@@ -57,7 +57,12 @@ def seal_body(dek: bytes, file_id: bytes, salt: bytes, chunk_log2: int, plaintex
 
 
 def commits_to(dek: bytes, body: bytes) -> bool:
-    """Does the body's header carry the key commitment of ``dek``?  (True: ``dek`` opens it.)"""
+    """Does the body carry the key commitment of ``dek`` (§2: its header's; §8.5: its
+    manifest's)?  (True: ``dek`` opens it.)"""
+    if is_body3(body):
+        trailer = body[len(body) - int.from_bytes(body[-8:-4], "big") :]
+        prk = hmac.new(trailer[:32], dek, "sha256").digest()
+        return hmac.compare_digest(_expand(prk, b"cryptfs/v3/manifest/commit"), trailer[-40:-8])
     header = body[:HEADER]
     chunk_log2, file_id, salt = header[9], header[12:28], header[28:60]
     _, commitment = body_keys(dek, salt, chunk_log2, file_id)
@@ -65,8 +70,87 @@ def commits_to(dek: bytes, body: bytes) -> bool:
 
 
 def header_fields(body: bytes) -> tuple[bytes, bytes]:
-    """(file_id, salt) of a body."""
+    """(file_id, salt) of a §2 body."""
     return body[12:28], body[28:60]
+
+
+# -- §8.5 bodies -----------------------------------------------------------------------------
+
+
+def is_body3(body: bytes) -> bool:
+    """A body of revision 3 ends with its trailer's magic (a §2 body ends with a GCM tag)."""
+    return body[-4:] == b"CFT3"
+
+
+def _expand(prk: bytes, info: bytes) -> bytes:
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+
+    return HKDFExpand(hashes.SHA256(), 32, info).derive(prk)
+
+
+def seal_body3(
+    dek: bytes,
+    volume_id: bytes,
+    file_id: bytes,
+    gen: bytes,
+    seg: int,
+    chunk: int,
+    plaintext: bytes,
+    mtime_ns: int = 0,
+) -> bytes:
+    """A whole object body of FORMAT.md §8.5 for file ``file_id``'s version ``gen``, sealed
+    under ``dek`` (its manifest) and segment keys of the attacker's own."""
+    import hashlib
+
+    sha = lambda d: hashlib.sha256(d).digest()  # noqa: E731
+    n = max(1, -(-len(plaintext) // seg))
+    out, entries = bytearray(), b""
+    for j in range(n):
+        piece = plaintext[j * seg : (j + 1) * seg]
+        pk, salt = os.urandom(32), os.urandom(32)
+        prk = hmac.new(salt, pk, "sha256").digest()
+        key, commit = _expand(prk, b"cryptfs/v3/seg"), _expand(prk, b"cryptfs/v3/commit")
+        header = b"CFS3" + j.to_bytes(4, "big") + file_id + salt + commit
+        k = max(1, -(-len(piece) // chunk))
+        chunks = [
+            AESGCM(key).encrypt(
+                i.to_bytes(11, "big") + (b"\x01" if i == k - 1 else b"\x00"),
+                piece[i * chunk : (i + 1) * chunk],
+                header + k.to_bytes(4, "big"),
+            )
+            for i in range(k)
+        ]
+        table = b"".join(sha(c) for c in chunks)
+        out += header + table + b"".join(chunks)
+        entries += pk + salt + sha(header + table)
+    r = os.urandom(32)
+    prk = hmac.new(r, dek, "sha256").digest()
+    manifest = len(plaintext).to_bytes(8, "big") + mtime_ns.to_bytes(8, "big", signed=True)
+    manifest += n.to_bytes(4, "big") + entries
+    aad = b"cryptfs/v3/manifest\0" + volume_id + file_id + gen
+    sealed = AESGCM(_expand(prk, b"cryptfs/v3/manifest/key")).encrypt(bytes(12), manifest, aad)
+    trailer = r + sealed + _expand(prk, b"cryptfs/v3/manifest/commit")
+    return bytes(out + trailer + (len(trailer) + 8).to_bytes(4, "big") + b"CFT3")
+
+
+def forge_like(
+    body: bytes, dek: bytes, plaintext: bytes, cfg: dict[str, Any], gen: bytes | None = None
+) -> bytes:
+    """A body of ``plaintext`` sealed under ``dek`` in the place of ``body``: the same
+    revision, file id and generation (§2: the header's salt; §8.5: ``gen``, sealed in the
+    attributes, which a bucket writer without the key cannot read: a guess unless given)."""
+    chunk = 1 << cfg["chunk_log2"]
+    if not is_body3(body):
+        file_id, salt = header_fields(body)
+        return seal_body(dek, file_id, salt, cfg["chunk_log2"], plaintext)
+    seg = 1 << cfg["segment_log2"]
+    gen = gen or os.urandom(32)
+    return seal_body3(dek, b64u(cfg["volume_id"]), body[8:24], gen, seg, chunk, plaintext)
+
+
+def body_file_id(body: bytes) -> bytes:
+    """The file id a body names (§2: its header; §8.5: its first segment's header)."""
+    return body[8:24] if is_body3(body) else body[12:28]
 
 
 # -- §1 keys ---------------------------------------------------------------------------------
@@ -150,9 +234,13 @@ def open_keyslot(config: bytes, keyfile_text: str) -> Keys:
     config's MAC: all an attacker with that key file and that config copy learns."""
     cfg = json.loads(config)
     volume_id = b64u(cfg["volume_id"])
-    vmk, mks, _current = _payload(open_keyfile_slot(cfg, keyfile_bytes(keyfile_text)))
+    vmk, mks, current = _payload(open_keyfile_slot(cfg, keyfile_bytes(keyfile_text)))
     keys = Keys(volume_id, vmk, mks, b"", b"", cfg["names"] == "aes-siv", cfg["chunk_log2"])
     keys.names, keys.attrs = keys.purpose("names", 64), keys.purpose("attrs")
+    keys.current = current
+    if cfg["cryptfs"] == 2:  # (the object revisions that config accepts, §7.2)
+        keys.revision, keys.objects = 2, tuple(cfg["objects"])
+        keys.segment_log2 = cfg.get("segment_log2")
     return keys
 
 

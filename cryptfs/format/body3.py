@@ -380,6 +380,8 @@ class Body3:
         """From the object's last bytes (its trailer at least); its length is the one
         ``size`` gives (the metadata's, authenticated)."""
         length = body_size(size, seg, chunk)
+        if len(tail) < trailer_span(size, seg, chunk)[1]:
+            raise IntegrityError("object shorter than its metadata says (no whole trailer)")
         manifest = open_trailer(dek, volume_id, file_id, gen, tail, length, seg, chunk)
         return cls(file_id, gen, size, seg, chunk, manifest)
 

@@ -36,20 +36,28 @@ import pytest
 from tests.attacker import (
     Bucket,
     b64e,
+    body_file_id,
     commits_to,
     config_mac,
     directory_marker,
-    header_fields,
+    forge_like,
+    is_body3,
     kms_file_context,
     open_keyslot,
-    seal_body,
     try_unwrap,
     wrap_local,
 )
 from tests.conftest import KmsServer
 from tests.e2e.conftest import Volume, cryptfs
 from tests.integration.test_s3ec import _oracle
-from tests.reference_decryptor import Invalid, Keys, b64u, decrypt_body
+from tests.reference_decryptor import (
+    Invalid,
+    Keys,
+    b64u,
+    decrypt_attrs,
+    decrypt_body,
+    decrypt_body3,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -72,8 +80,26 @@ def _bucket(vol: Volume) -> Bucket:
     return Bucket(vol.server.client(), vol.bucket, vol.url.split("/", 3)[3])  # type: ignore[no-untyped-call]
 
 
-def _cipher_size(plain: int) -> int:
-    return 92 + plain + 16 * max(1, -(-plain // CHUNK))
+def _object_sizes(cfg: dict[str, Any], plain: int) -> set[int]:
+    """The lengths a file of ``plain`` bytes may have in the bucket (FORMAT.md §2, §8.5)."""
+    v1 = 92 + plain + 16 * max(1, -(-plain // CHUNK))
+    if "segment_log2" not in cfg:
+        return {v1}
+    seg = 1 << cfg["segment_log2"]
+    n = max(1, -(-plain // seg))
+    sizes = [seg] * (n - 1) + [plain - (n - 1) * seg]
+    v3 = sum(88 + b + 48 * max(1, -(-b // CHUNK)) for b in sizes) + 108 + 96 * n
+    return {v1, v3}
+
+
+def _decrypt(keys: Keys, b: Bucket, key: str, body: bytes, md: dict[str, str], dek: bytes) -> bytes:
+    """The plaintext of a file's object, for a holder of the volume's key (the owner)."""
+    if not is_body3(body):
+        return decrypt_body(body, dek, keys.chunk_log2)[0]
+    attrs = decrypt_attrs(keys, md, b"", key.removeprefix(b.prefix + "/"))
+    seg = 1 << b.config_json()["segment_log2"]
+    return decrypt_body3(body, dek, keys.volume_id, b64u(md["cfs-f"]), b64u(attrs["gen"]),
+                         seg, 1 << keys.chunk_log2)[0]  # fmt: skip
 
 
 def _write(path: Path, data: bytes, mode: str = "wb") -> None:
@@ -245,14 +271,23 @@ def _substitute_data_key(kv: KmsVolume) -> Planted:
     [key] = b.file_keys()
     body, md = b.get(key)
     cfg = b.config_json()
-    file_id, salt = header_fields(body)
+    file_id = body_file_id(body)
     assert b64u(md["cfs-f"]) == file_id and md["cfs-kid"] == kv.key_a  # as FORMAT.md says
     x = kv.kms.new_key()
     dek = os.urandom(32)
     ctx = kms_file_context(b64u(cfg["volume_id"]), file_id)
     blob = kv.kms.client().encrypt(KeyId=x, Plaintext=dek, EncryptionContext=ctx)  # type: ignore[no-untyped-call]
-    forged = seal_body(dek, file_id, salt, cfg["chunk_log2"], EVIL)
-    assert len(forged) == len(body) and decrypt_body(forged, dek, cfg["chunk_log2"])[0] == EVIL
+    # (a revision-3 body's generation is sealed in the attributes: the attacker guesses it;
+    # the mount refuses the data key before that could matter)
+    gen = os.urandom(32)
+    forged = forge_like(body, dek, EVIL, cfg, gen)
+    assert len(forged) == len(body)
+    if is_body3(forged):
+        vid, seg = b64u(cfg["volume_id"]), 1 << cfg["segment_log2"]
+        got = decrypt_body3(forged, dek, vid, file_id, gen, seg, CHUNK)[0]
+    else:
+        got = decrypt_body(forged, dek, cfg["chunk_log2"])[0]
+    assert got == EVIL
     etag = b.put(key, forged, md | {"cfs-kid": x, "cfs-k": b64e(blob["CiphertextBlob"])})
     return Planted(key, etag, x, dek)
 
@@ -473,14 +508,14 @@ def test_every_upload_uses_a_fresh_data_key(volume: Volume) -> None:
     """Attack 3: someone who once unwrapped a file's data key (simulated with the key file)
     reads none of its later versions."""
     b = _bucket(volume)
-    _key, versions = _generations(volume, volume.mount)
+    key, versions = _generations(volume, volume.mount)
     keys = open_keyslot(b.config(), volume.key.read_text())
     deks = []
     for body, md in versions:
         dek = try_unwrap(keys, md)
         assert dek is not None and commits_to(dek, body)  # the simulation works
         deks.append(dek)
-    assert decrypt_body(versions[0][0], deks[0], keys.chunk_log2)[0] == GENUINE
+    assert _decrypt(keys, b, key, *versions[0], deks[0]) == GENUINE
     problems = _fresh_dek_problems(versions, deks)
     assert not problems
 
@@ -554,11 +589,14 @@ def test_old_key_cannot_plant_content_after_rotation(
     _write(volume.mnt / "contract.txt", GENUINE)
     volume.umount()
     old_config, old_key = b.config(), volume.key.read_text()
+    [key] = b.file_keys()
+    _body, old_md = b.get(key)  # (what the thief saw before the rotation)
     rotated = _rotate_to_key_file(volume, tmp_path / "new.key")
     old = open_keyslot(old_config, old_key)
-    [key] = b.file_keys()
     body, md = b.get(key)
-    file_id, salt = header_fields(body)
+    file_id = body_file_id(body)
+    # (the old key opened the attributes sealed before the rotation: the generation is known)
+    gen = b64u(decrypt_attrs(old, old_md, b"", key.removeprefix(b.prefix + "/"))["gen"])
     dek = os.urandom(32)
     wrap_kid = "vmk" if kid == "vmk" else next(iter(old.mks))
     md = md | {
@@ -566,7 +604,7 @@ def test_old_key_cannot_plant_content_after_rotation(
         "cfs-kid": wrap_kid,
         "cfs-k": wrap_local(old, wrap_kid, dek, file_id),
     }
-    b.put(key, seal_body(dek, file_id, salt, old.chunk_log2, EVIL), md)
+    b.put(key, forge_like(body, dek, EVIL, json.loads(old_config), gen), md)
 
     got, snap = _cold_read(rotated, rotated.mount, "contract.txt")
     assert got != SERVED, f"the mount served a body whose data key the old key wrapped ({kid})"
@@ -803,7 +841,8 @@ SECRET_SIZE = 77_777
 
 def _flip_body(b: Bucket, plain_size: int) -> str:
     """Flip one byte of the body of the (only) file object of that size; its key."""
-    [key] = [k for k in b.file_keys() if b.head(k)["ContentLength"] == _cipher_size(plain_size)]
+    sizes = _object_sizes(b.config_json(), plain_size)
+    [key] = [k for k in b.file_keys() if b.head(k)["ContentLength"] in sizes]
     body, md = b.get(key)
     flipped = bytearray(body)
     flipped[5000] ^= 0x20

@@ -162,3 +162,19 @@ async def test_an_untouched_body_reads_by_ranges_and_whole(tmp_path: Path) -> No
     node = await fs2.lookup(ROOT_INO, b"g")
     assert await read_file(fs2, node.ino) == data["g"]
     assert fs.integrity_failures == fs2.integrity_failures == 0
+
+
+@pytest.mark.allow_error_logs
+async def test_a_cut_trailer_reads_eio(tmp_path: Path) -> None:
+    """100 bytes cut out of the trailer's start (its end, with its length and magic, kept),
+    on a mount that trusted an earlier HEAD and reads the trailer by its span: less than a
+    trailer comes back, which is an integrity failure (it was a ValueError: a crash)."""
+    store, raws, _data = await _two_files(tmp_path)
+    fs = await _reader(tmp_path, store)
+    fs.fetch.opt.small_file_bytes = 0  # (the trailer by its span, not the object whole)
+    node = await fs.lookup(ROOT_INO, b"f")  # (the HEAD saw the whole object)
+    lo, _ln = body3.trailer_span(SIZE, S, C)
+    await _plant(store, raws["f"][:lo] + raws["f"][lo + 100 :])
+    node.remote_etag = store.objects[store.f_key][2]  # type: ignore[attr-defined]
+    with pytest.raises(IntegrityError):
+        await _read_at(fs, b"f", 3 * S)
