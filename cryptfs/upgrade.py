@@ -30,7 +30,7 @@ import trio
 
 from cryptfs.errors import CryptfsError, IntegrityError, NotFound, PreconditionFailed, UsageError
 from cryptfs.format.keys import SCHEME_KMS
-from cryptfs.format.meta import FORMAT, FORMAT2, decode_meta, kind_fits_key
+from cryptfs.format.meta import FORMAT, FORMAT2, FORMAT3, decode_meta, kind_fits_key
 from cryptfs.format.volume import CONFIG_NAME, SEGMENT_LOG2_DEFAULT
 from cryptfs.keyadmin import SETTLE, check_settle
 from cryptfs.store.base import ObjectInfo, bare_etag
@@ -153,6 +153,7 @@ def _segments(vol: Volume, report: UpgradeReport) -> bool:
     if cfg.segment_log2 is not None:
         return False
     cfg.segment_log2 = max(SEGMENT_LOG2_DEFAULT, cfg.chunk_log2)
+    cfg.objects = sorted({*cfg.objects, 3})
     report.segments_enabled = True
     log.info("files are written with revision-3 bodies from now on")
     return True
@@ -247,7 +248,7 @@ async def _upgrade_one(
     for _attempt in range(5):
         md = dict(info.metadata)
         rev = md.get("cfs")
-        if rev == FORMAT2:
+        if rev in (FORMAT2, FORMAT3):
             r.already += first
             return info.etag
         if rev != FORMAT:

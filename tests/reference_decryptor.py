@@ -158,7 +158,7 @@ def unwrap_dek(keys: Keys, md: dict[str, str]) -> bytes:
         kek = hkdf(keys.master("vmk"), keys.volume_id, b"cryptfs/v1/kek")
     else:
         kek = hkdf(keys.master(kid), keys.volume_id, b"cryptfs/v1/mk-kek\0" + kid.encode())
-    if md["cfs"] == "2":  # §7.4: one key per wrap
+    if md["cfs"] in ("2", "3"):  # §7.4: one key per wrap
         aad = b"cryptfs/v2/wrap\0" + keys.volume_id + file_id + kid.encode()
         return once_open(kek, b"cryptfs/v2/wrap", b64u(md["cfs-k"]), aad)
     aad = b"cryptfs/v1/wrap\0" + keys.volume_id + file_id + kid.encode()
@@ -212,15 +212,16 @@ def _lp(data: bytes) -> bytes:
 
 
 def decrypt_attrs(keys: Keys, md: dict[str, str], path: bytes, key: str) -> dict[str, Any]:
-    rev = {"1": 1, "2": 2}.get(md.get("cfs", ""))
+    rev = {"1": 1, "2": 2, "3": 3}.get(md.get("cfs", ""))
     if rev is None or rev not in keys.objects:
         raise Invalid("not a cryptfs object of a revision this volume accepts")
-    if rev == 2:  # §7.3: bound to the object key and every field that decrypts the body
+    if rev >= 2:  # §7.3: bound to the object key and every field that decrypts the body
         mkid = md["cfs-m"]
         k_meta = hkdf(keys.master(mkid), keys.volume_id, b"cryptfs/v2/meta\0" + mkid.encode())
+        label = b"cryptfs/v%d/attrs" % rev  # (§8: revision 3 under labels of its own)
         aad = b"".join(
             [
-                b"cryptfs/v2/attrs\0",
+                label + b"\0",
                 keys.volume_id,
                 b64u(md["cfs-f"]),
                 _lp(key.encode()),
@@ -231,9 +232,9 @@ def decrypt_attrs(keys: Keys, md: dict[str, str], path: bytes, key: str) -> dict
                 _lp(md.get("cfs-n", "").encode()),
             ]
         )
-        attrs2: dict[str, Any] = json.loads(
-            once_open(k_meta, b"cryptfs/v2/attrs", b64u(md["cfs-a"]), aad)
-        )
+        attrs2: dict[str, Any] = json.loads(once_open(k_meta, label, b64u(md["cfs-a"]), aad))
+        if "b" in attrs2 and (rev != 3 or attrs2["b"] != 3):
+            raise Invalid("a body revision in metadata that may not name one")
         return attrs2
     file_id = b64u(md["cfs-f"])
     aad = b"cryptfs/v1/attrs\0" + keys.volume_id + file_id + path

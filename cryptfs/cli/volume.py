@@ -24,8 +24,8 @@ def cmd_init(args: Any) -> int:
     if c & (c - 1) or not 1 << 12 <= c <= 1 << 24:
         raise UsageError("--chunk-size must be a power of two between 4K and 16M")
     seg = args.segment_size or max(8 << 20, c)
-    if seg & (seg - 1) or not c <= seg <= 1 << 30:
-        raise UsageError("--segment-size must be a power of two between the chunk size and 1G")
+    if seg & (seg - 1) or not c <= seg <= 1 << 26:
+        raise UsageError("--segment-size must be a power of two between the chunk size and 64M")
     if args.key_file is None and args.passphrase_file is None and args.kms_key_id is None:
         raise UsageError(
             "give --key-file, --passphrase-file or --kms-key-id (keys never come from argv)"

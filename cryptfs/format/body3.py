@@ -270,8 +270,8 @@ def open_trailer(
     ``trailer_length`` of them), checked against the object's whole length: a body cut or
     extended anywhere, the trailer kept, is refused here, not only by a reader of it all."""
     length = trailer_length(tail)
-    if len(tail) < length:
-        raise ValueError(f"{len(tail)} bytes of the object's end given, its trailer is {length}")
+    if len(tail) < length:  # (a planted length field: the bytes a reader has are not it)
+        raise IntegrityError(f"the trailer says it is {length} bytes, {len(tail)} are there")
     t = bytes(tail[len(tail) - length :])
     r, sealed, commit = t[:KEY_SIZE], t[KEY_SIZE : -KEY_SIZE - 8], t[-KEY_SIZE - 8 : -8]
     key, expect = _manifest_keys(dek, r)
@@ -380,8 +380,9 @@ class Body3:
         """From the object's last bytes (its trailer at least); its length is the one
         ``size`` gives (the metadata's, authenticated)."""
         length = body_size(size, seg, chunk)
-        if len(tail) < trailer_span(size, seg, chunk)[1]:
-            raise IntegrityError("object shorter than its metadata says (no whole trailer)")
+        want = trailer_span(size, seg, chunk)[1]
+        if len(tail) < want or trailer_length(tail) != want:
+            raise IntegrityError("the trailer is not the one the metadata's size gives")
         manifest = open_trailer(dek, volume_id, file_id, gen, tail, length, seg, chunk)
         return cls(file_id, gen, size, seg, chunk, manifest)
 

@@ -49,7 +49,11 @@ from cryptfs.format.volume import SlotPayload, VolumeConfig
 
 FORMAT = "1"
 FORMAT2 = "2"
-FORMATS = (FORMAT, FORMAT2)
+# revision 3 (FORMAT.md §8): §7.3's construction under labels of its own; what volumes with
+# revision-3 bodies write, so that a cryptfs before them refuses such objects (its rename,
+# rotation or chmod never reseals one without the body revision it does not know)
+FORMAT3 = "3"
+FORMATS = (FORMAT, FORMAT2, FORMAT3)
 KIND_FILE = "f"
 KIND_DIR = "d"
 KIND_LINK = "l"
@@ -214,6 +218,9 @@ def decode_meta(keys: VolumeKeys, path: bytes, md: dict[str, str]) -> ObjectMeta
 
 _ATTR2_LABEL = b"cryptfs/v2/attrs\0"
 _ATTR2_INFO = b"cryptfs/v2/attrs"
+# revision 3: the labels name the revision (its metadata is not readable as revision 2's)
+_LABELS = {FORMAT2: (_ATTR2_LABEL, _ATTR2_INFO),
+           FORMAT3: (b"cryptfs/v3/attrs\0", b"cryptfs/v3/attrs")}  # fmt: skip
 
 
 def _lp(data: bytes) -> bytes:
@@ -223,7 +230,7 @@ def _lp(data: bytes) -> bytes:
 def _aad2(volume_id: bytes, file_id: bytes, key: str, md: dict[str, str], blob: bytes) -> bytes:
     return b"".join(
         [
-            _ATTR2_LABEL,
+            _LABELS[md["cfs"]][0],
             volume_id,
             file_id,
             _lp(key.encode()),
@@ -301,13 +308,15 @@ class MetaCodec:
             )
 
     def encode(self, path: bytes, key: str, meta: ObjectMeta) -> dict[str, str]:
+        if meta.attrs.body == 3 and self.write_rev < 3:
+            raise ValueError("a revision-3 body needs revision-3 metadata")
         if self.write_rev < 2:
             return encode_meta(self.keys, path, meta)
         wk = meta.dek
         if wk is not None and wk.scheme == SCHEME_LOCAL and wk.rev < 2:
             wk = self._rewrap_local_v2(wk, meta.file_id)
         md = {
-            "cfs": FORMAT2,
+            "cfs": FORMAT3 if self.write_rev >= 3 else FORMAT2,
             "cfs-f": b64e(meta.file_id),
             "cfs-w": wk.scheme if wk is not None else "-",
             "cfs-kid": wk.kid if wk is not None else "-",
@@ -320,7 +329,8 @@ class MetaCodec:
         if meta.long_name is not None:
             md["cfs-n"] = meta.long_name
         aad = _aad2(self.keys.volume_id, meta.file_id, key, md, blob)
-        md["cfs-a"] = b64e(seal_once(self._meta[self.cur], _ATTR2_INFO, meta.attrs.to_json(), aad))
+        info = _LABELS[md["cfs"]][1]
+        md["cfs-a"] = b64e(seal_once(self._meta[self.cur], info, meta.attrs.to_json(), aad))
         return md
 
     def _rewrap_local_v2(self, wk: WrappedKey, file_id: bytes) -> WrappedKey:
@@ -350,7 +360,12 @@ class MetaCodec:
             )
         rev = md.get("cfs")
         timed = window
-        if rev == FORMAT2:
+        if rev in (FORMAT2, FORMAT3):
+            if rev == FORMAT3 and 3 not in self.accept:
+                # (written once `cryptfs upgrade` turned revision-3 bodies on, which this
+                # mount learns when it next reads the config: not an integrity failure)
+                raise UnsupportedFormat("revision-3 object in a volume whose config (as this "
+                                        "mount read it) does not accept them")  # fmt: skip
             if 2 not in self.accept:
                 raise IntegrityError("revision-2 object in a revision-1 volume")
             try:
@@ -375,8 +390,8 @@ class MetaCodec:
             meta = decode_meta(self.keys, path, md)  # raises: foreign or unknown revision
         if not kind_fits_key(meta.attrs.kind, key):
             raise IntegrityError("object kind does not match its key")
-        if meta.attrs.body == 3 and self.segment_log2 is None:
-            raise IntegrityError("a revision-3 body in a volume whose config has no segments")
+        if meta.attrs.body == 3 and rev != FORMAT3:
+            raise IntegrityError("a revision-3 body named by metadata of another revision")
         if meta.attrs.kind != KIND_DIR:
             self.check_wrapping(meta.dek, (modified or 0.0) if timed else None)
         return meta
@@ -391,12 +406,13 @@ class MetaCodec:
             raise IntegrityError(f"metadata field {e.args[0]} missing") from None
         if len(file_id) != 16:
             raise IntegrityError("bad file id")
+        info = _LABELS[md["cfs"]][1]
         mkey = self._meta.get(mkid)
         if mkey is None:
             raise IntegrityError(f"metadata sealed under a master key this volume lacks ({mkid})")
         aad = _aad2(self.keys.volume_id, file_id, key, md, blob)
         try:
-            attrs = Attrs.from_json(open_once(mkey, _ATTR2_INFO, sealed, aad))
+            attrs = Attrs.from_json(open_once(mkey, info, sealed, aad))
         except IntegrityError:
             raise IntegrityError("metadata does not authenticate for this object key") from None
         wrapped: WrappedKey | None
@@ -412,6 +428,6 @@ class MetaCodec:
 
     def sealed_by(self, md: dict[str, str]) -> str | None:
         """The master key an object's metadata is sealed under (``vmk`` for revision 1)."""
-        if md.get("cfs") == FORMAT2:
+        if md.get("cfs") in (FORMAT2, FORMAT3):
             return md.get("cfs-m")
         return LOCAL_KID if md.get("cfs") == FORMAT else None

@@ -54,7 +54,7 @@ _KNOWN_FIELDS_V2 = _KNOWN_FIELDS | {"epoch", "objects", "kms_keys", "retiring", 
 # revision-3 bodies (docs/FORMAT.md §8.5): segments of 2^segment_log2 plaintext bytes
 SEGMENT_LOG2_DEFAULT = 23
 SEGMENTS_DEFAULT = -1  # (``create``: the default, or the chunk size if that is larger)
-MAX_SEGMENT_LOG2 = 30
+MAX_SEGMENT_LOG2 = 26  # (an upload holds a few segments per part in flight: 64 MiB at most)
 LEGACY_DEK = {"scheme": SCHEME_LOCAL, "kid": LOCAL_KID}
 SSE_MODES = ("s3", "kms", "c")
 
@@ -256,7 +256,9 @@ class VolumeConfig:
     @property
     def write_rev(self) -> int:
         """The metadata revision new objects get."""
-        return 2 if self.version >= 2 else 1
+        if self.version < 2:
+            return 1
+        return 3 if 3 in self.objects else 2
 
     def allowed_kms(self) -> frozenset[str]:
         """KMS keys whose data keys this volume accepts (revision 1: its ``dek`` key only)."""
@@ -480,7 +482,13 @@ class VolumeConfig:
             raise IntegrityError("volume config is malformed")
         if len({s["id"] for s in cfg.keyslots}) != len(cfg.keyslots):
             raise IntegrityError("volume config has two keyslots of one id")
-        if version >= 2 and (cfg.epoch < 1 or not cfg.objects or not set(cfg.objects) <= {1, 2}):
+        if version >= 2 and (
+            cfg.epoch < 1
+            or not cfg.objects
+            or not set(cfg.objects) <= {1, 2, 3}
+            # (revision-3 objects, and only they, may have revision-3 bodies: FORMAT.md §8.5)
+            or (3 in cfg.objects) != (cfg.segment_log2 is not None)
+        ):
             raise IntegrityError("volume config is malformed (epoch or object revisions)")
         if cfg.dek.get("scheme") not in (SCHEME_LOCAL, SCHEME_KMS) or not cfg.dek.get("kid"):
             raise UnsupportedFormat(f"data-key scheme {cfg.dek!r} not supported")
@@ -505,6 +513,8 @@ class VolumeConfig:
             check_segment_log2(seg, chunk_log2)
         cfg = cls(random_bytes(16), chunk_log2, encrypt_names, epoch=1, objects=[2])
         cfg.segment_log2 = seg
+        if seg is not None:
+            cfg.objects = [2, 3]
         return cfg, Secret(random_bytes(VMK_SIZE))
 
 

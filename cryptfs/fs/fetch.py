@@ -101,9 +101,15 @@ class Fetcher:
         return await self.vol.keyring.unwrap(node.wrapped, node.file_id)
 
     def known_cipher(self, node: Node) -> BodyCipher | Body3 | None:
-        if node.cipher is not None and node.cipher_etag == node.remote_etag:
-            return node.cipher
-        return None
+        """The body this mount opened of the version the node holds: the same ETag, and the
+        generation and revision its metadata names (a copy in place of another version's
+        metadata over this body keeps the ETag: S3's ETag is the body's)."""
+        c = node.cipher
+        if c is None or node.cipher_etag != node.remote_etag or c.gen != node.attrs.salt:
+            return None
+        if isinstance(c, Body3) != (node.attrs.body == 3):
+            return None
+        return c
 
     def segment(self) -> int:
         seg = self.vol.segment
@@ -147,6 +153,11 @@ class Fetcher:
         except (IntegrityError, UnsupportedFormat) as e:
             self.tree.integrity(key, e, node)
             raise
+        # another read of this version opened it during the awaits above: that one stays
+        # (its segment heads are filled in by reads that hold it)
+        known = self.known_cipher(node)
+        if known is not None:
+            return known
         node.cipher, node.cipher_etag = cipher, etag
         return cipher
 
@@ -338,7 +349,8 @@ class Fetcher:
             else:
                 _info, data = await self.store.get(key, start, length, if_match=etag)
         _still(node, etag)
-        cipher = await self.cipher(node, header)
+        if cipher is None:  # (revision 1: its header came with the data, or a GET of its own)
+            cipher = await self.cipher(node, header)
         if len(data) != length - start:
             self.tree.integrity(key, "short read", node)
             raise IntegrityError(
@@ -346,13 +358,16 @@ class Fetcher:
             )
         view = memoryview(data)
         if isinstance(cipher, Body3):
+            body = cipher
             try:
-                for j in cipher.heads_missing(first, last):  # (inside the range: all of them)
-                    h_lo, h_ln = cipher.head_span(j)
-                    cipher.add_head(j, view[h_lo - start : h_lo - start + h_ln])
+                for j in body.heads_missing(first, last):
+                    h_lo, h_ln = body.head_span(j)
+                    if h_lo >= start:  # (inside the range: it came with the data)
+                        body.add_head(j, view[h_lo - start : h_lo - start + h_ln])
             except IntegrityError as e:
                 self.tree.integrity(key, e, node)
                 raise
+            await self.heads(node, body, body.heads_missing(first, last))  # (none, or the first)
 
         sealed: dict[int, memoryview] = {}
 
@@ -377,7 +392,7 @@ class Fetcher:
             if whole and isinstance(cipher, BodyCipher):
                 header = header or cipher.header_bytes
             elif whole:  # (revision 3: the segment's head and the trailer, from the object)
-                whole = start == 0 and len(data) == length
+                whole = start == 0 and len(data) == body3.body_size(size, self.segment(), c)
                 header = body3.small_head(view) if whole else None
             await self.keep_on_disk(node.file_id, salt, header, sealed, len(data), whole=whole)
         for i, pt in zip(range(first, last + 1), plain, strict=True):

@@ -36,7 +36,7 @@ def test_body_vectors() -> None:
         "golden_volume_v1_mk.json",
         "golden_volume_v2.json",
         "golden_volume_v2_special.json",
-        "golden_volume_v2_segments.json",
+        "golden_volume_v3_bodies.json",
     ],
 )
 def test_golden_volumes(name: str) -> None:

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+import trio
 
 from cryptfs.errors import IntegrityError
 from cryptfs.format import body3
@@ -178,3 +179,130 @@ async def test_a_cut_trailer_reads_eio(tmp_path: Path) -> None:
     node.remote_etag = store.objects[store.f_key][2]  # type: ignore[attr-defined]
     with pytest.raises(IntegrityError):
         await _read_at(fs, b"f", 3 * S)
+
+
+# -- found by the attacker's review of this code (each fails before its fix) ----------------
+
+
+async def test_two_cold_reads_of_one_file_are_no_integrity_failure(tmp_path: Path) -> None:
+    """Two reads of a file whose trailer is not known yet, at once (the kernel's read-ahead,
+    two threads): each opened the trailer, the second's body replaced the first's on the
+    node, and the first then cut a head out of its data at a negative offset: EIO and an
+    integrity failure logged, with nothing tampered with.  The first body opened stays."""
+    store, _raws, data = await _two_files(tmp_path)
+    for _ in range(3):
+        fs = await _reader(tmp_path, store)
+        fs.fetch.opt.small_file_bytes = 0  # (the trailer by its span: the race's window)
+        node = await fs.lookup(ROOT_INO, b"f")
+        got: dict[int, bytes] = {}
+
+        async def read(off: int) -> None:
+            got[off] = await _read_at(fs, b"f", off)  # noqa: B023
+
+        async with trio.open_nursery() as n:
+            for off in (S + 2 * C + 5, 3 * S + C + 5):
+                n.start_soon(read, off)
+        assert got == {o: data["f2"][o : o + 100] for o in got}
+        assert fs.integrity_failures == 0, fs.tree.integrity_log
+        assert node.cipher is not None
+
+
+@pytest.mark.allow_error_logs
+@pytest.mark.parametrize("small", [0, 4 << 20])
+async def test_a_planted_trailer_length_is_an_integrity_failure(tmp_path: Path, small: int) -> None:
+    """The last 8 bytes replaced by a trailer length of 1 GiB (no key needed): a ValueError
+    escaped (an "unexpected error" on a mount, not counted; fsck stopped at it).  Now it is
+    an integrity failure like any other."""
+    import struct
+
+    store, raws, _data = await _two_files(tmp_path)
+    await _plant(store, raws["f"][:-8] + struct.pack(">I4s", 1 << 30, b"CFT3"))
+    fs = await _reader(tmp_path, store)
+    fs.fetch.opt.small_file_bytes = small
+    with pytest.raises(IntegrityError):
+        await _read_at(fs, b"f", 0)
+    assert fs.integrity_failures >= 1
+
+
+async def test_a_small_body_read_by_range_is_packed_only_whole(tmp_path: Path) -> None:
+    """A body of one chunk fetched by a range (its trailer known already): the pack took the
+    chunk's last bytes for the trailer, and a remount read an integrity failure from its own
+    cache.  Only a body fetched whole is packed with its head and trailer."""
+    from cryptfs.cache.blocks import BlockCache
+    from cryptfs.cache.staging import StagingArea
+    from cryptfs.fs.model import Options
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "w", store)
+    data = os.urandom(3000)
+    await write_file(fs, ROOT_INO, b"f", data)
+
+    async def mount(n: int, **kw: int) -> Filesystem:
+        st = StagingArea(tmp_path / f"st{n}", fs.vol.keys.cache, fs.vol.chunk)
+        blocks = BlockCache(tmp_path / "blocks", 64 << 20, fs.vol.chunk)
+        m = Filesystem(fs.vol, st, Options(metadata_ttl=0, **kw), blocks=blocks)
+        await m.ensure_root()
+        return m
+
+    fs1 = await mount(1, small_file_bytes=0)
+    assert await read_file(fs1, (await fs1.lookup(ROOT_INO, b"f")).ino) == data
+    await trio.sleep(0.3)  # (the block cache is written behind the read)
+    fs2 = await mount(2)
+    assert await read_file(fs2, (await fs2.lookup(ROOT_INO, b"f")).ino) == data
+    assert fs2.integrity_failures == 0, fs2.tree.integrity_log
+
+
+@pytest.mark.allow_error_logs
+async def test_a_body_opened_for_one_generation_is_not_used_for_another(tmp_path: Path) -> None:
+    """Version A's authentic metadata copied in place over version B's body (CopyObject
+    keeps the ETag: it is the body's): a mount that had opened B served B's bytes under A's
+    generation, where a cold mount reads EIO.  The body a mount holds is bound to the
+    generation its metadata names."""
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "w", store)
+    before = set(store.objects)
+    a, b = os.urandom(50000), os.urandom(50000)
+    await write_file(fs, ROOT_INO, b"f", a)
+    (key,) = set(store.objects) - before
+    md_a = store.objects[key][1]
+    node = await fs.lookup(ROOT_INO, b"f")
+    h = await fs.open(node.ino, os.O_WRONLY | os.O_TRUNC)
+    await fs.write(h.fh, 0, b)
+    await fs.release(h.fh)
+    await fs.sync_node(node)
+    fs2 = await _reader(tmp_path, store)
+    assert await _read_at(fs2, b"f", 0) == b[:100]
+    fs2.cache.clear()
+    etag_b = store.objects[key][2]
+    assert await store.copy(key, key, md_a) == etag_b  # (what the bucket writer does)
+    got: bytes | IntegrityError
+    try:
+        got = await _read_at(fs2, b"f", 20000)
+    except IntegrityError as e:
+        got = e
+    assert got != b[20000:20100], "served version B's bytes under version A's metadata"
+    assert isinstance(got, IntegrityError)
+
+
+async def test_revision_3_bodies_have_revision_3_metadata(tmp_path: Path) -> None:
+    """A cryptfs from before revision 3 ignored the attribute ``b``: its rename (or chmod)
+    of a file with a revision-3 body resealed the metadata without it, and every host then
+    refused the file.  Such files' metadata is revision 3 (``cfs: "3"``, labels of its own),
+    which a cryptfs before it refuses as a format it does not support; and metadata of
+    revision 3 cannot be passed off as revision 2 (the labels differ)."""
+    from cryptfs.errors import UnsupportedFormat
+
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "w", store)
+    before = set(store.objects)
+    await write_file(fs, ROOT_INO, b"f", b"x" * 5000)
+    (key,) = set(store.objects) - before
+    md = dict(store.objects[key][1])
+    assert md["cfs"] == "3"
+    path = b"/f"
+    assert fs.vol.meta.decode(path, key, md).attrs.body == 3
+    with pytest.raises(IntegrityError):
+        fs.vol.meta.decode(path, key, md | {"cfs": "2"})
+    fs.vol.meta.accept = frozenset({2})  # (a mount whose config predates the upgrade)
+    with pytest.raises(UnsupportedFormat):
+        fs.vol.meta.decode(path, key, md)

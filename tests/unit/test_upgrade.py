@@ -45,7 +45,7 @@ async def _read_all(vol: Volume, tmp: Path, golden: dict) -> None:  # type: igno
 @pytest.mark.parametrize(
     "name",
     [*GOLDEN, "golden_volume_v2.json", "golden_volume_v2_special.json",
-     "golden_volume_v2_segments.json"],
+     "golden_volume_v3_bodies.json"],
 )  # fmt: skip
 async def test_every_golden_volume_mounts_and_reads(tmp_path: Path, name: str) -> None:
     """Volumes written by every earlier revision keep mounting and reading as they are; the
@@ -111,7 +111,7 @@ async def test_upgrade_golden_volume(tmp_path: Path, name: str) -> None:
     assert after == before
     assert {md["cfs"] for k, (_b, md, _e) in store.objects.items() if k != CONFIG_NAME} == {"2"}
     cfg = VolumeConfig.from_bytes(store.objects[CONFIG_NAME][0])
-    assert (cfg.version, cfg.objects, cfg.epoch, cfg.segment_log2) == (2, [2], 2, 23)
+    assert (cfg.version, cfg.objects, cfg.epoch, cfg.segment_log2) == (2, [2, 3], 2, 23)
     assert report.segments_enabled
     await _read_all(await Volume.open(store, src), tmp_path / "a", golden)
     # the reference decryptor, from docs/FORMAT.md alone, reads the upgraded volume
