@@ -102,14 +102,20 @@ async def test_missing_bucket_and_unreachable_endpoint(s3server: S3Server) -> No
             pass
 
 
+@pytest.mark.parametrize("segment_log2", [None, 20, 23])
 async def test_filesystem_over_s3_large_file_multipart(
-    s3server: S3Server, bucket: str, tmp_path: Path
+    s3server: S3Server, bucket: str, tmp_path: Path, segment_log2: int | None
 ) -> None:
-    loc = S3Location.parse(f"s3://{bucket}/vol")
+    """A multipart upload to SeaweedFS, read back by ranges: a revision-1 body (runs of
+    chunks), or revision 3 with segments of 1 MiB (parts of 5 segments, the last part one
+    segment and the trailer) or 8 MiB (one per part; the last one short)."""
+    loc = S3Location.parse(f"s3://{bucket}/vol{segment_log2}")
     src = KeySource(keyfile=Secret(os.urandom(32)))
     data = os.urandom((20 << 20) + 12345)
     async with open_s3_store(loc, S3Options(endpoint_url=s3server.endpoint)) as store:
-        vol = await Volume.create(store, src, chunk_log2=16, encrypt_names=True)
+        vol = await Volume.create(
+            store, src, chunk_log2=16, encrypt_names=True, segment_log2=segment_log2
+        )
         staging = StagingArea(tmp_path / "st", vol.keys.cache, vol.chunk)
         fs = Filesystem(
             vol,
@@ -124,6 +130,9 @@ async def test_filesystem_over_s3_large_file_multipart(
         await fs.release(h.fh)
         await fs.sync_node(node)
         assert "-" in (node.remote_etag or "")  # multipart ETag
+        parts = {None: 5, 20: 5, 23: 3}[segment_log2]  # (parts of 80 chunks, 5 or 1 segments)
+        assert node.remote_etag.strip('"').endswith(f"-{parts}")  # type: ignore[union-attr]
+        assert node.attrs.body == (1 if segment_log2 is None else 3)
         vol2 = await Volume.open(store, src)
         fs2 = Filesystem(
             vol2, StagingArea(tmp_path / "st2", vol2.keys.cache, vol2.chunk), key_prefix=loc.prefix
@@ -137,6 +146,13 @@ async def test_filesystem_over_s3_large_file_multipart(
             got += chunk
         assert bytes(got) == data
         assert await fs2.read(h2.fh, 7_000_000, 4096) == data[7_000_000:7_004_096]
+        fs3 = Filesystem(  # (cold, by ranges across segment boundaries, last one first)
+            vol2, StagingArea(tmp_path / "st3", vol2.keys.cache, vol2.chunk), key_prefix=loc.prefix
+        )
+        h3 = await fs3.open((await fs3.lookup(ROOT_INO, b"big")).ino, os.O_RDONLY)
+        for off in (len(data) - 5000, (16 << 20) - 3000, (1 << 20) - 100, 0):
+            assert await fs3.read(h3.fh, off, 6000) == data[off : off + 6000]
+        assert fs3.integrity_failures == 0
 
 
 @pytest.fixture
