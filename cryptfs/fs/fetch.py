@@ -194,6 +194,7 @@ class Fetcher:
         c = self.chunk
         need = chunks_for_range(offset, length, c)
         got: dict[int, bytes] = {}
+        version = (node.remote_etag, node.attrs.salt)
         missing = self.from_memory(node, need, got, count=True)
         if missing and node.inflight:
             # read-ahead is already fetching them: wait for it rather than fetch twice
@@ -207,6 +208,10 @@ class Fetcher:
             self.read_ahead(node, h, need.stop, min(last, (offset + h.window - 1) // c))
         if missing:
             await self.fetch_chunks(node, missing[0], missing[-1], got)
+        if (node.remote_etag, node.attrs.salt) != version:
+            # another version adopted while this read waited: what it has may be of both
+            # (chunks from memory before, fetched after); the caller reads again, whole
+            raise PreconditionFailed("another version of the file arrived during the read")
         if h is not None and h.window:
             # a sequential reader does not come back for what it has read (the kernel keeps
             # those pages while the object is unchanged): the memory cache keeps only what

@@ -629,3 +629,36 @@ async def test_a_prefix_without_a_marker_never_hides_a_file_not_uploaded_yet(
     check = await make_fs(tmp_path / "c", store)
     got = dict(await check.readdir(ROOT_INO))[b"x"]
     assert not got.is_dir and await read_file(check, got.ino) == b"A's acknowledged data"
+
+
+async def test_a_read_that_waits_for_read_ahead_never_mixes_two_versions(tmp_path: Path) -> None:
+    """A read found chunk 0 in memory (version 1) and waited for read-ahead of chunks 1-2;
+    meanwhile a listing adopted version 2 and the read-ahead gave up, so the read fetched
+    chunks 1-2 of version 2 and returned version 1's chunk 0 beside them: one read, two
+    versions (found by the review of revision-3 bodies).  Such a read goes again, whole."""
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "a", store, metadata_ttl=0)
+    await write_file(fs, ROOT_INO, b"f", b"1" * 3 * 4096)
+    node = await fs.lookup(ROOT_INO, b"f")
+    fs.cache.clear()
+    h = await fs.open(node.ino, os.O_RDONLY)
+    assert await fs.read(h.fh, 0, 100) == b"1" * 100  # (chunk 0 of version 1 in memory)
+    other = await make_fs(tmp_path / "b", store)
+    ev = trio.Event()
+    for k in (1, 2):
+        node.inflight[k] = ev  # (read-ahead of chunks 1-2 in flight)
+    got: list[bytes] = []
+
+    async def reader() -> None:
+        got.append(await fs.read(h.fh, 0, 3 * 4096))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            n.start_soon(reader)
+            await trio.sleep(0.05)
+            await _replace(other, b"f", b"2" * 3 * 4096)
+            await fs.readdir(ROOT_INO)  # adopts version 2
+            for k in (1, 2):
+                del node.inflight[k]
+            ev.set()
+    assert got == [b"2" * 3 * 4096], {bytes(set(g)) for g in got}
