@@ -62,7 +62,9 @@ def test_upgrade_a_revision_1_volume_in_place(
             assert raw.head_object(Bucket=bucket, Key=k)["Metadata"]["cfs"] == "2", k
             assert after[k]["Size"] == before[k]["Size"]  # bodies untouched
     cfg = json.loads(raw.get_object(Bucket=bucket, Key="up/.cryptfs.json")["Body"].read())
-    assert (cfg["cryptfs"], cfg["objects"]) == (2, [2])
+    # (revision-3 objects and bodies for what is written from now on: FORMAT.md §8.5)
+    assert (cfg["cryptfs"], cfg["objects"], cfg["segment_log2"]) == (2, [2, 3], 23)
+    assert "file bodies:           revision 3 from now on" in r.stdout, r.stdout
     again = cryptfs("upgrade", vol.url, *common, "--settle", "0")
     assert "complete" in again.stdout
 
@@ -74,6 +76,12 @@ def test_upgrade_a_revision_1_volume_in_place(
         (mnt / "after.txt").write_text("written after\n")
     finally:
         vol.umount()
+    revs = {
+        raw.head_object(Bucket=bucket, Key=o["Key"])["Metadata"].get("cfs")
+        for o in raw.list_objects_v2(Bucket=bucket, Prefix="up/")["Contents"]
+        if o["Key"] not in before
+    }
+    assert revs == {"3"}  # (after.txt: written after the upgrade, at revision 3)
 
     # an object put back with its metadata from before the upgrade is refused: its entry is
     # left out (an integrity failure) or reads EIO, never its old self
