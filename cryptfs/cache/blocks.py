@@ -57,6 +57,12 @@ log = logging.getLogger(__name__)
 _LEN = struct.Struct(">I")
 _ALIGN = 4096  # of records, and of direct writes' offsets, lengths and buffers
 _SUFFIX = ".blk2"  # ".blk": the unaligned layout before, removed when found
+# a revision-3 version's trailer and segment heads (FORMAT.md §8.5), appended as they are
+# read: records ``uint32_be(segment, or TRAILER) ‖ uint32_be(length) ‖ bytes``; what they
+# say is checked when they are used, as when they come from S3
+_HEADS = ".h3"
+TRAILER = 0xFFFFFFFF
+_HREC = struct.Struct(">II")
 # a put of at least this many bytes bypasses the page cache: below it a direct write (a
 # synchronous device write) costs more than the copy it saves
 DIRECT_MIN = 256 << 10
@@ -108,7 +114,7 @@ class BlockCache:
         found = []
         with os.scandir(root) as it:
             for e in it:
-                if e.name.endswith(_SUFFIX):
+                if e.name.endswith((_SUFFIX, _HEADS)):
                     with contextlib.suppress(OSError):
                         st = e.stat()
                         found.append((st.st_mtime, e.name, st.st_blocks * 512))
@@ -467,6 +473,47 @@ class BlockCache:
                 return
         buf.close()
 
+    def put_heads(self, file_id: bytes, salt: bytes, records: list[tuple[int, bytes]]) -> None:
+        """Append a revision-3 version's trailer (``TRAILER``) or segment heads, as S3 holds
+        them; they go with the LRU like any version."""
+        if self.limit <= 0 or not records:
+            return
+        name = self._name(file_id, salt)[: -len(_SUFFIX)] + _HEADS
+        data = b"".join(_HREC.pack(j, len(b)) + b for j, b in records)
+        with self._lock:
+            gone = self._evict(name, len(data))
+        self._unlink(gone)
+        try:
+            self._write_at(name, data, None)
+        except OSError as e:
+            self._failed(name, e)
+            return
+        with self._lock:
+            self._files[name] = self._files.get(name, 0) + len(data)
+            self._files.move_to_end(name)
+            self.used += len(data)
+
+    def get_heads(self, file_id: bytes, salt: bytes) -> list[tuple[int, bytes]]:
+        """The records ``put_heads`` appended for a version (a torn end is left out)."""
+        name = self._name(file_id, salt)[: -len(_SUFFIX)] + _HEADS
+        with self._lock:
+            if name not in self._files:
+                return []
+            self._files.move_to_end(name)
+        try:
+            raw = (self.root / name).read_bytes()
+        except OSError:
+            self._forget(name)
+            return []
+        out, at = [], 0
+        while at + _HREC.size <= len(raw):
+            j, n = _HREC.unpack_from(raw, at)
+            if at + _HREC.size + n > len(raw):
+                break
+            out.append((j, raw[at + _HREC.size : at + _HREC.size + n]))
+            at += _HREC.size + n
+        return out
+
     def drop(self, file_id: bytes, salt: bytes) -> None:
         """Forget a version (e.g. one of its chunks failed authentication).  A packed one
         is forgotten by this mount; its record goes with its pack (a remount may find it
@@ -476,6 +523,7 @@ class BlockCache:
             self._forget_packed(name)
         else:
             self._remove(name)
+        self._remove(name[: -len(_SUFFIX)] + _HEADS)
 
     def _evict(self, keep: str | None, want: int = 0) -> list[str]:
         """Forget least recently used versions (other than ``keep``) until ``want`` more

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import trio
 
-from cryptfs.cache.blocks import BlockCache
+from cryptfs.cache.blocks import TRAILER, BlockCache
 from cryptfs.cache.chunks import ChunkCache
 from cryptfs.crypto import Secret
 from cryptfs.errors import IntegrityError, PreconditionFailed, UnsupportedFormat
@@ -159,7 +159,58 @@ class Fetcher:
         if known is not None:
             return known
         node.cipher, node.cipher_etag = cipher, etag
+        if isinstance(cipher, Body3) and self.unpacked(node):
+            t = body3.trailer_span(node.attrs.size, cipher.seg, self.chunk)[1]
+            self.keep_heads(node, cipher.gen, [(TRAILER, bytes(header[len(header) - t :]))])
         return cipher
+
+    async def cached_body(self, node: Node, trailers: list[bytes]) -> Body3 | None:
+        """A revision-3 version opened from the trailer the block cache kept (checked as
+        one from S3; one that does not open is the cache's fault, not the bucket's: S3's
+        is read instead, nothing reported)."""
+        if not trailers:
+            return None
+        etag = node.remote_etag
+        dek = await self.dek(node)
+        _still(node, etag)
+        a = node.attrs
+        try:
+            body = Body3.open(dek, self.vol.volume_id, node.file_id, a.salt, a.size,
+                              self.segment(), self.chunk, trailers[-1])  # fmt: skip
+        except IntegrityError as e:
+            log.warning("block cache: %s: %s; reading it from S3", self.paths.ident(node), e)
+            return None
+        known = self.known_cipher(node)
+        if known is not None:
+            return known if isinstance(known, Body3) else None
+        node.cipher, node.cipher_etag = body, etag
+        return body
+
+    def unpacked(self, node: Node) -> bool:
+        """Is a revision-3 body's trailer kept beside its chunks, not packed with its one
+        chunk and head (a small body of one chunk, fetched whole)?"""
+        size = node.attrs.size
+        return size > self.opt.small_file_bytes or chunk_count(size, self.chunk) > 1
+
+    def keep_heads(self, node: Node, gen: bytes, records: list[tuple[int, bytes]]) -> None:
+        """A revision-3 version's trailer and segment heads, read from S3 and checked, kept
+        with its chunks in the block cache (behind the read): a remount reads its chunks
+        from disk without a GET of each segment's head."""
+        blocks, nursery = self.blocks, self.background.nursery
+        if blocks is None or not records:
+            return
+        put = functools.partial(blocks.put_heads, node.file_id, gen, records)
+        if nursery is None:
+            put()
+            return
+
+        async def write() -> None:
+            try:
+                await trio.to_thread.run_sync(put, limiter=self.disk_limit)
+            except Exception as e:  # (best effort, as every block-cache write)
+                log.warning("block cache write failed: %s", e)
+
+        nursery.start_soon(write)
 
     async def heads(self, node: Node, body: Body3, segments: Iterable[int]) -> None:
         """Read and check the header and hash table of each of ``segments`` not known yet
@@ -176,6 +227,7 @@ class Fetcher:
             except IntegrityError as e:
                 self.tree.integrity(key, e, node)
                 raise
+            self.keep_heads(node, body.gen, [(j, data)])
 
         todo = [j for j in segments if j not in body.readers]
         if len(todo) == 1:
@@ -364,14 +416,19 @@ class Fetcher:
         view = memoryview(data)
         if isinstance(cipher, Body3):
             body = cipher
+            kept: list[tuple[int, bytes]] = []
             try:
                 for j in body.heads_missing(first, last):
                     h_lo, h_ln = body.head_span(j)
                     if h_lo >= start:  # (inside the range: it came with the data)
-                        body.add_head(j, view[h_lo - start : h_lo - start + h_ln])
+                        head = bytes(view[h_lo - start : h_lo - start + h_ln])
+                        body.add_head(j, head)
+                        kept.append((j, head))
             except IntegrityError as e:
                 self.tree.integrity(key, e, node)
                 raise
+            if self.unpacked(node):
+                self.keep_heads(node, body.gen, kept)
             await self.heads(node, body, body.heads_missing(first, last))  # (none, or the first)
 
         sealed: dict[int, memoryview] = {}
@@ -503,15 +560,20 @@ class Fetcher:
         assert blocks is not None
         fid, salt, etag = node.file_id, node.attrs.salt, node.remote_etag
         known = self.known_cipher(node)
+        three = node.attrs.body == 3
 
-        def load() -> tuple[bytes | None, dict[int, bytes]]:
-            return blocks.get(fid, salt, first, last, header=known is None)
+        def load() -> tuple[bytes | None, dict[int, bytes], list[tuple[int, bytes]]]:
+            header, sealed = blocks.get(fid, salt, first, last, header=known is None)
+            heads = blocks.get_heads(fid, salt) if three and sealed else []
+            return header, sealed, heads
 
-        header, sealed = await trio.to_thread.run_sync(load)
+        header, sealed, heads = await trio.to_thread.run_sync(load)
         if not sealed or node.remote_etag != etag or node.attrs.salt != salt:
             # (another version adopted during the load: these chunks are not the one the
             # node holds, whose header must not judge them; S3 is asked for that one)
             return list(range(first, last + 1))
+        if known is None and three:  # (a trailer kept on disk, else the pack's, else S3's)
+            known = await self.cached_body(node, [b for j, b in heads if j == TRAILER])
         try:
             cipher = known or await self.cipher(node, header)
         except IntegrityError:
@@ -519,8 +581,11 @@ class Fetcher:
             return list(range(first, last + 1))
         if isinstance(cipher, Body3):
             if header is not None and 0 not in cipher.readers:  # (a packed small object)
-                with contextlib.suppress(IntegrityError):  # (else S3's, as below)
-                    cipher.add_head(0, header[: cipher.head_span(0)[1]])
+                heads.append((0, header[: cipher.head_span(0)[1]]))
+            for j, b in heads:
+                if j != TRAILER and j < len(cipher.manifest.entries) and j not in cipher.readers:
+                    with contextlib.suppress(IntegrityError):  # (else S3's, as below)
+                        cipher.add_head(j, b)
             await self.heads(node, cipher, sorted({i // cipher.per for i in sealed}))
         size = node.attrs.size
         n = chunk_count(size, self.chunk)
