@@ -205,7 +205,7 @@ class SegmentReader:
         if not 0 <= i < self.k:
             raise IntegrityError(f"segment {self.j}: no chunk {i}")
         want = self._table[i * HASH_SIZE : (i + 1) * HASH_SIZE]
-        if not constant_time_eq(sha256(bytes(ciphertext)), want):
+        if not constant_time_eq(sha256(ciphertext), want):
             raise IntegrityError(f"segment {self.j}: chunk {i} is not the one its table names")
         try:
             return self._aead.open(_nonce(i, i == self.k - 1), ciphertext, self._aad)

@@ -561,10 +561,12 @@ class Fetcher:
         fid, salt, etag = node.file_id, node.attrs.salt, node.remote_etag
         known = self.known_cipher(node)
         three = node.attrs.body == 3
+        # (the kept trailer and heads are read only while some this run needs are unknown)
+        want = three and (not isinstance(known, Body3) or bool(known.heads_missing(first, last)))
 
         def load() -> tuple[bytes | None, dict[int, bytes], list[tuple[int, bytes]]]:
             header, sealed = blocks.get(fid, salt, first, last, header=known is None)
-            heads = blocks.get_heads(fid, salt) if three and sealed else []
+            heads = blocks.get_heads(fid, salt) if want and sealed else []
             return header, sealed, heads
 
         header, sealed, heads = await trio.to_thread.run_sync(load)
