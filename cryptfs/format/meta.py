@@ -149,7 +149,7 @@ class Attrs:
             raise NewerFormat(f"unknown object kind {a.kind!r} (written by a later cryptfs?)")
         if ("rd" in d) != (a.kind in DEVICE_KINDS) or not 0 <= a.rdev < 1 << 64:
             raise IntegrityError("malformed attributes (device number)")
-        if "b" in d and (a.body == 1 or a.kind != KIND_FILE or isinstance(d["b"], bool)):
+        if "b" in d and (a.body == 1 or a.kind != KIND_FILE or type(d["b"]) is not int):
             raise IntegrityError("malformed attributes (body revision)")
         if a.body not in BODY_REVISIONS:
             raise NewerFormat(f"body revision {a.body} (written by a later cryptfs?)")
@@ -251,7 +251,6 @@ class MetaCodec:
     def __init__(self, keys: VolumeKeys, payload: SlotPayload, config: VolumeConfig) -> None:
         self.keys = keys
         self.write_rev = config.write_rev
-        self.segment_log2 = config.segment_log2
         self.accept = config.accepted_objects
         self.cur = payload.cur
         vid = keys.volume_id

@@ -519,7 +519,7 @@ class VolumeConfig:
 
 
 def check_segment_log2(segment_log2: int, chunk_log2: int) -> None:
-    """A segment holds whole chunks, and at most 2^30 bytes (FORMAT.md §8.5)."""
+    """A segment holds whole chunks, and at most 64 MiB (FORMAT.md §7.2, §8.5)."""
     if isinstance(segment_log2, bool) or not chunk_log2 <= segment_log2 <= MAX_SEGMENT_LOG2:
         raise UnsupportedFormat(
             f"segment size 2^{segment_log2} outside 2^{chunk_log2} (the chunk)"
