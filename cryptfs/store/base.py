@@ -67,6 +67,22 @@ class ObjectStore(Protocol):
         store that keeps it must copy it."""
         ...
 
+    async def upload_part_copy(
+        self,
+        key: str,
+        upload_id: str,
+        number: int,
+        src: str,
+        start: int,
+        end: int,
+        *,
+        if_match: str | None = None,
+    ) -> str:
+        """Part ``number`` of ``key``'s upload is bytes [start, end) of object ``src``, copied
+        by the server (UploadPartCopy); ``if_match``: only from that version of ``src``
+        (PreconditionFailed otherwise)."""
+        ...
+
     async def complete_multipart(
         self,
         key: str,

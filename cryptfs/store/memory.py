@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import trio
 
-from cryptfs.errors import NotFound, PreconditionFailed
+from cryptfs.errors import NotFound, PreconditionFailed, StoreError
 from cryptfs.store.base import Listing, ObjectInfo
 
 
@@ -98,6 +98,27 @@ class MemoryStore:
         self._count("upload_part")
         await trio.lowlevel.checkpoint()
         kept = self._uploads[upload_id][2][number] = bytes(data)
+        return _etag(kept)
+
+    async def upload_part_copy(
+        self,
+        key: str,
+        upload_id: str,
+        number: int,
+        src: str,
+        start: int,
+        end: int,
+        *,
+        if_match: str | None = None,
+    ) -> str:
+        self._count("upload_part_copy")
+        await trio.lowlevel.checkpoint()
+        info = self._info(src)
+        if if_match is not None and info.etag != if_match:
+            raise PreconditionFailed(src, object_keys=(src,))
+        if not 0 <= start < end <= info.size:
+            raise StoreError(f"copy range {start}-{end} outside {src}")
+        kept = self._uploads[upload_id][2][number] = self.objects[src][0][start:end]
         return _etag(kept)
 
     async def complete_multipart(

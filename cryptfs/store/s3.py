@@ -362,6 +362,34 @@ class S3Store:
 
         return await self._call("copy", f"{src} -> {dst}", op, keys=(src, dst))  # type: ignore[no-any-return]
 
+    async def upload_part_copy(
+        self,
+        key: str,
+        upload_id: str,
+        number: int,
+        src: str,
+        start: int,
+        end: int,
+        *,
+        if_match: str | None = None,
+    ) -> str:
+        async def op() -> str:
+            hdr = self._sse_headers(False)
+            hdr["x-amz-copy-source"] = quote(f"{self.loc.bucket}/{self._k(src)}", safe="/~")
+            hdr["x-amz-copy-source-range"] = f"bytes={start}-{end - 1}"
+            if self.sse is not None:
+                hdr.update(self.sse.copy_source_headers())
+            if if_match is not None:
+                hdr["x-amz-copy-source-if-match"] = if_match
+            r = await self._lean.request(
+                "PUT", self.loc.bucket, self._k(key), hdr, None,
+                {"partNumber": str(number), "uploadId": upload_id}, error_in_200=True,
+            )  # fmt: skip
+            return copy_etag(r.body)
+
+        what = f"{src} -> {key} part {number}"
+        return await self._call("upload_part_copy", what, op, keys=(src, key))  # type: ignore[no-any-return]
+
     async def _multipart_copy(
         self, src: str, dst: str, metadata: Mapping[str, str], if_match: str | None, size: int
     ) -> str:
@@ -371,22 +399,8 @@ class S3Store:
             etags: list[str] = [""] * len(ranges)
 
             async def part(i: int, a: int, b: int) -> None:
-                async def op() -> str:
-                    hdr = self._sse_headers(False)
-                    hdr["x-amz-copy-source"] = quote(f"{self.loc.bucket}/{self._k(src)}", safe="/~")
-                    hdr["x-amz-copy-source-range"] = f"bytes={a}-{b - 1}"
-                    if self.sse is not None:
-                        hdr.update(self.sse.copy_source_headers())
-                    if if_match is not None:
-                        hdr["x-amz-copy-source-if-match"] = if_match
-                    r = await self._lean.request(
-                        "PUT", self.loc.bucket, self._k(dst), hdr, None,
-                        {"partNumber": str(i + 1), "uploadId": upload_id}, error_in_200=True,
-                    )  # fmt: skip
-                    return copy_etag(r.body)
-
-                etags[i] = await self._call(
-                    "upload_part_copy", f"{src} -> {dst} part {i + 1}", op, keys=(src, dst)
+                etags[i] = await self.upload_part_copy(
+                    dst, upload_id, i + 1, src, a, b, if_match=if_match
                 )
 
             async with open_tasks() as nursery:

@@ -87,6 +87,36 @@ async def test_store_semantics(s3server: S3Server, bucket: str) -> None:
         ]
 
 
+async def test_upload_part_copy_takes_ranges_of_one_version(
+    s3server: S3Server, bucket: str
+) -> None:
+    """What edits that copy untouched segments need of the server (FORMAT.md §8.5, §8.8):
+    a multipart upload whose parts are ranges of another object copied server-side, beside
+    parts uploaded; only from the version named (If-Match on the copy source), else 412; a
+    part of 5 MiB or more copied from inside an object, the last part short."""
+    loc = S3Location.parse(f"s3://{bucket}/upc")
+    async with open_s3_store(loc, S3Options(endpoint_url=s3server.endpoint)) as s:
+        old = os.urandom((12 << 20) + 777)
+        etag = await s.put("src", old, {"cfs": "1"})
+        uid = await s.create_multipart("dst", {"cfs": "2"})
+        e1 = await s.upload_part_copy("dst", uid, 1, "src", 1000, 1000 + (6 << 20), if_match=etag)
+        new = os.urandom(5 << 20)  # (every part but the last: 5 MiB at least)
+        e2 = await s.upload_part("dst", uid, 2, new)
+        e3 = await s.upload_part_copy("dst", uid, 3, "src", 9 << 20, len(old), if_match=etag)
+        with pytest.raises(PreconditionFailed):
+            await s.upload_part_copy("dst", uid, 4, "src", 0, 100, if_match='"0000"')
+        await s.complete_multipart("dst", uid, [e1, e2, e3], if_none_match=True)
+        want = old[1000 : 1000 + (6 << 20)] + new + old[9 << 20 :]
+        info, got = await s.get("dst", 0, len(want))
+        assert got == want and info.size == len(want) and info.metadata == {"cfs": "2"}
+        # the source replaced: a copy that names the version it expected is refused
+        await s.put("src", b"replaced" * 1000, {})
+        uid2 = await s.create_multipart("dst2", {})
+        with pytest.raises(PreconditionFailed):
+            await s.upload_part_copy("dst2", uid2, 1, "src", 0, 100, if_match=etag)
+        await s.abort_multipart("dst2", uid2)
+
+
 async def test_missing_bucket_and_unreachable_endpoint(s3server: S3Server) -> None:
     with pytest.raises(BucketNotFound):
         async with open_s3_store(
