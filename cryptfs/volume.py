@@ -20,9 +20,11 @@ from cryptfs.errors import (
     VolumeExists,
     VolumeNotFound,
 )
+from cryptfs.format import body3
+from cryptfs.format.body import cipher_size
 from cryptfs.format.keys import SCHEME_KMS, SCHEME_LOCAL, VolumeKeys, new_master_key
 from cryptfs.format.meta import MARKER as MARKER
-from cryptfs.format.meta import MetaCodec
+from cryptfs.format.meta import Attrs, MetaCodec
 from cryptfs.format.names import NameCodec
 from cryptfs.format.volume import (
     CONFIG_NAME,
@@ -70,6 +72,21 @@ class Volume:
         revision 1 (a volume made before revision 3, until ``cryptfs upgrade``)."""
         s = self.config.segment_log2
         return None if s is None else 1 << s
+
+    def segment_bytes(self) -> int:
+        """``segment`` where a revision-3 body is read (its metadata authenticated, so the
+        config names segments: MetaCodec refuses revision 3 otherwise)."""
+        seg = self.segment
+        if seg is None:
+            raise IntegrityError("a revision-3 body in a volume without segments")
+        return seg
+
+    def body_length(self, attrs: Attrs) -> int:
+        """The length of the object holding a body of ``attrs.size`` bytes, of the revision
+        ``attrs.body`` names (FORMAT.md §2, §8.5)."""
+        if attrs.body == 3:
+            return body3.body_size(attrs.size, self.segment_bytes(), self.chunk)
+        return cipher_size(attrs.size, self.chunk)
 
     @property
     def volume_id(self) -> bytes:

@@ -177,6 +177,11 @@ class BlockCache:
     def _name(file_id: bytes, salt: bytes) -> str:
         return f"{file_id.hex()}-{salt.hex()}{_SUFFIX}"
 
+    @classmethod
+    def _heads_name(cls, file_id: bytes, salt: bytes) -> str:
+        """The record file of a revision-3 version's trailer and heads (``put_heads``)."""
+        return cls._name(file_id, salt)[: -len(_SUFFIX)] + _HEADS
+
     def _offset(self, index: int) -> int:
         return 0 if index < 0 else self._base + index * self._rec
 
@@ -478,7 +483,7 @@ class BlockCache:
         them; they go with the LRU like any version."""
         if self.limit <= 0 or not records:
             return
-        name = self._name(file_id, salt)[: -len(_SUFFIX)] + _HEADS
+        name = self._heads_name(file_id, salt)
         data = b"".join(_HREC.pack(j, len(b)) + b for j, b in records)
         with self._lock:
             gone = self._evict(name, len(data))
@@ -495,7 +500,7 @@ class BlockCache:
 
     def get_heads(self, file_id: bytes, salt: bytes) -> list[tuple[int, bytes]]:
         """The records ``put_heads`` appended for a version (a torn end is left out)."""
-        name = self._name(file_id, salt)[: -len(_SUFFIX)] + _HEADS
+        name = self._heads_name(file_id, salt)
         with self._lock:
             if name not in self._files:
                 return []
@@ -523,7 +528,7 @@ class BlockCache:
             self._forget_packed(name)
         else:
             self._remove(name)
-        self._remove(name[: -len(_SUFFIX)] + _HEADS)
+        self._remove(self._heads_name(file_id, salt))
 
     def _evict(self, keep: str | None, want: int = 0) -> list[str]:
         """Forget least recently used versions (other than ``keep``) until ``want`` more

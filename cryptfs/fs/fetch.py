@@ -111,12 +111,6 @@ class Fetcher:
             return None
         return c
 
-    def segment(self) -> int:
-        seg = self.vol.segment
-        if seg is None:  # (MetaCodec refuses such metadata: never reached)
-            raise IntegrityError("a revision-3 body in a volume without segments")
-        return seg
-
     async def cipher(
         self, node: Node, header: bytes | memoryview | None = None
     ) -> BodyCipher | Body3:
@@ -131,7 +125,7 @@ class Fetcher:
         three = node.attrs.body == 3
         if header is None:
             if three:
-                lo, ln = body3.trailer_span(node.attrs.size, self.segment(), self.chunk)
+                lo, ln = body3.trailer_span(node.attrs.size, self.vol.segment_bytes(), self.chunk)
             else:
                 lo, ln = 0, HEADER_SIZE
             _info, header = await self.store.get(key, lo, lo + ln, if_match=etag)
@@ -141,9 +135,7 @@ class Fetcher:
         cipher: BodyCipher | Body3
         try:
             if three:
-                a = node.attrs
-                cipher = Body3.open(dek, self.vol.volume_id, node.file_id, a.salt, a.size,
-                                    self.segment(), self.chunk, header)  # fmt: skip
+                cipher = self.open3(node, dek, header)
             else:
                 cipher = BodyCipher.open(dek, bytes(header))
                 if cipher.header.file_id != node.file_id or cipher.gen != node.attrs.salt:
@@ -153,12 +145,9 @@ class Fetcher:
         except (IntegrityError, UnsupportedFormat) as e:
             self.tree.integrity(key, e, node)
             raise
-        # another read of this version opened it during the awaits above: that one stays
-        # (its segment heads are filled in by reads that hold it)
-        known = self.known_cipher(node)
-        if known is not None:
+        known = self.install(node, cipher, etag)
+        if known is not cipher:
             return known
-        node.cipher, node.cipher_etag = cipher, etag
         if isinstance(cipher, Body3) and self.unpacked(node):
             t = body3.trailer_span(node.attrs.size, cipher.seg, self.chunk)[1]
             self.keep_heads(node, cipher.gen, [(TRAILER, bytes(header[len(header) - t :]))])
@@ -173,18 +162,32 @@ class Fetcher:
         etag = node.remote_etag
         dek = await self.dek(node)
         _still(node, etag)
-        a = node.attrs
         try:
-            body = Body3.open(dek, self.vol.volume_id, node.file_id, a.salt, a.size,
-                              self.segment(), self.chunk, trailers[-1])  # fmt: skip
+            body = self.open3(node, dek, trailers[-1])
         except IntegrityError as e:
             log.warning("block cache: %s: %s; reading it from S3", self.paths.ident(node), e)
             return None
+        known = self.install(node, body, etag)
+        return known if isinstance(known, Body3) else None
+
+    def open3(self, node: Node, dek: Secret, tail: bytes | memoryview) -> Body3:
+        """The revision-3 body of the version ``node`` holds, from bytes ending with its
+        trailer (S3's, or the block cache's)."""
+        a = node.attrs
+        return Body3.open(dek, self.vol.volume_id, node.file_id, a.salt, a.size,
+                          self.vol.segment_bytes(), self.chunk, tail)  # fmt: skip
+
+    def install(
+        self, node: Node, cipher: BodyCipher | Body3, etag: str | None
+    ) -> BodyCipher | Body3:
+        """``cipher`` (opened for version ``etag``) becomes the node's, unless another read
+        opened this version during the caller's awaits: that one stays (its segment heads
+        are filled in by the reads that hold it), and is returned."""
         known = self.known_cipher(node)
         if known is not None:
-            return known if isinstance(known, Body3) else None
-        node.cipher, node.cipher_etag = body, etag
-        return body
+            return known
+        node.cipher, node.cipher_etag = cipher, etag
+        return cipher
 
     def unpacked(self, node: Node) -> bool:
         """Is a revision-3 body's trailer kept beside its chunks, not packed with its one
@@ -376,8 +379,9 @@ class Fetcher:
         cipher = self.known_cipher(node)
         header: bytes | None = None
         three = node.attrs.body == 3
+        whole_length = self.vol.body_length(node.attrs)  # (the object's)
         if three:
-            length = body3.body_size(size, self.segment(), c)
+            length = whole_length
             if cipher is None and length <= self.opt.small_file_bytes:
                 # a small object, whole: its trailer and segment heads ride along
                 data = await self.get_unwrapping(node, key, length, etag)
@@ -396,8 +400,8 @@ class Fetcher:
                 _info, data = await self.store.get(key, start, lo + ln, if_match=etag)
                 length = lo + ln
         else:
-            start, _ = self.span(first, size)
-            lo, ln = self.span(last, size)
+            start, _ = chunk_span_v1(first, size, c)
+            lo, ln = chunk_span_v1(last, size, c)
             length = lo + ln
             if cipher is None and first == 0:
                 data = await self.get_unwrapping(node, key, length, etag)
@@ -454,16 +458,12 @@ class Fetcher:
             if whole and isinstance(cipher, BodyCipher):
                 header = header or cipher.header_bytes
             elif whole:  # (revision 3: the segment's head and the trailer, from the object)
-                whole = start == 0 and len(data) == body3.body_size(size, self.segment(), c)
+                whole = start == 0 and len(data) == whole_length
                 header = body3.small_head(view) if whole else None
             await self.keep_on_disk(node.file_id, salt, header, sealed, len(data), whole=whole)
         for i, pt in zip(range(first, last + 1), plain, strict=True):
             self.cache.put((node.file_id, salt, i), pt)
             got[i] = pt
-
-    def span(self, i: int, size: int) -> tuple[int, int]:
-        """Chunk ``i``'s ciphertext in a revision-1 body of ``size`` bytes."""
-        return chunk_span_v1(i, size, self.chunk)
 
     async def get_unwrapping(self, node: Node, key: str, end: int, etag: str | None) -> bytes:
         """GET ``[0, end)`` of ``key`` while the data key is unwrapped at the same time (it

@@ -18,8 +18,7 @@ import trio
 
 from cryptfs import lognames
 from cryptfs.errors import IntegrityError, NameTooLong, NoEntry, StoreUnavailable, UnsupportedFormat
-from cryptfs.format import body3, s3ec
-from cryptfs.format.body import plain_size
+from cryptfs.format import s3ec
 from cryptfs.format.meta import KIND_DIR, KIND_FILE, KIND_LINK, Attrs, ObjectMeta
 from cryptfs.fs.foreign import Foreign, s3ec_envelope
 from cryptfs.fs.listing import Listing
@@ -115,18 +114,9 @@ class Lookup:
         return True
 
     def check_size(self, info: ObjectInfo, attrs: Attrs) -> None:
-        try:
-            if attrs.body == 3:
-                seg = self.vol.segment
-                if seg is None:  # (MetaCodec refuses such metadata first)
-                    raise IntegrityError("a revision-3 body in a volume without segments")
-                size = body3.plain_size(info.size, seg, self.chunk)[1]
-            else:
-                size = plain_size(info.size, self.chunk)
-        except IntegrityError as e:
-            self.tree.integrity(info.key, e)
-            raise
-        if size != attrs.size:
+        """The object's length is the one its metadata's size gives (each revision's
+        lengths are one to one with sizes: FORMAT.md §2, §8.5)."""
+        if info.size != self.vol.body_length(attrs):
             self.tree.integrity(info.key, f"length {info.size} does not match recorded size")
             raise IntegrityError(
                 f"{info.key}: object length does not match its metadata", object_keys=(info.key,)

@@ -36,7 +36,7 @@ from cryptfs.errors import (
     UnsupportedFormat,
 )
 from cryptfs.format import body3
-from cryptfs.format.body import SALT_SIZE, BodyCipher, chunk_count, cipher_size
+from cryptfs.format.body import SALT_SIZE, BodyCipher, chunk_count
 from cryptfs.format.meta import KIND_DIR, KIND_FILE, Attrs, ObjectMeta
 from cryptfs.fs.fetch import Fetcher
 from cryptfs.fs.lookup import Lookup
@@ -313,11 +313,7 @@ class Uploader:
 
     def stored_size(self, node: Node) -> int:
         """Size of the node's object in S3 (0 for directory markers)."""
-        if node.is_dir:
-            return 0
-        if node.attrs.body == 3:
-            return body3.body_size(node.attrs.size, self.fetch.segment(), self.chunk)
-        return cipher_size(node.attrs.size, self.chunk)
+        return 0 if node.is_dir else self.vol.body_length(node.attrs)
 
     def keys_current(self) -> None:
         """Nothing is written under a master key the volume has moved on from (a rotation

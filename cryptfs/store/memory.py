@@ -33,11 +33,14 @@ class MemoryStore:
     def _count(self, op: str) -> None:
         self.calls[op] = self.calls.get(op, 0) + 1
 
-    def _info(self, key: str) -> ObjectInfo:
+    def _info(self, key: str, if_match: str | None = None) -> ObjectInfo:
+        """``key``'s object; ``if_match``: only that version of it (else PreconditionFailed)."""
         try:
             data, md, etag = self.objects[key]
         except KeyError:
             raise NotFound(key, object_keys=(key,)) from None
+        if if_match is not None and etag != if_match:
+            raise PreconditionFailed(key, object_keys=(key,))
         return ObjectInfo(key, len(data), etag, dict(md), self.modified.get(key, 0.0))
 
     def _check(self, key: str, if_match: str | None, if_none_match: bool) -> None:
@@ -61,9 +64,7 @@ class MemoryStore:
     ) -> tuple[ObjectInfo, bytes]:
         self._count("get")
         await trio.lowlevel.checkpoint()
-        info = self._info(key)
-        if if_match is not None and info.etag != if_match:
-            raise PreconditionFailed(key, object_keys=(key,))
+        info = self._info(key, if_match)
         data = self.objects[key][0]
         return info, data[start or 0 : end if end is not None else len(data)]
 
@@ -113,9 +114,7 @@ class MemoryStore:
     ) -> str:
         self._count("upload_part_copy")
         await trio.lowlevel.checkpoint()
-        info = self._info(src)
-        if if_match is not None and info.etag != if_match:
-            raise PreconditionFailed(src, object_keys=(src,))
+        info = self._info(src, if_match)
         if not 0 <= start < end <= info.size:
             raise StoreError(f"copy range {start}-{end} outside {src}")
         kept = self._uploads[upload_id][2][number] = self.objects[src][0][start:end]
@@ -161,9 +160,7 @@ class MemoryStore:
     ) -> str:
         self._count("copy")
         await trio.lowlevel.checkpoint()
-        info = self._info(src)
-        if if_match is not None and info.etag != if_match:
-            raise PreconditionFailed(src, object_keys=(src,))
+        info = self._info(src, if_match)
         data = self.objects[src][0]
         self.objects[dst] = (data, dict(metadata), info.etag)  # as S3: same body, same ETag
         self._touch(dst)
