@@ -45,6 +45,7 @@ COUNTS = [
     ("pending_bytes", "gauge", "Bytes of files not yet uploaded"),
     ("uploads", "counter", "File bodies uploaded"),
     ("upload_bytes", "counter", "Plaintext bytes uploaded"),
+    ("upload_copied_bytes", "counter", "Of those, copied by S3 from the version replaced"),
     ("upload_failures", "counter", "Failed upload attempts (transient ones are retried)"),
     ("conflicts", "counter", "Conflict copies saved (another host changed a file)"),
     ("integrity_failures", "counter", "Objects that failed authentication (read as EIO)"),

@@ -61,7 +61,8 @@ def human_text(s: dict[str, Any]) -> str:
         ("mount", f"{s['location']} at {s['mountpoint']} "
                   f"(pid {s['pid']}, up {s['uptime_seconds']} s)"),
         ("pending uploads", f"{s['pending_files']} file(s), {_size(s['pending_bytes'])}"),
-        ("uploaded", f"{s['uploads']} file(s), {_size(s['upload_bytes'])}; "
+        ("uploaded", f"{s['uploads']} file(s), {_size(s['upload_bytes'])} "
+                     f"({_size(s.get('upload_copied_bytes', 0))} copied on the server); "
                      f"{s['upload_failures']} failed attempt(s), {s['conflicts']} conflict(s)"),
         ("staging (disk)", _size(s["staging_bytes"])),
         ("block cache (disk)", f"{_size(s['disk_cache_bytes'])} of "

@@ -122,6 +122,25 @@ class StagedFile:
         self._io_lock = threading.Lock()
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
         self._fd: int = _io(os.open, self.path, flags, 0o600)
+        # the version this staged copy was made from (or last uploaded), while its upload
+        # may copy what is still that version's from S3 instead of sending it
+        # (``fs.staged.Base``; in memory only: a staged file recovered after a crash goes up
+        # whole), the units of ``unit`` bytes written since (tracked once ``unit`` is set),
+        # and how far from 0 nothing was cut since (a truncate below the base's end, even
+        # one extended again, leaves zeros where its bytes were)
+        self.base: Any = None
+        self.unit = 0
+        self.touched: set[int] = set()
+        self.kept = 0
+
+    def track(self, base: Any, unit: int, size: int) -> None:
+        """From now on, the staged bytes are ``base``'s (``size`` of them) except the units of
+        ``unit`` bytes written or cut later (``touched``, ``kept``)."""
+        self.base, self.unit, self.touched, self.kept = base, unit, set(), size
+
+    def _touch(self, offset: int, end: int) -> None:
+        if self.unit and end > offset:
+            self.touched.update(range(offset // self.unit, (end - 1) // self.unit + 1))
 
     def _aad(self, i: int) -> bytes:
         return self.stage_id + i.to_bytes(8, "big")
@@ -212,6 +231,7 @@ class StagedFile:
         c = self.chunk
         view = memoryview(data)
         end = offset + len(view)
+        self._touch(offset, end)
         pos = offset
         while pos < end:
             i = pos // c
@@ -230,6 +250,8 @@ class StagedFile:
 
     def truncate(self, size: int) -> None:
         c = self.chunk
+        self.kept = min(self.kept, size)
+        self._touch(size, size + 1)
         if size < self.size and size % c:
             i = size // c
             cur = self.read_chunk(i)

@@ -351,6 +351,7 @@ class Filesystem:
             "pending_bytes": sum(n.stage.size for n in pending if n.stage is not None),
             "uploads": self.uploads,
             "upload_bytes": self.upload_bytes,
+            "upload_copied_bytes": self.upload.copied_bytes,
             "upload_failures": self.writeback.upload_failures,
             "conflicts": self.tree.conflicts,
             "integrity_failures": self.integrity_failures,

@@ -10,16 +10,32 @@ Must not import: other parts of ``cryptfs.fs`` but ``model``, ``paths``,
 
 from __future__ import annotations
 
+import dataclasses
+
 import trio
 
 from cryptfs.cache.staging import JournalRecord, StagedFile, StagingArea
-from cryptfs.errors import PreconditionFailed, StoreError
+from cryptfs.errors import CryptfsError, PreconditionFailed, StoreError
 from cryptfs.format.body import chunk_count
+from cryptfs.format.body3 import Body3, Entry
 from cryptfs.fs.fetch import Fetcher
 from cryptfs.fs.lookup import Lookup
 from cryptfs.fs.model import Node, Options, now_ns
 from cryptfs.fs.paths import Paths
 from cryptfs.volume import Volume
+
+
+@dataclasses.dataclass(frozen=True)
+class Base:
+    """The version of a file its staged copy was made from, as its upload needs it to copy
+    the segments still that version's from S3 (FORMAT.md §8.5, "Edits cost what changed"):
+    the ETag a copy names (If-Match), its generation, size and manifest entries (checked
+    when the version was read: the new manifest pins the copied bytes by them)."""
+
+    etag: str
+    gen: bytes
+    size: int
+    entries: tuple[Entry, ...]
 
 
 class Staged:
@@ -32,6 +48,7 @@ class Staged:
         look: Lookup,
         fetch: Fetcher,
     ) -> None:
+        self.vol = volume
         self.opt = options
         self.chunk = volume.chunk
         self.staging = staging
@@ -93,11 +110,29 @@ class Staged:
             except BaseException:
                 sf.remove()
                 raise
+            base = await self.base_of(node, version) if size else None
             if (node.remote_etag, node.attrs.salt) == version and sf.size == size:
+                if base is not None:
+                    sf.track(base, self.vol.segment_bytes(), size)
                 node.stage = sf
                 return sf
             sf.remove()
         raise StoreError("the file keeps changing elsewhere while it is opened for writing")
+
+    async def base_of(self, node: Node, version: tuple[str | None, bytes]) -> Base | None:
+        """What an upload needs to copy the segments of ``version`` (the one just staged)
+        that stay untouched: None unless it is a revision-3 body big enough to go up in
+        parts (a copy that cannot be made is a whole upload, never an error)."""
+        etag = version[0]
+        if etag is None or node.attrs.body != 3 or node.attrs.size <= self.opt.multipart_threshold:
+            return None
+        try:
+            body = await self.fetch.cipher(node)  # (opened by the staging's reads already)
+        except CryptfsError:
+            return None
+        if not isinstance(body, Body3) or (node.remote_etag, body.gen) != version:
+            return None
+        return Base(etag, body.gen, body.size, body.manifest.entries)
 
     def touch(self, node: Node, *, data: bool) -> None:
         now = now_ns()

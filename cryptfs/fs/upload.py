@@ -44,7 +44,7 @@ from cryptfs.fs.model import Node, Options
 from cryptfs.fs.namespace import Namespace
 from cryptfs.fs.paths import Paths
 from cryptfs.fs.remote import Remote
-from cryptfs.fs.staged import Staged
+from cryptfs.fs.staged import Base, Staged
 from cryptfs.store.base import ObjectInfo
 from cryptfs.tasks import open_tasks
 from cryptfs.volume import Volume
@@ -78,6 +78,7 @@ class Uploader:
         self.staged = staged
         self.uploads = 0  # file bodies uploaded
         self.upload_bytes = 0  # their plaintext bytes
+        self.copied_bytes = 0  # of those, copied on the server from the version replaced
         # multipart uploads (and creations of them) in flight; uploads.json holds more when
         # an outage or a lost answer left some unfinished (``sweep``)
         self.mp_active: set[str] = set()
@@ -113,6 +114,7 @@ class Uploader:
         long_name: str | None,
         *,
         expect: str | None,
+        edit: _Edit | None = None,
     ) -> tuple[str, Attrs, BodyCipher | None]:
         """Seal ``source`` under a fresh data key and generation and write it to ``key``: a
         regular file as a revision-3 body on a volume with segments (FORMAT.md §8.5), else
@@ -120,6 +122,8 @@ class Uploader:
 
         ``expect`` is the ETag being replaced (If-Match) or None for a new object
         (If-None-Match: *), so another writer's change is never silently overwritten.
+        ``edit``: what of the staged file is still the version ``expect`` names, whose
+        segments a multipart upload then copies from ``key`` instead of sending them.
         """
         # a fresh data key for every upload (docs/FORMAT.md §7.4): whoever once unwrapped an
         # earlier version's key learns nothing of this one; refused if the keyring is stale
@@ -163,9 +167,15 @@ class Uploader:
                     parts = _ChunkParts(source, cipher, self.opt.part_size)
                 else:
                     assert seg is not None
+                    # (a base that is not the version this upload replaces is not copied)
+                    same = edit is not None and edit.base is not None and edit.base.etag == expect
                     parts = _SegmentParts(source, dek, self.vol.volume_id, node.file_id, gen,
-                                          attrs.mtime_ns, seg, self.opt.part_size)  # fmt: skip
+                                          attrs.mtime_ns, seg, self.opt.part_size,
+                                          edit if same else None)  # fmt: skip
                 etag = await self.multipart(parts, key, md, cond)
+                self.copied_bytes += parts.copied
+                if edit is not None and isinstance(parts, _SegmentParts):
+                    edit.made = Base(etag, gen, parts.size, parts.manifest_entries())
         except KeyTooLong:
             raise NameTooLong("the S3 server refused the encrypted path as too long") from None
         return etag, attrs, cipher
@@ -221,15 +231,22 @@ class Uploader:
         free: list[bytearray] = []  # part buffers of this upload, reused once a part is up
         # the last part of a revision-3 body ends with the manifest of every segment: it is
         # built once the others are (sealed, not uploaded)
-        built = 0
+        built = parts.copies  # (a copied part's manifest entries are the version's it copies)
         all_built = trio.Event()
-        if count == 1 or not parts.last_waits:
+        if count == 1 or not parts.last_waits or built == count - 1:
             all_built.set()
 
         async def part(p: int) -> None:
             nonlocal built
             if p == count - 1:
                 await all_built.wait()
+            src = parts.copy_range(p)
+            if src is not None:  # the version replaced holds these bytes: a copy, on the server
+                async with limit:
+                    etags[p] = await self.store.upload_part_copy(
+                        key, upload_id, p + 1, key, src[0], src[1], if_match=parts.source
+                    )
+                return
             async with limit:
                 buf = free.pop() if free else bytearray(parts.buffer_size)
                 # staging reads, AES-GCM and SHA-256 release the GIL: the trio thread stays free
@@ -464,11 +481,26 @@ class Uploader:
         sf = node.stage
         assert sf is not None
         key, long_name = self.paths.object_key(node)
+        edit = _Edit.take(sf, self.vol.segment) if sf.size > self.opt.multipart_threshold else None
+        try:
+            await self.upload_edit(node, sf, key, long_name, edit)
+        except BaseException:
+            if edit is not None:
+                edit.give_back(sf)
+            raise
+        if edit is not None:
+            # the next upload of this staged file (written meanwhile) copies from this one
+            sf.base = edit.made
+
+    async def upload_edit(
+        self, node: Node, sf: StagedFile, key: str, long_name: str | None, edit: _Edit | None
+    ) -> None:
         for attempt in range(2):
             try:
                 etag, attrs, cipher = await self.put_body(
-                    node, sf, key, self.paths.path(node), long_name, expect=node.remote_etag
-                )
+                    node, sf, key, self.paths.path(node), long_name, expect=node.remote_etag,
+                    edit=edit if attempt == 0 else None,
+                )  # fmt: skip
                 break
             except (PreconditionFailed, NotFound) as e:
                 # Our own earlier request may have landed although we never saw its
@@ -531,6 +563,74 @@ class Uploader:
             self.look.adopt(parent, name, info, None)
 
 
+class _Edit:
+    """What of a staged file is still the version it was staged from (or last uploaded
+    from it), taken at the start of an upload: the base, the segments written since and how
+    far nothing was cut; writes during the upload are the next upload's.  ``made``: the
+    version the upload made, when its parts name every segment (the next one's base)."""
+
+    def __init__(self, base: Base | None, touched: set[int], kept: int) -> None:
+        self.base, self.touched, self.kept = base, touched, kept
+        self.made: Base | None = None
+
+    @classmethod
+    def take(cls, sf: StagedFile, segment: int | None) -> _Edit | None:
+        if not segment:
+            return None
+        if sf.unit != segment:
+            sf.base = None  # (not tracked by segments until now: nothing known untouched)
+        edit = cls(sf.base, sf.touched, sf.kept)
+        sf.unit, sf.touched, sf.kept = segment, set(), sf.size
+        return edit
+
+    def give_back(self, sf: StagedFile) -> None:
+        """The upload failed: what it took is still to be uploaded."""
+        sf.touched |= self.touched
+        sf.kept = min(sf.kept, self.kept)
+
+    def copyable(self, j: int, seg: int) -> bool:
+        """Is segment ``j`` (a whole one) still the base's, byte for byte?"""
+        b = self.base
+        end = (j + 1) * seg
+        return b is not None and j not in self.touched and end <= min(self.kept, b.size)
+
+
+def plan_parts(copy: list[bool], per: int, most: int) -> list[tuple[bool, int, int]]:
+    """The parts of a revision-3 body of ``len(copy)`` segments, as ``(copied, first,
+    end)``: runs of segments copied from the version replaced (where ``copy[j]``, the last
+    never: it ends with the trailer) or sealed here.  Every part but the last holds at least
+    ``per`` segments (S3's least part), a copied one at most ``most`` (its largest); a run
+    of either kind too short to be a part is sealed here with its neighbours."""
+    assert most >= 2 * per
+    copy = list(copy)
+    n = len(copy)
+    if n:
+        copy[-1] = False
+    out: list[tuple[bool, int, int]] = []
+    j = 0
+    while j < n:
+        e = j
+        while e < n and copy[e] == copy[j]:
+            e += 1
+        if copy[j]:
+            if e - j < per:
+                copy[j:e] = [False] * (e - j)  # too short: sealed with the run before or after
+                continue
+            k = -(-(e - j) // most)  # pieces as even as can be: each more than most / 2
+            for q in range(k):
+                out.append((True, j + (e - j) * q // k, j + (e - j) * (q + 1) // k))
+            j = e
+            continue
+        if e < n and e - j < per:
+            copy[e : j + per] = [False] * (j + per - e)  # too short: takes what follows
+            continue
+        k = max(1, (e - j) // per)  # pieces of per segments, the rest with the last piece
+        for q in range(k):
+            out.append((False, j + q * per, e if q == k - 1 else j + (q + 1) * per))
+        j = e
+    return out
+
+
 class _Parts:
     """The parts of one multipart upload of a staged file: how many, the buffer each is
     built in, and building part ``p`` (in a worker thread)."""
@@ -538,9 +638,16 @@ class _Parts:
     count: int
     buffer_size: int
     last_waits = False  # the last part needs every other part built first
+    copies = 0  # parts copied from the version replaced, not built
+    copied = 0  # their plaintext bytes
+    source: str | None = None  # the ETag they are copied from (If-Match)
 
     def build(self, p: int, buf: bytearray) -> memoryview:
         raise NotImplementedError
+
+    def copy_range(self, p: int) -> tuple[int, int] | None:
+        """The bytes of the version replaced that part ``p`` is, if it is copied."""
+        return None
 
 
 class _ChunkParts(_Parts):
@@ -597,21 +704,45 @@ class _SegmentParts(_Parts):
         mtime_ns: int,
         seg: int,
         part_size: int,
+        edit: _Edit | None = None,
     ) -> None:
         self.sf = sf
         self.dek, self.volume_id, self.file_id, self.gen = dek, volume_id, file_id, gen
         self.mtime_ns = mtime_ns
         self.seg = seg
-        self.c = sf.chunk
+        c = self.c = sf.chunk
         self.size = sf.size
-        self.n = body3.segments_of(self.size, seg)
-        # (every part but the last at least S3's 5 MiB; at most 10,000 parts)
-        self.per_part = max(-(-part_size // seg), -(-self.n // 9000))
-        self.count = -(-self.n // self.per_part)
-        self.buffer_size = self.per_part * body3.segment_size(seg, self.c)
-        self.buffer_size += body3.trailer_size(self.n)
-        self.entries: list[body3.Entry | None] = [None] * self.n
+        n = self.n = body3.segments_of(self.size, seg)
+        self.entries: list[body3.Entry | None] = [None] * n
+        # (every part but the last at least S3's 5 MiB; at most 10,000 parts; a copy at
+        # most S3's 5 GiB)
+        per = max(-(-part_size // seg), -(-n // 9000))
+        self.full = body3.segment_size(seg, c)
+        most = max(2 * per, (5 << 30) // self.full)
+        copy = [edit is not None and edit.copyable(j, seg) for j in range(n)]
+        self.plan = plan_parts(copy, per, most) if any(copy) else []
+        if not self.plan or len(self.plan) > 10_000:
+            self.plan = plan_parts([False] * n, per, most)
+        if edit is not None and edit.base is not None:
+            self.source = edit.base.etag
+            for copied, first, end in self.plan:
+                if copied:
+                    self.entries[first:end] = edit.base.entries[first:end]
+                    self.copies += 1
+                    self.copied += (end - first) * seg
+        self.count = len(self.plan)
+        most_built = max(e - f for copied, f, e in self.plan if not copied)
+        self.buffer_size = most_built * self.full + body3.trailer_size(n)
         self.scratch = threading.local()
+
+    def copy_range(self, p: int) -> tuple[int, int] | None:
+        copied, first, end = self.plan[p]
+        return (first * self.full, end * self.full) if copied else None
+
+    def manifest_entries(self) -> tuple[body3.Entry, ...]:
+        entries = tuple(e for e in self.entries if e is not None)
+        assert len(entries) == self.n
+        return entries
 
     def build(self, p: int, buf: bytearray) -> memoryview:
         seg, c, scratch = self.seg, self.c, self.scratch
@@ -621,7 +752,8 @@ class _SegmentParts(_Parts):
         plain = memoryview(scratch.plain)
         out = memoryview(buf)
         o = 0
-        for j in range(p * self.per_part, min(self.n, (p + 1) * self.per_part)):
+        _copied, first, end = self.plan[p]
+        for j in range(first, end):
             b = min(seg, self.size - j * seg)
             k = body3.chunks_in(b, c)
             self.sf.read_run(j * per, k, memoryview(scratch.raw), plain)
@@ -630,10 +762,8 @@ class _SegmentParts(_Parts):
                 self.file_id, j, plain[:b], c, out[o : o + ln]
             )
             o += ln
-        if p == self.count - 1:
-            entries = tuple(e for e in self.entries if e is not None)
-            assert len(entries) == self.n  # (every other part was built first)
-            manifest = body3.Manifest(self.size, self.mtime_ns, entries)
+        if p == self.count - 1:  # (every other part was built first)
+            manifest = body3.Manifest(self.size, self.mtime_ns, self.manifest_entries())
             trailer = body3.seal_trailer(self.dek, self.volume_id, self.file_id, self.gen, manifest)
             out[o : o + len(trailer)] = trailer
             o += len(trailer)

@@ -22,6 +22,8 @@ class MemoryStore:
         self._n = 0
         self._started: dict[str, float] = {}
         self.calls: dict[str, int] = {}
+        self.part_bytes = 0  # bytes of parts uploaded (not copied): what went through the client
+        self.min_part = 0  # S3's least part but the last (5 MiB there), checked at completion
         # Last-Modified: a logical clock (S3's has one-second resolution; tests need order)
         self.modified: dict[str, float] = {}
         self._tick = 1_000_000.0
@@ -99,6 +101,7 @@ class MemoryStore:
         self._count("upload_part")
         await trio.lowlevel.checkpoint()
         kept = self._uploads[upload_id][2][number] = bytes(data)
+        self.part_bytes += len(kept)
         return _etag(kept)
 
     async def upload_part_copy(
@@ -131,7 +134,10 @@ class MemoryStore:
     ) -> str:
         self._count("complete_multipart")
         self._check(key, if_match, if_none_match)
-        k, md, parts = self._uploads.pop(upload_id)
+        k, md, parts = self._uploads[upload_id]
+        if any(len(parts[i]) < self.min_part for i in sorted(parts)[:-1]):
+            raise StoreError("EntityTooSmall: a part but the last is below the least size")
+        del self._uploads[upload_id]
         body = b"".join(parts[i] for i in sorted(parts))
         etag = _etag(body)[:-1] + f'-{len(parts)}"'
         self.objects[k] = (body, md, etag)

@@ -1,0 +1,254 @@
+"""Edits of big files upload only what changed (docs/FORMAT.md §8.5 "Edits cost what
+changed", §8.8): the segments still the version replaced are copied on the server
+(UploadPartCopy, If-Match that version), the touched ones and the last are sealed and sent.
+What is read back is what was written, whatever was copied; another writer's change meanwhile
+still makes a conflict copy that holds this host's whole version."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from cryptfs.cache.staging import StagingArea
+from cryptfs.crypto import Secret
+from cryptfs.format import body3
+from cryptfs.format.volume import KeySource
+from cryptfs.fs.filesystem import Filesystem
+from cryptfs.fs.model import ROOT_INO, Options
+from cryptfs.fs.upload import plan_parts
+from cryptfs.store.memory import MemoryStore
+from cryptfs.volume import Volume
+from tests.fsutil import read_file, write_file
+
+C, S = 4096, 1 << 14  # chunks of 4 KiB, segments of 16 KiB
+SEG = body3.segment_size(S, C)
+
+
+async def _fs(tmp_path: Path, store: MemoryStore) -> Filesystem:
+    """A mount whose files above 2 segments go up in parts of at least one segment (S3's
+    least part, scaled down: the store refuses a smaller part but the last)."""
+    src = KeySource(keyfile=Secret(b"k" * 32))
+    try:
+        vol = await Volume.open(store, src)
+    except Exception:
+        vol = await Volume.create(store, src, chunk_log2=12, encrypt_names=True, segment_log2=14)
+    store.min_part = SEG
+    staging = StagingArea(tmp_path / os.urandom(4).hex(), vol.keys.cache, vol.chunk)
+    opt = Options(writeback_delay=0.1, metadata_ttl=0, multipart_threshold=2 * S, part_size=S)
+    fs = Filesystem(vol, staging, opt)
+    await fs.ensure_root()
+    return fs
+
+
+async def _edit(fs: Filesystem, name: bytes, offset: int | None, data: bytes) -> None:
+    """Write ``data`` at ``offset`` (None: append) into an existing file, and sync it."""
+    node = await fs.lookup(ROOT_INO, name)
+    h = await fs.open(node.ino, os.O_WRONLY | (os.O_APPEND if offset is None else 0))
+    await fs.write(h.fh, offset or 0, data)
+    await fs.release(h.fh)
+    await fs.sync_node(node)
+
+
+async def _check(tmp_path: Path, store: MemoryStore, name: bytes, want: bytes) -> None:
+    """A fresh mount reads ``want``, by ranges and whole."""
+    fs = await _fs(tmp_path, store)
+    node = await fs.lookup(ROOT_INO, name)
+    assert node.attrs.size == len(want)
+    assert await read_file(fs, node.ino) == want
+    h = await fs.open(node.ino, os.O_RDONLY)
+    for off in (0, S - 7, 3 * S + 100, len(want) - 10):
+        assert await fs.read(h.fh, off, 300) == want[off : off + 300]
+    await fs.release(h.fh)
+
+
+def test_plan_parts_keeps_s3s_part_rules() -> None:
+    rnd = random.Random(7)
+    for _ in range(3000):
+        n = rnd.randint(1, 40)
+        per = rnd.randint(1, 4)
+        most = rnd.randint(2 * per, 12)
+        copy = [rnd.random() < 0.8 for _ in range(n)]
+        plan = plan_parts(copy, per, most)
+        assert plan[0][1] == 0 and plan[-1][2] == n and not plan[-1][0]
+        for (c, f, e), nxt in zip(plan, [*plan[1:], None], strict=True):
+            assert f < e
+            if nxt is not None:
+                assert nxt[1] == e  # contiguous, in order
+                assert e - f >= per  # every part but the last: S3's least part
+            if c:
+                assert e - f <= most and all(copy[f:e])
+    # an append: every segment but the last copied, in one part
+    assert plan_parts([True] * 9 + [False], 1, 4) == [
+        (True, 0, 3), (True, 3, 6), (True, 6, 9), (False, 9, 10)
+    ]  # fmt: skip
+    assert plan_parts([True] * 4, 1, 8) == [(True, 0, 3), (False, 3, 4)]
+    # a copy run too short to be a part is sealed with its neighbours
+    assert plan_parts([False, True, False, False], 2, 4) == [(False, 0, 2), (False, 2, 4)]
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize(
+    "where", ["append", "middle", "first", "across", "into-last", "extend-hole"]
+)
+async def test_an_edit_sends_only_the_segments_it_touches(tmp_path: Path, where: str) -> None:
+    store = MemoryStore()
+    fs = await _fs(tmp_path, store)
+    data = bytearray(os.urandom(10 * S + 1234))
+    await write_file(fs, ROOT_INO, b"f", bytes(data))
+    fs2 = await _fs(tmp_path, store)  # (another mount: nothing of the file staged or cached)
+    offset, new = {
+        "append": (None, os.urandom(3000)),
+        "middle": (5 * S + 100, os.urandom(4096)),
+        "first": (0, os.urandom(10)),
+        "across": (3 * S - 50, os.urandom(100)),
+        "into-last": (10 * S + 1000, os.urandom(5000)),
+        "extend-hole": (13 * S + 5, os.urandom(100)),
+    }[where]
+    at = len(data) if offset is None else offset
+    if at > len(data):
+        data += bytes(at - len(data))
+    data[at : at + len(new)] = new
+    sent = store.part_bytes
+    await _edit(fs2, b"f", offset, new)
+    sent = store.part_bytes - sent
+    touched = {j for j in range(at // S, (at + len(new) - 1) // S + 1)}
+    n = body3.segments_of(len(data), S)
+    touched.add(n - 1)  # the last segment, with the trailer, is always sent
+    if where == "extend-hole":
+        touched |= {10, 11, 12}  # the old last segment, grown, and the hole's
+    copied = 10 - len(touched & set(range(10)))
+    assert fs2.counters()["upload_copied_bytes"] == copied * S
+    assert store.calls.get("upload_part_copy", 0) >= 1
+    assert sent <= len(touched) * SEG + body3.trailer_size(n)
+    await _check(tmp_path, store, b"f", bytes(data))
+
+
+@pytest.mark.trio
+async def test_a_cut_and_extended_file_copies_nothing_that_was_cut(tmp_path: Path) -> None:
+    """Truncated into segment 4, then extended back past the old end: segments 4 to 10
+    are zeros now (sealed and sent), not the old bytes (not copied)."""
+    store = MemoryStore()
+    fs = await _fs(tmp_path, store)
+    data = os.urandom(10 * S + 1234)
+    await write_file(fs, ROOT_INO, b"f", data)
+    node = await fs.lookup(ROOT_INO, b"f")
+    await fs.setattr(node.ino, size=4 * S + 10)
+    await fs.setattr(node.ino, size=len(data))
+    await fs.sync_node(node)
+    assert fs.counters()["upload_copied_bytes"] == 4 * S
+    await _check(tmp_path, store, b"f", data[: 4 * S + 10] + bytes(len(data) - 4 * S - 10))
+
+
+@pytest.mark.trio
+async def test_repeated_edits_each_copy_from_the_version_before(tmp_path: Path) -> None:
+    """An append loop with a sync each time, on a file kept open: every upload copies all but
+    the segments the appends since the last one touched (its base is the version it made)."""
+    store = MemoryStore()
+    fs = await _fs(tmp_path, store)
+    data = os.urandom(8 * S)
+    await write_file(fs, ROOT_INO, b"f", data)
+    node = await fs.lookup(ROOT_INO, b"f")
+    h = await fs.open(node.ino, os.O_WRONLY | os.O_APPEND)
+    for _ in range(6):
+        line = os.urandom(S // 3)
+        await fs.write(h.fh, 0, line)
+        data += line
+        before, copied = store.part_bytes, fs.counters()["upload_copied_bytes"]
+        await fs.fsync(h.fh)
+        assert store.part_bytes - before <= 2 * SEG + body3.trailer_size(12)
+        assert fs.counters()["upload_copied_bytes"] - copied >= (len(data) // S - 2) * S
+    await fs.release(h.fh)
+    await _check(tmp_path, store, b"f", data)
+
+
+@pytest.mark.trio
+async def test_a_write_during_the_upload_is_in_the_next_one(tmp_path: Path) -> None:
+    """A write into a segment the upload is copying lands after the copy's plan: that upload
+    has the old bytes there, and the next one (the node stays dirty) sends the new ones."""
+    store = MemoryStore()
+    fs = await _fs(tmp_path, store)
+    data = bytearray(os.urandom(10 * S))
+    await write_file(fs, ROOT_INO, b"f", bytes(data))
+    node = await fs.lookup(ROOT_INO, b"f")
+    h = await fs.open(node.ino, os.O_WRONLY)
+    await fs.write(h.fh, 9 * S + 5, b"tail")
+    data[9 * S + 5 : 9 * S + 9] = b"tail"
+    copy = store.upload_part_copy
+    wrote = False
+
+    async def copy_and_write(*a: object, **kw: object) -> str:
+        nonlocal wrote
+        if not wrote:
+            wrote = True
+            await fs.write(h.fh, 2 * S + 7, b"during")  # (a segment being copied)
+            data[2 * S + 7 : 2 * S + 13] = b"during"
+        return await copy(*a, **kw)  # type: ignore[arg-type]
+
+    store.upload_part_copy = copy_and_write  # type: ignore[method-assign]
+    await fs.sync_node(node)
+    assert wrote
+    store.upload_part_copy = copy  # type: ignore[method-assign]
+    await fs.fsync(h.fh)
+    await fs.release(h.fh)
+    assert not node.dirty
+    await _check(tmp_path, store, b"f", bytes(data))
+
+
+@pytest.mark.trio
+async def test_another_writer_meanwhile_makes_a_whole_conflict_copy(tmp_path: Path) -> None:
+    """Host B replaces the file between host A's write and its upload: A's copy from the
+    version it edited fails (If-Match), and A's whole version (the bytes it did not write
+    included) is saved as the conflict copy; B's stays under the name."""
+    store = MemoryStore()
+    a = await _fs(tmp_path, store)
+    data = bytearray(os.urandom(10 * S + 99))
+    await write_file(a, ROOT_INO, b"f", bytes(data))
+    b = await _fs(tmp_path, store)
+    node = await a.lookup(ROOT_INO, b"f")
+    h = await a.open(node.ino, os.O_WRONLY)
+    await a.write(h.fh, 4 * S, b"A's edit")
+    data[4 * S : 4 * S + 8] = b"A's edit"
+    theirs = os.urandom(11 * S)
+    await _edit(b, b"f", 0, theirs)
+    await a.release(h.fh)
+    await a.sync_node(node)
+    assert a.counters()["conflicts"] == 1
+    assert store.calls["upload_part_copy"] >= 1  # (tried, refused: If-Match)
+    (cname,) = [n for n in await _names(a) if n.startswith(b"f.conflict-")]
+    await _check(tmp_path, store, cname, bytes(data))
+    await _check(tmp_path, store, b"f", theirs)
+
+
+async def _names(fs: Filesystem) -> list[bytes]:
+    return [name for name, _node in await fs.readdir(ROOT_INO)]
+
+
+@pytest.mark.trio
+async def test_a_failed_upload_keeps_what_it_took(tmp_path: Path) -> None:
+    """An upload that fails (S3 down) gives back the segments it took as touched: the
+    retry sends them, it does not copy the old bytes."""
+    store = MemoryStore()
+    fs = await _fs(tmp_path, store)
+    data = bytearray(os.urandom(10 * S))
+    await write_file(fs, ROOT_INO, b"f", bytes(data))
+    node = await fs.lookup(ROOT_INO, b"f")
+    h = await fs.open(node.ino, os.O_WRONLY)
+    await fs.write(h.fh, 3 * S, b"x" * 10)
+    data[3 * S : 3 * S + 10] = b"x" * 10
+    complete = store.complete_multipart
+
+    async def down(*a: object, **kw: object) -> str:
+        from cryptfs.errors import StoreError
+
+        raise StoreError("S3 is down")
+
+    store.complete_multipart = down  # type: ignore[method-assign]
+    with pytest.raises(Exception, match="down"):
+        await fs.sync_node(node)
+    store.complete_multipart = complete  # type: ignore[method-assign]
+    await fs.fsync(h.fh)
+    await fs.release(h.fh)
+    await _check(tmp_path, store, b"f", bytes(data))
