@@ -137,8 +137,8 @@ async def test_filesystem_over_s3_large_file_multipart(
     s3server: S3Server, bucket: str, tmp_path: Path, segment_log2: int | None
 ) -> None:
     """A multipart upload to SeaweedFS, read back by ranges: a revision-1 body (runs of
-    chunks), or revision 3 with segments of 1 MiB (parts of 5 segments, the last part one
-    segment and the trailer) or 8 MiB (one per part; the last one short)."""
+    chunks), or revision 3 with segments of 1 MiB (parts of 5 segments, the last 6 with the
+    trailer) or 8 MiB (one per part; the last one short); then edited in place."""
     loc = S3Location.parse(f"s3://{bucket}/vol{segment_log2}")
     src = KeySource(keyfile=Secret(os.urandom(32)))
     data = os.urandom((20 << 20) + 12345)
@@ -160,7 +160,7 @@ async def test_filesystem_over_s3_large_file_multipart(
         await fs.release(h.fh)
         await fs.sync_node(node)
         assert "-" in (node.remote_etag or "")  # multipart ETag
-        parts = {None: 5, 20: 5, 23: 3}[segment_log2]  # (parts of 80 chunks, 5 or 1 segments)
+        parts = {None: 5, 20: 4, 23: 3}[segment_log2]  # (80 chunks; 5 segments, the last 6; 1)
         assert node.remote_etag.strip('"').endswith(f"-{parts}")  # type: ignore[union-attr]
         assert node.attrs.body == (1 if segment_log2 is None else 3)
         vol2 = await Volume.open(store, src)
@@ -183,6 +183,31 @@ async def test_filesystem_over_s3_large_file_multipart(
         for off in (len(data) - 5000, (16 << 20) - 3000, (1 << 20) - 100, 0):
             assert await fs3.read(h3.fh, off, 6000) == data[off : off + 6000]
         assert fs3.integrity_failures == 0
+        # an edit: 4 KiB into the middle and 1 MiB appended; the segments neither touches
+        # are copied by SeaweedFS (UploadPartCopy of ranges, If-Match), S3's part rules kept
+        edited = bytearray(data)
+        edited[10 << 20 : (10 << 20) + 4096] = os.urandom(4096)
+        edited += os.urandom(1 << 20)
+        n2.refreshed_at = -1e18
+        h2w = await fs2.open(n2.ino, os.O_WRONLY)
+        await fs2.write(h2w.fh, 10 << 20, bytes(edited[10 << 20 : (10 << 20) + 4096]))
+        await fs2.write(h2w.fh, len(data), bytes(edited[len(data) :]))
+        await fs2.release(h2w.fh)
+        await fs2.sync_node(n2)
+        copied = {None: 0, 20: 10 << 20, 23: 8 << 20}[segment_log2]  # (parts of 8 MiB here)
+        assert fs2.counters()["upload_copied_bytes"] == copied
+        fs4 = Filesystem(
+            vol2, StagingArea(tmp_path / "st4", vol2.keys.cache, vol2.chunk), key_prefix=loc.prefix
+        )
+        n4 = await fs4.lookup(ROOT_INO, b"big")
+        h4 = await fs4.open(n4.ino, os.O_RDONLY)
+        got = bytearray()
+        while len(got) < len(edited):
+            chunk = await fs4.read(h4.fh, len(got), 1 << 20)
+            assert chunk
+            got += chunk
+        assert bytes(got) == bytes(edited)
+        assert fs4.integrity_failures == 0
 
 
 @pytest.fixture
