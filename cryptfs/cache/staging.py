@@ -68,25 +68,34 @@ class JournalRecord:
     file_id: bytes
     attrs: Attrs
     etag: str | None  # the version the staged data was based on (None: a new file)
+    # a staged file of only what was written: where the rest is (``fs.staged.Fill.record``)
+    fill: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "path": b64e(self.path),
             "fid": b64e(self.file_id),
             "attrs": b64e(self.attrs.to_json()),
             "etag": self.etag,
         }
+        if self.fill is not None:
+            d["fill"] = self.fill
+        return d
 
     @classmethod
     def from_dict(cls, rec: dict[str, Any]) -> JournalRecord:
         """IntegrityError if ``rec`` (authenticated: sealed under the cache key) is not one."""
         try:
             etag = rec.get("etag")
+            fill = rec.get("fill")
+            if fill is not None and not isinstance(fill, dict):
+                raise TypeError("fill")
             return cls(
                 b64d(rec["path"]),
                 b64d(rec["fid"]),
                 Attrs.from_json(b64d(rec["attrs"])),
                 str(etag) if etag else None,
+                fill,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise IntegrityError(f"journal record is malformed ({type(e).__name__})") from None
@@ -132,11 +141,38 @@ class StagedFile:
         self.unit = 0
         self.touched: set[int] = set()
         self.kept = 0
+        # a staged file of only what was written (a bucket with versioning on): the rest, up
+        # to ``fill_limit``, is still the version ``fill`` names (``fs.staged.Fill``), read
+        # from S3 into a slot when a read, a partial write or an upload needs it; a slot never
+        # written below the limit is that version's, not a hole
+        self.fill: Any = None
+        self.fill_kept = 0
 
     def track(self, base: Any, unit: int, size: int) -> None:
         """From now on, the staged bytes are ``base``'s (``size`` of them) except the units of
         ``unit`` bytes written or cut later (``touched``, ``kept``)."""
         self.base, self.unit, self.touched, self.kept = base, unit, set(), size
+
+    @property
+    def fill_limit(self) -> int:
+        """Bytes from 0 whose unwritten slots are ``fill``'s (0: none)."""
+        return 0 if self.fill is None else min(self.fill_kept, self.fill.size)
+
+    def to_fill(self, first: int, last: int) -> list[int]:
+        """Chunks of [first, last] still ``fill``'s, not in a slot yet."""
+        lim = self.fill_limit
+        last = min(last, (lim - 1) // self.chunk)
+        if last < first:
+            return []
+        s = self._slot
+        out = []
+        nonce = bytearray(GCM_NONCE)
+        with self._io_lock:
+            for i in range(first, last + 1):
+                got = os.preadv(self._fd, [nonce], i * s)
+                if got < GCM_NONCE or nonce == _ZERO_NONCE:
+                    out.append(i)
+        return out
 
     def _touch(self, offset: int, end: int) -> None:
         if self.unit and end > offset:
@@ -251,6 +287,7 @@ class StagedFile:
     def truncate(self, size: int) -> None:
         c = self.chunk
         self.kept = min(self.kept, size)
+        self.fill_kept = min(self.fill_kept, size)  # (the chunk it cuts was filled first)
         self._touch(size, size + 1)
         if size < self.size and size % c:
             i = size // c

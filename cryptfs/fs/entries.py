@@ -240,9 +240,12 @@ class Entries:
         return node
 
     async def keep_for_open_handles(self, node: Node) -> None:
-        """An unlinked file that is still open keeps its content readable until released."""
-        if node.open_count and node.stage is None and node.kind == KIND_FILE:
-            await self.staged.materialize(node)
+        """An unlinked file that is still open keeps its content readable until released
+        (staged whole: the version a staged file of only what was written reads from may be
+        removed with its last name by a lifecycle rule)."""
+        staged_whole = node.stage is not None and node.stage.fill is None
+        if node.open_count and not staged_whole and node.kind == KIND_FILE:
+            await self.staged.materialize(node, whole=True)
 
     async def unlink(self, parent_ino: int, name: bytes) -> None:
         parent = self.tree.node(parent_ino)

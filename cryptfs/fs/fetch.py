@@ -465,6 +465,54 @@ class Fetcher:
             self.cache.put((node.file_id, salt, i), pt)
             got[i] = pt
 
+    async def version_chunks(
+        self, key: str, version_id: str | None, etag: str, body: Body3, chunks: list[int]
+    ) -> dict[int, bytes]:
+        """Chunks of one version of a revision-3 body (``body``: its manifest, opened), by
+        its S3 version id (which no later write changes) or If-Match ``etag``: one ranged GET
+        per segment they are in, with the segment's head if not checked yet; each chunk
+        checked and opened (an integrity failure is logged and raised)."""
+        size = body.size
+        by_seg: dict[int, list[int]] = {}
+        for i in chunks:
+            by_seg.setdefault(i // body.per, []).append(i)
+        out: dict[int, bytes] = {}
+
+        async def get(lo: int, end: int) -> memoryview:
+            _info, data = await self.store.get(key, lo, end, if_match=etag, version_id=version_id)
+            if len(data) != end - lo:
+                raise IntegrityError("object shorter than its manifest says", object_keys=(key,))
+            return memoryview(data)
+
+        async def one(j: int, todo: list[int]) -> None:
+            lo = body.span(todo[0], size)[0]
+            end = sum(body.span(todo[-1], size))
+            h_lo, h_ln = body.head_span(j)
+            along = j not in body.readers and lo - (h_lo + h_ln) <= self.chunk  # (one GET)
+            try:
+                if j not in body.readers and not along:
+                    body.add_head(j, await get(h_lo, h_lo + h_ln))
+                if along:
+                    lo = h_lo
+                view = await get(lo, end)
+                if along:
+                    body.add_head(j, view[:h_ln])
+
+                def open_all() -> None:
+                    for i in todo:
+                        off, ln = body.span(i, size)
+                        out[i] = body.open_at(i, 0, view[off - lo : off - lo + ln])
+
+                await self.crypto(open_all, len(view))
+            except IntegrityError as e:
+                self.tree.integrity(key, e, None)
+                raise
+
+        async with open_tasks() as nursery:
+            for j, todo in by_seg.items():
+                nursery.start_soon(one, j, sorted(todo))
+        return out
+
     async def get_unwrapping(self, node: Node, key: str, end: int, etag: str | None) -> bytes:
         """GET ``[0, end)`` of ``key`` while the data key is unwrapped at the same time (it
         is cached by the keyring for ``cipher``) when that is a KMS round trip of its own.

@@ -103,8 +103,15 @@ class Files:
         node = h.node
         if node.foreign is not None:
             return await self.foreign.read(node, offset, size)
-        if node.stage is not None:
-            return node.stage.read(offset, size)
+        while (sf := node.stage) is not None:
+            if sf.fill is not None:  # (chunks not staged yet: from the version staged from)
+                c = self.chunk
+                end = min(offset + size, sf.size)
+                if end > offset:
+                    await self.staged.fill(sf, offset // c, (end - 1) // c)
+                if node.stage is not sf:
+                    continue  # (uploaded and dropped meanwhile)
+            return sf.read(offset, size)
         end = min(offset + size, node.attrs.size)
         if offset >= end:
             return b""
@@ -126,9 +133,19 @@ class Files:
         h = self.handle(fh)
         node = h.node
         sf = node.stage or await self.staged.materialize(node)
-        if h.append:
-            offset = sf.size
-        sf.write(offset, data)
+        while True:  # (a partly written chunk not staged yet is read first: FORMAT.md §8.8)
+            at = sf.size if h.append else offset
+            end, c = at + len(data), self.chunk
+            if sf.fill is not None and (at % c or end % c):
+                await self.staged.fill(sf, at // c, at // c)
+                await self.staged.fill(sf, (end - 1) // c, (end - 1) // c)
+                if node.stage is not sf:
+                    sf = node.stage or await self.staged.materialize(node)
+                    continue
+                if h.append and sf.size != at:
+                    continue  # (another append moved the end meanwhile)
+            break
+        sf.write(at, data)
         node.target = None
         self.staged.touch(node, data=True)
         return len(data)
@@ -156,6 +173,11 @@ class Files:
             if node.stage is None and size == 0 and node.materializing is None:
                 node.stage = self.staging.create(node.file_id)  # nothing to download
             sf = node.stage or await self.staged.materialize(node)
+            while size % self.chunk and sf.fill is not None:  # (the chunk it cuts, first)
+                await self.staged.fill(sf, size // self.chunk, size // self.chunk)
+                if node.stage is sf:
+                    break
+                sf = node.stage or await self.staged.materialize(node)  # (uploaded meanwhile)
             sf.truncate(size)
             self.staged.touch(node, data=True)
         changes: dict[str, Any] = {}

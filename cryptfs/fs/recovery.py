@@ -3,8 +3,9 @@ unmount) put back into the tree from their journals and uploaded.
 
 Owns: rebuilding a staged file's node from its journal record (path, file id, attributes,
 the ETag it was based on: another host's newer version then makes the upload a conflict
-copy, never an overwrite), what stays staged when that fails (``unrecovered``, named by
-``cryptfs umount``), and the sweep of multipart uploads the earlier run left open.
+copy, never an overwrite; the version by id its chunks not staged are read from), what
+stays staged when that fails (``unrecovered``, named by ``cryptfs umount``), and the sweep
+of multipart uploads the earlier run left open.
 Must not import: other parts of ``cryptfs.fs`` but ``model``, ``paths``, ``namespace``,
 ``lookup``, ``entries`` and ``writeback``.
 """
@@ -90,6 +91,10 @@ class Recovery:
         return count
 
     async def recover_node(self, sf: StagedFile, rec: JournalRecord) -> Node:
+        if rec.fill is not None:
+            # a staged file of only what was written: the rest is the version it was staged
+            # from, found by its id and checked again (a failure leaves it staged, as it is)
+            await self.entries.staged.reopen_fill(sf, rec.file_id, rec.fill)
         parent = self.tree.root
         parts = [p for p in rec.path.split(b"/") if p]
         for comp in parts[:-1]:

@@ -1,9 +1,12 @@
 """Files changed here and not uploaded yet: their staged copy on local disk.
 
 Owns: making a node dirty (``materialize``: its current version copied whole into a staged
-file, one version pinned for the whole copy), what a change does to its times and change
-count (``touch``), and the journal record that lets recovery upload a staged file after a
-crash (path, file id, attributes, and the ETag it replaces: docs/FORMAT.md §5).
+file, one version pinned for the whole copy; or, on a bucket with versioning on, a staged
+file of only what is written, whose other chunks ``fill`` reads from that version by its id
+when a read, a partial write or an upload needs them), what a change does to its times and
+change count (``touch``), and the journal record that lets recovery upload a staged file
+after a crash (path, file id, attributes, the ETag it replaces, and where the chunks not
+staged are: docs/FORMAT.md §5).
 Must not import: other parts of ``cryptfs.fs`` but ``model``, ``paths``,
 ``lookup`` and ``fetch``.
 """
@@ -11,13 +14,15 @@ Must not import: other parts of ``cryptfs.fs`` but ``model``, ``paths``,
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import trio
 
 from cryptfs.cache.staging import JournalRecord, StagedFile, StagingArea
-from cryptfs.errors import CryptfsError, PreconditionFailed, StoreError
+from cryptfs.errors import CryptfsError, IntegrityError, PreconditionFailed, StoreError
 from cryptfs.format.body import chunk_count
-from cryptfs.format.body3 import Body3, Entry
+from cryptfs.format.body3 import Body3, Entry, trailer_span
+from cryptfs.format.names import b64d, b64e
 from cryptfs.fs.fetch import Fetcher
 from cryptfs.fs.lookup import Lookup
 from cryptfs.fs.model import Node, Options, now_ns
@@ -36,6 +41,30 @@ class Base:
     gen: bytes
     size: int
     entries: tuple[Entry, ...]
+    key: str = ""  # where it is (copies come from there) ...
+    version_id: str | None = None  # ... and its S3 version id (then whatever is there now)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fill:
+    """The version of a file whose chunks a staged file of only what was written reads when
+    it needs them: by its S3 version id, which no later write, rename or delete changes (a
+    bucket with versioning on), checked against its manifest (``body``)."""
+
+    key: str
+    path: bytes  # the file's path when it was written there (its metadata is bound to it)
+    version_id: str
+    etag: str
+    body: Body3
+
+    @property
+    def size(self) -> int:
+        return self.body.size
+
+    def record(self, kept: int) -> dict[str, Any]:
+        """For the journal: enough to find and check this version again after a crash."""
+        return {"key": self.key, "path": b64e(self.path), "v": self.version_id,
+                "e": self.etag, "kept": kept}  # fmt: skip
 
 
 class Staged:
@@ -49,6 +78,7 @@ class Staged:
         fetch: Fetcher,
     ) -> None:
         self.vol = volume
+        self.store = volume.store
         self.opt = options
         self.chunk = volume.chunk
         self.staging = staging
@@ -56,8 +86,9 @@ class Staged:
         self.look = look
         self.fetch = fetch
 
-    async def materialize(self, node: Node) -> StagedFile:
-        """Make ``node`` dirty: copy its current content into a new staged file.
+    async def materialize(self, node: Node, *, whole: bool = False) -> StagedFile:
+        """Make ``node`` dirty: copy its current content into a new staged file (or, on a
+        bucket with versioning on, unless ``whole``, stage only what will be written).
 
         One at a time per node: a second, concurrent one (two writers, or the kernel's
         parallel write-back) would make a second staged file, and writes to the first would
@@ -66,13 +97,92 @@ class Staged:
         while node.materializing is not None:
             await node.materializing.wait()
         if node.stage is not None:
+            if whole:
+                await self.fill_all(node, node.stage)
             return node.stage
         node.materializing = trio.Event()
         try:
-            return await self.materialize_one(node)
+            sf = None if whole else await self.stage_lazily(node)
+            return sf or await self.materialize_one(node)
         finally:
             node.materializing.set()
             node.materializing = None
+
+    async def stage_lazily(self, node: Node) -> StagedFile | None:
+        """A staged file of none of ``node``'s chunks yet, where its version has an S3
+        version id (a HEAD says): every chunk it does not hold is that version's, read when
+        needed (docs/FORMAT.md §8.8).  None where it cannot be (versioning off, a small or
+        revision-1 body, another version there now): the caller copies the file whole."""
+        a = node.attrs
+        etag = node.remote_etag
+        if etag is None or a.body != 3 or a.size <= self.opt.multipart_threshold:
+            return None
+        key, _ = self.paths.object_key(node)
+        path = self.paths.path(node)
+        try:
+            info = await self.store.head(key)
+            if info.etag != etag or info.version_id is None:
+                return None
+            body = await self.fetch.cipher(node)
+        except CryptfsError:
+            return None
+        if not isinstance(body, Body3) or node.remote_etag != etag or body.gen != a.salt:
+            return None
+        sf = self.staging.create(node.file_id)
+        sf.size = a.size
+        sf.fill, sf.fill_kept = Fill(key, path, info.version_id, etag, body), a.size
+        base = Base(etag, body.gen, body.size, body.manifest.entries, key, info.version_id)
+        sf.track(base, self.vol.segment_bytes(), a.size)
+        node.stage = sf
+        return sf
+
+    async def fill(self, sf: StagedFile, first: int, last: int) -> None:
+        """Chunks [first, last] of ``sf`` that are still its version's (not staged yet) read
+        from that version into their slots (none where ``sf`` was staged whole)."""
+        fill = sf.fill
+        if fill is None or not sf.to_fill(first, last):
+            return
+        todo = sf.to_fill(first, last)
+        got = await self.fetch.version_chunks(fill.key, fill.version_id, fill.etag, fill.body,
+                                              todo)  # fmt: skip
+        if sf.fill is not fill:
+            return  # (made whole meanwhile)
+        c = self.chunk
+        for i in set(todo) & set(sf.to_fill(first, last)):  # (not those written meanwhile)
+            data = got[i]
+            sf.write_chunk(i, data + bytes(c - len(data)))
+
+    async def fill_all(self, node: Node, sf: StagedFile) -> None:
+        """Every chunk of ``sf`` staged: it no longer needs the version it was staged from
+        (an unlinked file kept for its open handles)."""
+        if sf.fill is None:
+            return
+        step = max(1, self.opt.part_size // self.chunk)
+        for first in range(0, chunk_count(sf.fill_limit, self.chunk), step):
+            await self.fill(sf, first, first + step - 1)
+        sf.fill = None
+        self.journal(node)
+
+    async def reopen_fill(self, sf: StagedFile, file_id: bytes, rec: dict[str, Any]) -> None:
+        """A journal's record of where ``sf``'s chunks not staged are, after a crash: that
+        version's metadata (by its id) and trailer read and checked again."""
+        try:
+            key, path, vid = str(rec["key"]), b64d(rec["path"]), str(rec["v"])
+            etag, kept = str(rec["e"]), int(rec["kept"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise IntegrityError(f"journal record is malformed ({type(e).__name__})") from None
+        info = await self.store.head(key, version_id=vid)
+        meta = self.look.decode(path, info)
+        a = meta.attrs
+        if meta.file_id != file_id or info.etag != etag or a.body != 3 or meta.dek is None:
+            raise IntegrityError("the version a staged file was staged from is not its own")
+        dek = await self.vol.keyring.unwrap(meta.dek, file_id)
+        seg = self.vol.segment_bytes()
+        lo, ln = trailer_span(a.size, seg, self.chunk)
+        _info, tail = await self.store.get(key, lo, lo + ln, if_match=etag, version_id=vid)
+        body = Body3.open(dek, self.vol.volume_id, file_id, a.salt, a.size, seg, self.chunk,
+                          tail)  # fmt: skip
+        sf.fill, sf.fill_kept = Fill(key, path, vid, etag, body), kept
 
     async def materialize_one(self, node: Node) -> StagedFile:
         """The node's current version, copied whole into a new staged file.  One version: if
@@ -113,6 +223,7 @@ class Staged:
             base = await self.base_of(node, version) if size else None
             if (node.remote_etag, node.attrs.salt) == version and sf.size == size:
                 if base is not None:
+                    base = dataclasses.replace(base, key=self.paths.object_key(node)[0])
                     sf.track(base, self.vol.segment_bytes(), size)
                 node.stage = sf
                 return sf
@@ -144,6 +255,9 @@ class Staged:
             return
         if node.journaled == node.change and not durable:
             return
-        rec = JournalRecord(self.paths.path(node), node.file_id, node.attrs, node.remote_etag)
+        sf = node.stage
+        fill = None if sf.fill is None else sf.fill.record(sf.fill_kept)
+        rec = JournalRecord(self.paths.path(node), node.file_id, node.attrs, node.remote_etag,
+                            fill)  # fmt: skip
         node.stage.save_journal(rec.to_dict(), durable=durable)
         node.journaled = node.change

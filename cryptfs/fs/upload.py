@@ -15,10 +15,12 @@ Must not import: other parts of ``cryptfs.fs`` but ``model``, ``paths``,
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import socket
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -140,8 +142,12 @@ class Uploader:
         md = self.vol.meta.encode(path, key, meta)
         cond: dict[str, Any] = {"if_none_match": expect is None, "if_match": expect}
         parts: _Parts
+        lazy = isinstance(source, StagedFile) and source.fill is not None
         try:
             if isinstance(source, bytes) or size <= self.opt.multipart_threshold:
+                if lazy:  # (its chunks not staged yet, first: FORMAT.md §8.8)
+                    assert isinstance(source, StagedFile)
+                    await self.staged.fill(source, 0, chunk_count(size, self.chunk) - 1)
 
                 def seal() -> bytes:  # (staging read and AES-GCM: in a worker if large)
                     if isinstance(source, bytes):
@@ -168,14 +174,19 @@ class Uploader:
                 else:
                     assert seg is not None
                     # (a base that is not the version this upload replaces is not copied)
-                    same = edit is not None and edit.base is not None and edit.base.etag == expect
+                    b = None if edit is None else edit.base
+                    same = b is not None and (b.version_id is not None or b.etag == expect)
                     parts = _SegmentParts(source, dek, self.vol.volume_id, node.file_id, gen,
                                           attrs.mtime_ns, seg, self.opt.part_size,
                                           edit if same else None)  # fmt: skip
-                etag = await self.multipart(parts, key, md, cond)
+                fill = None
+                if lazy:
+                    assert isinstance(source, StagedFile)
+                    fill = functools.partial(self.staged.fill, source)
+                etag = await self.multipart(parts, key, md, cond, fill)
                 self.copied_bytes += parts.copied
                 if edit is not None and isinstance(parts, _SegmentParts):
-                    edit.made = Base(etag, gen, parts.size, parts.manifest_entries())
+                    edit.made = Base(etag, gen, parts.size, parts.manifest_entries(), key)
         except KeyTooLong:
             raise NameTooLong("the S3 server refused the encrypted path as too long") from None
         return etag, attrs, cipher
@@ -191,7 +202,12 @@ class Uploader:
         node.refreshed_at = trio.current_time()
 
     async def multipart(
-        self, parts: _Parts, key: str, md: dict[str, str], cond: dict[str, Any]
+        self,
+        parts: _Parts,
+        key: str,
+        md: dict[str, str],
+        cond: dict[str, Any],
+        fill: Callable[[int, int], Awaitable[None]] | None = None,
     ) -> str:
         # noted before it exists: a CreateMultipartUpload whose answer is lost (or a crash
         # before it comes) still made an upload, found by its key later (``sweep``)
@@ -209,7 +225,7 @@ class Uploader:
                 self.mp_active.discard(intent)
             self.mp_active.add(upload_id)
             try:
-                return await self.multipart_parts(parts, key, cond, upload_id, intent)
+                return await self.multipart_parts(parts, key, cond, upload_id, intent, fill)
             finally:
                 self.mp_active.discard(upload_id)
         finally:
@@ -222,8 +238,16 @@ class Uploader:
         self.sweep_gen += 1
 
     async def multipart_parts(
-        self, parts: _Parts, key: str, cond: dict[str, Any], upload_id: str, intent: str
+        self,
+        parts: _Parts,
+        key: str,
+        cond: dict[str, Any],
+        upload_id: str,
+        intent: str,
+        fill: Callable[[int, int], Awaitable[None]] | None = None,
     ) -> str:
+        """``fill``: reads chunks [first, last] of a staged file of only what was written
+        into it before a part of them is built."""
         self.staging.note_upload(upload_id, key, intent)  # a crash leaves it for the next mount
         count = parts.count
         etags: list[str] = [""] * count
@@ -244,9 +268,13 @@ class Uploader:
             if src is not None:  # the version replaced holds these bytes: a copy, on the server
                 async with limit:
                     etags[p] = await self.store.upload_part_copy(
-                        key, upload_id, p + 1, key, src[0], src[1], if_match=parts.source
-                    )
+                        key, upload_id, p + 1, parts.source_key or key, src[0], src[1],
+                        if_match=parts.source, src_version=parts.source_version,
+                    )  # fmt: skip
                 return
+            chunks = parts.chunks(p)
+            if fill is not None and chunks is not None:
+                await fill(*chunks)
             async with limit:
                 buf = free.pop() if free else bytearray(parts.buffer_size)
                 # staging reads, AES-GCM and SHA-256 release the GIL: the trio thread stays free
@@ -517,11 +545,11 @@ class Uploader:
                     # of another host, or expired): again later, no conflict
                     raise
                 # changed, or removed (If-Match on a missing object), by another writer
-                await self.save_conflict(node, sf)
+                await self.save_conflict(node, sf, edit)
                 return
         self.uploaded(node, etag, attrs, cipher)
 
-    async def save_conflict(self, node: Node, sf: StagedFile) -> None:
+    async def save_conflict(self, node: Node, sf: StagedFile, edit: _Edit | None = None) -> None:
         """Another writer changed the object: keep both.  The other version keeps the name;
         this node carries on as ``NAME.conflict-HOST-TIME``, with our version uploaded
         there, so that a writer that still has it open goes on writing to the copy (the
@@ -536,7 +564,9 @@ class Uploader:
             ckey, clong = self.paths.key_for(parent, cname, node.kind)
             cpath = self.paths.child_path(parent, cname)
             try:
-                etag, attrs, cipher = await self.put_body(node, sf, ckey, cpath, clong, expect=None)
+                etag, attrs, cipher = await self.put_body(
+                    node, sf, ckey, cpath, clong, expect=None, edit=edit
+                )  # (segments still a version by its id: copied from there)
                 break
             except PreconditionFailed:
                 continue  # a conflict copy of that name exists (two in a second): the next
@@ -640,7 +670,13 @@ class _Parts:
     last_waits = False  # the last part needs every other part built first
     copies = 0  # parts copied from the version replaced, not built
     copied = 0  # their plaintext bytes
-    source: str | None = None  # the ETag they are copied from (If-Match)
+    source: str | None = None  # the ETag they are copied from (If-Match) ...
+    source_key: str | None = None  # ... of that object (None: the one uploaded)
+    source_version: str | None = None  # ... by its S3 version id
+
+    def chunks(self, p: int) -> tuple[int, int] | None:
+        """The staged file's chunks [first, last] that part ``p`` is built from."""
+        return None
 
     def build(self, p: int, buf: bytearray) -> memoryview:
         raise NotImplementedError
@@ -725,6 +761,8 @@ class _SegmentParts(_Parts):
             self.plan = plan_parts([False] * n, per, most)
         if edit is not None and edit.base is not None:
             self.source = edit.base.etag
+            self.source_key = edit.base.key or None
+            self.source_version = edit.base.version_id
             for copied, first, end in self.plan:
                 if copied:
                     self.entries[first:end] = edit.base.entries[first:end]
@@ -738,6 +776,12 @@ class _SegmentParts(_Parts):
     def copy_range(self, p: int) -> tuple[int, int] | None:
         copied, first, end = self.plan[p]
         return (first * self.full, end * self.full) if copied else None
+
+    def chunks(self, p: int) -> tuple[int, int] | None:
+        copied, first, end = self.plan[p]
+        per = self.seg // self.c
+        last = chunk_count(self.size, self.c) - 1
+        return None if copied else (first * per, min(last, end * per - 1))
 
     def manifest_entries(self) -> tuple[body3.Entry, ...]:
         entries = tuple(e for e in self.entries if e is not None)

@@ -24,6 +24,9 @@ class ObjectInfo:
     etag: str
     metadata: Mapping[str, str] = field(default_factory=dict)
     modified: float = 0.0  # Last-Modified, epoch seconds (HEAD/GET; 0 when unknown)
+    # S3's id of this version, on a bucket with versioning on (HEAD/GET; None elsewhere, and
+    # for a version written before versioning was turned on: S3's "null")
+    version_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,10 @@ class Listing:
 
 
 class ObjectStore(Protocol):
-    async def head(self, key: str) -> ObjectInfo: ...
+    async def head(self, key: str, *, version_id: str | None = None) -> ObjectInfo:
+        """``key``'s object now, or (``version_id``) that version of it, which no later write
+        changes (a bucket with versioning on)."""
+        ...
 
     async def get(
         self,
@@ -41,6 +47,8 @@ class ObjectStore(Protocol):
         start: int | None = None,
         end: int | None = None,
         if_match: str | None = None,
+        *,
+        version_id: str | None = None,
     ) -> tuple[ObjectInfo, bytes]:
         """Bytes [start, end) (whole object when both are None) and the object's info.
 
@@ -77,10 +85,11 @@ class ObjectStore(Protocol):
         end: int,
         *,
         if_match: str | None = None,
+        src_version: str | None = None,
     ) -> str:
         """Part ``number`` of ``key``'s upload is bytes [start, end) of object ``src``, copied
         by the server (UploadPartCopy); ``if_match``: only from that version of ``src``
-        (PreconditionFailed otherwise)."""
+        (PreconditionFailed otherwise); ``src_version``: from that version id of it."""
         ...
 
     async def complete_multipart(

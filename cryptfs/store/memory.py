@@ -23,7 +23,13 @@ class MemoryStore:
         self._started: dict[str, float] = {}
         self.calls: dict[str, int] = {}
         self.part_bytes = 0  # bytes of parts uploaded (not copied): what went through the client
+        self.get_bytes = 0  # bytes GETs returned
         self.min_part = 0  # S3's least part but the last (5 MiB there), checked at completion
+        # versioning on: every version written is kept by id (as S3 keeps them), readable and
+        # copyable by it after later writes and deletes
+        self.versioned = False
+        self.versions: dict[str, tuple[bytes, dict[str, str], str]] = {}
+        self.version_of: dict[str, str] = {}  # key -> the id of its current version
         # Last-Modified: a logical clock (S3's has one-second resolution; tests need order)
         self.modified: dict[str, float] = {}
         self._tick = 1_000_000.0
@@ -35,15 +41,39 @@ class MemoryStore:
     def _count(self, op: str) -> None:
         self.calls[op] = self.calls.get(op, 0) + 1
 
-    def _info(self, key: str, if_match: str | None = None) -> ObjectInfo:
-        """``key``'s object; ``if_match``: only that version of it (else PreconditionFailed)."""
+    def _info(
+        self, key: str, if_match: str | None = None, version_id: str | None = None
+    ) -> ObjectInfo:
+        """``key``'s object (or ``version_id`` of it); ``if_match``: only that version of it
+        (else PreconditionFailed)."""
         try:
-            data, md, etag = self.objects[key]
+            if version_id is not None:
+                data, md, etag = self.versions[version_id]
+                if not version_id.startswith(key + "#"):
+                    raise KeyError(version_id)
+            else:
+                data, md, etag = self.objects[key]
         except KeyError:
             raise NotFound(key, object_keys=(key,)) from None
         if if_match is not None and etag != if_match:
             raise PreconditionFailed(key, object_keys=(key,))
-        return ObjectInfo(key, len(data), etag, dict(md), self.modified.get(key, 0.0))
+        vid = version_id or self.version_of.get(key)
+        return ObjectInfo(key, len(data), etag, dict(md), self.modified.get(key, 0.0), vid)
+
+    def _data(self, key: str, version_id: str | None) -> bytes:
+        return (self.versions[version_id] if version_id else self.objects[key])[0]
+
+    def _set(self, key: str, obj: tuple[bytes, dict[str, str], str]) -> None:
+        self.objects[key] = obj
+        if self.versioned:
+            self._n += 1
+            vid = f"{key}#{self._n}"
+            self.versions[vid] = obj
+            self.version_of[key] = vid
+
+    def _drop(self, key: str) -> None:
+        self.objects.pop(key, None)
+        self.version_of.pop(key, None)  # (a delete marker: its versions stay)
 
     def _check(self, key: str, if_match: str | None, if_none_match: bool) -> None:
         cur = self.objects.get(key)
@@ -52,10 +82,10 @@ class MemoryStore:
         if if_match is not None and (cur is None or cur[2] != if_match):
             raise PreconditionFailed(key, object_keys=(key,))
 
-    async def head(self, key: str) -> ObjectInfo:
+    async def head(self, key: str, *, version_id: str | None = None) -> ObjectInfo:
         self._count("head")
         await trio.lowlevel.checkpoint()
-        return self._info(key)
+        return self._info(key, None, version_id)
 
     async def get(
         self,
@@ -63,12 +93,16 @@ class MemoryStore:
         start: int | None = None,
         end: int | None = None,
         if_match: str | None = None,
+        *,
+        version_id: str | None = None,
     ) -> tuple[ObjectInfo, bytes]:
         self._count("get")
         await trio.lowlevel.checkpoint()
-        info = self._info(key, if_match)
-        data = self.objects[key][0]
-        return info, data[start or 0 : end if end is not None else len(data)]
+        info = self._info(key, if_match, version_id)
+        data = self._data(key, version_id)
+        out = data[start or 0 : end if end is not None else len(data)]
+        self.get_bytes += len(out)
+        return info, out
 
     async def put(
         self,
@@ -83,7 +117,7 @@ class MemoryStore:
         await trio.lowlevel.checkpoint()
         self._check(key, if_match, if_none_match)
         etag = _etag(body)
-        self.objects[key] = (bytes(body), dict(metadata), etag)
+        self._set(key, (bytes(body), dict(metadata), etag))
         self._touch(key)
         return etag
 
@@ -114,13 +148,14 @@ class MemoryStore:
         end: int,
         *,
         if_match: str | None = None,
+        src_version: str | None = None,
     ) -> str:
         self._count("upload_part_copy")
         await trio.lowlevel.checkpoint()
-        info = self._info(src, if_match)
+        info = self._info(src, if_match, src_version)
         if not 0 <= start < end <= info.size:
             raise StoreError(f"copy range {start}-{end} outside {src}")
-        kept = self._uploads[upload_id][2][number] = self.objects[src][0][start:end]
+        kept = self._uploads[upload_id][2][number] = self._data(src, src_version)[start:end]
         return _etag(kept)
 
     async def complete_multipart(
@@ -140,7 +175,7 @@ class MemoryStore:
         del self._uploads[upload_id]
         body = b"".join(parts[i] for i in sorted(parts))
         etag = _etag(body)[:-1] + f'-{len(parts)}"'
-        self.objects[k] = (body, md, etag)
+        self._set(k, (body, md, etag))
         self._touch(k)
         return etag
 
@@ -168,21 +203,21 @@ class MemoryStore:
         await trio.lowlevel.checkpoint()
         info = self._info(src, if_match)
         data = self.objects[src][0]
-        self.objects[dst] = (data, dict(metadata), info.etag)  # as S3: same body, same ETag
+        self._set(dst, (data, dict(metadata), info.etag))  # as S3: same body, same ETag
         self._touch(dst)
         return info.etag
 
     async def delete(self, key: str) -> None:
         self._count("delete")
         await trio.lowlevel.checkpoint()
-        self.objects.pop(key, None)
+        self._drop(key)
 
     async def delete_many(self, keys: Sequence[str]) -> None:
         for i in range(0, len(keys), 1000):
             self._count("delete_many")
             await trio.lowlevel.checkpoint()
             for key in keys[i : i + 1000]:
-                self.objects.pop(key, None)
+                self._drop(key)
 
     async def list(
         self, prefix: str, delimiter: str | None = "/", max_keys: int | None = None

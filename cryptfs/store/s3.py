@@ -64,6 +64,13 @@ from cryptfs.tasks import open_tasks
 log = logging.getLogger(__name__)
 
 
+def _version(headers: Mapping[str, str]) -> str | None:
+    """The version id an answer names: None where versioning is off (S3 says "null" for a
+    version written before it was turned on, which no request can name either)."""
+    v = headers.get("x-amz-version-id")
+    return None if not v or v == "null" else v
+
+
 @dataclass(frozen=True)
 class S3Location:
     bucket: str
@@ -179,10 +186,12 @@ class S3Store:
             return {}
         return self.sse.create_headers() if create else self.sse.access_headers()
 
-    async def head(self, key: str) -> ObjectInfo:
+    async def head(self, key: str, *, version_id: str | None = None) -> ObjectInfo:
+        query = {"versionId": version_id} if version_id is not None else None
+
         async def op() -> ObjectInfo:
             a = await self._lean.request(
-                "HEAD", self.loc.bucket, self._k(key), self._sse_headers(False)
+                "HEAD", self.loc.bucket, self._k(key), self._sse_headers(False), None, query
             )
             self._check(a.sse(), key)
             h = a.headers
@@ -192,6 +201,7 @@ class S3Store:
                 h["ETag"],
                 a.metadata(),
                 http_date(h.get("Last-Modified", "")),
+                _version(h),
             )
 
         return await self._call("head", key, op)  # type: ignore[no-any-return]
@@ -202,7 +212,10 @@ class S3Store:
         start: int | None = None,
         end: int | None = None,
         if_match: str | None = None,
+        *,
+        version_id: str | None = None,
     ) -> tuple[ObjectInfo, bytes]:
+        query = {"versionId": version_id} if version_id is not None else None
         rng = None
         if start is not None or end is not None:
             rng = f"bytes={start or 0}-{'' if end is None else end - 1}"
@@ -213,7 +226,7 @@ class S3Store:
                 hdr["Range"] = rng
             if if_match is not None:
                 hdr["If-Match"] = if_match
-            a = await self._lean.request("GET", self.loc.bucket, self._k(key), hdr)
+            a = await self._lean.request("GET", self.loc.bucket, self._k(key), hdr, None, query)
             self._check(a.sse(), key)
             data = a.body
             h = a.headers
@@ -226,7 +239,7 @@ class S3Store:
             cr = h.get("Content-Range")
             if cr:
                 size = int(cr.rsplit("/", 1)[1])
-            return ObjectInfo(key, size, h["ETag"], a.metadata()), data
+            return ObjectInfo(key, size, h["ETag"], a.metadata(), version_id=_version(h)), data
 
         return await self._call("get", key, op)  # type: ignore[no-any-return]
 
@@ -372,10 +385,13 @@ class S3Store:
         end: int,
         *,
         if_match: str | None = None,
+        src_version: str | None = None,
     ) -> str:
         async def op() -> str:
             hdr = self._sse_headers(False)
             hdr["x-amz-copy-source"] = quote(f"{self.loc.bucket}/{self._k(src)}", safe="/~")
+            if src_version is not None:
+                hdr["x-amz-copy-source"] += "?versionId=" + quote(src_version, safe="")
             hdr["x-amz-copy-source-range"] = f"bytes={start}-{end - 1}"
             if self.sse is not None:
                 hdr.update(self.sse.copy_source_headers())

@@ -14,6 +14,7 @@ import pytest
 
 from cryptfs.cache.staging import StagingArea
 from cryptfs.crypto import Secret
+from cryptfs.errors import IntegrityError
 from cryptfs.format import body3
 from cryptfs.format.volume import KeySource
 from cryptfs.fs.filesystem import Filesystem
@@ -27,16 +28,17 @@ C, S = 4096, 1 << 14  # chunks of 4 KiB, segments of 16 KiB
 SEG = body3.segment_size(S, C)
 
 
-async def _fs(tmp_path: Path, store: MemoryStore) -> Filesystem:
+async def _fs(tmp_path: Path, store: MemoryStore, cache: str | None = None) -> Filesystem:
     """A mount whose files above 2 segments go up in parts of at least one segment (S3's
-    least part, scaled down: the store refuses a smaller part but the last)."""
+    least part, scaled down: the store refuses a smaller part but the last); ``cache``: the
+    name of its cache directory (another mount's: a remount after a crash)."""
     src = KeySource(keyfile=Secret(b"k" * 32))
     try:
         vol = await Volume.open(store, src)
     except Exception:
         vol = await Volume.create(store, src, chunk_log2=12, encrypt_names=True, segment_log2=14)
     store.min_part = SEG
-    staging = StagingArea(tmp_path / os.urandom(4).hex(), vol.keys.cache, vol.chunk)
+    staging = StagingArea(tmp_path / (cache or os.urandom(4).hex()), vol.keys.cache, vol.chunk)
     opt = Options(writeback_delay=0.1, metadata_ttl=0, multipart_threshold=2 * S, part_size=S)
     fs = Filesystem(vol, staging, opt)
     await fs.ensure_root()
@@ -252,3 +254,149 @@ async def test_a_failed_upload_keeps_what_it_took(tmp_path: Path) -> None:
     await fs.fsync(h.fh)
     await fs.release(h.fh)
     await _check(tmp_path, store, b"f", bytes(data))
+
+
+# -- a bucket with versioning on: only what is written is staged (FORMAT.md §8.8, point 2) --
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("where", ["append", "middle", "across", "into-last", "truncate"])
+async def test_on_a_versioned_bucket_an_edit_fetches_only_what_it_partly_overwrites(
+    tmp_path: Path, where: str
+) -> None:
+    """A 10-segment file edited on another mount: the first write returns after fetching at
+    most the chunks it partly overwrites (none of the file staged whole); the upload fetches
+    the rest of the segments it rebuilds and copies the others by the version's id; reads
+    meanwhile see the edit over the old bytes."""
+    store = MemoryStore()
+    store.versioned = True
+    fs = await _fs(tmp_path, store)
+    data = bytearray(os.urandom(10 * S + 1234))
+    await write_file(fs, ROOT_INO, b"f", bytes(data))
+    fs2 = await _fs(tmp_path, store)
+    node = await fs2.lookup(ROOT_INO, b"f")
+    h = await fs2.open(node.ino, os.O_RDWR)
+    got = store.get_bytes
+    at = 0
+    if where == "truncate":
+        await fs2.setattr(node.ino, size=6 * S + 77)
+        del data[6 * S + 77 :]
+    else:
+        at, new = {
+            "append": (len(data), os.urandom(3000)),
+            "middle": (5 * S + 100, os.urandom(4096)),
+            "across": (3 * S - 50, os.urandom(100)),
+            "into-last": (10 * S + 1000, os.urandom(5000)),
+        }[where]
+        await fs2.write(h.fh, at, new)
+        data[at : at + len(new)] = new
+    first = store.get_bytes - got
+    assert first <= 3 * (C + 16) + SEG // 2, first  # a trailer, a head, two chunks at most
+    assert node.stage is not None and node.stage.fill is not None  # (staged lazily)
+    lo = max(0, (at if where != "truncate" else len(data)) - C - 10)
+    assert await fs2.read(h.fh, lo, 3 * C) == bytes(data[lo : lo + 3 * C])  # (fills in)
+    await fs2.release(h.fh)
+    await fs2.sync_node(node)
+    assert store.get_bytes - got < 4 * SEG  # never the whole file (10 segments)
+    assert fs2.counters()["upload_copied_bytes"] >= 5 * S
+    await _check(tmp_path, store, b"f", bytes(data))
+
+
+@pytest.mark.trio
+async def test_on_a_versioned_bucket_another_writer_still_loses_nothing(tmp_path: Path) -> None:
+    """Host B replaces the file while host A holds a staged file of only its own write: A's
+    conflict copy is A's whole version, its untouched segments copied from the version A
+    edited, by id (B's write did not change that version)."""
+    store = MemoryStore()
+    store.versioned = True
+    a = await _fs(tmp_path, store)
+    data = bytearray(os.urandom(10 * S + 99))
+    await write_file(a, ROOT_INO, b"f", bytes(data))
+    b = await _fs(tmp_path, store)
+    node = await a.lookup(ROOT_INO, b"f")
+    h = await a.open(node.ino, os.O_WRONLY)
+    await a.write(h.fh, 4 * S, b"A's edit")
+    data[4 * S : 4 * S + 8] = b"A's edit"
+    assert node.stage is not None and node.stage.fill is not None
+    theirs = os.urandom(11 * S)
+    await _edit(b, b"f", 0, theirs)
+    await a.release(h.fh)
+    got = store.get_bytes
+    await a.sync_node(node)
+    assert store.get_bytes - got < 3 * SEG  # (copied from the version by id, not fetched)
+    assert a.counters()["conflicts"] == 1
+    (cname,) = [n for n in await _names(a) if n.startswith(b"f.conflict-")]
+    await _check(tmp_path, store, cname, bytes(data))
+    await _check(tmp_path, store, b"f", theirs)
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("replaced", [False, True])
+async def test_a_staged_file_of_only_what_was_written_survives_a_crash(
+    tmp_path: Path, replaced: bool
+) -> None:
+    """Closed, not uploaded, and the process dies: the next mount finds the version the rest
+    is in from the journal (by id, checked again) and uploads the whole file; if another
+    host replaced the file meanwhile, as a conflict copy."""
+    store = MemoryStore()
+    store.versioned = True
+    fs = await _fs(tmp_path, store, "crash")
+    data = bytearray(os.urandom(10 * S + 5))
+    await write_file(fs, ROOT_INO, b"f", bytes(data))
+    node = await fs.lookup(ROOT_INO, b"f")
+    h = await fs.open(node.ino, os.O_WRONLY)
+    await fs.write(h.fh, 7 * S + 3, b"before the crash")
+    data[7 * S + 3 : 7 * S + 19] = b"before the crash"
+    await fs.setattr(node.ino, size=9 * S + 1)  # (and a cut: journaled too)
+    del data[9 * S + 1 :]
+    assert node.stage is not None and node.stage.fill is not None
+    await fs.release(h.fh)  # journaled; the process "dies" here
+    theirs = os.urandom(3 * S)
+    if replaced:
+        await _edit(await _fs(tmp_path, store), b"f", 0, theirs)
+    fs2 = await _fs(tmp_path, store, "crash")
+    assert await fs2.recover() == 1
+    if replaced:
+        (cname,) = [n for n in await _names(fs2) if n.startswith(b"f.conflict-")]
+        await _check(tmp_path, store, cname, bytes(data))
+    else:
+        await _check(tmp_path, store, b"f", bytes(data))
+
+
+@pytest.mark.trio
+@pytest.mark.allow_error_logs
+async def test_a_tampered_version_is_never_served(tmp_path: Path) -> None:
+    """The version a staged file reads its other chunks from is checked as any read: a
+    bucket writer who changes that version's bytes (here: the store's copy of it) makes the
+    read EIO, nothing of theirs is staged; the upload copies that segment as it is (on the
+    server: unread) under the hash the version's manifest pins, so it reads EIO there too,
+    and the rest of the file reads."""
+    store = MemoryStore()
+    store.versioned = True
+    fs = await _fs(tmp_path, store)
+    data = os.urandom(10 * S)
+    await write_file(fs, ROOT_INO, b"f", data)
+    fs2 = await _fs(tmp_path, store)
+    node = await fs2.lookup(ROOT_INO, b"f")
+    h = await fs2.open(node.ino, os.O_RDWR)
+    await fs2.write(h.fh, 0, b"x" * C)  # (a whole chunk: nothing fetched)
+    sf = node.stage
+    assert sf is not None and sf.fill is not None
+    vid = sf.fill.version_id
+    body, md, etag = store.versions[vid]
+    bad = bytearray(body)
+    bad[2 * SEG + 500] ^= 1  # (a chunk of segment 2)
+    store.versions[vid] = (bytes(bad), md, etag)
+    with pytest.raises(IntegrityError):
+        await fs2.read(h.fh, 2 * S, 100)
+    assert await fs2.read(h.fh, 5 * S, 100) == data[5 * S : 5 * S + 100]
+    await fs2.release(h.fh)
+    await fs2.sync_node(node)
+    assert fs2.integrity_failures >= 1
+    fs3 = await _fs(tmp_path, store)
+    n3 = await fs3.lookup(ROOT_INO, b"f")
+    h3 = await fs3.open(n3.ino, os.O_RDONLY)
+    assert await fs3.read(h3.fh, 0, C + 10) == b"x" * C + data[C : C + 10]
+    assert await fs3.read(h3.fh, 5 * S, 100) == data[5 * S : 5 * S + 100]
+    with pytest.raises(IntegrityError):
+        await fs3.read(h3.fh, 2 * S, 100)
