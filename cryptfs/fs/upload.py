@@ -593,6 +593,9 @@ class Uploader:
             self.look.adopt(parent, name, info, None)
 
 
+S3_LEAST_PART = 5 << 20  # of a multipart upload, but its last part
+
+
 class _Edit:
     """What of a staged file is still the version it was staged from (or last uploaded
     from it), taken at the start of an upload: the base, the segments written since and how
@@ -618,24 +621,31 @@ class _Edit:
         sf.touched |= self.touched
         sf.kept = min(sf.kept, self.kept)
 
-    def copyable(self, j: int, seg: int) -> bool:
-        """Is segment ``j`` (a whole one) still the base's, byte for byte?"""
+    def copyable(self, j: int, seg: int, size: int) -> bool:
+        """Is segment ``j`` of a body of ``size`` bytes still the base's, byte for byte (of
+        the same length, at the same place)?"""
         b = self.base
-        end = (j + 1) * seg
-        return b is not None and j not in self.touched and end <= min(self.kept, b.size)
+        if b is None or j in self.touched:
+            return False
+        lo = j * seg
+        ln = min(seg, size - lo)
+        return 0 < ln == min(seg, b.size - lo) and lo + ln <= self.kept
 
 
-def plan_parts(copy: list[bool], per: int, most: int) -> list[tuple[bool, int, int]]:
+def plan_parts(
+    copy: list[bool], per: int, most: int, *, last_counts: bool = True
+) -> list[tuple[bool, int, int]]:
     """The parts of a revision-3 body of ``len(copy)`` segments, as ``(copied, first,
-    end)``: runs of segments copied from the version replaced (where ``copy[j]``, the last
-    never: it ends with the trailer) or sealed here.  Every part but the last holds at least
-    ``per`` segments (S3's least part), a copied one at most ``most`` (its largest); a run
-    of either kind too short to be a part is sealed here with its neighbours."""
-    assert most >= 2 * per
+    end)``: runs of segments copied from the version replaced (where ``copy[j]``) or sealed
+    here, and last the part that ends with the trailer: the last run sealed here, or, when
+    the last segment is copied too, the trailer alone, ``(False, n, n)`` (S3's last part may
+    be of any size).  Every part but the last holds at least ``per`` whole segments (S3's
+    least part; the last segment counts only if ``last_counts``), a copied one at most
+    ``most`` segments (S3's largest); a run too short to be a part is sealed here with its
+    neighbours."""
+    assert most >= 2 * per + 2
     copy = list(copy)
     n = len(copy)
-    if n:
-        copy[-1] = False
     out: list[tuple[bool, int, int]] = []
     j = 0
     while j < n:
@@ -643,7 +653,7 @@ def plan_parts(copy: list[bool], per: int, most: int) -> list[tuple[bool, int, i
         while e < n and copy[e] == copy[j]:
             e += 1
         if copy[j]:
-            if e - j < per:
+            if e - j < per + (e == n and not last_counts):
                 copy[j:e] = [False] * (e - j)  # too short: sealed with the run before or after
                 continue
             k = -(-(e - j) // most)  # pieces as even as can be: each more than most / 2
@@ -658,6 +668,8 @@ def plan_parts(copy: list[bool], per: int, most: int) -> list[tuple[bool, int, i
         for q in range(k):
             out.append((False, j + q * per, e if q == k - 1 else j + (q + 1) * per))
         j = e
+    if not out or out[-1][0]:
+        out.append((False, n, n))  # the trailer alone
     return out
 
 
@@ -754,9 +766,12 @@ class _SegmentParts(_Parts):
         # most S3's 5 GiB)
         per = max(-(-part_size // seg), -(-n // 9000))
         self.full = body3.segment_size(seg, c)
-        most = max(2 * per, (5 << 30) // self.full)
-        copy = [edit is not None and edit.copyable(j, seg) for j in range(n)]
-        self.plan = plan_parts(copy, per, most) if any(copy) else []
+        most = max(2 * per + 2, (5 << 30) // self.full)
+        copy = [edit is not None and edit.copyable(j, seg, self.size) for j in range(n)]
+        # (a short last segment counts as a whole one where it is a part by itself for S3)
+        last = body3.segment_size(self.size - (n - 1) * seg, c)
+        counts = self.size % seg == 0 or (per == 1 and last >= S3_LEAST_PART)
+        self.plan = plan_parts(copy, per, most, last_counts=counts) if any(copy) else []
         if not self.plan or len(self.plan) > 10_000:
             self.plan = plan_parts([False] * n, per, most)
         if edit is not None and edit.base is not None:
@@ -767,21 +782,24 @@ class _SegmentParts(_Parts):
                 if copied:
                     self.entries[first:end] = edit.base.entries[first:end]
                     self.copies += 1
-                    self.copied += (end - first) * seg
+                    self.copied += min(end * seg, self.size) - first * seg
         self.count = len(self.plan)
-        most_built = max(e - f for copied, f, e in self.plan if not copied)
+        most_built = max(e - f for copied, f, e in self.plan if not copied)  # (0: the trailer)
         self.buffer_size = most_built * self.full + body3.trailer_size(n)
         self.scratch = threading.local()
 
     def copy_range(self, p: int) -> tuple[int, int] | None:
         copied, first, end = self.plan[p]
-        return (first * self.full, end * self.full) if copied else None
+        if not copied:
+            return None
+        last = min(self.seg, self.size - (end - 1) * self.seg)  # (the body's last: shorter)
+        return first * self.full, (end - 1) * self.full + body3.segment_size(last, self.c)
 
     def chunks(self, p: int) -> tuple[int, int] | None:
         copied, first, end = self.plan[p]
         per = self.seg // self.c
         last = chunk_count(self.size, self.c) - 1
-        return None if copied else (first * per, min(last, end * per - 1))
+        return None if copied or first == end else (first * per, min(last, end * per - 1))
 
     def manifest_entries(self) -> tuple[body3.Entry, ...]:
         entries = tuple(e for e in self.entries if e is not None)
