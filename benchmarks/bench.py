@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import platform
 import random  # noqa: TID251 - benchmark offsets, not secrets
@@ -160,6 +161,10 @@ class Target:
         """The mount's local cache is read from disk next, not from the page cache."""
         evict(self.cache)
 
+    def s3_bytes(self) -> tuple[int, int] | None:
+        """Bytes this mount received from and sent to S3 so far (None: it does not say)."""
+        return None
+
 
 class Cryptfs(Target):
     name = "cryptfs"
@@ -200,6 +205,10 @@ class Cryptfs(Target):
 
     def umount(self) -> None:
         self.cli("umount", str(self.mnt))
+
+    def s3_bytes(self) -> tuple[int, int] | None:
+        snap = json.loads(self.cli("stats", str(self.mnt), "--json"))
+        return int(snap["s3_bytes_in"]), int(snap["s3_bytes_out"])
 
     def cold(self) -> None:
         """Nothing of the files' data left on this host: a new daemon (memory), a new FUSE
@@ -508,6 +517,21 @@ def workloads(
             lambda: run("dd", f"if={m.mnt}/big", "of=/dev/null", "bs=1M", "status=none")
         )
 
+    # edits of the big file, each until in S3 (issue 21): 1 MiB appended, then 4 KiB written
+    # at its middle; and for cryptfs the bytes through the client, from its own counters
+    for name, what in (
+        ("append", ("bs=1M", "count=1", "oflag=append")),
+        ("midwrite", ("bs=4K", "count=1", f"seek={mib * 128}")),
+    ):
+        b0 = m.s3_bytes()
+        with measured(name):
+            cmd = ("dd", "if=/dev/urandom", f"of={m.mnt}/big", *what, "conv=notrunc,fsync")
+            r[f"{name}_s"] = timed(lambda: run(*cmd, "status=none"))  # noqa: B023
+        b1 = m.s3_bytes()
+        if b0 is not None and b1 is not None:
+            r[f"{name}_in_mib"] = (b1[0] - b0[0]) / 2**20
+            r[f"{name}_out_mib"] = (b1[1] - b0[1]) / 2**20
+
     m.cold()  # a fresh daemon: its peak RSS for a smaller file, to compare with the big one
     with measured("small_write"):
         run(
@@ -606,6 +630,11 @@ def main() -> int:
     ap.add_argument("--rename-files", type=int, default=500)
     ap.add_argument("--no-rclone", action="store_true", help="skip the rclone crypt column")
     ap.add_argument("--no-s3fs", action="store_true", help="skip the s3fs column")
+    ap.add_argument(
+        "--versioning",
+        action="store_true",
+        help="turn on the bucket's versioning (edits stage only what they write)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
     args = ap.parse_args()
     size = args.size_mib << 20
@@ -629,6 +658,8 @@ def main() -> int:
     try:
         c = server.client()
         c.create_bucket(Bucket="bench")
+        if args.versioning:
+            c.put_bucket_versioning(Bucket="bench", VersioningConfiguration={"Status": "Enabled"})
         small = work / "small"
         small.mkdir()
         for i in range(args.files):
@@ -754,6 +785,17 @@ def main() -> int:
             *(x for ds in others.values() for x in (rss(ds), "—")),
         )
     )
+    row(f"append 1 MiB to the {mib} MiB file (dd conv=fsync)", "append_s", None, "", "s")
+    row(f"write 4 KiB at the middle of the {mib + 1} MiB file (dd conv=fsync)", "midwrite_s",
+        None, "", "s")  # fmt: skip
+    for name, what in (("append", "the append"), ("midwrite", "the 4 KiB write")):
+        if all(f"{name}_in_mib" in d for d in cfs):
+            rows.append((
+                f"bytes through the client for {what} (from S3 / to S3)",
+                f"{med([d[f'{name}_in_mib'] for d in cfs]):.1f} / "
+                f"{med([d[f'{name}_out_mib'] for d in cfs]):.1f} MiB",
+                "—", "—", *("—" for _ in others for _ in (0, 1)),
+            ))  # fmt: skip
     row(f"random 4 KiB reads in a {args.random_mib} MiB file, cold", "rand_cold", None, "",
         "reads/s")  # fmt: skip
     row("the same reads again, warm", "rand_warm", None, "", "reads/s")
