@@ -43,6 +43,9 @@ _ZERO_NONCE = bytes(GCM_NONCE)
 # the journal: two slots, each ``magic ‖ uint32_be(n) ‖ n bytes of sealed record``; a record
 # is written in place into the slot that does not hold the latest one (docs/FORMAT.md §5)
 _JMAGIC = b"CFJ2"
+# a record whose staged file holds only what was written (``fill``): a cryptfs from before
+# such records skips them, and never uploads the chunks they do not hold as holes
+_JMAGIC_FILL = b"CFJ3"
 _JSLOT = 16 << 10
 _POOL = 64  # empty files made ahead for new staged files and journals
 _scratch = threading.local()  # per thread: the buffer whole chunks are sealed into
@@ -152,6 +155,26 @@ class StagedFile:
         """From now on, the staged bytes are ``base``'s (``size`` of them) except the units of
         ``unit`` bytes written or cut later (``touched``, ``kept``)."""
         self.base, self.unit, self.touched, self.kept = base, unit, set(), size
+
+    @property
+    def closed(self) -> bool:
+        """Removed (uploaded and done with) or closed: no slot can be read or written."""
+        return self._fd < 0
+
+    def written(self, unit: int) -> set[int]:
+        """Units of ``unit`` bytes with a slot written in them (a scan of every slot)."""
+        per = unit // self.chunk
+        s = self._slot
+        out: set[int] = set()
+        nonce = bytearray(GCM_NONCE)
+        with self._io_lock:
+            n = os.fstat(self._fd).st_size // s
+            for i in range(n):
+                if i // per in out:
+                    continue
+                if os.preadv(self._fd, [nonce], i * s) == GCM_NONCE and nonce != _ZERO_NONCE:
+                    out.add(i // per)
+        return out
 
     @property
     def fill_limit(self) -> int:
@@ -324,7 +347,8 @@ class StagedFile:
         blob = self.area.seal_journal(self.stage_id, record)
         if 8 + len(blob) > _JSLOT:  # paths are bounded by S3's 1024-byte keys: never here
             raise NoSpace("journal record too large")
-        slot = _JMAGIC + len(blob).to_bytes(4, "big") + blob
+        magic = _JMAGIC_FILL if "fill" in record else _JMAGIC
+        slot = magic + len(blob).to_bytes(4, "big") + blob
         if durable:
             self.fsync()
         new = seq == 1
@@ -577,7 +601,7 @@ class StagingArea:
         best: dict[str, Any] | None = None
         for off in (0, _JSLOT):
             rec = raw[off : off + _JSLOT]
-            if rec[:4] != _JMAGIC:
+            if rec[:4] not in (_JMAGIC, _JMAGIC_FILL):
                 continue
             n = int.from_bytes(rec[4:8], "big")
             try:

@@ -91,10 +91,6 @@ class Recovery:
         return count
 
     async def recover_node(self, sf: StagedFile, rec: JournalRecord) -> Node:
-        if rec.fill is not None:
-            # a staged file of only what was written: the rest is the version it was staged
-            # from, found by its id and checked again (a failure leaves it staged, as it is)
-            await self.entries.staged.reopen_fill(sf, rec.file_id, rec.fill)
         parent = self.tree.root
         parts = [p for p in rec.path.split(b"/") if p]
         for comp in parts[:-1]:
@@ -105,6 +101,13 @@ class Recovery:
                 )
             parent = child
         existing = await self.look.find(parent, parts[-1])
+        if rec.fill is not None:
+            # a staged file of only what was written: the rest is the version it was staged
+            # from, found by its id and checked again (a failure leaves it staged, as it is)
+            here = None
+            if existing is not None:
+                here = (self.paths.object_key(existing)[0], self.paths.path(existing))
+            await self.entries.staged.reopen_fill(sf, rec.file_id, rec.fill, here)
         node = self.tree.new_node(parent, parts[-1], rec.attrs, rec.file_id)
         # the upload makes a fresh data key; a data key an older journal may hold is ignored
         node.stage = sf

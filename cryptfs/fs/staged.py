@@ -19,9 +19,15 @@ from typing import Any
 import trio
 
 from cryptfs.cache.staging import JournalRecord, StagedFile, StagingArea
-from cryptfs.errors import CryptfsError, IntegrityError, PreconditionFailed, StoreError
+from cryptfs.errors import (
+    CryptfsError,
+    IntegrityError,
+    PreconditionFailed,
+    StoreError,
+    UnsupportedFormat,
+)
 from cryptfs.format.body import chunk_count
-from cryptfs.format.body3 import Body3, Entry, trailer_span
+from cryptfs.format.body3 import Body3, Entry, Manifest, trailer_span
 from cryptfs.format.names import b64d, b64e
 from cryptfs.fs.fetch import Fetcher
 from cryptfs.fs.lookup import Lookup
@@ -64,7 +70,7 @@ class Fill:
     def record(self, kept: int) -> dict[str, Any]:
         """For the journal: enough to find and check this version again after a crash."""
         return {"key": self.key, "path": b64e(self.path), "v": self.version_id,
-                "e": self.etag, "kept": kept}  # fmt: skip
+                "e": self.etag, "g": b64e(self.body.gen), "kept": kept}  # fmt: skip
 
 
 class Staged:
@@ -138,19 +144,46 @@ class Staged:
 
     async def fill(self, sf: StagedFile, first: int, last: int) -> None:
         """Chunks [first, last] of ``sf`` that are still its version's (not staged yet) read
-        from that version into their slots (none where ``sf`` was staged whole)."""
-        fill = sf.fill
-        if fill is None or not sf.to_fill(first, last):
+        from that version into their slots (none where ``sf`` was staged whole).  Returns
+        early only if ``sf`` was removed meanwhile (uploaded and done with): the caller
+        looks at the node's staged file again."""
+        while True:
+            fill = sf.fill
+            if fill is None or sf.closed:
+                return
+            todo = sf.to_fill(first, last)
+            if not todo:
+                return
+            got = await self.fetch.version_chunks(fill.key, fill.version_id, fill.etag,
+                                                  fill.body, todo)  # fmt: skip
+            if sf.closed:
+                return
+            if sf.fill is not fill:
+                continue  # (another version holds them now, or they are all staged)
+            c = self.chunk
+            for i in set(todo) & set(sf.to_fill(first, last)):  # (not those written meanwhile)
+                data = got[i]
+                sf.write_chunk(i, data + bytes(c - len(data)))
             return
-        todo = sf.to_fill(first, last)
-        got = await self.fetch.version_chunks(fill.key, fill.version_id, fill.etag, fill.body,
-                                              todo)  # fmt: skip
-        if sf.fill is not fill:
-            return  # (made whole meanwhile)
-        c = self.chunk
-        for i in set(todo) & set(sf.to_fill(first, last)):  # (not those written meanwhile)
-            data = got[i]
-            sf.write_chunk(i, data + bytes(c - len(data)))
+
+    async def refill(self, node: Node, sf: StagedFile, made: Base) -> None:
+        """``sf`` (staged as only what was written) was just uploaded as ``made`` and stays
+        staged (written meanwhile): its chunks not staged are that version's too, so they are
+        read from it from now on (a HEAD for its version id), not from the version the edit
+        began from, which a lifecycle rule may expire once it is noncurrent."""
+        try:
+            info = await self.store.head(made.key)
+        except CryptfsError:
+            return
+        if info.etag != made.etag or info.version_id is None or sf.fill is None:
+            return  # (replaced already: the version before stays the source)
+        seg = self.vol.segment_bytes()
+        body = Body3(node.file_id, made.gen, made.size, seg, self.chunk,
+                     Manifest(made.size, 0, made.entries))  # fmt: skip
+        sf.fill = Fill(made.key, self.paths.path(node), info.version_id, made.etag, body)
+        sf.base = dataclasses.replace(made, version_id=info.version_id)
+        node.journaled = -1
+        self.journal(node)
 
     async def fill_all(self, node: Node, sf: StagedFile) -> None:
         """Every chunk of ``sf`` staged: it no longer needs the version it was staged from
@@ -163,18 +196,44 @@ class Staged:
         sf.fill = None
         self.journal(node)
 
-    async def reopen_fill(self, sf: StagedFile, file_id: bytes, rec: dict[str, Any]) -> None:
+    async def reopen_fill(
+        self,
+        sf: StagedFile,
+        file_id: bytes,
+        rec: dict[str, Any],
+        current: tuple[str, bytes] | None = None,
+    ) -> None:
         """A journal's record of where ``sf``'s chunks not staged are, after a crash: that
-        version's metadata (by its id) and trailer read and checked again."""
+        version's metadata (by its id) and trailer read and checked again.  Where its
+        metadata no longer authenticates (a rotation retired the master key it was sealed
+        under, and resealed only the current version), the object now at ``current`` (key,
+        path) is the source if it is the same body (file id and generation: a body is
+        written once per generation; the rotation copied it, keeping it byte for byte)."""
         try:
             key, path, vid = str(rec["key"]), b64d(rec["path"]), str(rec["v"])
             etag, kept = str(rec["e"]), int(rec["kept"])
+            gen = b64d(rec["g"]) if "g" in rec else None
         except (KeyError, TypeError, ValueError) as e:
             raise IntegrityError(f"journal record is malformed ({type(e).__name__})") from None
         info = await self.store.head(key, version_id=vid)
-        meta = self.look.decode(path, info)
+        try:
+            meta = self.vol.meta.decode(path, key, dict(info.metadata), info.modified)
+        except (IntegrityError, UnsupportedFormat):
+            if current is None or gen is None:
+                raise
+            key, path = current
+            info = await self.store.head(key)
+            meta = self.look.decode(path, info)
+            if meta.attrs.salt != gen or info.version_id is None:
+                raise IntegrityError(
+                    "the version a staged file was staged from no longer opens, and the file "
+                    "now holds another"
+                ) from None
+            vid, etag = info.version_id, info.etag
         a = meta.attrs
         if meta.file_id != file_id or info.etag != etag or a.body != 3 or meta.dek is None:
+            raise IntegrityError("the version a staged file was staged from is not its own")
+        if gen is not None and a.salt != gen:
             raise IntegrityError("the version a staged file was staged from is not its own")
         dek = await self.vol.keyring.unwrap(meta.dek, file_id)
         seg = self.vol.segment_bytes()
@@ -183,6 +242,10 @@ class Staged:
         body = Body3.open(dek, self.vol.volume_id, file_id, a.salt, a.size, seg, self.chunk,
                           tail)  # fmt: skip
         sf.fill, sf.fill_kept = Fill(key, path, vid, etag, body), kept
+        # its upload copies the segments no staged slot is in, by the version's id
+        base = Base(etag, a.salt, a.size, body.manifest.entries, key, vid)
+        sf.track(base, seg, a.size)
+        sf.touched, sf.kept = sf.written(seg), kept
 
     async def materialize_one(self, node: Node) -> StagedFile:
         """The node's current version, copied whole into a new staged file.  One version: if

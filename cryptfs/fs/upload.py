@@ -273,9 +273,9 @@ class Uploader:
                     )  # fmt: skip
                 return
             chunks = parts.chunks(p)
-            if fill is not None and chunks is not None:
-                await fill(*chunks)
             async with limit:
+                if fill is not None and chunks is not None:
+                    await fill(*chunks)  # (within the limit: as many reads as parts going)
                 buf = free.pop() if free else bytearray(parts.buffer_size)
                 # staging reads, AES-GCM and SHA-256 release the GIL: the trio thread stays free
                 body = await trio.to_thread.run_sync(
@@ -519,6 +519,8 @@ class Uploader:
         if edit is not None:
             # the next upload of this staged file (written meanwhile) copies from this one
             sf.base = edit.made
+            if sf.fill is not None and edit.made is not None and not sf.closed:
+                await self.staged.refill(node, sf, edit.made)  # (and reads from it)
 
     async def upload_edit(
         self, node: Node, sf: StagedFile, key: str, long_name: str | None, edit: _Edit | None
@@ -621,15 +623,16 @@ class _Edit:
         sf.touched |= self.touched
         sf.kept = min(sf.kept, self.kept)
 
-    def copyable(self, j: int, seg: int, size: int) -> bool:
+    def copyable(self, j: int, seg: int, size: int, sf: StagedFile) -> bool:
         """Is segment ``j`` of a body of ``size`` bytes still the base's, byte for byte (of
-        the same length, at the same place)?"""
+        the same length, at the same place)?  Written or cut since the upload began (``sf``'s
+        record now) counts too: bytes cut meanwhile never come back in the upload."""
         b = self.base
-        if b is None or j in self.touched:
+        if b is None or j in self.touched or j in sf.touched:
             return False
         lo = j * seg
         ln = min(seg, size - lo)
-        return 0 < ln == min(seg, b.size - lo) and lo + ln <= self.kept
+        return 0 < ln == min(seg, b.size - lo) and lo + ln <= min(self.kept, sf.kept)
 
 
 def plan_parts(
@@ -767,7 +770,7 @@ class _SegmentParts(_Parts):
         per = max(-(-part_size // seg), -(-n // 9000))
         self.full = body3.segment_size(seg, c)
         most = max(2 * per + 2, (5 << 30) // self.full)
-        copy = [edit is not None and edit.copyable(j, seg, self.size) for j in range(n)]
+        copy = [edit is not None and edit.copyable(j, seg, self.size, sf) for j in range(n)]
         # (a short last segment counts as a whole one where it is a part by itself for S3)
         last = body3.segment_size(self.size - (n - 1) * seg, c)
         counts = self.size % seg == 0 or (per == 1 and last >= S3_LEAST_PART)
@@ -775,9 +778,11 @@ class _SegmentParts(_Parts):
         if not self.plan or len(self.plan) > 10_000:
             self.plan = plan_parts([False] * n, per, most)
         if edit is not None and edit.base is not None:
+            # by version id from where it was written (no write changes it); else from the
+            # key uploaded to, If-Match: a rename since copied it there, body and ETag kept
             self.source = edit.base.etag
-            self.source_key = edit.base.key or None
             self.source_version = edit.base.version_id
+            self.source_key = edit.base.key if edit.base.version_id else None
             for copied, first, end in self.plan:
                 if copied:
                     self.entries[first:end] = edit.base.entries[first:end]
