@@ -517,20 +517,35 @@ def workloads(
             lambda: run("dd", f"if={m.mnt}/big", "of=/dev/null", "bs=1M", "status=none")
         )
 
-    # edits of the big file, each until in S3 (issue 21): 1 MiB appended, then 4 KiB written
-    # at its middle; and for cryptfs the bytes through the client, from its own counters
-    for name, what in (
-        ("append", ("bs=1M", "count=1", "oflag=append")),
-        ("midwrite", ("bs=4K", "count=1", f"seek={mib * 128}")),
-    ):
+    # edits of the big file, each until in S3 (issue 21): 1 MiB appended, 4 KiB written at
+    # its middle, and rsync --inplace of a copy that differs in one 64 KiB region (the copy
+    # made first, through the mount); for cryptfs the bytes through the client, from its own
+    # counters
+    local = small.parent / f"inplace-{m.name.replace(' ', '-')}"
+
+    def local_copy() -> None:
+        shutil.copyfile(m.mnt / "big", local)
+        with open(local, "r+b") as f:
+            f.seek(300 << 20)
+            f.write(os.urandom(64 << 10))
+
+    dd = ("dd", "if=/dev/urandom", f"of={m.mnt}/big", "conv=notrunc,fsync", "status=none")
+    for name, cmd in (
+        ("append", (*dd, "bs=1M", "count=1", "oflag=append")),
+        ("midwrite", (*dd, "bs=4K", "count=1", f"seek={mib * 128}")),
+        ("inplace", ("rsync", "--inplace", "--no-whole-file", "--fsync", str(local),
+                     f"{m.mnt}/big")),
+    ):  # fmt: skip
+        if name == "inplace":
+            local_copy()
         b0 = m.s3_bytes()
         with measured(name):
-            cmd = ("dd", "if=/dev/urandom", f"of={m.mnt}/big", *what, "conv=notrunc,fsync")
-            r[f"{name}_s"] = timed(lambda: run(*cmd, "status=none"))  # noqa: B023
+            r[f"{name}_s"] = timed(lambda: run(*cmd))  # noqa: B023
         b1 = m.s3_bytes()
         if b0 is not None and b1 is not None:
             r[f"{name}_in_mib"] = (b1[0] - b0[0]) / 2**20
             r[f"{name}_out_mib"] = (b1[1] - b0[1]) / 2**20
+    local.unlink()
 
     m.cold()  # a fresh daemon: its peak RSS for a smaller file, to compare with the big one
     with measured("small_write"):
@@ -788,7 +803,10 @@ def main() -> int:
     row(f"append 1 MiB to the {mib} MiB file (dd conv=fsync)", "append_s", None, "", "s")
     row(f"write 4 KiB at the middle of the {mib + 1} MiB file (dd conv=fsync)", "midwrite_s",
         None, "", "s")  # fmt: skip
-    for name, what in (("append", "the append"), ("midwrite", "the 4 KiB write")):
+    row(f"rsync --inplace of a copy that differs in 64 KiB (the {mib + 1} MiB file)",
+        "inplace_s", None, "", "s")  # fmt: skip
+    for name, what in (("append", "the append"), ("midwrite", "the 4 KiB write"),
+                       ("inplace", "the rsync --inplace")):  # fmt: skip
         if all(f"{name}_in_mib" in d for d in cfs):
             rows.append((
                 f"bytes through the client for {what} (from S3 / to S3)",
