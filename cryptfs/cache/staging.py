@@ -168,12 +168,19 @@ class StagedFile:
         out: set[int] = set()
         nonce = bytearray(GCM_NONCE)
         with self._io_lock:
-            n = os.fstat(self._fd).st_size // s
-            for i in range(n):
-                if i // per in out:
-                    continue
-                if os.preadv(self._fd, [nonce], i * s) == GCM_NONCE and nonce != _ZERO_NONCE:
-                    out.add(i // per)
+            end = os.fstat(self._fd).st_size
+            pos = 0
+            while pos < end:
+                try:  # (the holes of a sparse staged file are skipped whole)
+                    pos = os.lseek(self._fd, pos, os.SEEK_DATA)
+                except OSError:
+                    break  # (no data past pos)
+                i = pos // s
+                if i // per not in out:
+                    got = os.preadv(self._fd, [nonce], i * s)
+                    if got == GCM_NONCE and nonce != _ZERO_NONCE:
+                        out.add(i // per)
+                pos = (i + 1) * s
         return out
 
     @property

@@ -12,6 +12,7 @@ Must not import: other parts of ``cryptfs.fs`` but ``model``, ``paths``, ``names
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from cryptfs import lognames
@@ -107,7 +108,9 @@ class Recovery:
             here = None
             if existing is not None:
                 here = (self.paths.object_key(existing)[0], self.paths.path(existing))
-            await self.entries.staged.reopen_fill(sf, rec.file_id, rec.fill, here)
+            now = await self.entries.staged.reopen_fill(sf, rec.file_id, rec.fill, here)
+            if now is not None:  # (the journaled version, copied by a rotation since)
+                rec = dataclasses.replace(rec, etag=now)
         node = self.tree.new_node(parent, parts[-1], rec.attrs, rec.file_id)
         # the upload makes a fresh data key; a data key an older journal may hold is ignored
         node.stage = sf

@@ -211,7 +211,12 @@ class Renamer:
             src.remote_etag = etag
             src.meta_dirty = False
         else:
-            # dirty: the pending upload will write the new key; drop the old object now
+            # dirty: the pending upload will write the new key; drop the old object now (a
+            # staged file of only what was written first reads the rest: what it reads from
+            # would be a noncurrent version of a key no file has, which no later rotation
+            # could vouch for)
+            if src.stage is not None and src.stage.fill is not None:
+                await self.staged.fill_all(src, src.stage)
             await self.entries.delete_remote(src)
             if dst is not None:
                 await self.displace(dst)

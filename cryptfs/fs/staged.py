@@ -14,11 +14,13 @@ Must not import: other parts of ``cryptfs.fs`` but ``model``, ``paths``,
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import trio
 
 from cryptfs.cache.staging import JournalRecord, StagedFile, StagingArea
+from cryptfs.crypto import sha256
 from cryptfs.errors import (
     CryptfsError,
     IntegrityError,
@@ -34,6 +36,8 @@ from cryptfs.fs.lookup import Lookup
 from cryptfs.fs.model import Node, Options, now_ns
 from cryptfs.fs.paths import Paths
 from cryptfs.volume import Volume
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +72,18 @@ class Fill:
         return self.body.size
 
     def record(self, kept: int) -> dict[str, Any]:
-        """For the journal: enough to find and check this version again after a crash."""
+        """For the journal: enough to find and check this version again after a crash (its
+        manifest's pin included: no key, only what pins its bytes)."""
         return {"key": self.key, "path": b64e(self.path), "v": self.version_id,
-                "e": self.etag, "g": b64e(self.body.gen), "kept": kept}  # fmt: skip
+                "e": self.etag, "g": b64e(self.body.gen), "m": b64e(manifest_pin(self.body)),
+                "kept": kept}  # fmt: skip
+
+
+def manifest_pin(body: Body3) -> bytes:
+    """What pins a version's bytes without a key: SHA-256 of its size and every segment's
+    ``T_j`` (the hash of its header, which commits to its key, and its hash table)."""
+    parts = [body.size.to_bytes(8, "big")] + [e.table_hash for e in body.manifest.entries]
+    return sha256(b"".join(parts))
 
 
 class Staged:
@@ -183,7 +196,10 @@ class Staged:
         sf.fill = Fill(made.key, self.paths.path(node), info.version_id, made.etag, body)
         sf.base = dataclasses.replace(made, version_id=info.version_id)
         node.journaled = -1
-        self.journal(node)
+        try:
+            self.journal(node)
+        except OSError as e:  # (the record before names a version that still exists)
+            log.warning("staging journal of %s not updated: %s", self.paths.ident(node), e)
 
     async def fill_all(self, node: Node, sf: StagedFile) -> None:
         """Every chunk of ``sf`` staged: it no longer needs the version it was staged from
@@ -202,24 +218,29 @@ class Staged:
         file_id: bytes,
         rec: dict[str, Any],
         current: tuple[str, bytes] | None = None,
-    ) -> None:
+    ) -> str | None:
         """A journal's record of where ``sf``'s chunks not staged are, after a crash: that
         version's metadata (by its id) and trailer read and checked again.  Where its
         metadata no longer authenticates (a rotation retired the master key it was sealed
         under, and resealed only the current version), the object now at ``current`` (key,
         path) is the source if it is the same body (file id and generation: a body is
-        written once per generation; the rotation copied it, keeping it byte for byte)."""
+        written once per generation; the rotation copied it, keeping it byte for byte; and
+        its manifest must be the one journaled).  Returns that object's ETag when it is the
+        source (the version the upload replaces: a rotation's copy may change the ETag)."""
         try:
             key, path, vid = str(rec["key"]), b64d(rec["path"]), str(rec["v"])
             etag, kept = str(rec["e"]), int(rec["kept"])
             gen = b64d(rec["g"]) if "g" in rec else None
+            pin = b64d(rec["m"]) if "m" in rec else None
         except (KeyError, TypeError, ValueError) as e:
             raise IntegrityError(f"journal record is malformed ({type(e).__name__})") from None
         info = await self.store.head(key, version_id=vid)
+        fell_back = False
         try:
             meta = self.vol.meta.decode(path, key, dict(info.metadata), info.modified)
         except (IntegrityError, UnsupportedFormat):
-            if current is None or gen is None:
+            fell_back = True
+            if current is None or gen is None or pin is None:
                 raise
             key, path = current
             info = await self.store.head(key)
@@ -241,11 +262,17 @@ class Staged:
         _info, tail = await self.store.get(key, lo, lo + ln, if_match=etag, version_id=vid)
         body = Body3.open(dek, self.vol.volume_id, file_id, a.salt, a.size, seg, self.chunk,
                           tail)  # fmt: skip
+        if pin is not None and manifest_pin(body) != pin:
+            # (the same data key and generation, other bytes: sealed by whoever held that key
+            # before a rotation; the journaled version's are pinned)
+            self.look.tree.integrity(key, "not the version a staged file was staged from")
+            raise IntegrityError("the version a staged file was staged from is not its own")
         sf.fill, sf.fill_kept = Fill(key, path, vid, etag, body), kept
         # its upload copies the segments no staged slot is in, by the version's id
         base = Base(etag, a.salt, a.size, body.manifest.entries, key, vid)
         sf.track(base, seg, a.size)
         sf.touched, sf.kept = sf.written(seg), kept
+        return etag if fell_back else None
 
     async def materialize_one(self, node: Node) -> StagedFile:
         """The node's current version, copied whole into a new staged file.  One version: if

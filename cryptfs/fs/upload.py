@@ -509,6 +509,7 @@ class Uploader:
         sf = node.stage
         assert sf is not None
         key, long_name = self.paths.object_key(node)
+        change = node.change
         edit = _Edit.take(sf, self.vol.segment) if sf.size > self.opt.multipart_threshold else None
         try:
             await self.upload_edit(node, sf, key, long_name, edit)
@@ -519,8 +520,9 @@ class Uploader:
         if edit is not None:
             # the next upload of this staged file (written meanwhile) copies from this one
             sf.base = edit.made
-            if sf.fill is not None and edit.made is not None and not sf.closed:
-                await self.staged.refill(node, sf, edit.made)  # (and reads from it)
+            if sf.fill is not None and edit.made is not None and node.change != change:
+                # (written meanwhile: it stays staged, and reads from this version now)
+                await self.staged.refill(node, sf, edit.made)
 
     async def upload_edit(
         self, node: Node, sf: StagedFile, key: str, long_name: str | None, edit: _Edit | None
@@ -626,7 +628,8 @@ class _Edit:
     def copyable(self, j: int, seg: int, size: int, sf: StagedFile) -> bool:
         """Is segment ``j`` of a body of ``size`` bytes still the base's, byte for byte (of
         the same length, at the same place)?  Written or cut since the upload began (``sf``'s
-        record now) counts too: bytes cut meanwhile never come back in the upload."""
+        record now, when the parts are planned) counts too: bytes cut before the plan never
+        come back in the upload (one cut after it is the next upload's, as a write is)."""
         b = self.base
         if b is None or j in self.touched or j in sf.touched:
             return False

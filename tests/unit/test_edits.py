@@ -6,6 +6,7 @@ still makes a conflict copy that holds this host's whole version."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -548,10 +549,13 @@ async def test_a_journal_of_a_lazy_edit_is_one_an_older_cryptfs_refuses(tmp_path
 
 
 @pytest.mark.trio
-async def test_bytes_cut_during_an_upload_never_come_back_in_it(tmp_path: Path) -> None:
-    """A truncate (and extend) while an upload's data key is being made: the upload does not
-    copy the old bytes of the segments cut (it copied them: an intermediate version showed
-    bytes the user had cut)."""
+async def test_bytes_cut_before_an_upload_plans_its_parts_never_come_back_in_it(
+    tmp_path: Path,
+) -> None:
+    """A truncate (and extend) while an upload's data key is being made, before its parts are
+    planned: the upload does not copy the old bytes of the segments cut (it copied them: an
+    intermediate version showed bytes the user had cut). A cut after the plan is like a write
+    after a part was built: in the next upload, which the node's change makes at once."""
     store = MemoryStore()
     fs = await _fs(tmp_path, store)
     data = bytearray(os.urandom(10 * S))
@@ -586,3 +590,105 @@ async def test_bytes_cut_during_an_upload_never_come_back_in_it(tmp_path: Path) 
     # every version uploaded: the bytes cut appear in none (segment 5 of the original)
     assert all(bytes(data[5 * S : 5 * S + 64]) not in body for body in uploaded)
     assert fs.counters()["upload_copied_bytes"] <= 2 * S + 2 * S
+
+
+# -- the second review's findings --
+
+
+async def _new_key_fs(tmp_path: Path, store: MemoryStore, cache: str) -> Filesystem:
+    """A mount with the key a rotation moved the volume to (b"n" * 32), on ``cache``."""
+    vol = await Volume.open(store, KeySource(keyfile=Secret(b"n" * 32)))
+    staging = StagingArea(tmp_path / cache, vol.keys.cache, vol.chunk)
+    opt = Options(writeback_delay=0.1, metadata_ttl=0, multipart_threshold=2 * S, part_size=S)
+    fs = Filesystem(vol, staging, opt)
+    await fs.ensure_root()
+    return fs
+
+
+async def _rotate(store: MemoryStore) -> None:
+    await rotate(await Volume.open(store, KeySource(keyfile=Secret(b"k" * 32))),
+                 to_source=KeySource(keyfile=Secret(b"n" * 32)), settle=0)  # fmt: skip
+
+
+async def _lazy_edit_closed(tmp_path: Path, store: MemoryStore) -> tuple[Filesystem, bytearray]:
+    fs = await _fs(tmp_path, store, "crash")
+    data = bytearray(os.urandom(10 * S + 5))
+    await write_file(fs, ROOT_INO, b"f", bytes(data))
+    node = await fs.lookup(ROOT_INO, b"f")
+    h = await fs.open(node.ino, os.O_WRONLY)
+    await fs.write(h.fh, 7 * S + 3, b"before the crash")
+    data[7 * S + 3 : 7 * S + 19] = b"before the crash"
+    assert node.stage is not None and node.stage.fill is not None
+    await fs.release(h.fh)  # journaled; the process dies here (or S3 is down until it ends)
+    return fs, data
+
+
+@pytest.mark.trio
+@pytest.mark.allow_error_logs
+async def test_recovery_after_a_rotation_refuses_a_body_forged_under_the_old_data_key(
+    tmp_path: Path,
+) -> None:
+    """Whoever unwrapped the file's data key before the rotation seals a body of their own
+    under it (same generation) and puts the rotated, authentic metadata on it: recovery's
+    fallback to the current object must not read the edit's other chunks from it (it did:
+    their bytes went up as the user's). The journal pins the version's manifest; the edit
+    stays staged, nothing of theirs is uploaded."""
+    store = MemoryStore()
+    store.versioned = True
+    fs, _data = await _lazy_edit_closed(tmp_path, store)
+    node = await fs.lookup(ROOT_INO, b"f")
+    dek = await fs.vol.keyring.unwrap(node.wrapped, node.file_id)  # (the attacker's, before)
+    key = fs.paths.object_key(node)[0]
+    await _rotate(store)
+    _body, md, _etag = store.objects[key]
+    forged = body3.seal_body(dek, fs.vol.volume_id, node.file_id, node.attrs.salt,
+                             b"E" * (10 * S + 5), 0, S, C)  # fmt: skip
+    await store.put(key, forged, md)
+    fs2 = await _new_key_fs(tmp_path, store, "crash")
+    assert await fs2.recover() == 0
+    assert fs2.unrecovered == [b"/f"] and fs2.integrity_failures >= 1
+    assert all(b"EEEE" not in body for body, _md, _e in store.versions.values() if body != forged)
+
+
+class _CopyChangesETag(MemoryStore):
+    """As AWS may for a copy of a multipart object: the copy's ETag is its body's MD5."""
+
+    async def copy(self, src: str, dst: str, metadata: Any, **kw: Any) -> str:
+        await super().copy(src, dst, metadata, **kw)
+        data, md, _etag = self.objects[dst]
+        etag = f'"{hashlib.md5(data).hexdigest()}"'
+        self._set(dst, (data, md, etag))
+        return etag
+
+
+@pytest.mark.trio
+async def test_recovery_after_a_rotation_whose_copies_changed_the_etag(tmp_path: Path) -> None:
+    """The rotation's copy gave the object another ETag: recovery replaces that version (the
+    same body), no conflict copy (the edit went into one, and the name kept the old bytes)."""
+    store = _CopyChangesETag()
+    store.versioned = True
+    _fs1, data = await _lazy_edit_closed(tmp_path, store)
+    await _rotate(store)
+    fs2 = await _new_key_fs(tmp_path, store, "crash")
+    assert await fs2.recover() == 1
+    assert fs2.counters()["conflicts"] == 0
+    assert await read_file(fs2, (await fs2.lookup(ROOT_INO, b"f")).ino) == bytes(data)
+
+
+@pytest.mark.trio
+async def test_a_lazy_edit_renamed_before_a_crash_and_a_rotation_is_kept(tmp_path: Path) -> None:
+    """``mv f g`` of a file holding a lazy edit deletes f's object: what the edit would read
+    its other chunks from is then a noncurrent version no rotation vouches for. The rename
+    stages the rest first, and recovery after a rotation uploads the whole edit as g (it
+    stayed staged for ever: the edit was lost)."""
+    store = MemoryStore()
+    store.versioned = True
+    fs, data = await _lazy_edit_closed(tmp_path, store)
+    fs.writeback.due.clear()
+    await fs.rename(ROOT_INO, b"f", ROOT_INO, b"g", 0)
+    node = await fs.lookup(ROOT_INO, b"g")
+    assert node.stage is not None and node.stage.fill is None
+    await _rotate(store)
+    fs2 = await _new_key_fs(tmp_path, store, "crash")
+    assert await fs2.recover() == 1
+    assert await read_file(fs2, (await fs2.lookup(ROOT_INO, b"g")).ino) == bytes(data)
