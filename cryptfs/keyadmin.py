@@ -48,6 +48,7 @@ from cryptfs.errors import (
     UnsupportedFormat,
     UsageError,
 )
+from cryptfs.format import body3
 from cryptfs.format.keys import LOCAL_KID, SCHEME_KMS, SCHEME_LOCAL, new_master_key
 from cryptfs.format.meta import FORMATS, ObjectMeta
 from cryptfs.format.volume import CONFIG_NAME, KeySource, Retiring, SlotPayload
@@ -122,7 +123,8 @@ class RotateReport:
     target: str = ""
     finished: bool = False
     seconds: float = 0.0
-    bytes_downloaded: int = 0
+    bytes_downloaded: int = 0  # (the trailers of the bodies pinned: never a body)
+    pinned: int = 0  # revision-3 bodies whose manifest pin the rotation added
     kms_calls: int = 0
 
     def summary(self) -> str:
@@ -132,6 +134,7 @@ class RotateReport:
             f"data keys rewrapped:   {self.rewrapped} ({rate:.0f}/s)",
             f"already under new key: {self.already}",
             f"directory markers:     {self.directories}",
+            f"bodies pinned:         {self.pinned} (their trailers read)",
             f"bytes downloaded:      {self.bytes_downloaded}",
             f"KMS requests:          {self.kms_calls}",
         ]
@@ -428,6 +431,20 @@ async def _pass_over(
     await each(objs, concurrency, one)
 
 
+async def _body_pin(vol: Volume, key: str, etag: str, meta: ObjectMeta) -> bytes:
+    """The manifest pin of a revision-3 body (FORMAT.md §8.5, "Pinned bodies"): its trailer
+    (one ranged GET of that version), opened under its data key."""
+    assert meta.dek is not None
+    a = meta.attrs
+    seg = vol.segment_bytes()
+    lo, ln = body3.trailer_span(a.size, seg, vol.chunk)
+    _info, tail = await vol.store.get(key, lo, lo + ln, if_match=etag)
+    dek = await vol.keyring.unwrap(meta.dek, meta.file_id)
+    body = body3.Body3.open(dek, vol.volume_id, meta.file_id, a.salt, a.size, seg, vol.chunk,
+                            tail)  # fmt: skip
+    return body.manifest.pin()
+
+
 class _Late(CryptfsError):
     """Authentic under a retiring key, but written after the rotation's bound."""
 
@@ -474,7 +491,8 @@ async def _rewrap_one(
             # not show: its Last-Modified may be the start of its upload (AWS), not its end
             raise _Late("a multipart upload completed after the rotation began")
         on_target = wk is None or keyring.on_target(wk, target)
-        if on_target and codec.sealed_by(md) == codec.cur:
+        unpinned = meta.attrs.body == 3 and not meta.attrs.pin and wk is not None
+        if on_target and codec.sealed_by(md) == codec.cur and not unpinned:
             if not first:
                 pass  # counted in an earlier pass
             elif wk is None:
@@ -482,10 +500,17 @@ async def _rewrap_one(
             else:
                 report.already += 1
             return head.etag
+        attrs = meta.attrs
+        if unpinned:
+            # its data key predates this rotation: whoever held it could seal other bytes
+            # under it later; the manifest's pin in the resealed metadata refuses them
+            assert wk is not None
+            attrs = attrs.with_(pin=await _body_pin(vol, info.key, head.etag, meta))
+            report.pinned += 1
         if not on_target:
             assert wk is not None
             wk = await keyring.rewrap(wk, meta.file_id, target)
-        new = codec.encode(b"", info.key, ObjectMeta(meta.file_id, meta.attrs, wk, meta.long_name))
+        new = codec.encode(b"", info.key, ObjectMeta(meta.file_id, attrs, wk, meta.long_name))
         try:
             etag = await vol.store.copy(info.key, info.key, new, if_match=head.etag, size=head.size)
         except PreconditionFailed:

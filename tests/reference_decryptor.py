@@ -301,9 +301,11 @@ def decrypt_volume(
         if attrs.get("b", 1) == 3:  # §8.5: a regular file's body of revision 3
             if attrs["t"] != "f" or keys.segment_log2 is None:
                 raise Invalid("a revision-3 body where none may be")
+            pin = b64u(attrs["bp"]) if "bp" in attrs else None
             data, _mtime = decrypt_body3(body, unwrap_dek(keys, md), keys.volume_id,
                                          b64u(md["cfs-f"]), b64u(attrs["gen"]),
-                                         1 << keys.segment_log2, 1 << keys.chunk_log2)  # fmt: skip
+                                         1 << keys.segment_log2, 1 << keys.chunk_log2,
+                                         pin)  # fmt: skip
             if len(data) != attrs["sz"]:
                 raise Invalid("size")
             entry["data"] = data
@@ -333,7 +335,14 @@ def decrypt_volume(
 
 
 def decrypt_body3(
-    body: bytes, dek: bytes, volume_id: bytes, file_id: bytes, gen: bytes, seg: int, chunk: int
+    body: bytes,
+    dek: bytes,
+    volume_id: bytes,
+    file_id: bytes,
+    gen: bytes,
+    seg: int,
+    chunk: int,
+    pin: bytes | None = None,
 ) -> tuple[bytes, int]:
     """A revision-3 body (FORMAT.md §8.5): (plaintext, the manifest's mtime ns).  Written
     from the document alone."""
@@ -356,6 +365,10 @@ def decrypt_body3(
     mtime = int.from_bytes(manifest[8:16], "big", signed=True)
     n = int.from_bytes(manifest[16:20], "big")
     entries = [manifest[20 + 96 * j : 20 + 96 * (j + 1)] for j in range(n)]
+    if pin is not None:  # "Pinned bodies": the metadata names the manifest's pin
+        hashes_ = b"".join(e[64:96] for e in entries)
+        if hashlib.sha256(b"cryptfs/v3/pin\0" + manifest[0:8] + hashes_).digest() != pin:
+            raise Invalid("the body is not the one its metadata pins")
     out, pos = [], 0
     for j, e in enumerate(entries):
         pk, salt, table_hash = e[:32], e[32:64], e[64:96]

@@ -219,6 +219,16 @@ class Manifest:
     mtime_ns: int
     entries: tuple[Entry, ...]
 
+    def pin(self) -> bytes:
+        """What pins the body's bytes without a key (FORMAT.md §8.5, "Pinned bodies"):
+        SHA-256 of a label, the size and every segment's ``T_j`` (its header, which commits
+        to its key, and its hash table, which holds every chunk's hash)."""
+        parts = [PIN_LABEL, self.size.to_bytes(8, "big")]
+        return sha256(b"".join(parts + [e.table_hash for e in self.entries]))
+
+
+PIN_LABEL = b"cryptfs/v3/pin\0"
+
 
 def _manifest_keys(dek: Secret, r: bytes) -> tuple[Secret, bytes]:
     prk = hkdf_extract(r, dek)

@@ -100,6 +100,10 @@ class Attrs:
     # the body's revision: 1 = §2 (one salt, one key), 3 = §8.5 (segments, sealed manifest);
     # only regular files' bodies are ever revision 3 (docs/FORMAT.md §8.5)
     body: int = 1
+    # a revision-3 body's manifest pin (``Manifest.pin``), set by a rotation that reseals
+    # metadata over a body whose data key predates it: a body the holder of that key seals
+    # later does not match (FORMAT.md §8.5, "Pinned bodies"); empty for every other object
+    pin: bytes = b""
 
     @property
     def st_mode(self) -> int:
@@ -124,6 +128,8 @@ class Attrs:
             d["rd"] = self.rdev  # (only devices carry it: other objects' bytes are unchanged)
         if self.body != 1:
             d["b"] = self.body  # (absent on §2 bodies: their bytes are unchanged)
+        if self.pin:
+            d["bp"] = b64e(self.pin)
         return json.dumps(d, separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod
@@ -142,6 +148,7 @@ class Attrs:
                 salt=b64d(str(d["gen"])),
                 rdev=int(d.get("rd", 0)),
                 body=int(d.get("b", 1)),
+                pin=b64d(str(d["bp"])) if "bp" in d else b"",
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             raise IntegrityError("malformed attributes") from None
@@ -151,6 +158,8 @@ class Attrs:
             raise IntegrityError("malformed attributes (device number)")
         if "b" in d and (a.body == 1 or a.kind != KIND_FILE or type(d["b"]) is not int):
             raise IntegrityError("malformed attributes (body revision)")
+        if "bp" in d and (a.body != 3 or len(a.pin) != 32):
+            raise IntegrityError("malformed attributes (body pin)")
         if a.body not in BODY_REVISIONS:
             raise NewerFormat(f"body revision {a.body} (written by a later cryptfs?)")
         return a

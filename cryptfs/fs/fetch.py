@@ -21,7 +21,7 @@ import trio
 
 from cryptfs.cache.blocks import TRAILER, BlockCache
 from cryptfs.cache.chunks import ChunkCache
-from cryptfs.crypto import Secret
+from cryptfs.crypto import Secret, constant_time_eq
 from cryptfs.errors import IntegrityError, PreconditionFailed, UnsupportedFormat
 from cryptfs.format import body3
 from cryptfs.format.body import HEADER_SIZE, BodyCipher, chunk_count, chunks_for_range
@@ -174,8 +174,13 @@ class Fetcher:
         """The revision-3 body of the version ``node`` holds, from bytes ending with its
         trailer (S3's, or the block cache's)."""
         a = node.attrs
-        return Body3.open(dek, self.vol.volume_id, node.file_id, a.salt, a.size,
+        body = Body3.open(dek, self.vol.volume_id, node.file_id, a.salt, a.size,
                           self.vol.segment_bytes(), self.chunk, tail)  # fmt: skip
+        if a.pin and not constant_time_eq(body.manifest.pin(), a.pin):
+            # the data key and generation the metadata names, other bytes: sealed by whoever
+            # held that data key before the rotation that pinned this body
+            raise IntegrityError("the body is not the one its metadata pins")
+        return body
 
     def install(
         self, node: Node, cipher: BodyCipher | Body3, etag: str | None

@@ -20,7 +20,6 @@ from typing import Any
 import trio
 
 from cryptfs.cache.staging import JournalRecord, StagedFile, StagingArea
-from cryptfs.crypto import sha256
 from cryptfs.errors import (
     CryptfsError,
     IntegrityError,
@@ -75,15 +74,8 @@ class Fill:
         """For the journal: enough to find and check this version again after a crash (its
         manifest's pin included: no key, only what pins its bytes)."""
         return {"key": self.key, "path": b64e(self.path), "v": self.version_id,
-                "e": self.etag, "g": b64e(self.body.gen), "m": b64e(manifest_pin(self.body)),
+                "e": self.etag, "g": b64e(self.body.gen), "m": b64e(self.body.manifest.pin()),
                 "kept": kept}  # fmt: skip
-
-
-def manifest_pin(body: Body3) -> bytes:
-    """What pins a version's bytes without a key: SHA-256 of its size and every segment's
-    ``T_j`` (the hash of its header, which commits to its key, and its hash table)."""
-    parts = [body.size.to_bytes(8, "big")] + [e.table_hash for e in body.manifest.entries]
-    return sha256(b"".join(parts))
 
 
 class Staged:
@@ -262,7 +254,7 @@ class Staged:
         _info, tail = await self.store.get(key, lo, lo + ln, if_match=etag, version_id=vid)
         body = Body3.open(dek, self.vol.volume_id, file_id, a.salt, a.size, seg, self.chunk,
                           tail)  # fmt: skip
-        if pin is not None and manifest_pin(body) != pin:
+        if pin is not None and body.manifest.pin() != pin:
             # (the same data key and generation, other bytes: sealed by whoever held that key
             # before a rotation; the journaled version's are pinned)
             self.look.tree.integrity(key, "not the version a staged file was staged from")

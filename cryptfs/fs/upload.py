@@ -137,7 +137,7 @@ class Uploader:
         while len(node.own_salts) > 16:
             del node.own_salts[next(iter(node.own_salts))]
         size = len(source) if isinstance(source, bytes) else source.size
-        attrs = node.attrs.with_(size=size, salt=gen, body=1 if cipher else 3)
+        attrs = node.attrs.with_(size=size, salt=gen, body=1 if cipher else 3, pin=b"")
         meta = ObjectMeta(node.file_id, attrs, wrapped, long_name)
         md = self.vol.meta.encode(path, key, meta)
         cond: dict[str, Any] = {"if_none_match": expect is None, "if_match": expect}
@@ -196,7 +196,7 @@ class Uploader:
         self.upload_bytes += attrs.size
         node.wrapped = node.own_salts.get(attrs.salt, node.wrapped)
         node.remote_etag = etag
-        node.attrs = node.attrs.with_(size=attrs.size, salt=attrs.salt, body=attrs.body)
+        node.attrs = node.attrs.with_(size=attrs.size, salt=attrs.salt, body=attrs.body, pin=b"")
         # (a revision-3 body's trailer and heads are read back when it is first read)
         node.cipher, node.cipher_etag = cipher, etag
         node.refreshed_at = trio.current_time()

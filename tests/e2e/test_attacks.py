@@ -612,6 +612,34 @@ def test_old_key_cannot_plant_content_after_rotation(
     assert snap["integrity_failures"] >= 1, snap
 
 
+def test_old_data_key_cannot_plant_content_after_rotation(volume: Volume, tmp_path: Path) -> None:
+    """Attack 3, with the file's own data key: the thief of the old key file (and a copy of
+    the object's metadata from before the rotation) unwraps the data key of the file, which
+    the rotation rewrapped but did not change, seals a body of its own under it with the
+    same generation, and puts it under the object's rotated, authentic metadata. The
+    rotation pinned the body's manifest in that metadata: a mount with the new key must not
+    serve it (it did: nothing but the data key and generation were checked)."""
+    b = _bucket(volume)
+    volume.mount()
+    _write(volume.mnt / "contract.txt", GENUINE)
+    volume.umount()
+    old_config, old_key = b.config(), volume.key.read_text()
+    [key] = b.file_keys()
+    _body, old_md = b.get(key)  # (what the thief saw before the rotation)
+    rotated = _rotate_to_key_file(volume, tmp_path / "new.key")
+    old = open_keyslot(old_config, old_key)
+    dek = try_unwrap(old, old_md)
+    assert dek is not None  # (the thief's: the file's data key, from before the rotation)
+    gen = b64u(decrypt_attrs(old, old_md, b"", key.removeprefix(b.prefix + "/"))["gen"])
+    body, md = b.get(key)  # the rotated metadata, authentic under the new key
+    b.put(key, forge_like(body, dek, EVIL, json.loads(old_config), gen), md)
+
+    got, snap = _cold_read(rotated, rotated.mount, "contract.txt")
+    assert got != SERVED, "the mount served a body sealed later under the file's old data key"
+    assert got == "EIO"
+    assert snap["integrity_failures"] >= 1, snap
+
+
 # -- 4. Config replay and forgery ------------------------------------------------------------
 
 

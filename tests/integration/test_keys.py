@@ -327,7 +327,7 @@ async def test_rotate_keyfile_interrupted_then_resumed(
         assert report.finished and not report.failed
         assert report.rewrapped == len(many) - first
         assert report.already == first
-        assert report.bytes_downloaded == 0
+        assert report.bytes_downloaded <= report.pinned * 4096  # (trailers: never a body)
 
         done = await open_volume(store, kms, KeySource(keyfile=new))
         assert await read_files(done, tmp_path, loc.prefix) == many
@@ -353,7 +353,7 @@ async def test_rotate_local_to_kms_then_kms_to_kms_multipart_copy(
         store.copy_max, store.copy_part = 6 << 20, 5 << 20
         report = await rotate(vol, to_kms_key_id=k1, settle=0)
         assert report.finished and report.rewrapped == len(files)
-        assert report.bytes_downloaded == 0
+        assert report.bytes_downloaded <= report.pinned * 4096  # (trailers: never a body)
         with pytest.raises(WrongKey):
             await open_volume(store, kms, KeySource(keyfile=old))
         v1 = await open_volume(store, kms, KeySource(kms=True))

@@ -25,6 +25,7 @@ from cryptfs.fs.upload import plan_parts
 from cryptfs.keyadmin import rotate
 from cryptfs.store.memory import MemoryStore
 from cryptfs.volume import Volume
+from tests import reference_decryptor as ref
 from tests.fsutil import read_file, write_file
 
 C, S = 4096, 1 << 14  # chunks of 4 KiB, segments of 16 KiB
@@ -692,3 +693,51 @@ async def test_a_lazy_edit_renamed_before_a_crash_and_a_rotation_is_kept(tmp_pat
     fs2 = await _new_key_fs(tmp_path, store, "crash")
     assert await fs2.recover() == 1
     assert await read_file(fs2, (await fs2.lookup(ROOT_INO, b"g")).ino) == bytes(data)
+
+
+# -- pinned bodies (FORMAT.md §8.5): a rotation pins what the old data key could reseal --
+
+
+@pytest.mark.trio
+@pytest.mark.allow_error_logs
+async def test_a_rotation_pins_bodies_whose_data_key_predates_it(tmp_path: Path) -> None:
+    """After a rotation, a body sealed under a file's old data key with its generation, put
+    under its rotated (authentic) metadata, reads EIO (it was served: found by the second
+    review); the pin survives a chmod and a rename, a new upload (a fresh data key) drops
+    it, and a second rotation leaves pinned objects alone."""
+    store = MemoryStore()
+    fs = await _fs(tmp_path, store)
+    big, small = os.urandom(10 * S + 5), os.urandom(100)
+    await write_file(fs, ROOT_INO, b"f", big)
+    await write_file(fs, ROOT_INO, b"g", small)
+    node = await fs.lookup(ROOT_INO, b"f")
+    dek = await fs.vol.keyring.unwrap(node.wrapped, node.file_id)  # (the thief's, before)
+    key = fs.paths.object_key(node)[0]
+    await _rotate(store)
+    fs2 = await _new_key_fs(tmp_path, store, "after")
+    for name, want in ((b"f", big), (b"g", small)):
+        n = await fs2.lookup(ROOT_INO, name)
+        assert len(n.attrs.pin) == 32 and await read_file(fs2, n.ino) == want
+    await fs2.setattr((await fs2.lookup(ROOT_INO, b"g")).ino, mode=0o600)
+    await fs2.rename(ROOT_INO, b"g", ROOT_INO, b"h", 0)
+    await fs2.flush_all()
+    fs3 = await _new_key_fs(tmp_path, store, "later")
+    h = await fs3.lookup(ROOT_INO, b"h")
+    assert len(h.attrs.pin) == 32 and await read_file(fs3, h.ino) == small
+    objects = {k: (b, md) for k, (b, md, _e) in store.objects.items()}
+    assert ref.decrypt_volume(objects, b"n" * 32)[b"/f"]["data"] == big  # (from the document)
+    _body, md, _etag = store.objects[key]
+    forged = body3.seal_body(dek, fs.vol.volume_id, node.file_id, node.attrs.salt,
+                             b"E" * len(big), 0, S, C)  # fmt: skip
+    await store.put(key, forged, md)
+    with pytest.raises(ref.Invalid, match="pins"):
+        ref.decrypt_volume({k: (b, md) for k, (b, md, _e) in store.objects.items()}, b"n" * 32)
+    fs4 = await _new_key_fs(tmp_path, store, "forged")
+    with pytest.raises(IntegrityError):
+        await read_file(fs4, (await fs4.lookup(ROOT_INO, b"f")).ino)
+    assert fs4.integrity_failures >= 1
+    # a new version has a data key of its own, and no pin
+    await _edit(fs3, b"h", 0, b"new bytes")
+    fs5 = await _new_key_fs(tmp_path, store, "new")
+    h5 = await fs5.lookup(ROOT_INO, b"h")
+    assert h5.attrs.pin == b"" and (await read_file(fs5, h5.ino))[:9] == b"new bytes"
