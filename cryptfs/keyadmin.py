@@ -49,8 +49,9 @@ from cryptfs.errors import (
     UsageError,
 )
 from cryptfs.format import body3
+from cryptfs.format.body import PIN_MAX, body_pin
 from cryptfs.format.keys import LOCAL_KID, SCHEME_KMS, SCHEME_LOCAL, new_master_key
-from cryptfs.format.meta import FORMATS, ObjectMeta
+from cryptfs.format.meta import FORMATS, KIND_FILE, KIND_LINK, ObjectMeta
 from cryptfs.format.volume import CONFIG_NAME, KeySource, Retiring, SlotPayload
 from cryptfs.keys.keyring import Target, add_kms_slot
 from cryptfs.store.base import ObjectInfo, bare_etag
@@ -124,7 +125,8 @@ class RotateReport:
     finished: bool = False
     seconds: float = 0.0
     bytes_downloaded: int = 0  # (the trailers of the bodies pinned: never a body)
-    pinned: int = 0  # revision-3 bodies whose manifest pin the rotation added
+    pinned: int = 0  # bodies whose pin the rotation added (FORMAT.md §8.5, "Pinned bodies")
+    unpinned: int = 0  # §2 bodies of files too big to be pinned (left as they were)
     kms_calls: int = 0
 
     def summary(self) -> str:
@@ -134,10 +136,16 @@ class RotateReport:
             f"data keys rewrapped:   {self.rewrapped} ({rate:.0f}/s)",
             f"already under new key: {self.already}",
             f"directory markers:     {self.directories}",
-            f"bodies pinned:         {self.pinned} (their trailers read)",
+            f"bodies pinned:         {self.pinned} (trailers, or small bodies, read)",
             f"bytes downloaded:      {self.bytes_downloaded}",
             f"KMS requests:          {self.kms_calls}",
         ]
+        if self.unpinned:
+            lines.append(
+                f"not pinned:            {self.unpinned} file(s) of revision-1 bodies over "
+                f"{PIN_MAX >> 20} MiB: whoever held their data keys before can still replace "
+                "them until they are next written (SECURITY.md)"
+            )
         if self.foreign:
             lines.append(f"not cryptfs objects:   {self.foreign} (left alone)")
         if self.vanished:
@@ -491,7 +499,12 @@ async def _rewrap_one(
             # not show: its Last-Modified may be the start of its upload (AWS), not its end
             raise _Late("a multipart upload completed after the rotation began")
         on_target = wk is None or keyring.on_target(wk, target)
-        unpinned = meta.attrs.body == 3 and not meta.attrs.pin and wk is not None
+        a = meta.attrs
+        small1 = a.body == 1 and head.size <= PIN_MAX and a.kind in (KIND_FILE, KIND_LINK)
+        unpinned = wk is not None and not a.pin and (a.body == 3 or small1)
+        big1 = a.body == 1 and not small1 and a.kind == KIND_FILE
+        if wk is not None and not a.pin and big1 and first:
+            report.unpinned += 1  # (a §2 body too big to be checked whole by a reader)
         if on_target and codec.sealed_by(md) == codec.cur and not unpinned:
             if not first:
                 pass  # counted in an earlier pass
@@ -505,7 +518,11 @@ async def _rewrap_one(
             # its data key predates this rotation: whoever held it could seal other bytes
             # under it later; the manifest's pin in the resealed metadata refuses them
             assert wk is not None
-            attrs = attrs.with_(pin=await _body_pin(vol, info.key, head.etag, meta))
+            if a.body == 3:
+                attrs = attrs.with_(pin=await _body_pin(vol, info.key, head.etag, meta))
+            else:
+                _i, whole = await vol.store.get(info.key, if_match=head.etag)
+                attrs = attrs.with_(pin=body_pin(whole))
             report.pinned += 1
         if not on_target:
             assert wk is not None

@@ -10,7 +10,15 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from cryptfs.crypto import Aead, Secret, constant_time_eq, hkdf_expand, hkdf_extract, random_bytes
+from cryptfs.crypto import (
+    Aead,
+    Secret,
+    constant_time_eq,
+    hkdf_expand,
+    hkdf_extract,
+    random_bytes,
+    sha256,
+)
 from cryptfs.errors import IntegrityError, UnsupportedFormat
 
 MAGIC = b"CRYPTFS"
@@ -26,6 +34,16 @@ _MAX_CHUNKS = 1 << 88
 
 _HEADER = struct.Struct(">7sBBBH16s32s32s")
 assert _HEADER.size == HEADER_SIZE
+
+
+PIN_MAX = 4 << 20  # a §2 body is pinned by a rotation only up to this many stored bytes
+PIN_LABEL = b"cryptfs/v2/pin\0"
+
+
+def body_pin(body: bytes | memoryview) -> bytes:
+    """A §2 body's pin (FORMAT.md §8.5, "Pinned bodies"): SHA-256 of a label and every
+    stored byte; a reader of a pinned body fetches it whole and checks it first."""
+    return sha256(PIN_LABEL + bytes(body))
 
 
 def check_chunk_log2(chunk_log2: int) -> None:

@@ -100,9 +100,10 @@ class Attrs:
     # the body's revision: 1 = §2 (one salt, one key), 3 = §8.5 (segments, sealed manifest);
     # only regular files' bodies are ever revision 3 (docs/FORMAT.md §8.5)
     body: int = 1
-    # a revision-3 body's manifest pin (``Manifest.pin``), set by a rotation that reseals
-    # metadata over a body whose data key predates it: a body the holder of that key seals
-    # later does not match (FORMAT.md §8.5, "Pinned bodies"); empty for every other object
+    # the body's pin (a revision-3 manifest's ``Manifest.pin``, a small §2 body's
+    # ``body_pin``), set by a rotation that reseals metadata over a body whose data key
+    # predates it: a body the holder of that key seals later does not match (FORMAT.md
+    # §8.5, "Pinned bodies"); empty for every other object
     pin: bytes = b""
 
     @property
@@ -158,7 +159,7 @@ class Attrs:
             raise IntegrityError("malformed attributes (device number)")
         if "b" in d and (a.body == 1 or a.kind != KIND_FILE or type(d["b"]) is not int):
             raise IntegrityError("malformed attributes (body revision)")
-        if "bp" in d and (a.body != 3 or len(a.pin) != 32):
+        if "bp" in d and (a.kind not in (KIND_FILE, KIND_LINK) or len(a.pin) != 32):
             raise IntegrityError("malformed attributes (body pin)")
         if a.body not in BODY_REVISIONS:
             raise NewerFormat(f"body revision {a.body} (written by a later cryptfs?)")

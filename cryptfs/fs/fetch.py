@@ -24,7 +24,13 @@ from cryptfs.cache.chunks import ChunkCache
 from cryptfs.crypto import Secret, constant_time_eq
 from cryptfs.errors import IntegrityError, PreconditionFailed, UnsupportedFormat
 from cryptfs.format import body3
-from cryptfs.format.body import HEADER_SIZE, BodyCipher, chunk_count, chunks_for_range
+from cryptfs.format.body import (
+    HEADER_SIZE,
+    BodyCipher,
+    body_pin,
+    chunk_count,
+    chunks_for_range,
+)
 from cryptfs.format.body import chunk_span as chunk_span_v1
 from cryptfs.format.body3 import Body3
 from cryptfs.format.keys import SCHEME_KMS
@@ -384,6 +390,9 @@ class Fetcher:
         cipher = self.known_cipher(node)
         header: bytes | None = None
         three = node.attrs.body == 3
+        pinned = bool(node.attrs.pin) and not three
+        if pinned:  # (a pinned §2 body is fetched whole and checked before any of it is used)
+            first, last = 0, max(0, n - 1)
         whole_length = self.vol.body_length(node.attrs)  # (the object's)
         if three:
             length = whole_length
@@ -408,8 +417,13 @@ class Fetcher:
             start, _ = chunk_span_v1(first, size, c)
             lo, ln = chunk_span_v1(last, size, c)
             length = lo + ln
-            if cipher is None and first == 0:
+            if (cipher is None or pinned) and first == 0:
                 data = await self.get_unwrapping(node, key, length, etag)
+                if pinned and not constant_time_eq(body_pin(data), node.attrs.pin):
+                    self.tree.integrity(key, "the body is not the one its metadata pins", node)
+                    raise IntegrityError(
+                        "the body is not the one its metadata pins", object_keys=(key,)
+                    )
                 header, data = data[:HEADER_SIZE], data[HEADER_SIZE:]
                 start = HEADER_SIZE
             else:

@@ -25,6 +25,7 @@ from cryptfs.fs.upload import plan_parts
 from cryptfs.keyadmin import rotate
 from cryptfs.store.memory import MemoryStore
 from cryptfs.volume import Volume
+from tests import attacker
 from tests import reference_decryptor as ref
 from tests.fsutil import read_file, write_file
 
@@ -741,3 +742,34 @@ async def test_a_rotation_pins_bodies_whose_data_key_predates_it(tmp_path: Path)
     fs5 = await _new_key_fs(tmp_path, store, "new")
     h5 = await fs5.lookup(ROOT_INO, b"h")
     assert h5.attrs.pin == b"" and (await read_file(fs5, h5.ino))[:9] == b"new bytes"
+
+
+@pytest.mark.trio
+@pytest.mark.allow_error_logs
+async def test_a_rotation_pins_small_revision_1_bodies_a_symlink_s_target_included(
+    tmp_path: Path,
+) -> None:
+    """Symlinks (and, on volumes without segments, files) have §2 bodies: a rotation pins
+    those it can have a reader check whole (up to 4 MiB), so the holder of a symlink's old
+    data key cannot point it elsewhere afterwards (it could: the target was served); a
+    bigger one is counted as not pinned."""
+    store = MemoryStore()
+    fs = await _fs(tmp_path, store)
+    await fs.symlink(ROOT_INO, b"l", b"/home/owner/ledger", 0, 0)
+    await fs.flush_all()
+    link = await fs.lookup(ROOT_INO, b"l")
+    dek = await fs.vol.keyring.unwrap(link.wrapped, link.file_id)  # (the thief's, before)
+    key = fs.paths.object_key(link)[0]
+    report = await rotate(await Volume.open(store, KeySource(keyfile=Secret(b"k" * 32))),
+                          to_source=KeySource(keyfile=Secret(b"n" * 32)), settle=0)  # fmt: skip
+    assert report.pinned >= 1 and report.unpinned == 0
+    fs2 = await _new_key_fs(tmp_path, store, "after")
+    n2 = await fs2.lookup(ROOT_INO, b"l")
+    assert len(n2.attrs.pin) == 32 and await fs2.readlink(n2.ino) == b"/home/owner/ledger"
+    _body, md, _etag = store.objects[key]
+    forged = attacker.seal_body(dek.reveal(), link.file_id, link.attrs.salt, 12, b"/tmp/evil")
+    await store.put(key, forged, md)
+    fs3 = await _new_key_fs(tmp_path, store, "forged")
+    with pytest.raises(IntegrityError):
+        await fs3.readlink((await fs3.lookup(ROOT_INO, b"l")).ino)
+    assert fs3.integrity_failures >= 1
