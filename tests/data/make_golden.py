@@ -1,7 +1,8 @@
 """Write a golden volume for the format tests: ``python -m tests.data.make_golden OUT.json``
 (``--special``: with special files, FORMAT.md §7.9; ``--segments``: files with revision-3
 bodies, FORMAT.md §8.5, segments of 8 KiB; without it, revision-1 bodies as volumes made
-before revision 3 hold).
+before revision 3 hold; ``--rotated``: then rotated to the key ``KEY2``, which pins every
+body, FORMAT.md §7.8, §8.5 "Pinned bodies").
 
 Run once per format change and commit the result; tests must keep reading every golden file
 ever committed (a later cryptfs must mount volumes written by an earlier one).
@@ -24,10 +25,12 @@ from cryptfs.format.names import b64e
 from cryptfs.format.volume import KeySource
 from cryptfs.fs.filesystem import Filesystem
 from cryptfs.fs.model import ROOT_INO, Options
+from cryptfs.keyadmin import rotate
 from cryptfs.store.memory import MemoryStore
 from cryptfs.volume import Volume
 
 KEY = bytes(range(32))
+KEY2 = bytes(range(32, 64))
 MTIME = 1_700_000_000_123_456_789
 FILES = {
     "/hello.txt": b"hello, golden world\n",
@@ -45,7 +48,9 @@ SPECIAL = [
 ]
 
 
-async def build(special: bool = False, segments: bool = False) -> dict[str, object]:
+async def build(
+    special: bool = False, segments: bool = False, rotated: bool = False
+) -> dict[str, object]:
     store = MemoryStore()
     vol = await Volume.create(
         store,
@@ -71,8 +76,10 @@ async def build(special: bool = False, segments: bool = False) -> dict[str, obje
             for name, mode, rdev in SPECIAL:
                 await fs.mknod(docs.ino, name.encode(), mode, rdev, 1000, 1000)
         await fs.flush_all()
+    if rotated:
+        await rotate(vol, to_source=KeySource(keyfile=Secret(KEY2)), settle=0)
     return {
-        "key_file": b64e(KEY),
+        "key_file": b64e(KEY2 if rotated else KEY),
         "files": {p: d.hex() for p, d in FILES.items()},
         "objects": {
             k: {"body": body.hex(), "metadata": dict(md)}
@@ -81,7 +88,9 @@ async def build(special: bool = False, segments: bool = False) -> dict[str, obje
     }
 
 
-if __name__ == "__main__":  # OUT.json [--special] [--segments]
-    golden = trio.run(build, "--special" in sys.argv, "--segments" in sys.argv)
+if __name__ == "__main__":  # OUT.json [--special] [--segments] [--rotated]
+    golden = trio.run(
+        build, "--special" in sys.argv, "--segments" in sys.argv, "--rotated" in sys.argv
+    )
     out = json.dumps(golden, indent=1, sort_keys=True)
     Path(sys.argv[1]).write_text(out + "\n")

@@ -37,6 +37,7 @@ def test_body_vectors() -> None:
         "golden_volume_v2.json",
         "golden_volume_v2_special.json",
         "golden_volume_v3_bodies.json",
+        "golden_volume_v3_pinned.json",
     ],
 )
 def test_golden_volumes(name: str) -> None:
@@ -56,6 +57,8 @@ def test_golden_volumes(name: str) -> None:
     assert tree[b"/link"]["data"] == b"docs/report.pdf"
     assert tree[b"/docs"]["mode"] & 0o7777 == 0o750
     assert set(tree) >= {b"/", b"/docs", b"/link"}
+    if "pinned" in name:  # (FORMAT.md §8.5, "Pinned bodies": every file and symlink, checked)
+        assert all("bp" in e["attrs"] for e in tree.values() if e["attrs"]["t"] in "fl")
 
 
 def test_special_files_from_the_document_alone() -> None:

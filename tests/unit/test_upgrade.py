@@ -45,7 +45,7 @@ async def _read_all(vol: Volume, tmp: Path, golden: dict) -> None:  # type: igno
 @pytest.mark.parametrize(
     "name",
     [*GOLDEN, "golden_volume_v2.json", "golden_volume_v2_special.json",
-     "golden_volume_v3_bodies.json"],
+     "golden_volume_v3_bodies.json", "golden_volume_v3_pinned.json"],
 )  # fmt: skip
 async def test_every_golden_volume_mounts_and_reads(tmp_path: Path, name: str) -> None:
     """Volumes written by every earlier revision keep mounting and reading as they are; the
