@@ -367,7 +367,7 @@ def decrypt_body3(
     entries = [manifest[20 + 96 * j : 20 + 96 * (j + 1)] for j in range(n)]
     if pin is not None:  # "Pinned bodies": the metadata names the manifest's pin
         hashes_ = b"".join(e[64:96] for e in entries)
-        if hashlib.sha256(b"cryptfs/v3/pin\0" + manifest[0:8] + hashes_).digest() != pin:
+        if hashlib.sha256(b"cryptfs/v3/pin\0" + manifest[0:16] + hashes_).digest() != pin:
             raise Invalid("the body is not the one its metadata pins")
     out, pos = [], 0
     for j, e in enumerate(entries):

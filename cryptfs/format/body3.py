@@ -221,9 +221,13 @@ class Manifest:
 
     def pin(self) -> bytes:
         """What pins the body's bytes without a key (FORMAT.md §8.5, "Pinned bodies"):
-        SHA-256 of a label, the size and every segment's ``T_j`` (its header, which commits
-        to its key, and its hash table, which holds every chunk's hash)."""
-        parts = [PIN_LABEL, self.size.to_bytes(8, "big")]
+        SHA-256 of a label, the size, the mtime and every segment's ``T_j`` (its header,
+        which commits to its key, and its hash table, which holds every chunk's hash)."""
+        parts = [
+            PIN_LABEL,
+            self.size.to_bytes(8, "big"),
+            self.mtime_ns.to_bytes(8, "big", signed=True),
+        ]
         return sha256(b"".join(parts + [e.table_hash for e in self.entries]))
 
 

@@ -360,7 +360,12 @@ class Fetcher:
         """
         unit = max(1, self.opt.fetch_unit // self.chunk)
         todo = list(range(first, last + 1))
-        if self.blocks is not None and self.blocks.has(node.file_id, node.attrs.salt):
+        pinned1 = bool(node.attrs.pin) and node.attrs.body != 3  # (checked whole, from S3)
+        if (
+            self.blocks is not None
+            and not pinned1
+            and self.blocks.has(node.file_id, node.attrs.salt)
+        ):
             todo = await self.from_disk(node, first, last, got)
         runs: list[tuple[int, int]] = []
         for i in todo:  # consecutive missing chunks, within one aligned unit per GET
@@ -472,7 +477,7 @@ class Fetcher:
         # cached under the generation these bytes authenticated as (the node may hold another
         # by now: an adopt or our own upload may have landed during the awaits above)
         salt = cipher.gen
-        if self.blocks is not None:  # authenticated: worth keeping on disk
+        if self.blocks is not None and not pinned:  # authenticated: worth keeping on disk
             whole = n == 1  # a small object, whole: into a pack, with its header
             if whole and isinstance(cipher, BodyCipher):
                 header = header or cipher.header_bytes

@@ -52,6 +52,7 @@ class Base:
     entries: tuple[Entry, ...]
     key: str = ""  # where it is (copies come from there) ...
     version_id: str | None = None  # ... and its S3 version id (then whatever is there now)
+    mtime_ns: int = 0  # its manifest's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +143,8 @@ class Staged:
         sf = self.staging.create(node.file_id)
         sf.size = a.size
         sf.fill, sf.fill_kept = Fill(key, path, info.version_id, etag, body), a.size
-        base = Base(etag, body.gen, body.size, body.manifest.entries, key, info.version_id)
+        base = Base(etag, body.gen, body.size, body.manifest.entries, key, info.version_id,
+                    body.manifest.mtime_ns)  # fmt: skip
         sf.track(base, self.vol.segment_bytes(), a.size)
         node.stage = sf
         return sf
@@ -184,7 +186,7 @@ class Staged:
             return  # (replaced already: the version before stays the source)
         seg = self.vol.segment_bytes()
         body = Body3(node.file_id, made.gen, made.size, seg, self.chunk,
-                     Manifest(made.size, 0, made.entries))  # fmt: skip
+                     Manifest(made.size, made.mtime_ns, made.entries))  # fmt: skip
         sf.fill = Fill(made.key, self.paths.path(node), info.version_id, made.etag, body)
         sf.base = dataclasses.replace(made, version_id=info.version_id)
         node.journaled = -1
@@ -261,7 +263,7 @@ class Staged:
             raise IntegrityError("the version a staged file was staged from is not its own")
         sf.fill, sf.fill_kept = Fill(key, path, vid, etag, body), kept
         # its upload copies the segments no staged slot is in, by the version's id
-        base = Base(etag, a.salt, a.size, body.manifest.entries, key, vid)
+        base = Base(etag, a.salt, a.size, body.manifest.entries, key, vid, body.manifest.mtime_ns)
         sf.track(base, seg, a.size)
         sf.touched, sf.kept = sf.written(seg), kept
         return etag if fell_back else None
@@ -325,7 +327,8 @@ class Staged:
             return None
         if not isinstance(body, Body3) or (node.remote_etag, body.gen) != version:
             return None
-        return Base(etag, body.gen, body.size, body.manifest.entries)
+        return Base(etag, body.gen, body.size, body.manifest.entries,
+                    mtime_ns=body.manifest.mtime_ns)  # fmt: skip
 
     def touch(self, node: Node, *, data: bool) -> None:
         now = now_ns()

@@ -186,7 +186,8 @@ class Uploader:
                 etag = await self.multipart(parts, key, md, cond, fill)
                 self.copied_bytes += parts.copied
                 if edit is not None and isinstance(parts, _SegmentParts):
-                    edit.made = Base(etag, gen, parts.size, parts.manifest_entries(), key)
+                    edit.made = Base(etag, gen, parts.size, parts.manifest_entries(), key,
+                                     mtime_ns=parts.mtime_ns)  # fmt: skip
         except KeyTooLong:
             raise NameTooLong("the S3 server refused the encrypted path as too long") from None
         return etag, attrs, cipher

@@ -14,10 +14,13 @@ from typing import Any
 
 import pytest
 
+from cryptfs import keyadmin
+from cryptfs.cache.blocks import BlockCache
 from cryptfs.cache.staging import StagingArea
 from cryptfs.crypto import Secret
 from cryptfs.errors import IntegrityError
 from cryptfs.format import body3
+from cryptfs.format.meta import ObjectMeta
 from cryptfs.format.volume import KeySource
 from cryptfs.fs.filesystem import Filesystem
 from cryptfs.fs.model import ROOT_INO, Options
@@ -767,9 +770,135 @@ async def test_a_rotation_pins_small_revision_1_bodies_a_symlink_s_target_includ
     n2 = await fs2.lookup(ROOT_INO, b"l")
     assert len(n2.attrs.pin) == 32 and await fs2.readlink(n2.ino) == b"/home/owner/ledger"
     _body, md, _etag = store.objects[key]
-    forged = attacker.seal_body(dek.reveal(), link.file_id, link.attrs.salt, 12, b"/tmp/evil")
+    forged = attacker.seal_body(
+        dek.reveal(), link.file_id, link.attrs.salt, 12, b"/tmp/evil/ledger12"
+    )
     await store.put(key, forged, md)
     fs3 = await _new_key_fs(tmp_path, store, "forged")
     with pytest.raises(IntegrityError):
         await fs3.readlink((await fs3.lookup(ROOT_INO, b"l")).ino)
     assert fs3.integrity_failures >= 1
+
+
+@pytest.mark.trio
+@pytest.mark.allow_error_logs
+async def test_a_pin_sealed_under_the_old_key_is_made_again_by_the_rotation(
+    tmp_path: Path,
+) -> None:
+    """Before the rotation, the holder of the old key writes, under it, the pin of a body of
+    their own into the file's metadata (the genuine body stays); the rotation must not carry
+    that pin over (it did: their body, put after the rotation, was served; found by the
+    third review). It pins the body it reads."""
+    store = MemoryStore()
+    fs = await _fs(tmp_path, store)
+    data = os.urandom(10 * S + 5)
+    await write_file(fs, ROOT_INO, b"f", data)
+    node = await fs.lookup(ROOT_INO, b"f")
+    dek = await fs.vol.keyring.unwrap(node.wrapped, node.file_id)
+    key = fs.paths.object_key(node)[0]
+    vid, fid, gen = fs.vol.volume_id, node.file_id, node.attrs.salt
+    forged = body3.seal_body(dek, vid, fid, gen, b"E" * len(data), 0, S, C)
+    lo = body3.trailer_span(len(data), S, C)[0]
+    their_pin = body3.Body3.open(dek, vid, fid, gen, len(data), S, C, forged[lo:]).manifest.pin()
+    genuine, _md, _etag = store.objects[key]
+    meta = ObjectMeta(fid, node.attrs.with_(pin=their_pin), node.wrapped, None)
+    await store.put(key, genuine, fs.vol.meta.encode(b"", key, meta))
+    report = await rotate(await Volume.open(store, KeySource(keyfile=Secret(b"k" * 32))),
+                          to_source=KeySource(keyfile=Secret(b"n" * 32)), settle=0)  # fmt: skip
+    assert report.pinned >= 1
+    _body, md, _etag = store.objects[key]
+    await store.put(key, forged, md)
+    fs2 = await _new_key_fs(tmp_path, store, "after")
+    with pytest.raises(IntegrityError):
+        await read_file(fs2, (await fs2.lookup(ROOT_INO, b"f")).ino)
+
+
+@pytest.mark.trio
+@pytest.mark.allow_error_logs
+@pytest.mark.parametrize("put_after", [False, True])
+async def test_a_pinned_revision_1_body_is_never_read_from_the_block_cache(
+    tmp_path: Path, put_after: bool
+) -> None:
+    """A symlink's forged body was read (and kept in the block cache) before the rotation
+    pinned the genuine one: a mount restarted on that cache with the new key reads the
+    body from S3 and checks it (the cache served the forged target; found by the third
+    review); its chunks are keyed by file id and generation, which a forgery shares."""
+    store = MemoryStore()
+    fs = await _fs(tmp_path, store)
+    await fs.symlink(ROOT_INO, b"l", b"/home/owner/ledger", 0, 0)
+    await fs.flush_all()
+    link = await fs.lookup(ROOT_INO, b"l")
+    dek = await fs.vol.keyring.unwrap(link.wrapped, link.file_id)
+    key = fs.paths.object_key(link)[0]
+    genuine, md_old, _etag = store.objects[key]
+    forged = attacker.seal_body(
+        dek.reveal(), link.file_id, link.attrs.salt, 12, b"/tmp/evil/ledger12"
+    )
+
+    async def mount(name: str, key_byte: bytes) -> Filesystem:
+        vol = await Volume.open(store, KeySource(keyfile=Secret(key_byte * 32)))
+        staging = StagingArea(tmp_path / name, vol.keys.cache, vol.chunk)
+        blocks = BlockCache(tmp_path / "blocks", 64 << 20, vol.chunk)
+        m = Filesystem(vol, staging, Options(metadata_ttl=0), blocks=blocks)
+        await m.ensure_root()
+        return m
+
+    await store.put(key, forged, md_old)  # (before the rotation: read, and kept on disk)
+    a = await mount("a", b"k")
+    assert await a.readlink((await a.lookup(ROOT_INO, b"l")).ino) == b"/tmp/evil/ledger12"
+    await store.put(key, genuine, md_old)  # (put back: the rotation pins the genuine body)
+    await _rotate(store)
+    if put_after:
+        await store.put(key, forged, store.objects[key][1])
+    b = await mount("b", b"n")
+    n = await b.lookup(ROOT_INO, b"l")
+    assert len(n.attrs.pin) == 32
+    if put_after:
+        with pytest.raises(IntegrityError):
+            await b.readlink(n.ino)
+    else:
+        assert await b.readlink(n.ino) == b"/home/owner/ledger"
+
+
+@pytest.mark.trio
+@pytest.mark.allow_error_logs
+@pytest.mark.parametrize("name", [b"f", b"g"])
+async def test_a_chmod_from_a_mount_that_read_before_the_rotation_is_rotated_again(
+    tmp_path: Path, name: bytes
+) -> None:
+    """A mount with the new key read a file's metadata before the rotation's pass over it,
+    and chmods it after that pass: its copy in place keeps the ETag, with the data key still
+    under the retiring key and no pin. The rotation's last pass looks at every object again
+    (it was skipped: the file was unreadable once the rotation finished; found by the third
+    review)."""
+    store = MemoryStore()
+    fs = await _fs(tmp_path, store)
+    want = {b"f": os.urandom(10 * S + 5), b"g": os.urandom(100)}
+    for n, data in want.items():
+        await write_file(fs, ROOT_INO, n, data)
+    state: dict[str, Any] = {}
+    real_all, real_pass = keyadmin._rewrap_all, keyadmin._pass_over
+
+    async def mount_first(*a: Any, **kw: Any) -> Any:
+        m = state["m"] = await _new_key_fs(tmp_path, store, "m")
+        m.opt.metadata_ttl = 10.0
+        state["node"] = await m.lookup(ROOT_INO, name)
+        return await real_all(*a, **kw)
+
+    async def pass_then_chmod(*a: Any, **kw: Any) -> Any:
+        out = await real_pass(*a, **kw)
+        if "done" not in state:
+            state["done"] = True
+            await state["m"].setattr(state["node"].ino, mode=0o600)
+            await state["m"].sync_node(state["node"])
+        return out
+
+    keyadmin._rewrap_all, keyadmin._pass_over = mount_first, pass_then_chmod  # type: ignore[assignment]
+    try:
+        await _rotate(store)
+    finally:
+        keyadmin._rewrap_all, keyadmin._pass_over = real_all, real_pass  # type: ignore[assignment]
+    after = await _new_key_fs(tmp_path, store, "after")
+    n2 = await after.lookup(ROOT_INO, name)
+    assert oct(n2.attrs.mode) == "0o600" and len(n2.attrs.pin) == 32
+    assert await read_file(after, n2.ino) == want[name]
