@@ -25,12 +25,14 @@ from cryptfs.format.volume import KeySource
 from cryptfs.fs.filesystem import Filesystem
 from cryptfs.fs.model import ROOT_INO, Options
 from cryptfs.fs.upload import plan_parts
+from cryptfs.fsck import fsck
 from cryptfs.keyadmin import rotate
 from cryptfs.store.memory import MemoryStore
 from cryptfs.volume import Volume
 from tests import attacker
 from tests import reference_decryptor as ref
 from tests.fsutil import read_file, write_file
+from tests.unit.test_filesystem import make_fs
 
 C, S = 4096, 1 << 14  # chunks of 4 KiB, segments of 16 KiB
 SEG = body3.segment_size(S, C)
@@ -902,3 +904,26 @@ async def test_a_chmod_from_a_mount_that_read_before_the_rotation_is_rotated_aga
     n2 = await after.lookup(ROOT_INO, name)
     assert oct(n2.attrs.mode) == "0o600" and len(n2.attrs.pin) == 32
     assert await read_file(after, n2.ino) == want[name]
+
+
+@pytest.mark.trio
+@pytest.mark.allow_error_logs
+async def test_fsck_checks_the_pin_of_a_small_revision_1_file(tmp_path: Path) -> None:
+    """On a volume without segments (revision-1 file bodies), a rotation pins a small file;
+    a body forged afterwards under its old data key is reported by ``fsck`` (without
+    ``--full``, which checked only the header; found by the third review)."""
+    store = MemoryStore()
+    fs = await make_fs(tmp_path / "w", store, segment_log2=None)
+    data = os.urandom(5000)
+    await write_file(fs, ROOT_INO, b"f", data)
+    node = await fs.lookup(ROOT_INO, b"f")
+    dek = await fs.vol.keyring.unwrap(node.wrapped, node.file_id)
+    key = fs.paths.object_key(node)[0]
+    await _rotate(store)
+    vol = await Volume.open(store, KeySource(keyfile=Secret(b"n" * 32)))
+    assert not (await fsck(vol, key_prefix="")).unreadable
+    forged = attacker.seal_body(dek.reveal(), node.file_id, node.attrs.salt, 12, b"E" * 5000)
+    await store.put(key, forged, store.objects[key][1])
+    report = await fsck(await Volume.open(store, KeySource(keyfile=Secret(b"n" * 32))),
+                        key_prefix="")  # fmt: skip
+    assert [k for k, _why in report.unreadable] == [key]
