@@ -455,17 +455,16 @@ async def _pass_over(
 
 
 async def _body_pin(vol: Volume, key: str, etag: str, meta: ObjectMeta) -> bytes:
-    """The manifest pin of a revision-3 body (FORMAT.md §8.5, "Pinned bodies"): its trailer
-    (one ranged GET of that version), opened under its data key."""
-    assert meta.dek is not None
+    """The pin of a revision-3 body (FORMAT.md §8.5, "Pinned bodies"): its trailer's bytes
+    (one ranged GET of that version), hashed; no data key is unwrapped (a KMS volume's
+    rotation makes no Decrypt per file)."""
     a = meta.attrs
     seg = vol.segment_bytes()
     lo, ln = body3.trailer_span(a.size, seg, vol.chunk)
     _info, tail = await vol.store.get(key, lo, lo + ln, if_match=etag)
-    dek = await vol.keyring.unwrap(meta.dek, meta.file_id)
-    body = body3.Body3.open(dek, vol.volume_id, meta.file_id, a.salt, a.size, seg, vol.chunk,
-                            tail)  # fmt: skip
-    return body.manifest.pin()
+    if len(tail) != ln:
+        raise IntegrityError("the object is shorter than its metadata says")
+    return body3.trailer_pin(tail, a.size, seg, vol.chunk)
 
 
 class _Late(CryptfsError):

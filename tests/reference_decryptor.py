@@ -365,10 +365,9 @@ def decrypt_body3(
     mtime = int.from_bytes(manifest[8:16], "big", signed=True)
     n = int.from_bytes(manifest[16:20], "big")
     entries = [manifest[20 + 96 * j : 20 + 96 * (j + 1)] for j in range(n)]
-    if pin is not None:  # "Pinned bodies": the metadata names the manifest's pin
-        hashes_ = b"".join(e[64:96] for e in entries)
-        if hashlib.sha256(b"cryptfs/v3/pin\0" + manifest[0:16] + hashes_).digest() != pin:
-            raise Invalid("the body is not the one its metadata pins")
+    pinned = hashlib.sha256(b"cryptfs/v3/trailer-pin\0" + t).digest()
+    if pin is not None and pinned != pin:  # "Pinned bodies": the trailer's hash
+        raise Invalid("the body is not the one its metadata pins")
     out, pos = [], 0
     for j, e in enumerate(entries):
         pk, salt, table_hash = e[:32], e[32:64], e[64:96]

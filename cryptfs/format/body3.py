@@ -232,6 +232,15 @@ class Manifest:
 
 
 PIN_LABEL = b"cryptfs/v3/pin\0"
+TRAILER_PIN_LABEL = b"cryptfs/v3/trailer-pin\0"
+
+
+def trailer_pin(tail: bytes | memoryview, size: int, seg: int, chunk: int) -> bytes:
+    """A revision-3 body's pin as its metadata names it (FORMAT.md §8.5, "Pinned bodies"):
+    SHA-256 of a label and its trailer's bytes as stored (``tail`` ends with them), which
+    hold its manifest, so every ``T_j``; computed without the data key."""
+    t = trailer_span(size, seg, chunk)[1]
+    return sha256(TRAILER_PIN_LABEL + bytes(tail[len(tail) - t :]))
 
 
 def _manifest_keys(dek: Secret, r: bytes) -> tuple[Secret, bytes]:

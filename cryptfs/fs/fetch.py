@@ -182,7 +182,10 @@ class Fetcher:
         a = node.attrs
         body = Body3.open(dek, self.vol.volume_id, node.file_id, a.salt, a.size,
                           self.vol.segment_bytes(), self.chunk, tail)  # fmt: skip
-        if a.pin and not constant_time_eq(body.manifest.pin(), a.pin):
+        pin = (
+            body3.trailer_pin(tail, a.size, self.vol.segment_bytes(), self.chunk) if a.pin else b""
+        )
+        if a.pin and not constant_time_eq(pin, a.pin):
             # the data key and generation the metadata names, other bytes: sealed by whoever
             # held that data key before the rotation that pinned this body
             raise IntegrityError("the body is not the one its metadata pins")

@@ -801,7 +801,8 @@ async def test_a_pin_sealed_under_the_old_key_is_made_again_by_the_rotation(
     vid, fid, gen = fs.vol.volume_id, node.file_id, node.attrs.salt
     forged = body3.seal_body(dek, vid, fid, gen, b"E" * len(data), 0, S, C)
     lo = body3.trailer_span(len(data), S, C)[0]
-    their_pin = body3.Body3.open(dek, vid, fid, gen, len(data), S, C, forged[lo:]).manifest.pin()
+    body3.Body3.open(dek, vid, fid, gen, len(data), S, C, forged[lo:])  # (it opens)
+    their_pin = body3.trailer_pin(forged, len(data), S, C)
     genuine, _md, _etag = store.objects[key]
     meta = ObjectMeta(fid, node.attrs.with_(pin=their_pin), node.wrapped, None)
     await store.put(key, genuine, fs.vol.meta.encode(b"", key, meta))
