@@ -108,7 +108,7 @@ class Files:
                 c = self.chunk
                 end = min(offset + size, sf.size)
                 if end > offset:
-                    await self.staged.fill(sf, offset // c, (end - 1) // c)
+                    await self.staged.fill(sf, offset // c, (end - 1) // c, node)
                 if node.stage is not sf:
                     continue  # (uploaded and dropped meanwhile)
             return sf.read(offset, size)
@@ -137,8 +137,8 @@ class Files:
             at = sf.size if h.append else offset
             end, c = at + len(data), self.chunk
             if sf.fill is not None and (at % c or end % c):
-                await self.staged.fill(sf, at // c, at // c)
-                await self.staged.fill(sf, (end - 1) // c, (end - 1) // c)
+                await self.staged.fill(sf, at // c, at // c, node)
+                await self.staged.fill(sf, (end - 1) // c, (end - 1) // c, node)
                 if node.stage is not sf:
                     sf = node.stage or await self.staged.materialize(node)
                     continue
@@ -174,7 +174,7 @@ class Files:
                 node.stage = self.staging.create(node.file_id)  # nothing to download
             sf = node.stage or await self.staged.materialize(node)
             while size % self.chunk and sf.fill is not None:  # (the chunk it cuts, first)
-                await self.staged.fill(sf, size // self.chunk, size // self.chunk)
+                await self.staged.fill(sf, size // self.chunk, size // self.chunk, node)
                 if node.stage is sf:
                     break
                 sf = node.stage or await self.staged.materialize(node)  # (uploaded meanwhile)

@@ -149,7 +149,7 @@ class Staged:
         node.stage = sf
         return sf
 
-    async def fill(self, sf: StagedFile, first: int, last: int) -> None:
+    async def fill(self, sf: StagedFile, first: int, last: int, node: Node | None = None) -> None:
         """Chunks [first, last] of ``sf`` that are still its version's (not staged yet) read
         from that version into their slots (none where ``sf`` was staged whole).  Returns
         early only if ``sf`` was removed meanwhile (uploaded and done with): the caller
@@ -161,8 +161,7 @@ class Staged:
             todo = sf.to_fill(first, last)
             if not todo:
                 return
-            got = await self.fetch.version_chunks(fill.key, fill.version_id, fill.etag,
-                                                  fill.body, todo)  # fmt: skip
+            got = await self.fill_from(node, fill, todo)
             if sf.closed:
                 return
             if sf.fill is not fill:
@@ -172,6 +171,35 @@ class Staged:
                 data = got[i]
                 sf.write_chunk(i, data + bytes(c - len(data)))
             return
+
+    async def fill_from(self, node: Node | None, fill: Fill, todo: list[int]) -> dict[int, bytes]:
+        """Chunks ``todo`` of version ``fill``: through ``node``'s own read path where that
+        is the version the node holds (not uploaded since: its memory and block caches, its
+        pinned GETs; a file ``rsync --inplace`` rewrites was just read through the mount),
+        else, or if another version took its key meanwhile, by the version id."""
+        a = node.attrs if node is not None else None
+        if (
+            node is not None
+            and a is not None
+            and node.remote_etag == fill.etag
+            and node.wrapped is not None  # (a node recovery made holds no data key)
+            and (a.salt, a.body, a.size) == (fill.body.gen, 3, fill.size)
+        ):
+            got: dict[int, bytes] = {}
+            runs: list[list[int]] = []
+            for i in self.fetch.from_memory(node, todo, got, count=False):
+                if runs and runs[-1][-1] == i - 1:
+                    runs[-1].append(i)
+                else:
+                    runs.append([i])
+            try:
+                for run in runs:
+                    await self.fetch.fetch_chunks(node, run[0], run[-1], got)
+                return got
+            except PreconditionFailed:
+                pass  # (replaced meanwhile: by the version id, which stays)
+        return await self.fetch.version_chunks(fill.key, fill.version_id, fill.etag, fill.body,
+                                               todo)  # fmt: skip
 
     async def refill(self, node: Node, sf: StagedFile, made: Base) -> None:
         """``sf`` (staged as only what was written) was just uploaded as ``made`` and stays
@@ -202,7 +230,7 @@ class Staged:
             return
         step = max(1, self.opt.part_size // self.chunk)
         for first in range(0, chunk_count(sf.fill_limit, self.chunk), step):
-            await self.fill(sf, first, first + step - 1)
+            await self.fill(sf, first, first + step - 1, node)
         sf.fill = None
         self.journal(node)
 

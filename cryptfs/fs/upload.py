@@ -147,7 +147,7 @@ class Uploader:
             if isinstance(source, bytes) or size <= self.opt.multipart_threshold:
                 if lazy:  # (its chunks not staged yet, first: FORMAT.md §8.8)
                     assert isinstance(source, StagedFile)
-                    await self.staged.fill(source, 0, chunk_count(size, self.chunk) - 1)
+                    await self.staged.fill(source, 0, chunk_count(size, self.chunk) - 1, node)
 
                 def seal() -> bytes:  # (staging read and AES-GCM: in a worker if large)
                     if isinstance(source, bytes):
@@ -182,7 +182,7 @@ class Uploader:
                 fill = None
                 if lazy:
                     assert isinstance(source, StagedFile)
-                    fill = functools.partial(self.staged.fill, source)
+                    fill = functools.partial(self.staged.fill, source, node=node)
                 etag = await self.multipart(parts, key, md, cond, fill)
                 self.copied_bytes += parts.copied
                 if edit is not None and isinstance(parts, _SegmentParts):
