@@ -23,7 +23,7 @@ from cryptfs.format import body3
 from cryptfs.format.meta import ObjectMeta
 from cryptfs.format.volume import KeySource
 from cryptfs.fs.filesystem import Filesystem
-from cryptfs.fs.model import ROOT_INO, Options
+from cryptfs.fs.model import ROOT_INO, Node, Options
 from cryptfs.fs.upload import plan_parts
 from cryptfs.fsck import fsck
 from cryptfs.keyadmin import rotate
@@ -62,6 +62,20 @@ async def _edit(fs: Filesystem, name: bytes, offset: int | None, data: bytes) ->
     await fs.write(h.fh, offset or 0, data)
     await fs.release(h.fh)
     await fs.sync_node(node)
+
+
+async def _read_elsewhere(
+    tmp_path: Path, size: int
+) -> tuple[MemoryStore, Filesystem, Node, bytearray]:
+    """A bucket with versioning on holding /f (``size`` random bytes, written by one mount),
+    and another mount that has looked it up: its store, that mount, its node, the bytes."""
+    store = MemoryStore()
+    store.versioned = True
+    fs = await _fs(tmp_path, store)
+    data = bytearray(os.urandom(size))
+    await write_file(fs, ROOT_INO, b"f", bytes(data))
+    fs2 = await _fs(tmp_path, store)
+    return store, fs2, await fs2.lookup(ROOT_INO, b"f"), data
 
 
 async def _check(tmp_path: Path, store: MemoryStore, name: bytes, want: bytes) -> None:
@@ -298,13 +312,7 @@ async def test_on_a_versioned_bucket_an_edit_fetches_only_what_it_partly_overwri
     most the chunks it partly overwrites (none of the file staged whole); the upload fetches
     the rest of the segments it rebuilds and copies the others by the version's id; reads
     meanwhile see the edit over the old bytes."""
-    store = MemoryStore()
-    store.versioned = True
-    fs = await _fs(tmp_path, store)
-    data = bytearray(os.urandom(10 * S + 1234))
-    await write_file(fs, ROOT_INO, b"f", bytes(data))
-    fs2 = await _fs(tmp_path, store)
-    node = await fs2.lookup(ROOT_INO, b"f")
+    store, fs2, node, data = await _read_elsewhere(tmp_path, 10 * S + 1234)
     h = await fs2.open(node.ino, os.O_RDWR)
     got = store.get_bytes
     at = 0
@@ -412,13 +420,7 @@ async def test_a_tampered_version_is_never_served(tmp_path: Path) -> None:
 async def test_a_read_whose_fill_outlives_the_upload_reads_again(tmp_path: Path) -> None:
     """A reader's fill is in flight when the upload ends and drops the staged file: the read
     goes again from the file as uploaded (it raised EBADF: the fill read a closed file)."""
-    store = MemoryStore()
-    store.versioned = True
-    fs = await _fs(tmp_path, store)
-    data = bytearray(os.urandom(10 * S))
-    await write_file(fs, ROOT_INO, b"f", bytes(data))
-    fs2 = await _fs(tmp_path, store)
-    node = await fs2.lookup(ROOT_INO, b"f")
+    store, fs2, node, data = await _read_elsewhere(tmp_path, 10 * S)
     h = await fs2.open(node.ino, os.O_RDWR)
     await fs2.write(h.fh, 0, b"x" * C)
     data[0:C] = b"x" * C
@@ -471,13 +473,7 @@ async def test_a_busy_edit_reads_from_the_version_it_last_uploaded(tmp_path: Pat
     """A file written during each upload stays staged; its chunks not staged are read from
     the version last uploaded (by its id), not the one the edit began from, which is
     noncurrent and which a lifecycle rule then expires (reads failed with ENOENT)."""
-    store = MemoryStore()
-    store.versioned = True
-    fs = await _fs(tmp_path, store)
-    data = bytearray(os.urandom(10 * S))
-    await write_file(fs, ROOT_INO, b"f", bytes(data))
-    fs2 = await _fs(tmp_path, store)
-    node = await fs2.lookup(ROOT_INO, b"f")
+    store, fs2, node, data = await _read_elsewhere(tmp_path, 10 * S)
     h = await fs2.open(node.ino, os.O_RDWR)
     await fs2.write(h.fh, 0, b"x" * C)
     data[0:C] = b"x" * C
