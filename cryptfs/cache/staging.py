@@ -161,6 +161,12 @@ class StagedFile:
         """Removed (uploaded and done with) or closed: no slot can be read or written."""
         return self._fd < 0
 
+    def _slot_written(self, i: int, nonce: bytearray) -> bool:
+        """Was slot ``i`` ever written (not a hole: a zero nonce, or past the end)?  The
+        caller holds the I/O lock; ``nonce`` is its scratch."""
+        got = os.preadv(self._fd, [nonce], i * self._slot)
+        return got == GCM_NONCE and nonce != _ZERO_NONCE
+
     def written(self, unit: int) -> set[int]:
         """Units of ``unit`` bytes with a slot written in them (a scan of every slot)."""
         per = unit // self.chunk
@@ -176,10 +182,8 @@ class StagedFile:
                 except OSError:
                     break  # (no data past pos)
                 i = pos // s
-                if i // per not in out:
-                    got = os.preadv(self._fd, [nonce], i * s)
-                    if got == GCM_NONCE and nonce != _ZERO_NONCE:
-                        out.add(i // per)
+                if i // per not in out and self._slot_written(i, nonce):
+                    out.add(i // per)
                 pos = (i + 1) * s
         return out
 
@@ -194,15 +198,9 @@ class StagedFile:
         last = min(last, (lim - 1) // self.chunk)
         if last < first:
             return []
-        s = self._slot
-        out = []
         nonce = bytearray(GCM_NONCE)
         with self._io_lock:
-            for i in range(first, last + 1):
-                got = os.preadv(self._fd, [nonce], i * s)
-                if got < GCM_NONCE or nonce == _ZERO_NONCE:
-                    out.append(i)
-        return out
+            return [i for i in range(first, last + 1) if not self._slot_written(i, nonce)]
 
     def _touch(self, offset: int, end: int) -> None:
         if self.unit and end > offset:

@@ -179,13 +179,10 @@ class Fetcher:
     def open3(self, node: Node, dek: Secret, tail: bytes | memoryview) -> Body3:
         """The revision-3 body of the version ``node`` holds, from bytes ending with its
         trailer (S3's, or the block cache's)."""
-        a = node.attrs
-        body = Body3.open(dek, self.vol.volume_id, node.file_id, a.salt, a.size,
-                          self.vol.segment_bytes(), self.chunk, tail)  # fmt: skip
-        pin = (
-            body3.trailer_pin(tail, a.size, self.vol.segment_bytes(), self.chunk) if a.pin else b""
-        )
-        if a.pin and not constant_time_eq(pin, a.pin):
+        a, seg = node.attrs, self.vol.segment_bytes()
+        body = Body3.open(dek, self.vol.volume_id, node.file_id, a.salt, a.size, seg, self.chunk,
+                          tail)  # fmt: skip
+        if a.pin and not constant_time_eq(body3.trailer_pin(tail, a.size, seg, self.chunk), a.pin):
             # the data key and generation the metadata names, other bytes: sealed by whoever
             # held that data key before the rotation that pinned this body
             raise IntegrityError("the body is not the one its metadata pins")

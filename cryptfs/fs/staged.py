@@ -54,6 +54,12 @@ class Base:
     version_id: str | None = None  # ... and its S3 version id (then whatever is there now)
     mtime_ns: int = 0  # its manifest's
 
+    @classmethod
+    def of(cls, body: Body3, etag: str, key: str, version_id: str | None = None) -> Base:
+        """The version ``body`` (opened and checked), at ``key`` with ``etag``."""
+        m = body.manifest
+        return cls(etag, body.gen, body.size, m.entries, key, version_id, m.mtime_ns)
+
 
 @dataclasses.dataclass(frozen=True)
 class Fill:
@@ -143,8 +149,7 @@ class Staged:
         sf = self.staging.create(node.file_id)
         sf.size = a.size
         sf.fill, sf.fill_kept = Fill(key, path, info.version_id, etag, body), a.size
-        base = Base(etag, body.gen, body.size, body.manifest.entries, key, info.version_id,
-                    body.manifest.mtime_ns)  # fmt: skip
+        base = Base.of(body, etag, key, info.version_id)
         sf.track(base, self.vol.segment_bytes(), a.size)
         node.stage = sf
         return sf
@@ -291,7 +296,7 @@ class Staged:
             raise IntegrityError("the version a staged file was staged from is not its own")
         sf.fill, sf.fill_kept = Fill(key, path, vid, etag, body), kept
         # its upload copies the segments no staged slot is in, by the version's id
-        base = Base(etag, a.salt, a.size, body.manifest.entries, key, vid, body.manifest.mtime_ns)
+        base = Base.of(body, etag, key, vid)
         sf.track(base, seg, a.size)
         sf.touched, sf.kept = sf.written(seg), kept
         return etag if fell_back else None
@@ -335,7 +340,6 @@ class Staged:
             base = await self.base_of(node, version) if size else None
             if (node.remote_etag, node.attrs.salt) == version and sf.size == size:
                 if base is not None:
-                    base = dataclasses.replace(base, key=self.paths.object_key(node)[0])
                     sf.track(base, self.vol.segment_bytes(), size)
                 node.stage = sf
                 return sf
@@ -355,8 +359,7 @@ class Staged:
             return None
         if not isinstance(body, Body3) or (node.remote_etag, body.gen) != version:
             return None
-        return Base(etag, body.gen, body.size, body.manifest.entries,
-                    mtime_ns=body.manifest.mtime_ns)  # fmt: skip
+        return Base.of(body, etag, self.paths.object_key(node)[0])
 
     def touch(self, node: Node, *, data: bool) -> None:
         now = now_ns()

@@ -599,6 +599,7 @@ class Uploader:
 
 
 S3_LEAST_PART = 5 << 20  # of a multipart upload, but its last part
+S3_LARGEST_PART = 5 << 30  # (UploadPartCopy's too)
 
 
 class _Edit:
@@ -773,7 +774,7 @@ class _SegmentParts(_Parts):
         # most S3's 5 GiB)
         per = max(-(-part_size // seg), -(-n // 9000))
         self.full = body3.segment_size(seg, c)
-        most = max(2 * per + 2, (5 << 30) // self.full)
+        most = max(2 * per + 2, S3_LARGEST_PART // self.full)
         copy = [edit is not None and edit.copyable(j, seg, self.size, sf) for j in range(n)]
         # (a short last segment counts as a whole one where it is a part by itself for S3)
         last = body3.segment_size(self.size - (n - 1) * seg, c)
