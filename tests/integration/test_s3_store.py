@@ -201,13 +201,7 @@ async def test_filesystem_over_s3_large_file_multipart(
             vol2, StagingArea(tmp_path / "st4", vol2.keys.cache, vol2.chunk), key_prefix=loc.prefix
         )
         n4 = await fs4.lookup(ROOT_INO, b"big")
-        h4 = await fs4.open(n4.ino, os.O_RDONLY)
-        got = bytearray()
-        while len(got) < len(edited):
-            chunk = await fs4.read(h4.fh, len(got), 1 << 20)
-            assert chunk
-            got += chunk
-        assert bytes(got) == bytes(edited)
+        assert await read_file(fs4, n4.ino) == bytes(edited)
         assert fs4.integrity_failures == 0
 
 

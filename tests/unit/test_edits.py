@@ -350,17 +350,7 @@ async def test_a_staged_file_of_only_what_was_written_survives_a_crash(
     host replaced the file meanwhile, as a conflict copy."""
     store = MemoryStore()
     store.versioned = True
-    fs = await _fs(tmp_path, store, "crash")
-    data = bytearray(os.urandom(10 * S + 5))
-    await write_file(fs, ROOT_INO, b"f", bytes(data))
-    node = await fs.lookup(ROOT_INO, b"f")
-    h = await fs.open(node.ino, os.O_WRONLY)
-    await fs.write(h.fh, 7 * S + 3, b"before the crash")
-    data[7 * S + 3 : 7 * S + 19] = b"before the crash"
-    await fs.setattr(node.ino, size=9 * S + 1)  # (and a cut: journaled too)
-    del data[9 * S + 1 :]
-    assert node.stage is not None and node.stage.fill is not None
-    await fs.release(h.fh)  # journaled; the process "dies" here
+    _fs1, data = await _lazy_edit_closed(tmp_path, store, cut=9 * S + 1)
     theirs = os.urandom(3 * S)
     if replaced:
         await _edit(await _fs(tmp_path, store), b"f", 0, theirs)
@@ -512,23 +502,9 @@ async def test_an_edit_staged_lazily_survives_a_rotation_before_its_upload(
     reads the rest from (it was left staged for ever: the edit was lost)."""
     store = MemoryStore()
     store.versioned = True
-    fs = await _fs(tmp_path, store, "crash")
-    data = bytearray(os.urandom(10 * S + 5))
-    await write_file(fs, ROOT_INO, b"f", bytes(data))
-    node = await fs.lookup(ROOT_INO, b"f")
-    h = await fs.open(node.ino, os.O_WRONLY)
-    await fs.write(h.fh, 7 * S + 3, b"before the crash")
-    data[7 * S + 3 : 7 * S + 19] = b"before the crash"
-    assert node.stage is not None and node.stage.fill is not None
-    await fs.release(h.fh)
-    new = KeySource(keyfile=Secret(b"n" * 32))
-    await rotate(await Volume.open(store, KeySource(keyfile=Secret(b"k" * 32))),
-                 to_source=new, settle=0)  # fmt: skip
-    vol = await Volume.open(store, new)
-    staging = StagingArea(tmp_path / "crash", vol.keys.cache, vol.chunk)
-    opt = Options(writeback_delay=0.1, metadata_ttl=0, multipart_threshold=2 * S, part_size=S)
-    fs2 = Filesystem(vol, staging, opt)
-    await fs2.ensure_root()
+    _fs1, data = await _lazy_edit_closed(tmp_path, store)
+    await _rotate(store)
+    fs2 = await _new_key_fs(tmp_path, store, "crash")
     assert await fs2.recover() == 1
     assert await read_file(fs2, (await fs2.lookup(ROOT_INO, b"f")).ino) == bytes(data)
     assert fs2.integrity_failures == 0
@@ -614,7 +590,11 @@ async def _rotate(store: MemoryStore) -> None:
                  to_source=KeySource(keyfile=Secret(b"n" * 32)), settle=0)  # fmt: skip
 
 
-async def _lazy_edit_closed(tmp_path: Path, store: MemoryStore) -> tuple[Filesystem, bytearray]:
+async def _lazy_edit_closed(
+    tmp_path: Path, store: MemoryStore, cut: int | None = None
+) -> tuple[Filesystem, bytearray]:
+    """/f, 10 segments, edited on a mount whose cache is "crash" (staged lazily, and cut to
+    ``cut`` bytes if given) and closed: journaled, not uploaded; returns it and the bytes."""
     fs = await _fs(tmp_path, store, "crash")
     data = bytearray(os.urandom(10 * S + 5))
     await write_file(fs, ROOT_INO, b"f", bytes(data))
@@ -622,6 +602,9 @@ async def _lazy_edit_closed(tmp_path: Path, store: MemoryStore) -> tuple[Filesys
     h = await fs.open(node.ino, os.O_WRONLY)
     await fs.write(h.fh, 7 * S + 3, b"before the crash")
     data[7 * S + 3 : 7 * S + 19] = b"before the crash"
+    if cut is not None:
+        await fs.setattr(node.ino, size=cut)  # (a cut: journaled too)
+        del data[cut:]
     assert node.stage is not None and node.stage.fill is not None
     await fs.release(h.fh)  # journaled; the process dies here (or S3 is down until it ends)
     return fs, data
