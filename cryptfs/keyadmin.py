@@ -533,7 +533,7 @@ async def _rewrap_one(
         attrs = meta.attrs
         if unpinned:
             # its data key predates this rotation: whoever held it could seal other bytes
-            # under it later; the manifest's pin in the resealed metadata refuses them
+            # under it later; the body's pin in the resealed metadata refuses them
             assert wk is not None
             if a.body == 3:
                 attrs = attrs.with_(pin=await _body_pin(vol, info.key, head.etag, meta))

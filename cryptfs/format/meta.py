@@ -100,7 +100,7 @@ class Attrs:
     # the body's revision: 1 = §2 (one salt, one key), 3 = §8.5 (segments, sealed manifest);
     # only regular files' bodies are ever revision 3 (docs/FORMAT.md §8.5)
     body: int = 1
-    # the body's pin (a revision-3 manifest's ``Manifest.pin``, a small §2 body's
+    # the body's pin (a revision-3 body's ``trailer_pin``, a small §2 body's
     # ``body_pin``), set by a rotation that reseals metadata over a body whose data key
     # predates it: a body the holder of that key seals later does not match (FORMAT.md
     # §8.5, "Pinned bodies"); empty for every other object

@@ -179,30 +179,41 @@ class Staged:
 
     async def fill_from(self, node: Node | None, fill: Fill, todo: list[int]) -> dict[int, bytes]:
         """Chunks ``todo`` of version ``fill``: through ``node``'s own read path where that
-        is the version the node holds (not uploaded since: its memory and block caches, its
-        pinned GETs; a file ``rsync --inplace`` rewrites was just read through the mount),
-        else, or if another version took its key meanwhile, by the version id."""
-        a = node.attrs if node is not None else None
-        if (
-            node is not None
-            and a is not None
-            and node.remote_etag == fill.etag
-            and node.wrapped is not None  # (a node recovery made holds no data key)
-            and (a.salt, a.body, a.size) == (fill.body.gen, 3, fill.size)
-        ):
+        is the version the node holds (not uploaded since: its block cache, whose chunks are
+        checked against the version's segment heads, and its pinned GETs; a file ``rsync
+        --inplace`` rewrites was just read through the mount), else, or if the node moved to
+        another version meanwhile, by the version id.  (Not the memory cache: it keeps
+        plaintext by file id and generation, unchecked on use, and what is staged here is
+        uploaded under a fresh data key, out of reach of a pin.)"""
+
+        def holds() -> bool:
+            a = node.attrs if node is not None else None
+            return (
+                node is not None
+                and a is not None
+                and node.remote_etag == fill.etag
+                and node.wrapped is not None  # (a node recovery made holds no data key)
+                and (a.salt, a.body, a.size) == (fill.body.gen, 3, fill.size)
+            )
+
+        if node is not None and holds():
             got: dict[int, bytes] = {}
             runs: list[list[int]] = []
-            for i in self.fetch.from_memory(node, todo, got, count=False):
+            for i in todo:
                 if runs and runs[-1][-1] == i - 1:
                     runs[-1].append(i)
                 else:
                     runs.append([i])
             try:
                 for run in runs:
+                    if not holds():
+                        break  # (another version arrived: a run of it would mix two)
                     await self.fetch.fetch_chunks(node, run[0], run[-1], got)
-                return got
+                else:
+                    if holds():
+                        return got
             except PreconditionFailed:
-                pass  # (replaced meanwhile: by the version id, which stays)
+                pass  # (replaced meanwhile, within a run: by the version id, which stays)
         return await self.fetch.version_chunks(fill.key, fill.version_id, fill.etag, fill.body,
                                                todo)  # fmt: skip
 

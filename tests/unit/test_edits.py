@@ -939,3 +939,35 @@ async def test_a_lazy_edit_of_a_file_just_read_fetches_nothing_again(tmp_path: P
     await fs2.release(h.fh)
     assert store.get_bytes == got  # (nothing downloaded twice)
     await _check(tmp_path, store, b"f", bytes(data))
+
+
+@pytest.mark.trio
+async def test_a_fill_whose_node_moves_to_another_version_reads_by_the_id(
+    tmp_path: Path,
+) -> None:
+    """A fill reading through the node's own path, run by run, while the node takes
+    another version's ETag (here: after its first run): the later runs are not read from
+    that version (they were: a false integrity failure, or two versions mixed), the fill
+    reads by the version id instead (found by the fourth review)."""
+    _store, fs2, node, data = await _read_elsewhere(tmp_path, 10 * S)
+    h = await fs2.open(node.ino, os.O_RDWR)
+    for i in (0, 5):  # (whole chunks: the fill of 2-10 is two runs, 2-4 and 6-10)
+        await fs2.write(h.fh, i * C, b"x" * C)
+        data[i * C : (i + 1) * C] = b"x" * C
+    sf = node.stage
+    assert sf is not None and sf.fill is not None
+    real, etag = fs2.fetch.fetch_chunks, node.remote_etag
+    calls = 0
+
+    async def then_moved(*a: Any, **kw: Any) -> None:
+        nonlocal calls
+        calls += 1
+        await real(*a, **kw)
+        node.remote_etag = '"another"'  # (as a displace or our own landed request would)
+
+    fs2.fetch.fetch_chunks = then_moved  # type: ignore[method-assign]
+    await fs2.staged.fill(sf, 2, 10, node)
+    fs2.fetch.fetch_chunks = real  # type: ignore[method-assign]
+    node.remote_etag = etag
+    assert calls == 1 and fs2.integrity_failures == 0
+    assert sf.read(2 * C, 9 * C) == bytes(data[2 * C : 11 * C])
